@@ -1,0 +1,10 @@
+//! `flowgate explain`. (Stub: being built.)
+
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`flowgate explain` is not built yet")
+}

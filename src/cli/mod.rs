@@ -1,0 +1,41 @@
+//! Command-line front end: each subcommand parses its arguments and calls the library.
+//! Thin on purpose: anything worth testing lives in the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub mod check;
+pub mod explain;
+pub mod run;
+pub mod test;
+
+/// flowgate: Kubernetes network policy, enforced at the perimeter.
+#[derive(Debug, Parser)]
+#[command(name = "flowgate", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (default config: config/flowgate.toml).
+    Run(run::Args),
+    /// Validate and lint policy; exit 1 on errors.
+    Check(check::Args),
+    /// Show the verdict for one flow and the rules behind it.
+    Explain(explain::Args),
+    /// Run connectivity assertions from a YAML file.
+    Test(test::Args),
+}
+
+/// Runs the chosen subcommand and returns the process exit code.
+pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Check(args) => check::run(args),
+        Command::Explain(args) => explain::run(args),
+        Command::Test(args) => test::run(args),
+    }
+}

@@ -1,0 +1,10 @@
+//! `flowgate run`. (Stub: being built.)
+
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`flowgate run` is not built yet")
+}

@@ -1,0 +1,28 @@
+//! flowgate: a userspace packet-filtering proxy that enforces Kubernetes network policy
+//! at a perimeter.
+//!
+//! # Layout
+//!
+//! The modules follow the data path:
+//!
+//! ```text
+//!  bytes/packets in ──► flow key ──► conntrack lookup ──hit──► forward (counters, state)
+//!  (dataplane, wire)    (flow)       (conntrack)    │ miss
+//!                                                   ▼
+//!                         policy.load().decide(&flow)          (policy: decide)
+//!                           │ allow                 │ deny
+//!                           ▼                       ▼
+//!                 insert conntrack entry      drop / refuse + flow log event
+//!                 forward (dataplane)         + counters (telemetry)
+//! ```
+//!
+//! - [`flow`]: the shared vocabulary (`FlowKey`, `Proto`, `Direction`, address newtypes).
+//! - [`policy`]: loading Kubernetes policy YAML, compiling it, deciding one flow.
+//! - [`config`]: the main configuration file.
+//!
+//! Everything that is not on the per-flow path (loading, compiling, reloading, the admin
+//! API) is control plane and never blocks the data path.
+
+pub mod config;
+pub mod flow;
+pub mod policy;

@@ -1,0 +1,1 @@
+//! The hot path: `CompiledPolicy::decide`. (Stub: being built.)

@@ -1,0 +1,1 @@
+//! The cold twin of `decide`: the same answer with its trace. (Stub: being built.)

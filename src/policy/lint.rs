@@ -1,0 +1,1 @@
+//! Warnings about policies that are legal but probably wrong. (Stub: being built.)
