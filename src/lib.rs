@@ -18,11 +18,21 @@
 //!
 //! - [`flow`]: the shared vocabulary (`FlowKey`, `Proto`, `Direction`, address newtypes).
 //! - [`policy`]: loading Kubernetes policy YAML, compiling it, deciding one flow.
+//! - [`wire`]: untrusted bytes (PROXY protocol, SOCKS5, CONNECT, SNI), parsed in place.
+//! - [`conntrack`]: the sharded, bounded connection-tracking table.
+//! - [`dataplane`]: `admit`, the one gate every new flow passes, and the proxy listeners.
+//! - [`egress`]: names, the SSRF guard and resolution for the forward-proxy listeners.
+//! - [`telemetry`]: the flow log and metrics.
 //! - [`config`]: the main configuration file.
 //!
 //! Everything that is not on the per-flow path (loading, compiling, reloading, the admin
 //! API) is control plane and never blocks the data path.
 
 pub mod config;
+pub mod conntrack;
+pub mod dataplane;
+pub mod egress;
 pub mod flow;
 pub mod policy;
+pub mod telemetry;
+pub mod wire;

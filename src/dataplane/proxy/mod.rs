@@ -1,0 +1,1 @@
+//! The proxy dataplane (tokio): listeners of kind tcp, udp, http-connect, socks5, transparent. (Stub: being built.)

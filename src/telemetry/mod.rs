@@ -1,0 +1,1 @@
+//! Telemetry: the flow log and the metrics. (Stub: being built.)

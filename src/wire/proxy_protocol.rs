@@ -1,0 +1,1 @@
+//! PROXY protocol v1 (text) and v2 (binary) headers. (Stub: being built.)
