@@ -34,5 +34,6 @@ pub mod dataplane;
 pub mod egress;
 pub mod flow;
 pub mod policy;
+pub mod shutdown;
 pub mod telemetry;
 pub mod wire;

@@ -247,3 +247,93 @@ pub struct PolicySet {
     pub inventory: Inventory,
     pub policies: Vec<Policy>,
 }
+
+impl LabelSelector {
+    /// Kubernetes selector semantics: every `matchLabels` pair and every expression must
+    /// hold. `NotIn` and `DoesNotExist` hold when the key is absent.
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| r.matches(labels))
+    }
+
+    /// True for `{}`: selects everything.
+    pub fn is_empty(&self) -> bool {
+        self.match_labels.is_empty() && self.match_expressions.is_empty()
+    }
+}
+
+impl Requirement {
+    pub fn matches(&self, labels: &Labels) -> bool {
+        let value = labels.get(&self.key);
+        match self.op {
+            SelectorOp::In => value.is_some_and(|v| self.values.contains(v)),
+            SelectorOp::NotIn => value.is_none_or(|v| !self.values.contains(v)),
+            SelectorOp::Exists => value.is_some(),
+            SelectorOp::DoesNotExist => value.is_none(),
+        }
+    }
+}
+
+impl WorkloadSelector {
+    /// Does this selector pick `workload`, which lives in `namespace`?
+    pub fn matches(&self, namespace: &Namespace, workload: &Workload) -> bool {
+        let ns_ok = match &self.namespaces {
+            NamespaceMatch::Named(name) => *name == namespace.name,
+            NamespaceMatch::Selector(sel) => sel.matches(&namespace.labels),
+        };
+        ns_ok && workload.namespace == namespace.name && self.pods.matches(&workload.labels)
+    }
+}
+
+impl DomainPattern {
+    /// Matches a normalised name (lower case, no trailing dot). A wildcard matches one or
+    /// more labels in front of its suffix, never the suffix itself.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            DomainPattern::Exact(exact) => name == exact,
+            DomainPattern::Wildcard(suffix) => name
+                .strip_suffix(suffix.as_str())
+                .and_then(|head| head.strip_suffix('.'))
+                .is_some_and(|head| !head.is_empty()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn not_in_and_does_not_exist_hold_for_absent_keys() {
+        let absent = labels(&[("app", "web")]);
+        let not_in =
+            Requirement { key: "tier".into(), op: SelectorOp::NotIn, values: vec!["db".into()] };
+        let dne = Requirement { key: "tier".into(), op: SelectorOp::DoesNotExist, values: vec![] };
+        let in_ = Requirement { key: "tier".into(), op: SelectorOp::In, values: vec!["db".into()] };
+        assert!(not_in.matches(&absent));
+        assert!(dne.matches(&absent));
+        assert!(!in_.matches(&absent));
+        assert!(!not_in.matches(&labels(&[("tier", "db")])));
+    }
+
+    #[test]
+    fn empty_selector_matches_everything() {
+        assert!(LabelSelector::default().matches(&Labels::new()));
+    }
+
+    #[test]
+    fn wildcard_needs_at_least_one_label() {
+        let w = DomainPattern::Wildcard("example.com".into());
+        assert!(w.matches("a.example.com"));
+        assert!(w.matches("a.b.example.com"));
+        assert!(!w.matches("example.com"));
+        assert!(!w.matches("badexample.com"));
+        assert!(!w.matches(".example.com"));
+        let e = DomainPattern::Exact("example.com".into());
+        assert!(e.matches("example.com") && !e.matches("a.example.com"));
+    }
+}

@@ -1,0 +1,1 @@
+//! Graceful shutdown: one signal that accept loops and connections watch. (Stub: being built.)
