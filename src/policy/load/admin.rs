@@ -168,14 +168,15 @@ fn action(r: &mut Report<'_>, path: &str, text: &str, flavor: Flavor) -> Option<
         _ => None,
     };
     if action.is_none() {
-        let expected = match flavor {
-            Flavor::Anp => "Allow, Deny or Pass",
-            Flavor::Banp => {
-                "Allow or Deny (a BaselineAdminNetworkPolicy has no Pass: there is no tier below it)"
-            }
-            Flavor::Cnp => "Accept, Deny or Pass",
+        let message = match (flavor, text) {
+            (Flavor::Banp, "Pass") => "Pass is not allowed in a BaselineAdminNetworkPolicy: \
+                                       there is no tier below it to pass to (use Allow or Deny)"
+                .to_owned(),
+            (Flavor::Anp, _) => format!("unknown action {text:?} (expected Allow, Deny or Pass)"),
+            (Flavor::Banp, _) => format!("unknown action {text:?} (expected Allow or Deny)"),
+            (Flavor::Cnp, _) => format!("unknown action {text:?} (expected Accept, Deny or Pass)"),
         };
-        r.error(path, format!("unknown action {text:?} (expected {expected})"));
+        r.error(path, message);
     }
     action
 }

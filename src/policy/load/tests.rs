@@ -691,7 +691,7 @@ fn anp_actions() {
     error_at(
         &banp("subject: {namespaces: {}}\negress: [{action: Pass, to: [{namespaces: {}}]}]"),
         "spec.egress[0].action",
-        "no Pass",
+        "Pass is not allowed",
     );
 }
 
