@@ -1,1 +1,446 @@
-//! Warnings about policies that are legal but probably wrong. (Stub: being built.)
+//! Warnings about policies that are legal but probably wrong. `flowgate check` prints
+//! them; they never stop a policy from loading (a reload must not fail because a team
+//! has not deployed its workloads yet).
+//!
+//! The checks:
+//! - a policy whose subject selects no workload, and a workload peer that matches none
+//!   (typos in labels are the commonest policy bug, and they fail silently);
+//! - an Allow egress rule to `0.0.0.0/0` or `::/0` (the whole internet);
+//! - a rule of an AdminNetworkPolicy / BaselineAdminNetworkPolicy / ClusterNetworkPolicy
+//!   that can never decide anything because an earlier rule of the same policy and
+//!   direction matches every peer and port it does. Conservative: only the cases that
+//!   are certain (the same peer, a containing CIDR, every workload; the same port, a
+//!   containing range, or no port restriction at all);
+//! - the same kind/namespace/name twice (the later one would replace the earlier in a
+//!   cluster; flowgate keeps both, which is not what the author sees in a cluster);
+//! - two Admin-tier policies with the same priority (Kubernetes leaves their order
+//!   undefined; flowgate orders them by name);
+//! - an expired policy, a TTL over 24 h (an emergency rule that lives for days is a
+//!   permanent rule in disguise), a BaselineAdminNetworkPolicy not named `default`
+//!   (Kubernetes only accepts that one).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use super::ir::{
+    Action, Expiry, LabelSelector, NamespaceMatch, Peer, Peers, Policy, PolicyKind, PolicySet,
+    PortMatch, Rule, Tier, WorkloadSelector,
+};
+
+/// TTLs longer than this get a warning.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// One warning, located like a [`LoadError`](super::LoadError).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warning {
+    pub file: PathBuf,
+    /// `Kind ns/name`.
+    pub object: String,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.file.display(), self.object)?;
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// All warnings for `set`, in policy order. `now` decides what has expired.
+pub fn lint(set: &PolicySet, now: SystemTime) -> Vec<Warning> {
+    let mut out = Vec::new();
+    let namespaces: BTreeMap<&str, _> =
+        set.inventory.namespaces.iter().map(|n| (n.name.as_str(), n)).collect();
+    let selects_any = |sel: &WorkloadSelector| {
+        set.inventory
+            .workloads
+            .iter()
+            .any(|w| namespaces.get(w.namespace.as_str()).is_some_and(|ns| sel.matches(ns, w)))
+    };
+
+    let mut seen: BTreeMap<(&str, Option<&str>, &str), &Policy> = BTreeMap::new();
+    let mut by_priority: BTreeMap<u32, Vec<&Policy>> = BTreeMap::new();
+
+    for p in &set.policies {
+        let mut warn = |field: Option<String>, message: String| {
+            out.push(Warning { file: p.source.clone(), object: object(p), field, message });
+        };
+
+        if !selects_any(&p.subject) {
+            let field = match p.kind {
+                PolicyKind::NetworkPolicy => "spec.podSelector",
+                _ => "spec.subject",
+            };
+            warn(Some(field.into()), "selects no workload in the inventory".into());
+        }
+
+        for (dir, peer_field, rules) in
+            [("ingress", "from", &p.ingress), ("egress", "to", &p.egress)]
+        {
+            let rules = rules.as_deref().unwrap_or_default();
+            for (i, rule) in rules.iter().enumerate() {
+                let rule_field = format!("spec.{dir}[{i}]");
+                if let Peers::List(peers) = &rule.peers {
+                    for (j, peer) in peers.iter().enumerate() {
+                        // NetworkPolicy peers are one-to-one with the YAML list; admin
+                        // `networks`/`domainNames` entries expand, so name the rule only.
+                        let field = match p.kind {
+                            PolicyKind::NetworkPolicy => format!("{rule_field}.{peer_field}[{j}]"),
+                            _ => rule_field.clone(),
+                        };
+                        match peer {
+                            Peer::Workloads(sel) if !selects_any(sel) => warn(
+                                Some(field),
+                                format!(
+                                    "peer {} matches no workload in the inventory",
+                                    describe(sel)
+                                ),
+                            ),
+                            Peer::Cidr { net, except }
+                                if dir == "egress"
+                                    && net.prefix_len() == 0
+                                    && rule.action == Action::Allow =>
+                            {
+                                let but =
+                                    if except.is_empty() { "" } else { " (minus its excepts)" };
+                                warn(
+                                    Some(field),
+                                    format!("allows egress to {net}{but}: the whole internet"),
+                                );
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                if p.kind != PolicyKind::NetworkPolicy
+                    && let Some((k, earlier)) =
+                        rules[..i].iter().enumerate().find(|(_, e)| covers(e, rule))
+                {
+                    let name =
+                        earlier.name.as_deref().map(|n| format!(" ({n:?})")).unwrap_or_default();
+                    let why = if earlier.peers == rule.peers && earlier.ports == rule.ports {
+                        "has the same peers and ports"
+                    } else {
+                        "matches every peer and port this rule does"
+                    };
+                    warn(
+                        Some(rule_field),
+                        format!(
+                            "shadowed by spec.{dir}[{k}]{name}, which {why}: this rule never decides anything"
+                        ),
+                    );
+                }
+            }
+        }
+
+        let key = (p.kind.as_str(), p.namespace.as_deref(), p.name.as_str());
+        if let Some(first) = seen.get(&key) {
+            warn(
+                Some("metadata.name".into()),
+                format!(
+                    "duplicate: {} {} is also defined in {}",
+                    p.kind.as_str(),
+                    p.display_name(),
+                    first.source.display()
+                ),
+            );
+        } else {
+            seen.insert(key, p);
+        }
+
+        if let Tier::Admin { priority } = p.tier {
+            by_priority.entry(priority).or_default().push(p);
+        }
+
+        match p.expiry {
+            Some(Expiry::At(t)) if t <= now => {
+                warn(
+                    Some("metadata.annotations".into()),
+                    "has expired (flowgate.dev/expires-at is in the past) and is not enforced"
+                        .into(),
+                );
+            }
+            Some(Expiry::Ttl(ttl)) => {
+                if ttl > MAX_TTL {
+                    warn(
+                        Some("metadata.annotations".into()),
+                        format!(
+                            "flowgate.dev/ttl is {} (over 24h): an emergency policy should be short-lived",
+                            humantime::format_duration(ttl)
+                        ),
+                    );
+                }
+                if p.created_at.and_then(|c| c.checked_add(ttl)).is_some_and(|end| end <= now) {
+                    warn(Some("metadata.annotations".into()), "has expired (creationTimestamp + flowgate.dev/ttl is in the past) and is not enforced".into());
+                }
+            }
+            _ => {}
+        }
+
+        if p.kind == PolicyKind::BaselineAdminNetworkPolicy && p.name != "default" {
+            warn(
+                Some("metadata.name".into()),
+                "a BaselineAdminNetworkPolicy should be named \"default\" (Kubernetes accepts only that one)".into(),
+            );
+        }
+    }
+
+    for (priority, group) in by_priority {
+        if group.len() < 2 {
+            continue;
+        }
+        let mut names: Vec<_> = group.iter().map(|p| p.name.as_str()).collect();
+        names.sort_unstable();
+        for p in &group[1..] {
+            out.push(Warning {
+                file: p.source.clone(),
+                object: object(p),
+                field: Some("spec.priority".into()),
+                message: format!(
+                    "priority {priority} is shared by {}; Kubernetes leaves their order undefined, \
+                     flowgate evaluates them by name",
+                    names.join(", ")
+                ),
+            });
+        }
+    }
+    out
+}
+
+fn object(p: &Policy) -> String {
+    format!("{} {}", p.kind.as_str(), p.display_name())
+}
+
+fn describe(sel: &WorkloadSelector) -> String {
+    let ns = match &sel.namespaces {
+        NamespaceMatch::Named(n) => format!("namespace {n}"),
+        NamespaceMatch::Selector(s) => format!("namespaces {}", describe_selector(s)),
+    };
+    format!("(pods {} in {ns})", describe_selector(&sel.pods))
+}
+
+fn describe_selector(s: &LabelSelector) -> String {
+    if s.is_empty() {
+        return "{}".into();
+    }
+    let mut parts: Vec<String> = s.match_labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    for r in &s.match_expressions {
+        parts.push(format!("{} {:?} {:?}", r.key, r.op, r.values));
+    }
+    format!("{{{}}}", parts.join(", "))
+}
+
+/// Does `earlier` match every flow `later` matches? Only certain cases count.
+fn covers(earlier: &Rule, later: &Rule) -> bool {
+    let peers = match (&earlier.peers, &later.peers) {
+        (Peers::Any, _) => true,
+        (Peers::List(_), Peers::Any) => false,
+        (Peers::List(a), Peers::List(b)) => {
+            b.iter().all(|pb| a.iter().any(|pa| peer_covers(pa, pb)))
+        }
+    };
+    let ports = match (&earlier.ports, &later.ports) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(a), Some(b)) => b.iter().all(|pb| a.iter().any(|pa| port_covers(pa, pb))),
+    };
+    peers && ports
+}
+
+fn peer_covers(a: &Peer, b: &Peer) -> bool {
+    if a == b {
+        return true;
+    }
+    match (a, b) {
+        (Peer::Cidr { net: na, except: ea }, Peer::Cidr { net: nb, .. }) => {
+            ea.is_empty() && na.contains(nb)
+        }
+        (Peer::Workloads(wa), Peer::Workloads(_)) => {
+            wa.pods.is_empty()
+                && matches!(&wa.namespaces, NamespaceMatch::Selector(s) if s.is_empty())
+        }
+        _ => false,
+    }
+}
+
+fn port_covers(a: &PortMatch, b: &PortMatch) -> bool {
+    match (a, b) {
+        (
+            PortMatch::Range { protocol: pa, first: fa, last: la },
+            PortMatch::Range { protocol: pb, first: fb, last: lb },
+        ) => pa == pb && fa <= fb && lb <= la,
+        (PortMatch::Named { protocol: None, name: na }, PortMatch::Named { name: nb, .. }) => {
+            na == nb
+        }
+        _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::policy::load::{parse_inventory, parse_policies};
+
+    const INV: &str = "namespaces:
+- {name: shop, labels: {team: shop}}
+workloads:
+- {name: web, namespace: shop, labels: {app: web}, ips: [198.18.0.1]}
+- {name: db, namespace: shop, labels: {app: db}, ips: [198.18.0.2]}
+";
+
+    fn set(yaml: &str) -> PolicySet {
+        let inventory = parse_inventory(INV, Path::new("inv.yaml")).expect("inventory");
+        let policies = match parse_policies(yaml, Path::new("p.yaml")) {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        PolicySet { inventory, policies }
+    }
+
+    fn warnings(yaml: &str) -> Vec<String> {
+        lint(&set(yaml), SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000))
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    fn has(ws: &[String], needle: &str) -> bool {
+        ws.iter().any(|w| w.contains(needle))
+    }
+
+    fn np(name: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n"
+        )
+    }
+
+    fn anp(name: &str, priority: u32, egress: &str) -> String {
+        format!(
+            "---\napiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: {{name: {name}}}\nspec: {{priority: {priority}, subject: {{namespaces: {{}}}}, egress: {egress}}}\n"
+        )
+    }
+
+    #[test]
+    fn clean_policy_has_no_warnings() {
+        let ws = warnings(&np(
+            "ok",
+            "{podSelector: {matchLabels: {app: db}}, ingress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]}",
+        ));
+        assert!(ws.is_empty(), "{ws:?}");
+    }
+
+    #[test]
+    fn subject_and_peer_that_match_nothing() {
+        let ws = warnings(&np(
+            "typo",
+            "{podSelector: {matchLabels: {app: dbb}}, ingress: [{from: [{podSelector: {}}, {podSelector: {matchLabels: {app: wbe}}}]}]}",
+        ));
+        assert!(
+            has(&ws, "p.yaml: NetworkPolicy shop/typo: spec.podSelector: selects no workload"),
+            "{ws:?}"
+        );
+        assert!(
+            has(
+                &ws,
+                "spec.ingress[0].from[1]: peer (pods {app=wbe} in namespace shop) matches no workload"
+            ),
+            "{ws:?}"
+        );
+        assert_eq!(ws.len(), 2, "the {{}} peer matches: {ws:?}");
+    }
+
+    #[test]
+    fn egress_to_everything() {
+        let ws = warnings(&np(
+            "wide",
+            "{podSelector: {}, egress: [{to: [{ipBlock: {cidr: 0.0.0.0/0, except: [10.0.0.0/8]}}, {ipBlock: {cidr: '::/0'}}]}]}",
+        ));
+        assert!(
+            has(&ws, "spec.egress[0].to[0]: allows egress to 0.0.0.0/0 (minus its excepts)"),
+            "{ws:?}"
+        );
+        assert!(has(&ws, "spec.egress[0].to[1]: allows egress to ::/0"), "{ws:?}");
+        // A Deny to everything is a guardrail, not a hole.
+        let ws = warnings(&anp("deny-all", 5, "[{action: Deny, to: [{networks: [0.0.0.0/0]}]}]"));
+        assert!(!has(&ws, "whole internet"), "{ws:?}");
+    }
+
+    #[test]
+    fn shadowed_admin_rules() {
+        let ws = warnings(&anp(
+            "s",
+            1,
+            "[{name: a, action: Deny, to: [{networks: [10.0.0.0/8]}]},
+              {name: b, action: Allow, to: [{networks: [10.1.0.0/16]}], ports: [{portNumber: {port: 443}}]},
+              {name: c, action: Allow, to: [{networks: [10.0.0.0/8]}]},
+              {name: d, action: Allow, to: [{networks: [192.168.0.0/16]}], ports: [{portRange: {start: 1, end: 1000}}]},
+              {name: e, action: Deny, to: [{networks: [192.168.1.0/24]}], ports: [{portNumber: {port: 80}}]},
+              {name: f, action: Deny, to: [{networks: [192.168.1.0/24]}]}]",
+        ));
+        assert!(
+            has(
+                &ws,
+                "spec.egress[1]: shadowed by spec.egress[0] (\"a\"), which matches every peer"
+            ),
+            "{ws:?}"
+        );
+        assert!(
+            has(
+                &ws,
+                "spec.egress[2]: shadowed by spec.egress[0] (\"a\"), which has the same peers and ports"
+            ),
+            "{ws:?}"
+        );
+        assert!(has(&ws, "spec.egress[4]: shadowed by spec.egress[3]"), "{ws:?}");
+        // `d` only covers ports 1-1000: `f` (all ports) is not shadowed.
+        assert!(!has(&ws, "spec.egress[5]"), "{ws:?}");
+    }
+
+    #[test]
+    fn duplicates_and_priority_ties() {
+        let ws = warnings(&format!(
+            "{}{}{}{}",
+            np("x", "{}"),
+            np("x", "{}"),
+            anp("b", 3, "[]"),
+            anp("a", 3, "[]")
+        ));
+        assert!(has(&ws, "NetworkPolicy shop/x: metadata.name: duplicate"), "{ws:?}");
+        assert!(
+            has(&ws, "AdminNetworkPolicy a: spec.priority: priority 3 is shared by a, b"),
+            "{ws:?}"
+        );
+        assert!(has(&ws, "by name"), "{ws:?}");
+    }
+
+    #[test]
+    fn expiry_ttl_and_banp_name() {
+        let ann = |a: &str| {
+            format!(
+                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: e, namespace: shop, creationTimestamp: '2020-01-01T00:00:00Z', annotations: {{{a}}}}}\nspec: {{}}\n"
+            )
+        };
+        assert!(has(
+            &warnings(&ann("flowgate.dev/expires-at: '2020-01-01T00:00:00Z'")),
+            "has expired"
+        ));
+        assert!(!has(
+            &warnings(&ann("flowgate.dev/expires-at: '2099-01-01T00:00:00Z'")),
+            "expired"
+        ));
+        let ws = warnings(&ann("flowgate.dev/ttl: 48h"));
+        assert!(has(&ws, "over 24h"), "{ws:?}");
+        assert!(has(&ws, "has expired"), "created 2020 + 48h is long past: {ws:?}");
+        assert!(!has(&warnings(&ann("flowgate.dev/ttl: 24h")), "over 24h"));
+        let banp = "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {name: base}\nspec: {subject: {namespaces: {}}}\n";
+        assert!(has(&warnings(banp), "should be named \"default\""));
+    }
+}

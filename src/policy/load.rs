@@ -1,14 +1,41 @@
-//! Loading the inventory and the policy directory into the IR. (Stub: being built.)
+//! Loading the inventory and the policy directory into the [`ir`](super::ir) model.
+//!
+//! All or nothing: every file is read and every object checked, every problem is
+//! collected as a [`LoadError`] naming the file, the object (`Kind ns/name`) and the field
+//! path, and only when there are none is a [`PolicySet`] returned. A gateway that
+//! reloads therefore never enforces half a policy directory.
+//!
+//! Layout: [`k8s`] holds the serde types (strict: unknown fields are errors, like
+//! `kubectl --validate=strict`); [`validate`] the Kubernetes value rules shared by all
+//! kinds; [`netpol`] and [`admin`] map NetworkPolicy and the cluster-scoped kinds onto the
+//! IR; [`annotations`] reads flowgate's `flowgate.dev/*` annotations; [`inventory`]
+//! reads `inventory.yaml`. Nothing here panics on input: every value from a file goes
+//! through a check that reports instead.
+//!
+//! Paths: `load` takes the directory and file it is given as they are; relative paths
+//! are relative to the working directory (`config::Config::load` has already made the
+//! config's paths relative to the config file). `Policy::source` is the path of the file
+//! as found under the directory.
 
+mod admin;
+mod annotations;
+mod inventory;
+mod k8s;
+mod netpol;
+mod validate;
+
+use std::fmt;
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_norway::Value;
 use thiserror::Error;
 
-use super::ir::PolicySet;
+use super::ir::{Inventory, Policy, PolicySet};
 
 /// One problem in one input file, with enough context for a human to fix it.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
-#[error("{}: {}{}{message}", file.display(), object.as_deref().map(|o| format!("{o}: ")).unwrap_or_default(), field.as_deref().map(|f| format!("{f}: ")).unwrap_or_default())]
 pub struct LoadError {
     pub file: PathBuf,
     /// `Kind ns/name` of the object, when the error is inside one.
@@ -18,12 +45,355 @@ pub struct LoadError {
     pub message: String,
 }
 
+impl fmt::Display for LoadError {
+    /// `file: Kind ns/name: field: message`, leaving out the parts that are unknown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(o) = &self.object {
+            write!(f, ": {o}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
 /// Every problem found; loading reports them all at once.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
-#[error("{} error(s) in policy input", .0.len())]
 pub struct LoadErrors(pub Vec<LoadError>);
 
-/// Loads the policy directory (recursively) and the inventory. All or nothing.
-pub fn load(_policy_dir: &Path, _inventory: &Path) -> Result<PolicySet, LoadErrors> {
-    todo!("policy loader")
+impl fmt::Display for LoadErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} error(s) in policy input", self.0.len())?;
+        for e in &self.0 {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
 }
+
+/// Loads the policy directory (recursively) and the inventory. All or nothing.
+///
+/// # Errors
+/// Every problem in every file, as [`LoadErrors`]; nothing partial is returned.
+pub fn load(policy_dir: &Path, inventory: &Path) -> Result<PolicySet, LoadErrors> {
+    let mut errors = Vec::new();
+    let inventory = inventory::load_file(inventory, &mut errors);
+    let policies = policies_from_dir(policy_dir, &mut errors);
+    if errors.is_empty() { Ok(PolicySet { inventory, policies }) } else { Err(LoadErrors(errors)) }
+}
+
+/// Loads only the inventory file.
+///
+/// # Errors
+/// Every problem in the file.
+pub fn load_inventory(path: &Path) -> Result<Inventory, LoadErrors> {
+    let mut errors = Vec::new();
+    let inv = inventory::load_file(path, &mut errors);
+    if errors.is_empty() { Ok(inv) } else { Err(LoadErrors(errors)) }
+}
+
+/// Parses inventory YAML text; `file` is only used in messages.
+///
+/// # Errors
+/// Every problem in the text.
+pub fn parse_inventory(text: &str, file: &Path) -> Result<Inventory, LoadErrors> {
+    let mut errors = Vec::new();
+    let inv = inventory::parse(text, file, &mut errors);
+    if errors.is_empty() { Ok(inv) } else { Err(LoadErrors(errors)) }
+}
+
+/// Loads a policy directory (or a single file) without an inventory.
+///
+/// # Errors
+/// Every problem in every file.
+pub fn load_policies(dir: &Path) -> Result<Vec<Policy>, LoadErrors> {
+    let mut errors = Vec::new();
+    let p = policies_from_dir(dir, &mut errors);
+    if errors.is_empty() { Ok(p) } else { Err(LoadErrors(errors)) }
+}
+
+/// Parses policy YAML text (one or more documents); `file` becomes `Policy::source`.
+/// The admin API uses this for emergency policies that never touch the disk.
+///
+/// # Errors
+/// Every problem in the text.
+pub fn parse_policies(text: &str, file: &Path) -> Result<Vec<Policy>, LoadErrors> {
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    documents(text, file, &mut errors, &mut out);
+    if errors.is_empty() { Ok(out) } else { Err(LoadErrors(errors)) }
+}
+
+/// Collects errors for one object of one file. Checks report through it and carry on,
+/// so one pass finds every problem in the object.
+pub(crate) struct Report<'a> {
+    file: &'a Path,
+    object: Option<String>,
+    errors: &'a mut Vec<LoadError>,
+    found: usize,
+}
+
+impl<'a> Report<'a> {
+    fn new(file: &'a Path, object: Option<String>, errors: &'a mut Vec<LoadError>) -> Self {
+        Report { file, object, errors, found: 0 }
+    }
+
+    /// Records a problem at `field` (empty: the object as a whole).
+    pub(crate) fn error(&mut self, field: &str, message: impl Into<String>) {
+        self.found += 1;
+        self.errors.push(LoadError {
+            file: self.file.to_owned(),
+            object: self.object.clone(),
+            field: (!field.is_empty()).then(|| field.to_owned()),
+            message: message.into(),
+        });
+    }
+
+    /// True once any problem was recorded through this report.
+    pub(crate) fn failed(&self) -> bool {
+        self.found > 0
+    }
+
+    pub(crate) fn file(&self) -> &Path {
+        self.file
+    }
+
+    /// Deserialises `value` into `T`, reporting serde's first problem with its path.
+    pub(crate) fn typed<T: DeserializeOwned>(&mut self, value: Value) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let path = e.path().to_string();
+                let field = if path == "." { String::new() } else { path };
+                self.error(&field, e.into_inner().to_string());
+                None
+            }
+        }
+    }
+}
+
+/// Files a policy directory walk picks up: `*.yaml`/`*.yml`, not hidden, not an editor
+/// leftover (`.#x.yaml` lock files, `x.yaml~` backups, `x.swp` swap files).
+fn is_policy_file(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    !name.starts_with('.')
+        && !name.ends_with('~')
+        && !name.ends_with(".swp")
+        && (name.ends_with(".yaml") || name.ends_with(".yml"))
+}
+
+/// Deep enough for any sane layout, shallow enough to stop a symlink loop.
+const MAX_DEPTH: usize = 32;
+
+fn policies_from_dir(dir: &Path, errors: &mut Vec<LoadError>) -> Vec<Policy> {
+    let mut files = Vec::new();
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_file() => files.push(dir.to_owned()),
+        Ok(_) => walk(dir, 0, &mut files, errors),
+        Err(e) => errors.push(file_error(dir, format!("cannot read policy directory: {e}"))),
+    }
+    files.sort();
+    let mut out = Vec::new();
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => documents(&text, &file, errors, &mut out),
+            Err(e) => errors.push(file_error(&file, format!("cannot read: {e}"))),
+        }
+    }
+    out
+}
+
+fn walk(dir: &Path, depth: usize, files: &mut Vec<PathBuf>, errors: &mut Vec<LoadError>) {
+    if depth > MAX_DEPTH {
+        errors.push(file_error(dir, format!("directories nested deeper than {MAX_DEPTH}")));
+        return;
+    }
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            errors.push(file_error(dir, format!("cannot read directory: {e}")));
+            return;
+        }
+    };
+    for entry in entries {
+        let path = match entry {
+            Ok(e) => e.path(),
+            Err(e) => {
+                errors.push(file_error(dir, format!("cannot read directory: {e}")));
+                continue;
+            }
+        };
+        let hidden = path.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.'));
+        if hidden {
+            continue;
+        }
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_dir() => walk(&path, depth + 1, files, errors),
+            Ok(_) if is_policy_file(&path) => files.push(path),
+            Ok(_) => {}
+            Err(e) => errors.push(file_error(&path, format!("cannot read: {e}"))),
+        }
+    }
+}
+
+fn file_error(file: &Path, message: String) -> LoadError {
+    LoadError { file: file.to_owned(), object: None, field: None, message }
+}
+
+/// Every YAML document of one file; empty documents are skipped, a syntax error ends the
+/// file (the parser cannot resynchronise reliably after one).
+fn documents(text: &str, file: &Path, errors: &mut Vec<LoadError>, out: &mut Vec<Policy>) {
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        match Value::deserialize(doc) {
+            Ok(Value::Null) => {}
+            Ok(value) => object(value, file, &format!("document {}", i + 1), errors, out),
+            Err(e) => {
+                errors.push(file_error(file, format!("malformed YAML: {e}")));
+                break;
+            }
+        }
+    }
+}
+
+pub(crate) const NETWORKING_V1: &str = "networking.k8s.io/v1";
+pub(crate) const POLICY_V1ALPHA1: &str = "policy.networking.k8s.io/v1alpha1";
+pub(crate) const POLICY_V1ALPHA2: &str = "policy.networking.k8s.io/v1alpha2";
+
+/// One Kubernetes object (or a List of them); `place` says where it is in the file for
+/// messages about objects that have no usable name.
+fn object(
+    mut value: Value,
+    file: &Path,
+    place: &str,
+    errors: &mut Vec<LoadError>,
+    out: &mut Vec<Policy>,
+) {
+    if !value.is_mapping() {
+        errors.push(LoadError {
+            file: file.to_owned(),
+            object: Some(place.to_owned()),
+            field: None,
+            message: "expected a Kubernetes object (a mapping with apiVersion and kind)".into(),
+        });
+        return;
+    }
+    let kind = value.get("kind").and_then(Value::as_str).map(str::to_owned);
+    let api_version = value.get("apiVersion").and_then(Value::as_str).map(str::to_owned);
+    let label = object_label(&value, kind.as_deref(), place);
+    let mut r = Report::new(file, Some(label), errors);
+    let Some(kind) = kind else {
+        r.error("kind", "missing or not a string");
+        return;
+    };
+    let Some(api_version) = api_version else {
+        r.error("apiVersion", "missing or not a string");
+        return;
+    };
+    if kind == "List" || kind.ends_with("List") {
+        list(value, &kind, &api_version, r, place, out);
+        return;
+    }
+    let expected = match kind.as_str() {
+        "NetworkPolicy" => NETWORKING_V1,
+        "AdminNetworkPolicy" | "BaselineAdminNetworkPolicy" => POLICY_V1ALPHA1,
+        "ClusterNetworkPolicy" => POLICY_V1ALPHA2,
+        other => {
+            r.error(
+                "kind",
+                format!(
+                    "unknown kind {other:?} (flowgate reads NetworkPolicy, AdminNetworkPolicy, \
+                     BaselineAdminNetworkPolicy, ClusterNetworkPolicy and Lists of them)"
+                ),
+            );
+            return;
+        }
+    };
+    if api_version != expected {
+        r.error("apiVersion", format!("{kind} must be apiVersion {expected}, not {api_version:?}"));
+        return;
+    }
+    // Kubernetes defaults the namespace of a namespaced object to `default` (kubectl's
+    // context namespace); make it explicit so the typed pass sees it.
+    if kind == "NetworkPolicy" {
+        value = with_default_namespace(value);
+    }
+    let policy = match kind.as_str() {
+        "NetworkPolicy" => netpol::convert(value, &mut r),
+        "AdminNetworkPolicy" => admin::convert_anp(value, &mut r),
+        "BaselineAdminNetworkPolicy" => admin::convert_banp(value, &mut r),
+        _ => admin::convert_cnp(value, &mut r),
+    };
+    if let Some(p) = policy
+        && !r.failed()
+    {
+        out.push(p);
+    }
+}
+
+/// `kind: List` or `kind: XList`: each of `items` is an object. Items of a typed list
+/// may leave out `kind`/`apiVersion` (they are implied by the list).
+fn list(
+    value: Value,
+    kind: &str,
+    api_version: &str,
+    mut r: Report<'_>,
+    place: &str,
+    out: &mut Vec<Policy>,
+) {
+    let implied = kind.strip_suffix("List").filter(|k| !k.is_empty());
+    let items = match value.get("items") {
+        None | Some(Value::Null) => return,
+        Some(Value::Sequence(items)) => items.clone(),
+        Some(_) => {
+            r.error("items", "expected a list of objects");
+            return;
+        }
+    };
+    let file = r.file.to_owned();
+    let errors = &mut *r.errors;
+    for (i, mut item) in items.into_iter().enumerate() {
+        if let (Some(k), Value::Mapping(m)) = (implied, &mut item) {
+            if !m.contains_key("kind") {
+                m.insert(Value::from("kind"), Value::from(k));
+            }
+            if !m.contains_key("apiVersion") {
+                m.insert(Value::from("apiVersion"), Value::from(api_version));
+            }
+        }
+        object(item, &file, &format!("{place} items[{i}]"), errors, out);
+    }
+}
+
+fn with_default_namespace(mut value: Value) -> Value {
+    if let Value::Mapping(m) = &mut value {
+        let meta =
+            m.entry(Value::from("metadata")).or_insert_with(|| Value::Mapping(Default::default()));
+        if let Value::Mapping(meta) = meta
+            && !meta.contains_key("namespace")
+        {
+            meta.insert(Value::from("namespace"), Value::from("default"));
+        }
+    }
+    value
+}
+
+/// `Kind ns/name` (or `Kind name` for cluster-scoped kinds), falling back to the place in
+/// the file when the object has no name.
+fn object_label(value: &Value, kind: Option<&str>, place: &str) -> String {
+    let kind = kind.unwrap_or("object");
+    let meta = value.get("metadata");
+    let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str);
+    let ns = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str);
+    match (name, kind) {
+        (Some(n), "NetworkPolicy") => format!("{kind} {}/{n}", ns.unwrap_or("default")),
+        (Some(n), _) => format!("{kind} {n}"),
+        (None, _) => format!("{kind} ({place})"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,974 @@
+//! Loader tests. Each names the naive mapping it guards against.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use super::*;
+use crate::flow::Proto;
+use crate::policy::ir::*;
+
+fn policies(yaml: &str) -> Vec<Policy> {
+    match parse_policies(yaml, Path::new("t.yaml")) {
+        Ok(p) => p,
+        Err(e) => panic!("unexpected errors: {e}"),
+    }
+}
+
+fn one(yaml: &str) -> Policy {
+    let mut p = policies(yaml);
+    assert_eq!(p.len(), 1, "{p:?}");
+    p.remove(0)
+}
+
+fn errors(yaml: &str) -> Vec<LoadError> {
+    match parse_policies(yaml, Path::new("t.yaml")) {
+        Ok(p) => panic!("expected errors, loaded {p:?}"),
+        Err(e) => e.0,
+    }
+}
+
+/// Asserts exactly one error, at `field`, whose message contains `needle`.
+fn error_at(yaml: &str, field: &str, needle: &str) -> LoadError {
+    let errs = errors(yaml);
+    let hit = errs
+        .iter()
+        .find(|e| e.field.as_deref() == Some(field) && e.message.contains(needle))
+        .unwrap_or_else(|| panic!("no error at {field} containing {needle:?}: {errs:#?}"));
+    hit.clone()
+}
+
+fn np(spec: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: p\n  namespace: ns\nspec:\n{}",
+        indent(spec)
+    )
+}
+
+fn anp(spec: &str) -> String {
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata:\n  name: a\nspec:\n{}",
+        indent(spec)
+    )
+}
+
+fn banp(spec: &str) -> String {
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata:\n  name: default\nspec:\n{}",
+        indent(spec)
+    )
+}
+
+fn cnp(spec: &str) -> String {
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata:\n  name: c\nspec:\n{}",
+        indent(spec)
+    )
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+fn sel(pairs: &[(&str, &str)]) -> LabelSelector {
+    LabelSelector {
+        match_labels: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        match_expressions: vec![],
+    }
+}
+
+fn net(s: &str) -> ipnet::IpNet {
+    s.parse().unwrap()
+}
+
+// ---------- NetworkPolicy mapping ----------
+
+#[test]
+fn np_subject_is_pod_selector_in_own_namespace() {
+    let p = one(&np("podSelector: {matchLabels: {app: db}}"));
+    assert_eq!(p.kind, PolicyKind::NetworkPolicy);
+    assert_eq!(p.tier, Tier::Namespaced);
+    assert_eq!(p.namespace.as_deref(), Some("ns"));
+    assert_eq!(p.source, Path::new("t.yaml"));
+    assert_eq!(
+        p.subject,
+        WorkloadSelector {
+            namespaces: NamespaceMatch::Named("ns".into()),
+            pods: sel(&[("app", "db")])
+        }
+    );
+}
+
+#[test]
+fn np_without_policy_types_isolates_ingress_only() {
+    // Naive: "no ingress rules → no ingress isolation". Kubernetes: Ingress always.
+    let p = one(&np("podSelector: {}"));
+    assert_eq!(p.ingress, Some(vec![]));
+    assert_eq!(p.egress, None);
+}
+
+#[test]
+fn np_without_policy_types_covers_egress_iff_egress_rules_exist() {
+    let p = one(&np("podSelector: {}\negress: [{}]"));
+    assert_eq!(p.ingress, Some(vec![]));
+    assert_eq!(p.egress.as_ref().map(Vec::len), Some(1));
+    // `egress: []` is the same as no egress on the wire (Kubernetes checks len > 0).
+    let p = one(&np("podSelector: {}\negress: []"));
+    assert_eq!(p.egress, None);
+}
+
+#[test]
+fn np_policy_types_decide_directions_and_ignore_other_rules() {
+    // Naive: keep the ingress rules. Kubernetes: Ingress not listed → not covered at all.
+    let p = one(&np("podSelector: {}\npolicyTypes: [Egress]\ningress: [{}]"));
+    assert_eq!(p.ingress, None);
+    assert_eq!(p.egress, Some(vec![]), "covered egress without rules isolates");
+    let p = one(&np("podSelector: {}\npolicyTypes: [Ingress, Egress]"));
+    assert_eq!((p.ingress, p.egress), (Some(vec![]), Some(vec![])));
+}
+
+#[test]
+fn np_empty_rule_admits_everything_but_empty_list_admits_nothing() {
+    let allow_all = Rule { name: None, action: Action::Allow, peers: Peers::Any, ports: None };
+    assert_eq!(one(&np("podSelector: {}\ningress: [{}]")).ingress, Some(vec![allow_all.clone()]));
+    assert_eq!(one(&np("podSelector: {}\ningress: []")).ingress, Some(vec![]));
+    // `from: []` is "no restriction on sources", not "no sources".
+    assert_eq!(
+        one(&np("podSelector: {}\ningress: [{from: [], ports: []}]")).ingress,
+        Some(vec![allow_all])
+    );
+}
+
+#[test]
+fn np_namespace_and_pod_selector_in_one_peer_intersect() {
+    let p = one(&np(
+        "podSelector: {}\ningress:\n- from:\n  - namespaceSelector: {matchLabels: {team: a}}\n    podSelector: {matchLabels: {app: x}}",
+    ));
+    let rule = &p.ingress.unwrap()[0];
+    assert_eq!(
+        rule.peers,
+        Peers::List(vec![Peer::Workloads(WorkloadSelector {
+            namespaces: NamespaceMatch::Selector(sel(&[("team", "a")])),
+            pods: sel(&[("app", "x")]),
+        })])
+    );
+    // Two list items are two peers (a union), with the bare podSelector in the policy's namespace.
+    let p = one(&np(
+        "podSelector: {}\ningress:\n- from:\n  - namespaceSelector: {matchLabels: {team: a}}\n  - podSelector: {matchLabels: {app: x}}",
+    ));
+    assert_eq!(
+        p.ingress.unwrap()[0].peers,
+        Peers::List(vec![
+            Peer::Workloads(WorkloadSelector {
+                namespaces: NamespaceMatch::Selector(sel(&[("team", "a")])),
+                pods: LabelSelector::default(),
+            }),
+            Peer::Workloads(WorkloadSelector {
+                namespaces: NamespaceMatch::Named("ns".into()),
+                pods: sel(&[("app", "x")]),
+            }),
+        ])
+    );
+}
+
+#[test]
+fn np_ip_block_maps_to_cidr_v4_and_v6() {
+    let p = one(&np(
+        "podSelector: {}\negress:\n- to:\n  - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}\n  - ipBlock: {cidr: 'fd00::/8'}",
+    ));
+    assert_eq!(
+        p.egress.unwrap()[0].peers,
+        Peers::List(vec![
+            Peer::Cidr { net: net("10.0.0.0/8"), except: vec![net("10.1.0.0/16")] },
+            Peer::Cidr { net: net("fd00::/8"), except: vec![] },
+        ])
+    );
+}
+
+#[test]
+fn np_ports_default_tcp_names_ranges_and_protocol_only() {
+    let p = one(&np(
+        "podSelector: {}\ningress:\n- ports:\n  - port: 80\n  - {protocol: UDP, port: dns}\n  - {port: 8000, endPort: 8080}\n  - protocol: SCTP",
+    ));
+    assert_eq!(
+        p.ingress.unwrap()[0].ports,
+        Some(vec![
+            PortMatch::Range { protocol: Proto::Tcp, first: 80, last: 80 },
+            PortMatch::Named { protocol: Some(Proto::Udp), name: "dns".into() },
+            PortMatch::Range { protocol: Proto::Tcp, first: 8000, last: 8080 },
+            PortMatch::Range { protocol: Proto::Sctp, first: 0, last: 65535 },
+        ])
+    );
+}
+
+#[test]
+fn np_namespace_defaults_to_default() {
+    let p = one(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec: {podSelector: {}}",
+    );
+    assert_eq!(p.namespace.as_deref(), Some("default"));
+    assert_eq!(p.subject.namespaces, NamespaceMatch::Named("default".into()));
+}
+
+#[test]
+fn np_standard_metadata_accepted_and_status_ignored() {
+    let yaml = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: p\n  uid: 1234\n  resourceVersion: '7'\n  generation: 3\n  managedFields: [{manager: kubectl}]\n  labels: {team: a}\nspec: {podSelector: {}}\nstatus: {anything: goes}";
+    one(yaml);
+}
+
+// ---------- annotations ----------
+
+#[test]
+fn annotations_map_to_expiry_mode_and_created_at() {
+    let meta = |ann: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: p\n  creationTimestamp: '2026-01-01T00:00:00Z'\n  annotations: {{{ann}}}\nspec: {{podSelector: {{}}}}"
+        )
+    };
+    let p = one(&meta("flowgate.dev/ttl: 15m, flowgate.dev/mode: audit"));
+    assert_eq!(p.expiry, Some(Expiry::Ttl(Duration::from_secs(900))));
+    assert_eq!(p.mode, Mode::Audit);
+    assert_eq!(p.created_at, Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600)));
+    // Any offset: 01:00+01:00 is midnight UTC.
+    let p = one(&meta("flowgate.dev/expires-at: '2026-01-01T01:00:00+01:00'"));
+    assert_eq!(
+        p.expiry,
+        Some(Expiry::At(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600)))
+    );
+    assert_eq!(p.mode, Mode::Enforce);
+    // Someone else's annotations are none of our business.
+    assert_eq!(one(&meta("example.com/owner: me")).expiry, None);
+}
+
+#[test]
+fn malformed_annotations_are_errors() {
+    let meta = |ann: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: p\n  annotations: {{{ann}}}\nspec: {{podSelector: {{}}}}"
+        )
+    };
+    error_at(&meta("flowgate.dev/ttl: soon"), "metadata.annotations.flowgate.dev/ttl", "duration");
+    error_at(&meta("flowgate.dev/ttl: 0s"), "metadata.annotations.flowgate.dev/ttl", "zero");
+    error_at(
+        &meta("flowgate.dev/expires-at: tomorrow"),
+        "metadata.annotations.flowgate.dev/expires-at",
+        "RFC 3339",
+    );
+    error_at(
+        &meta("flowgate.dev/mode: enforcing"),
+        "metadata.annotations.flowgate.dev/mode",
+        "audit or enforce",
+    );
+    error_at(
+        &meta("flowgate.dev/ttl: 1h, flowgate.dev/expires-at: '2026-01-01T00:00:00Z'"),
+        "metadata.annotations",
+        "both",
+    );
+    // A misspelt annotation would silently leave an emergency policy in force for ever.
+    error_at(
+        &meta("flowgate.dev/tll: 1h"),
+        "metadata.annotations.flowgate.dev/tll",
+        "unknown flowgate annotation",
+    );
+}
+
+// ---------- NetworkPolicy errors ----------
+
+#[test]
+fn malformed_yaml_is_an_error_naming_the_file() {
+    let errs = errors("apiVersion: networking.k8s.io/v1\nkind: [unclosed\n");
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].file, Path::new("t.yaml"));
+    assert!(errs[0].message.contains("malformed YAML"), "{}", errs[0]);
+}
+
+#[test]
+fn unknown_kind_and_api_version_are_errors() {
+    let e = error_at(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n",
+        "kind",
+        "unknown kind \"Pod\"",
+    );
+    assert_eq!(e.object.as_deref(), Some("Pod x"));
+    error_at(
+        "apiVersion: networking.k8s.io/v1beta1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec: {}",
+        "apiVersion",
+        "networking.k8s.io/v1",
+    );
+    error_at("metadata: {name: x}\n", "kind", "missing");
+    let errs = errors("- just\n- a list\n");
+    assert!(errs[0].message.contains("expected a Kubernetes object"));
+}
+
+#[test]
+fn unknown_fields_are_errors_with_their_path() {
+    let e = error_at(
+        &np("podSelector: {}\ningress:\n- from:\n  - podSelectr: {}"),
+        "spec.ingress[0].from[0].podSelectr",
+        "unknown field `podSelectr`",
+    );
+    assert_eq!(e.object.as_deref(), Some("NetworkPolicy ns/p"));
+    error_at(&np("podSelector: {}\nfoo: 1"), "spec.foo", "unknown field `foo`");
+    error_at(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, nmespace: x}\nspec: {}",
+        "metadata.nmespace",
+        "unknown field",
+    );
+}
+
+#[test]
+fn invalid_cidrs_are_errors() {
+    let e = error_at(
+        &np(
+            "podSelector: {}\ningress:\n- from:\n  - podSelector: {}\n  - ipBlock: {cidr: 10.0.0.300/8}",
+        ),
+        "spec.ingress[0].from[1].ipBlock.cidr",
+        "not a valid CIDR",
+    );
+    assert_eq!(
+        e.to_string(),
+        format!("t.yaml: NetworkPolicy ns/p: spec.ingress[0].from[1].ipBlock.cidr: {}", e.message)
+    );
+    // Host bits set: Kubernetes refuses it; silently using 10.0.0.0/8 would widen the rule.
+    error_at(
+        &np("podSelector: {}\ningress:\n- from:\n  - ipBlock: {cidr: 10.0.0.1/8}"),
+        "spec.ingress[0].from[0].ipBlock.cidr",
+        "host bits",
+    );
+    error_at(
+        &np("podSelector: {}\ningress:\n- from:\n  - ipBlock: {cidr: 10.0.0.1}"),
+        "spec.ingress[0].from[0].ipBlock.cidr",
+        "not a CIDR",
+    );
+}
+
+#[test]
+fn except_must_be_strictly_inside_cidr_and_same_family() {
+    let y = |except: &str| {
+        np(&format!(
+            "podSelector: {{}}\ningress:\n- from:\n  - ipBlock: {{cidr: 10.0.0.0/16, except: [10.0.1.0/24, {except}]}}"
+        ))
+    };
+    error_at(&y("10.1.0.0/24"), "spec.ingress[0].from[0].ipBlock.except[1]", "not strictly inside");
+    error_at(&y("10.0.0.0/16"), "spec.ingress[0].from[0].ipBlock.except[1]", "not strictly inside");
+    error_at(&y("10.0.0.0/8"), "spec.ingress[0].from[0].ipBlock.except[1]", "not strictly inside");
+    error_at(&y("'fd00::/64'"), "spec.ingress[0].from[0].ipBlock.except[1]", "family");
+}
+
+#[test]
+fn end_port_rules() {
+    error_at(
+        &np("podSelector: {}\ningress:\n- ports: [{port: 90, endPort: 80}]"),
+        "spec.ingress[0].ports[0].endPort",
+        "below port 90",
+    );
+    error_at(
+        &np("podSelector: {}\ningress:\n- ports: [{port: http, endPort: 80}]"),
+        "spec.ingress[0].ports[0].endPort",
+        "named port",
+    );
+    error_at(
+        &np("podSelector: {}\ningress:\n- ports: [{endPort: 80}]"),
+        "spec.ingress[0].ports[0].endPort",
+        "numeric port",
+    );
+    error_at(
+        &np("podSelector: {}\ningress:\n- ports: [{port: 0}]"),
+        "spec.ingress[0].ports[0].port",
+        "out of range",
+    );
+    error_at(
+        &np("podSelector: {}\ningress:\n- ports: [{port: 70000}]"),
+        "spec.ingress[0].ports[0].port",
+        "out of range",
+    );
+    error_at(
+        &np("podSelector: {}\ningress:\n- ports: [{port: Bad_Name}]"),
+        "spec.ingress[0].ports[0].port",
+        "port name",
+    );
+}
+
+#[test]
+fn selector_operator_rules() {
+    let y = |expr: &str| np(&format!("podSelector:\n  matchExpressions: [{expr}]"));
+    error_at(
+        &y("{key: app, operator: Equals, values: [a]}"),
+        "spec.podSelector.matchExpressions[0].operator",
+        "unknown selector operator",
+    );
+    error_at(
+        &y("{key: app, operator: In}"),
+        "spec.podSelector.matchExpressions[0].values",
+        "at least one value",
+    );
+    error_at(
+        &y("{key: app, operator: NotIn, values: []}"),
+        "spec.podSelector.matchExpressions[0].values",
+        "at least one value",
+    );
+    error_at(
+        &y("{key: app, operator: Exists, values: [a]}"),
+        "spec.podSelector.matchExpressions[0].values",
+        "no values",
+    );
+    error_at(
+        &y("{key: 'bad key', operator: Exists}"),
+        "spec.podSelector.matchExpressions[0].key",
+        "label key",
+    );
+    let p = one(&y("{key: app, operator: NotIn, values: [a, b]}"));
+    assert_eq!(
+        p.subject.pods.match_expressions,
+        vec![Requirement {
+            key: "app".into(),
+            op: SelectorOp::NotIn,
+            values: vec!["a".into(), "b".into()]
+        }]
+    );
+}
+
+#[test]
+fn unknown_protocol_is_an_error() {
+    error_at(
+        &np("podSelector: {}\ningress:\n- ports: [{protocol: tcp, port: 80}]"),
+        "spec.ingress[0].ports[0].protocol",
+        "unknown protocol",
+    );
+    error_at(
+        &np("podSelector: {}\ningress:\n- ports: [{protocol: ICMP}]"),
+        "spec.ingress[0].ports[0].protocol",
+        "unknown protocol",
+    );
+}
+
+#[test]
+fn peers_must_be_non_empty_and_ip_block_alone() {
+    error_at(
+        &np("podSelector: {}\ningress:\n- from: [{}]"),
+        "spec.ingress[0].from[0]",
+        "empty peer",
+    );
+    error_at(
+        &np("podSelector: {}\ningress:\n- from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]"),
+        "spec.ingress[0].from[0]",
+        "cannot be combined",
+    );
+}
+
+#[test]
+fn bad_policy_types_and_names() {
+    error_at(
+        &np("podSelector: {}\npolicyTypes: [ingress]"),
+        "spec.policyTypes[0]",
+        "unknown policy type",
+    );
+    error_at(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: Bad_Name}\nspec: {}",
+        "metadata.name",
+        "not a valid name",
+    );
+    error_at(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nspec: {}",
+        "metadata.name",
+        "missing",
+    );
+}
+
+#[test]
+fn all_errors_of_all_documents_are_collected_and_nothing_partial_is_returned() {
+    let yaml = format!(
+        "{}\n---\n{}\n---\n{}",
+        np("podSelector: {}"), // fine
+        np(
+            "podSelector: {}\ningress:\n- from: [{ipBlock: {cidr: nope}}]\n  ports: [{protocol: XTP}]"
+        ),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n"
+    );
+    let errs = errors(&yaml);
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert!(
+        errs.iter().any(|e| e.field.as_deref() == Some("spec.ingress[0].from[0].ipBlock.cidr"))
+    );
+    assert!(errs.iter().any(|e| e.field.as_deref() == Some("spec.ingress[0].ports[0].protocol")));
+    assert!(errs.iter().any(|e| e.object.as_deref() == Some("Service s")));
+}
+
+#[test]
+fn lists_and_empty_documents() {
+    let yaml = "---\n---\napiVersion: v1\nkind: List\nitems:\n- apiVersion: networking.k8s.io/v1\n  kind: NetworkPolicy\n  metadata: {name: a}\n  spec: {podSelector: {}}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicyList\nitems:\n- metadata: {name: b}\n  spec: {podSelector: {}}\n---\n";
+    let names: Vec<_> = policies(yaml).into_iter().map(|p| p.name).collect();
+    assert_eq!(names, ["a", "b"]);
+    let errs = errors(
+        "apiVersion: v1\nkind: List\nitems:\n- {kind: Pod, apiVersion: v1, metadata: {name: x}}\n",
+    );
+    assert_eq!(errs[0].object.as_deref(), Some("Pod x"));
+}
+
+#[test]
+fn nothing_panics_on_odd_documents() {
+    for yaml in [
+        "",
+        "---",
+        "42",
+        "null",
+        "[]",
+        "kind: 3",
+        "kind: NetworkPolicy\napiVersion: 7",
+        "kind: List\napiVersion: v1\nitems: 5",
+        "kind: NetworkPolicyList\napiVersion: networking.k8s.io/v1\nitems: [1, null]",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: 5\nspec: []",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec: {ingress: [{ports: [{port: 1.5}]}]}",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec: {ingress: [{ports: [{port: 99999999999999999999}]}]}",
+        "a: &a [*a]",
+        "\t\u{0}",
+        "!!binary x",
+    ] {
+        let _ = parse_policies(yaml, Path::new("t.yaml"));
+        let _ = parse_inventory(yaml, Path::new("i.yaml"));
+    }
+}
+
+// ---------- AdminNetworkPolicy / BaselineAdminNetworkPolicy / ClusterNetworkPolicy ----------
+
+#[test]
+fn anp_maps_subject_rules_peers_and_ports() {
+    let p = one(&anp("priority: 10
+subject:
+  pods:
+    namespaceSelector: {matchLabels: {team: a}}
+    podSelector: {matchLabels: {app: x}}
+ingress:
+- name: from-monitoring
+  action: Allow
+  from:
+  - namespaces: {matchLabels: {team: mon}}
+  ports:
+  - portNumber: {protocol: TCP, port: 9090}
+  - namedPort: metrics
+  - portRange: {protocol: UDP, start: 1000, end: 2000}
+egress:
+- name: pass-dns
+  action: Pass
+  to:
+  - pods:
+      namespaceSelector: {}
+      podSelector: {matchLabels: {app: dns}}
+- name: web
+  action: Allow
+  to:
+  - domainNames: [API.Example.com., '*.example.org']
+  - networks: [203.0.113.0/24]"));
+    assert_eq!(p.kind, PolicyKind::AdminNetworkPolicy);
+    assert_eq!(p.tier, Tier::Admin { priority: 10 });
+    assert_eq!(p.namespace, None);
+    assert_eq!(
+        p.subject,
+        WorkloadSelector {
+            namespaces: NamespaceMatch::Selector(sel(&[("team", "a")])),
+            pods: sel(&[("app", "x")])
+        }
+    );
+    let ingress = p.ingress.unwrap();
+    assert_eq!(ingress[0].name.as_deref(), Some("from-monitoring"));
+    assert_eq!(
+        ingress[0].peers,
+        Peers::List(vec![Peer::Workloads(WorkloadSelector {
+            namespaces: NamespaceMatch::Selector(sel(&[("team", "mon")])),
+            pods: LabelSelector::default(),
+        })])
+    );
+    assert_eq!(
+        ingress[0].ports,
+        Some(vec![
+            PortMatch::Range { protocol: Proto::Tcp, first: 9090, last: 9090 },
+            PortMatch::Named { protocol: None, name: "metrics".into() },
+            PortMatch::Range { protocol: Proto::Udp, first: 1000, last: 2000 },
+        ])
+    );
+    let egress = p.egress.unwrap();
+    assert_eq!(egress[0].action, Action::Pass);
+    assert_eq!(egress[0].ports, None);
+    assert_eq!(
+        egress[1].peers,
+        Peers::List(vec![
+            Peer::Domain(DomainPattern::Exact("api.example.com".into())),
+            Peer::Domain(DomainPattern::Wildcard("example.org".into())),
+            Peer::Cidr { net: net("203.0.113.0/24"), except: vec![] },
+        ])
+    );
+}
+
+#[test]
+fn anp_subject_namespaces_and_absent_directions() {
+    let p = one(&anp("priority: 0\nsubject: {namespaces: {}}"));
+    assert_eq!(
+        p.subject,
+        WorkloadSelector {
+            namespaces: NamespaceMatch::Selector(LabelSelector::default()),
+            pods: LabelSelector::default()
+        }
+    );
+    assert_eq!((p.ingress, p.egress), (None, None));
+    // An explicit empty list covers the direction with no rules (nothing to match).
+    assert_eq!(
+        one(&anp("priority: 0\nsubject: {namespaces: {}}\negress: []")).egress,
+        Some(vec![])
+    );
+}
+
+#[test]
+fn banp_and_cnp_tiers() {
+    let p = one(&banp(
+        "subject: {namespaces: {}}\ningress:\n- {action: Deny, from: [{namespaces: {}}]}",
+    ));
+    assert_eq!(p.tier, Tier::Baseline { priority: 0 });
+    assert_eq!(p.kind, PolicyKind::BaselineAdminNetworkPolicy);
+    assert_eq!(p.ingress.unwrap()[0].action, Action::Deny);
+
+    let p = one(&cnp("tier: Baseline\npriority: 7\nsubject: {namespaces: {}}
+egress:
+- name: ok
+  action: Accept
+  to: [{namespaces: {}}]
+  protocols:
+  - tcp: {destinationPort: {number: 443}}
+  - udp: {destinationPort: {range: {start: 53, end: 54}}}
+  - sctp: {}
+  - destinationNamedPort: dns"));
+    assert_eq!(p.kind, PolicyKind::ClusterNetworkPolicy);
+    assert_eq!(p.tier, Tier::Baseline { priority: 7 });
+    let rule = &p.egress.unwrap()[0];
+    assert_eq!(rule.action, Action::Allow);
+    assert_eq!(
+        rule.ports,
+        Some(vec![
+            PortMatch::Range { protocol: Proto::Tcp, first: 443, last: 443 },
+            PortMatch::Range { protocol: Proto::Udp, first: 53, last: 54 },
+            PortMatch::Range { protocol: Proto::Sctp, first: 0, last: 65535 },
+            PortMatch::Named { protocol: None, name: "dns".into() },
+        ])
+    );
+    assert_eq!(
+        one(&cnp("tier: Admin\npriority: 3\nsubject: {namespaces: {}}")).tier,
+        Tier::Admin { priority: 3 }
+    );
+    error_at(
+        &cnp(
+            "tier: Admin\npriority: 3\nsubject: {namespaces: {}}\ningress: [{action: Allow, from: [{namespaces: {}}]}]",
+        ),
+        "spec.ingress[0].action",
+        "Accept",
+    );
+    error_at(
+        &cnp("tier: Middle\npriority: 3\nsubject: {namespaces: {}}"),
+        "spec.tier",
+        "unknown tier",
+    );
+}
+
+#[test]
+fn anp_priority_range() {
+    error_at(&anp("priority: 1001\nsubject: {namespaces: {}}"), "spec.priority", "out of range");
+    error_at(&anp("priority: -1\nsubject: {namespaces: {}}"), "spec.priority", "out of range");
+    error_at(&anp("subject: {namespaces: {}}"), "spec.priority", "missing");
+    assert_eq!(
+        one(&anp("priority: 1000\nsubject: {namespaces: {}}")).tier,
+        Tier::Admin { priority: 1000 }
+    );
+    error_at(&banp("priority: 3\nsubject: {namespaces: {}}"), "spec.priority", "no priority");
+}
+
+#[test]
+fn anp_actions() {
+    error_at(
+        &anp(
+            "priority: 1\nsubject: {namespaces: {}}\ningress: [{action: Drop, from: [{namespaces: {}}]}]",
+        ),
+        "spec.ingress[0].action",
+        "unknown action \"Drop\"",
+    );
+    // Pass in a BANP: there is no tier below the baseline to pass to.
+    error_at(
+        &banp("subject: {namespaces: {}}\negress: [{action: Pass, to: [{namespaces: {}}]}]"),
+        "spec.egress[0].action",
+        "Pass is not allowed",
+    );
+}
+
+#[test]
+fn domain_names_only_in_egress_allow_rules() {
+    error_at(
+        &anp(
+            "priority: 1\nsubject: {namespaces: {}}\ningress: [{action: Allow, from: [{domainNames: [a.example.com]}]}]",
+        ),
+        "spec.ingress[0].from[0].domainNames",
+        "only allowed in egress",
+    );
+    for action in ["Deny", "Pass"] {
+        error_at(
+            &anp(&format!(
+                "priority: 1\nsubject: {{namespaces: {{}}}}\negress: [{{action: {action}, to: [{{domainNames: [a.example.com]}}]}}]"
+            )),
+            "spec.egress[0].to[0].domainNames",
+            "only allowed in Allow",
+        );
+    }
+}
+
+#[test]
+fn domain_name_syntax() {
+    assert_eq!(admin::domain("Api.Stripe.COM."), Ok(DomainPattern::Exact("api.stripe.com".into())));
+    assert_eq!(
+        admin::domain("*.amazonaws.com"),
+        Ok(DomainPattern::Wildcard("amazonaws.com".into()))
+    );
+    for bad in [
+        "*",
+        "*.com",
+        "a.*.com",
+        "foo*.example.com",
+        "example",
+        "-a.example.com",
+        "a..b",
+        "",
+        "exa mple.com",
+        "*.*.example.com",
+    ] {
+        assert!(admin::domain(bad).is_err(), "{bad} should be rejected");
+    }
+    error_at(
+        &anp(
+            "priority: 1\nsubject: {namespaces: {}}\negress: [{action: Allow, to: [{domainNames: ['a.*.com']}]}]",
+        ),
+        "spec.egress[0].to[0].domainNames[0]",
+        "not a valid domain",
+    );
+}
+
+#[test]
+fn more_than_100_rules_is_an_error() {
+    let rules: String = (0..101)
+        .map(|i| format!("- {{name: r{i}, action: Deny, to: [{{namespaces: {{}}}}]}}\n"))
+        .collect();
+    error_at(
+        &anp(&format!("priority: 1\nsubject: {{namespaces: {{}}}}\negress:\n{rules}")),
+        "spec.egress",
+        "at most 100",
+    );
+    let rules: String = (0..100)
+        .map(|i| format!("- {{name: r{i}, action: Deny, to: [{{namespaces: {{}}}}]}}\n"))
+        .collect();
+    one(&anp(&format!("priority: 1\nsubject: {{namespaces: {{}}}}\negress:\n{rules}")));
+}
+
+#[test]
+fn admin_peer_and_port_shape_errors() {
+    let y =
+        |rule: &str| anp(&format!("priority: 1\nsubject: {{namespaces: {{}}}}\negress: [{rule}]"));
+    error_at(&y("{action: Deny, to: [{nodes: {}}]}"), "spec.egress[0].to[0].nodes", "no nodes");
+    error_at(&y("{action: Deny, to: []}"), "spec.egress[0].to", "at least one peer");
+    error_at(
+        &y("{action: Deny, to: [{namespaces: {}, networks: [10.0.0.0/8]}]}"),
+        "spec.egress[0].to[0]",
+        "exactly one",
+    );
+    error_at(
+        &y("{action: Deny, to: [{networks: [10.0.0.1/8]}]}"),
+        "spec.egress[0].to[0].networks[0]",
+        "host bits",
+    );
+    error_at(
+        &y("{action: Deny, to: [{namespaces: {}}], ports: [{portRange: {start: 9, end: 8}}]}"),
+        "spec.egress[0].ports[0].portRange.end",
+        "below start",
+    );
+    error_at(
+        &y(
+            "{action: Deny, to: [{namespaces: {}}], ports: [{portNumber: {port: 80}, namedPort: http}]}",
+        ),
+        "spec.egress[0].ports[0]",
+        "exactly one",
+    );
+    error_at(
+        &y("{action: Deny, to: [{networks: [10.0.0.0/8]}], ports: [{namedPort: http}]}"),
+        "spec.egress[0].to[0].networks",
+        "named port",
+    );
+    error_at(
+        &anp(
+            "priority: 1\nsubject: {namespaces: {}, pods: {namespaceSelector: {}, podSelector: {}}}",
+        ),
+        "spec.subject",
+        "exactly one",
+    );
+    error_at(&anp("priority: 1\nsubject: {}"), "spec.subject", "exactly one");
+}
+
+// ---------- inventory ----------
+
+fn inventory(yaml: &str) -> Result<Inventory, Vec<LoadError>> {
+    parse_inventory(yaml, Path::new("inv.yaml")).map_err(|e| e.0)
+}
+
+fn inv_error(yaml: &str, field: &str, needle: &str) {
+    let errs = inventory(yaml).expect_err("expected errors");
+    assert!(
+        errs.iter().any(|e| e.field.as_deref() == Some(field) && e.message.contains(needle)),
+        "no error at {field} containing {needle:?}: {errs:#?}"
+    );
+}
+
+const INV: &str = "namespaces:
+- name: payments
+  labels: {team: payments}
+- name: data
+workloads:
+- name: billing
+  namespace: payments
+  labels: {app: billing}
+  ips: [198.18.10.0/24, 198.18.99.7, '2001:db8::1']
+  ports:
+  - {name: https, port: 8443}
+  - {name: dns, port: 53, protocol: UDP}
+- name: db
+  namespace: data
+  ips: [198.18.10.5]
+";
+
+#[test]
+fn inventory_maps_namespaces_workloads_addresses_and_ports() {
+    let inv = match inventory(INV) {
+        Ok(i) => i,
+        Err(e) => panic!("{e:#?}"),
+    };
+    assert_eq!(
+        inv.namespaces[0].labels.get(NAMESPACE_NAME_LABEL).map(String::as_str),
+        Some("payments")
+    );
+    assert_eq!(inv.namespaces[0].labels.get("team").map(String::as_str), Some("payments"));
+    assert_eq!(inv.namespaces[1].labels.len(), 1);
+    let w = &inv.workloads[0];
+    assert_eq!(w.addrs, vec![net("198.18.10.0/24"), net("198.18.99.7/32"), net("2001:db8::1/128")]);
+    assert_eq!(
+        w.ports,
+        vec![
+            NamedPort { name: "https".into(), port: 8443, protocol: Proto::Tcp },
+            NamedPort { name: "dns".into(), port: 53, protocol: Proto::Udp },
+        ]
+    );
+    // 198.18.10.5 lies inside billing's /24: overlapping but different is fine (LPM).
+    assert_eq!(inv.workloads[1].addrs, vec![net("198.18.10.5/32")]);
+}
+
+#[test]
+fn inventory_errors() {
+    inv_error(
+        "namespaces: []\nworkloads: [{name: w, namespace: nope}]",
+        "workloads[0].namespace",
+        "not declared",
+    );
+    inv_error(
+        "namespaces: [{name: a}]\nworkloads: [{name: w, namespace: a}, {name: w, namespace: a}]",
+        "workloads[1].name",
+        "declared twice",
+    );
+    // The same address as a bare IP and as a /32 is the same network.
+    inv_error(
+        "namespaces: [{name: a}]\nworkloads: [{name: w, namespace: a, ips: [10.0.0.1]}, {name: v, namespace: a, ips: [10.0.0.1/32]}]",
+        "workloads[1].ips[0]",
+        "already owned by a/w",
+    );
+    inv_error(
+        "namespaces: [{name: a}]\nworkloads: [{name: w, namespace: a, ips: [10.0.0.1/8]}]",
+        "workloads[0].ips[0]",
+        "host bits",
+    );
+    inv_error(
+        "namespaces: [{name: a}]\nworkloads: [{name: w, namespace: a, ips: [10.0.0.256]}]",
+        "workloads[0].ips[0]",
+        "not an IP",
+    );
+    inv_error(
+        "namespaces: [{name: a, labels: {'bad key!': x}}]",
+        "namespaces[0].labels.bad key!",
+        "label key",
+    );
+    inv_error(
+        "namespaces: [{name: a}]\nworkloads: [{name: w, namespace: a, labels: {app: 'no spaces'}}]",
+        "workloads[0].labels.app",
+        "label value",
+    );
+    inv_error(
+        "namespaces: [{name: a}]\nworkloads: [{name: w, namespace: a, ports: [{name: http, port: 0}]}]",
+        "workloads[0].ports[0].port",
+        "out of range",
+    );
+    inv_error(
+        "namespaces: [{name: a}]\nworkloads: [{name: w, namespace: a, ports: [{name: http, port: 80, protocol: HTTP}]}]",
+        "workloads[0].ports[0].protocol",
+        "unknown protocol",
+    );
+    inv_error(
+        "namespaces: [{name: a}]\nworkloads: [{name: w, namespace: a, ports: [{name: HTTP, port: 80}]}]",
+        "workloads[0].ports[0].name",
+        "port name",
+    );
+    inv_error(
+        "namespaces: [{name: a, lables: {}}]",
+        "namespaces[0].lables",
+        "unknown field `lables`",
+    );
+    inv_error("namespaces: [{name: a}, {name: a}]", "namespaces[1].name", "declared twice");
+    inv_error(
+        "namespaces: [{name: a, labels: {kubernetes.io/metadata.name: b}}]",
+        "namespaces[0].labels.kubernetes.io/metadata.name",
+        "must equal",
+    );
+    let errs = inventory("namespaces: [{name: a\n").expect_err("malformed");
+    assert!(errs[0].message.contains("malformed YAML"));
+}
+
+// ---------- directory ----------
+
+#[test]
+fn directory_walk_is_recursive_sorted_and_skips_leftovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let write = |rel: &str, name: &str| {
+        let path = d.join(rel);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        let body = format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}}}\nspec: {{}}\n"
+        );
+        std::fs::write(path, body).expect("write");
+    };
+    write("b.yaml", "b");
+    write("a/z.yml", "z");
+    write("a/a.yaml", "a");
+    for leftover in
+        [".hidden.yaml", ".#lock.yaml", "b.yaml~", "c.yaml.swp", "notes.txt", ".git/x.yaml"]
+    {
+        std::fs::create_dir_all(d.join(".git")).expect("mkdir");
+        std::fs::write(d.join(leftover), "this: [is not valid").expect("write");
+    }
+    let names: Vec<_> = match load_policies(d) {
+        Ok(p) => p.into_iter().map(|p| p.name).collect(),
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(names, ["a", "z", "b"]);
+    let missing = load_policies(&d.join("nope")).expect_err("missing dir");
+    assert!(missing.0[0].message.contains("cannot read"));
+}
+
+#[test]
+fn load_collects_inventory_and_policy_errors_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("p")).expect("mkdir");
+    std::fs::write(d.join("inv.yaml"), "namespaces: []\nworkloads: [{name: w, namespace: x}]")
+        .expect("write");
+    std::fs::write(d.join("p/a.yaml"), "kind: Nope\napiVersion: v1\nmetadata: {name: n}")
+        .expect("write");
+    let errs = load(&d.join("p"), &d.join("inv.yaml")).expect_err("errors").0;
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+}

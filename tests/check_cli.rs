@@ -1,0 +1,130 @@
+//! `flowgate check` as a user runs it: the real binary on the bundled config and on
+//! fixture directories under tests/fixtures/.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
+fn check(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .arg("check")
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("the flowgate binary runs")
+}
+
+fn check_fixture(name: &str) -> (i32, String, String) {
+    let dir = fixture(name);
+    let out = check(&["--policies", "policies", "--inventory", "inventory.yaml"], &dir);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+    (out.status.code().unwrap_or(-1), stdout, stderr)
+}
+
+#[test]
+fn bundled_config_passes() {
+    let out = check(&["--config", "config/flowgate.toml"], &root());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.starts_with("ok: "), "{stdout}");
+    assert!(stdout.contains("NetworkPolicy") && stdout.contains("AdminNetworkPolicy"), "{stdout}");
+    assert!(!stderr.contains("warning:"), "the bundled example should be lint-clean: {stderr}");
+}
+
+#[test]
+fn default_config_path_is_config_flowgate_toml() {
+    let out = check(&[], &root());
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // From elsewhere, the default path does not exist: an error, not a panic.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = check(&[], tmp.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
+}
+
+#[test]
+fn every_error_is_printed_with_file_object_and_field() {
+    let (code, stdout, stderr) = check_fixture("errors");
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stdout.is_empty(), "no summary on errors: {stdout}");
+    let expected = [
+        "inventory.yaml: Workload shop/api: workloads[1].ips[0]: 10.0.0.1/32 is already owned by shop/web",
+        "policies/kind.yaml: Deployment web: kind: unknown kind \"Deployment\"",
+        "policies/netpol.yaml: NetworkPolicy shop/broken: spec.podSelector.matchExpressions[0].operator: unknown selector operator",
+        "policies/netpol.yaml: NetworkPolicy shop/broken: spec.ingress[0].from[1].ipBlock.cidr: \"10.0.0.300/8\" is not a valid CIDR",
+        "policies/netpol.yaml: NetworkPolicy shop/broken: spec.ingress[0].ports[0].endPort: endPort 8000 is below port 9000",
+        "policies/netpol.yaml: NetworkPolicy shop/broken: spec.ingress[0].ports[1].protocol: unknown protocol \"ICMP\"",
+        "policies/netpol.yaml: NetworkPolicy shop/broken: spec.ingress[1].from[0].ipBlock.except[0]: 10.1.0.0/24 is not strictly inside",
+        "policies/nested/admin.yaml: AdminNetworkPolicy too-low: spec.priority: priority 2000 is out of range",
+        "policies/nested/admin.yaml: AdminNetworkPolicy too-low: metadata.annotations.flowgate.dev/ttl:",
+        "policies/nested/admin.yaml: AdminNetworkPolicy too-low: spec.egress[0].to[0].domainNames: domainNames is only allowed in Allow",
+        "policies/nested/admin.yaml: BaselineAdminNetworkPolicy default: spec.ingress[0].action: Pass is not allowed",
+    ];
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
+    for want in expected {
+        assert!(errors.iter().any(|l| l.contains(want)), "missing {want:?} in:\n{stderr}");
+    }
+    assert_eq!(errors.len(), expected.len(), "{stderr}");
+    assert!(stderr.contains("11 error(s); nothing loaded"), "{stderr}");
+}
+
+#[test]
+fn malformed_yaml_is_reported_with_its_file() {
+    let (code, _, stderr) = check_fixture("malformed");
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("error: policies/bad.yaml: malformed YAML:"), "{stderr}");
+    assert!(stderr.contains("line"), "the position helps: {stderr}");
+}
+
+#[test]
+fn warnings_do_not_fail_the_check() {
+    let (code, stdout, stderr) = check_fixture("warnings");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("warning: policies/typo.yaml: NetworkPolicy shop/typo: spec.podSelector: selects no workload"), "{stderr}");
+    assert!(stderr.contains("spec.egress[0].to[0]: allows egress to 0.0.0.0/0"), "{stderr}");
+    assert_eq!(
+        stdout.trim(),
+        "ok: 1 policies (1 NetworkPolicy) over 1 workloads in 1 namespaces, 2 warning(s)"
+    );
+}
+
+#[test]
+fn no_fixture_makes_it_panic() {
+    for entry in std::fs::read_dir(root().join("tests/fixtures")).expect("fixtures dir") {
+        let name = entry.expect("entry").file_name().to_string_lossy().into_owned();
+        let (code, _, stderr) = check_fixture(&name);
+        assert!(code == 0 || code == 1, "{name}: exit {code}: {stderr}");
+    }
+    let (code, _, stderr) = check_fixture("odd");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("recursion limit"), "{stderr}");
+    assert!(stderr.contains("binary.yaml: cannot read"), "{stderr}");
+}
+
+#[test]
+fn policies_and_inventory_go_together() {
+    let out = check(&["--policies", "config/policies"], &root());
+    assert_eq!(out.status.code(), Some(2), "clap usage error");
+    let out = check(
+        &[
+            "--policies",
+            "config/policies",
+            "--inventory",
+            "config/inventory.yaml",
+            "--default",
+            "allow",
+        ],
+        &root(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
