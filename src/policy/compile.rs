@@ -1,16 +1,37 @@
 //! Compilation: [`PolicySet`] → [`CompiledPolicy`], every selector resolved.
 //!
-//! (Milestone 1: the tables are still the reference evaluator over a copy of the set;
-//! the public API below is the one the runtime integrates against.)
+//! What the tables hold, so that [`CompiledPolicy::decide`] only indexes and compares:
+//! - identity: an [`Lpm`] table from address to workload;
+//! - per workload and direction, a [`SideTable`]: the flattened, already ordered list of
+//!   Admin rules that apply (policies in tier order, rules in order), the NetworkPolicies
+//!   that isolate it and all their rules, and the Baseline rules. Lists are interned:
+//!   workloads that the same policies select share one list;
+//! - per rule ([`CRule`]), its peers as an interned workload set ([`WorkloadSet`]: a
+//!   sorted id list when small, a bitset when large), its CIDRs as address ranges, its
+//!   domain patterns, and its ports as ranges or interned port names;
+//! - per workload, its named ports with interned names.
+//!
+//! Two views of the side tables exist when the set has audit-mode policies: one without
+//! them (the verdict) and one with every live policy (the would-be verdict). Expired
+//! policies are left out of both; their ids stay valid for names.
+//!
+//! Not here: the evaluation itself (`decide.rs`) and its trace (`explain.rs`).
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::time::SystemTime;
 
 use thiserror::Error;
 
-use super::ir::{PolicyKind, PolicySet};
-use super::{DefaultAction, PolicyId, WorkloadId, reference};
-use crate::flow::Proto;
+use super::inventory::{Key, Lpm, Range};
+use super::ir::{
+    Action, DomainPattern, Labels, Mode, NAMESPACE_NAME_LABEL, NamespaceMatch, Peer, Peers,
+    PolicyKind, PolicySet, PortMatch, Rule, Tier, WorkloadSelector,
+};
+use super::reference::{expires_at, is_live};
+use super::{DefaultAction, PolicyId, WorkloadId};
+use crate::flow::{Direction, Proto};
 
 /// Inputs to compilation besides the policy set.
 #[derive(Clone, Copy, Debug)]
@@ -25,6 +46,8 @@ pub struct CompileOptions {
 pub enum CompileError {
     #[error("policy {policy}: {message}")]
     Invalid { policy: String, message: String },
+    #[error("inventory: {message}")]
+    Inventory { message: String },
 }
 
 /// A workload's name, borrowed from the compiled tables. Displays as `ns/name`.
@@ -40,86 +63,701 @@ impl std::fmt::Display for WorkloadName<'_> {
     }
 }
 
-/// The immutable, shareable result of compilation.
+/// "No such entry" in the u32-indexed tables.
+pub(super) const NONE: u32 = u32::MAX;
+
+/// A slice of one of the pools, by offset and length (half the size of a `Range<usize>`,
+/// and `Copy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Span {
+    pub(super) off: u32,
+    pub(super) len: u32,
+}
+
+impl Span {
+    #[inline]
+    pub(super) fn of<T>(self, pool: &[T]) -> &[T] {
+        &pool[self.off as usize..(self.off + self.len) as usize]
+    }
+}
+
+/// A set of workloads, resolved from selectors at compile time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum WorkloadSet {
+    Empty,
+    /// Sorted ids in `CompiledPolicy::set_ids`.
+    Sorted(Span),
+    /// A bitset over all workloads in `CompiledPolicy::set_bits`.
+    Bits(u32),
+}
+
+/// One port clause, compiled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum CPort {
+    Range {
+        proto: Proto,
+        first: u16,
+        last: u16,
+    },
+    /// A named port: interned name (`NONE` if no workload has it), optional protocol.
+    Named {
+        proto: Option<Proto>,
+        name: u32,
+    },
+}
+
+/// A CIDR peer with its exceptions (spans into `CompiledPolicy::excepts`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct CCidr {
+    pub(super) net: Range,
+    pub(super) except: Span,
+}
+
+/// One rule, compiled.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct CRule {
+    pub(super) action: Action,
+    /// `Peers::Any`.
+    pub(super) any_peer: bool,
+    /// Rule has a `ports` list (otherwise: all ports).
+    pub(super) has_ports: bool,
+    pub(super) workloads: WorkloadSet,
+    pub(super) cidrs: Span,
+    pub(super) domains: Span,
+    pub(super) ports: Span,
+    pub(super) policy: u32,
+    /// Position of the rule in its policy's `ingress`/`egress` list.
+    pub(super) index: u32,
+}
+
+/// What applies to one workload in one direction. Spans into `CompiledPolicy::lists`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct SideTable {
+    /// Admin rule ids, in evaluation order.
+    pub(super) admin: Span,
+    /// Isolating NetworkPolicy ids, by policy index; empty = not isolated.
+    pub(super) np_policies: Span,
+    /// The rules of those NetworkPolicies, in the same order.
+    pub(super) np_rules: Span,
+    /// Baseline rule ids, in evaluation order.
+    pub(super) baseline: Span,
+}
+
+/// Names and metadata of a policy (every policy of the set, live or not).
+#[derive(Clone, Debug)]
+pub(super) struct PolicyMeta {
+    pub(super) name: String,
+    pub(super) kind: PolicyKind,
+    /// Rule names (ANP) per direction, for `explain`.
+    pub(super) ingress_names: Vec<Option<String>>,
+    pub(super) egress_names: Vec<Option<String>>,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct WorkloadMeta {
+    pub(super) namespace: String,
+    pub(super) name: String,
+    pub(super) addrs: Vec<ipnet::IpNet>,
+    /// Into `CompiledPolicy::ports`.
+    pub(super) ports: Span,
+}
+
+/// A named port of a workload: interned name, protocol, number.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct WPort {
+    pub(super) name: u32,
+    pub(super) proto: Proto,
+    pub(super) port: u16,
+}
+
+/// The immutable, shareable result of compilation. `Send + Sync`: plain owned data,
+/// no interior mutability; share it behind an `Arc` (the `PolicySnapshot`).
 #[derive(Debug)]
 pub struct CompiledPolicy {
-    pub(super) set: PolicySet,
     pub(super) opts: CompileOptions,
-    names: Vec<String>,
+    pub(super) lpm: Lpm,
+    pub(super) workloads: Vec<WorkloadMeta>,
+    pub(super) ports: Vec<WPort>,
+    pub(super) port_names: Vec<String>,
+    pub(super) policies: Vec<PolicyMeta>,
+    pub(super) rules: Vec<CRule>,
+    pub(super) cidrs: Vec<CCidr>,
+    pub(super) excepts: Vec<Range>,
+    pub(super) domains: Vec<DomainPattern>,
+    pub(super) cports: Vec<CPort>,
+    pub(super) set_ids: Vec<u32>,
+    pub(super) set_bits: Vec<u64>,
+    /// Words per bitset.
+    pub(super) bits_words: usize,
+    pub(super) lists: Vec<u32>,
+    /// `[workload * 2 + dir]`, dir 0 = ingress, 1 = egress: the verdict view.
+    pub(super) sides: Vec<SideTable>,
+    /// The same with audit-mode policies enforced; empty when the set has none live.
+    pub(super) audit_sides: Vec<SideTable>,
     next_expiry: Option<SystemTime>,
+    live_policies: usize,
+}
+
+/// Index of `dir` in the side tables.
+#[inline]
+pub(super) const fn dir_index(dir: Direction) -> usize {
+    match dir {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
+}
+
+/// Hashing a selector by value, so identical selectors are resolved once.
+struct SelKey<'a>(&'a WorkloadSelector);
+
+impl PartialEq for SelKey<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+impl Eq for SelKey<'_> {}
+impl Hash for SelKey<'_> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        fn labels<H: Hasher>(sel: &super::ir::LabelSelector, h: &mut H) {
+            sel.match_labels.hash(h);
+            for r in &sel.match_expressions {
+                r.key.hash(h);
+                (r.op as u8).hash(h);
+                r.values.hash(h);
+            }
+        }
+        match &self.0.namespaces {
+            NamespaceMatch::Named(n) => {
+                0u8.hash(h);
+                n.hash(h);
+            }
+            NamespaceMatch::Selector(s) => {
+                1u8.hash(h);
+                labels(s, h);
+            }
+        }
+        labels(&self.0.pods, h);
+    }
+}
+
+/// The state of one compilation.
+struct Builder<'a> {
+    set: &'a PolicySet,
+    /// Namespaces unique by name (first wins), plus those only workloads mention.
+    ns_labels: Vec<Labels>,
+    ns_index: HashMap<&'a str, usize>,
+    /// Workload ids per namespace, ascending.
+    ns_workloads: Vec<Vec<u32>>,
+    selected: HashMap<SelKey<'a>, Vec<u32>>,
+    port_names: HashMap<String, u32>,
+    interned_sets: HashMap<Vec<u32>, WorkloadSet>,
+    interned_lists: HashMap<Vec<u32>, Span>,
+    out: CompiledPolicy,
 }
 
 impl CompiledPolicy {
+    /// Resolves every selector and builds the decision tables.
+    ///
     /// # Errors
-    /// [`CompileError::Invalid`] when the set breaks an invariant of [`super::ir`].
+    /// [`CompileError`] when the set breaks an invariant the engine relies on (see
+    /// [`super::ir`]): the loader guarantees them, so this only fires for sets built in
+    /// code. Failing here keeps the last good policy in force.
     pub fn compile(set: &PolicySet, opts: &CompileOptions) -> Result<CompiledPolicy, CompileError> {
-        let names = set.policies.iter().map(|p| p.display_name()).collect();
-        let next_expiry = set
-            .policies
-            .iter()
-            .filter_map(|p| reference::expires_at(p, opts.now))
-            .filter(|at| *at > opts.now)
-            .min();
-        Ok(CompiledPolicy { set: set.clone(), opts: *opts, names, next_expiry })
+        validate(set)?;
+        let n = set.inventory.workloads.len();
+        if n >= NONE as usize {
+            return Err(CompileError::Inventory { message: format!("{n} workloads is too many") });
+        }
+        let out = CompiledPolicy {
+            opts: *opts,
+            lpm: Lpm::default(),
+            workloads: Vec::with_capacity(n),
+            ports: Vec::new(),
+            port_names: Vec::new(),
+            policies: Vec::with_capacity(set.policies.len()),
+            rules: Vec::new(),
+            cidrs: Vec::new(),
+            excepts: Vec::new(),
+            domains: Vec::new(),
+            cports: Vec::new(),
+            set_ids: Vec::new(),
+            set_bits: Vec::new(),
+            bits_words: n.div_ceil(64),
+            lists: Vec::new(),
+            sides: Vec::new(),
+            audit_sides: Vec::new(),
+            next_expiry: None,
+            live_policies: 0,
+        };
+        let mut b = Builder {
+            set,
+            ns_labels: Vec::new(),
+            ns_index: HashMap::new(),
+            ns_workloads: Vec::new(),
+            selected: HashMap::new(),
+            port_names: HashMap::new(),
+            interned_sets: HashMap::new(),
+            interned_lists: HashMap::new(),
+            out,
+        };
+        b.inventory();
+        b.policies();
+        Ok(b.out)
     }
 
+    /// The workload that owns `ip` (longest prefix match), or `None` for an external
+    /// address. A binary search; no allocation.
+    #[inline]
     pub fn workload_of(&self, ip: IpAddr) -> Option<WorkloadId> {
-        reference::workload_of(&self.set, ip)
+        self.lpm.lookup(Key::of(ip)).map(WorkloadId)
     }
 
+    /// `namespace/name` of a workload; `None` for an id from another compilation.
     pub fn workload_name(&self, id: WorkloadId) -> Option<WorkloadName<'_>> {
-        self.set
-            .inventory
-            .workloads
+        self.workloads
             .get(id.0 as usize)
             .map(|w| WorkloadName { namespace: &w.namespace, name: &w.name })
     }
 
+    /// Finds a workload by namespace and name. A linear scan: for the CLI and the admin
+    /// API, not the data path.
     pub fn find_workload(&self, namespace: &str, name: &str) -> Option<WorkloadId> {
-        self.set
-            .inventory
-            .workloads
+        self.workloads
             .iter()
             .position(|w| w.namespace == namespace && w.name == name)
             .map(|i| WorkloadId(i as u32))
     }
 
+    /// An address that stands for the workload: its first address entry; for a CIDR the
+    /// first usable host (network + 1 unless the prefix is /31, /32, /127 or /128). An
+    /// address that a more specific prefix gives to another workload is skipped, so
+    /// `workload_of(workload_addr(w)) == Some(w)` always holds. `None` if the workload
+    /// owns no address of its own.
     pub fn workload_addr(&self, id: WorkloadId) -> Option<IpAddr> {
-        self.set.inventory.workloads.get(id.0 as usize)?.addrs.first().map(|n| n.network())
+        let w = self.workloads.get(id.0 as usize)?;
+        for net in &w.addrs {
+            let r = Range::of(net);
+            let host_bits = if r.v6 { 128 } else { 32 } - u32::from(net.prefix_len());
+            let preferred = if host_bits >= 2 { r.first + 1 } else { r.first };
+            let to_ip = |v: u128| -> IpAddr {
+                if r.v6 { IpAddr::V6(v.into()) } else { IpAddr::V4((v as u32).into()) }
+            };
+            if self.workload_of(to_ip(preferred)) == Some(id) {
+                return Some(to_ip(preferred));
+            }
+            if let Some(&start) = self.lpm.owned_starts(r, id.0).first() {
+                return Some(to_ip(start));
+            }
+        }
+        None
     }
 
+    /// The number of the workload's port named `name` for protocol `proto`.
     pub fn named_port(&self, id: WorkloadId, name: &str, proto: Proto) -> Option<u16> {
-        self.set
-            .inventory
-            .workloads
-            .get(id.0 as usize)?
-            .ports
+        let w = self.workloads.get(id.0 as usize)?;
+        w.ports
+            .of(&self.ports)
             .iter()
-            .find(|p| p.name == name && p.protocol == proto)
+            .find(|p| p.proto == proto && self.port_names[p.name as usize] == name)
             .map(|p| p.port)
     }
 
+    /// `namespace/name` of a NetworkPolicy, `name` of a cluster-scoped policy.
     pub fn policy_name(&self, id: PolicyId) -> Option<&str> {
-        self.names.get(id.0 as usize).map(String::as_str)
+        self.policies.get(id.0 as usize).map(|p| p.name.as_str())
     }
 
     pub fn policy_kind(&self, id: PolicyId) -> Option<PolicyKind> {
-        self.set.policies.get(id.0 as usize).map(|p| p.kind)
+        self.policies.get(id.0 as usize).map(|p| p.kind)
     }
 
+    /// The earliest expiry still in the future: the control plane recompiles then.
     pub fn next_expiry(&self) -> Option<SystemTime> {
         self.next_expiry
     }
 
     pub fn workload_count(&self) -> usize {
-        self.set.inventory.workloads.len()
+        self.workloads.len()
     }
 
+    /// Every policy of the set, expired ones included (their ids stay valid).
     pub fn policy_count(&self) -> usize {
-        self.set.policies.len()
+        self.policies.len()
+    }
+
+    /// Policies in force (not expired), audit ones included.
+    pub fn live_policy_count(&self) -> usize {
+        self.live_policies
     }
 
     pub fn options(&self) -> &CompileOptions {
         &self.opts
+    }
+
+    /// Whether the set has live audit-mode policies (then `decide` evaluates twice when
+    /// the verdict is allow).
+    pub fn has_audit(&self) -> bool {
+        !self.audit_sides.is_empty()
+    }
+}
+
+fn validate(set: &PolicySet) -> Result<(), CompileError> {
+    for p in &set.policies {
+        let invalid = |message: String| CompileError::Invalid { policy: p.display_name(), message };
+        for (dir, rules) in [("ingress", &p.ingress), ("egress", &p.egress)] {
+            for (i, r) in rules.iter().flatten().enumerate() {
+                if r.action == Action::Pass && !matches!(p.tier, Tier::Admin { .. }) {
+                    return Err(invalid(format!("{dir}[{i}]: Pass outside the Admin tier")));
+                }
+                for port in r.ports.iter().flatten() {
+                    if let PortMatch::Range { first, last, .. } = port
+                        && first > last
+                    {
+                        return Err(invalid(format!("{dir}[{i}]: port range {first}-{last}")));
+                    }
+                }
+                if let Peers::List(peers) = &r.peers {
+                    for peer in peers {
+                        if let Peer::Cidr { net, except } = peer
+                            && let Some(e) = except.iter().find(|e| !net.contains(*e))
+                        {
+                            return Err(invalid(format!(
+                                "{dir}[{i}]: except {e} not inside {net}"
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl<'a> Builder<'a> {
+    fn inventory(&mut self) {
+        let inv = &self.set.inventory;
+        for ns in &inv.namespaces {
+            if !self.ns_index.contains_key(ns.name.as_str()) {
+                self.ns_index.insert(&ns.name, self.ns_labels.len());
+                self.ns_labels.push(ns.labels.clone());
+                self.ns_workloads.push(Vec::new());
+            }
+        }
+        for (i, w) in inv.workloads.iter().enumerate() {
+            let ns = match self.ns_index.get(w.namespace.as_str()) {
+                Some(&ns) => ns,
+                None => {
+                    // A namespace the inventory does not list carries only its name label.
+                    let ns = self.ns_labels.len();
+                    self.ns_index.insert(&w.namespace, ns);
+                    self.ns_labels.push(Labels::from([(
+                        NAMESPACE_NAME_LABEL.to_string(),
+                        w.namespace.clone(),
+                    )]));
+                    self.ns_workloads.push(Vec::new());
+                    ns
+                }
+            };
+            self.ns_workloads[ns].push(i as u32);
+            let off = self.out.ports.len() as u32;
+            for p in &w.ports {
+                let name = self.port_name(&p.name);
+                self.out.ports.push(WPort { name, proto: p.protocol, port: p.port });
+            }
+            let ports = Span { off, len: w.ports.len() as u32 };
+            self.out.workloads.push(WorkloadMeta {
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                addrs: w.addrs.clone(),
+                ports,
+            });
+        }
+        self.out.lpm = Lpm::build(
+            inv.workloads
+                .iter()
+                .enumerate()
+                .flat_map(|(i, w)| w.addrs.iter().map(move |a| (*a, i as u32))),
+        );
+    }
+
+    fn port_name(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.port_names.get(name) {
+            return id;
+        }
+        let id = self.out.port_names.len() as u32;
+        self.out.port_names.push(name.to_string());
+        self.port_names.insert(name.to_string(), id);
+        id
+    }
+
+    /// The workloads `sel` selects, ascending. Resolved once per distinct selector.
+    fn select(&mut self, sel: &'a WorkloadSelector) -> Vec<u32> {
+        if let Some(ids) = self.selected.get(&SelKey(sel)) {
+            return ids.clone();
+        }
+        let workloads = &self.set.inventory.workloads;
+        let mut ids = Vec::new();
+        let mut visit = |ns: usize| {
+            for &w in &self.ns_workloads[ns] {
+                if sel.pods.is_empty() || sel.pods.matches(&workloads[w as usize].labels) {
+                    ids.push(w);
+                }
+            }
+        };
+        match &sel.namespaces {
+            NamespaceMatch::Named(name) => {
+                if let Some(&ns) = self.ns_index.get(name.as_str()) {
+                    visit(ns);
+                }
+            }
+            NamespaceMatch::Selector(s) => {
+                for ns in 0..self.ns_labels.len() {
+                    if s.matches(&self.ns_labels[ns]) {
+                        visit(ns);
+                    }
+                }
+            }
+        }
+        ids.sort_unstable();
+        self.selected.insert(SelKey(sel), ids.clone());
+        ids
+    }
+
+    /// Interns a sorted, deduplicated id list as a workload set: a sorted list while it
+    /// is at most 1/32 of the workloads (same size as a bitset), a bitset above.
+    fn intern_set(&mut self, ids: Vec<u32>) -> WorkloadSet {
+        if ids.is_empty() {
+            return WorkloadSet::Empty;
+        }
+        if let Some(&s) = self.interned_sets.get(&ids) {
+            return s;
+        }
+        let n = self.out.workloads.len();
+        let s = if ids.len() * 32 <= n {
+            let off = self.out.set_ids.len() as u32;
+            self.out.set_ids.extend_from_slice(&ids);
+            WorkloadSet::Sorted(Span { off, len: ids.len() as u32 })
+        } else {
+            let words = self.out.bits_words;
+            let off = self.out.set_bits.len();
+            self.out.set_bits.resize(off + words, 0);
+            for &w in &ids {
+                self.out.set_bits[off + (w as usize >> 6)] |= 1 << (w & 63);
+            }
+            WorkloadSet::Bits((off / words.max(1)) as u32)
+        };
+        self.interned_sets.insert(ids, s);
+        s
+    }
+
+    fn intern_list(&mut self, list: Vec<u32>) -> Span {
+        if list.is_empty() {
+            return Span::default();
+        }
+        if let Some(&s) = self.interned_lists.get(&list) {
+            return s;
+        }
+        let s = Span { off: self.out.lists.len() as u32, len: list.len() as u32 };
+        self.out.lists.extend_from_slice(&list);
+        self.interned_lists.insert(list, s);
+        s
+    }
+
+    fn rule(&mut self, policy: u32, index: u32, rule: &'a Rule) -> u32 {
+        let mut ids: Vec<u32> = Vec::new();
+        let cidr_off = self.out.cidrs.len() as u32;
+        let dom_off = self.out.domains.len() as u32;
+        if let Peers::List(peers) = &rule.peers {
+            for peer in peers {
+                match peer {
+                    Peer::Workloads(sel) => ids.extend(self.select(sel)),
+                    Peer::Cidr { net, except } => {
+                        let off = self.out.excepts.len() as u32;
+                        self.out.excepts.extend(except.iter().map(Range::of));
+                        let except = Span { off, len: except.len() as u32 };
+                        self.out.cidrs.push(CCidr { net: Range::of(net), except });
+                    }
+                    Peer::Domain(d) => self.out.domains.push(d.clone()),
+                }
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        let workloads = self.intern_set(ids);
+        let port_off = self.out.cports.len() as u32;
+        for p in rule.ports.iter().flatten() {
+            let c = match p {
+                PortMatch::Range { protocol, first, last } => {
+                    CPort::Range { proto: *protocol, first: *first, last: *last }
+                }
+                PortMatch::Named { protocol, name } => CPort::Named {
+                    proto: *protocol,
+                    name: self.port_names.get(name.as_str()).copied().unwrap_or(NONE),
+                },
+            };
+            self.out.cports.push(c);
+        }
+        let id = self.out.rules.len() as u32;
+        self.out.rules.push(CRule {
+            action: rule.action,
+            any_peer: rule.peers == Peers::Any,
+            has_ports: rule.ports.is_some(),
+            workloads,
+            cidrs: Span { off: cidr_off, len: self.out.cidrs.len() as u32 - cidr_off },
+            domains: Span { off: dom_off, len: self.out.domains.len() as u32 - dom_off },
+            ports: Span { off: port_off, len: self.out.cports.len() as u32 - port_off },
+            policy,
+            index,
+        });
+        id
+    }
+
+    fn policies(&mut self) {
+        let set = self.set;
+        let now = self.out.opts.now;
+        let n = self.out.workloads.len();
+        // Per live policy: its subject and its compiled rule ids per direction.
+        struct Live {
+            index: u32,
+            subject: Vec<u32>,
+            rules: [Option<Vec<u32>>; 2],
+        }
+        let mut live: Vec<Live> = Vec::new();
+        for (i, p) in set.policies.iter().enumerate() {
+            let names = |rules: &Option<Vec<Rule>>| {
+                rules.iter().flatten().map(|r| r.name.clone()).collect::<Vec<_>>()
+            };
+            let is_live = is_live(p, now);
+            self.out.policies.push(PolicyMeta {
+                name: p.display_name(),
+                kind: p.kind,
+                ingress_names: names(&p.ingress),
+                egress_names: names(&p.egress),
+            });
+            if let Some(at) = expires_at(p, now).filter(|at| *at > now) {
+                self.out.next_expiry = Some(self.out.next_expiry.map_or(at, |e| e.min(at)));
+            }
+            if !is_live {
+                continue;
+            }
+            let subject = self.select(&p.subject);
+            let mut rules: [Option<Vec<u32>>; 2] = [None, None];
+            for (d, list) in [(0, &p.ingress), (1, &p.egress)] {
+                rules[d] = list.as_ref().map(|list| {
+                    list.iter().enumerate().map(|(k, r)| self.rule(i as u32, k as u32, r)).collect()
+                });
+            }
+            live.push(Live { index: i as u32, subject, rules });
+        }
+        self.out.live_policies = live.len();
+
+        // Cluster tiers in evaluation order: priority, name, namespace, source, index.
+        let order = |tier_of: fn(Tier) -> Option<u32>| {
+            let mut v: Vec<usize> = (0..live.len())
+                .filter(|&k| tier_of(set.policies[live[k].index as usize].tier).is_some())
+                .collect();
+            v.sort_by(|&a, &b| {
+                let (pa, pb) =
+                    (&set.policies[live[a].index as usize], &set.policies[live[b].index as usize]);
+                (tier_of(pa.tier), &pa.name, &pa.namespace, &pa.source, live[a].index).cmp(&(
+                    tier_of(pb.tier),
+                    &pb.name,
+                    &pb.namespace,
+                    &pb.source,
+                    live[b].index,
+                ))
+            });
+            v
+        };
+        let admin = order(|t| match t {
+            Tier::Admin { priority } => Some(priority),
+            _ => None,
+        });
+        let baseline = order(|t| match t {
+            Tier::Baseline { priority } => Some(priority),
+            _ => None,
+        });
+        let namespaced: Vec<usize> = (0..live.len())
+            .filter(|&k| set.policies[live[k].index as usize].tier == Tier::Namespaced)
+            .collect();
+
+        let any_audit = live.iter().any(|l| set.policies[l.index as usize].mode == Mode::Audit);
+        for view in [false, true] {
+            if view && !any_audit {
+                break;
+            }
+            // Audit-mode policies take part only in the audit view.
+            let takes_part =
+                |l: &Live| view || set.policies[l.index as usize].mode == Mode::Enforce;
+            // [workload*2+dir] → (admin rules, np policies, np rules, baseline rules).
+            let mut lists: Vec<[Vec<u32>; 4]> = vec![Default::default(); n * 2];
+            for &k in &admin {
+                let l = &live[k];
+                if !takes_part(l) {
+                    continue;
+                }
+                for &w in &l.subject {
+                    for d in 0..2 {
+                        if let Some(r) = &l.rules[d] {
+                            lists[w as usize * 2 + d][0].extend_from_slice(r);
+                        }
+                    }
+                }
+            }
+            for &k in &namespaced {
+                let l = &live[k];
+                if !takes_part(l) {
+                    continue;
+                }
+                for &w in &l.subject {
+                    for d in 0..2 {
+                        if let Some(r) = &l.rules[d] {
+                            let slot = &mut lists[w as usize * 2 + d];
+                            slot[1].push(l.index);
+                            slot[2].extend_from_slice(r);
+                        }
+                    }
+                }
+            }
+            for &k in &baseline {
+                let l = &live[k];
+                if !takes_part(l) {
+                    continue;
+                }
+                for &w in &l.subject {
+                    for d in 0..2 {
+                        if let Some(r) = &l.rules[d] {
+                            lists[w as usize * 2 + d][3].extend_from_slice(r);
+                        }
+                    }
+                }
+            }
+            let sides: Vec<SideTable> = lists
+                .into_iter()
+                .map(|[a, p, r, b]| SideTable {
+                    admin: self.intern_list(a),
+                    np_policies: self.intern_list(p),
+                    np_rules: self.intern_list(r),
+                    baseline: self.intern_list(b),
+                })
+                .collect();
+            if view {
+                self.out.audit_sides = sides;
+            } else {
+                self.out.sides = sides;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn compiled_policy_is_send_and_sync() {
+        assert_send_sync::<CompiledPolicy>();
     }
 }

@@ -1,10 +1,290 @@
-//! The hot path: `CompiledPolicy::decide`.
+//! The hot path: [`CompiledPolicy::decide`].
+//!
+//! Pure: no I/O, no clock, no allocation, no lock. Two LPM lookups, then for each side
+//! that involves a workload a walk over that workload's precomputed rule lists (see
+//! `compile.rs`), first match wins. Every step returns `Copy` values, and the same
+//! functions feed `explain`, so the two cannot disagree.
 
-use super::{CompiledPolicy, Decision, FlowQuery, reference};
+use super::compile::{CPort, CRule, NONE, SideTable, WorkloadSet, dir_index};
+use super::inventory::Key;
+use super::ir::Action;
+use super::{
+    Cause, CompiledPolicy, Decision, DefaultAction, DenyReason, FlowQuery, PolicyId, Verdict,
+    WorkloadId,
+};
+use crate::flow::Direction;
+
+/// The tier that decided one side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum DecidedBy {
+    Admin,
+    NetworkPolicy,
+    Baseline,
+    Default,
+}
+
+/// The outcome of one side, with what `explain` needs to show it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct SideOutcome {
+    pub(super) allow: bool,
+    pub(super) by: DecidedBy,
+    /// The deciding policy (None for a default).
+    pub(super) policy: Option<u32>,
+    /// The rule that matched (Admin, NetworkPolicy admit, Baseline).
+    pub(super) rule: Option<u32>,
+    /// The Admin rule whose `Pass` sent evaluation on to the NetworkPolicy tier.
+    pub(super) passed: Option<u32>,
+}
+
+impl SideOutcome {
+    pub(super) fn cause(&self) -> Cause {
+        match self.by {
+            DecidedBy::Admin => Cause::AdminDeny,
+            DecidedBy::NetworkPolicy => Cause::NotAdmitted,
+            DecidedBy::Baseline => Cause::BaselineDeny,
+            DecidedBy::Default => Cause::DefaultDeny,
+        }
+    }
+}
+
+/// One endpoint, resolved.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct End {
+    pub(super) key: Key,
+    pub(super) workload: Option<u32>,
+}
+
+/// A full evaluation in one view: the decision and both sides.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Evaluation {
+    pub(super) decision: Decision,
+    pub(super) egress: Option<SideOutcome>,
+    pub(super) ingress: Option<SideOutcome>,
+}
 
 impl CompiledPolicy {
-    /// Decides one flow. No allocation, no lock.
+    /// Decides one flow. No allocation, no lock; `&self` only, so any number of threads
+    /// may call it on one shared `CompiledPolicy`.
+    ///
+    /// Audit mode: the verdict ignores audit-mode policies; when the set has some and the
+    /// verdict is allow, the flow is evaluated again with them enforced and a denial
+    /// there fills `would_deny` with the policy behind it.
+    #[inline]
     pub fn decide(&self, q: &FlowQuery<'_>) -> Decision {
-        reference::decide(&self.set, &self.opts, q)
+        let (real, audit) = self.evaluate(q);
+        let mut d = real.decision;
+        if let Some(audit) = audit
+            && !audit.decision.verdict.is_allow()
+        {
+            d.would_deny = audit.decision.policy;
+        }
+        d
+    }
+
+    /// Both evaluations: the verdict view, and the audit view when it is needed.
+    #[inline]
+    pub(super) fn evaluate(&self, q: &FlowQuery<'_>) -> (Evaluation, Option<Evaluation>) {
+        let src = self.end(q.src);
+        let dst = self.end(q.dst);
+        let real = self.evaluate_view(&self.sides, q, src, dst);
+        let audit = (!self.audit_sides.is_empty() && real.decision.verdict.is_allow())
+            .then(|| self.evaluate_view(&self.audit_sides, q, src, dst));
+        (real, audit)
+    }
+
+    #[inline]
+    pub(super) fn end(&self, ip: std::net::IpAddr) -> End {
+        let key = Key::of(ip);
+        End { key, workload: self.lpm.lookup(key) }
+    }
+
+    #[inline]
+    fn evaluate_view(
+        &self,
+        sides: &[SideTable],
+        q: &FlowQuery<'_>,
+        src: End,
+        dst: End,
+    ) -> Evaluation {
+        let mut d = Decision {
+            verdict: Verdict::Allow,
+            src_workload: src.workload.map(WorkloadId),
+            dst_workload: dst.workload.map(WorkloadId),
+            policy: None,
+            would_deny: None,
+        };
+        if src.workload.is_none() && dst.workload.is_none() {
+            if self.opts.unknown == DefaultAction::Deny {
+                d.verdict = Verdict::Deny(DenyReason { direction: None, cause: Cause::Unknown });
+            }
+            return Evaluation { decision: d, egress: None, ingress: None };
+        }
+        let egress = src.workload.map(|w| self.side(sides, w, Direction::Egress, q, dst, dst));
+        if let Some(e) = egress
+            && !e.allow
+        {
+            // Both sides denying reports the egress side; the ingress side is still
+            // worked out for `explain` (cold) but skipped here.
+            d.verdict =
+                Verdict::Deny(DenyReason { direction: Some(Direction::Egress), cause: e.cause() });
+            d.policy = e.policy.map(PolicyId);
+            return Evaluation { decision: d, egress, ingress: None };
+        }
+        let ingress = dst.workload.map(|w| self.side(sides, w, Direction::Ingress, q, src, dst));
+        if let Some(i) = ingress
+            && !i.allow
+        {
+            d.verdict =
+                Verdict::Deny(DenyReason { direction: Some(Direction::Ingress), cause: i.cause() });
+            d.policy = i.policy.map(PolicyId);
+            return Evaluation { decision: d, egress, ingress };
+        }
+        d.policy = ingress.and_then(|s| s.policy).or(egress.and_then(|s| s.policy)).map(PolicyId);
+        Evaluation { decision: d, egress, ingress }
+    }
+
+    /// One side of workload `w` in direction `dir`; `peer` is the other end.
+    #[inline]
+    pub(super) fn side(
+        &self,
+        sides: &[SideTable],
+        w: u32,
+        dir: Direction,
+        q: &FlowQuery<'_>,
+        peer: End,
+        dst: End,
+    ) -> SideOutcome {
+        let t = &sides[w as usize * 2 + dir_index(dir)];
+        let mut passed = None;
+        // 1. Admin tier: first matching rule; Pass leaves the tier.
+        for &r in t.admin.of(&self.lists) {
+            let rule = &self.rules[r as usize];
+            if self.rule_matches(rule, q, peer, dst) {
+                match rule.action {
+                    Action::Pass => {
+                        passed = Some(r);
+                        break;
+                    }
+                    action => {
+                        return SideOutcome {
+                            allow: action == Action::Allow,
+                            by: DecidedBy::Admin,
+                            policy: Some(rule.policy),
+                            rule: Some(r),
+                            passed: None,
+                        };
+                    }
+                }
+            }
+        }
+        // 2. NetworkPolicy tier: isolated → admitted or not, final.
+        let np = t.np_policies.of(&self.lists);
+        if let Some(&first) = np.first() {
+            for &r in t.np_rules.of(&self.lists) {
+                let rule = &self.rules[r as usize];
+                if self.rule_matches(rule, q, peer, dst) {
+                    return SideOutcome {
+                        allow: true,
+                        by: DecidedBy::NetworkPolicy,
+                        policy: Some(rule.policy),
+                        rule: Some(r),
+                        passed,
+                    };
+                }
+            }
+            return SideOutcome {
+                allow: false,
+                by: DecidedBy::NetworkPolicy,
+                policy: Some(first),
+                rule: None,
+                passed,
+            };
+        }
+        // 3. Baseline tier: first matching Allow/Deny (a Pass leaves the tier).
+        for &r in t.baseline.of(&self.lists) {
+            let rule = &self.rules[r as usize];
+            if self.rule_matches(rule, q, peer, dst) {
+                match rule.action {
+                    Action::Pass => break,
+                    action => {
+                        return SideOutcome {
+                            allow: action == Action::Allow,
+                            by: DecidedBy::Baseline,
+                            policy: Some(rule.policy),
+                            rule: Some(r),
+                            passed,
+                        };
+                    }
+                }
+            }
+        }
+        // 4. The default.
+        SideOutcome {
+            allow: self.opts.default == DefaultAction::Allow,
+            by: DecidedBy::Default,
+            policy: None,
+            rule: None,
+            passed,
+        }
+    }
+
+    /// Ports first: they are one or two compares and rule out most rules of a list.
+    #[inline]
+    fn rule_matches(&self, rule: &CRule, q: &FlowQuery<'_>, peer: End, dst: End) -> bool {
+        if rule.has_ports
+            && !rule.ports.of(&self.cports).iter().any(|p| self.port_matches(p, q, dst))
+        {
+            return false;
+        }
+        if rule.any_peer {
+            return true;
+        }
+        if let Some(w) = peer.workload
+            && self.set_contains(rule.workloads, w)
+        {
+            return true;
+        }
+        if rule.cidrs.of(&self.cidrs).iter().any(|c| {
+            c.net.contains(peer.key)
+                && !c.except.of(&self.excepts).iter().any(|e| e.contains(peer.key))
+        }) {
+            return true;
+        }
+        match q.fqdn {
+            Some(name) => rule.domains.of(&self.domains).iter().any(|d| d.matches(name)),
+            None => false,
+        }
+    }
+
+    #[inline]
+    fn port_matches(&self, p: &CPort, q: &FlowQuery<'_>, dst: End) -> bool {
+        match *p {
+            CPort::Range { proto, first, last } => {
+                proto == q.proto && first <= q.dst_port && q.dst_port <= last
+            }
+            CPort::Named { proto, name } => {
+                if name == NONE || proto.is_some_and(|p| p != q.proto) {
+                    return false;
+                }
+                let Some(w) = dst.workload else { return false };
+                self.workloads[w as usize]
+                    .ports
+                    .of(&self.ports)
+                    .iter()
+                    .any(|np| np.name == name && np.proto == q.proto && np.port == q.dst_port)
+            }
+        }
+    }
+
+    #[inline]
+    fn set_contains(&self, set: WorkloadSet, w: u32) -> bool {
+        match set {
+            WorkloadSet::Empty => false,
+            WorkloadSet::Sorted(span) => span.of(&self.set_ids).binary_search(&w).is_ok(),
+            WorkloadSet::Bits(k) => {
+                let word = k as usize * self.bits_words + (w as usize >> 6);
+                self.set_bits[word] & (1 << (w & 63)) != 0
+            }
+        }
     }
 }

@@ -15,6 +15,7 @@
 pub mod compile;
 pub mod decide;
 pub mod explain;
+pub mod inventory;
 pub mod ir;
 pub mod lint;
 pub mod load;
@@ -29,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::flow::{Direction, Proto};
 
-pub use compile::{CompileError, CompileOptions, CompiledPolicy};
+pub use compile::{CompileError, CompileOptions, CompiledPolicy, WorkloadName};
 pub use ir::PolicySet;
 pub use load::{LoadError, LoadErrors};
 
