@@ -30,6 +30,9 @@ pub enum ConfigError {
 pub struct Config {
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// `[conntrack]`: table size and timeouts.
+    #[serde(default)]
+    pub conntrack: crate::conntrack::ConntrackConfig,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,

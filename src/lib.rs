@@ -23,13 +23,17 @@
 //! - [`dataplane`]: `admit`, the one gate every new flow passes, and the proxy listeners.
 //! - [`egress`]: names, the SSRF guard and resolution for the forward-proxy listeners.
 //! - [`telemetry`]: the flow log and metrics.
+//! - [`control`]: loading, swapping and re-checking policy; emergency policies; audit.
+//! - [`admin`]: the admin HTTP API (health, metrics, policy, flows, reload).
 //! - [`config`]: the main configuration file.
 //!
 //! Everything that is not on the per-flow path (loading, compiling, reloading, the admin
 //! API) is control plane and never blocks the data path.
 
+pub mod admin;
 pub mod config;
 pub mod conntrack;
+pub mod control;
 pub mod dataplane;
 pub mod egress;
 pub mod flow;

@@ -1,0 +1,1 @@
+//! The flow log: deny / would-deny / revoked / allow events as JSON lines. (Stub: being built.)
