@@ -288,3 +288,6 @@ impl CompiledPolicy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
