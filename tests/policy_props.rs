@@ -166,7 +166,7 @@ fn peer() -> impl Strategy<Value = Peer> {
 fn port() -> impl Strategy<Value = PortMatch> {
     let proto = select(&[Proto::Tcp, Proto::Udp, Proto::Sctp][..]);
     prop_oneof![
-        (proto.clone(), select(&[53u16, 80, 443, 8080][..]), 0u16..400).prop_map(
+        (proto.clone(), select(&[53u16, 80, 443, 8080, 65535][..]), 0u16..400).prop_map(
             |(protocol, first, span)| {
                 PortMatch::Range { protocol, first, last: first.saturating_add(span % 3 * 200) }
             }
@@ -356,8 +356,8 @@ fn flow(owned: Vec<IpAddr>) -> impl Strategy<Value = Flow> {
     (
         ip.clone(),
         ip,
-        select(&[1u16, 53, 80, 443, 600, 8080][..]),
-        select(&[Proto::Tcp, Proto::Udp, Proto::Sctp][..]),
+        select(&[0u16, 1, 53, 80, 443, 600, 8080, 65535][..]),
+        select(&[Proto::Tcp, Proto::Tcp, Proto::Udp, Proto::Sctp, Proto::Icmp][..]),
         proptest::option::of(select(DOMAINS)),
     )
         .prop_map(|(src, dst, port, proto, fqdn)| Flow { src, dst, port, proto, fqdn })

@@ -5,7 +5,7 @@
 //! `compile.rs`), first match wins. Every step returns `Copy` values, and the same
 //! functions feed `explain`, so the two cannot disagree.
 
-use super::compile::{CPort, CRule, NONE, SideTable, WorkloadSet, dir_index};
+use super::compile::{CPort, CRule, NONE, SideTable, WorkloadSet, dir_index, port_class};
 use super::inventory::Key;
 use super::ir::Action;
 use super::{
@@ -60,6 +60,13 @@ pub(super) struct Evaluation {
     pub(super) decision: Decision,
     pub(super) egress: Option<SideOutcome>,
     pub(super) ingress: Option<SideOutcome>,
+}
+
+/// May rule `r` match a flow whose port prefilter bitset is `bits`? `false` is certain;
+/// `true` still needs [`CompiledPolicy::rule_matches`].
+#[inline]
+fn candidate(bits: &[u64], r: u32) -> bool {
+    bits.get(r as usize >> 6).is_some_and(|w| w & (1 << (r & 63)) != 0)
 }
 
 impl CompiledPolicy {
@@ -155,11 +162,12 @@ impl CompiledPolicy {
         dst: End,
     ) -> SideOutcome {
         let t = &sides[w as usize * 2 + dir_index(dir)];
+        let ports = self.port_candidates(q);
         let mut passed = None;
         // 1. Admin tier: first matching rule; Pass leaves the tier.
         for &r in t.admin.of(&self.lists) {
             let rule = &self.rules[r as usize];
-            if self.rule_matches(rule, q, peer, dst) {
+            if candidate(ports, r) && self.rule_matches(rule, q, peer, dst) {
                 match rule.action {
                     Action::Pass => {
                         passed = Some(r);
@@ -182,7 +190,7 @@ impl CompiledPolicy {
         if let Some(&first) = np.first() {
             for &r in t.np_rules.of(&self.lists) {
                 let rule = &self.rules[r as usize];
-                if self.rule_matches(rule, q, peer, dst) {
+                if candidate(ports, r) && self.rule_matches(rule, q, peer, dst) {
                     return SideOutcome {
                         allow: true,
                         by: DecidedBy::NetworkPolicy,
@@ -203,7 +211,7 @@ impl CompiledPolicy {
         // 3. Baseline tier: first matching Allow/Deny (a Pass leaves the tier).
         for &r in t.baseline.of(&self.lists) {
             let rule = &self.rules[r as usize];
-            if self.rule_matches(rule, q, peer, dst) {
+            if candidate(ports, r) && self.rule_matches(rule, q, peer, dst) {
                 match rule.action {
                     Action::Pass => break,
                     action => {
@@ -226,6 +234,18 @@ impl CompiledPolicy {
             rule: None,
             passed,
         }
+    }
+
+    /// The port prefilter's bitset for the flow's protocol and port: one binary search
+    /// over the segment starts.
+    #[inline]
+    fn port_candidates(&self, q: &FlowQuery<'_>) -> &[u64] {
+        let c = port_class(q.proto);
+        let starts = &self.port_starts[c];
+        let port = if c == 3 { 0 } else { q.dst_port };
+        let seg = starts.partition_point(|&s| s <= port).saturating_sub(1);
+        let words = self.rule_words;
+        self.port_bits[c].get(seg * words..(seg + 1) * words).unwrap_or(&[])
     }
 
     /// Ports first: they are one or two compares and rule out most rules of a list.
