@@ -368,7 +368,7 @@ fn admin_policy(rng: &mut Rng, k: usize) -> Policy {
         subject,
         ingress: Some(ingress),
         egress: Some(egress),
-        mode: if k % 25 == 0 { Mode::Audit } else { Mode::Enforce },
+        mode: if k.is_multiple_of(25) { Mode::Audit } else { Mode::Enforce },
         expiry: None,
         created_at: None,
     }

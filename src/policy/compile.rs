@@ -131,7 +131,7 @@ pub(super) struct CRule {
 }
 
 /// What applies to one workload in one direction. Spans into `CompiledPolicy::lists`.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub(super) struct SideTable {
     /// Admin rule ids, in evaluation order.
     pub(super) admin: Span,
@@ -141,6 +141,11 @@ pub(super) struct SideTable {
     pub(super) np_rules: Span,
     /// Baseline rule ids, in evaluation order.
     pub(super) baseline: Span,
+    /// Index into `CompiledPolicy::seg_tables` of the port-segmented form of `admin`, or
+    /// `NONE` (then `decide` walks `admin` with the bitset prefilter).
+    pub(super) admin_seg: u32,
+    /// The same for `baseline`.
+    pub(super) baseline_seg: u32,
 }
 
 /// Names and metadata of a policy (every policy of the set, live or not).
@@ -202,6 +207,13 @@ pub struct CompiledPolicy {
     pub(super) port_starts: [Vec<u16>; 4],
     pub(super) port_bits: [Vec<u64>; 4],
     pub(super) rule_words: usize,
+    /// Cluster-tier rule lists split by port segment: `seg_tables[i][class]` is the offset
+    /// in `seg_spans` of one span per segment of that class (`port_starts[class]`), each
+    /// the rules of the list that may match a port in the segment, in list order. With
+    /// 100 ANPs a workload's Admin list has dozens of rules, of which a given port
+    /// concerns a handful (benches/decide.rs, `…+100anp+banp`).
+    pub(super) seg_tables: Vec<[u32; 4]>,
+    pub(super) seg_spans: Vec<Span>,
     next_expiry: Option<SystemTime>,
     live_policies: usize,
 }
@@ -329,6 +341,8 @@ impl CompiledPolicy {
             port_starts: Default::default(),
             port_bits: Default::default(),
             rule_words: 0,
+            seg_tables: Vec::new(),
+            seg_spans: Vec::new(),
             next_expiry: None,
             live_policies: 0,
         };
@@ -348,6 +362,7 @@ impl CompiledPolicy {
         b.inventory();
         b.policies();
         b.port_filter();
+        b.segment_lists();
         Ok(b.out)
     }
 
@@ -683,6 +698,61 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// Splits the Admin and Baseline lists of every side table by port segment (see
+    /// `CompiledPolicy::seg_tables`). Only lists long enough to gain, and only while the
+    /// total work stays bounded: past the budget the remaining lists keep the bitset path,
+    /// which gives the same answers.
+    fn segment_lists(&mut self) {
+        const MIN_LEN: u32 = 2;
+        const BUDGET: usize = 4_000_000;
+        let mut done: HashMap<Span, u32> = HashMap::new();
+        let mut spent = 0usize;
+        let segs: usize = self.out.port_starts.iter().map(Vec::len).sum();
+        for view in [false, true] {
+            let n = if view { self.out.audit_sides.len() } else { self.out.sides.len() };
+            for i in 0..n {
+                let t = if view { self.out.audit_sides[i] } else { self.out.sides[i] };
+                let mut seg = [NONE, NONE];
+                for (k, span) in [t.admin, t.baseline].into_iter().enumerate() {
+                    if span.len < MIN_LEN {
+                        continue;
+                    }
+                    if let Some(&idx) = done.get(&span) {
+                        seg[k] = idx;
+                        continue;
+                    }
+                    spent += segs * span.len as usize;
+                    if spent > BUDGET {
+                        continue;
+                    }
+                    let ids = span.of(&self.out.lists).to_vec();
+                    let words = self.out.rule_words;
+                    let mut table = [0u32; 4];
+                    for (c, slot) in table.iter_mut().enumerate() {
+                        *slot = self.out.seg_spans.len() as u32;
+                        for s in 0..self.out.port_starts[c].len() {
+                            let bits = &self.out.port_bits[c][s * words..(s + 1) * words];
+                            let kept: Vec<u32> = ids
+                                .iter()
+                                .copied()
+                                .filter(|&r| bits[r as usize >> 6] & (1 << (r & 63)) != 0)
+                                .collect();
+                            let sp = self.intern_list(kept);
+                            self.out.seg_spans.push(sp);
+                        }
+                    }
+                    let idx = self.out.seg_tables.len() as u32;
+                    self.out.seg_tables.push(table);
+                    done.insert(span, idx);
+                    seg[k] = idx;
+                }
+                let t = if view { &mut self.out.audit_sides[i] } else { &mut self.out.sides[i] };
+                t.admin_seg = seg[0];
+                t.baseline_seg = seg[1];
+            }
+        }
+    }
+
     fn intern_list(&mut self, list: Vec<u32>) -> Span {
         if list.is_empty() {
             return Span::default();
@@ -891,6 +961,8 @@ impl<'a> Builder<'a> {
                         np_policies: self.intern_list(p),
                         np_rules: self.intern_list(r),
                         baseline: self.intern_list(b),
+                        admin_seg: NONE,
+                        baseline_seg: NONE,
                     }
                 })
                 .collect();

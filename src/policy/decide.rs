@@ -5,7 +5,7 @@
 //! `compile.rs`), first match wins. Every step returns `Copy` values, and the same
 //! functions feed `explain`, so the two cannot disagree.
 
-use super::compile::{CPort, CRule, NONE, SideTable, WorkloadSet, dir_index, port_class};
+use super::compile::{CPort, CRule, NONE, SideTable, Span, WorkloadSet, dir_index, port_class};
 use super::inventory::Key;
 use super::ir::Action;
 use super::{
@@ -162,10 +162,11 @@ impl CompiledPolicy {
         dst: End,
     ) -> SideOutcome {
         let t = &sides[w as usize * 2 + dir_index(dir)];
-        let ports = self.port_candidates(q);
+        let (class, seg) = self.port_segment(q);
+        let ports = self.port_candidates(class, seg);
         let mut passed = None;
         // 1. Admin tier: first matching rule; Pass leaves the tier.
-        for &r in t.admin.of(&self.lists) {
+        for &r in self.tier_rules(t.admin, t.admin_seg, class, seg) {
             let rule = &self.rules[r as usize];
             if candidate(ports, r) && self.rule_matches(rule, q, peer, dst) {
                 match rule.action {
@@ -209,7 +210,7 @@ impl CompiledPolicy {
             };
         }
         // 3. Baseline tier: first matching Allow/Deny (a Pass leaves the tier).
-        for &r in t.baseline.of(&self.lists) {
+        for &r in self.tier_rules(t.baseline, t.baseline_seg, class, seg) {
             let rule = &self.rules[r as usize];
             if candidate(ports, r) && self.rule_matches(rule, q, peer, dst) {
                 match rule.action {
@@ -236,16 +237,33 @@ impl CompiledPolicy {
         }
     }
 
-    /// The port prefilter's bitset for the flow's protocol and port: one binary search
-    /// over the segment starts.
+    /// The flow's protocol class and port segment: one binary search over the segment
+    /// starts.
     #[inline]
-    fn port_candidates(&self, q: &FlowQuery<'_>) -> &[u64] {
+    fn port_segment(&self, q: &FlowQuery<'_>) -> (usize, usize) {
         let c = port_class(q.proto);
-        let starts = &self.port_starts[c];
         let port = if c == 3 { 0 } else { q.dst_port };
-        let seg = starts.partition_point(|&s| s <= port).saturating_sub(1);
+        (c, self.port_starts[c].partition_point(|&s| s <= port).saturating_sub(1))
+    }
+
+    /// The port prefilter's bitset for a segment.
+    #[inline]
+    fn port_candidates(&self, class: usize, seg: usize) -> &[u64] {
         let words = self.rule_words;
-        self.port_bits[c].get(seg * words..(seg + 1) * words).unwrap_or(&[])
+        self.port_bits[class].get(seg * words..(seg + 1) * words).unwrap_or(&[])
+    }
+
+    /// A cluster tier's rules for this port segment: the pre-split list when there is
+    /// one, else the whole list (the bitset prefilter then does the skipping).
+    #[inline]
+    fn tier_rules(&self, list: Span, split: u32, class: usize, seg: usize) -> &[u32] {
+        if split != NONE
+            && let Some(table) = self.seg_tables.get(split as usize)
+            && let Some(span) = self.seg_spans.get(table[class] as usize + seg)
+        {
+            return span.of(&self.lists);
+        }
+        list.of(&self.lists)
     }
 
     /// Ports first: they are one or two compares and rule out most rules of a list.
