@@ -305,8 +305,8 @@ impl CompiledPolicy {
                     return false;
                 }
                 let Some(w) = dst.workload else { return false };
-                self.workloads[w as usize]
-                    .ports
+                let Some(ports) = self.workload_ports.get(w as usize) else { return false };
+                ports
                     .of(&self.ports)
                     .iter()
                     .any(|np| np.name == name && np.proto == q.proto && np.port == q.dst_port)
