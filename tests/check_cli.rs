@@ -94,8 +94,30 @@ fn warnings_do_not_fail_the_check() {
     assert!(stderr.contains("spec.egress[0].to[0]: allows egress to 0.0.0.0/0"), "{stderr}");
     assert_eq!(
         stdout.trim(),
-        "ok: 1 policies (1 NetworkPolicy) over 1 workloads in 1 namespaces, 2 warning(s)"
+        "ok: 1 policies (1 NetworkPolicy) over 1 workloads in 1 namespaces, 2 warning(s); \
+         compiled with default deny, 1 in force"
     );
+}
+
+#[test]
+fn check_compiles_with_the_chosen_default() {
+    let dir = fixture("warnings");
+    let args = ["--policies", "policies", "--inventory", "inventory.yaml"];
+    for (flag, expect) in
+        [(None, "default deny"), (Some("allow"), "default allow"), (Some("deny"), "default deny")]
+    {
+        let mut all = args.to_vec();
+        if let Some(f) = flag {
+            all.extend(["--default", f]);
+        }
+        let out = check(&all, &dir);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0));
+        assert!(stdout.contains(&format!("compiled with {expect}")), "{flag:?}: {stdout}");
+    }
+    // The config's own default is used when no flag is given.
+    let out = check(&["--config", "config/flowgate.toml"], &root());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("compiled with default deny"));
 }
 
 #[test]

@@ -1,9 +1,13 @@
-//! `flowgate check`: load and validate the policy directory and the inventory, print every
-//! error (exit 1) or the lint warnings and a one-line summary (exit 0). Meant for CI and
-//! pre-commit hooks, so it never stops at the first problem.
+//! `flowgate check`: load and validate the policy directory and the inventory, compile the
+//! set with the chosen default, print every error (exit 1) or the lint warnings and a
+//! one-line summary (exit 0). Meant for CI and pre-commit hooks, so it never stops at the
+//! first problem.
 //!
 //! Output: errors and warnings go to stderr, one per line (`error: …`, `warning: …`),
 //! each naming file, object and field; the `ok:` summary goes to stdout.
+//!
+//! This file also holds [`Source`], the policy-input arguments `check`, `explain` and
+//! `test` share, and [`Source::load`], so all three read policy the same way.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,13 +15,14 @@ use std::time::SystemTime;
 
 use anyhow::Context;
 use flowgate::config::{Config, DEFAULT_CONFIG_PATH};
-use flowgate::policy::DefaultAction;
 use flowgate::policy::ir::{PolicyKind, PolicySet};
+use flowgate::policy::{CompileOptions, CompiledPolicy, DefaultAction};
 use flowgate::policy::{lint, load};
 
+/// Where policy comes from, and the default to compile it with.
 #[derive(Debug, clap::Args)]
-pub struct Args {
-    /// The config file whose `[policy] dir` and `inventory` to check
+pub struct Source {
+    /// The config file whose `[policy] dir`, `inventory`, `default` and `unknown` to use
     /// (default: config/flowgate.toml).
     #[arg(long, conflicts_with_all = ["policies", "inventory"])]
     pub config: Option<PathBuf>,
@@ -32,65 +37,95 @@ pub struct Args {
     pub default: Option<String>,
 }
 
-/// What to check, after the config file (if any) has been read.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub source: Source,
+}
+
+/// What to read, after the config file (if any) has been read.
 struct Target {
     policies: PathBuf,
     inventory: PathBuf,
-    /// Not used until the engine lands: `check` will then also compile the set with it.
-    #[allow(dead_code)]
     default: DefaultAction,
+    unknown: DefaultAction,
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let target = match target(&args) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return Ok(ExitCode::from(1));
+/// A loaded and compiled policy set.
+pub struct Loaded {
+    pub set: PolicySet,
+    pub compiled: CompiledPolicy,
+}
+
+impl Source {
+    fn target(&self) -> anyhow::Result<Target> {
+        let flag = match self.default.as_deref() {
+            Some("allow") => Some(DefaultAction::Allow),
+            Some(_) => Some(DefaultAction::Deny),
+            None => None,
+        };
+        if let (Some(policies), Some(inventory)) = (&self.policies, &self.inventory) {
+            return Ok(Target {
+                policies: policies.clone(),
+                inventory: inventory.clone(),
+                default: flag.unwrap_or_default(),
+                unknown: DefaultAction::Deny,
+            });
         }
-    };
-    let set = match load::load(&target.policies, &target.inventory) {
-        Ok(set) => set,
-        Err(errors) => {
+        let path = self.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+        let cfg = Config::load(&path).with_context(|| format!("loading {}", path.display()))?;
+        Ok(Target {
+            policies: cfg.policy.dir,
+            inventory: cfg.policy.inventory,
+            default: flag.unwrap_or(cfg.policy.default),
+            unknown: cfg.policy.unknown,
+        })
+    }
+
+    /// Loads and compiles, printing every error to stderr. `Err` carries the exit code
+    /// (1: bad input, nothing loaded).
+    pub fn load(&self) -> Result<Loaded, ExitCode> {
+        let target = self.target().map_err(|e| {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        })?;
+        let set = load::load(&target.policies, &target.inventory).map_err(|errors| {
             for e in &errors.0 {
                 eprintln!("error: {e}");
             }
             eprintln!("{} error(s); nothing loaded", errors.0.len());
-            return Ok(ExitCode::from(1));
-        }
+            ExitCode::from(1)
+        })?;
+        let opts = CompileOptions {
+            default: target.default,
+            unknown: target.unknown,
+            now: SystemTime::now(),
+        };
+        let compiled = CompiledPolicy::compile(&set, &opts).map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        })?;
+        Ok(Loaded { set, compiled })
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let loaded = match args.source.load() {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
     };
-    let warnings = lint::lint(&set, SystemTime::now());
+    let warnings = lint::lint(&loaded.set, SystemTime::now());
     for w in &warnings {
         eprintln!("warning: {w}");
     }
-    println!("{}", summary(&set, warnings.len()));
+    println!("{}", summary(&loaded, warnings.len()));
     Ok(ExitCode::SUCCESS)
 }
 
-fn target(args: &Args) -> anyhow::Result<Target> {
-    let flag = match args.default.as_deref() {
-        Some("allow") => Some(DefaultAction::Allow),
-        Some(_) => Some(DefaultAction::Deny),
-        None => None,
-    };
-    if let (Some(policies), Some(inventory)) = (&args.policies, &args.inventory) {
-        return Ok(Target {
-            policies: policies.clone(),
-            inventory: inventory.clone(),
-            default: flag.unwrap_or_default(),
-        });
-    }
-    let path = args.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
-    let cfg = Config::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    Ok(Target {
-        policies: cfg.policy.dir,
-        inventory: cfg.policy.inventory,
-        default: flag.unwrap_or(cfg.policy.default),
-    })
-}
-
-/// `ok: N policies (x NetworkPolicy, …) over M workloads in K namespaces, W warning(s)`.
-fn summary(set: &PolicySet, warnings: usize) -> String {
+/// `ok: N policies (x NetworkPolicy, …) over M workloads in K namespaces, W warning(s);
+/// compiled with default deny, L in force`.
+fn summary(loaded: &Loaded, warnings: usize) -> String {
+    let set = &loaded.set;
     let kinds = [
         PolicyKind::NetworkPolicy,
         PolicyKind::AdminNetworkPolicy,
@@ -105,10 +140,16 @@ fn summary(set: &PolicySet, warnings: usize) -> String {
         .collect();
     let counts =
         if counts.is_empty() { String::new() } else { format!(" ({})", counts.join(", ")) };
+    let default = match loaded.compiled.options().default {
+        DefaultAction::Allow => "allow",
+        DefaultAction::Deny => "deny",
+    };
     format!(
-        "ok: {} policies{counts} over {} workloads in {} namespaces, {warnings} warning(s)",
+        "ok: {} policies{counts} over {} workloads in {} namespaces, {warnings} warning(s); \
+         compiled with default {default}, {} in force",
         set.policies.len(),
         set.inventory.workloads.len(),
         set.inventory.namespaces.len(),
+        loaded.compiled.live_policy_count(),
     )
 }

@@ -1,10 +1,133 @@
-//! `flowgate test`. (Stub: being built.)
+//! `flowgate test FILE`: connectivity assertions for CI. Every case is resolved first (a
+//! bad case file fails whole, naming each bad case, and runs nothing); then each case is
+//! decided and compared with its `expect`. Prints one line per failing case and a closing
+//! `N passed, N failed`; exit 1 if any case failed. `--json` prints per-case results.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-#[derive(Debug, clap::Args)]
-pub struct Args {}
+use flowgate::policy::simulate::{self, Case, Expect, SimFlow};
+use serde::Serialize;
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`flowgate test` is not built yet")
+use super::check::Source;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The case file (YAML, `cases:` list; see DESIGN.md).
+    pub file: PathBuf,
+    /// Print per-case results as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub source: Source,
+}
+
+/// One case's result, as `--json` prints it.
+#[derive(Serialize)]
+struct CaseResult {
+    name: String,
+    from: String,
+    to: String,
+    port: u16,
+    protocol: String,
+    expect: &'static str,
+    got: &'static str,
+    passed: bool,
+    /// `egress`/`ingress` for a denial.
+    direction: Option<&'static str>,
+    reason: Option<&'static str>,
+    policy: Option<String>,
+    would_deny: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    passed: usize,
+    failed: usize,
+    cases: Vec<CaseResult>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let cases = match simulate::load_cases(&args.file) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("error: {e}");
+            }
+            eprintln!("{} error(s) in {}; no case run", errors.len(), args.file.display());
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let loaded = match args.source.load() {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    // Resolve every case before running any: a typo in one case fails the file.
+    let mut flows: Vec<(&Case, SimFlow)> = Vec::with_capacity(cases.len());
+    let mut bad = 0;
+    for (i, case) in cases.iter().enumerate() {
+        match case.flow(&loaded.compiled) {
+            Ok(f) => flows.push((case, f)),
+            Err(e) => {
+                bad += 1;
+                eprintln!(
+                    "error: {}: case #{} ({}): {e}",
+                    args.file.display(),
+                    i + 1,
+                    case.label()
+                );
+            }
+        }
+    }
+    if bad > 0 {
+        eprintln!("{bad} error(s) in {}; no case run", args.file.display());
+        return Ok(ExitCode::from(1));
+    }
+    let results: Vec<CaseResult> = flows
+        .iter()
+        .map(|(case, flow)| {
+            let ex = loaded.compiled.explain(&flow.query());
+            let got = if ex.decision.verdict.is_allow() { Expect::Allow } else { Expect::Deny };
+            CaseResult {
+                name: case.label(),
+                from: case.from.to_string(),
+                to: case.to.to_string(),
+                port: flow.port,
+                protocol: flow.proto.to_string(),
+                expect: case.expect.as_str(),
+                got: got.as_str(),
+                passed: got == case.expect,
+                direction: ex.direction,
+                reason: ex.reason,
+                policy: ex.policy,
+                would_deny: ex.would_deny,
+            }
+        })
+        .collect();
+    let failed = results.iter().filter(|r| !r.passed).count();
+    let report = Report { passed: results.len() - failed, failed, cases: results };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for r in report.cases.iter().filter(|r| !r.passed) {
+            println!("FAIL {}: expected {}, got {}{}", r.name, r.expect, r.got, why(r));
+        }
+        println!("{} passed, {} failed", report.passed, report.failed);
+    }
+    Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// ` (ingress: not-admitted, NetworkPolicy data/default-deny)` for a denial, the
+/// admitting policy for an allow.
+fn why(r: &CaseResult) -> String {
+    let mut parts = Vec::new();
+    if let Some(d) = r.direction {
+        parts.push(format!("{d}: {}", r.reason.unwrap_or("denied")));
+    } else if let Some(reason) = r.reason {
+        parts.push(reason.to_string());
+    }
+    if let Some(p) = &r.policy {
+        parts.push(p.clone());
+    }
+    if parts.is_empty() { String::new() } else { format!(" ({})", parts.join(", ")) }
 }

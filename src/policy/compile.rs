@@ -68,7 +68,7 @@ pub(super) const NONE: u32 = u32::MAX;
 
 /// A slice of one of the pools, by offset and length (half the size of a `Range<usize>`,
 /// and `Copy`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub(super) struct Span {
     pub(super) off: u32,
     pub(super) len: u32,
@@ -82,7 +82,7 @@ impl Span {
 }
 
 /// A set of workloads, resolved from selectors at compile time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) enum WorkloadSet {
     Empty,
     /// Sorted ids in `CompiledPolicy::set_ids`.
@@ -92,7 +92,7 @@ pub(super) enum WorkloadSet {
 }
 
 /// One port clause, compiled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) enum CPort {
     Range {
         proto: Proto,
@@ -131,7 +131,7 @@ pub(super) struct CRule {
 }
 
 /// What applies to one workload in one direction. Spans into `CompiledPolicy::lists`.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub(super) struct SideTable {
     /// Admin rule ids, in evaluation order.
     pub(super) admin: Span,
@@ -141,6 +141,11 @@ pub(super) struct SideTable {
     pub(super) np_rules: Span,
     /// Baseline rule ids, in evaluation order.
     pub(super) baseline: Span,
+    /// Index into `CompiledPolicy::seg_tables` of the port-segmented form of `admin`, or
+    /// `NONE` (then `decide` walks `admin` with the bitset prefilter).
+    pub(super) admin_seg: u32,
+    /// The same for `baseline`.
+    pub(super) baseline_seg: u32,
 }
 
 /// Names and metadata of a policy (every policy of the set, live or not).
@@ -177,6 +182,9 @@ pub struct CompiledPolicy {
     pub(super) opts: CompileOptions,
     pub(super) lpm: Lpm,
     pub(super) workloads: Vec<WorkloadMeta>,
+    /// `WorkloadMeta::ports` of each workload again, packed: the hot path reads 8 bytes
+    /// here instead of a cache line of names and addresses.
+    pub(super) workload_ports: Vec<Span>,
     pub(super) ports: Vec<WPort>,
     pub(super) port_names: Vec<String>,
     pub(super) policies: Vec<PolicyMeta>,
@@ -194,6 +202,21 @@ pub struct CompiledPolicy {
     pub(super) sides: Vec<SideTable>,
     /// The same with audit-mode policies enforced; empty when the set has none live.
     pub(super) audit_sides: Vec<SideTable>,
+    /// The port prefilter, per protocol class ([`port_class`]): segment start ports,
+    /// ascending from 0, and per segment a bitset over rule ids of the rules whose ports
+    /// could match a port in that segment (`rule_words` words each). `decide` tests one
+    /// bit before looking at a rule, so the rules of other ports cost one load each
+    /// instead of a full match (see benches/decide.rs, `decide/*/…+100anp+banp`).
+    pub(super) port_starts: [Vec<u16>; 4],
+    pub(super) port_bits: [Vec<u64>; 4],
+    pub(super) rule_words: usize,
+    /// Cluster-tier rule lists split by port segment: `seg_tables[i][class]` is the offset
+    /// in `seg_spans` of one span per segment of that class (`port_starts[class]`), each
+    /// the rules of the list that may match a port in the segment, in list order. With
+    /// 100 ANPs a workload's Admin list has dozens of rules, of which a given port
+    /// concerns a handful (benches/decide.rs, `…+100anp+banp`).
+    pub(super) seg_tables: Vec<[u32; 4]>,
+    pub(super) seg_spans: Vec<Span>,
     next_expiry: Option<SystemTime>,
     live_policies: usize,
 }
@@ -252,8 +275,40 @@ struct Builder<'a> {
     port_names: HashMap<String, u32>,
     interned_sets: HashMap<Vec<u32>, WorkloadSet>,
     interned_lists: HashMap<Vec<u32>, Span>,
+    /// What a rule matches (peers and ports, not its action or policy) → a class id, so
+    /// that a rule identical in what it matches to an earlier one in the same list can
+    /// be dropped: it can never be the first match.
+    match_classes: HashMap<MatchKey, u32>,
+    /// Per rule id, its match class.
+    rule_class: Vec<u32>,
     out: CompiledPolicy,
 }
+
+/// The match-relevant content of a compiled rule.
+#[derive(PartialEq, Eq, Hash)]
+struct MatchKey {
+    any_peer: bool,
+    has_ports: bool,
+    workloads: WorkloadSet,
+    cidrs: Vec<(Range, Vec<Range>)>,
+    domains: Vec<DomainPattern>,
+    ports: Vec<CPort>,
+}
+
+/// The protocol class the port prefilter is kept per: TCP, UDP, SCTP, anything else
+/// (which only rules without ports can match).
+#[inline]
+pub(super) const fn port_class(p: Proto) -> usize {
+    match p {
+        Proto::Tcp => 0,
+        Proto::Udp => 1,
+        Proto::Sctp => 2,
+        _ => 3,
+    }
+}
+
+const CLASS_PROTOS: [Option<Proto>; 4] =
+    [Some(Proto::Tcp), Some(Proto::Udp), Some(Proto::Sctp), None];
 
 impl CompiledPolicy {
     /// Resolves every selector and builds the decision tables.
@@ -272,6 +327,7 @@ impl CompiledPolicy {
             opts: *opts,
             lpm: Lpm::default(),
             workloads: Vec::with_capacity(n),
+            workload_ports: Vec::with_capacity(n),
             ports: Vec::new(),
             port_names: Vec::new(),
             policies: Vec::with_capacity(set.policies.len()),
@@ -286,6 +342,11 @@ impl CompiledPolicy {
             lists: Vec::new(),
             sides: Vec::new(),
             audit_sides: Vec::new(),
+            port_starts: Default::default(),
+            port_bits: Default::default(),
+            rule_words: 0,
+            seg_tables: Vec::new(),
+            seg_spans: Vec::new(),
             next_expiry: None,
             live_policies: 0,
         };
@@ -298,10 +359,14 @@ impl CompiledPolicy {
             port_names: HashMap::new(),
             interned_sets: HashMap::new(),
             interned_lists: HashMap::new(),
+            match_classes: HashMap::new(),
+            rule_class: Vec::new(),
             out,
         };
         b.inventory();
         b.policies();
+        b.port_filter();
+        b.segment_lists();
         Ok(b.out)
     }
 
@@ -465,6 +530,7 @@ impl<'a> Builder<'a> {
                 self.out.ports.push(WPort { name, proto: p.protocol, port: p.port });
             }
             let ports = Span { off, len: w.ports.len() as u32 };
+            self.out.workload_ports.push(ports);
             self.out.workloads.push(WorkloadMeta {
                 namespace: w.namespace.clone(),
                 name: w.name.clone(),
@@ -550,6 +616,148 @@ impl<'a> Builder<'a> {
         s
     }
 
+    /// Drops every rule that matches exactly what an earlier rule of the list matches:
+    /// first match wins, so it could never decide (nor admit, in the NetworkPolicy tier,
+    /// where the earlier rule admits first). Many ANPs repeating one guardrail (say, a
+    /// metadata-service block) then cost one rule per flow, not one per ANP.
+    fn first_of_class(&self, mut list: Vec<u32>) -> Vec<u32> {
+        if list.len() < 2 {
+            return list;
+        }
+        let mut seen = std::collections::HashSet::with_capacity(list.len());
+        list.retain(|&r| seen.insert(self.rule_class[r as usize]));
+        list
+    }
+
+    /// Builds the port prefilter (see `CompiledPolicy::port_starts`).
+    fn port_filter(&mut self) {
+        let out = &mut self.out;
+        let words = out.rules.len().div_ceil(64).max(1);
+        out.rule_words = words;
+        // Per (name, protocol): every number some workload gives that port name.
+        let mut numbers: HashMap<(u32, Proto), Vec<u16>> = HashMap::new();
+        for p in &out.ports {
+            numbers.entry((p.name, p.proto)).or_default().push(p.port);
+        }
+        for v in numbers.values_mut() {
+            v.sort_unstable();
+            v.dedup();
+        }
+        let named = |name: u32, want: Option<Proto>, class: Proto| -> &[u16] {
+            if name == NONE || want.is_some_and(|w| w != class) {
+                return &[];
+            }
+            numbers.get(&(name, class)).map_or(&[], Vec::as_slice)
+        };
+        for (c, proto) in CLASS_PROTOS.iter().enumerate() {
+            // Segment boundaries: every range's ends and every named port's numbers.
+            let mut starts: Vec<u32> = vec![0];
+            if let Some(proto) = *proto {
+                for rule in &out.rules {
+                    for p in rule.ports.of(&out.cports) {
+                        match *p {
+                            CPort::Range { proto: rp, first, last } if rp == proto => {
+                                starts.push(u32::from(first));
+                                starts.push(u32::from(last) + 1);
+                            }
+                            CPort::Range { .. } => {}
+                            CPort::Named { proto: want, name } => {
+                                for &n in named(name, want, proto) {
+                                    starts.push(u32::from(n));
+                                    starts.push(u32::from(n) + 1);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            starts.retain(|&s| s <= u32::from(u16::MAX));
+            starts.sort_unstable();
+            starts.dedup();
+            let starts: Vec<u16> = starts.into_iter().map(|s| s as u16).collect();
+            let seg_of = |port: u16| starts.partition_point(|&s| s <= port) - 1;
+            let mut bits = vec![0u64; starts.len() * words];
+            for (r, rule) in out.rules.iter().enumerate() {
+                let mut set = |seg: usize| bits[seg * words + (r >> 6)] |= 1 << (r & 63);
+                if !rule.has_ports {
+                    (0..starts.len()).for_each(&mut set);
+                    continue;
+                }
+                let Some(proto) = *proto else { continue };
+                for p in rule.ports.of(&out.cports) {
+                    match *p {
+                        CPort::Range { proto: rp, first, last } if rp == proto => {
+                            (seg_of(first)..=seg_of(last)).for_each(&mut set);
+                        }
+                        CPort::Range { .. } => {}
+                        CPort::Named { proto: want, name } => {
+                            for &n in named(name, want, proto) {
+                                set(seg_of(n));
+                            }
+                        }
+                    }
+                }
+            }
+            out.port_starts[c] = starts;
+            out.port_bits[c] = bits;
+        }
+    }
+
+    /// Splits the Admin and Baseline lists of every side table by port segment (see
+    /// `CompiledPolicy::seg_tables`). Only lists long enough to gain, and only while the
+    /// total work stays bounded: past the budget the remaining lists keep the bitset path,
+    /// which gives the same answers.
+    fn segment_lists(&mut self) {
+        const MIN_LEN: u32 = 2;
+        const BUDGET: usize = 4_000_000;
+        let mut done: HashMap<Span, u32> = HashMap::new();
+        let mut spent = 0usize;
+        let segs: usize = self.out.port_starts.iter().map(Vec::len).sum();
+        for view in [false, true] {
+            let n = if view { self.out.audit_sides.len() } else { self.out.sides.len() };
+            for i in 0..n {
+                let t = if view { self.out.audit_sides[i] } else { self.out.sides[i] };
+                let mut seg = [NONE, NONE];
+                for (k, span) in [t.admin, t.baseline].into_iter().enumerate() {
+                    if span.len < MIN_LEN {
+                        continue;
+                    }
+                    if let Some(&idx) = done.get(&span) {
+                        seg[k] = idx;
+                        continue;
+                    }
+                    spent += segs * span.len as usize;
+                    if spent > BUDGET {
+                        continue;
+                    }
+                    let ids = span.of(&self.out.lists).to_vec();
+                    let words = self.out.rule_words;
+                    let mut table = [0u32; 4];
+                    for (c, slot) in table.iter_mut().enumerate() {
+                        *slot = self.out.seg_spans.len() as u32;
+                        for s in 0..self.out.port_starts[c].len() {
+                            let bits = &self.out.port_bits[c][s * words..(s + 1) * words];
+                            let kept: Vec<u32> = ids
+                                .iter()
+                                .copied()
+                                .filter(|&r| bits[r as usize >> 6] & (1 << (r & 63)) != 0)
+                                .collect();
+                            let sp = self.intern_list(kept);
+                            self.out.seg_spans.push(sp);
+                        }
+                    }
+                    let idx = self.out.seg_tables.len() as u32;
+                    self.out.seg_tables.push(table);
+                    done.insert(span, idx);
+                    seg[k] = idx;
+                }
+                let t = if view { &mut self.out.audit_sides[i] } else { &mut self.out.sides[i] };
+                t.admin_seg = seg[0];
+                t.baseline_seg = seg[1];
+            }
+        }
+    }
+
     fn intern_list(&mut self, list: Vec<u32>) -> Span {
         if list.is_empty() {
             return Span::default();
@@ -598,12 +806,28 @@ impl<'a> Builder<'a> {
             self.out.cports.push(c);
         }
         let id = self.out.rules.len() as u32;
+        let cidrs = Span { off: cidr_off, len: self.out.cidrs.len() as u32 - cidr_off };
+        let key = MatchKey {
+            any_peer: rule.peers == Peers::Any,
+            has_ports: rule.ports.is_some(),
+            workloads,
+            cidrs: cidrs
+                .of(&self.out.cidrs)
+                .iter()
+                .map(|c| (c.net, c.except.of(&self.out.excepts).to_vec()))
+                .collect(),
+            domains: self.out.domains[dom_off as usize..].to_vec(),
+            ports: self.out.cports[port_off as usize..].to_vec(),
+        };
+        let next = self.match_classes.len() as u32;
+        let class = *self.match_classes.entry(key).or_insert(next);
+        self.rule_class.push(class);
         self.out.rules.push(CRule {
             action: rule.action,
             any_peer: rule.peers == Peers::Any,
             has_ports: rule.ports.is_some(),
             workloads,
-            cidrs: Span { off: cidr_off, len: self.out.cidrs.len() as u32 - cidr_off },
+            cidrs,
             domains: Span { off: dom_off, len: self.out.domains.len() as u32 - dom_off },
             ports: Span { off: port_off, len: self.out.cports.len() as u32 - port_off },
             policy,
@@ -734,11 +958,17 @@ impl<'a> Builder<'a> {
             }
             let sides: Vec<SideTable> = lists
                 .into_iter()
-                .map(|[a, p, r, b]| SideTable {
-                    admin: self.intern_list(a),
-                    np_policies: self.intern_list(p),
-                    np_rules: self.intern_list(r),
-                    baseline: self.intern_list(b),
+                .map(|[a, p, r, b]| {
+                    let (a, r, b) =
+                        (self.first_of_class(a), self.first_of_class(r), self.first_of_class(b));
+                    SideTable {
+                        admin: self.intern_list(a),
+                        np_policies: self.intern_list(p),
+                        np_rules: self.intern_list(r),
+                        baseline: self.intern_list(b),
+                        admin_seg: NONE,
+                        baseline_seg: NONE,
+                    }
                 })
                 .collect();
             if view {

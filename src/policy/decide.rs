@@ -5,7 +5,7 @@
 //! `compile.rs`), first match wins. Every step returns `Copy` values, and the same
 //! functions feed `explain`, so the two cannot disagree.
 
-use super::compile::{CPort, CRule, NONE, SideTable, WorkloadSet, dir_index};
+use super::compile::{CPort, CRule, NONE, SideTable, Span, WorkloadSet, dir_index, port_class};
 use super::inventory::Key;
 use super::ir::Action;
 use super::{
@@ -60,6 +60,13 @@ pub(super) struct Evaluation {
     pub(super) decision: Decision,
     pub(super) egress: Option<SideOutcome>,
     pub(super) ingress: Option<SideOutcome>,
+}
+
+/// May rule `r` match a flow whose port prefilter bitset is `bits`? `false` is certain;
+/// `true` still needs [`CompiledPolicy::rule_matches`].
+#[inline]
+fn candidate(bits: &[u64], r: u32) -> bool {
+    bits.get(r as usize >> 6).is_some_and(|w| w & (1 << (r & 63)) != 0)
 }
 
 impl CompiledPolicy {
@@ -155,11 +162,13 @@ impl CompiledPolicy {
         dst: End,
     ) -> SideOutcome {
         let t = &sides[w as usize * 2 + dir_index(dir)];
+        let (class, seg) = self.port_segment(q);
+        let ports = self.port_candidates(class, seg);
         let mut passed = None;
         // 1. Admin tier: first matching rule; Pass leaves the tier.
-        for &r in t.admin.of(&self.lists) {
+        for &r in self.tier_rules(t.admin, t.admin_seg, class, seg) {
             let rule = &self.rules[r as usize];
-            if self.rule_matches(rule, q, peer, dst) {
+            if candidate(ports, r) && self.rule_matches(rule, q, peer, dst) {
                 match rule.action {
                     Action::Pass => {
                         passed = Some(r);
@@ -182,7 +191,7 @@ impl CompiledPolicy {
         if let Some(&first) = np.first() {
             for &r in t.np_rules.of(&self.lists) {
                 let rule = &self.rules[r as usize];
-                if self.rule_matches(rule, q, peer, dst) {
+                if candidate(ports, r) && self.rule_matches(rule, q, peer, dst) {
                     return SideOutcome {
                         allow: true,
                         by: DecidedBy::NetworkPolicy,
@@ -201,9 +210,9 @@ impl CompiledPolicy {
             };
         }
         // 3. Baseline tier: first matching Allow/Deny (a Pass leaves the tier).
-        for &r in t.baseline.of(&self.lists) {
+        for &r in self.tier_rules(t.baseline, t.baseline_seg, class, seg) {
             let rule = &self.rules[r as usize];
-            if self.rule_matches(rule, q, peer, dst) {
+            if candidate(ports, r) && self.rule_matches(rule, q, peer, dst) {
                 match rule.action {
                     Action::Pass => break,
                     action => {
@@ -226,6 +235,35 @@ impl CompiledPolicy {
             rule: None,
             passed,
         }
+    }
+
+    /// The flow's protocol class and port segment: one binary search over the segment
+    /// starts.
+    #[inline]
+    fn port_segment(&self, q: &FlowQuery<'_>) -> (usize, usize) {
+        let c = port_class(q.proto);
+        let port = if c == 3 { 0 } else { q.dst_port };
+        (c, self.port_starts[c].partition_point(|&s| s <= port).saturating_sub(1))
+    }
+
+    /// The port prefilter's bitset for a segment.
+    #[inline]
+    fn port_candidates(&self, class: usize, seg: usize) -> &[u64] {
+        let words = self.rule_words;
+        self.port_bits[class].get(seg * words..(seg + 1) * words).unwrap_or(&[])
+    }
+
+    /// A cluster tier's rules for this port segment: the pre-split list when there is
+    /// one, else the whole list (the bitset prefilter then does the skipping).
+    #[inline]
+    fn tier_rules(&self, list: Span, split: u32, class: usize, seg: usize) -> &[u32] {
+        if split != NONE
+            && let Some(table) = self.seg_tables.get(split as usize)
+            && let Some(span) = self.seg_spans.get(table[class] as usize + seg)
+        {
+            return span.of(&self.lists);
+        }
+        list.of(&self.lists)
     }
 
     /// Ports first: they are one or two compares and rule out most rules of a list.
@@ -267,8 +305,8 @@ impl CompiledPolicy {
                     return false;
                 }
                 let Some(w) = dst.workload else { return false };
-                self.workloads[w as usize]
-                    .ports
+                let Some(ports) = self.workload_ports.get(w as usize) else { return false };
+                ports
                     .of(&self.ports)
                     .iter()
                     .any(|np| np.name == name && np.proto == q.proto && np.port == q.dst_port)
@@ -288,3 +326,6 @@ impl CompiledPolicy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

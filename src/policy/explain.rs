@@ -2,8 +2,10 @@
 //! `flowgate test` and the admin API.
 //!
 //! It runs the very functions `decide` runs (`CompiledPolicy::evaluate`/`side`) and
-//! then turns their `Copy` outcomes into names. So the verdict here and the verdict of
-//! `decide` come from one computation; the property test checks it anyway.
+//! then turns their `Copy` outcomes into names. Its JSON form (`explain --json`, the admin
+//! API) is stable: every field is always present, `null` when it does not apply.
+//! So the verdict here and the verdict of `decide` come from one computation; the
+//! property test checks it anyway.
 
 use std::net::IpAddr;
 
@@ -21,10 +23,8 @@ pub struct Explanation {
     /// `allow` or `deny`.
     pub verdict: &'static str,
     /// The side that denied (`egress`/`ingress`), absent for allow and for unknown flows.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub direction: Option<&'static str>,
     /// `Cause::as_str` of a denial.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
     /// The deciding policy, as `Decision::policy`.
     pub policy: Option<String>,
@@ -42,7 +42,6 @@ pub struct Explanation {
     /// The destination's ingress side, when the destination is a workload.
     pub ingress: Option<SideTrace>,
     /// With audit-mode policies enforced, when that changes the verdict to deny.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub audit: Option<AuditTrace>,
     /// The decision itself (equal to `decide`'s answer).
     #[serde(skip)]
@@ -83,7 +82,6 @@ pub struct SideTrace {
     pub default: Option<&'static str>,
     /// Not evaluated by `decide` because the other side already denied; shown for
     /// completeness.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub informational: bool,
 }
 

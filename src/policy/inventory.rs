@@ -35,7 +35,7 @@ impl Key {
 }
 
 /// An inclusive address range in one family (a CIDR, flattened).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Range {
     pub(crate) v6: bool,
     pub(crate) first: u128,

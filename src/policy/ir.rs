@@ -221,7 +221,7 @@ pub enum Peer {
 }
 
 /// A `domainNames` entry, normalised: lower case, no trailing dot.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum DomainPattern {
     /// `api.example.com`
     Exact(String),

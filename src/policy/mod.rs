@@ -7,7 +7,8 @@
 //!
 //! Hot path: [`CompiledPolicy::decide`] answers one [`FlowQuery`] without allocating and
 //! without taking a lock. [`CompiledPolicy::explain`] answers the same question from the
-//! same tables, slowly, with the trace a human needs.
+//! same tables, slowly, with the trace a human needs; [`simulate`] turns what a user
+//! types (`ns/workload`, a domain, a named port) into the query both answer.
 //!
 //! Not here: when policy is reloaded (`control`), what happens to a denied flow
 //! (`dataplane`), and how a denial is logged (`telemetry`).
@@ -20,6 +21,7 @@ pub mod ir;
 pub mod lint;
 pub mod load;
 pub mod reference;
+pub mod simulate;
 
 use std::net::IpAddr;
 use std::sync::Arc;

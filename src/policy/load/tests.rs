@@ -972,3 +972,153 @@ fn load_collects_inventory_and_policy_errors_together() {
     let errs = load(&d.join("p"), &d.join("inv.yaml")).expect_err("errors").0;
     assert_eq!(errs.len(), 2, "{errs:#?}");
 }
+
+// ---------- the bad-input lists of issues 3 and 4, in one place ----------
+
+/// Every bad input both issues list: the message names the file, the object and the
+/// field; a valid policy in the same file is not loaded either (nothing partial); no
+/// panic. The object label is the `Kind ns/name` a user can grep for.
+#[test]
+fn every_listed_bad_input_names_file_object_and_field_and_loads_nothing() {
+    let good = np("podSelector: {}").replace("name: p", "name: good");
+    let anp_rule = |rule: &str| anp(&format!("priority: 1\nsubject: {{namespaces: {{}}}}\n{rule}"));
+    let meta = |ann: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: p\n  namespace: ns\n  annotations: {{{ann}}}\nspec: {{podSelector: {{}}}}"
+        )
+    };
+    let many: String = (0..101)
+        .map(|i| format!("- {{name: r{i}, action: Deny, to: [{{namespaces: {{}}}}]}}\n"))
+        .collect();
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        // (what, document, object, field)
+        (
+            "unknown kind",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n".into(),
+            "Pod x",
+            "kind",
+        ),
+        (
+            "invalid CIDR",
+            np("podSelector: {}\ningress:\n- from:\n  - ipBlock: {cidr: 10.0.0.300/8}"),
+            "NetworkPolicy ns/p",
+            "spec.ingress[0].from[0].ipBlock.cidr",
+        ),
+        (
+            "except not inside cidr",
+            np(
+                "podSelector: {}\negress:\n- to:\n  - ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}",
+            ),
+            "NetworkPolicy ns/p",
+            "spec.egress[0].to[0].ipBlock.except[0]",
+        ),
+        (
+            "endPort below port",
+            np("podSelector: {}\ningress:\n- ports: [{port: 90, endPort: 80}]"),
+            "NetworkPolicy ns/p",
+            "spec.ingress[0].ports[0].endPort",
+        ),
+        (
+            "endPort with a named port",
+            np("podSelector: {}\ningress:\n- ports: [{port: http, endPort: 80}]"),
+            "NetworkPolicy ns/p",
+            "spec.ingress[0].ports[0].endPort",
+        ),
+        (
+            "unknown selector operator",
+            np("podSelector:\n  matchExpressions: [{key: app, operator: Equals, values: [a]}]"),
+            "NetworkPolicy ns/p",
+            "spec.podSelector.matchExpressions[0].operator",
+        ),
+        (
+            "unknown protocol",
+            np("podSelector: {}\ningress:\n- ports: [{protocol: ICMP, port: 1}]"),
+            "NetworkPolicy ns/p",
+            "spec.ingress[0].ports[0].protocol",
+        ),
+        (
+            "priority out of range",
+            anp("priority: 1001\nsubject: {namespaces: {}}"),
+            "AdminNetworkPolicy a",
+            "spec.priority",
+        ),
+        (
+            "unknown action",
+            anp_rule("egress: [{action: Drop, to: [{namespaces: {}}]}]"),
+            "AdminNetworkPolicy a",
+            "spec.egress[0].action",
+        ),
+        (
+            "Pass in a BANP",
+            banp("subject: {namespaces: {}}\ningress: [{action: Pass, from: [{namespaces: {}}]}]"),
+            "BaselineAdminNetworkPolicy default",
+            "spec.ingress[0].action",
+        ),
+        (
+            "domainNames in an ingress rule",
+            anp_rule("ingress: [{action: Allow, from: [{domainNames: [a.example.com]}]}]"),
+            "AdminNetworkPolicy a",
+            "spec.ingress[0].from[0].domainNames",
+        ),
+        (
+            "domainNames in a Deny rule",
+            anp_rule("egress: [{action: Deny, to: [{domainNames: [a.example.com]}]}]"),
+            "AdminNetworkPolicy a",
+            "spec.egress[0].to[0].domainNames",
+        ),
+        (
+            "more than 100 rules",
+            anp_rule(&format!("egress:\n{many}")),
+            "AdminNetworkPolicy a",
+            "spec.egress",
+        ),
+        (
+            "malformed TTL",
+            meta("flowgate.dev/ttl: fifteen"),
+            "NetworkPolicy ns/p",
+            "metadata.annotations.flowgate.dev/ttl",
+        ),
+        (
+            "malformed expiry",
+            meta("flowgate.dev/expires-at: '2026-13-01T00:00:00Z'"),
+            "NetworkPolicy ns/p",
+            "metadata.annotations.flowgate.dev/expires-at",
+        ),
+    ];
+    for (what, doc, object, field) in &cases {
+        let text = format!("{good}\n---\n{doc}");
+        let errs = match parse_policies(&text, Path::new("dir/t.yaml")) {
+            Ok(p) => panic!("{what}: loaded {} policies", p.len()),
+            Err(e) => e.0,
+        };
+        let hit = errs
+            .iter()
+            .find(|e| e.object.as_deref() == Some(*object) && e.field.as_deref() == Some(*field))
+            .unwrap_or_else(|| panic!("{what}: no error at {object} {field}: {errs:#?}"));
+        assert_eq!(hit.file, Path::new("dir/t.yaml"), "{what}");
+        let shown = hit.to_string();
+        assert!(shown.starts_with(&format!("dir/t.yaml: {object}: {field}: ")), "{what}: {shown}");
+        assert!(!hit.message.is_empty(), "{what}");
+    }
+
+    // Malformed YAML: no object can be named; the file and the position are.
+    let errs = parse_policies(&format!("{good}\n---\nkind: [unclosed\n"), Path::new("dir/t.yaml"))
+        .expect_err("malformed");
+    assert!(errs.0.iter().any(|e| e.file == Path::new("dir/t.yaml")
+        && e.message.contains("malformed YAML")
+        && e.message.contains("line")));
+
+    // Duplicate workload addresses: the inventory names the workload and the field.
+    let errs = parse_inventory(
+        "namespaces: [{name: a}]\nworkloads:\n- {name: w, namespace: a, ips: [10.0.0.0/24]}\n- {name: v, namespace: a, ips: [10.0.0.0/24]}\n",
+        Path::new("inv.yaml"),
+    )
+    .expect_err("duplicate");
+    let e =
+        errs.0.iter().find(|e| e.field.as_deref() == Some("workloads[1].ips[0]")).expect("field");
+    assert_eq!(e.object.as_deref(), Some("Workload a/v"));
+    assert_eq!(
+        e.to_string(),
+        "inv.yaml: Workload a/v: workloads[1].ips[0]: 10.0.0.0/24 is already owned by a/w"
+    );
+}
