@@ -173,7 +173,7 @@ impl UdpProxy {
                             entry.packets_reply.fetch_add(1, Ordering::Relaxed);
                             counters.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
                             ct.touch(&entry, Instant::now());
-                            if listener.try_send_to(&buf[..n], peer).is_err() {
+                            if send_now_to(&listener, &buf[..n], peer).is_err() {
                                 ListenerCounters::inc(&counters.datagrams_dropped);
                             }
                         }
@@ -199,7 +199,7 @@ impl UdpProxy {
 /// Client → upstream for an open session. Never waits: a full socket buffer drops the
 /// datagram (UDP semantics) and counts it.
 fn forward_up(rt: &Runtime, s: &Session, payload: &[u8], counters: &ListenerCounters) {
-    match s.upstream.try_send(payload) {
+    match send_now(&s.upstream, payload) {
         Ok(n) => {
             s.entry.bytes_orig.fetch_add(n as u64, Ordering::Relaxed);
             s.entry.packets_orig.fetch_add(1, Ordering::Relaxed);
@@ -214,4 +214,16 @@ fn forward_up(rt: &Runtime, s: &Session, payload: &[u8], counters: &ListenerCoun
 pub fn bind(cfg: &ListenerConfig) -> std::io::Result<UdpSocket> {
     let sock = super::listener::bind_socket(cfg.bind, socket2::Type::DGRAM, cfg.reuse_port, None)?;
     UdpSocket::from_std(sock.into())
+}
+
+/// One non-blocking `send` on a connected socket, straight to the kernel. (Tokio's
+/// `try_send` answers `WouldBlock` until its reactor has seen the socket writable once,
+/// which drops the first datagram of every fresh session.)
+fn send_now(sock: &UdpSocket, buf: &[u8]) -> std::io::Result<usize> {
+    socket2::SockRef::from(sock).send(buf)
+}
+
+/// One non-blocking `sendto`, straight to the kernel (see [`send_now`]).
+fn send_now_to(sock: &UdpSocket, buf: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+    socket2::SockRef::from(sock).send_to(buf, &to.into())
 }
