@@ -344,3 +344,24 @@ async fn revoking_a_flow_cuts_both_sides_and_logs_it() {
     // New connections from the same client are now refused.
     expect_reset(OK, gw.addr("gw")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_policy_logs_would_deny_but_lets_the_flow_through() {
+    let up = Upstream::echo().await;
+    let world = World::new();
+    std::fs::write(
+        world.dir.path().join("policies/audit.yaml"),
+        "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\n\
+         metadata:\n  name: staged-lockdown\n  annotations: {flowgate.dev/mode: audit}\n\
+         spec:\n  priority: 10\n  subject: {namespaces: {}}\n  egress:\n\
+         \x20   - name: nothing-to-web\n      action: Deny\n      to: [{networks: [127.0.0.20/32]}]\n",
+    )
+    .unwrap();
+    let gw = Gateway::start(world, &tcp_listener("gw", &[up.addr], ""));
+    let mut s = connect_from(OK, gw.addr("gw")).await.unwrap();
+    assert_eq!(roundtrip(&mut s, b"still allowed").await, b"still allowed");
+    let line = gw.world.wait_log(Duration::from_secs(5), |l| l["event"] == "would-deny").await;
+    assert_eq!(line["policy"], "staged-lockdown");
+    assert_eq!(line["src_workload"], "t/client-ok");
+    assert_eq!(get(&gw.counters("gw").allowed), 1);
+}
