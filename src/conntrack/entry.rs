@@ -385,13 +385,18 @@ impl Entry {
 
     /// The direction-independent hash of this entry's key (same as its [`Probe`]'s).
     pub(crate) fn hash64(&self) -> u64 {
+        spread(self.hash32())
+    }
+
+    /// The 32 bits the map hash is made from (what the eviction queue stores).
+    pub(crate) fn hash32(&self) -> u32 {
         let (s, d) = match self.v6_addrs() {
             Some(p) => p,
             None => (u128::from(self.src_ip), u128::from(self.dst_ip)),
         };
         let v6 = self.v6_addrs().is_some();
         let (lo, hi) = order((s, self.src_port), (d, self.dst_port));
-        key_hash(self.proto, v6, lo, hi)
+        key_hash32(self.proto, v6, lo, hi)
     }
 
     pub(crate) fn matches(&self, p: &Probe) -> Option<Side> {
@@ -453,6 +458,7 @@ fn order(a: End, b: End) -> (End, End) {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Probe {
     pub(crate) hash: u64,
+    pub(crate) h32: u32,
     proto: u8,
     v6: bool,
     lo_is_src: bool,
@@ -468,7 +474,8 @@ impl Probe {
         let lo_is_src = src <= dst;
         let (lo, hi) = if lo_is_src { (src, dst) } else { (dst, src) };
         let proto = key.proto.number();
-        Probe { hash: key_hash(proto, v6, lo, hi), proto, v6, lo_is_src, lo, hi }
+        let h32 = key_hash32(proto, v6, lo, hi);
+        Probe { hash: spread(h32), h32, proto, v6, lo_is_src, lo, hi }
     }
 }
 
@@ -488,8 +495,24 @@ fn fold(a: u64, b: u64) -> u64 {
     (r as u64) ^ ((r >> 64) as u64)
 }
 
-/// Keyed hash of a canonical key. IPv4 keys fold two words (a few nanoseconds); the hash
-/// picks the shard and, passed straight through, the bucket (no second hashing).
+/// The map hash made from a 32-bit key hash: a bijective spread, so the 32 bits stored in
+/// the eviction queue (4 bytes per entry instead of 8) find the entry again. Both the top
+/// bits (bucket) and the low byte (tag) vary with the input.
+#[inline]
+pub(crate) fn spread(h32: u32) -> u64 {
+    let x = u64::from(h32);
+    (x.wrapping_mul(0x9E37_79B9_7F4A_7C15)) ^ (x << 32)
+}
+
+/// Keyed hash of a canonical key. IPv4 keys fold two words (a few nanoseconds); the
+/// spread hash picks the shard and, passed straight through, the bucket (no second
+/// hashing). 32 bits are plenty to spread a table of millions; equality is always checked
+/// on the full key.
+#[inline]
+fn key_hash32(proto: u8, v6: bool, lo: End, hi: End) -> u32 {
+    (key_hash(proto, v6, lo, hi) >> 32) as u32
+}
+
 #[inline]
 fn key_hash(proto: u8, v6: bool, lo: End, hi: End) -> u64 {
     let s = seeds();
@@ -556,18 +579,20 @@ impl scc::Equivalent<Slot> for Exact<'_> {
     }
 }
 
-/// Finds an entry by hash alone: the eviction queue stores 8-byte hashes, not keys.
-pub(crate) struct ByHash(pub(crate) u64);
+/// Finds an entry by its 32-bit hash alone: the eviction queue stores 4-byte hashes, not
+/// keys. Two live flows sharing 32 bits in one shard is rare and harmless: whichever is
+/// found is checked for evictability like any other candidate.
+pub(crate) struct ByHash(pub(crate) u32);
 
 impl Hash for ByHash {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.0);
+        state.write_u64(spread(self.0));
     }
 }
 
 impl scc::Equivalent<Slot> for ByHash {
     fn equivalent(&self, key: &Slot) -> bool {
-        key.0.hash64() == self.0
+        key.0.hash32() == self.0
     }
 }
 

@@ -90,7 +90,7 @@ pub(crate) struct Cursor {
     shard: usize,
     pos: usize,
     dead: Vec<Arc<Entry>>,
-    requeue: Vec<u64>,
+    requeue: Vec<u32>,
 }
 
 impl Conntrack {
@@ -128,7 +128,7 @@ impl Conntrack {
                     if self.timeouts.is_expired(e, now_ms) {
                         cur.dead.push(e.clone());
                     } else if e.is_evictable() && e.swap_flag(QUEUED, true) & QUEUED == 0 {
-                        cur.requeue.push(e.hash64());
+                        cur.requeue.push(e.hash32());
                     }
                 }
             }

@@ -14,7 +14,7 @@
 //!
 //! Bounded: a global capacity (atomic reservation) and a per-shard share. At the limit an
 //! unassured entry (UDP/ICMP unreplied, TCP not established, closing) is evicted, oldest
-//! first, from the shard's FIFO of 8-byte key hashes (amortised O(1): every queued hash is
+//! first, from the shard's FIFO of 4-byte key hashes (amortised O(1): every queued hash is
 //! popped at most once; stale hashes are skipped or compacted away); if none can be, the new
 //! flow is refused. Both are counted. Expiry is incremental ([`Conntrack::expire_step`],
 //! [`expiry`]), so no caller ever stops the world.
@@ -83,7 +83,7 @@ struct Shard {
 /// Hashes of entries that were evictable when queued, oldest first.
 #[derive(Debug, Default)]
 struct EvictQueue {
-    hashes: VecDeque<u64>,
+    hashes: VecDeque<u32>,
     /// Compact when the queue grows past this (keeps it O(live entries), amortised O(1)).
     compact_at: usize,
 }
@@ -95,7 +95,7 @@ impl Shard {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn enqueue(&self, q: &mut EvictQueue, hash: u64, shard_cap: usize) {
+    fn enqueue(&self, q: &mut EvictQueue, hash: u32, shard_cap: usize) {
         q.hashes.push_back(hash);
         let limit = q.compact_at.max(shard_cap + shard_cap / 2 + 64);
         if q.hashes.len() > limit {
@@ -125,7 +125,7 @@ impl Shard {
             if !e.is_evictable() {
                 continue;
             }
-            if self.map.remove_sync(&Exact { hash: h, entry: &e }) {
+            if self.map.remove_sync(&Exact { hash: e.hash64(), entry: &e }) {
                 self.len.fetch_sub(1, Ordering::Relaxed);
                 return Some(e);
             }
@@ -250,7 +250,7 @@ impl Conntrack {
         shard.len.fetch_add(1, Ordering::Relaxed);
         if entry.is_evictable() {
             entry.swap_flag(QUEUED, true);
-            shard.enqueue(&mut q, probe.hash, self.shard_cap);
+            shard.enqueue(&mut q, probe.h32, self.shard_cap);
         }
         self.stats.inserted.fetch_add(1, Ordering::Relaxed);
         Ok(entry)
