@@ -204,17 +204,22 @@ fn table(capacity: usize) -> Table {
     Table(Conntrack::new(&ConntrackConfig { capacity, ..ConntrackConfig::default() }))
 }
 
-/// Keys for hits (inserted) and misses (never inserted), in a shuffled visiting order so
-/// lookups miss the CPU caches the way real traffic does.
+/// Keys for hits (inserted) and misses (never inserted). `hits`/`misses` list them in a
+/// shuffled order so lookups land all over the table (and miss the CPU caches) the way
+/// real traffic does, while the benchmark reads its own key list sequentially: a packet's
+/// key is on the worker's stack, not in a cold array.
 struct Keys {
     flows: Vec<FlowKey>,
     packed: Vec<u128>,
-    order: Vec<u32>,
+    hits: Vec<FlowKey>,
+    misses: Vec<FlowKey>,
+    packed_hits: Vec<u128>,
+    packed_misses: Vec<u128>,
 }
 
 fn keys() -> Keys {
     let flows: Vec<FlowKey> = (0..2 * N as u32).map(flow).collect();
-    let packed = flows.iter().map(packed).collect();
+    let packed: Vec<u128> = flows.iter().map(packed).collect();
     let mut order: Vec<u32> = (0..N as u32).collect();
     let mut x = 0x2545_f491_4f6c_dd1du64;
     for i in (1..order.len()).rev() {
@@ -223,29 +228,50 @@ fn keys() -> Keys {
         x ^= x << 17;
         order.swap(i, (x % (i as u64 + 1)) as usize);
     }
-    Keys { flows, packed, order }
+    let hits = order.iter().map(|&j| flows[j as usize]).collect();
+    let misses = order.iter().map(|&j| flows[N + j as usize]).collect();
+    let packed_hits = order.iter().map(|&j| packed[j as usize]).collect();
+    let packed_misses = order.iter().map(|&j| packed[N + j as usize]).collect();
+    Keys { flows, packed, hits, misses, packed_hits, packed_misses }
 }
 
-/// Runs `op(i)` `iters` times on each of `threads` threads at once; returns the wall time,
-/// i.e. the time per operation as one thread sees it when `threads` run together.
+/// Index of the `i`-th operation of thread `t` into a visiting list (threads interleave).
+fn at(t: usize, i: u64) -> usize {
+    (i as usize * 2 + t) % N
+}
+
+/// CPU time of the calling thread. The benchmark machine is shared (2 cores, several
+/// builds running), so wall time mostly measures the scheduler; a thread's own CPU time
+/// still includes its cache misses and any cache-line contention between the threads.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Runs `op(t, i)` `iters` times on each of `threads` threads at once (started together by
+/// a barrier); returns the mean per-thread CPU time, i.e. the cost of one operation as one
+/// thread pays it while `threads` run concurrently.
 fn timed(threads: usize, iters: u64, op: &(dyn Fn(usize, u64) + Sync)) -> Duration {
-    let barrier = Barrier::new(threads + 1);
-    std::thread::scope(|s| {
-        for t in 0..threads {
-            let barrier = &barrier;
-            s.spawn(move || {
-                barrier.wait();
-                for i in 0..iters {
-                    op(t, i);
-                }
-                barrier.wait();
-            });
-        }
-        barrier.wait();
-        let start = Instant::now();
-        barrier.wait();
-        start.elapsed()
-    })
+    let barrier = Barrier::new(threads);
+    let total: Duration = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    let start = thread_cpu();
+                    for i in 0..iters {
+                        op(t, i);
+                    }
+                    thread_cpu() - start
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("benchmark thread")).sum()
+    });
+    total / threads as u32
 }
 
 fn bench_candidates(c: &mut Criterion, k: &Keys) {
@@ -266,16 +292,14 @@ fn bench_candidates(c: &mut Criterion, k: &Keys) {
             g.bench_function(BenchmarkId::new(format!("{name}/lookup_hit"), threads), |b| {
                 b.iter_custom(|iters| {
                     timed(threads, iters, &|t, i| {
-                        let j = k.order[(i as usize * 2 + t) % N] as usize;
-                        assert!(m.hit(black_box(k.packed[j])));
+                        assert!(m.hit(black_box(k.packed_hits[at(t, i)])));
                     })
                 })
             });
             g.bench_function(BenchmarkId::new(format!("{name}/lookup_miss"), threads), |b| {
                 b.iter_custom(|iters| {
                     timed(threads, iters, &|t, i| {
-                        let j = N + k.order[(i as usize * 2 + t) % N] as usize;
-                        assert!(!m.hit(black_box(k.packed[j])));
+                        assert!(!m.hit(black_box(k.packed_misses[at(t, i)])));
                     })
                 })
             });
@@ -283,9 +307,9 @@ fn bench_candidates(c: &mut Criterion, k: &Keys) {
             g.bench_function(BenchmarkId::new(format!("{name}/insert_remove"), threads), |b| {
                 b.iter_custom(|iters| {
                     timed(threads, iters, &|t, i| {
-                        let j = N + k.order[(i as usize * 2 + t) % N] as usize;
-                        m.insert(k.packed[j]);
-                        m.remove(k.packed[j]);
+                        let key = k.packed_misses[at(t, i)];
+                        m.insert(key);
+                        m.remove(key);
                     })
                 })
             });
@@ -297,7 +321,8 @@ fn bench_candidates(c: &mut Criterion, k: &Keys) {
         .map(|w| {
             let mut m = std::collections::HashMap::with_capacity_and_hasher(N / 2, Fold);
             for (i, &key) in k.packed[..N].iter().enumerate() {
-                if i % 2 == w {
+                let _ = i;
+                if (key >> 56) as usize % 2 == w {
                     m.insert(key, val());
                 }
             }
@@ -308,9 +333,9 @@ fn bench_candidates(c: &mut Criterion, k: &Keys) {
         g.bench_function(BenchmarkId::new("per_worker_std/lookup_hit", threads), |b| {
             b.iter_custom(|iters| {
                 timed(threads, iters, &|t, i| {
-                    let j = k.order[(i as usize * 2 + t) % N] as usize;
-                    let m = &owned[j % 2];
-                    assert!(m.get(black_box(&k.packed[j])).is_some_and(|v| v[0] == 1));
+                    let key = k.packed_hits[at(t, i)];
+                    let m = &owned[(key >> 56) as usize % 2];
+                    assert!(m.get(black_box(&key)).is_some_and(|v| v[0] == 1));
                 })
             })
         });
@@ -329,16 +354,27 @@ fn bench_table(c: &mut Criterion, k: &Keys) {
         g.bench_function(BenchmarkId::new("lookup_hit", threads), |b| {
             b.iter_custom(|iters| {
                 timed(threads, iters, &|th, i| {
-                    let j = k.order[(i as usize * 2 + th) % N] as usize;
-                    assert!(t.0.lookup(black_box(&k.flows[j])).is_some());
+                    assert!(t.0.lookup(black_box(&k.hits[at(th, i)])).is_some());
                 })
             })
         });
         g.bench_function(BenchmarkId::new("lookup_with_hit", threads), |b| {
             b.iter_custom(|iters| {
                 timed(threads, iters, &|th, i| {
-                    let j = k.order[(i as usize * 2 + th) % N] as usize;
-                    let hit = t.0.lookup_with(black_box(&k.flows[j]), |e, _| {
+                    let hit = t.0.lookup_with(black_box(&k.hits[at(th, i)]), |e, _| {
+                        e.packets_orig.fetch_add(1, Ordering::Relaxed);
+                    });
+                    assert!(hit.is_some());
+                })
+            })
+        });
+        // The same with a warm working set: 4,096 active flows in the 1M table (a burst of
+        // packets mostly belongs to few flows). This is the CPU cost of the lookup itself.
+        g.bench_function(BenchmarkId::new("lookup_with_hit_hot4k", threads), |b| {
+            b.iter_custom(|iters| {
+                timed(threads, iters, &|th, i| {
+                    let key = &k.hits[at(th, i) % 4096];
+                    let hit = t.0.lookup_with(black_box(key), |e, _| {
                         e.packets_orig.fetch_add(1, Ordering::Relaxed);
                     });
                     assert!(hit.is_some());
@@ -348,17 +384,16 @@ fn bench_table(c: &mut Criterion, k: &Keys) {
         g.bench_function(BenchmarkId::new("lookup_miss", threads), |b| {
             b.iter_custom(|iters| {
                 timed(threads, iters, &|th, i| {
-                    let j = N + k.order[(i as usize * 2 + th) % N] as usize;
-                    assert!(t.0.lookup_with(black_box(&k.flows[j]), |_, _| ()).is_none());
+                    assert!(t.0.lookup_with(black_box(&k.misses[at(th, i)]), |_, _| ()).is_none());
                 })
             })
         });
         g.bench_function(BenchmarkId::new("insert_remove", threads), |b| {
             b.iter_custom(|iters| {
                 timed(threads, iters, &|th, i| {
-                    let j = N + k.order[(i as usize * 2 + th) % N] as usize;
-                    let _ = t.0.insert(k.flows[j], init(), now);
-                    t.0.remove(&k.flows[j]);
+                    let key = k.misses[at(th, i)];
+                    let _ = t.0.insert(key, init(), now);
+                    t.0.remove(&key);
                 })
             })
         });
@@ -378,7 +413,7 @@ fn bench_table(c: &mut Criterion, k: &Keys) {
             b.iter_custom(|iters| {
                 timed(threads, iters, &|_, _| {
                     let j = next.fetch_add(1, Ordering::Relaxed) % (2 * N);
-                    let _ = full.0.insert(k.flows[j], init(), now);
+                    let _ = full.0.insert(black_box(k.flows[j]), init(), now);
                 })
             })
         });

@@ -356,3 +356,39 @@ fn tcp_packet_flow_lifecycle_through_the_table() {
     assert!(e.is_evictable());
     assert_eq!(ct.timeout(&e), ConntrackConfig::default().tcp_fin_wait);
 }
+
+#[test]
+fn icmp_echo_and_udp_become_assured_on_reply() {
+    let ct = Conntrack::new(&cfg(16, 1));
+    let now = Instant::now();
+    // ICMP echo: the identifier rides in the originator's source port, 0 in the other, so
+    // the echo reply (server → client, same identifier) is the reverse key.
+    let client: SocketAddr = "198.18.0.1:4660".parse().unwrap();
+    let server: SocketAddr = "198.18.0.2:0".parse().unwrap();
+    let echo = FlowKey::new(Proto::Icmp, client, server);
+    let reply = FlowKey::new(Proto::Icmp, server, client);
+    let udp = key(Proto::Udp, 3);
+    for k in [echo, udp] {
+        ct.insert(k, init(FlowState::Unreplied), now).unwrap();
+        assert!(ct.lookup(&k).unwrap().is_evictable());
+    }
+    let state = ct.lookup_with(&reply, |e, side| {
+        assert_eq!(side, Side::Reply);
+        e.count(side, 84);
+        e.mark_reply()
+    });
+    assert_eq!(state, Some(FlowState::Assured));
+    let e = ct.lookup(&echo).unwrap();
+    assert!(!e.is_evictable());
+    assert_eq!(e.packets_reply.load(Ordering::Relaxed), 1);
+    assert_eq!(e.bytes_reply.load(Ordering::Relaxed), 84);
+    // A second identifier is another flow.
+    let other = FlowKey::new(Proto::Icmp, "198.18.0.1:4661".parse().unwrap(), server);
+    assert!(ct.lookup(&other).is_none());
+    // The originator's own packets never assure a flow; a reply does.
+    let u = ct.lookup(&udp).unwrap();
+    assert_eq!(ct.lookup_with(&udp, |_, side| side), Some(Side::Orig));
+    assert_eq!(u.state(), FlowState::Unreplied);
+    assert_eq!(u.mark_reply(), FlowState::Assured);
+    assert_eq!(ct.timeout(&u), ConntrackConfig::default().udp_assured);
+}

@@ -26,7 +26,7 @@
 
 mod config;
 mod entry;
-pub mod expiry;
+mod expiry;
 pub mod tcp_state;
 
 use std::collections::VecDeque;
