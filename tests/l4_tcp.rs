@@ -23,9 +23,9 @@ async fn allowed_client_echoes_and_flow_is_tracked_then_removed() {
     let mut seen = 0;
     gw.rt.conntrack.for_each(|e| {
         seen += 1;
-        assert_eq!(e.key.src.ip().to_string(), OK);
-        assert_eq!(e.key.dst, up.addr);
-        assert!(e.src_workload.is_some() && e.dst_workload.is_some());
+        assert_eq!(e.key().src.ip().to_string(), OK);
+        assert_eq!(e.key().dst, up.addr);
+        assert!(e.src_workload().is_some() && e.dst_workload().is_some());
         assert_eq!(e.generation().0, 1);
         assert_eq!(get(&e.bytes_orig), data.len() as u64);
     });
@@ -320,10 +320,10 @@ async fn revoking_a_flow_cuts_both_sides_and_logs_it() {
     let snap = gw.rt.policy.load_full();
     gw.rt.conntrack.for_each(|e| {
         let q = flowgate::policy::FlowQuery {
-            src: e.key.src.ip(),
-            dst: e.key.dst.ip(),
-            dst_port: e.key.dst.port(),
-            proto: e.key.proto,
+            src: e.key().src.ip(),
+            dst: e.key().dst.ip(),
+            dst_port: e.key().dst.port(),
+            proto: e.key().proto,
             fqdn: None,
         };
         let d = snap.compiled.decide(&q);

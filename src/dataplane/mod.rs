@@ -67,9 +67,7 @@ impl Runtime {
     /// (`snapshot.compiled.decide(..)` on `entry.key`) is a denial; entries still allowed
     /// just get `entry.set_generation(snapshot.generation)`.
     pub fn revoke(&self, entry: &Entry, snapshot: &Arc<PolicySnapshot>, decision: &Decision) {
-        if let Some(cut) = &entry.cut {
-            cut.trigger();
-        }
+        entry.trigger_cut();
         let (direction, reason) = match decision.verdict {
             Verdict::Deny(r) => (r.direction, r.cause.as_str()),
             Verdict::Allow => (None, "revoked"),
@@ -77,15 +75,16 @@ impl Runtime {
         let listener = self
             .registry
             .listeners()
-            .get(usize::from(entry.listener))
+            .get(usize::from(entry.listener()))
             .map_or_else(|| Arc::from("?"), |c| Arc::from(c.name.as_str()));
+        let key = entry.key();
         self.flowlog.emit(Event {
             ts: SystemTime::now(),
             kind: EventKind::Revoked,
             listener,
-            proto: entry.key.proto,
-            src: entry.key.src,
-            dst: entry.key.dst,
+            proto: key.proto,
+            src: key.src,
+            dst: key.dst,
             fqdn: None,
             src_workload: decision.src_workload,
             dst_workload: decision.dst_workload,
