@@ -62,6 +62,9 @@ pub async fn serve(
 ) {
     let handler = Arc::new(handler);
     let slots = Arc::new(Semaphore::new(max_connections));
+    // One shutdown future for the listener's lifetime: it registers its waker once, not
+    // on every accept.
+    let mut stop = std::pin::pin!(signal.recv());
     loop {
         let permit = match slots.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -72,11 +75,13 @@ pub async fn serve(
                         Ok(p) => p,
                         Err(_) => break, // never closed; leave rather than spin
                     },
-                    () = signal.recv() => break,
+                    () = &mut stop => break,
                 }
             }
         };
         let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut stop => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -85,7 +90,6 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = signal.recv() => break,
         };
         ListenerCounters::inc(&counters.accepted);
         counters.active.fetch_add(1, Ordering::Relaxed);
@@ -194,9 +198,10 @@ impl TcpProxy {
 /// The echo upstream: read, write back, until EOF (then FIN) or idle.
 async fn echo(mut stream: TcpStream, idle: Duration) {
     let _ = stream.set_nodelay(true);
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut buf = Vec::with_capacity(32 * 1024);
     loop {
-        let n = match tokio::time::timeout(idle, stream.read(&mut buf)).await {
+        buf.clear();
+        let n = match tokio::time::timeout(idle, stream.read_buf(&mut buf)).await {
             Ok(Ok(0)) => {
                 let _ = stream.shutdown().await;
                 return;
