@@ -1,0 +1,410 @@
+//! Learning the real client of an accepted connection (or datagram) from the PROXY protocol
+//! header a load balancer puts in front of it.
+//!
+//! Invariants:
+//! - A header is believed only from a peer inside `trusted_proxies`; any other peer on a
+//!   listener that expects a header is refused before a byte is read ([`HeaderError::Untrusted`]),
+//!   so a client cannot claim an allowed address by writing its own header. An empty list
+//!   trusts nobody (fail closed).
+//! - A listener that expects a header refuses a connection without a valid one.
+//! - Exactly the header is consumed, never a byte of the payload behind it: bytes are looked at
+//!   with `MSG_PEEK` and only those that belong to the header are read. So there are never
+//!   leftover bytes to forward; the splice starts on an untouched stream.
+//! - The whole header must arrive within `proxy_protocol_timeout` (one deadline for the whole
+//!   header, not per read), so a byte-at-a-time sender cannot hold a slot open.
+//!
+//! Parsing itself is [`crate::wire::proxy_protocol`]; this module is the I/O around it.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+use thiserror::Error;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::flow::ClientAddr;
+use crate::telemetry::metrics::ListenerCounters;
+use crate::wire::proxy_protocol::{
+    self, Command, DEFAULT_MAX_HEADER_LEN, Header, MIN_MAX_HEADER_LEN, ParseError, Transport,
+    V2_FIXED_LEN,
+};
+
+/// `proxy_protocol` on a listener: which header versions it requires.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocolMode {
+    /// Require a v1 (text) header.
+    V1,
+    /// Require a v2 (binary) header. The only choice for UDP listeners.
+    V2,
+    /// Require a header of either version.
+    Any,
+    /// No header: the TCP peer is the client (default).
+    #[default]
+    Off,
+}
+
+impl ProxyProtocolMode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ProxyProtocolMode::V1 => "v1",
+            ProxyProtocolMode::V2 => "v2",
+            ProxyProtocolMode::Any => "any",
+            ProxyProtocolMode::Off => "off",
+        }
+    }
+}
+
+/// The default for `proxy_protocol_timeout`: 5 s for the whole header.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The largest header the v2 length field can describe.
+const MAX_MAX_HEADER_LEN: usize = V2_FIXED_LEN + u16::MAX as usize;
+
+/// The PROXY protocol fields of a `[[listener]]` table. A listener config can hold this
+/// with `#[serde(flatten)]` or repeat the four fields with the same defaults.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct ProxyHeaderConfig {
+    /// `proxy_protocol = "v1" | "v2" | "any" | "off"`. Default `off`.
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocolMode,
+    /// CIDRs of the load balancers whose headers are believed. Default empty: nobody.
+    #[serde(default, deserialize_with = "deserialize_nets")]
+    pub trusted_proxies: Vec<IpNet>,
+    /// The whole header must arrive within this (`5s`, `500ms`). Default 5 s.
+    #[serde(default = "default_header_timeout", deserialize_with = "deserialize_duration")]
+    pub proxy_protocol_timeout: Duration,
+    /// The longest v2 header accepted, TLVs included. Default 1024, range 232..=65551.
+    #[serde(default = "default_max_header_len")]
+    pub proxy_protocol_max_len: usize,
+}
+
+impl Default for ProxyHeaderConfig {
+    fn default() -> Self {
+        ProxyHeaderConfig {
+            proxy_protocol: ProxyProtocolMode::Off,
+            trusted_proxies: Vec::new(),
+            proxy_protocol_timeout: DEFAULT_HEADER_TIMEOUT,
+            proxy_protocol_max_len: DEFAULT_MAX_HEADER_LEN,
+        }
+    }
+}
+
+/// serde default for `proxy_protocol_timeout`.
+pub fn default_header_timeout() -> Duration {
+    DEFAULT_HEADER_TIMEOUT
+}
+
+/// serde default for `proxy_protocol_max_len`.
+pub fn default_max_header_len() -> usize {
+    DEFAULT_MAX_HEADER_LEN
+}
+
+/// Reads a human duration (`5s`, `250ms`).
+pub fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+/// Reads a list of CIDRs; a bare address is taken as a single-host network.
+pub fn deserialize_nets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    v.iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| serde::de::Error::custom(format!("`{s}` is not a CIDR or address")))
+        })
+        .collect()
+}
+
+impl ProxyHeaderConfig {
+    /// Checks the fields for a listener; `datagram` for a UDP listener. Returns the field
+    /// name and a message, for `ConfigError::Invalid`.
+    ///
+    /// # Errors
+    /// `max_len` out of range; an empty `trusted_proxies` while a header is required (every
+    /// connection would be refused); `v1` on a UDP listener (v1 has no datagram form); a zero
+    /// timeout.
+    pub fn validate(&self, datagram: bool) -> Result<(), (&'static str, String)> {
+        if !(MIN_MAX_HEADER_LEN..=MAX_MAX_HEADER_LEN).contains(&self.proxy_protocol_max_len) {
+            return Err((
+                "proxy_protocol_max_len",
+                format!(
+                    "{} is outside {MIN_MAX_HEADER_LEN}..={MAX_MAX_HEADER_LEN}",
+                    self.proxy_protocol_max_len
+                ),
+            ));
+        }
+        if self.proxy_protocol == ProxyProtocolMode::Off {
+            return Ok(());
+        }
+        if self.trusted_proxies.is_empty() {
+            return Err((
+                "trusted_proxies",
+                "empty while proxy_protocol is on: every connection would be refused; list the \
+                 load balancers' addresses"
+                    .to_owned(),
+            ));
+        }
+        if datagram && self.proxy_protocol == ProxyProtocolMode::V1 {
+            return Err((
+                "proxy_protocol",
+                "v1 has no datagram form; use v2 (or any) on a udp listener".to_owned(),
+            ));
+        }
+        if self.proxy_protocol_timeout.is_zero() {
+            return Err(("proxy_protocol_timeout", "must be greater than zero".to_owned()));
+        }
+        Ok(())
+    }
+
+    /// [`read_header`] with this config's fields.
+    ///
+    /// # Errors
+    /// See [`read_header`].
+    pub async fn read(
+        &self,
+        stream: &mut TcpStream,
+        peer: SocketAddr,
+    ) -> Result<ProxiedClient, HeaderError> {
+        read_header(
+            stream,
+            self.proxy_protocol,
+            peer,
+            &self.trusted_proxies,
+            self.proxy_protocol_timeout,
+            self.proxy_protocol_max_len,
+        )
+        .await
+    }
+
+    /// [`parse_datagram`] with this config's fields.
+    ///
+    /// # Errors
+    /// See [`parse_datagram`].
+    pub fn datagram<'a>(
+        &self,
+        datagram: &'a [u8],
+        peer: SocketAddr,
+    ) -> Result<(ProxiedClient, &'a [u8]), HeaderError> {
+        parse_datagram(
+            datagram,
+            self.proxy_protocol,
+            peer,
+            &self.trusted_proxies,
+            self.proxy_protocol_max_len,
+        )
+    }
+}
+
+/// Who the client is, once the header (if any) has been read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxiedClient {
+    /// The address to decide and log with: the header's source for a PROXY header with
+    /// addresses, otherwise (LOCAL, UNKNOWN, AF_UNSPEC, AF_UNIX, mode `off`) the TCP peer.
+    pub client: ClientAddr,
+    /// The header, when one was read.
+    pub header: Option<Header>,
+}
+
+/// Why a connection was refused before its flow was decided. Every variant is counted
+/// ([`HeaderError::counter`]); the connection is then closed.
+#[derive(Debug, Error)]
+pub enum HeaderError {
+    /// The peer is not in `trusted_proxies`.
+    #[error("PROXY header expected from {peer}, which is not in trusted_proxies")]
+    Untrusted { peer: SocketAddr },
+    /// Not a valid header of an accepted version (including: no header at all).
+    #[error("malformed PROXY header: {0}")]
+    Malformed(#[from] ParseError),
+    /// A datagram shorter than the header it starts.
+    #[error("datagram ends inside its PROXY header")]
+    Truncated,
+    /// A valid header for the wrong transport (a DGRAM header on a TCP connection, a STREAM
+    /// header on a datagram).
+    #[error("PROXY header declares a {declared:?} transport on a {actual:?} listener")]
+    WrongTransport { declared: Transport, actual: Transport },
+    /// The whole header did not arrive in time.
+    #[error("PROXY header not complete within {0:?}")]
+    Timeout(Duration),
+    /// The peer closed before the header was complete.
+    #[error("connection closed after {got} bytes of a PROXY header")]
+    Closed { got: usize },
+    #[error("reading the PROXY header: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl HeaderError {
+    /// The listener counter this refusal increments: `untrusted_proxy`, `handshake_timeout`,
+    /// or `handshake_malformed` for everything else.
+    pub fn counter<'a>(&self, counters: &'a ListenerCounters) -> &'a AtomicU64 {
+        match self {
+            HeaderError::Untrusted { .. } => &counters.untrusted_proxy,
+            HeaderError::Timeout(_) => &counters.handshake_timeout,
+            _ => &counters.handshake_malformed,
+        }
+    }
+}
+
+/// Whether `peer` may send a header. IPv4-mapped IPv6 peers (dual-stack listeners) are
+/// compared as IPv4.
+pub fn is_trusted(peer: SocketAddr, trusted: &[IpNet]) -> bool {
+    let ip = peer.ip().to_canonical();
+    trusted.iter().any(|net| net.contains(&ip))
+}
+
+/// Size of the header buffer kept inside the connection's future; larger `max_len`s use a
+/// heap buffer (one allocation per connection, sized by config, never by the peer).
+const INLINE_BUF: usize = DEFAULT_MAX_HEADER_LEN;
+
+/// Reads the PROXY header that `mode` requires from a freshly accepted connection and
+/// returns the client to use for it.
+///
+/// `peer` is the TCP peer (the load balancer). With `mode` off this returns the peer at
+/// once without I/O. Otherwise the peer must be inside `trusted`, and a complete, valid
+/// header must arrive within `timeout` (for the whole header). Exactly the header's bytes
+/// are consumed: the stream is positioned at the first payload byte. `max_len` bounds a v2
+/// header and is clamped to 232..=65551.
+///
+/// # Errors
+/// [`HeaderError`]; the caller counts it ([`HeaderError::counter`]) and closes the
+/// connection without contacting an upstream.
+pub async fn read_header(
+    stream: &mut TcpStream,
+    mode: ProxyProtocolMode,
+    peer: SocketAddr,
+    trusted: &[IpNet],
+    timeout: Duration,
+    max_len: usize,
+) -> Result<ProxiedClient, HeaderError> {
+    if mode == ProxyProtocolMode::Off {
+        return Ok(ProxiedClient { client: ClientAddr(peer), header: None });
+    }
+    if !is_trusted(peer, trusted) {
+        return Err(HeaderError::Untrusted { peer });
+    }
+    let max_len = max_len.clamp(MIN_MAX_HEADER_LEN, MAX_MAX_HEADER_LEN);
+    let mut inline = [0u8; INLINE_BUF];
+    let mut heap;
+    let buf: &mut [u8] = if max_len <= INLINE_BUF {
+        &mut inline[..max_len]
+    } else {
+        heap = vec![0u8; max_len];
+        &mut heap
+    };
+    let header = tokio::time::timeout(timeout, consume_header(stream, mode, buf))
+        .await
+        .map_err(|_| HeaderError::Timeout(timeout))??;
+    if header.transport == Transport::Datagram {
+        return Err(HeaderError::WrongTransport {
+            declared: Transport::Datagram,
+            actual: Transport::Stream,
+        });
+    }
+    Ok(ProxiedClient { client: client_of(&header, peer), header: Some(header) })
+}
+
+/// The header's source for a PROXY command with addresses; the peer otherwise.
+fn client_of(header: &Header, peer: SocketAddr) -> ClientAddr {
+    match (header.command, header.source()) {
+        (Command::Proxy, Some(source)) => ClientAddr(source),
+        _ => ClientAddr(peer),
+    }
+}
+
+fn parse_for(
+    mode: ProxyProtocolMode,
+    bytes: &[u8],
+    max_len: usize,
+) -> Result<Option<(Header, usize)>, ParseError> {
+    match mode {
+        ProxyProtocolMode::V1 => proxy_protocol::parse_v1(bytes),
+        ProxyProtocolMode::V2 => proxy_protocol::parse_v2(bytes, max_len),
+        ProxyProtocolMode::Any | ProxyProtocolMode::Off => proxy_protocol::parse(bytes, max_len),
+    }
+}
+
+/// Peeks, parses, and reads exactly the bytes that belong to the header.
+///
+/// The parser returns `Ok(None)` only while everything seen is a strict prefix of a valid
+/// header, so every peeked byte of an incomplete header is a header byte and can be read
+/// (consumed) at once; the next peek then waits for new data instead of spinning on the same
+/// bytes. In the usual case (the whole header in the first segment) this is one peek and
+/// one read.
+async fn consume_header(
+    stream: &mut TcpStream,
+    mode: ProxyProtocolMode,
+    buf: &mut [u8],
+) -> Result<Header, HeaderError> {
+    let max_len = buf.len();
+    let mut have = 0;
+    loop {
+        let Some(window) = buf.get_mut(have..).filter(|w| !w.is_empty()) else {
+            // Unreachable with a correct parser (it errs at max_len); fail closed anyway.
+            return Err(HeaderError::Malformed(ParseError::V2TooLong {
+                claimed: max_len + 1,
+                max: max_len,
+            }));
+        };
+        let got = stream.peek(window).await?;
+        if got == 0 {
+            return Err(HeaderError::Closed { got: have });
+        }
+        match parse_for(mode, &buf[..have + got], max_len)? {
+            Some((header, len)) => {
+                // `len > have`: the first `have` bytes alone were incomplete.
+                if let Some(rest) = buf.get_mut(have..len) {
+                    stream.read_exact(rest).await?;
+                }
+                return Ok(header);
+            }
+            None => {
+                stream.read_exact(&mut buf[have..have + got]).await?;
+                have += got;
+            }
+        }
+    }
+}
+
+/// Reads the v2 header at the start of a datagram (a UDP load balancer prepends one to each)
+/// and returns the client and the payload behind the header.
+///
+/// With `mode` off the whole datagram is payload and the peer is the client. Otherwise the
+/// peer must be trusted and the datagram must start with a complete v2 header (v1 has no
+/// datagram form) whose transport is DGRAM (or a LOCAL/UNSPEC one, which means the peer).
+///
+/// # Errors
+/// [`HeaderError`]; the caller counts it and drops the datagram.
+pub fn parse_datagram<'a>(
+    datagram: &'a [u8],
+    mode: ProxyProtocolMode,
+    peer: SocketAddr,
+    trusted: &[IpNet],
+    max_len: usize,
+) -> Result<(ProxiedClient, &'a [u8]), HeaderError> {
+    if mode == ProxyProtocolMode::Off {
+        return Ok((ProxiedClient { client: ClientAddr(peer), header: None }, datagram));
+    }
+    if !is_trusted(peer, trusted) {
+        return Err(HeaderError::Untrusted { peer });
+    }
+    let max_len = max_len.clamp(MIN_MAX_HEADER_LEN, MAX_MAX_HEADER_LEN);
+    let (header, len) =
+        proxy_protocol::parse_v2(datagram, max_len)?.ok_or(HeaderError::Truncated)?;
+    if header.transport == Transport::Stream {
+        return Err(HeaderError::WrongTransport {
+            declared: Transport::Stream,
+            actual: Transport::Datagram,
+        });
+    }
+    let payload = datagram.get(len..).unwrap_or_default();
+    Ok((ProxiedClient { client: client_of(&header, peer), header: Some(header) }, payload))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,394 @@
+//! The connection-tracking table through its public API: both directions, capacity and
+//! eviction order, refusal, incremental expiry per protocol and state, a flood at capacity,
+//! and two threads at once. Time is passed in (`now`), so expiry is tested without sleeping.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use flowgate::conntrack::{
+    Conntrack, ConntrackConfig, CutSignal, EntryInit, FlowState, InsertError, Side, TcpConn,
+    TcpFlags, TcpState,
+};
+use flowgate::flow::{FlowKey, Proto};
+use flowgate::policy::{Generation, WorkloadId};
+
+fn addr(host: u32, port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from_bits(0xC612_0000 | host), port))
+}
+
+/// Flow number `i`: distinct client address/port towards one of a few servers.
+fn key(proto: Proto, i: u32) -> FlowKey {
+    FlowKey::new(proto, addr(1 + (i >> 16), (i & 0xffff) as u16), addr(0xff00 + (i % 4), 443))
+}
+
+fn init(state: FlowState) -> EntryInit {
+    EntryInit {
+        state,
+        generation: Generation(1),
+        src_workload: Some(WorkloadId(1)),
+        dst_workload: Some(WorkloadId(2)),
+        listener: 0,
+        cut: None,
+    }
+}
+
+fn cfg(capacity: usize, shards: usize) -> ConntrackConfig {
+    ConntrackConfig { capacity, shards, ..ConntrackConfig::default() }
+}
+
+/// A TCP packet flow taken through the handshake: established, hence assured.
+fn insert_established(ct: &Conntrack, k: FlowKey, now: Instant) {
+    let (init, conn) =
+        EntryInit::tcp_packet(TcpFlags::SYN, Generation(1), None, None, 0).expect("SYN opens");
+    let e = ct.insert_tcp(k, init, conn, now).expect("room for established flows");
+    e.on_tcp_segment(Side::Reply, TcpFlags::SYN_ACK).expect("SYN+ACK");
+    assert_eq!(e.on_tcp_segment(Side::Orig, TcpFlags::ACK), Ok(TcpState::Established));
+}
+
+#[test]
+fn both_directions_find_one_entry() {
+    let ct = Conntrack::new(&cfg(1024, 0));
+    let now = Instant::now();
+    for proto in [Proto::Tcp, Proto::Udp, Proto::Icmp] {
+        let k = key(proto, 7);
+        let e = ct.insert(k, init(FlowState::Unreplied), now).expect("room");
+        let fwd = ct.lookup(&k).expect("forward direction");
+        let rev = ct.lookup(&k.reversed()).expect("reverse direction");
+        assert!(Arc::ptr_eq(&e, &fwd) && Arc::ptr_eq(&e, &rev));
+        assert_eq!(e.key(), k, "the entry keeps the originator's direction");
+        assert_eq!(ct.lookup_with(&k, |_, side| side), Some(Side::Orig));
+        assert_eq!(ct.lookup_with(&k.reversed(), |_, side| side), Some(Side::Reply));
+        assert_eq!(
+            ct.insert(k.reversed(), init(FlowState::Unreplied), now).unwrap_err(),
+            InsertError::Exists
+        );
+    }
+    // Same addresses, other protocol or port: not the same flow.
+    let k = key(Proto::Sctp, 7);
+    assert!(ct.lookup(&k).is_none());
+    let mut other_port = key(Proto::Tcp, 7);
+    other_port.dst.set_port(444);
+    assert!(ct.lookup(&other_port).is_none());
+    assert_eq!(ct.len(), 3);
+    assert!(ct.remove(&key(Proto::Udp, 7).reversed()), "removable from the reply side");
+    assert!(ct.lookup(&key(Proto::Udp, 7)).is_none());
+    assert!(!ct.remove(&key(Proto::Udp, 7)));
+    assert_eq!(ct.len(), 2);
+    assert_eq!(ct.stats().removed.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn ipv6_flows_are_tracked_too() {
+    let ct = Conntrack::new(&cfg(16, 0));
+    let k = FlowKey::new(
+        Proto::Udp,
+        "[2001:db8::1]:5353".parse().unwrap(),
+        "[2001:db8::2]:53".parse().unwrap(),
+    );
+    let e = ct.insert(k, init(FlowState::Unreplied), Instant::now()).expect("room");
+    assert!(Arc::ptr_eq(&e, &ct.lookup(&k.reversed()).expect("reverse")));
+    assert_eq!(e.key(), k);
+}
+
+#[test]
+fn at_capacity_oldest_unassured_is_evicted_then_refused() {
+    let ct = Conntrack::new(&cfg(4, 1));
+    let now = Instant::now();
+    let cut = Arc::new(CutSignal::default());
+    let k: Vec<FlowKey> = (0..8).map(|i| key(Proto::Udp, i)).collect();
+    let mut proxied = init(FlowState::Closing);
+    proxied.cut = Some(cut.clone());
+    ct.insert(k[0], proxied, now).expect("room"); // closing proxied flow: evictable
+    ct.insert(k[1], init(FlowState::Unreplied), now).expect("room");
+    ct.insert(k[2], init(FlowState::Unreplied), now).expect("room");
+    ct.insert(k[3], init(FlowState::Unreplied), now).expect("room");
+    // k[1] gets a reply: assured, so it must survive the evictions below.
+    assert_eq!(ct.lookup(&k[1]).unwrap().mark_reply(), FlowState::Assured);
+
+    ct.insert(k[4], init(FlowState::Unreplied), now).expect("evicts k0");
+    assert!(ct.lookup(&k[0]).is_none(), "oldest unassured goes first");
+    assert!(cut.is_cut(), "an evicted proxied flow is cut, not silently untracked");
+    ct.insert(k[5], init(FlowState::Unreplied), now).expect("evicts k2 (k1 is assured)");
+    assert!(ct.lookup(&k[1]).is_some());
+    assert!(ct.lookup(&k[2]).is_none());
+    assert_eq!(ct.len(), 4);
+
+    // Make everything assured: nothing left to evict, so new flows are refused.
+    ct.for_each(|e| {
+        e.mark_reply();
+    });
+    assert_eq!(
+        ct.insert(k[6], init(FlowState::Unreplied), now).unwrap_err(),
+        InsertError::Full { capacity: 4 }
+    );
+    assert_eq!(
+        ct.insert(k[7], init(FlowState::Open), now).unwrap_err(),
+        InsertError::Full { capacity: 4 }
+    );
+    let s = ct.stats();
+    assert_eq!(s.evicted.load(Ordering::Relaxed), 2);
+    assert_eq!(s.refused.load(Ordering::Relaxed), 2);
+    assert_eq!(s.inserted.load(Ordering::Relaxed), 6);
+    assert_eq!(ct.len(), 4);
+    for i in [1, 3, 4, 5] {
+        assert!(ct.lookup(&k[i]).is_some(), "flow {i} kept");
+    }
+}
+
+#[test]
+fn closing_flows_become_evictable_once_the_sweep_has_seen_them() {
+    let ct = Conntrack::new(&cfg(2, 1));
+    let now = Instant::now();
+    let a = key(Proto::Tcp, 1);
+    let b = key(Proto::Tcp, 2);
+    ct.insert(a, init(FlowState::Open), now).expect("room");
+    ct.insert(b, init(FlowState::Open), now).expect("room");
+    assert!(ct.insert(key(Proto::Tcp, 3), init(FlowState::Open), now).is_err());
+    ct.lookup(&b).unwrap().set_state(FlowState::Closing);
+    assert_eq!(ct.expire_step(now, 100), 0, "nothing is idle yet");
+    ct.insert(key(Proto::Tcp, 3), init(FlowState::Open), now).expect("evicts the closing flow");
+    assert!(ct.lookup(&b).is_none());
+    assert!(ct.lookup(&a).is_some());
+}
+
+#[test]
+fn expiry_is_incremental_and_per_protocol_and_state() {
+    let c = ConntrackConfig {
+        capacity: 10_000,
+        udp_unreplied: Duration::from_secs(30),
+        udp_assured: Duration::from_secs(180),
+        icmp: Duration::from_secs(20),
+        tcp_syn_sent: Duration::from_secs(120),
+        tcp_established: Duration::from_secs(3600),
+        tcp_transitory: Duration::from_secs(120),
+        tcp_time_wait: Duration::from_secs(120),
+        tcp_close: Duration::from_secs(10),
+        ..ConntrackConfig::default()
+    };
+    let ct = Conntrack::new(&c);
+    let t0 = Instant::now();
+    let n = 1000;
+    // n of each kind.
+    for i in 0..n {
+        ct.insert(key(Proto::Udp, i), init(FlowState::Unreplied), t0).unwrap();
+        ct.insert(key(Proto::Udp, n + i), init(FlowState::Unreplied), t0).unwrap().mark_reply();
+        ct.insert(key(Proto::Icmp, i), init(FlowState::Unreplied), t0).unwrap();
+        insert_established(&ct, key(Proto::Tcp, i), t0);
+        let (ti, conn) =
+            EntryInit::tcp_packet(TcpFlags::SYN, Generation(1), None, None, 0).unwrap();
+        let e = ct.insert_tcp(key(Proto::Tcp, n + i), ti, conn, t0).unwrap();
+        e.on_tcp_segment(Side::Reply, TcpFlags(0x14)).unwrap(); // refused: RST+ACK → CLOSE
+    }
+    assert_eq!(ct.len(), 5 * n as usize);
+    let timeout = |k: FlowKey| ct.timeout(&ct.lookup(&k).unwrap());
+    assert_eq!(timeout(key(Proto::Udp, 0)), Duration::from_secs(30));
+    assert_eq!(timeout(key(Proto::Udp, n)), Duration::from_secs(180));
+    assert_eq!(timeout(key(Proto::Icmp, 0)), Duration::from_secs(20));
+    assert_eq!(timeout(key(Proto::Tcp, 0)), Duration::from_secs(3600));
+    assert_eq!(timeout(key(Proto::Tcp, n)), Duration::from_secs(10));
+
+    // Sweep at a time after each deadline with a small budget: every call does bounded
+    // work, and repeated calls eventually remove exactly the idle kinds.
+    let sweep = |at: Duration| {
+        let mut removed = 0;
+        for _ in 0..200 {
+            removed += ct.expire_step(t0 + at, 500);
+        }
+        removed
+    };
+    let first = ct.expire_step(t0 + Duration::from_secs(11), 100);
+    assert!(first <= 100, "a step examines at most its budget");
+    assert_eq!(first as u64, ct.stats().expired.load(Ordering::Relaxed));
+    let _ = sweep(Duration::from_secs(11));
+    assert!(ct.lookup(&key(Proto::Tcp, n + 5)).is_none(), "CLOSE after 10 s");
+    assert!(ct.lookup(&key(Proto::Icmp, 5)).is_some());
+    assert_eq!(ct.len(), 4 * n as usize);
+    sweep(Duration::from_secs(31));
+    assert!(ct.lookup(&key(Proto::Icmp, 5)).is_none(), "ICMP after 20 s");
+    assert!(ct.lookup(&key(Proto::Udp, 5)).is_none(), "unreplied UDP after 30 s");
+    assert!(ct.lookup(&key(Proto::Udp, n + 5)).is_some(), "assured UDP lives on");
+    assert_eq!(ct.len(), 2 * n as usize);
+    // Activity keeps a flow: touch half the assured UDP flows at 170 s.
+    for i in 0..n / 2 {
+        let e = ct.lookup(&key(Proto::Udp, n + i)).unwrap();
+        ct.touch(&e, t0 + Duration::from_secs(170));
+    }
+    sweep(Duration::from_secs(181));
+    assert_eq!(ct.len(), (n + n / 2) as usize);
+    assert!(ct.lookup(&key(Proto::Udp, n)).is_some());
+    assert!(ct.lookup(&key(Proto::Udp, n + n / 2)).is_none());
+    sweep(Duration::from_secs(3601));
+    assert_eq!(ct.len(), 0, "established TCP after its own, longest timeout");
+    assert_eq!(ct.stats().expired.load(Ordering::Relaxed), 5 * u64::from(n));
+    let mut seen = 0;
+    ct.for_each(|_| seen += 1);
+    assert_eq!(seen, 0);
+}
+
+#[test]
+fn expiry_cuts_proxied_flows() {
+    let ct = Conntrack::new(&cfg(16, 0));
+    let t0 = Instant::now();
+    let cut = Arc::new(CutSignal::default());
+    let mut i = init(FlowState::Closing);
+    i.cut = Some(cut.clone());
+    ct.insert(key(Proto::Tcp, 1), i, t0).unwrap();
+    ct.expire_step(t0 + Duration::from_secs(60), 100);
+    assert!(!cut.is_cut());
+    let mut removed = 0;
+    for _ in 0..8 {
+        removed += ct.expire_step(t0 + Duration::from_secs(121), 100);
+    }
+    assert_eq!(removed, 1);
+    assert!(cut.is_cut());
+}
+
+#[test]
+fn flood_at_capacity_leaves_assured_flows_alone() {
+    let capacity = 20_000;
+    let ct = Conntrack::new(&cfg(capacity, 0));
+    let now = Instant::now();
+    let established = 5_000u32;
+    for i in 0..established {
+        insert_established(&ct, key(Proto::Tcp, i), now);
+    }
+    // 200,000 new UDP flows (a scan or a spoofed flood): bounded, counted, and the
+    // established flows keep their entries.
+    let flood = 200_000u32;
+    let mut refused = 0u64;
+    for i in 0..flood {
+        if ct.insert(key(Proto::Udp, i), init(FlowState::Unreplied), now).is_err() {
+            refused += 1;
+        }
+        assert!(ct.len() <= capacity);
+    }
+    assert_eq!(ct.len(), capacity);
+    for i in 0..established {
+        let e = ct.lookup(&key(Proto::Tcp, i)).expect("established flow survives the flood");
+        assert_eq!(e.tcp_state(), Some(TcpState::Established));
+    }
+    let s = ct.stats();
+    let evicted = s.evicted.load(Ordering::Relaxed);
+    assert_eq!(s.refused.load(Ordering::Relaxed), refused);
+    let inserted = s.inserted.load(Ordering::Relaxed);
+    assert_eq!(inserted, u64::from(established + flood) - refused);
+    assert_eq!(inserted - evicted, capacity as u64, "every insert beyond capacity evicted one");
+    assert!(evicted >= u64::from(flood) - capacity as u64 - refused);
+    // Refusals only happen where a shard and its neighbours were all busy or assured.
+    assert!(refused < u64::from(flood) / 100, "refused {refused}");
+}
+
+#[test]
+fn two_threads_insert_lookup_remove_and_expire() {
+    let capacity = 50_000;
+    let ct = Arc::new(Conntrack::new(&cfg(capacity, 0)));
+    let t0 = Instant::now();
+    let per_thread = 40_000u32;
+    let handles: Vec<_> = (0..2u32)
+        .map(|t| {
+            let ct = ct.clone();
+            std::thread::spawn(move || {
+                let mut hits = 0u32;
+                for round in 0..2u32 {
+                    for i in 0..per_thread {
+                        // Disjoint ranges per thread, plus a shared range both fight over.
+                        let id = if i % 8 == 0 { i } else { (t + 1) * 1_000_000 + i };
+                        let k = key(Proto::Udp, id + round * 4_000_000);
+                        let _ = ct.insert(k, init(FlowState::Unreplied), t0);
+                        if let Some(e) = ct.lookup(&k.reversed()) {
+                            e.mark_reply();
+                            e.count(Side::Reply, 100);
+                            hits += 1;
+                        }
+                        if i % 5 == 0 {
+                            ct.remove(&k);
+                        }
+                        if i % 1000 == 0 {
+                            ct.expire_step(t0 + Duration::from_secs(1), 256);
+                        }
+                    }
+                }
+                hits
+            })
+        })
+        .collect();
+    let hits: u32 = handles.into_iter().map(|h| h.join().expect("no panic")).sum();
+    assert!(hits > 0);
+    let mut seen = 0usize;
+    ct.for_each(|e| {
+        seen += 1;
+        assert!(e.packets_reply.load(Ordering::Relaxed) >= 1);
+    });
+    assert_eq!(seen, ct.len(), "shadow count matches the map");
+    assert!(ct.len() <= capacity);
+    let s = ct.stats();
+    let live = s.inserted.load(Ordering::Relaxed)
+        - s.evicted.load(Ordering::Relaxed)
+        - s.expired.load(Ordering::Relaxed)
+        - s.removed.load(Ordering::Relaxed);
+    assert_eq!(live, ct.len() as u64);
+}
+
+#[test]
+fn tcp_packet_flow_lifecycle_through_the_table() {
+    let ct = Conntrack::new(&cfg(16, 0));
+    let now = Instant::now();
+    let k = key(Proto::Tcp, 9);
+    assert!(EntryInit::tcp_packet(TcpFlags::ACK, Generation(1), None, None, 0).is_err());
+    let (init, conn) = EntryInit::tcp_packet(TcpFlags::SYN, Generation(1), None, None, 0).unwrap();
+    assert_eq!(conn, TcpConn::open(TcpFlags::SYN).unwrap());
+    ct.insert_tcp(k, init, conn, now).unwrap();
+    let step = |side: Side, flags: TcpFlags| {
+        ct.lookup_with(&k, |e, _| e.on_tcp_segment(side, flags)).expect("tracked")
+    };
+    assert!(step(Side::Orig, TcpFlags(0x18)).is_err(), "data before the handshake");
+    assert_eq!(ct.lookup(&k).unwrap().state(), FlowState::Unreplied);
+    let side = ct.lookup_with(&k.reversed(), |_, s| s).unwrap();
+    assert_eq!(step(side, TcpFlags::SYN_ACK), Ok(TcpState::SynRecv));
+    assert_eq!(step(Side::Orig, TcpFlags::ACK), Ok(TcpState::Established));
+    let e = ct.lookup(&k).unwrap();
+    assert_eq!(e.state(), FlowState::Open);
+    assert!(!e.is_evictable());
+    assert_eq!(step(Side::Orig, TcpFlags::FIN_ACK), Ok(TcpState::FinWait));
+    assert_eq!(e.state(), FlowState::Closing);
+    assert!(e.is_evictable());
+    assert_eq!(ct.timeout(&e), ConntrackConfig::default().tcp_fin_wait);
+}
+
+#[test]
+fn icmp_echo_and_udp_become_assured_on_reply() {
+    let ct = Conntrack::new(&cfg(16, 1));
+    let now = Instant::now();
+    // ICMP echo: the identifier rides in the originator's source port, 0 in the other, so
+    // the echo reply (server → client, same identifier) is the reverse key.
+    let client: SocketAddr = "198.18.0.1:4660".parse().unwrap();
+    let server: SocketAddr = "198.18.0.2:0".parse().unwrap();
+    let echo = FlowKey::new(Proto::Icmp, client, server);
+    let reply = FlowKey::new(Proto::Icmp, server, client);
+    let udp = key(Proto::Udp, 3);
+    for k in [echo, udp] {
+        ct.insert(k, init(FlowState::Unreplied), now).unwrap();
+        assert!(ct.lookup(&k).unwrap().is_evictable());
+    }
+    let state = ct.lookup_with(&reply, |e, side| {
+        assert_eq!(side, Side::Reply);
+        e.count(side, 84);
+        e.mark_reply()
+    });
+    assert_eq!(state, Some(FlowState::Assured));
+    let e = ct.lookup(&echo).unwrap();
+    assert!(!e.is_evictable());
+    assert_eq!(e.packets_reply.load(Ordering::Relaxed), 1);
+    assert_eq!(e.bytes_reply.load(Ordering::Relaxed), 84);
+    // A second identifier is another flow.
+    let other = FlowKey::new(Proto::Icmp, "198.18.0.1:4661".parse().unwrap(), server);
+    assert!(ct.lookup(&other).is_none());
+    // The originator's own packets never assure a flow; a reply does.
+    let u = ct.lookup(&udp).unwrap();
+    assert_eq!(ct.lookup_with(&udp, |_, side| side), Some(Side::Orig));
+    assert_eq!(u.state(), FlowState::Unreplied);
+    assert_eq!(u.mark_reply(), FlowState::Assured);
+    assert_eq!(ct.timeout(&u), ConntrackConfig::default().udp_assured);
+}
