@@ -44,10 +44,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// glibc's in-use bytes (chunk headers and rounding included).
+/// glibc's in-use bytes, chunk headers and rounding included: heap chunks plus the large
+/// blocks it maps separately (a big table's bucket array).
 fn malloc_in_use() -> usize {
     // SAFETY: mallinfo2 only reads allocator statistics.
-    unsafe { libc::mallinfo2() }.uordblks
+    let m = unsafe { libc::mallinfo2() };
+    m.uordblks + m.hblkhd
 }
 
 const N: usize = 1 << 20;
