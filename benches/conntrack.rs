@@ -544,6 +544,22 @@ fn memory(k: &Keys) {
         }
         m
     });
+    // The table's shape (the map key is the entry pointer itself), papaya vs HashIndex.
+    let entry = |i: usize| Arc::new([i as u64, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    measure("papaya set<Arc> (table shape)", || {
+        let m = papaya::HashSet::with_capacity_and_hasher(N, Fold);
+        for i in 0..N {
+            m.pin().insert(entry(i));
+        }
+        m
+    });
+    measure("scc HashIndex<Arc,()> (shape)", || {
+        let m = scc::HashIndex::with_capacity_and_hasher(N, Fold);
+        for i in 0..N {
+            let _ = m.insert_sync(entry(i), ());
+        }
+        m
+    });
     measure("dashmap<FlowKey,Arc> (old)", || {
         let m = dashmap::DashMap::new();
         for f in &k.flows[..N] {
