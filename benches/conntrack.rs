@@ -44,10 +44,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// glibc's in-use bytes (chunk headers and rounding included).
+/// glibc's in-use bytes, chunk headers and rounding included: heap chunks plus the large
+/// blocks it maps separately (a big table's bucket array).
 fn malloc_in_use() -> usize {
     // SAFETY: mallinfo2 only reads allocator statistics.
-    unsafe { libc::mallinfo2() }.uordblks
+    let m = unsafe { libc::mallinfo2() };
+    m.uordblks + m.hblkhd
 }
 
 const N: usize = 1 << 20;
@@ -296,6 +298,13 @@ fn bench_candidates(c: &mut Criterion, k: &Keys) {
                     })
                 })
             });
+            g.bench_function(BenchmarkId::new(format!("{name}/lookup_hit_hot64"), threads), |b| {
+                b.iter_custom(|iters| {
+                    timed(threads, iters, &|t, i| {
+                        assert!(m.hit(black_box(k.packed_hits[at(t, i) % 64])));
+                    })
+                })
+            });
             g.bench_function(BenchmarkId::new(format!("{name}/lookup_miss"), threads), |b| {
                 b.iter_custom(|iters| {
                     timed(threads, iters, &|t, i| {
@@ -381,6 +390,27 @@ fn bench_table(c: &mut Criterion, k: &Keys) {
                 })
             })
         });
+        // 64 active flows: everything in L1/L2, so this is the instruction cost of a lookup.
+        g.bench_function(BenchmarkId::new("lookup_with_hit_hot64", threads), |b| {
+            b.iter_custom(|iters| {
+                timed(threads, iters, &|th, i| {
+                    let key = &k.hits[at(th, i) % 64];
+                    assert!(t.0.lookup_with(black_box(key), |e, _| e.listener()).is_some());
+                })
+            })
+        });
+        // The same, 64 lookups per iteration under one read guard (a packet batch): divide
+        // the reported time by 64.
+        g.bench_function(BenchmarkId::new("lookup_with_hit_hot64_batch64", threads), |b| {
+            b.iter_custom(|iters| {
+                timed(threads, iters, &|th, _| {
+                    let _batch = t.0.read_guard();
+                    for key in &k.hits[th * 64..th * 64 + 64] {
+                        assert!(t.0.lookup_with(black_box(key), |e, _| e.listener()).is_some());
+                    }
+                })
+            })
+        });
         g.bench_function(BenchmarkId::new("lookup_miss", threads), |b| {
             b.iter_custom(|iters| {
                 timed(threads, iters, &|th, i| {
@@ -400,6 +430,34 @@ fn bench_table(c: &mut Criterion, k: &Keys) {
     }
     g.finish();
     drop(t);
+
+    // The shard count's effect on lookups: 512 shards (the old auto value at 1M) vs auto.
+    let t512 = Table(Conntrack::new(&ConntrackConfig {
+        capacity: 2 * N,
+        shards: 512,
+        ..ConntrackConfig::default()
+    }));
+    for f in &k.flows[..N] {
+        t512.0.insert(*f, init(), now).expect("room");
+    }
+    let mut g = c.benchmark_group("conntrack_1M_512shards");
+    g.bench_function(BenchmarkId::new("lookup_with_hit", 1), |b| {
+        b.iter_custom(|iters| {
+            timed(1, iters, &|th, i| {
+                let hit = t512.0.lookup_with(black_box(&k.hits[at(th, i)]), |e, _| e.listener());
+                assert!(hit.is_some());
+            })
+        })
+    });
+    g.bench_function(BenchmarkId::new("lookup_miss", 1), |b| {
+        b.iter_custom(|iters| {
+            timed(1, iters, &|th, i| {
+                assert!(t512.0.lookup_with(black_box(&k.misses[at(th, i)]), |_, _| ()).is_none());
+            })
+        })
+    });
+    g.finish();
+    drop(t512);
 
     // At capacity: every insert evicts the oldest unassured flow (the flood path).
     let full = table(N);
@@ -483,6 +541,22 @@ fn memory(k: &Keys) {
         let m = scc::HashIndex::with_capacity_and_hasher(N, Fold);
         for &key in &k.packed[..N] {
             let _ = m.insert_sync(key, val());
+        }
+        m
+    });
+    // The table's shape (the map key is the entry pointer itself), papaya vs HashIndex.
+    let entry = |i: usize| Arc::new([i as u64, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    measure("papaya set<Arc> (table shape)", || {
+        let m = papaya::HashSet::with_capacity_and_hasher(N, Fold);
+        for i in 0..N {
+            m.pin().insert(entry(i));
+        }
+        m
+    });
+    measure("scc HashIndex<Arc,()> (shape)", || {
+        let m = scc::HashIndex::with_capacity_and_hasher(N, Fold);
+        for i in 0..N {
+            let _ = m.insert_sync(entry(i), ());
         }
         m
     });

@@ -14,7 +14,8 @@ pub struct ConntrackConfig {
     /// evicted, otherwise new flows are refused (`flowgate_conntrack_evictions_total`,
     /// the refused counter).
     pub capacity: usize,
-    /// Number of shards (a power of two); 0 picks one shard per ~2,048 entries of capacity.
+    /// Number of shards (a power of two); 0 picks one shard per ~16,384 entries of
+    /// capacity (4..=1024).
     /// Each shard holds an equal share of the capacity (plus 25% slack for hash imbalance).
     pub shards: usize,
     /// Proxied TCP connections and established packet-dataplane TCP flows. Default 5 days.
@@ -132,12 +133,14 @@ impl ConntrackConfig {
     }
 
     /// The shard count actually used: the configured power of two, or one shard per
-    /// ~2,048 entries (4..=4096) so an expiry pass over one shard stays short.
+    /// ~16,384 entries (4..=1024): enough to spread writers and keep one expiry pass over a
+    /// shard short, few enough that the shards' own headers stay in cache for lookups
+    /// (`conntrack_1M_512shards` in benches/conntrack.rs).
     pub fn effective_shards(&self) -> usize {
         if self.shards != 0 && self.shards.is_power_of_two() {
             return self.shards.min(65_536);
         }
-        (self.capacity / 2048).next_power_of_two().clamp(4, 4096)
+        (self.capacity / 16_384).next_power_of_two().clamp(4, 1024)
     }
 }
 
@@ -184,8 +187,8 @@ mod tests {
     fn auto_shards_scale_with_capacity() {
         let c = |capacity| ConntrackConfig { capacity, ..Default::default() }.effective_shards();
         assert_eq!(c(1), 4);
-        assert_eq!(c(262_144), 128);
-        assert_eq!(c(1 << 20), 512);
-        assert_eq!(c(usize::MAX / 2), 4096);
+        assert_eq!(c(262_144), 16);
+        assert_eq!(c(1 << 20), 64);
+        assert_eq!(c(usize::MAX / 2), 1024);
     }
 }

@@ -242,7 +242,7 @@ impl TcpConn {
 
 fn check_flags(flags: TcpFlags) -> Result<(), TcpInvalid> {
     let syn = flags.has(TcpFlags::SYN);
-    if (syn && flags.has(TcpFlags::FIN)) || (syn && flags.has(TcpFlags::RST)) {
+    if syn && (flags.has(TcpFlags::FIN) || flags.has(TcpFlags::RST)) {
         Err(TcpInvalid::BadFlags)
     } else {
         Ok(())
