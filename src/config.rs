@@ -4,12 +4,16 @@
 //! Relative paths in the file are resolved against the directory the file is in, so the
 //! bundled config works from any working directory.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::dataplane::proxy::listener::{ListenerConfig, ListenerKind, ProxyProtocolMode};
 use crate::policy::DefaultAction;
+use crate::telemetry::flowlog::FlowLogConfig;
 
 /// The default location of the config file, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "config/flowgate.toml";
@@ -33,6 +37,15 @@ pub struct Config {
     /// `[conntrack]`: table size and timeouts.
     #[serde(default)]
     pub conntrack: crate::conntrack::ConntrackConfig,
+    /// `[[listener]]`: the data ports, in order (a listener's index is its id in conntrack).
+    #[serde(default)]
+    pub listener: Vec<ListenerConfig>,
+    /// `[flowlog]`: where deny events go and how they are folded.
+    #[serde(default)]
+    pub flowlog: FlowLogConfig,
+    /// `[run]`: process-wide settings of `flowgate run`.
+    #[serde(default)]
+    pub run: RunConfig,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -82,6 +95,47 @@ pub enum OnChange {
     Keep,
 }
 
+/// `[run]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// After SIGTERM/SIGINT: how long open connections may take to finish before the
+    /// process exits anyway. Default 30s.
+    #[serde(with = "human_duration")]
+    pub drain_timeout: Duration,
+    /// Tokio worker threads; 0 (default) means one per CPU.
+    pub worker_threads: usize,
+    /// How often the conntrack expiry task runs. Default 1s.
+    #[serde(with = "human_duration")]
+    pub expiry_interval: Duration,
+    /// Entries the expiry task looks at per run (it never scans the whole table at once).
+    /// Default 4,096.
+    pub expiry_budget: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            drain_timeout: Duration::from_secs(30),
+            worker_threads: 0,
+            expiry_interval: Duration::from_secs(1),
+            expiry_budget: 4096,
+        }
+    }
+}
+
+/// Durations in the config are written the human way (`30s`, `5m`, `250ms`).
+pub mod human_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 fn default_policy_dir() -> PathBuf {
     PathBuf::from("policies")
 }
@@ -104,6 +158,9 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.policy.dir = base.join(&cfg.policy.dir);
         cfg.policy.inventory = base.join(&cfg.policy.inventory);
+        if cfg.flowlog.output != "-" {
+            cfg.flowlog.output = base.join(&cfg.flowlog.output).to_string_lossy().into_owned();
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -115,6 +172,50 @@ impl Config {
 
     /// Cross-field checks that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: String| ConfigError::Invalid {
+            path: self.path.clone(),
+            field,
+            message,
+        };
+        if self.listener.len() > usize::from(u16::MAX) {
+            return Err(invalid("listener".into(), "too many listeners".into()));
+        }
+        let mut names = HashSet::new();
+        for (i, l) in self.listener.iter().enumerate() {
+            let field = |f: &str| format!("listener[{i}] ({}).{f}", l.name);
+            if l.name.is_empty() {
+                return Err(invalid(format!("listener[{i}].name"), "must not be empty".into()));
+            }
+            if !names.insert(l.name.as_str()) {
+                return Err(invalid(field("name"), "two listeners have this name".into()));
+            }
+            match l.kind {
+                ListenerKind::Tcp | ListenerKind::Udp if l.upstreams.is_empty() => {
+                    return Err(invalid(field("upstreams"), "needs at least one upstream".into()));
+                }
+                ListenerKind::Echo if !l.upstreams.is_empty() => {
+                    return Err(invalid(
+                        field("upstreams"),
+                        "an echo listener is its own upstream; it takes none".into(),
+                    ));
+                }
+                _ => {}
+            }
+            if l.proxy_protocol != ProxyProtocolMode::Off && l.trusted_proxies.is_empty() {
+                return Err(invalid(
+                    field("trusted_proxies"),
+                    "proxy_protocol is on but no proxy is trusted: every connection would be \
+                     refused"
+                        .into(),
+                ));
+            }
+            if l.max_connections == 0 {
+                return Err(invalid(field("max_connections"), "must be at least 1".into()));
+            }
+        }
+        if self.flowlog.channel_capacity == 0 {
+            return Err(invalid("flowlog.channel_capacity".into(), "must be at least 1".into()));
+        }
         Ok(())
     }
 }

@@ -1,1 +1,390 @@
-//! The flow log: deny / would-deny / revoked / allow events as JSON lines. (Stub: being built.)
+//! The flow log: `deny`, `would-deny`, `revoked` and (sampled, off by default) `allow`
+//! events as JSON lines, to a file or stdout.
+//!
+//! The data path never writes: it builds an [`Event`] (plain values and `Arc` clones, no
+//! allocation) and hands it to [`FlowLog::emit`], a `try_send` into a bounded channel. A
+//! full channel drops the event and counts it (`Registry::flowlog_dropped`); traffic never
+//! waits for the log. A background thread owns the output: it folds identical events that
+//! arrive within the dedupe window into one line with a `count`, resolves workload and
+//! policy ids to names through the policy snapshot the event was decided with, and writes.
+//!
+//! "Identical" means every field but the timestamp and the client's source port: a client
+//! hammering a denied service with new connections is one line per window, not thousands.
+//! The line carries the first event's timestamp and source address.
+//!
+//! Schema (DESIGN.md): `ts` (RFC 3339, ms, UTC), `event`, `listener`, `proto`, `src`,
+//! `dst` (ip:port), `fqdn`, `src_workload`, `dst_workload` (`ns/name` or null),
+//! `direction`, `reason`, `policy`, `generation`, `count`.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
+use std::io::{self, BufWriter, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::config::human_duration;
+use crate::flow::{Direction, Proto};
+use crate::policy::{PolicyId, PolicySnapshot, WorkloadId};
+use crate::telemetry::metrics::Registry;
+
+/// `[flowlog]` in the config file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlowLogConfig {
+    /// Where lines go: `"-"` (default) for stdout, otherwise a file path (appended to;
+    /// relative to the config file).
+    pub output: String,
+    /// Events buffered between the data path and the writer. Default 16,384. When full,
+    /// new events are dropped and counted (`flowgate_flowlog_dropped_total`).
+    pub channel_capacity: usize,
+    /// Identical events within this window become one line with `count`. Default 1s;
+    /// `0s` writes every event as it comes.
+    #[serde(with = "human_duration")]
+    pub dedupe_window: Duration,
+    /// Distinct events held for folding at once; beyond it they are written at once.
+    /// Default 65,536.
+    pub dedupe_max: usize,
+    /// Log one in N allowed flows as an `allow` event. Default 0 (off).
+    pub allow_sample: u64,
+}
+
+impl Default for FlowLogConfig {
+    fn default() -> Self {
+        FlowLogConfig {
+            output: "-".to_owned(),
+            channel_capacity: 16_384,
+            dedupe_window: Duration::from_secs(1),
+            dedupe_max: 65_536,
+            allow_sample: 0,
+        }
+    }
+}
+
+/// The kind of event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Allow,
+    Deny,
+    /// An audit-mode policy would have denied this (allowed) flow.
+    WouldDeny,
+    /// An established flow cut because a new policy generation denies it.
+    Revoked,
+}
+
+impl EventKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Allow => "allow",
+            EventKind::Deny => "deny",
+            EventKind::WouldDeny => "would-deny",
+            EventKind::Revoked => "revoked",
+        }
+    }
+}
+
+/// One event as the data path builds it: no strings are formatted here, ids are resolved
+/// to names by the writer through `snapshot` (the generation that decided).
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub ts: SystemTime,
+    pub kind: EventKind,
+    /// The listener's name (an `Arc` clone, not a copy).
+    pub listener: Arc<str>,
+    pub proto: Proto,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    /// The destination's name where the dataplane knew it.
+    pub fqdn: Option<Arc<str>>,
+    pub src_workload: Option<WorkloadId>,
+    pub dst_workload: Option<WorkloadId>,
+    /// The side that refused (`None` for allow or when neither side is a workload).
+    pub direction: Option<Direction>,
+    /// Why: a policy cause (`not-admitted`, `admin-deny`, …) or a data-path reason
+    /// (`conntrack-full`).
+    pub reason: &'static str,
+    /// The deciding policy (or the isolating one).
+    pub policy: Option<PolicyId>,
+    /// The policy generation that decided; also resolves the ids above.
+    pub snapshot: Arc<PolicySnapshot>,
+}
+
+/// The handle the data path logs through. Cheap to clone; `emit` never blocks.
+#[derive(Clone, Debug)]
+pub struct FlowLog {
+    tx: Option<SyncSender<Event>>,
+    registry: Arc<Registry>,
+    allow_sample: u64,
+    allow_seen: Arc<AtomicU64>,
+}
+
+impl FlowLog {
+    /// A flow log that discards everything (for tests and tools that have none).
+    pub fn disabled(registry: Arc<Registry>) -> FlowLog {
+        FlowLog { tx: None, registry, allow_sample: 0, allow_seen: Arc::default() }
+    }
+
+    /// Opens the output and starts the writer thread.
+    ///
+    /// # Errors
+    /// The output file cannot be opened for appending.
+    pub fn start(
+        cfg: &FlowLogConfig,
+        registry: Arc<Registry>,
+    ) -> io::Result<(FlowLog, FlowLogWriter)> {
+        let out: Box<dyn Write + Send> = if cfg.output == "-" {
+            Box::new(io::stdout())
+        } else {
+            let path = PathBuf::from(&cfg.output);
+            Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?)
+        };
+        let (tx, rx) = mpsc::sync_channel(cfg.channel_capacity.max(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
+            rx,
+            out: BufWriter::with_capacity(64 * 1024, out),
+            window: cfg.dedupe_window,
+            max_pending: cfg.dedupe_max.max(1),
+            pending: HashMap::new(),
+            registry: registry.clone(),
+            stop: stop.clone(),
+        };
+        let thread =
+            std::thread::Builder::new().name("flowlog".into()).spawn(move || writer.run())?;
+        let log = FlowLog {
+            tx: Some(tx),
+            registry,
+            allow_sample: cfg.allow_sample,
+            allow_seen: Arc::default(),
+        };
+        Ok((log, FlowLogWriter { stop, thread: Some(thread) }))
+    }
+
+    /// Queues an event for the writer. Never blocks: a full channel drops the event and
+    /// counts it.
+    #[inline]
+    pub fn emit(&self, event: Event) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(event) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.registry.flowlog_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether this allowed flow is one of the sampled ones (`allow_sample`: 1 in N).
+    #[inline]
+    pub fn sample_allow(&self) -> bool {
+        self.tx.is_some()
+            && self.allow_sample != 0
+            && self.allow_seen.fetch_add(1, Ordering::Relaxed).is_multiple_of(self.allow_sample)
+    }
+}
+
+/// Owns the writer thread; [`FlowLogWriter::finish`] flushes everything and stops it.
+#[derive(Debug)]
+pub struct FlowLogWriter {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FlowLogWriter {
+    /// Writes every queued and folded event, then stops the thread. Events emitted after
+    /// this are dropped (and counted).
+    pub fn finish(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for FlowLogWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// What makes two events "identical" for folding: everything but the time and the
+/// client's source port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct FoldKey {
+    kind: EventKind,
+    listener: Arc<str>,
+    proto: Proto,
+    src_ip: IpAddr,
+    dst: SocketAddr,
+    fqdn: Option<Arc<str>>,
+    src_workload: Option<WorkloadId>,
+    dst_workload: Option<WorkloadId>,
+    direction: Option<Direction>,
+    reason: &'static str,
+    policy: Option<PolicyId>,
+    generation: u64,
+}
+
+struct Pending {
+    first: Event,
+    count: u64,
+    since: Instant,
+}
+
+struct Writer {
+    rx: Receiver<Event>,
+    out: BufWriter<Box<dyn Write + Send>>,
+    window: Duration,
+    max_pending: usize,
+    pending: HashMap<FoldKey, Pending>,
+    registry: Arc<Registry>,
+    stop: Arc<AtomicBool>,
+}
+
+/// How often the writer looks at the clock for windows that closed and for `stop`.
+const TICK: Duration = Duration::from_millis(50);
+
+impl Writer {
+    fn run(mut self) {
+        loop {
+            match self.rx.recv_timeout(TICK) {
+                Ok(ev) => {
+                    self.take(ev);
+                    // Drain what is already queued before touching the clock again.
+                    while let Ok(ev) = self.rx.try_recv() {
+                        self.take(ev);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.flush_due(Instant::now(), false);
+            if self.stop.load(Ordering::Acquire) {
+                while let Ok(ev) = self.rx.try_recv() {
+                    self.take(ev);
+                }
+                break;
+            }
+        }
+        self.flush_due(Instant::now(), true);
+    }
+
+    fn take(&mut self, ev: Event) {
+        if self.window.is_zero() {
+            self.write(&ev, 1);
+            return;
+        }
+        let key = FoldKey {
+            kind: ev.kind,
+            listener: ev.listener.clone(),
+            proto: ev.proto,
+            src_ip: ev.src.ip(),
+            dst: ev.dst,
+            fqdn: ev.fqdn.clone(),
+            src_workload: ev.src_workload,
+            dst_workload: ev.dst_workload,
+            direction: ev.direction,
+            reason: ev.reason,
+            policy: ev.policy,
+            generation: ev.snapshot.generation.0,
+        };
+        let full = self.pending.len() >= self.max_pending;
+        match self.pending.entry(key) {
+            MapEntry::Occupied(mut o) => {
+                o.get_mut().count += 1;
+                self.registry.flowlog_folded.fetch_add(1, Ordering::Relaxed);
+            }
+            MapEntry::Vacant(_) if full => self.write(&ev, 1),
+            MapEntry::Vacant(v) => {
+                v.insert(Pending { first: ev, count: 1, since: Instant::now() });
+            }
+        }
+    }
+
+    /// Writes the folded events whose window has closed (all of them when `all`).
+    fn flush_due(&mut self, now: Instant, all: bool) {
+        if !self.pending.is_empty() {
+            let window = self.window;
+            let due: Vec<FoldKey> = self
+                .pending
+                .iter()
+                .filter(|(_, p)| all || now.saturating_duration_since(p.since) >= window)
+                .map(|(k, _)| k.clone())
+                .collect();
+            let mut batch: Vec<Pending> =
+                due.iter().filter_map(|k| self.pending.remove(k)).collect();
+            batch.sort_by_key(|p| p.first.ts);
+            for p in &batch {
+                self.write(&p.first, p.count);
+            }
+        }
+        let _ = self.out.flush();
+    }
+
+    fn write(&mut self, ev: &Event, count: u64) {
+        let line = render(ev, count);
+        if serde_json::to_writer(&mut self.out, &line).is_ok() {
+            let _ = self.out.write_all(b"\n");
+        }
+    }
+}
+
+/// One line of the flow log, exactly the DESIGN.md fields in order.
+#[derive(Debug, Serialize)]
+pub struct Line<'a> {
+    pub ts: String,
+    pub event: &'static str,
+    pub listener: &'a str,
+    pub proto: &'static str,
+    pub src: String,
+    pub dst: String,
+    pub fqdn: Option<&'a str>,
+    pub src_workload: Option<String>,
+    pub dst_workload: Option<String>,
+    pub direction: Option<&'static str>,
+    pub reason: &'static str,
+    pub policy: Option<&'a str>,
+    pub generation: u64,
+    pub count: u64,
+}
+
+/// Resolves an event into its line (the writer's job; public for the admin API and tests).
+pub fn render(ev: &Event, count: u64) -> Line<'_> {
+    let compiled = &ev.snapshot.compiled;
+    let name =
+        |w: Option<WorkloadId>| w.and_then(|id| compiled.workload_name(id)).map(|n| n.to_string());
+    Line {
+        ts: DateTime::<Utc>::from(ev.ts).to_rfc3339_opts(SecondsFormat::Millis, true),
+        event: ev.kind.as_str(),
+        listener: &ev.listener,
+        proto: proto_name(ev.proto),
+        src: ev.src.to_string(),
+        dst: ev.dst.to_string(),
+        fqdn: ev.fqdn.as_deref(),
+        src_workload: name(ev.src_workload),
+        dst_workload: name(ev.dst_workload),
+        direction: ev.direction.map(Direction::as_str),
+        reason: ev.reason,
+        policy: ev.policy.and_then(|p| compiled.policy_name(p)),
+        generation: ev.snapshot.generation.0,
+        count,
+    }
+}
+
+/// Protocol names in the flow log are lower case (`tcp`, `udp`), like the listener kinds.
+const fn proto_name(p: Proto) -> &'static str {
+    match p {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+        Proto::Sctp => "sctp",
+        Proto::Icmp => "icmp",
+        Proto::Icmpv6 => "icmpv6",
+        Proto::Unknown(_) => "unknown",
+    }
+}

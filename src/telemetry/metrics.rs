@@ -35,6 +35,11 @@ pub struct ListenerCounters {
     pub upstream_failed: AtomicU64,
     /// New flows refused because the conntrack table was full.
     pub conntrack_full: AtomicU64,
+    /// `accept` errors (EMFILE pauses the loop; the loop never stops for them).
+    pub accept_errors: AtomicU64,
+    /// UDP datagrams dropped for a reason other than policy (session limit, send buffer
+    /// full, malformed PROXY header).
+    pub datagrams_dropped: AtomicU64,
 }
 
 impl ListenerCounters {

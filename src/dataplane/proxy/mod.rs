@@ -1,3 +1,118 @@
-//! The proxy dataplane (tokio): listeners of kind tcp, udp, http-connect, socks5, transparent. (Stub: being built.)
+//! The proxy dataplane (tokio): listeners that accept connections or datagrams, learn the
+//! client (peer or PROXY header), pass each new flow through [`crate::dataplane::admit`]
+//! and forward what is allowed.
+//!
+//! - [`listener`]: the `[[listener]]` config types and socket binding.
+//! - [`tcp`]: accept loop and per-connection task; [`splice`] moves the bytes.
+//! - [`udp`]: per-client sessions.
+//! - [`upstream`]: round robin with cool-down.
+//!
+//! [`start`] binds every configured listener first (so a bad address fails start-up
+//! before anything is served), then spawns them and marks the runtime ready.
+//!
+//! Not here: the decision (`dataplane::admit`, `policy`), the forward-proxy kinds
+//! (`http-connect`, `socks5`: `egress`), packets (`dataplane::packet`).
 
+pub mod listener;
 pub mod proxy_header;
+pub mod splice;
+pub mod tcp;
+pub mod udp;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use self::listener::{ListenerConfig, ListenerKind, bind_socket};
+use self::tcp::{Handler, TcpProxy};
+use self::udp::UdpProxy;
+use self::upstream::Upstreams;
+use super::{ListenerTag, Runtime};
+use crate::shutdown::Shutdown;
+
+#[derive(Debug, Error)]
+pub enum ProxyError {
+    #[error("listener {name}: cannot bind {addr}: {source}")]
+    Bind { name: String, addr: SocketAddr, source: std::io::Error },
+}
+
+/// A listener that is up.
+#[derive(Debug)]
+pub struct RunningListener {
+    pub name: String,
+    pub kind: ListenerKind,
+    /// The bound address (with the real port when the config said `:0`).
+    pub local_addr: SocketAddr,
+    pub task: JoinHandle<()>,
+}
+
+/// Binds and starts every listener, in config order (a listener's index is its id in
+/// conntrack and in the registry). Must be called inside a tokio runtime. Marks
+/// `rt.readiness` once all are serving.
+///
+/// # Errors
+/// [`ProxyError::Bind`] for the first listener that cannot bind; none is started then.
+pub fn start(
+    rt: &Arc<Runtime>,
+    listeners: &[ListenerConfig],
+    shutdown: &Shutdown,
+) -> Result<Vec<RunningListener>, ProxyError> {
+    enum Bound {
+        Tcp(TcpListener),
+        Udp(tokio::net::UdpSocket),
+    }
+    let mut bound = Vec::with_capacity(listeners.len());
+    for cfg in listeners {
+        let err = |source| ProxyError::Bind { name: cfg.name.clone(), addr: cfg.bind, source };
+        let b = match cfg.kind {
+            ListenerKind::Tcp | ListenerKind::Echo => {
+                let sock =
+                    bind_socket(cfg.bind, socket2::Type::STREAM, cfg.reuse_port, Some(cfg.backlog))
+                        .map_err(err)?;
+                Bound::Tcp(TcpListener::from_std(sock.into()).map_err(err)?)
+            }
+            ListenerKind::Udp => Bound::Udp(udp::bind(cfg).map_err(err)?),
+        };
+        bound.push(b);
+    }
+    let mut running = Vec::with_capacity(listeners.len());
+    for (index, (cfg, b)) in listeners.iter().zip(bound).enumerate() {
+        let counters = rt.registry.listener(&cfg.name, cfg.kind.as_str());
+        let tag = ListenerTag {
+            index: u16::try_from(index).unwrap_or(u16::MAX),
+            name: Arc::from(cfg.name.as_str()),
+            counters: counters.clone(),
+        };
+        let upstreams = Upstreams::new(cfg.upstreams.clone(), cfg.upstream_cooldown);
+        let signal = shutdown.signal();
+        let guard = shutdown.guard();
+        let (local_addr, task) = match b {
+            Bound::Tcp(l) => {
+                let local = l.local_addr().unwrap_or(cfg.bind);
+                let handler = match cfg.kind {
+                    ListenerKind::Echo => Handler::Echo { idle: cfg.idle_timeout },
+                    _ => Handler::Proxy(Arc::new(TcpProxy {
+                        rt: rt.clone(),
+                        tag,
+                        cfg: cfg.clone(),
+                        upstreams,
+                    })),
+                };
+                let max = cfg.max_connections;
+                (local, tokio::spawn(tcp::serve(l, handler, counters, max, signal, guard)))
+            }
+            Bound::Udp(s) => {
+                let local = s.local_addr().unwrap_or(cfg.bind);
+                let proxy = Arc::new(UdpProxy { rt: rt.clone(), tag, cfg: cfg.clone(), upstreams });
+                (local, tokio::spawn(proxy.serve(Arc::new(s), signal, guard)))
+            }
+        };
+        running.push(RunningListener { name: cfg.name.clone(), kind: cfg.kind, local_addr, task });
+    }
+    rt.readiness.set(true);
+    Ok(running)
+}

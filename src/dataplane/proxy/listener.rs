@@ -1,0 +1,165 @@
+//! `[[listener]]`: what one data port is (its config types), and binding its socket.
+//!
+//! Every knob has a default here and a comment in `config/flowgate.toml`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::human_duration;
+
+/// The kind of listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerKind {
+    /// TCP: each accepted connection is a flow to one of `upstreams`.
+    Tcp,
+    /// UDP: each client address is a session (a flow) to one of `upstreams`.
+    Udp,
+    /// A built-in TCP echo server (writes back what it reads). A demo and test upstream,
+    /// so the bundled config shows real traffic on a machine with nothing else running.
+    /// It is a destination, not a gateway: no policy is applied on it.
+    Echo,
+}
+
+impl ListenerKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ListenerKind::Tcp => "tcp",
+            ListenerKind::Udp => "udp",
+            ListenerKind::Echo => "echo",
+        }
+    }
+}
+
+/// `proxy_protocol`: whether the listener expects a PROXY protocol header first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocolMode {
+    /// No header: the peer is the client (default).
+    #[default]
+    Off,
+    /// Text header only.
+    V1,
+    /// Binary header only.
+    V2,
+    /// Either version; a connection without a valid header is refused.
+    Any,
+}
+
+/// One `[[listener]]` table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Unique name; appears in the flow log and metrics.
+    pub name: String,
+    pub kind: ListenerKind,
+    /// Address to listen on.
+    pub bind: SocketAddr,
+    /// Where flows go, round-robin. An upstream whose connect fails is skipped for
+    /// `upstream_cooldown`.
+    #[serde(default)]
+    pub upstreams: Vec<SocketAddr>,
+    /// Time allowed for connecting to an upstream. Default 5s.
+    #[serde(default = "default_connect_timeout", with = "human_duration")]
+    pub connect_timeout: Duration,
+    /// A connection (TCP) or session (UDP) with no traffic either way for this long is
+    /// closed. Default 5m for TCP; UDP sessions use `udp_idle_timeout`.
+    #[serde(default = "default_idle_timeout", with = "human_duration")]
+    pub idle_timeout: Duration,
+    /// UDP sessions idle for this long are closed. Default 60s.
+    #[serde(default = "default_udp_idle_timeout", with = "human_duration")]
+    pub udp_idle_timeout: Duration,
+    /// How long a failed upstream is skipped. Default 10s.
+    #[serde(default = "default_cooldown", with = "human_duration")]
+    pub upstream_cooldown: Duration,
+    /// Open connections (TCP) or sessions (UDP) at once; at the limit, accepting pauses
+    /// (TCP) or new clients' datagrams are dropped (UDP), and `limit_reached` counts it.
+    /// Default 10,000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// SO_REUSEPORT, so several processes (or replicas) can share the port. Default true.
+    #[serde(default = "default_true")]
+    pub reuse_port: bool,
+    /// Listen backlog. Default 1024.
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
+    /// PROXY protocol: `off` (default), `v1`, `v2` or `any`.
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocolMode,
+    /// Peers whose PROXY header is believed (CIDRs). A header from anyone else is refused
+    /// and counted. Required when `proxy_protocol` is not `off`.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    /// The whole PROXY header must arrive within this time. Default 5s.
+    #[serde(default = "default_pp_timeout", with = "human_duration")]
+    pub proxy_protocol_timeout: Duration,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_udp_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_cooldown() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_backlog() -> u32 {
+    1024
+}
+fn default_pp_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl ListenerConfig {
+    /// Whether a PROXY header from `peer` is believed.
+    pub fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        let peer = canonical_ip(peer);
+        self.trusted_proxies.iter().any(|n| n.contains(&peer))
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => {
+            v6.to_ipv4_mapped().map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4)
+        }
+        v4 => v4,
+    }
+}
+
+/// Makes the listening socket: SO_REUSEADDR, optionally SO_REUSEPORT, non-blocking.
+pub(crate) fn bind_socket(
+    addr: SocketAddr,
+    ty: Type,
+    reuse_port: bool,
+    backlog: Option<u32>,
+) -> io::Result<Socket> {
+    let proto = if ty == Type::STREAM { Protocol::TCP } else { Protocol::UDP };
+    let sock = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
+    sock.set_reuse_address(true)?;
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    if let Some(backlog) = backlog {
+        sock.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    }
+    Ok(sock)
+}

@@ -1,0 +1,260 @@
+//! TCP listeners: the accept loop and one task per connection.
+//!
+//! The accept loop never dies on a transient error (EMFILE and friends: pause and retry)
+//! and never accepts more than `max_connections` at once (a semaphore in front of
+//! `accept`: at the limit, accepting pauses and `limit_reached` counts it). On shutdown it
+//! stops accepting and drops the listening socket; open connections keep their drain
+//! guard until they finish.
+//!
+//! Per connection: learn the client (the peer, or the PROXY header's source from a trusted
+//! proxy), choose an upstream, [`admit`]. Denied → reset at once (SO_LINGER 0), the upstream
+//! is never contacted. Allowed → connect within `connect_timeout` (a failed upstream is
+//! cooled down and the next one is tried, through the gate again), splice, and remove the
+//! conntrack entry when the connection ends.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use super::listener::{ListenerConfig, ProxyProtocolMode};
+use super::splice::{Accounting, SpliceEnd, splice};
+use super::upstream::Upstreams;
+use crate::conntrack::FlowState;
+use crate::dataplane::{Admission, ListenerTag, Runtime, admit, tcp_flow};
+use crate::shutdown::{DrainGuard, Signal};
+use crate::telemetry::metrics::ListenerCounters;
+
+/// What a TCP listener does with an accepted connection.
+#[derive(Debug)]
+pub enum Handler {
+    /// Gate and forward to the upstreams.
+    Proxy(Arc<TcpProxy>),
+    /// The built-in echo upstream (demo and tests): no policy, writes back what it reads.
+    Echo { idle: Duration },
+}
+
+/// A gateway TCP listener's state, shared by its connection tasks.
+#[derive(Debug)]
+pub struct TcpProxy {
+    pub rt: Arc<Runtime>,
+    pub tag: ListenerTag,
+    pub cfg: ListenerConfig,
+    pub upstreams: Upstreams,
+}
+
+/// Accepts until shutdown. Holds `guard` while running; each connection holds a clone.
+pub async fn serve(
+    listener: TcpListener,
+    handler: Handler,
+    counters: Arc<ListenerCounters>,
+    max_connections: usize,
+    mut signal: Signal,
+    guard: DrainGuard,
+) {
+    let handler = Arc::new(handler);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                ListenerCounters::inc(&counters.limit_reached);
+                tokio::select! {
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break, // never closed; leave rather than spin
+                    },
+                    () = signal.recv() => break,
+                }
+            }
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    ListenerCounters::inc(&counters.accept_errors);
+                    pause_on_accept_error(&e).await;
+                    continue;
+                }
+            },
+            () = signal.recv() => break,
+        };
+        ListenerCounters::inc(&counters.accepted);
+        counters.active.fetch_add(1, Ordering::Relaxed);
+        let handler = handler.clone();
+        let counters = counters.clone();
+        let guard = guard.clone();
+        tokio::spawn(async move {
+            match &*handler {
+                Handler::Proxy(p) => p.connection(stream, peer).await,
+                Handler::Echo { idle } => echo(stream, *idle).await,
+            }
+            counters.active.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+            drop(guard);
+        });
+    }
+}
+
+/// Out of file descriptors or memory: the condition lasts, so wait before the next
+/// accept instead of spinning. Other errors (a connection aborted before accept) concern
+/// one connection only.
+async fn pause_on_accept_error(e: &io::Error) {
+    let resource = matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    );
+    if resource {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Closes with a reset (SO_LINGER 0): a denied client learns at once, nothing lingers in
+/// TIME_WAIT, and no byte of ours reaches it.
+pub fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// Why a connection was refused before any policy decision.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("PROXY header from {peer}, which is not in trusted_proxies")]
+    UntrustedProxy { peer: SocketAddr },
+    #[error("PROXY header malformed: {0}")]
+    Malformed(String),
+    #[error("PROXY header not complete within the timeout")]
+    Timeout,
+    #[error("client I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl TcpProxy {
+    async fn connection(&self, mut stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let counters = &self.tag.counters;
+        let (client, first_up) = match self.client_addr(&mut stream, peer).await {
+            Ok(x) => x,
+            Err(e) => {
+                match e {
+                    HandshakeError::UntrustedProxy { .. } => {
+                        ListenerCounters::inc(&counters.untrusted_proxy);
+                    }
+                    HandshakeError::Timeout => ListenerCounters::inc(&counters.handshake_timeout),
+                    HandshakeError::Malformed(_) | HandshakeError::Io(_) => {
+                        ListenerCounters::inc(&counters.handshake_malformed);
+                    }
+                }
+                reset(stream);
+                return;
+            }
+        };
+        // One try per upstream at most: each goes through the gate, since another
+        // upstream is another destination.
+        for _ in 0..self.upstreams.len() {
+            let Some((i, up)) = self.upstreams.pick(Instant::now()) else { break };
+            let key = tcp_flow(client, up);
+            let admitted =
+                match admit(&self.rt, &self.tag, key, None, FlowState::Open, Instant::now()) {
+                    Admission::Allow(a) => a,
+                    Admission::Deny(_) | Admission::Untracked(_) => {
+                        reset(stream);
+                        return;
+                    }
+                };
+            let connect = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(up));
+            let mut upstream = tokio::select! {
+                r = connect => match r {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(_)) | Err(_) => {
+                        self.upstreams.mark_failed(i, Instant::now());
+                        ListenerCounters::inc(&counters.upstream_failed);
+                        self.rt.conntrack.remove(&key);
+                        continue;
+                    }
+                },
+                () = admitted.cut.cut() => {
+                    self.rt.conntrack.remove(&key);
+                    reset(stream);
+                    return;
+                }
+            };
+            self.upstreams.mark_ok(i);
+            let _ = upstream.set_nodelay(true);
+            let acct =
+                Accounting { conntrack: &self.rt.conntrack, entry: &admitted.entry, counters };
+            let end = splice(
+                &mut stream,
+                &mut upstream,
+                &first_up,
+                self.cfg.idle_timeout,
+                &admitted.cut,
+                &acct,
+            )
+            .await;
+            self.rt.conntrack.remove(&key);
+            match end {
+                SpliceEnd::Closed => {}
+                // Cut by policy, idle, or one side failed: neither side gets a clean FIN.
+                SpliceEnd::Cut | SpliceEnd::Idle | SpliceEnd::Error(_) => {
+                    reset(upstream);
+                    reset(stream);
+                }
+            }
+            return;
+        }
+        // No upstream could be reached.
+        reset(stream);
+    }
+
+    /// The client's address: the peer itself, or the source a trusted proxy's PROXY
+    /// header names. Also returns bytes read past the header, which belong upstream.
+    async fn client_addr(
+        &self,
+        stream: &mut TcpStream,
+        peer: SocketAddr,
+    ) -> Result<(SocketAddr, Vec<u8>), HandshakeError> {
+        if self.cfg.proxy_protocol == ProxyProtocolMode::Off {
+            return Ok((peer, Vec::new()));
+        }
+        if !self.cfg.trusts(peer.ip()) {
+            return Err(HandshakeError::UntrustedProxy { peer });
+        }
+        tokio::time::timeout(self.cfg.proxy_protocol_timeout, read_proxy_header(stream, &self.cfg))
+            .await
+            .map_err(|_| HandshakeError::Timeout)?
+    }
+}
+
+/// SEAM for the PROXY protocol driver (`proxy_header::read_header`, branch `pp`): until it
+/// is merged, a listener with `proxy_protocol` on refuses every connection (fail closed).
+async fn read_proxy_header(
+    _stream: &mut TcpStream,
+    _cfg: &ListenerConfig,
+) -> Result<(SocketAddr, Vec<u8>), HandshakeError> {
+    Err(HandshakeError::Malformed("PROXY protocol support is not built yet".into()))
+}
+
+/// The echo upstream: read, write back, until EOF (then FIN) or idle.
+async fn echo(mut stream: TcpStream, idle: Duration) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = match tokio::time::timeout(idle, stream.read(&mut buf)).await {
+            Ok(Ok(0)) => {
+                let _ = stream.shutdown().await;
+                return;
+            }
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) | Err(_) => return,
+        };
+        if stream.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
