@@ -201,13 +201,11 @@ impl Config {
                 }
                 _ => {}
             }
-            if l.proxy_protocol != ProxyProtocolMode::Off && l.trusted_proxies.is_empty() {
-                return Err(invalid(
-                    field("trusted_proxies"),
-                    "proxy_protocol is on but no proxy is trusted: every connection would be \
-                     refused"
-                        .into(),
-                ));
+            if l.kind == ListenerKind::Echo && l.proxy_protocol != ProxyProtocolMode::Off {
+                return Err(invalid(field("proxy_protocol"), "not for an echo listener".into()));
+            }
+            if let Err((f, message)) = l.proxy_header().validate(l.kind == ListenerKind::Udp) {
+                return Err(invalid(field(f), message));
             }
             if l.max_connections == 0 {
                 return Err(invalid(field("max_connections"), "must be at least 1".into()));

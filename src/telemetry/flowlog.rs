@@ -388,3 +388,123 @@ const fn proto_name(p: Proto) -> &'static str {
         Proto::Unknown(_) => "unknown",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::policy::{CompileOptions, CompiledPolicy, DefaultAction, Generation, PolicySet};
+
+    fn snapshot() -> Arc<PolicySnapshot> {
+        let opts = CompileOptions {
+            default: DefaultAction::Deny,
+            unknown: DefaultAction::Deny,
+            now: SystemTime::now(),
+        };
+        let compiled = CompiledPolicy::compile(&PolicySet::default(), &opts).unwrap();
+        Arc::new(PolicySnapshot {
+            compiled,
+            generation: Generation(7),
+            content_hash: String::new(),
+            loaded_at: SystemTime::now(),
+        })
+    }
+
+    fn event(src: &str, snap: &Arc<PolicySnapshot>) -> Event {
+        Event {
+            ts: SystemTime::now(),
+            kind: EventKind::Deny,
+            listener: Arc::from("l"),
+            proto: Proto::Udp,
+            src: src.parse::<SocketAddr>().unwrap(),
+            dst: "198.18.0.1:53".parse().unwrap(),
+            fqdn: Some(Arc::from("dns.example")),
+            src_workload: None,
+            dst_workload: None,
+            direction: None,
+            reason: "unknown-endpoints",
+            policy: None,
+            snapshot: snap.clone(),
+        }
+    }
+
+    fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn identical_events_fold_and_others_stay_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let cfg = FlowLogConfig {
+            output: path.to_string_lossy().into_owned(),
+            dedupe_window: Duration::from_secs(60),
+            ..FlowLogConfig::default()
+        };
+        let reg = Arc::new(Registry::default());
+        let (log, writer) = FlowLog::start(&cfg, reg.clone()).unwrap();
+        let snap = snapshot();
+        for port in 1000..1010 {
+            log.emit(event(&format!("198.18.0.9:{port}"), &snap)); // ports differ: folded
+        }
+        log.emit(event("198.18.0.10:1000", &snap)); // another client: its own line
+        writer.finish(); // flushes pending folds
+        let got = lines(&path);
+        assert_eq!(got.len(), 2, "{got:?}");
+        let first = got.iter().find(|l| l["src"] == "198.18.0.9:1000").unwrap();
+        assert_eq!(first["count"], 10);
+        assert_eq!(first["generation"], 7);
+        assert_eq!(first["fqdn"], "dns.example");
+        assert_eq!(first["proto"], "udp");
+        assert_eq!(reg.flowlog_folded.load(Ordering::Relaxed), 9);
+        assert_eq!(reg.flowlog_dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_full_channel_drops_and_counts_never_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let cfg = FlowLogConfig {
+            output: path.to_string_lossy().into_owned(),
+            channel_capacity: 4,
+            dedupe_window: Duration::ZERO,
+            ..FlowLogConfig::default()
+        };
+        let reg = Arc::new(Registry::default());
+        let (log, writer) = FlowLog::start(&cfg, reg.clone()).unwrap();
+        let snap = snapshot();
+        // Far more than the writer can take between two of its wake-ups.
+        let t0 = Instant::now();
+        for i in 0..20_000u32 {
+            log.emit(event(&format!("198.18.{}.{}:1", i / 250, i % 250), &snap));
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "emit must not wait for the writer");
+        writer.finish();
+        let written = lines(&path).len() as u64;
+        let dropped = reg.flowlog_dropped.load(Ordering::Relaxed);
+        assert!(dropped > 0, "a 4-slot channel overflowed");
+        assert_eq!(written + dropped, 20_000, "every event is written or counted");
+    }
+
+    #[test]
+    fn allow_sampling_is_one_in_n_and_off_by_default() {
+        let reg = Arc::new(Registry::default());
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = FlowLogConfig {
+            output: dir.path().join("log").to_string_lossy().into_owned(),
+            ..FlowLogConfig::default()
+        };
+        let (off, w) = FlowLog::start(&cfg, reg.clone()).unwrap();
+        assert!((0..100).all(|_| !off.sample_allow()));
+        w.finish();
+        cfg.allow_sample = 10;
+        let (on, w) = FlowLog::start(&cfg, reg).unwrap();
+        assert_eq!((0..100).filter(|_| on.sample_allow()).count(), 10);
+        w.finish();
+    }
+}

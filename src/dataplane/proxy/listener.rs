@@ -36,20 +36,8 @@ impl ListenerKind {
     }
 }
 
-/// `proxy_protocol`: whether the listener expects a PROXY protocol header first.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProxyProtocolMode {
-    /// No header: the peer is the client (default).
-    #[default]
-    Off,
-    /// Text header only.
-    V1,
-    /// Binary header only.
-    V2,
-    /// Either version; a connection without a valid header is refused.
-    Any,
-}
+pub use super::proxy_header::ProxyProtocolMode;
+use super::proxy_header::{ProxyHeaderConfig, default_max_header_len, deserialize_nets};
 
 /// One `[[listener]]` table.
 #[derive(Clone, Debug, Deserialize)]
@@ -91,13 +79,16 @@ pub struct ListenerConfig {
     /// PROXY protocol: `off` (default), `v1`, `v2` or `any`.
     #[serde(default)]
     pub proxy_protocol: ProxyProtocolMode,
-    /// Peers whose PROXY header is believed (CIDRs). A header from anyone else is refused
-    /// and counted. Required when `proxy_protocol` is not `off`.
-    #[serde(default)]
+    /// Peers whose PROXY header is believed (CIDRs or addresses). A header from anyone
+    /// else is refused and counted. Required when `proxy_protocol` is not `off`.
+    #[serde(default, deserialize_with = "deserialize_nets")]
     pub trusted_proxies: Vec<IpNet>,
     /// The whole PROXY header must arrive within this time. Default 5s.
     #[serde(default = "default_pp_timeout", with = "human_duration")]
     pub proxy_protocol_timeout: Duration,
+    /// Longest PROXY header accepted (v2 with TLVs), in bytes. Default 1024.
+    #[serde(default = "default_max_header_len")]
+    pub proxy_protocol_max_len: usize,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -126,20 +117,14 @@ fn default_pp_timeout() -> Duration {
 }
 
 impl ListenerConfig {
-    /// Whether a PROXY header from `peer` is believed.
-    pub fn trusts(&self, peer: std::net::IpAddr) -> bool {
-        let peer = canonical_ip(peer);
-        self.trusted_proxies.iter().any(|n| n.contains(&peer))
-    }
-}
-
-/// An IPv4-mapped IPv6 address as the IPv4 address it is.
-pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip {
-        std::net::IpAddr::V6(v6) => {
-            v6.to_ipv4_mapped().map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4)
+    /// The PROXY protocol settings, in the form the header reader takes.
+    pub fn proxy_header(&self) -> ProxyHeaderConfig {
+        ProxyHeaderConfig {
+            proxy_protocol: self.proxy_protocol,
+            trusted_proxies: self.trusted_proxies.clone(),
+            proxy_protocol_timeout: self.proxy_protocol_timeout,
+            proxy_protocol_max_len: self.proxy_protocol_max_len,
         }
-        v4 => v4,
     }
 }
 

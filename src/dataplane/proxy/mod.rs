@@ -3,6 +3,7 @@
 //! and forward what is allowed.
 //!
 //! - [`listener`]: the `[[listener]]` config types and socket binding.
+//! - [`proxy_header`]: the PROXY protocol header in front of a connection or datagram.
 //! - [`tcp`]: accept loop and per-connection task; [`splice`] moves the bytes.
 //! - [`udp`]: per-client sessions.
 //! - [`upstream`]: round robin with cool-down.
@@ -100,6 +101,7 @@ pub fn start(
                         tag,
                         cfg: cfg.clone(),
                         upstreams,
+                        header: cfg.proxy_header(),
                     })),
                 };
                 let max = cfg.max_connections;
@@ -107,7 +109,9 @@ pub fn start(
             }
             Bound::Udp(s) => {
                 let local = s.local_addr().unwrap_or(cfg.bind);
-                let proxy = Arc::new(UdpProxy { rt: rt.clone(), tag, cfg: cfg.clone(), upstreams });
+                let header = cfg.proxy_header();
+                let proxy =
+                    Arc::new(UdpProxy { rt: rt.clone(), tag, cfg: cfg.clone(), upstreams, header });
                 (local, tokio::spawn(proxy.serve(Arc::new(s), signal, guard)))
             }
         };

@@ -22,7 +22,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use super::listener::{ListenerConfig, ProxyProtocolMode};
+use super::listener::ListenerConfig;
+use super::proxy_header::ProxyHeaderConfig;
 use super::splice::{Accounting, SpliceEnd, splice};
 use super::upstream::Upstreams;
 use crate::conntrack::FlowState;
@@ -46,6 +47,8 @@ pub struct TcpProxy {
     pub tag: ListenerTag,
     pub cfg: ListenerConfig,
     pub upstreams: Upstreams,
+    /// `cfg`'s PROXY protocol settings, resolved once.
+    pub header: ProxyHeaderConfig,
 }
 
 /// Accepts until shutdown. Holds `guard` while running; each connection holds a clone.
@@ -121,35 +124,16 @@ pub fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-/// Why a connection was refused before any policy decision.
-#[derive(Debug, thiserror::Error)]
-pub enum HandshakeError {
-    #[error("PROXY header from {peer}, which is not in trusted_proxies")]
-    UntrustedProxy { peer: SocketAddr },
-    #[error("PROXY header malformed: {0}")]
-    Malformed(String),
-    #[error("PROXY header not complete within the timeout")]
-    Timeout,
-    #[error("client I/O: {0}")]
-    Io(#[from] io::Error),
-}
-
 impl TcpProxy {
     async fn connection(&self, mut stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
         let counters = &self.tag.counters;
-        let (client, first_up) = match self.client_addr(&mut stream, peer).await {
-            Ok(x) => x,
+        // The client: the peer, or the source of a trusted proxy's PROXY header. The
+        // reader consumes exactly the header, so the stream is untouched payload after it.
+        let client = match self.header.read(&mut stream, peer).await {
+            Ok(p) => p.client.0,
             Err(e) => {
-                match e {
-                    HandshakeError::UntrustedProxy { .. } => {
-                        ListenerCounters::inc(&counters.untrusted_proxy);
-                    }
-                    HandshakeError::Timeout => ListenerCounters::inc(&counters.handshake_timeout),
-                    HandshakeError::Malformed(_) | HandshakeError::Io(_) => {
-                        ListenerCounters::inc(&counters.handshake_malformed);
-                    }
-                }
+                ListenerCounters::inc(e.counter(counters));
                 reset(stream);
                 return;
             }
@@ -191,7 +175,7 @@ impl TcpProxy {
             let end = splice(
                 &mut stream,
                 &mut upstream,
-                &first_up,
+                &[],
                 self.cfg.idle_timeout,
                 &admitted.cut,
                 &acct,
@@ -211,33 +195,6 @@ impl TcpProxy {
         // No upstream could be reached.
         reset(stream);
     }
-
-    /// The client's address: the peer itself, or the source a trusted proxy's PROXY
-    /// header names. Also returns bytes read past the header, which belong upstream.
-    async fn client_addr(
-        &self,
-        stream: &mut TcpStream,
-        peer: SocketAddr,
-    ) -> Result<(SocketAddr, Vec<u8>), HandshakeError> {
-        if self.cfg.proxy_protocol == ProxyProtocolMode::Off {
-            return Ok((peer, Vec::new()));
-        }
-        if !self.cfg.trusts(peer.ip()) {
-            return Err(HandshakeError::UntrustedProxy { peer });
-        }
-        tokio::time::timeout(self.cfg.proxy_protocol_timeout, read_proxy_header(stream, &self.cfg))
-            .await
-            .map_err(|_| HandshakeError::Timeout)?
-    }
-}
-
-/// SEAM for the PROXY protocol driver (`proxy_header::read_header`, branch `pp`): until it
-/// is merged, a listener with `proxy_protocol` on refuses every connection (fail closed).
-async fn read_proxy_header(
-    _stream: &mut TcpStream,
-    _cfg: &ListenerConfig,
-) -> Result<(SocketAddr, Vec<u8>), HandshakeError> {
-    Err(HandshakeError::Malformed("PROXY protocol support is not built yet".into()))
 }
 
 /// The echo upstream: read, write back, until EOF (then FIN) or idle.

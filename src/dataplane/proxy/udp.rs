@@ -19,7 +19,8 @@ use std::time::Instant;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use super::listener::{ListenerConfig, ProxyProtocolMode};
+use super::listener::ListenerConfig;
+use super::proxy_header::ProxyHeaderConfig;
 use super::splice::idle_timer;
 use super::upstream::Upstreams;
 use crate::conntrack::{Entry, FlowState};
@@ -38,6 +39,8 @@ pub struct UdpProxy {
     pub tag: ListenerTag,
     pub cfg: ListenerConfig,
     pub upstreams: Upstreams,
+    /// `cfg`'s PROXY protocol settings, resolved once.
+    pub header: ProxyHeaderConfig,
 }
 
 struct Session {
@@ -107,17 +110,13 @@ impl UdpProxy {
         peer: SocketAddr,
         datagram: &'a [u8],
     ) -> Option<(SocketAddr, &'a [u8])> {
-        if self.cfg.proxy_protocol == ProxyProtocolMode::Off {
-            return Some((peer, datagram));
+        match self.header.datagram(datagram, peer) {
+            Ok((p, payload)) => Some((p.client.0, payload)),
+            Err(e) => {
+                ListenerCounters::inc(e.counter(&self.tag.counters));
+                None
+            }
         }
-        if !self.cfg.trusts(peer.ip()) {
-            ListenerCounters::inc(&self.tag.counters.untrusted_proxy);
-            return None;
-        }
-        // SEAM for the PROXY protocol parser (branch `pp`): until it is merged, a UDP
-        // listener with `proxy_protocol` on drops everything (fail closed).
-        ListenerCounters::inc(&self.tag.counters.handshake_malformed);
-        None
     }
 
     /// Admits a new client and starts its session; `None` if denied or unreachable.

@@ -1,0 +1,97 @@
+//! The gate's hot-path promise, checked with a counting allocator: on deny `admit`
+//! allocates nothing (the flow-log event is `Arc` clones in a preallocated channel), on
+//! allow only the two objects that outlive the call (the conntrack entry and its cut
+//! signal). Allocations are counted per thread, so the flow-log writer thread does not
+//! count.
+
+mod l4_harness;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use flowgate::config::Config;
+use flowgate::conntrack::{Conntrack, FlowState};
+use flowgate::dataplane::{Admission, ListenerTag, Runtime, admit, build_snapshot, tcp_flow};
+use flowgate::policy::Generation;
+use flowgate::telemetry::flowlog::FlowLog;
+use flowgate::telemetry::metrics::Registry;
+use l4_harness::*;
+
+struct Counting;
+
+thread_local! {
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocs() -> u64 {
+    ALLOCS.with(Cell::get)
+}
+
+#[test]
+fn admit_allocates_nothing_on_deny_and_only_the_entry_on_allow() {
+    let world = World::new();
+    let cfg = Config::load(&world.write_config("")).unwrap();
+    let registry = Arc::new(Registry::default());
+    let (flowlog, writer) = FlowLog::start(&cfg.flowlog, registry.clone()).unwrap();
+    let rt = Runtime::new(
+        Arc::new(Conntrack::new(&cfg.conntrack)),
+        Arc::new(ArcSwap::from_pointee(build_snapshot(&cfg.policy, Generation(1)).unwrap())),
+        registry.clone(),
+        flowlog,
+    );
+    let tag =
+        ListenerTag { index: 0, name: Arc::from("gw"), counters: registry.listener("gw", "tcp") };
+    let web = format!("{WEB}:80").parse().unwrap();
+    let key = |src: &str, port: u16| tcp_flow(format!("{src}:{port}").parse().unwrap(), web);
+
+    // Warm up: lazily initialised statics, map shards, thread-locals.
+    for port in 1..200 {
+        let k = key(OK, port);
+        assert!(matches!(
+            admit(&rt, &tag, k, None, FlowState::Open, Instant::now()),
+            Admission::Allow(_)
+        ));
+        rt.conntrack.remove(&k);
+        let _ = admit(&rt, &tag, key(BAD, port), None, FlowState::Open, Instant::now());
+    }
+
+    let denied: Vec<_> = (1000..1100).map(|port| key(BAD, port)).collect();
+    let before = allocs();
+    for &k in &denied {
+        let r = admit(&rt, &tag, k, None, FlowState::Open, Instant::now());
+        assert!(matches!(r, Admission::Deny(_)));
+    }
+    assert_eq!(allocs() - before, 0, "deny path allocated");
+
+    let mut worst = 0;
+    let allowed: Vec<_> = (2000..2100).map(|port| key(OK, port)).collect();
+    for &k in &allowed {
+        let before = allocs();
+        let r = admit(&rt, &tag, k, None, FlowState::Open, Instant::now());
+        worst = worst.max(allocs() - before);
+        assert!(matches!(r, Admission::Allow(_)));
+        drop(r);
+        rt.conntrack.remove(&k);
+    }
+    assert!(worst <= 2, "allow path allocated {worst} times (entry + cut signal expected)");
+    writer.finish();
+}
