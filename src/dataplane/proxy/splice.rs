@@ -107,9 +107,13 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUF_SIZE];
+    // Capacity only, never zeroed: `read_buf` fills the spare capacity, so a new
+    // connection does not pay a 32 KiB memset per direction (it showed as the top
+    // userspace symbol in a perf profile of the loadtest conn/s phase; BENCHMARKS-l4.md).
+    let mut buf = Vec::with_capacity(BUF_SIZE);
     loop {
-        let n = r.read(&mut buf).await?;
+        buf.clear();
+        let n = r.read_buf(&mut buf).await?;
         if n == 0 {
             acct.entry.set_state(FlowState::Closing);
             // The peer may already be gone; its own direction reports that.
