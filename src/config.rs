@@ -235,4 +235,66 @@ mod tests {
         let err = Config::parse("[policy]\ndefualt = \"allow\"\n").unwrap_err();
         assert!(err.contains("defualt"), "{err}");
     }
+
+    fn validated(text: &str) -> Result<Config, String> {
+        let cfg = Config::parse(text)?;
+        cfg.validate().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn listeners_parse_with_defaults() {
+        let cfg = validated(
+            "[[listener]]\nname = \"a\"\nkind = \"tcp\"\nbind = \"127.0.0.1:1\"\n\
+             upstreams = [\"127.0.0.2:2\"]\n",
+        )
+        .unwrap();
+        let l = &cfg.listener[0];
+        assert_eq!(l.connect_timeout, Duration::from_secs(5));
+        assert_eq!(l.max_connections, 10_000);
+        assert_eq!(l.proxy_protocol, ProxyProtocolMode::Off);
+        assert_eq!(l.proxy_protocol_timeout, Duration::from_secs(5));
+        assert!(l.reuse_port);
+        assert_eq!(cfg.run.drain_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.flowlog.allow_sample, 0);
+    }
+
+    #[test]
+    fn listener_mistakes_name_the_field() {
+        let base = "name = \"a\"\nbind = \"127.0.0.1:1\"\n";
+        let cases = [
+            ("kind = \"tcp\"\n", "upstreams"),
+            ("kind = \"echo\"\nupstreams = [\"127.0.0.2:2\"]\n", "upstreams"),
+            (
+                "kind = \"tcp\"\nupstreams = [\"127.0.0.2:2\"]\nproxy_protocol = \"v2\"\n",
+                "trusted_proxies",
+            ),
+            (
+                "kind = \"udp\"\nupstreams = [\"127.0.0.2:2\"]\nproxy_protocol = \"v1\"\n\
+                 trusted_proxies = [\"10.0.0.0/8\"]\n",
+                "proxy_protocol",
+            ),
+            (
+                "kind = \"tcp\"\nupstreams = [\"127.0.0.2:2\"]\nmax_connections = 0\n",
+                "max_connections",
+            ),
+        ];
+        for (extra, field) in cases {
+            let err = validated(&format!("[[listener]]\n{base}{extra}")).unwrap_err();
+            assert!(err.contains(field), "{extra}: {err}");
+        }
+        let dup =
+            format!("[[listener]]\n{base}kind = \"echo\"\n[[listener]]\n{base}kind = \"echo\"\n");
+        assert!(validated(&dup).unwrap_err().contains("name"));
+        let typo = format!("[[listener]]\n{base}kind = \"echo\"\nidle_timout = \"1s\"\n");
+        assert!(validated(&typo).unwrap_err().contains("idle_timout"));
+    }
+
+    #[test]
+    fn bundled_config_is_valid_and_runs_the_demo() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/flowgate.toml");
+        let cfg = Config::load(&path).unwrap();
+        assert!(cfg.listener.iter().any(|l| l.name == "demo" && l.kind == ListenerKind::Tcp));
+        assert!(cfg.listener.iter().any(|l| l.kind == ListenerKind::Echo));
+    }
 }

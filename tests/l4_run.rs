@@ -173,3 +173,74 @@ async fn bundled_config_serves_the_demo() {
     fg.signal(libc::SIGTERM);
     assert!(fg.wait_exit(Duration::from_secs(10)).success());
 }
+
+/// Out of file descriptors (RLIMIT_NOFILE lowered for the child): accept fails with
+/// EMFILE, the loop pauses and retries instead of dying, and once descriptors free up the
+/// same listener serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_loop_survives_running_out_of_descriptors() {
+    let up = Upstream::echo().await;
+    let world = World::new();
+    let cfg = world.write_config(&format!(
+        "[run]\nworker_threads = 1\n\n{}",
+        tcp_listener("gw", &[up.addr], "idle_timeout = \"2s\"")
+    ));
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 48 && exec {} run --config {}",
+            env!("CARGO_BIN_EXE_flowgate"),
+            cfg.display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut fg = Flowgate { child, stderr: rx, stdout: mpsc::channel().1, seen: Vec::new() };
+    let addr = fg.listener_addr("gw");
+    fg.wait_stderr("ready", Duration::from_secs(10));
+    // Far more connections than 48 descriptors allow (each served one costs two).
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        if let Ok(s) = connect_from(OK, addr).await {
+            held.push(s);
+        }
+    }
+    let mut served = 0;
+    for s in &mut held {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = s.write_all(b"?").await;
+        let mut b = [0u8; 1];
+        if let Ok(Ok(1)) = tokio::time::timeout(Duration::from_millis(100), s.read(&mut b)).await {
+            served += 1;
+        }
+    }
+    assert!(served > 0 && served < held.len(), "served {served} of {}", held.len());
+    drop(held);
+    // Descriptors come back; the same listener serves a new client.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut s) = connect_from(OK, addr).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = s.write_all(b"!").await;
+            let mut b = [0u8; 1];
+            if let Ok(Ok(1)) =
+                tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await
+            {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "listener did not recover after EMFILE");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(fg.child.try_wait().unwrap().is_none(), "process died");
+    fg.signal(libc::SIGTERM);
+    assert!(fg.wait_exit(Duration::from_secs(10)).success());
+}

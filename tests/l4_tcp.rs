@@ -302,12 +302,34 @@ async fn revoking_a_flow_cuts_both_sides_and_logs_it() {
     let gw = Gateway::start(World::new(), &tcp_listener("gw", &[up.addr], ""));
     let mut s = connect_from(OK, gw.addr("gw")).await.unwrap();
     assert_eq!(roundtrip(&mut s, b"x").await, b"x");
+    // A new generation in which client-ok is no longer admitted by web: swap it in, then
+    // revalidate the way the control plane does.
+    std::fs::write(
+        gw.world.dir.path().join("policies/t.yaml"),
+        l4_harness::POLICY.replace(
+            "from: [{podSelector: {matchLabels: {app: client-ok}}}]",
+            "from: [{podSelector: {matchLabels: {app: nobody}}}]",
+        ),
+    )
+    .unwrap();
+    let cfg = flowgate::config::Config::load(&gw.world.dir.path().join("flowgate.toml")).unwrap();
+    let next = flowgate::dataplane::build_snapshot(&cfg.policy, flowgate::policy::Generation(2));
+    let old = gw.rt.swap_policy(next.unwrap());
+    assert_eq!(old.generation.0, 1);
+    assert_eq!(gw.rt.generation().0, 2);
     let snap = gw.rt.policy.load_full();
-    let reason = flowgate::policy::DenyReason {
-        direction: Some(flowgate::flow::Direction::Ingress),
-        cause: flowgate::policy::Cause::NotAdmitted,
-    };
-    gw.rt.conntrack.for_each(|e| gw.rt.revoke(e, &snap, reason));
+    gw.rt.conntrack.for_each(|e| {
+        let q = flowgate::policy::FlowQuery {
+            src: e.key.src.ip(),
+            dst: e.key.dst.ip(),
+            dst_port: e.key.dst.port(),
+            proto: e.key.proto,
+            fqdn: None,
+        };
+        let d = snap.compiled.decide(&q);
+        assert!(!d.verdict.is_allow(), "the new policy denies the open flow");
+        gw.rt.revoke(e, &snap, &d);
+    });
     let mut b = [0u8; 1];
     let r = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await.unwrap();
     assert!(matches!(r, Ok(0) | Err(_)), "cut: {r:?}");
@@ -316,4 +338,30 @@ async fn revoking_a_flow_cuts_both_sides_and_logs_it() {
     assert_eq!(line["listener"], "gw");
     assert_eq!(line["src_workload"], "t/client-ok");
     assert_eq!(line["reason"], "not-admitted");
+    assert_eq!(line["direction"], "ingress");
+    assert_eq!(line["policy"], "t/web-ingress");
+    assert_eq!(line["generation"], 2);
+    // New connections from the same client are now refused.
+    expect_reset(OK, gw.addr("gw")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_policy_logs_would_deny_but_lets_the_flow_through() {
+    let up = Upstream::echo().await;
+    let world = World::new();
+    std::fs::write(
+        world.dir.path().join("policies/audit.yaml"),
+        "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\n\
+         metadata:\n  name: staged-lockdown\n  annotations: {flowgate.dev/mode: audit}\n\
+         spec:\n  priority: 10\n  subject: {namespaces: {}}\n  egress:\n\
+         \x20   - name: nothing-to-web\n      action: Deny\n      to: [{networks: [127.0.0.20/32]}]\n",
+    )
+    .unwrap();
+    let gw = Gateway::start(world, &tcp_listener("gw", &[up.addr], ""));
+    let mut s = connect_from(OK, gw.addr("gw")).await.unwrap();
+    assert_eq!(roundtrip(&mut s, b"still allowed").await, b"still allowed");
+    let line = gw.world.wait_log(Duration::from_secs(5), |l| l["event"] == "would-deny").await;
+    assert_eq!(line["policy"], "staged-lockdown");
+    assert_eq!(line["src_workload"], "t/client-ok");
+    assert_eq!(get(&gw.counters("gw").allowed), 1);
 }

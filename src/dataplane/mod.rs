@@ -21,7 +21,9 @@ use std::time::{Instant, SystemTime};
 
 use crate::conntrack::{Conntrack, CutSignal, Entry, EntryInit, FlowState, InsertError};
 use crate::flow::{FlowKey, Proto};
-use crate::policy::{DenyReason, FlowQuery, Generation, PolicyHandle, PolicySnapshot, Verdict};
+use crate::policy::{
+    Decision, DenyReason, FlowQuery, Generation, PolicyHandle, PolicySnapshot, Verdict,
+};
 use crate::telemetry::flowlog::{Event, EventKind, FlowLog};
 use crate::telemetry::metrics::{ListenerCounters, Registry};
 
@@ -58,14 +60,20 @@ impl Runtime {
         self.policy.swap(Arc::new(snapshot))
     }
 
-    /// Logs that an established flow was cut because `snapshot` (the new generation)
-    /// denies it, and fires the entry's cut signal so its forwarding task closes both
-    /// sides. The control plane's revalidation calls this for every entry the new policy
-    /// refuses; `reason` is the new decision's.
-    pub fn revoke(&self, entry: &Entry, snapshot: &Arc<PolicySnapshot>, reason: DenyReason) {
+    /// Cuts an established flow that `snapshot` (the new generation) no longer allows:
+    /// fires the entry's cut signal (its forwarding task resets both sides and removes the
+    /// entry) and logs a `revoked` event with the new decision's reason and policy. The
+    /// control plane's revalidation calls this for every entry whose re-decision
+    /// (`snapshot.compiled.decide(..)` on `entry.key`) is a denial; entries still allowed
+    /// just get `entry.set_generation(snapshot.generation)`.
+    pub fn revoke(&self, entry: &Entry, snapshot: &Arc<PolicySnapshot>, decision: &Decision) {
         if let Some(cut) = &entry.cut {
             cut.trigger();
         }
+        let (direction, reason) = match decision.verdict {
+            Verdict::Deny(r) => (r.direction, r.cause.as_str()),
+            Verdict::Allow => (None, "revoked"),
+        };
         let listener = self
             .registry
             .listeners()
@@ -79,11 +87,11 @@ impl Runtime {
             src: entry.key.src,
             dst: entry.key.dst,
             fqdn: None,
-            src_workload: entry.src_workload,
-            dst_workload: entry.dst_workload,
-            direction: reason.direction,
-            reason: reason.cause.as_str(),
-            policy: None,
+            src_workload: decision.src_workload,
+            dst_workload: decision.dst_workload,
+            direction,
+            reason,
+            policy: decision.policy,
             snapshot: snapshot.clone(),
         });
     }

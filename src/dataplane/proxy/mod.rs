@@ -51,8 +51,8 @@ pub struct RunningListener {
     pub task: JoinHandle<()>,
 }
 
-/// Binds and starts every listener, in config order (a listener's index is its id in
-/// conntrack and in the registry). Must be called inside a tokio runtime. Marks
+/// Binds and starts every listener, in config order (a listener's id in conntrack is its
+/// index in the registry). Must be called inside a tokio runtime. Marks
 /// `rt.readiness` once all are serving.
 ///
 /// # Errors
@@ -81,7 +81,10 @@ pub fn start(
         bound.push(b);
     }
     let mut running = Vec::with_capacity(listeners.len());
-    for (index, (cfg, b)) in listeners.iter().zip(bound).enumerate() {
+    for (cfg, b) in listeners.iter().zip(bound) {
+        // A listener's id (in conntrack entries) is its position in the registry, whoever
+        // registered listeners before: `Runtime::revoke` finds its name that way.
+        let index = rt.registry.listeners().len();
         let counters = rt.registry.listener(&cfg.name, cfg.kind.as_str());
         let tag = ListenerTag {
             index: u16::try_from(index).unwrap_or(u16::MAX),

@@ -44,25 +44,18 @@ pub struct Accounting<'a> {
 }
 
 /// Copies both ways until both sides close, the connection idles out, or `cut` fires.
-/// `first_up` (bytes read from the client before splicing, e.g. after a PROXY header) is
-/// sent upstream first.
+/// (The PROXY header reader consumes exactly the header, so nothing read before the splice
+/// is owed to the upstream.)
 pub async fn splice(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
-    first_up: &[u8],
     idle: Duration,
     cut: &CutSignal,
     acct: &Accounting<'_>,
 ) -> SpliceEnd {
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
-    let up = async {
-        if !first_up.is_empty() {
-            uw.write_all(first_up).await?;
-            acct.up(first_up.len());
-        }
-        pump(&mut cr, &mut uw, acct, Side::Up).await
-    };
+    let up = pump(&mut cr, &mut uw, acct, Side::Up);
     let down = pump(&mut ur, &mut cw, acct, Side::Down);
     tokio::select! {
         r = async { tokio::try_join!(up, down) } => match r {

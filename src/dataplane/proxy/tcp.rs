@@ -172,15 +172,9 @@ impl TcpProxy {
             let _ = upstream.set_nodelay(true);
             let acct =
                 Accounting { conntrack: &self.rt.conntrack, entry: &admitted.entry, counters };
-            let end = splice(
-                &mut stream,
-                &mut upstream,
-                &[],
-                self.cfg.idle_timeout,
-                &admitted.cut,
-                &acct,
-            )
-            .await;
+            let end =
+                splice(&mut stream, &mut upstream, self.cfg.idle_timeout, &admitted.cut, &acct)
+                    .await;
             self.rt.conntrack.remove(&key);
             match end {
                 SpliceEnd::Closed => {}

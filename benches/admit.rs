@@ -1,0 +1,64 @@
+//! The gate on its own: `dataplane::admit` for a denied flow (decide + counters + a
+//! flow-log `try_send`) and an allowed one (decide + conntrack insert, then remove), on the
+//! bundled policy (config/flowgate.toml: 16 policies, 11 workloads).
+//!
+//! `cargo bench --bench admit -- --warm-up-time 1 --measurement-time 3`
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use criterion::{Criterion, criterion_group, criterion_main};
+use flowgate::config::Config;
+use flowgate::conntrack::{Conntrack, FlowState};
+use flowgate::dataplane::{ListenerTag, Runtime, admit, build_snapshot, tcp_flow};
+use flowgate::policy::Generation;
+use flowgate::telemetry::flowlog::{FlowLog, FlowLogConfig};
+use flowgate::telemetry::metrics::Registry;
+
+fn bench(c: &mut Criterion) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/flowgate.toml");
+    let cfg = Config::load(&path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log_cfg = FlowLogConfig {
+        output: dir.path().join("flow.log").to_string_lossy().into_owned(),
+        ..FlowLogConfig::default()
+    };
+    let registry = Arc::new(Registry::default());
+    let (flowlog, writer) = FlowLog::start(&log_cfg, registry.clone()).unwrap();
+    let rt = Runtime::new(
+        Arc::new(Conntrack::new(&cfg.conntrack)),
+        Arc::new(ArcSwap::from_pointee(build_snapshot(&cfg.policy, Generation(1)).unwrap())),
+        registry.clone(),
+        flowlog,
+    );
+    let tag = ListenerTag {
+        index: 0,
+        name: Arc::from("demo"),
+        counters: registry.listener("demo", "tcp"),
+    };
+    let web = "127.0.0.2:8081".parse().unwrap();
+    let denied = tcp_flow("127.0.0.3:40000".parse().unwrap(), web);
+    let mut g = c.benchmark_group("admit");
+    g.bench_function("deny", |b| {
+        b.iter(|| {
+            black_box(admit(&rt, &tag, black_box(denied), None, FlowState::Open, Instant::now()))
+        })
+    });
+    let mut port = 0u16;
+    g.bench_function("allow+remove", |b| {
+        b.iter(|| {
+            port = port.wrapping_add(1).max(1);
+            let k = tcp_flow(std::net::SocketAddr::from(([127, 0, 0, 1], port)), web);
+            let a = admit(&rt, &tag, k, None, FlowState::Open, Instant::now());
+            rt.conntrack.remove(&k);
+            black_box(a)
+        })
+    });
+    g.finish();
+    writer.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
