@@ -5,7 +5,8 @@
 //! anything else is refused. flowgate decides with its compiled policy (two NetworkPolicies
 //! over a three-workload inventory); HAProxy with `tcp-request connection accept if { src }`.
 //!
-//! Phases, each bounded by `--seconds` (default 8, at most 20):
+//! Phases, each bounded by `--seconds` per target (default 8, at most 20), split into
+//! `--rounds` (default 4) slices run in turn across the targets:
 //! 1. bulk throughput: `iperf3 -c` through each proxy to one `iperf3 -s` (one stream);
 //! 2. new connections per second: `--concurrency` (default 64) tasks, each looping
 //!    connect → 64-byte request → 64-byte response → server closes → client closes;
@@ -35,6 +36,11 @@ struct Args {
     haproxy: String,
     iperf3: String,
     seconds: u64,
+    rounds: u64,
+    /// flowgate processes sharing the listening ports (SO_REUSEPORT). Default 1.
+    fg_procs: usize,
+    /// flowgate's `run.worker_threads` (0 = one per CPU, its default).
+    fg_workers: usize,
     concurrency: usize,
     /// Which phases: "all", "tput", "cps".
     only: String,
@@ -46,6 +52,9 @@ fn parse_args() -> Result<Args, String> {
         haproxy: "haproxy".into(),
         iperf3: "iperf3".into(),
         seconds: 8,
+        rounds: 4,
+        fg_workers: 0,
+        fg_procs: 1,
         concurrency: 64,
         only: "all".into(),
     };
@@ -57,6 +66,11 @@ fn parse_args() -> Result<Args, String> {
             "--haproxy" => a.haproxy = v()?,
             "--iperf3" => a.iperf3 = v()?,
             "--seconds" => a.seconds = v()?.parse().map_err(|e| format!("--seconds: {e}"))?,
+            "--fg-procs" => a.fg_procs = v()?.parse().map_err(|e| format!("--fg-procs: {e}"))?,
+            "--fg-workers" => {
+                a.fg_workers = v()?.parse().map_err(|e| format!("--fg-workers: {e}"))?
+            }
+            "--rounds" => a.rounds = v()?.parse().map_err(|e| format!("--rounds: {e}"))?,
             "--concurrency" => {
                 a.concurrency = v()?.parse().map_err(|e| format!("--concurrency: {e}"))?
             }
@@ -69,6 +83,7 @@ fn parse_args() -> Result<Args, String> {
     }
     a.seconds = a.seconds.clamp(1, 20);
     a.concurrency = a.concurrency.clamp(1, 1024);
+    a.rounds = a.rounds.clamp(1, a.seconds);
     Ok(a)
 }
 
@@ -196,6 +211,12 @@ struct CpsResult {
 }
 
 impl CpsResult {
+    fn merge(&mut self, other: CpsResult) {
+        self.conns += other.conns;
+        self.errors += other.errors;
+        self.secs += other.secs;
+        let _ = self.hist.add(&other.hist);
+    }
     fn rate(&self) -> f64 {
         self.conns as f64 / self.secs
     }
@@ -243,7 +264,12 @@ async fn cps(to: SocketAddr, concurrency: usize, secs: u64) -> CpsResult {
             let _ = hist.add(&h);
         }
     }
-    CpsResult { conns, errors: errors.load(Ordering::Relaxed), secs: start.elapsed().as_secs_f64(), hist }
+    CpsResult {
+        conns,
+        errors: errors.load(Ordering::Relaxed),
+        secs: start.elapsed().as_secs_f64(),
+        hist,
+    }
 }
 
 /// Bulk throughput in Gbit/s through `port` on 127.0.0.1 (or direct to the iperf3 server).
@@ -253,8 +279,9 @@ fn iperf(args: &Args, to: SocketAddr, secs: u64) -> Result<f64, String> {
         .args(["-t", &secs.to_string(), "-J", "--connect-timeout", "5000"])
         .output()
         .map_err(|e| format!("iperf3: {e}"))?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("iperf3 output is not JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)))?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!("iperf3 output is not JSON ({e}): {}", String::from_utf8_lossy(&out.stderr))
+    })?;
     if let Some(err) = v.get("error") {
         return Err(format!("iperf3 via {to}: {err}"));
     }
@@ -272,13 +299,20 @@ fn write(path: &Path, text: &str) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn flowgate_config(dir: &Path, fg_iperf: u16, fg_rr: u16, iperf: u16, rr: u16) -> Result<PathBuf, String> {
+fn flowgate_config(
+    dir: &Path,
+    workers: usize,
+    fg_iperf: u16,
+    fg_rr: u16,
+    iperf: u16,
+    rr: u16,
+) -> Result<PathBuf, String> {
     std::fs::create_dir_all(dir.join("policies")).map_err(|e| e.to_string())?;
     write(&dir.join("inventory.yaml"), INVENTORY)?;
     write(&dir.join("policies/lt.yaml"), POLICY)?;
     let cfg = format!(
         "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\ndefault = \"deny\"\n\n\
-         [flowlog]\noutput = \"flow.log\"\n\n[run]\ndrain_timeout = \"1s\"\n\n\
+         [flowlog]\noutput = \"flow.log\"\n\n[run]\ndrain_timeout = \"1s\"\nworker_threads = {workers}\n\n\
          [[listener]]\nname = \"iperf\"\nkind = \"tcp\"\nbind = \"127.0.0.1:{fg_iperf}\"\n\
          upstreams = [\"{UPSTREAM_IP}:{iperf}\"]\nmax_connections = 8000\n\n\
          [[listener]]\nname = \"rr\"\nkind = \"tcp\"\nbind = \"127.0.0.1:{fg_rr}\"\n\
@@ -289,7 +323,13 @@ fn flowgate_config(dir: &Path, fg_iperf: u16, fg_rr: u16, iperf: u16, rr: u16) -
     Ok(p)
 }
 
-fn haproxy_config(dir: &Path, ha_iperf: u16, ha_rr: u16, iperf: u16, rr: u16) -> Result<PathBuf, String> {
+fn haproxy_config(
+    dir: &Path,
+    ha_iperf: u16,
+    ha_rr: u16,
+    iperf: u16,
+    rr: u16,
+) -> Result<PathBuf, String> {
     let front = |name: &str, port: u16, up: u16| {
         format!(
             "frontend {name}\n  bind 127.0.0.1:{port}\n  tcp-request connection accept if {{ src {CLIENT_IP} }}\n  \
@@ -308,6 +348,24 @@ fn haproxy_config(dir: &Path, ha_iperf: u16, ha_rr: u16, iperf: u16, rr: u16) ->
     Ok(p)
 }
 
+/// CPU seconds (user + system) a process has used so far, from /proc (0 if unreadable).
+/// On a shared machine this is the steadier measure: it does not depend on how much CPU
+/// the scheduler happened to give the proxy, only on how much each connection costs.
+fn cpu_secs(pids: &[u32]) -> f64 {
+    pids.iter().map(|&p| cpu_secs_of(p)).sum()
+}
+
+fn cpu_secs_of(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz.max(1.0)
+}
+
 fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { f64::NAN }
 }
@@ -316,8 +374,12 @@ async fn run(args: Args) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("flowgate-loadtest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (iperf_port, rr_port) = (free_port(UPSTREAM_IP)?, free_port(UPSTREAM_IP)?);
-    let (fg_iperf, fg_rr, ha_iperf, ha_rr) =
-        (free_port("127.0.0.1")?, free_port("127.0.0.1")?, free_port("127.0.0.1")?, free_port("127.0.0.1")?);
+    let (fg_iperf, fg_rr, ha_iperf, ha_rr) = (
+        free_port("127.0.0.1")?,
+        free_port("127.0.0.1")?,
+        free_port("127.0.0.1")?,
+        free_port("127.0.0.1")?,
+    );
 
     let rr = TcpListener::bind(addr(UPSTREAM_IP, rr_port)).await.map_err(|e| e.to_string())?;
     tokio::spawn(rr_server(rr));
@@ -326,12 +388,22 @@ async fn run(args: Args) -> Result<(), String> {
         Command::new(&args.iperf3).args(["-s", "-B", UPSTREAM_IP, "-p", &iperf_port.to_string()]),
         &dir.join("iperf3.log"),
     )?;
-    let fg_cfg = flowgate_config(&dir, fg_iperf, fg_rr, iperf_port, rr_port)?;
+    let fg_cfg = flowgate_config(&dir, args.fg_workers, fg_iperf, fg_rr, iperf_port, rr_port)?;
     let mut fg = Proc::spawn(
         "flowgate",
         Command::new(&args.flowgate).arg("run").arg("--config").arg(&fg_cfg),
         &dir.join("flowgate.log"),
     )?;
+    // Extra flowgate processes on the same ports (SO_REUSEPORT, flowgate's default): the
+    // kernel spreads connections across them, one event loop each (`--fg-procs`).
+    let mut fg_extra = Vec::new();
+    for i in 1..args.fg_procs {
+        fg_extra.push(Proc::spawn(
+            "flowgate (extra)",
+            Command::new(&args.flowgate).arg("run").arg("--config").arg(&fg_cfg),
+            &dir.join(format!("flowgate-{i}.log")),
+        )?);
+    }
     let ha_cfg = haproxy_config(&dir, ha_iperf, ha_rr, iperf_port, rr_port)?;
     let mut ha = Proc::spawn(
         "haproxy",
@@ -365,28 +437,78 @@ async fn run(args: Args) -> Result<(), String> {
         }
     }
     println!("# flowgate {} vs {}", args.flowgate.display(), haproxy_version(&args.haproxy));
-    println!("# {} s per phase, {} concurrent for conn/s; work dir {}", args.seconds, args.concurrency, dir.display());
+    println!(
+        "# {} s per target per phase in {} interleaved rounds, {} concurrent for conn/s; work dir {}",
+        args.seconds,
+        args.rounds,
+        args.concurrency,
+        dir.display()
+    );
 
+    // The machine is shared: load changes from second to second. Each target's time is
+    // split into `rounds` slices run in turn (direct, haproxy, flowgate, direct, …), so a
+    // burst of outside load hits all three alike instead of one phase.
+    let rounds = args.rounds;
+    let slice = (args.seconds / rounds).max(1);
     let mut tput = [f64::NAN; 3];
+    let fg_pids: Vec<u32> =
+        std::iter::once(fg.child.id()).chain(fg_extra.iter().map(|p| p.child.id())).collect();
+    let pids = [Vec::new(), vec![ha.child.id()], fg_pids];
+    let (mut tput_cpu, mut tput_bytes) = ([0.0f64; 3], [0.0f64; 3]);
+    let mut cps_cpu = [0.0f64; 3];
     if args.only == "all" || args.only == "tput" {
-        for (i, to) in [addr(UPSTREAM_IP, iperf_port), addr("127.0.0.1", ha_iperf), addr("127.0.0.1", fg_iperf)]
-            .into_iter()
-            .enumerate()
-        {
-            tput[i] = iperf(&args, to, args.seconds)?;
-            // iperf3 -s takes a moment to be ready for the next test.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+        let targets = [
+            addr(UPSTREAM_IP, iperf_port),
+            addr("127.0.0.1", ha_iperf),
+            addr("127.0.0.1", fg_iperf),
+        ];
+        let mut sum = [0.0; 3];
+        for _ in 0..rounds {
+            for (i, to) in targets.into_iter().enumerate() {
+                let c0 = cpu_secs(&pids[i]);
+                let gbps = iperf(&args, to, slice)?;
+                sum[i] += gbps;
+                tput_cpu[i] += cpu_secs(&pids[i]) - c0;
+                tput_bytes[i] += gbps * 1e9 / 8.0 * slice as f64;
+                // iperf3 -s takes a moment to be ready for the next test.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
         }
-        println!("throughput Gbit/s: direct {:.2}  haproxy {:.2}  flowgate {:.2}", tput[0], tput[1], tput[2]);
+        for i in 0..3 {
+            tput[i] = sum[i] / rounds as f64;
+        }
+        println!(
+            "throughput Gbit/s: direct {:.2}  haproxy {:.2}  flowgate {:.2}",
+            tput[0], tput[1], tput[2]
+        );
+        println!(
+            "proxy CPU per GB moved: haproxy {:.3} s  flowgate {:.3} s",
+            tput_cpu[1] / (tput_bytes[1] / 1e9),
+            tput_cpu[2] / (tput_bytes[2] / 1e9)
+        );
     }
-    let mut res = Vec::new();
+    let mut res: Vec<CpsResult> = Vec::new();
     if args.only == "all" || args.only == "cps" {
-        for (name, to) in [
+        let targets = [
             ("direct", addr(UPSTREAM_IP, rr_port)),
             ("haproxy", addr("127.0.0.1", ha_rr)),
             ("flowgate", addr("127.0.0.1", fg_rr)),
-        ] {
-            let r = cps(to, args.concurrency, args.seconds).await;
+        ];
+        for round in 0..rounds {
+            for (i, (_, to)) in targets.iter().enumerate() {
+                let c0 = cpu_secs(&pids[i]);
+                let r = cps(*to, args.concurrency, slice).await;
+                cps_cpu[i] += cpu_secs(&pids[i]) - c0;
+                if round == 0 {
+                    res.push(r);
+                } else {
+                    res[i].merge(r);
+                }
+                // Let the proxies' close work settle between slices.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+        for ((name, _), r) in targets.iter().zip(&res) {
             println!(
                 "conn/s {name:>8}: {:>9.0}  p50 {:>7.3} ms  p99 {:>7.3} ms  max {:>8.3} ms  errors {}",
                 r.rate(),
@@ -395,9 +517,13 @@ async fn run(args: Args) -> Result<(), String> {
                 r.hist.max() as f64 / 1000.0,
                 r.errors
             );
-            res.push(r);
-            // Let TIME_WAIT and the proxies' close work settle between phases.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if let [_, h, f] = &res[..] {
+            println!(
+                "proxy CPU per connection: haproxy {:.1} us  flowgate {:.1} us",
+                cps_cpu[1] * 1e6 / h.conns.max(1) as f64,
+                cps_cpu[2] * 1e6 / f.conns.max(1) as f64
+            );
         }
     }
     for p in [&mut iperf_srv, &mut fg, &mut ha] {
@@ -406,13 +532,21 @@ async fn run(args: Args) -> Result<(), String> {
     println!("ratios flowgate/haproxy (targets: throughput >= 1.0, conn/s >= 1.0, p99 <= 1.0):");
     if !tput[1].is_nan() {
         println!("  throughput {:.3}", ratio(tput[2], tput[1]));
+        println!(
+            "  CPU/GB     {:.3}",
+            ratio(tput_cpu[2] / tput_bytes[2], tput_cpu[1] / tput_bytes[1])
+        );
     }
     if let [_, h, f] = &res[..] {
         println!("  conn/s     {:.3}", ratio(f.rate(), h.rate()));
         println!("  p50        {:.3}", ratio(f.p(0.5), h.p(0.5)));
         println!("  p99        {:.3}", ratio(f.p(0.99), h.p(0.99)));
+        println!(
+            "  CPU/conn   {:.3}",
+            ratio(cps_cpu[2] / f.conns.max(1) as f64, cps_cpu[1] / h.conns.max(1) as f64)
+        );
     }
-    drop((fg, ha, iperf_srv));
+    drop((fg, fg_extra, ha, iperf_srv));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -435,7 +569,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     if let Err(e) = rt.block_on(run(args)) {
         eprintln!("flowgate-loadtest: {e}");
         std::process::exit(1);
