@@ -4,6 +4,7 @@
 //! ```text
 //! cargo bench --bench l4_vs_haproxy            # needs haproxy and iperf3 (scripts/setup.sh)
 //! L4_SECS=5 L4_CONC=64 cargo bench --bench l4_vs_haproxy
+//! L4_REVERSE=1 cargo bench --bench l4_vs_haproxy   # HAProxy measured first
 //! ```
 //!
 //! Measures, for each gateway in turn (same upstream, same client, same machine):
@@ -140,15 +141,21 @@ fn main() {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mut rows = Vec::new();
-    for (name, bulk, rr) in [("flowgate", FG_BULK, FG_RR), ("haproxy", HA_BULK, HA_RR)] {
+    let mut order = [("flowgate", FG_BULK, FG_RR), ("haproxy", HA_BULK, HA_RR)];
+    // L4_REVERSE=1 measures HAProxy first, to check that the order does not favour one.
+    if std::env::var_os("L4_REVERSE").is_some() {
+        order.reverse();
+    }
+    for (name, bulk, rr) in order {
         let gbps = iperf(bulk, secs);
         let (cps, p50, p99, errors) = rt.block_on(conn_rate(rr.parse().unwrap(), conc, secs));
         println!(
             "{name:>9}: bulk {gbps:6.2} Gbit/s | {cps:8.0} conn/s | p50 {p50:6} us | p99 {p99:6} us | errors {errors}"
         );
-        rows.push((gbps, cps, p50, p99));
+        rows.push((name, (gbps, cps, p50, p99)));
     }
-    let (f, h) = (rows[0], rows[1]);
+    rows.sort_by_key(|r| r.0 != "flowgate");
+    let (f, h) = (rows[0].1, rows[1].1);
     println!(
         "ratios flowgate/haproxy: bulk {:.2}x | conn/s {:.2}x | p99 {:.2}x (lower is better)",
         f.0 / h.0,

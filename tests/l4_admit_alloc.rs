@@ -1,8 +1,8 @@
 //! The gate's hot-path promise, checked with a counting allocator: on deny `admit`
 //! allocates nothing (the flow-log event is `Arc` clones in a preallocated channel), on
-//! allow only the two objects that outlive the call (the conntrack entry and its cut
-//! signal). Allocations are counted per thread, so the flow-log writer thread does not
-//! count.
+//! allow only the objects that outlive the call (the conntrack entry, its cut signal, and
+//! in the compact table the entry's cold extension). Allocations are counted per thread, so
+//! the flow-log writer thread does not count.
 
 mod l4_harness;
 
@@ -92,6 +92,8 @@ fn admit_allocates_nothing_on_deny_and_only_the_entry_on_allow() {
         drop(r);
         rt.conntrack.remove(&k);
     }
-    assert!(worst <= 2, "allow path allocated {worst} times (entry + cut signal expected)");
+    // The conntrack entry, its cut signal, and (in the compact table) the entry's cold
+    // extension that holds the cut handle: a small constant, never per-byte or per-rule.
+    assert!(worst <= 3, "allow path allocated {worst} times (entry, extension, cut signal)");
     writer.finish();
 }

@@ -65,7 +65,8 @@ impl Runtime {
     /// entry) and logs a `revoked` event with the new decision's reason and policy. The
     /// control plane's revalidation calls this for every entry whose re-decision
     /// (`snapshot.compiled.decide(..)` on `entry.key`) is a denial; entries still allowed
-    /// just get `entry.set_generation(snapshot.generation)`.
+    /// just get `entry.set_generation(snapshot.generation)`. An entry without a cut handle
+    /// (a packet-dataplane flow) is not removed here: the caller removes it from conntrack.
     pub fn revoke(&self, entry: &Entry, snapshot: &Arc<PolicySnapshot>, decision: &Decision) {
         if let Some(cut) = &entry.cut {
             cut.trigger();

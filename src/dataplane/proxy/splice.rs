@@ -100,9 +100,8 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // Capacity only, never zeroed: `read_buf` fills the spare capacity, so a new
-    // connection does not pay a 32 KiB memset per direction (it showed as the top
-    // userspace symbol in a perf profile of the loadtest conn/s phase; BENCHMARKS-l4.md).
+    // Read into spare capacity (`read_buf`): the buffer is never zeroed, which matters
+    // when thousands of short connections each set up two of them (l4_vs_haproxy conn/s).
     let mut buf = Vec::with_capacity(BUF_SIZE);
     loop {
         buf.clear();

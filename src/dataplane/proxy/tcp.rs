@@ -194,9 +194,10 @@ impl TcpProxy {
 /// The echo upstream: read, write back, until EOF (then FIN) or idle.
 async fn echo(mut stream: TcpStream, idle: Duration) {
     let _ = stream.set_nodelay(true);
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut buf = Vec::with_capacity(32 * 1024);
     loop {
-        let n = match tokio::time::timeout(idle, stream.read(&mut buf)).await {
+        buf.clear();
+        let n = match tokio::time::timeout(idle, stream.read_buf(&mut buf)).await {
             Ok(Ok(0)) => {
                 let _ = stream.shutdown().await;
                 return;

@@ -8,6 +8,10 @@
 //! from that client go straight to its upstream socket. At `max_connections` sessions, new
 //! clients' datagrams are dropped and `limit_reached` counts them.
 //!
+//! Behind a PROXY-speaking balancer (`proxy_protocol = "v2"`), every datagram carries a v2
+//! header naming the client; sessions are keyed by (balancer, client) and replies go back
+//! to the balancer as plain datagrams (the protocol defines no header for that direction).
+//!
 //! UDP has no connection to drain: on shutdown, sessions end at once.
 
 use std::collections::HashMap;
