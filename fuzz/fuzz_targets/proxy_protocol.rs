@@ -6,9 +6,7 @@
 //! - re-encoding the decoded addresses and parsing that gives the same addresses back.
 #![no_main]
 
-use flowgate::wire::proxy_protocol::{
-    Command, Version, V1_MAX_LEN, encode_v1, encode_v2, parse,
-};
+use flowgate::wire::proxy_protocol::{Command, V1_MAX_LEN, Version, encode_v1, encode_v2, parse};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Some((&knob, input)) = data.split_first() else { return };
@@ -33,7 +31,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
                 .expect("decoded v2 addresses are encodable");
         }
     }
-    let (again, m) = parse(&out, max_len.max(out.len())).expect("own output parses").expect("complete");
+    let (again, m) =
+        parse(&out, max_len.max(out.len())).expect("own output parses").expect("complete");
     assert_eq!(m, out.len());
     assert_eq!(again.addresses, header.addresses);
     if header.command == Command::Local {
