@@ -10,11 +10,14 @@
 //! it).
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 use crate::conntrack::{Conntrack, CutSignal, Entry, FlowState};
 use crate::telemetry::metrics::ListenerCounters;
@@ -55,8 +58,9 @@ pub async fn splice(
 ) -> SpliceEnd {
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
-    let up = pump(&mut cr, &mut uw, acct, Side::Up);
-    let down = pump(&mut ur, &mut cw, acct, Side::Down);
+    let (up_done, down_done) = (AtomicBool::new(false), AtomicBool::new(false));
+    let up = pump(&mut cr, &mut uw, acct, Side::Up, [&up_done, &down_done]);
+    let down = pump(&mut ur, &mut cw, acct, Side::Down, [&down_done, &up_done]);
     tokio::select! {
         r = async { tokio::try_join!(up, down) } => match r {
             Ok(_) => SpliceEnd::Closed,
@@ -95,11 +99,17 @@ impl Accounting<'_> {
 }
 
 /// One direction: read, write, count; on EOF shut the writer down (half-close).
-async fn pump<R, W>(r: &mut R, w: &mut W, acct: &Accounting<'_>, side: Side) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+///
+/// `[mine, other]`: this direction's and the opposite one's "reached EOF" flags. When the
+/// opposite direction has already ended, the connection is about to be dropped, and the
+/// close sends the FIN: the `shutdown` would be one more syscall for the same packet.
+async fn pump(
+    r: &mut ReadHalf<'_>,
+    w: &mut WriteHalf<'_>,
+    acct: &Accounting<'_>,
+    side: Side,
+    [mine, other]: [&AtomicBool; 2],
+) -> io::Result<()> {
     // Read into spare capacity (`read_buf`): the buffer is never zeroed, which matters
     // when thousands of short connections each set up two of them (l4_vs_haproxy conn/s).
     let mut buf = Vec::with_capacity(BUF_SIZE);
@@ -108,16 +118,55 @@ where
         let n = r.read_buf(&mut buf).await?;
         if n == 0 {
             acct.entry.set_state(FlowState::Closing);
-            // The peer may already be gone; its own direction reports that.
-            let _ = w.shutdown().await;
+            mine.store(true, Ordering::Relaxed);
+            if !other.load(Ordering::Relaxed) {
+                // The peer may already be gone; its own direction reports that.
+                let _ = w.shutdown().await;
+            }
             return Ok(());
         }
-        w.write_all(&buf[..n]).await?;
+        // A short read whose sender has already closed (FIN queued behind the data): these
+        // are the last bytes, and the FIN follows as soon as the next read returns 0. Sent
+        // with MSG_MORE, they wait for that FIN and leave in one segment with it, as the
+        // sender sent them, instead of a data segment, its ACK and a bare FIN (the usual
+        // short request/response where the server answers and closes).
+        if n < buf.capacity() && peer_finished(r) {
+            write_before_fin(w, &buf[..n]).await?;
+        } else {
+            w.write_all(&buf[..n]).await?;
+        }
         match side {
             Side::Up => acct.up(n),
             Side::Down => acct.down(n),
         }
     }
+}
+
+/// Whether the peer's FIN has arrived (epoll reported RDHUP), without a syscall: tokio
+/// keeps the read-closed bit once seen, so this is a look at the cached readiness.
+fn peer_finished(r: &ReadHalf<'_>) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    let ready = pin!(r.ready(Interest::READABLE));
+    matches!(ready.poll(&mut cx), Poll::Ready(Ok(ready)) if ready.is_read_closed())
+}
+
+/// Writes all of `data` with MSG_MORE: the kernel holds it until the shutdown (or close)
+/// that follows adds the FIN, then sends both together.
+async fn write_before_fin(w: &WriteHalf<'_>, mut data: &[u8]) -> io::Result<()> {
+    let stream: &TcpStream = w.as_ref();
+    while !data.is_empty() {
+        let n = stream
+            .async_io(Interest::WRITABLE, || {
+                socket2::SockRef::from(stream)
+                    .send_with_flags(data, libc::MSG_MORE | libc::MSG_NOSIGNAL)
+            })
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        data = &data[n..];
+    }
+    Ok(())
 }
 
 /// Completes once the entry has seen no traffic for `idle` (both directions refresh it
