@@ -33,6 +33,12 @@ pub struct Config {
     /// `[conntrack]`: table size and timeouts.
     #[serde(default)]
     pub conntrack: crate::conntrack::ConntrackConfig,
+    /// `[admin]`: the admin HTTP API (bind, bearer token).
+    #[serde(default)]
+    pub admin: crate::admin::AdminConfig,
+    /// `[control]`: reload debounce, audit log, revalidation batches, emergency overlay.
+    #[serde(default)]
+    pub control: crate::control::ControlConfig,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -104,6 +110,7 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.policy.dir = base.join(&cfg.policy.dir);
         cfg.policy.inventory = base.join(&cfg.policy.inventory);
+        cfg.control.resolve_paths(base);
         cfg.validate()?;
         Ok(cfg)
     }
@@ -115,6 +122,11 @@ impl Config {
 
     /// Cross-field checks that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.admin.validate().map_err(|(field, message)| ConfigError::Invalid {
+            path: self.path.clone(),
+            field: format!("admin.{field}"),
+            message,
+        })?;
         Ok(())
     }
 }
