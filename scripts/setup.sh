@@ -4,7 +4,7 @@
 # lists what is missing and the tests that need it skip with a reason.
 set -euo pipefail
 
-PACKAGES=(curl)
+PACKAGES=(curl prometheus)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
