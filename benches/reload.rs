@@ -33,7 +33,9 @@ fn ip(i: usize) -> String {
 }
 
 fn policy_file(f: usize, version: usize) -> String {
-    let mut out = String::new();
+    // The version comment makes every rewrite a new content hash even when the ports
+    // come round to an earlier value.
+    let mut out = format!("# version {version}\n");
     for i in (f * scale() / FILES)..((f + 1) * scale() / FILES) {
         let port = 8000 + (i + version) % 1000;
         out.push_str(&format!(
