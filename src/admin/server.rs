@@ -213,21 +213,18 @@ fn flows(control: &ControlPlane, query: &str) -> Resp {
         Some(Ok(n)) => n.min(cap),
         Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "limit: expected a number"),
     };
-    let ip_filter = |key: &str| -> Result<Option<IpAddr>, Resp> {
+    let ip_filter = |key: &str| -> Result<Option<IpAddr>, String> {
         match param(&ps, key) {
             None | Some("") => Ok(None),
-            Some(v) => v.parse::<IpAddr>().map(Some).map_err(|_| {
-                error(StatusCode::BAD_REQUEST, format!("{key}: {v:?} is not an IP address"))
-            }),
+            Some(v) => v
+                .parse::<IpAddr>()
+                .map(Some)
+                .map_err(|_| format!("{key}: {v:?} is not an IP address")),
         }
     };
-    let src = match ip_filter("src") {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let dst = match ip_filter("dst") {
-        Ok(v) => v,
-        Err(r) => return r,
+    let (src, dst) = match (ip_filter("src"), ip_filter("dst")) {
+        (Ok(s), Ok(d)) => (s, d),
+        (Err(e), _) | (_, Err(e)) => return error(StatusCode::BAD_REQUEST, e),
     };
     let workload = param(&ps, "workload").filter(|w| !w.is_empty());
     let snap = control.policy().load_full();

@@ -330,7 +330,33 @@ impl ControlPlane {
         let this = self.clone();
         match tokio::task::spawn_blocking(move || this.reload_blocking(trigger)).await {
             Ok(report) => report,
-            Err(e) => panic!("reload thread panicked: {e}"),
+            // Only when the runtime shuts down under us (a panic in the reload would be a
+            // bug and is passed on): report the attempt as failed, nothing was swapped.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => self.cancelled_report(trigger),
+        }
+    }
+
+    fn cancelled_report(&self, trigger: Trigger) -> ReloadReport {
+        let snap = self.shared.handle.load();
+        ReloadReport {
+            time: SystemTime::now(),
+            trigger,
+            result: ReloadResult::Error,
+            generation: snap.generation.0,
+            hash: snap.content_hash.clone(),
+            rejected_hash: None,
+            duration: Duration::ZERO,
+            compile_duration: Duration::ZERO,
+            changes: None,
+            errors: vec![reload::Problem {
+                file: None,
+                object: None,
+                field: None,
+                message: "reload cancelled: the runtime is shutting down".into(),
+            }],
+            revalidated: 0,
+            revoked: 0,
         }
     }
 
@@ -389,7 +415,8 @@ impl ControlPlane {
         let this = self.clone();
         match tokio::task::spawn_blocking(move || this.emergency_blocking(&req)).await {
             Ok(r) => r,
-            Err(e) => panic!("emergency thread panicked: {e}"),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(EmergencyError::BadRequest("shutting down".into())),
         }
     }
 
