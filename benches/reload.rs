@@ -7,6 +7,7 @@
 //!   peer that shows what watching and debouncing add.
 //! - `hot/load_decide`: the data path's per-flow cost, `handle.load()` + `decide`, against
 //!   `hot/decide_only` (the compiled policy already in hand) as the peer.
+//! - `hot/latency_record`: `Registry::decision.record`, against a relaxed atomic add.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -237,6 +238,16 @@ fn hot_path(c: &mut Criterion) {
                 fqdn: None,
             }))
         })
+    });
+    // Recording a decision's latency: the per-worker hdrhistogram slot against a bare
+    // relaxed atomic add (the cheapest possible recording) as the peer.
+    let registry = Registry::default();
+    group.bench_function("latency_record", |b| {
+        b.iter(|| registry.decision.record(black_box(Duration::from_nanos(137))))
+    });
+    let counter = std::sync::atomic::AtomicU64::new(0);
+    group.bench_function("atomic_add_peer", |b| {
+        b.iter(|| counter.fetch_add(black_box(137), std::sync::atomic::Ordering::Relaxed))
     });
     group.finish();
 }
