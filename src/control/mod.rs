@@ -12,6 +12,20 @@
 //! Not here: deciding (`policy`), admitting flows (`dataplane`), HTTP (`admin`, which
 //! calls into this module), and writing the `revoked` flow-log event (the caller's
 //! callback does, so this module stays independent of the flow log).
+//!
+//! # Wiring (what `flowgate run` does)
+//!
+//! ```ignore
+//! let conntrack = Arc::new(Conntrack::new(&cfg.conntrack));
+//! let metrics = Arc::new(Registry::default());
+//! let on_revoke: RevokeFn = Arc::new(move |entry, decision| { /* flow log: revoked */ });
+//! let control = ControlPlane::new(cfg.clone(), conntrack.clone(), metrics.clone(), on_revoke)?;
+//! let policy = control.policy();      // PolicyHandle for dataplane::admit
+//! let tasks = control.start().await?; // admin API, watcher, SIGHUP, expiry timer
+//! // … bind every listener …
+//! control.readiness().store(true, Ordering::Release);
+//! // on shutdown: drop(tasks) (or tasks.shutdown())
+//! ```
 
 pub mod audit;
 pub mod emergency;
