@@ -46,6 +46,12 @@ pub struct Config {
     /// `[run]`: process-wide settings of `flowgate run`.
     #[serde(default)]
     pub run: RunConfig,
+    /// `[admin]`: the admin HTTP API (bind, bearer token).
+    #[serde(default)]
+    pub admin: crate::admin::AdminConfig,
+    /// `[control]`: reload debounce, audit log, revalidation batches, emergency overlay.
+    #[serde(default)]
+    pub control: crate::control::ControlConfig,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -161,6 +167,7 @@ impl Config {
         if cfg.flowlog.output != "-" {
             cfg.flowlog.output = base.join(&cfg.flowlog.output).to_string_lossy().into_owned();
         }
+        cfg.control.resolve_paths(base);
         cfg.validate()?;
         Ok(cfg)
     }
@@ -214,6 +221,11 @@ impl Config {
         if self.flowlog.channel_capacity == 0 {
             return Err(invalid("flowlog.channel_capacity".into(), "must be at least 1".into()));
         }
+        self.admin.validate().map_err(|(field, message)| ConfigError::Invalid {
+            path: self.path.clone(),
+            field: format!("admin.{field}"),
+            message,
+        })?;
         Ok(())
     }
 }

@@ -1,2 +1,116 @@
 //! The admin HTTP API: health, readiness, metrics, the policy in force, flows, explain,
-//! reload and emergency policies. Its own bind, never a data port. (Stub: being built.)
+//! reload and emergency policies. Its own bind (default `127.0.0.1:9901`), never a data
+//! port; it refuses to start on a non-loopback address without a token.
+//!
+//! Read-only endpoints are open (as a Prometheus target must be); mutating ones
+//! (`POST /reload`, `POST /emergency`) need `Authorization: Bearer <token>` and get 401,
+//! with nothing changed, otherwise. With no token configured every mutating call is
+//! refused: fail closed.
+//!
+//! Layout: [`server`] (accept loop, routing, the handlers), [`auth`] (the bearer check),
+//! [`exposition`] (Prometheus text format), [`client`] (the tiny client the `flowgate
+//! status|reload|quarantine` commands use).
+//!
+//! Not here: what a reload or an emergency entry does (`control`).
+
+pub mod auth;
+pub mod client;
+pub mod exposition;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use server::serve;
+
+use crate::control::ControlError;
+
+/// `[admin]` in the config file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where the admin API listens. Default `127.0.0.1:9901`.
+    pub bind: SocketAddr,
+    /// The bearer token mutating calls need. Prefer `token_env` outside tests.
+    pub token: Option<String>,
+    /// Name of an environment variable holding the token (used when `token` is unset).
+    pub token_env: Option<String>,
+    /// Most entries one `/flows` answer lists. Default 1000.
+    pub flows_limit: usize,
+    /// Largest request body accepted (`POST /emergency`). Default 1 MiB.
+    pub max_body: usize,
+    /// Concurrent admin connections; more wait to be accepted. Default 64.
+    pub max_connections: usize,
+    /// Time allowed to send the request headers. Default `10s`.
+    #[serde(with = "duration_text")]
+    pub header_timeout: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            token: None,
+            token_env: None,
+            flows_limit: 1000,
+            max_body: 1 << 20,
+            max_connections: 64,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl AdminConfig {
+    /// Field checks; `(field, message)` on error.
+    ///
+    /// # Errors
+    /// The first field that is wrong.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(("token".into(), "must not be empty (or leave it out)".into()));
+        }
+        if self.token_env.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(("token_env".into(), "must name an environment variable".into()));
+        }
+        for (field, v) in [
+            ("flows_limit", self.flows_limit),
+            ("max_body", self.max_body),
+            ("max_connections", self.max_connections),
+        ] {
+            if v == 0 {
+                return Err((field.into(), "must be at least 1".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The token from `token`, else from the variable `token_env` names.
+    ///
+    /// # Errors
+    /// [`ControlError::TokenEnv`] when `token_env` is set but the variable is not.
+    pub fn resolve_token(&self) -> Result<Option<String>, ControlError> {
+        if let Some(t) = &self.token {
+            return Ok(Some(t.clone()));
+        }
+        match &self.token_env {
+            None => Ok(None),
+            Some(var) => match std::env::var(var) {
+                Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_owned())),
+                _ => Err(ControlError::TokenEnv { var: var.clone() }),
+            },
+        }
+    }
+}

@@ -5,9 +5,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod admin_target;
 pub mod check;
 pub mod explain;
+pub mod quarantine;
+pub mod reload;
 pub mod run;
+pub mod status;
 pub mod test;
 
 /// flowgate: Kubernetes network policy, enforced at the perimeter.
@@ -28,6 +32,12 @@ pub enum Command {
     Explain(explain::Args),
     /// Run connectivity assertions from a YAML file.
     Test(test::Args),
+    /// Show what a running gateway has in force (admin API).
+    Status(status::Args),
+    /// Make a running gateway reload its policy now (admin API).
+    Reload(reload::Args),
+    /// Cut an address or namespace/workload off for a while (admin API).
+    Quarantine(quarantine::Args),
 }
 
 /// Runs the chosen subcommand and returns the process exit code.
@@ -37,5 +47,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(args) => check::run(args),
         Command::Explain(args) => explain::run(args),
         Command::Test(args) => test::run(args),
+        Command::Status(args) => status::run(args),
+        Command::Reload(args) => reload::run(args),
+        Command::Quarantine(args) => quarantine::run(args),
     }
 }

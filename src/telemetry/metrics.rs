@@ -2,11 +2,14 @@
 //! the decision-latency histogram, merged and rendered only when `/metrics` is scraped.
 //!
 //! Names are the ones DESIGN.md lists (`flowgate_flows_total{listener,verdict}`, …); the
-//! Prometheus rendering lives with the admin API.
+//! Prometheus rendering lives with the admin API (`admin::exposition`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use hdrhistogram::Histogram;
 
 /// Per-listener counters. One per configured listener; the listener's tasks hold an `Arc`.
 #[derive(Debug, Default)]
@@ -61,6 +64,8 @@ pub struct Registry {
     pub flowlog_dropped: AtomicU64,
     /// Flow-log events folded into an earlier identical one.
     pub flowlog_folded: AtomicU64,
+    /// Reloads, revalidation, emergency entries, admin API.
+    pub control: ControlCounters,
 }
 
 impl Registry {
@@ -81,26 +86,238 @@ impl Registry {
     }
 }
 
-/// Decision latency. (First version: a sum and a count; the hdrhistogram per worker, merged
-/// at scrape time, replaces it.)
-#[derive(Debug, Default)]
-pub struct DecisionLatency {
-    count: AtomicU64,
+/// Control-plane counters. Cold path: bumped at most once per reload or admin request.
+#[derive(Debug)]
+pub struct ControlCounters {
+    pub reloads_ok: AtomicU64,
+    pub reloads_unchanged: AtomicU64,
+    pub reloads_error: AtomicU64,
+    /// 1 while the last reload attempt was rejected (the sources are broken), else 0.
+    pub reload_failing: AtomicU64,
+    /// Unix seconds of the last successful reload.
+    pub last_success_unix: AtomicU64,
+    /// Duration of every reload attempt (load + compile + swap), microseconds.
+    pub reload_duration: Mutex<Histogram<u64>>,
+    pub reload_seconds_sum_us: AtomicU64,
+    /// Established flows decided again after a reload, and those cut.
+    pub revalidated: AtomicU64,
+    pub revoked: AtomicU64,
+    pub emergency_accepted: AtomicU64,
+    pub emergency_rejected: AtomicU64,
+    /// Debounced change notifications from the source watcher.
+    pub watch_events: AtomicU64,
+    pub audit_write_errors: AtomicU64,
+    /// Admin API requests refused: missing or wrong token (401), malformed (400).
+    pub admin_unauthorized: AtomicU64,
+    pub admin_bad_request: AtomicU64,
+    pub admin_requests: AtomicU64,
+    /// `/flows` answers cut short by the cap.
+    pub admin_flows_truncated: AtomicU64,
+}
+
+impl Default for ControlCounters {
+    fn default() -> Self {
+        ControlCounters {
+            reloads_ok: AtomicU64::new(0),
+            reloads_unchanged: AtomicU64::new(0),
+            reloads_error: AtomicU64::new(0),
+            reload_failing: AtomicU64::new(0),
+            last_success_unix: AtomicU64::new(0),
+            reload_duration: Mutex::new(new_histogram(3_600_000_000)),
+            reload_seconds_sum_us: AtomicU64::new(0),
+            revalidated: AtomicU64::new(0),
+            revoked: AtomicU64::new(0),
+            emergency_accepted: AtomicU64::new(0),
+            emergency_rejected: AtomicU64::new(0),
+            watch_events: AtomicU64::new(0),
+            audit_write_errors: AtomicU64::new(0),
+            admin_unauthorized: AtomicU64::new(0),
+            admin_bad_request: AtomicU64::new(0),
+            admin_requests: AtomicU64::new(0),
+            admin_flows_truncated: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ControlCounters {
+    /// Counts one reload attempt.
+    pub fn record_reload(&self, report: &crate::control::ReloadReport) {
+        use crate::control::ReloadResult;
+        let counter = match report.result {
+            ReloadResult::Ok => &self.reloads_ok,
+            ReloadResult::Unchanged => &self.reloads_unchanged,
+            ReloadResult::Error => &self.reloads_error,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.reload_failing
+            .store(u64::from(report.result == ReloadResult::Error), Ordering::Relaxed);
+        if report.result == ReloadResult::Ok {
+            let unix =
+                report.time.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            self.last_success_unix.store(unix, Ordering::Relaxed);
+        }
+        let us = report.duration.as_micros().min(u128::from(u64::MAX)) as u64;
+        self.reload_seconds_sum_us.fetch_add(us, Ordering::Relaxed);
+        self.reload_duration.lock().unwrap_or_else(|e| e.into_inner()).saturating_record(us.max(1));
+        self.revalidated.fetch_add(report.revalidated as u64, Ordering::Relaxed);
+        self.revoked.fetch_add(report.revoked as u64, Ordering::Relaxed);
+    }
+}
+
+/// A histogram of values from 1 to `max`, 2 significant digits (1 % resolution): enough
+/// for latency quantiles, and small (tens of KiB) so one per worker costs little.
+fn new_histogram(max: u64) -> Histogram<u64> {
+    Histogram::new_with_bounds(1, max, 2).expect("bounds 1..max with 2 digits are valid")
+}
+
+/// Recorder slots; a thread takes slot `n % SLOTS` where `n` counts threads that ever
+/// recorded. More worker threads than slots share slots (still correct, see `record`).
+const SLOTS: usize = 32;
+
+/// Largest recordable decision time: 10 s (anything longer is clamped).
+const MAX_NS: u64 = 10_000_000_000;
+
+/// One worker's recorder, on its own cache lines so workers never share one.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Slot {
+    hist: Mutex<Histogram<u64>>,
+    /// Exact sum and count (the histogram only keeps buckets).
     sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+thread_local! {
+    static SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+
+/// Policy decision latency: an hdrhistogram per worker thread, merged when scraped.
+///
+/// Recording takes the calling thread's own slot with `try_lock`, which never waits: if the
+/// slot is busy (the scraper is merging it, or another thread shares it), the sample goes
+/// to the next free slot, and after a bounded number of tries it is counted in `dropped`.
+/// The scraper holds one slot at a time for one histogram add.
+#[derive(Debug)]
+pub struct DecisionLatency {
+    slots: Box<[Slot]>,
+    dropped: AtomicU64,
+}
+
+impl Default for DecisionLatency {
+    fn default() -> Self {
+        DecisionLatency {
+            slots: (0..SLOTS)
+                .map(|_| Slot {
+                    hist: Mutex::new(new_histogram(MAX_NS)),
+                    sum_ns: AtomicU64::new(0),
+                    count: AtomicU64::new(0),
+                })
+                .collect(),
+            dropped: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A merged view of [`DecisionLatency`] at scrape time.
+#[derive(Debug, Clone)]
+pub struct LatencySnapshot {
+    pub histogram: Histogram<u64>,
+    pub count: u64,
+    pub sum: Duration,
+    pub dropped: u64,
 }
 
 impl DecisionLatency {
+    /// Records one decision's duration. No allocation; never waits on a lock.
     #[inline]
     pub fn record(&self, d: Duration) {
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        let ns = (d.as_nanos().min(u128::from(MAX_NS)) as u64).max(1);
+        let home = SLOT.with(|s| {
+            let v = s.get();
+            if v != usize::MAX {
+                return v;
+            }
+            let v = NEXT_SLOT.fetch_add(1, Ordering::Relaxed) % SLOTS;
+            s.set(v);
+            v
+        });
+        for i in 0..4 {
+            let slot = &self.slots[(home + i) % SLOTS];
+            if let Ok(mut h) = slot.hist.try_lock() {
+                // `ns` is clamped into the histogram's range, so this cannot fail.
+                let _ = h.record(ns);
+                drop(h);
+                slot.sum_ns.fetch_add(ns, Ordering::Relaxed);
+                slot.count.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        self.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Decisions recorded so far.
     pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+        self.slots.iter().map(|s| s.count.load(Ordering::Relaxed)).sum()
     }
 
+    /// Total time of the recorded decisions.
     pub fn sum(&self) -> Duration {
-        Duration::from_nanos(self.sum_ns.load(Ordering::Relaxed))
+        Duration::from_nanos(self.slots.iter().map(|s| s.sum_ns.load(Ordering::Relaxed)).sum())
+    }
+
+    /// Merges every slot (scrape time, cold).
+    pub fn snapshot(&self) -> LatencySnapshot {
+        let mut merged = new_histogram(MAX_NS);
+        for slot in self.slots.iter() {
+            let h = slot.hist.lock().unwrap_or_else(|e| e.into_inner());
+            // Same bounds on both sides, so adding cannot fail.
+            let _ = merged.add(&*h);
+        }
+        LatencySnapshot {
+            count: merged.len(),
+            sum: self.sum(),
+            histogram: merged,
+            dropped: self.dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_from_many_threads_merges() {
+        let lat = Arc::new(DecisionLatency::default());
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let lat = lat.clone();
+                std::thread::spawn(move || {
+                    for i in 0..1000u64 {
+                        lat.record(Duration::from_nanos(100 + t * 1000 + i));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let snap = lat.snapshot();
+        assert_eq!(snap.count + snap.dropped, 8000);
+        assert_eq!(lat.count(), snap.count);
+        let p50 = snap.histogram.value_at_quantile(0.5);
+        assert!((3000..=5200).contains(&p50), "p50 {p50}");
+        assert!(snap.histogram.max() >= 7000);
+    }
+
+    #[test]
+    fn out_of_range_values_are_clamped() {
+        let lat = DecisionLatency::default();
+        lat.record(Duration::ZERO);
+        lat.record(Duration::from_secs(3600));
+        let snap = lat.snapshot();
+        assert_eq!(snap.count, 2);
+        assert_eq!(snap.histogram.min(), 1);
     }
 }

@@ -1,0 +1,256 @@
+//! Control-plane benchmarks (numbers and commands in BENCHMARKS-control.md).
+//!
+//! - `reload/watch_to_enforce_10k`: a policy file of a 10,000-policy, 10,000-workload set is
+//!   rewritten (rename-and-replace, as editors do); the time until the new generation is in
+//!   force as seen through the policy handle (watch → debounce → load → compile → swap).
+//! - `reload/direct_10k`: the same reload called directly (no watcher, no debounce): the
+//!   peer that shows what watching and debouncing add.
+//! - `hot/load_decide`: the data path's per-flow cost, `handle.load()` + `decide`, against
+//!   `hot/decide_only` (the compiled policy already in hand) as the peer.
+//! - `hot/latency_record`: `Registry::decision.record`, against a relaxed atomic add.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use flowgate::config::Config;
+use flowgate::conntrack::Conntrack;
+use flowgate::control::{ControlPlane, Trigger};
+use flowgate::flow::Proto;
+use flowgate::policy::FlowQuery;
+use flowgate::telemetry::metrics::Registry;
+
+/// Policies and workloads in the set: 10,000 each (the acceptance size) unless
+/// `FLOWGATE_BENCH_SCALE` says otherwise (a smaller run shows how reload time scales).
+fn scale() -> usize {
+    std::env::var("FLOWGATE_BENCH_SCALE").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000)
+}
+const FILES: usize = 100;
+
+fn ip(i: usize) -> String {
+    format!("198.18.{}.{}", i / 256, i % 256)
+}
+
+fn policy_file(f: usize, version: usize) -> String {
+    // The version comment makes every rewrite a new content hash even when the ports
+    // come round to an earlier value.
+    let mut out = format!("# version {version}\n");
+    for i in (f * scale() / FILES)..((f + 1) * scale() / FILES) {
+        let port = 8000 + (i + version) % 1000;
+        out.push_str(&format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+             metadata: {{name: p{i}, namespace: ns{ns}}}\nspec:\n  \
+             podSelector: {{matchLabels: {{app: w{i}}}}}\n  policyTypes: [Ingress, Egress]\n  \
+             ingress:\n    - from:\n        - namespaceSelector: {{}}\n          \
+             podSelector: {{matchLabels: {{app: w{prev}}}}}\n      ports: [{{port: {port}}}]\n  \
+             egress:\n    - to:\n        - namespaceSelector: {{}}\n          \
+             podSelector: {{matchLabels: {{app: w{next}}}}}\n      ports: [{{port: {port}}}]\n",
+            ns = i % 100,
+            prev = (i + scale() - 1) % scale(),
+            next = (i + 1) % scale(),
+        ));
+    }
+    out
+}
+
+fn write_set(dir: &Path) {
+    let mut inv = String::from("namespaces:\n");
+    for n in 0..100 {
+        inv.push_str(&format!("  - name: ns{n}\n    labels: {{team: t{}}}\n", n % 7));
+    }
+    inv.push_str("workloads:\n");
+    for i in 0..scale() {
+        inv.push_str(&format!(
+            "  - {{name: w{i}, namespace: ns{}, labels: {{app: w{i}, tier: t{}}}, ips: [{}]}}\n",
+            i % 100,
+            i % 3,
+            ip(i)
+        ));
+    }
+    std::fs::write(dir.join("inventory.yaml"), inv).unwrap();
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    for f in 0..FILES {
+        std::fs::write(dir.join(format!("policies/f{f:03}.yaml")), policy_file(f, 0)).unwrap();
+    }
+}
+
+fn control(dir: &Path, watch: bool) -> ControlPlane {
+    let toml = format!(
+        "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+         [control]\nwatch = {watch}\naudit_log = \"audit.jsonl\"\n\
+         [admin]\nbind = \"127.0.0.1:0\"\ntoken = \"bench\"\n"
+    );
+    std::fs::write(dir.join("flowgate.toml"), toml).unwrap();
+    let cfg = Config::load(&dir.join("flowgate.toml")).unwrap();
+    let ct = Arc::new(Conntrack::new(&cfg.conntrack));
+    ControlPlane::new(cfg, ct, Arc::new(Registry::default()), Arc::new(|_, _| {})).unwrap()
+}
+
+fn replace(path: &Path, text: &str) {
+    let tmp = path.with_file_name(".bench.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Where a reload's time goes: hashing, loading (YAML → IR), compiling.
+fn breakdown(dir: &Path) {
+    let t = Instant::now();
+    let hash =
+        flowgate::control::reload::hash_sources(&dir.join("policies"), &dir.join("inventory.yaml"));
+    let hashing = t.elapsed();
+    let t = Instant::now();
+    let set =
+        flowgate::policy::load::load(&dir.join("policies"), &dir.join("inventory.yaml")).unwrap();
+    let loading = t.elapsed();
+    let t = Instant::now();
+    let opts = flowgate::policy::CompileOptions {
+        default: flowgate::policy::DefaultAction::Deny,
+        unknown: flowgate::policy::DefaultAction::Deny,
+        now: std::time::SystemTime::now(),
+    };
+    let compiled = flowgate::policy::CompiledPolicy::compile(&set, &opts).unwrap();
+    let compiling = t.elapsed();
+    let t = Instant::now();
+    let cloned = set.clone();
+    let cloning = t.elapsed();
+    black_box((hash, compiled, cloned));
+    eprintln!(
+        "breakdown: hash {:.1} ms, load {:.1} ms, compile {:.1} ms, clone {:.1} ms",
+        hashing.as_secs_f64() * 1e3,
+        loading.as_secs_f64() * 1e3,
+        compiling.as_secs_f64() * 1e3,
+        cloning.as_secs_f64() * 1e3
+    );
+}
+
+fn reload_benches(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    write_set(dir.path());
+    breakdown(dir.path());
+    if std::env::var_os("FLOWGATE_BENCH_BREAKDOWN_ONLY").is_some() {
+        return;
+    }
+    let mut group = c.benchmark_group("reload");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(8));
+
+    {
+        let control = control(dir.path(), false);
+        let mut version = 0;
+        group.bench_function(format!("direct_{}", scale()), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    version += 1;
+                    let f = version % FILES;
+                    let path = dir.path().join(format!("policies/f{f:03}.yaml"));
+                    replace(&path, &policy_file(f, version));
+                    let start = Instant::now();
+                    let report = control.reload_blocking(Trigger::Api);
+                    total += start.elapsed();
+                    assert_eq!(report.result, flowgate::control::ReloadResult::Ok);
+                }
+                total
+            })
+        });
+    }
+
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let control = control(dir.path(), true);
+    let tasks = rt.block_on(control.start()).unwrap();
+    let handle = control.policy();
+    let mut version = 1_000;
+    group.bench_function(format!("watch_to_enforce_{}", scale()), |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                version += 1;
+                let f = version % FILES;
+                let path = dir.path().join(format!("policies/f{f:03}.yaml"));
+                let text = policy_file(f, version);
+                let before = handle.load().generation;
+                let start = Instant::now();
+                replace(&path, &text);
+                while handle.load().generation == before {
+                    assert!(start.elapsed() < Duration::from_secs(300), "reload never came");
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                total += start.elapsed();
+            }
+            total
+        })
+    });
+    group.finish();
+    drop(tasks);
+    let report = control.status().last.unwrap();
+    eprintln!(
+        "last reload: {:.1} ms total, {:.1} ms load+compile",
+        report.duration.as_secs_f64() * 1e3,
+        report.compile_duration.as_secs_f64() * 1e3
+    );
+}
+
+fn hot_path(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    write_set(dir.path());
+    let control = control(dir.path(), false);
+    let handle = control.policy();
+    let queries: Vec<(std::net::IpAddr, std::net::IpAddr, u16)> = (0..1024)
+        .map(|k| {
+            let i = (k * 7919) % scale();
+            (
+                ip(i).parse().unwrap(),
+                ip((i + 1) % scale()).parse().unwrap(),
+                8000 + (i % 1000) as u16,
+            )
+        })
+        .collect();
+    let mut group = c.benchmark_group("hot");
+    let mut k = 0usize;
+    group.bench_function("load_decide", |b| {
+        b.iter(|| {
+            k = (k + 1) & 1023;
+            let (src, dst, port) = queries[k];
+            let snap = handle.load();
+            let d = snap.compiled.decide(&FlowQuery {
+                src,
+                dst,
+                dst_port: port,
+                proto: Proto::Tcp,
+                fqdn: None,
+            });
+            black_box((d, snap.generation))
+        })
+    });
+    let snap = handle.load_full();
+    group.bench_function("decide_only", |b| {
+        b.iter(|| {
+            k = (k + 1) & 1023;
+            let (src, dst, port) = queries[k];
+            black_box(snap.compiled.decide(&FlowQuery {
+                src,
+                dst,
+                dst_port: port,
+                proto: Proto::Tcp,
+                fqdn: None,
+            }))
+        })
+    });
+    // Recording a decision's latency: the per-worker hdrhistogram slot against a bare
+    // relaxed atomic add (the cheapest possible recording) as the peer.
+    let registry = Registry::default();
+    group.bench_function("latency_record", |b| {
+        b.iter(|| registry.decision.record(black_box(Duration::from_nanos(137))))
+    });
+    let counter = std::sync::atomic::AtomicU64::new(0);
+    group.bench_function("atomic_add_peer", |b| {
+        b.iter(|| counter.fetch_add(black_box(137), std::sync::atomic::Ordering::Relaxed))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, reload_benches, hot_path);
+criterion_main!(benches);

@@ -1,0 +1,357 @@
+//! Prometheus text exposition (format 0.0.4) of every metric: the names DESIGN.md lists,
+//! plus reload, revalidation, emergency, flow-log and admin counters.
+//!
+//! Built on each scrape from the atomics and the merged decision histogram; nothing here
+//! runs on the data path. Metric names are defined once, as constants, in [`names`].
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::UNIX_EPOCH;
+
+use hdrhistogram::Histogram;
+
+use crate::control::ControlPlane;
+
+/// Metric names, so tests and dashboards refer to one spelling.
+pub mod names {
+    pub const FLOWS_TOTAL: &str = "flowgate_flows_total";
+    pub const BYTES_TOTAL: &str = "flowgate_bytes_total";
+    pub const DECISION_SECONDS: &str = "flowgate_policy_decision_seconds";
+    pub const CONNTRACK_ENTRIES: &str = "flowgate_conntrack_entries";
+    pub const CONNTRACK_CAPACITY: &str = "flowgate_conntrack_capacity";
+    pub const CONNTRACK_EVICTIONS: &str = "flowgate_conntrack_evictions_total";
+    pub const POLICY_GENERATION: &str = "flowgate_policy_generation";
+    pub const RELOADS_TOTAL: &str = "flowgate_policy_reloads_total";
+    pub const RELOAD_SECONDS: &str = "flowgate_policy_reload_seconds";
+    pub const RELOAD_FAILING: &str = "flowgate_policy_reload_failing";
+    pub const REVOKED_TOTAL: &str = "flowgate_flows_revoked_total";
+    pub const FLOWLOG_DROPPED: &str = "flowgate_flowlog_dropped_total";
+}
+
+const QUANTILES: [f64; 5] = [0.5, 0.9, 0.99, 0.999, 1.0];
+
+struct Out {
+    text: String,
+}
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.text, "# HELP {name} {help}");
+        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            self.text.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.text.push(',');
+                }
+                let _ = write!(self.text, "{k}=\"");
+                escape(&mut self.text, v);
+                self.text.push('"');
+            }
+            self.text.push('}');
+        }
+        if value.is_finite() {
+            let _ = writeln!(self.text, " {value}");
+        } else {
+            let _ = writeln!(self.text, " NaN");
+        }
+    }
+
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: f64) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+
+    /// A summary from a histogram whose values are in `unit` seconds.
+    fn summary(&mut self, name: &str, help: &str, h: &Histogram<u64>, unit: f64, sum: f64) {
+        self.family(name, "summary", help);
+        for q in QUANTILES {
+            let v = if h.is_empty() { f64::NAN } else { h.value_at_quantile(q) as f64 * unit };
+            self.sample(name, &[("quantile", &q.to_string())], v);
+        }
+        self.sample(&format!("{name}_sum"), &[], sum);
+        self.sample(&format!("{name}_count"), &[], h.len() as f64);
+    }
+}
+
+fn escape(out: &mut String, v: &str) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+fn get(c: &AtomicU64) -> f64 {
+    c.load(Ordering::Relaxed) as f64
+}
+
+/// The whole exposition.
+pub fn render(control: &ControlPlane) -> String {
+    let reg = control.metrics();
+    let mut o = Out { text: String::with_capacity(8192) };
+    let listeners = reg.listeners();
+
+    o.family(names::FLOWS_TOTAL, "counter", "New flows decided, by listener and verdict.");
+    for l in &listeners {
+        o.sample(
+            names::FLOWS_TOTAL,
+            &[("listener", &l.name), ("verdict", "allow")],
+            get(&l.allowed),
+        );
+        o.sample(names::FLOWS_TOTAL, &[("listener", &l.name), ("verdict", "deny")], get(&l.denied));
+    }
+    o.family("flowgate_connections_accepted_total", "counter", "Connections accepted.");
+    for l in &listeners {
+        let labels = [("listener", l.name.as_str()), ("kind", l.kind.as_str())];
+        o.sample("flowgate_connections_accepted_total", &labels, get(&l.accepted));
+    }
+    o.family("flowgate_connections_active", "gauge", "Connections (or UDP sessions) open now.");
+    for l in &listeners {
+        o.sample("flowgate_connections_active", &[("listener", &l.name)], get(&l.active));
+    }
+    o.family(names::BYTES_TOTAL, "counter", "Bytes forwarded, by listener and direction.");
+    for l in &listeners {
+        o.sample(
+            names::BYTES_TOTAL,
+            &[("listener", &l.name), ("direction", "to_upstream")],
+            get(&l.bytes_up),
+        );
+        o.sample(
+            names::BYTES_TOTAL,
+            &[("listener", &l.name), ("direction", "to_client")],
+            get(&l.bytes_down),
+        );
+    }
+    o.family(
+        "flowgate_handshake_errors_total",
+        "counter",
+        "Handshakes (PROXY, CONNECT, SOCKS5) refused, by reason.",
+    );
+    for l in &listeners {
+        for (reason, c) in [
+            ("malformed", &l.handshake_malformed),
+            ("timeout", &l.handshake_timeout),
+            ("untrusted_proxy", &l.untrusted_proxy),
+        ] {
+            o.sample(
+                "flowgate_handshake_errors_total",
+                &[("listener", &l.name), ("reason", reason)],
+                get(c),
+            );
+        }
+    }
+    o.family(
+        "flowgate_limit_reached_total",
+        "counter",
+        "Times a limit bit: max_connections (accept paused), conntrack full (flow refused).",
+    );
+    for l in &listeners {
+        for (limit, c) in [("max_connections", &l.limit_reached), ("conntrack", &l.conntrack_full)]
+        {
+            o.sample(
+                "flowgate_limit_reached_total",
+                &[("listener", &l.name), ("limit", limit)],
+                get(c),
+            );
+        }
+    }
+    o.family("flowgate_upstream_failures_total", "counter", "Upstream connects that failed.");
+    for l in &listeners {
+        o.sample(
+            "flowgate_upstream_failures_total",
+            &[("listener", &l.name)],
+            get(&l.upstream_failed),
+        );
+    }
+
+    let lat = reg.decision.snapshot();
+    o.summary(
+        names::DECISION_SECONDS,
+        "Policy decision time per new flow (hdrhistogram per worker, merged at scrape).",
+        &lat.histogram,
+        1e-9,
+        lat.sum.as_secs_f64(),
+    );
+    o.single(
+        "flowgate_policy_decision_samples_dropped_total",
+        "counter",
+        "Decision-time samples not recorded because every tried recorder slot was busy.",
+        lat.dropped as f64,
+    );
+
+    let ct = control.conntrack();
+    o.single(names::CONNTRACK_ENTRIES, "gauge", "Flows tracked now.", ct.len() as f64);
+    o.single(
+        names::CONNTRACK_CAPACITY,
+        "gauge",
+        "Most flows tracked at once.",
+        ct.capacity() as f64,
+    );
+    let stats = ct.stats();
+    o.single(
+        names::CONNTRACK_EVICTIONS,
+        "counter",
+        "Entries evicted to make room for a new flow.",
+        get(&stats.evicted),
+    );
+    o.single(
+        "flowgate_conntrack_inserted_total",
+        "counter",
+        "Flows tracked.",
+        get(&stats.inserted),
+    );
+    o.single(
+        "flowgate_conntrack_refused_total",
+        "counter",
+        "New flows refused because the table was full.",
+        get(&stats.refused),
+    );
+    o.single(
+        "flowgate_conntrack_expired_total",
+        "counter",
+        "Idle entries expired.",
+        get(&stats.expired),
+    );
+
+    let snap = control.policy().load_full();
+    o.single(
+        names::POLICY_GENERATION,
+        "gauge",
+        "Policy generation in force.",
+        snap.generation.0 as f64,
+    );
+    o.single(
+        "flowgate_policy_policies",
+        "gauge",
+        "Policies in force (not expired).",
+        snap.compiled.live_policy_count() as f64,
+    );
+    o.single(
+        "flowgate_policy_workloads",
+        "gauge",
+        "Inventory workloads.",
+        snap.compiled.workload_count() as f64,
+    );
+    if let Some(at) = control.next_expiry() {
+        let secs = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        o.single(
+            "flowgate_policy_next_expiry_timestamp_seconds",
+            "gauge",
+            "When the next TTL'd policy expires (Unix seconds).",
+            secs,
+        );
+    }
+    let c = &reg.control;
+    o.family(names::RELOADS_TOTAL, "counter", "Reload attempts by result.");
+    o.sample(names::RELOADS_TOTAL, &[("result", "ok")], get(&c.reloads_ok));
+    o.sample(names::RELOADS_TOTAL, &[("result", "unchanged")], get(&c.reloads_unchanged));
+    o.sample(names::RELOADS_TOTAL, &[("result", "error")], get(&c.reloads_error));
+    {
+        let h = c.reload_duration.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let sum = c.reload_seconds_sum_us.load(Ordering::Relaxed) as f64 * 1e-6;
+        o.summary(
+            names::RELOAD_SECONDS,
+            "Reload attempt duration (read, load, compile, swap).",
+            &h,
+            1e-6,
+            sum,
+        );
+    }
+    o.single(
+        names::RELOAD_FAILING,
+        "gauge",
+        "1 while the last reload was rejected and the previous generation is serving.",
+        get(&c.reload_failing),
+    );
+    o.single(
+        "flowgate_policy_last_reload_success_timestamp_seconds",
+        "gauge",
+        "When a reload last succeeded (Unix seconds).",
+        get(&c.last_success_unix),
+    );
+    o.single(
+        "flowgate_flows_revalidated_total",
+        "counter",
+        "Established flows re-checked after a policy change.",
+        get(&c.revalidated),
+    );
+    o.single(
+        names::REVOKED_TOTAL,
+        "counter",
+        "Established flows cut because a new policy generation denies them.",
+        get(&c.revoked),
+    );
+    o.single(
+        "flowgate_emergency_entries",
+        "gauge",
+        "Emergency policies and quarantines in force.",
+        control.emergency_entries().len() as f64,
+    );
+    o.family("flowgate_emergency_requests_total", "counter", "POST /emergency by result.");
+    o.sample(
+        "flowgate_emergency_requests_total",
+        &[("result", "accepted")],
+        get(&c.emergency_accepted),
+    );
+    o.sample(
+        "flowgate_emergency_requests_total",
+        &[("result", "rejected")],
+        get(&c.emergency_rejected),
+    );
+    o.single(
+        "flowgate_policy_watch_events_total",
+        "counter",
+        "Debounced source changes seen by the watcher.",
+        get(&c.watch_events),
+    );
+    o.single(
+        "flowgate_audit_write_errors_total",
+        "counter",
+        "Audit events that could not be written.",
+        get(&c.audit_write_errors),
+    );
+    o.single(
+        names::FLOWLOG_DROPPED,
+        "counter",
+        "Flow-log events dropped because the log channel was full.",
+        get(&reg.flowlog_dropped),
+    );
+    o.single(
+        "flowgate_flowlog_folded_total",
+        "counter",
+        "Flow-log events folded into an earlier identical one.",
+        get(&reg.flowlog_folded),
+    );
+    o.single(
+        "flowgate_admin_requests_total",
+        "counter",
+        "Admin API requests.",
+        get(&c.admin_requests),
+    );
+    o.family("flowgate_admin_rejected_total", "counter", "Admin API requests refused, by reason.");
+    o.sample(
+        "flowgate_admin_rejected_total",
+        &[("reason", "unauthorized")],
+        get(&c.admin_unauthorized),
+    );
+    o.sample(
+        "flowgate_admin_rejected_total",
+        &[("reason", "bad_request")],
+        get(&c.admin_bad_request),
+    );
+    o.single(
+        "flowgate_admin_flows_truncated_total",
+        "counter",
+        "/flows answers cut short by admin.flows_limit.",
+        get(&c.admin_flows_truncated),
+    );
+    o.text
+}

@@ -1,0 +1,388 @@
+//! Accept loop, routing and handlers of the admin API (hyper 1, HTTP/1.1).
+//!
+//! Limits: `admin.max_connections` connections at once (more wait in the accept queue),
+//! `admin.header_timeout` to send headers, `admin.max_body` bytes of body, and
+//! `admin.flows_limit` entries per `/flows` answer. Accept errors (EMFILE …) pause and
+//! retry; the loop never returns.
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use super::{auth, exposition};
+use crate::control::audit::format_time;
+use crate::control::emergency::{EmergencyError, EmergencyRequest};
+use crate::control::{ControlPlane, ReloadResult, Trigger};
+use crate::flow::Proto;
+use crate::policy::FlowQuery;
+
+type Resp = Response<Full<Bytes>>;
+
+/// Serves the admin API on `listener` until the task is aborted.
+pub async fn serve(listener: TcpListener, control: ControlPlane) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(control.config().admin.max_connections));
+    loop {
+        let Ok(permit) = limit.clone().acquire_owned().await else { return };
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(_) => {
+                // EMFILE and friends: wait for descriptors to free up, never give up.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let control = control.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let timeout = control.config().admin.header_timeout;
+            let svc = hyper::service::service_fn(move |req| {
+                let control = control.clone();
+                async move { Ok::<_, Infallible>(handle(&control, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json_resp(status: StatusCode, v: &Value) -> Resp {
+    let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    body.push(b'\n');
+    respond(status, "application/json", body)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Resp {
+    json_resp(status, &json!({ "error": message.into() }))
+}
+
+/// One request. Every path returns a response; nothing here panics on input.
+pub async fn handle(control: &ControlPlane, req: Request<Incoming>) -> Resp {
+    let counters = &control.metrics().control;
+    counters.admin_requests.fetch_add(1, Ordering::Relaxed);
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let method = req.method().clone();
+    let mutating = matches!(path.as_str(), "/reload" | "/emergency");
+    if mutating {
+        if method != Method::POST {
+            return error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes POST"));
+        }
+        if !auth::authorized(req.headers(), control.shared.token.as_deref()) {
+            counters.admin_unauthorized.fetch_add(1, Ordering::Relaxed);
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (Authorization: Bearer <admin token>)",
+            );
+            r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    } else if method != Method::GET && method != Method::HEAD {
+        return error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes GET"));
+    }
+    let resp = match path.as_str() {
+        "/healthz" => respond(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
+        "/readyz" => readyz(control),
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            exposition::render(control),
+        ),
+        "/policy" => json_resp(StatusCode::OK, &policy(control)),
+        "/flows" => flows(control, &query),
+        "/explain" => explain(control, &query),
+        "/reload" => reload(control).await,
+        "/emergency" => emergency(control, req).await,
+        _ => error(StatusCode::NOT_FOUND, format!("no endpoint {path}")),
+    };
+    if resp.status() == StatusCode::BAD_REQUEST {
+        counters.admin_bad_request.fetch_add(1, Ordering::Relaxed);
+    }
+    resp
+}
+
+fn readyz(control: &ControlPlane) -> Resp {
+    if control.readiness().load(Ordering::Acquire) {
+        respond(StatusCode::OK, "text/plain; charset=utf-8", "ready\n")
+    } else {
+        respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain; charset=utf-8",
+            "not ready: listeners not bound yet\n",
+        )
+    }
+}
+
+/// `/policy`: what is in force, where it came from, and how the last reloads went.
+pub fn policy(control: &ControlPlane) -> Value {
+    let snap = control.policy().load_full();
+    let status = control.status();
+    let cfg = control.config();
+    json!({
+        "generation": snap.generation.0,
+        "hash": snap.content_hash,
+        "loaded_at": format_time(snap.loaded_at),
+        "sources": {
+            "policies": cfg.policy.dir.display().to_string(),
+            "inventory": cfg.policy.inventory.display().to_string(),
+        },
+        "counts": {
+            "policies": snap.compiled.policy_count(),
+            "live_policies": snap.compiled.live_policy_count(),
+            "workloads": snap.compiled.workload_count(),
+        },
+        "default": snap.compiled.options().default,
+        "unknown": snap.compiled.options().unknown,
+        "next_expiry": control.next_expiry().map(format_time),
+        "last_reload": status.last,
+        "last_error": status.failing,
+        "emergency": control.emergency_entries().iter().map(|e| json!({
+            "id": e.id,
+            "what": e.describe(),
+            "expires_at": format_time(e.expires_at()),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn params(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn param<'a>(ps: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    ps.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+fn percent_decode(s: &str) -> String {
+    fn hex(c: u8) -> Option<u8> {
+        (c as char).to_digit(16).map(|d| d as u8)
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 3 <= b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h * 16 + l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `/flows?src=IP&dst=IP&workload=ns/name&limit=N`: conntrack entries, newest first is not
+/// promised (the table has no order); at most `limit` (≤ `admin.flows_limit`).
+fn flows(control: &ControlPlane, query: &str) -> Resp {
+    let ps = params(query);
+    let cap = control.config().admin.flows_limit;
+    let limit = match param(&ps, "limit").map(str::parse::<usize>) {
+        None => cap,
+        Some(Ok(n)) => n.min(cap),
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "limit: expected a number"),
+    };
+    let ip_filter = |key: &str| -> Result<Option<IpAddr>, String> {
+        match param(&ps, key) {
+            None | Some("") => Ok(None),
+            Some(v) => v
+                .parse::<IpAddr>()
+                .map(Some)
+                .map_err(|_| format!("{key}: {v:?} is not an IP address")),
+        }
+    };
+    let (src, dst) = match (ip_filter("src"), ip_filter("dst")) {
+        (Ok(s), Ok(d)) => (s, d),
+        (Err(e), _) | (_, Err(e)) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let workload = param(&ps, "workload").filter(|w| !w.is_empty());
+    let snap = control.policy().load_full();
+    let name_of = |ip: IpAddr| {
+        snap.compiled
+            .workload_of(ip)
+            .and_then(|id| snap.compiled.workload_name(id))
+            .map(|n| n.to_string())
+    };
+    let ct = control.conntrack();
+    let now_ms = ct.now_ms(std::time::Instant::now());
+    let mut out = Vec::new();
+    let mut matched = 0usize;
+    ct.for_each(|e| {
+        if src.is_some_and(|ip| e.key().src.ip() != ip) || dst.is_some_and(|ip| e.key().dst.ip() != ip)
+        {
+            return;
+        }
+        let (sw, dw) = (name_of(e.key().src.ip()), name_of(e.key().dst.ip()));
+        if let Some(w) = workload
+            && sw.as_deref() != Some(w)
+            && dw.as_deref() != Some(w)
+        {
+            return;
+        }
+        matched += 1;
+        if out.len() >= limit {
+            return;
+        }
+        out.push(json!({
+            "proto": e.key().proto.as_str(),
+            "src": e.key().src.to_string(),
+            "dst": e.key().dst.to_string(),
+            "src_workload": sw,
+            "dst_workload": dw,
+            "state": e.state().as_str(),
+            "generation": e.generation().0,
+            "listener": e.listener(),
+            "age_ms": now_ms.saturating_sub(e.created_ms()),
+            "idle_ms": now_ms.saturating_sub(e.last_seen_ms()),
+            "bytes_orig": e.bytes_orig.load(Ordering::Relaxed),
+            "bytes_reply": e.bytes_reply.load(Ordering::Relaxed),
+        }));
+    });
+    if matched > out.len() {
+        control.metrics().control.admin_flows_truncated.fetch_add(1, Ordering::Relaxed);
+    }
+    json_resp(
+        StatusCode::OK,
+        &json!({ "total": ct.len(), "matched": matched, "truncated": matched > out.len(), "flows": out }),
+    )
+}
+
+/// `/explain?from=X&to=Y&port=P[&protocol=TCP][&fqdn=name]`: `X`/`Y` are IP addresses or
+/// `namespace/workload` (its first address); `to` may also be a domain name, which then
+/// becomes the flow's FQDN with the unspecified address as destination. The answer is
+/// [`CompiledPolicy::explain`](crate::policy::CompiledPolicy::explain) serialised, with the
+/// generation that gave it.
+fn explain(control: &ControlPlane, query: &str) -> Resp {
+    let ps = params(query);
+    let snap = control.policy().load_full();
+    let compiled = &snap.compiled;
+    let resolve = |key: &str| -> Result<(IpAddr, Option<String>), String> {
+        let v = param(&ps, key).filter(|v| !v.is_empty()).ok_or(format!("{key}: missing"))?;
+        if let Ok(ip) = v.parse::<IpAddr>() {
+            return Ok((ip, None));
+        }
+        if let Some((ns, name)) = v.split_once('/') {
+            let id = compiled
+                .find_workload(ns, name)
+                .ok_or(format!("{key}: no workload {v} in the inventory"))?;
+            let ip = compiled
+                .workload_addr(id)
+                .ok_or(format!("{key}: workload {v} owns no address of its own"))?;
+            return Ok((ip, None));
+        }
+        if key == "to" && v.contains('.') {
+            return Ok((IpAddr::from([0, 0, 0, 0]), Some(v.trim_end_matches('.').to_lowercase())));
+        }
+        Err(format!("{key}: {v:?} is not an IP address, namespace/workload or domain name"))
+    };
+    let (src, _) = match resolve("from") {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let (dst, to_fqdn) = match resolve("to") {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let port = match param(&ps, "port").map(str::parse::<u16>) {
+        Some(Ok(p)) => p,
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "port: expected 0-65535"),
+        None => return error(StatusCode::BAD_REQUEST, "port: missing"),
+    };
+    let proto = match param(&ps, "protocol").unwrap_or("TCP").to_uppercase().as_str() {
+        "TCP" => Proto::Tcp,
+        "UDP" => Proto::Udp,
+        "SCTP" => Proto::Sctp,
+        other => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("protocol: {other:?}: expected TCP, UDP or SCTP"),
+            );
+        }
+    };
+    let fqdn = param(&ps, "fqdn")
+        .filter(|f| !f.is_empty())
+        .map(|f| f.trim_end_matches('.').to_lowercase())
+        .or(to_fqdn);
+    let q = FlowQuery { src, dst, dst_port: port, proto, fqdn: fqdn.as_deref() };
+    let ex = compiled.explain(&q);
+    let mut v = serde_json::to_value(&ex).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("generation".into(), json!(snap.generation.0));
+    }
+    json_resp(StatusCode::OK, &v)
+}
+
+async fn reload(control: &ControlPlane) -> Resp {
+    let report = control.reload(Trigger::Api).await;
+    let status = match report.result {
+        ReloadResult::Ok | ReloadResult::Unchanged => StatusCode::OK,
+        ReloadResult::Error => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    json_resp(status, &serde_json::to_value(&report).unwrap_or(Value::Null))
+}
+
+async fn emergency(control: &ControlPlane, req: Request<Incoming>) -> Resp {
+    let max = control.config().admin.max_body;
+    let body = match Limited::new(req.into_body(), max).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body larger than admin.max_body ({max} bytes) or cut short"),
+            );
+        }
+    };
+    let request: EmergencyRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")),
+    };
+    match control.emergency(request).await {
+        Ok((entry, report)) => json_resp(
+            StatusCode::CREATED,
+            &json!({
+                "id": entry.id,
+                "what": entry.describe(),
+                "expires_at": format_time(entry.expires_at()),
+                "generation": report.generation,
+                "revoked": report.revoked,
+            }),
+        ),
+        Err(e @ EmergencyError::UnknownWorkload(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ EmergencyError::Full { .. }) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ EmergencyError::State { .. }) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}

@@ -1,0 +1,90 @@
+//! Re-checking established flows against a new policy generation.
+//!
+//! After a swap, every conntrack entry admitted by an older generation is decided again
+//! with the new tables. Still allowed: its generation is moved forward. Now denied: its
+//! [`CutSignal`](crate::conntrack::CutSignal) is triggered (the proxy task closes both
+//! sockets), the entry is removed (a packet flow's next packet is decided afresh and
+//! dropped), and the caller's callback hears about it so it can log `revoked`.
+//!
+//! Bounded and off the hot path: entries are collected first (a clone of each `Arc`,
+//! holding each table shard only for that), then decided in batches of
+//! `control.revalidate_batch` with a yield between batches, so a table of 262,144 flows
+//! never holds a shard or a CPU for long. Flows admitted by the old generation while the
+//! first pass ran are caught by a second pass over entries still below the new generation.
+//!
+//! Known limit: the conntrack entry does not record the name (FQDN) a flow was admitted
+//! for, so a flow admitted only by a `domainNames` rule is re-decided without it.
+
+use std::sync::Arc;
+
+use crate::conntrack::{Conntrack, Entry};
+use crate::policy::{Decision, FlowQuery, Generation, PolicySnapshot};
+
+/// Counts from one revalidation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevalidateStats {
+    /// Entries decided again.
+    pub checked: usize,
+    /// Entries cut.
+    pub revoked: usize,
+}
+
+/// The question `decide` is asked for an established flow.
+pub fn query_of(entry: &Entry) -> FlowQuery<'static> {
+    let key = entry.key();
+    FlowQuery {
+        src: key.src.ip(),
+        dst: key.dst.ip(),
+        dst_port: key.dst.port(),
+        proto: key.proto,
+        fqdn: None,
+    }
+}
+
+/// Re-checks every entry older than `snapshot`'s generation; cuts and reports the ones it
+/// now denies. `batch` is the number of entries decided between yields (at least 1).
+pub fn revalidate(
+    conntrack: &Conntrack,
+    snapshot: &PolicySnapshot,
+    batch: usize,
+    on_revoke: &dyn Fn(&Entry, &Decision),
+) -> RevalidateStats {
+    let generation = snapshot.generation;
+    let mut stats = RevalidateStats::default();
+    for _pass in 0..2 {
+        let stale = collect_stale(conntrack, generation);
+        if stale.is_empty() {
+            break;
+        }
+        for chunk in stale.chunks(batch.max(1)) {
+            for entry in chunk {
+                stats.checked += 1;
+                let decision = snapshot.compiled.decide(&query_of(entry));
+                if decision.verdict.is_allow() {
+                    entry.set_generation(generation);
+                } else {
+                    // Mark it first, so a concurrent pass never reports it twice.
+                    entry.set_generation(generation);
+                    if let Some(cut) = entry.cut() {
+                        cut.trigger();
+                    }
+                    conntrack.remove(&entry.key());
+                    stats.revoked += 1;
+                    on_revoke(entry, &decision);
+                }
+            }
+            std::thread::yield_now();
+        }
+    }
+    stats
+}
+
+fn collect_stale(conntrack: &Conntrack, generation: Generation) -> Vec<Arc<Entry>> {
+    let mut stale = Vec::new();
+    conntrack.for_each(|e| {
+        if e.generation() < generation {
+            stale.push(e.clone());
+        }
+    });
+    stale
+}

@@ -1,0 +1,175 @@
+//! Shared set-up for the control-plane and admin tests: a small policy directory and
+//! inventory in a temp dir, a config pointing at it, and a control plane over them.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flowgate::config::Config;
+use flowgate::conntrack::{Conntrack, CutSignal, Entry, EntryInit, FlowState, tcp_key};
+use flowgate::control::{ControlPlane, RevokeFn};
+use flowgate::flow::Proto;
+use flowgate::policy::{Decision, FlowQuery, Generation};
+use flowgate::telemetry::metrics::Registry;
+
+pub const TOKEN: &str = "test-token-1234";
+
+pub const INVENTORY: &str = "\
+namespaces:
+  - name: apps
+workloads:
+  - {name: web, namespace: apps, labels: {app: web}, ips: [127.0.10.1]}
+  - {name: db, namespace: apps, labels: {app: db}, ips: [127.0.10.2]}
+";
+
+/// Keeps web → db allowed (policy.default is allow in these tests).
+pub const BASE_POLICY: &str = "\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-egress, namespace: apps}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+    - to:
+        - podSelector: {matchLabels: {app: db}}
+";
+
+/// Denies every workload's traffic into db.
+pub const DENY_DB: &str = "\
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: deny-db}
+spec:
+  priority: 10
+  subject:
+    pods:
+      namespaceSelector: {}
+      podSelector: {matchLabels: {app: db}}
+  ingress:
+    - name: block
+      action: Deny
+      from:
+        - namespaces: {}
+";
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub cfg: Config,
+    pub conntrack: Arc<Conntrack>,
+    pub metrics: Arc<Registry>,
+    pub revoked: Arc<Mutex<Vec<(String, Decision)>>>,
+}
+
+impl Fixture {
+    /// `extra_toml` is appended to the config (e.g. `[control]\nwatch = false`).
+    pub fn new(extra_toml: &str) -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
+        std::fs::write(dir.path().join("policies/base.yaml"), BASE_POLICY).unwrap();
+        let toml = format!(
+            "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\ndefault = \"allow\"\n\
+             {extra_toml}\n"
+        );
+        let path = dir.path().join("flowgate.toml");
+        std::fs::write(&path, toml).unwrap();
+        let cfg = Config::load(&path).expect("test config loads");
+        let conntrack = Arc::new(Conntrack::new(&cfg.conntrack));
+        Fixture {
+            dir,
+            cfg,
+            conntrack,
+            metrics: Arc::new(Registry::default()),
+            revoked: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn control(&self) -> ControlPlane {
+        let revoked = self.revoked.clone();
+        let on_revoke: RevokeFn = Arc::new(move |e: &Entry, d: &Decision| {
+            revoked.lock().unwrap().push((format!("{}->{}", e.key().src, e.key().dst), *d));
+        });
+        ControlPlane::new(self.cfg.clone(), self.conntrack.clone(), self.metrics.clone(), on_revoke)
+            .expect("control plane starts on the fixture")
+    }
+
+    /// Tracks a TCP flow as the proxy would, with a cut signal.
+    pub fn track(&self, src: &str, dst: &str, generation: u64) -> (Arc<Entry>, Arc<CutSignal>) {
+        let cut = Arc::new(CutSignal::default());
+        let entry = self
+            .conntrack
+            .insert(
+                tcp_key(src.parse().unwrap(), dst.parse().unwrap()),
+                EntryInit {
+                    state: FlowState::Open,
+                    generation: Generation(generation),
+                    src_workload: None,
+                    dst_workload: None,
+                    listener: 0,
+                    cut: Some(cut.clone()),
+                },
+                Instant::now(),
+            )
+            .expect("insert");
+        (entry, cut)
+    }
+}
+
+/// Writes `text` to `path` the way editors do: a temp file, then rename over the target.
+pub fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_file_name(format!(".{}.tmp", path.file_name().unwrap().to_string_lossy()));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+pub fn allowed(control: &ControlPlane, src: &str, dst: &str, port: u16) -> bool {
+    let snap = control.policy().load_full();
+    snap.compiled
+        .decide(&FlowQuery {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            dst_port: port,
+            proto: Proto::Tcp,
+            fqdn: None,
+        })
+        .verdict
+        .is_allow()
+}
+
+/// Polls `f` every 20 ms until it holds or `limit` passes; returns whether it held.
+pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+pub async fn wait_for_async(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
+
+pub fn admin_toml() -> String {
+    format!("[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n")
+}
+
+pub fn addr_url(addr: SocketAddr, path: &str) -> String {
+    format!("http://{addr}{path}")
+}

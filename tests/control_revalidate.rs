@@ -1,0 +1,100 @@
+//! Revalidation after a reload: established flows that the new generation denies are cut
+//! (their CutSignal fires, a real connection waiting on it closes, the entry leaves the
+//! table) and reported; flows still allowed move to the new generation; `on_change = keep`
+//! leaves everything alone.
+
+mod control_common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use control_common::*;
+use flowgate::control::{ReloadResult, Trigger};
+use tokio::io::AsyncReadExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn now_denied_flows_are_cut_and_reported() {
+    let fx = Fixture::new(&format!("[control]\nwatch = false\n{}", admin_toml()));
+    let control = fx.control();
+
+    // A real connection whose forwarding task closes it when the flow is cut.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_addr = listener.local_addr().unwrap();
+    let mut client = tokio::net::TcpStream::connect(server_addr).await.unwrap();
+    let (server_side, _) = listener.accept().await.unwrap();
+
+    let (denied, cut) = fx.track("127.0.10.1:40000", "127.0.10.2:5432", 1);
+    let (kept, kept_cut) = fx.track("127.0.10.2:40001", "127.0.10.1:80", 1);
+    let task_cut = cut.clone();
+    let task = tokio::spawn(async move {
+        task_cut.cut().await;
+        drop(server_side);
+    });
+
+    std::fs::write(fx.path("policies/deny-db.yaml"), DENY_DB).unwrap();
+    let report = control.reload(Trigger::Api).await;
+    assert_eq!(report.result, ReloadResult::Ok);
+    assert_eq!(report.revalidated, 2);
+    assert_eq!(report.revoked, 1);
+
+    assert!(cut.is_cut(), "web → db is denied now: cut");
+    assert!(!kept_cut.is_cut(), "db → web is still allowed");
+    assert_eq!(kept.generation().0, 2, "a kept flow moves to the new generation");
+    assert!(fx.conntrack.lookup(&denied.key()).is_none(), "the cut flow left the table");
+    assert!(fx.conntrack.lookup(&kept.key()).is_some());
+    let revoked = fx.revoked.lock().unwrap().clone();
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(revoked[0].0, "127.0.10.1:40000->127.0.10.2:5432");
+    assert!(!revoked[0].1.verdict.is_allow());
+
+    // The connection really closes: the client reads EOF.
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+        .await
+        .expect("closed within 5 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    task.await.unwrap();
+    assert_eq!(fx.metrics.control.revoked.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[test]
+fn keep_leaves_established_flows_alone() {
+    let fx = Fixture::new(&format!("[control]\nwatch = false\n{}", admin_toml()));
+    let mut cfg = fx.cfg.clone();
+    cfg.policy.on_change = flowgate::config::OnChange::Keep;
+    let control = flowgate::control::ControlPlane::new(
+        cfg,
+        fx.conntrack.clone(),
+        fx.metrics.clone(),
+        Arc::new(|_, _| panic!("nothing is revoked with keep")),
+    )
+    .unwrap();
+    let (entry, cut) = fx.track("127.0.10.1:40000", "127.0.10.2:5432", 1);
+    std::fs::write(fx.path("policies/deny-db.yaml"), DENY_DB).unwrap();
+    let report = control.reload_blocking(Trigger::Api);
+    assert_eq!(report.result, ReloadResult::Ok);
+    assert_eq!(report.revoked, 0);
+    assert!(!cut.is_cut());
+    assert!(fx.conntrack.lookup(&entry.key()).is_some());
+    assert!(!allowed(&control, "127.0.10.1", "127.0.10.2", 5432), "new flows are denied");
+}
+
+#[test]
+fn many_flows_are_revalidated_in_batches() {
+    let fx =
+        Fixture::new(&format!("[control]\nwatch = false\nrevalidate_batch = 7\n{}", admin_toml()));
+    let control = fx.control();
+    let mut cuts = Vec::new();
+    for port in 0..500u16 {
+        cuts.push(fx.track(&format!("127.0.10.1:{}", 20000 + port), "127.0.10.2:5432", 1).1);
+        fx.track(&format!("127.0.10.2:{}", 20000 + port), "127.0.10.1:80", 1);
+    }
+    std::fs::write(fx.path("policies/deny-db.yaml"), DENY_DB).unwrap();
+    let report = control.reload_blocking(Trigger::Api);
+    assert_eq!(report.revalidated, 1000);
+    assert_eq!(report.revoked, 500);
+    assert!(cuts.iter().all(|c| c.is_cut()));
+    assert_eq!(fx.conntrack.len(), 500);
+    assert_eq!(fx.revoked.lock().unwrap().len(), 500);
+}
