@@ -221,6 +221,11 @@ impl Config {
         if self.flowlog.channel_capacity == 0 {
             return Err(invalid("flowlog.channel_capacity".into(), "must be at least 1".into()));
         }
+        self.conntrack.validate().map_err(|e| ConfigError::Invalid {
+            path: self.path.clone(),
+            field: "conntrack".into(),
+            message: e.to_string(),
+        })?;
         self.admin.validate().map_err(|(field, message)| ConfigError::Invalid {
             path: self.path.clone(),
             field: format!("admin.{field}"),

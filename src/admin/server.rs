@@ -239,7 +239,8 @@ fn flows(control: &ControlPlane, query: &str) -> Resp {
     let mut out = Vec::new();
     let mut matched = 0usize;
     ct.for_each(|e| {
-        if src.is_some_and(|ip| e.key().src.ip() != ip) || dst.is_some_and(|ip| e.key().dst.ip() != ip)
+        if src.is_some_and(|ip| e.key().src.ip() != ip)
+            || dst.is_some_and(|ip| e.key().dst.ip() != ip)
         {
             return;
         }

@@ -7,15 +7,16 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use flowgate::config::{Config, DEFAULT_CONFIG_PATH};
-use flowgate::conntrack::Conntrack;
-use flowgate::dataplane::{Runtime, build_snapshot, proxy};
-use flowgate::policy::Generation;
+use flowgate::conntrack::{Conntrack, Entry};
+use flowgate::control::{ControlPlane, RevokeFn};
+use flowgate::dataplane::{Runtime, proxy};
+use flowgate::policy::Decision;
 use flowgate::shutdown::Shutdown;
 use flowgate::telemetry::flowlog::FlowLog;
 use flowgate::telemetry::metrics::Registry;
@@ -41,14 +42,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
-    let snapshot = build_snapshot(&cfg.policy, Generation(1))
-        .with_context(|| format!("policy from {}", cfg.policy.dir.display()))?;
     let registry = Arc::new(Registry::default());
     let (flowlog, writer) = FlowLog::start(&cfg.flowlog, registry.clone())
         .with_context(|| format!("flow log {}", cfg.flowlog.output))?;
     let conntrack = Arc::new(Conntrack::new(&cfg.conntrack));
-    let policy = Arc::new(ArcSwap::from_pointee(snapshot));
-    let rt = Runtime::new(conntrack.clone(), policy, registry, flowlog);
+    // The control plane owns the policy handle (generation 1 is loaded here; a bad policy
+    // stops start-up). Revocations it finds are logged through the data path's runtime,
+    // which exists only once the handle does: hence the cell.
+    let runtime_cell: Arc<OnceLock<Arc<Runtime>>> = Arc::new(OnceLock::new());
+    let on_revoke: RevokeFn = {
+        let cell = runtime_cell.clone();
+        Arc::new(move |entry: &Entry, decision: &Decision| {
+            if let Some(rt) = cell.get() {
+                let snapshot = rt.policy.load_full();
+                rt.revoke(entry, &snapshot, decision);
+            }
+        })
+    };
+    let control = ControlPlane::new(cfg.clone(), conntrack.clone(), registry.clone(), on_revoke)
+        .context("control plane")?;
+    let rt = Runtime::new(conntrack.clone(), control.policy(), registry, flowlog);
+    let _ = runtime_cell.set(rt.clone());
     let mut shutdown = Shutdown::new();
     // Install the handlers before binding, so a signal right after start-up is not lost.
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -58,6 +72,9 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
     for l in &listeners {
         eprintln!("flowgate: listener {} ({}) on {}", l.name, l.kind.as_str(), l.local_addr);
     }
+    let control_tasks = control.start().await.context("control plane")?;
+    eprintln!("flowgate: admin API on http://{}", control_tasks.admin_addr);
+    control.readiness().store(true, Ordering::Release);
     let snap = rt.policy.load();
     eprintln!(
         "flowgate: ready: {} listener(s), policy generation {} ({} policies, {} workloads)",
@@ -88,6 +105,7 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
         _ = sigint.recv() => "SIGINT",
     };
     rt.readiness.set(false);
+    control.readiness().store(false, Ordering::Release);
     let open = rt
         .registry
         .listeners()
@@ -104,6 +122,7 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
     for l in listeners {
         l.task.abort();
     }
+    drop(control_tasks);
     writer.finish();
     if drained {
         eprintln!("flowgate: drained in {} ms; exiting", started.elapsed().as_millis());
