@@ -79,7 +79,7 @@ fn start_flowgate(dir: &Path, upstream: SocketAddr) -> (Proc, SocketAddr) {
     let cfg = format!(
         "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\ndefault = \"deny\"\n\n\
          [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\nallow_sample = 1\n\n\
-         [run]\ndrain_timeout = \"1s\"\n\n\
+         [run]\ndrain_timeout = \"1s\"\n\n[admin]\nbind = \"127.0.0.1:0\"\n\n\
          [[listener]]\nname = \"behind-lb\"\nkind = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
          upstreams = [\"{upstream}\"]\nproxy_protocol = \"any\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n"
     );

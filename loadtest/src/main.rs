@@ -312,7 +312,7 @@ fn flowgate_config(
     write(&dir.join("policies/lt.yaml"), POLICY)?;
     let cfg = format!(
         "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\ndefault = \"deny\"\n\n\
-         [flowlog]\noutput = \"flow.log\"\n\n[run]\ndrain_timeout = \"1s\"\nworker_threads = {workers}\n\n\
+         [flowlog]\noutput = \"flow.log\"\n\n[admin]\nbind = \"127.0.0.1:0\"\n\n[run]\ndrain_timeout = \"1s\"\nworker_threads = {workers}\n\n\
          [[listener]]\nname = \"iperf\"\nkind = \"tcp\"\nbind = \"127.0.0.1:{fg_iperf}\"\n\
          upstreams = [\"{UPSTREAM_IP}:{iperf}\"]\nmax_connections = 8000\n\n\
          [[listener]]\nname = \"rr\"\nkind = \"tcp\"\nbind = \"127.0.0.1:{fg_rr}\"\n\

@@ -91,7 +91,8 @@ impl World {
     pub fn config_text(&self, extra: &str) -> String {
         format!(
             "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\ndefault = \"deny\"\n\n\
-             [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"150ms\"\n\n{extra}\n"
+             [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"150ms\"\n\n\
+             [admin]\nbind = \"127.0.0.1:0\"\n\n{extra}\n"
         )
     }
 
