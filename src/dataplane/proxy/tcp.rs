@@ -101,12 +101,6 @@ pub async fn serve(
             drop(permit);
             drop(guard);
         });
-        // Let the connections already in progress (and the one just spawned) run before
-        // accepting the next: finishing work first keeps the number in flight, and so
-        // each one's latency, down under load, as HAProxy's bounded accepts per loop do.
-        // The kernel's accept queue holds the rest meanwhile. (loadtest conn/s at 64
-        // concurrent, BENCHMARKS-l4.md.)
-        tokio::task::yield_now().await;
     }
 }
 
