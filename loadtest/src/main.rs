@@ -456,6 +456,11 @@ async fn run(args: Args) -> Result<(), String> {
     let pids = [Vec::new(), vec![ha.child.id()], fg_pids];
     let (mut tput_cpu, mut tput_bytes) = ([0.0f64; 3], [0.0f64; 3]);
     let mut cps_cpu = [0.0f64; 3];
+    // The driver's own CPU per slice: the client and the upstream live in this process,
+    // and on a saturated machine what a proxy makes *them* spend per connection (wake-ups,
+    // segments to process) slows the closed loop as much as the proxy's own CPU.
+    let mut cps_self_cpu = [0.0f64; 3];
+    let me = [std::process::id()];
     if args.only == "all" || args.only == "tput" {
         let targets = [
             addr(UPSTREAM_IP, iperf_port),
@@ -496,9 +501,10 @@ async fn run(args: Args) -> Result<(), String> {
         ];
         for round in 0..rounds {
             for (i, (_, to)) in targets.iter().enumerate() {
-                let c0 = cpu_secs(&pids[i]);
+                let (c0, s0) = (cpu_secs(&pids[i]), cpu_secs(&me));
                 let r = cps(*to, args.concurrency, slice).await;
                 cps_cpu[i] += cpu_secs(&pids[i]) - c0;
+                cps_self_cpu[i] += cpu_secs(&me) - s0;
                 if round == 0 {
                     res.push(r);
                 } else {
@@ -525,6 +531,13 @@ async fn run(args: Args) -> Result<(), String> {
                 cps_cpu[2] * 1e6 / f.conns.max(1) as f64
             );
         }
+        let per = |i: usize| cps_self_cpu[i] * 1e6 / res[i].conns.max(1) as f64;
+        println!(
+            "driver (client + upstream) CPU per connection: direct {:.1} us  haproxy {:.1} us  flowgate {:.1} us",
+            per(0),
+            per(1),
+            per(2)
+        );
     }
     for p in [&mut iperf_srv, &mut fg, &mut ha] {
         p.check_alive()?;
