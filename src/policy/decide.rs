@@ -166,9 +166,10 @@ impl CompiledPolicy {
         let ports = self.port_candidates(class, seg);
         let mut passed = None;
         // 1. Admin tier: first matching rule; Pass leaves the tier.
-        for &r in self.tier_rules(t.admin, t.admin_seg, class, seg) {
+        let (admin, split) = self.tier_rules(t.admin, t.admin_seg, class, seg);
+        for &r in admin {
             let rule = &self.rules[r as usize];
-            if candidate(ports, r) && self.rule_matches(rule, q, peer, dst) {
+            if (split || candidate(ports, r)) && self.rule_matches(rule, q, peer, dst) {
                 match rule.action {
                     Action::Pass => {
                         passed = Some(r);
@@ -210,9 +211,10 @@ impl CompiledPolicy {
             };
         }
         // 3. Baseline tier: first matching Allow/Deny (a Pass leaves the tier).
-        for &r in self.tier_rules(t.baseline, t.baseline_seg, class, seg) {
+        let (baseline, split) = self.tier_rules(t.baseline, t.baseline_seg, class, seg);
+        for &r in baseline {
             let rule = &self.rules[r as usize];
-            if candidate(ports, r) && self.rule_matches(rule, q, peer, dst) {
+            if (split || candidate(ports, r)) && self.rule_matches(rule, q, peer, dst) {
                 match rule.action {
                     Action::Pass => break,
                     action => {
@@ -254,16 +256,18 @@ impl CompiledPolicy {
     }
 
     /// A cluster tier's rules for this port segment: the pre-split list when there is
-    /// one, else the whole list (the bitset prefilter then does the skipping).
+    /// one, else the whole list (the bitset prefilter then does the skipping). The flag
+    /// says the list is pre-split: its rules already passed the prefilter, so the caller
+    /// skips the bit test.
     #[inline]
-    fn tier_rules(&self, list: Span, split: u32, class: usize, seg: usize) -> &[u32] {
+    fn tier_rules(&self, list: Span, split: u32, class: usize, seg: usize) -> (&[u32], bool) {
         if split != NONE
             && let Some(table) = self.seg_tables.get(split as usize)
             && let Some(span) = self.seg_spans.get(table[class] as usize + seg)
         {
-            return span.of(&self.lists);
+            return (span.of(&self.lists), true);
         }
-        list.of(&self.lists)
+        (list.of(&self.lists), false)
     }
 
     /// Ports first: they are one or two compares and rule out most rules of a list.

@@ -18,6 +18,9 @@ use ipnet::IpNet;
 /// Owner id meaning "no workload": the segment is external.
 const NOBODY: u32 = u32::MAX;
 
+/// A /16 with more segments than this gets a /24 second level.
+const DENSE: u32 = 16;
+
 /// An address as a number in its family, the form every table in the engine uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) enum Key {
@@ -70,8 +73,15 @@ impl Range {
 pub(crate) struct Lpm {
     v4_starts: Vec<u32>,
     v4_owners: Vec<u32>,
-    /// `v4_index[h]` = first segment whose start is ≥ `h << 16`; length 2^16 + 1.
-    v4_index: Vec<u32>,
+    /// Per /16 `h` (length 2^16 + 1): `[first segment whose start is ≥ h << 16, offset in
+    /// v4_sub or NOBODY]`. Kept as pairs so the one cache line read gives both.
+    v4_index: Vec<[u32; 2]>,
+    /// For each /16 with more than [`DENSE`] segments, a second level of 257 entries:
+    /// first segment whose start is ≥ the /24's base (the last entry is the next /16's).
+    /// A workload /16 holding hundreds of /32s then costs one more load instead of an
+    /// eight-step binary search over a few cache lines; memory is bounded by
+    /// 257 × 4 bytes per `DENSE` segments.
+    v4_sub: Vec<u32>,
     v6_starts: Vec<u128>,
     v6_owners: Vec<u32>,
 }
@@ -93,11 +103,19 @@ impl Lpm {
         }
         let (v4_starts, v4_owners) = segments(v4, u128::from(u32::MAX));
         let v4_starts: Vec<u32> = v4_starts.into_iter().map(|s| s as u32).collect();
-        let v4_index = (0..=(1u64 << 16))
-            .map(|h| v4_starts.partition_point(|&s| u64::from(s) < (h << 16)) as u32)
-            .collect();
+        let first_at = |base: u64| v4_starts.partition_point(|&s| u64::from(s) < base) as u32;
+        let mut v4_index: Vec<[u32; 2]> =
+            (0..=(1u64 << 16)).map(|h| [first_at(h << 16), NOBODY]).collect();
+        let mut v4_sub = Vec::new();
+        for h in 0..(1usize << 16) {
+            if v4_index[h + 1][0] - v4_index[h][0] > DENSE {
+                v4_index[h][1] = v4_sub.len() as u32;
+                let base = (h as u64) << 16;
+                v4_sub.extend((0..=256u64).map(|m| first_at(base + (m << 8))));
+            }
+        }
         let (v6_starts, v6_owners) = segments(v6, u128::MAX);
-        Lpm { v4_starts, v4_owners, v4_index, v6_starts, v6_owners }
+        Lpm { v4_starts, v4_owners, v4_index, v4_sub, v6_starts, v6_owners }
     }
 
     /// The owner of `key`, if any workload owns it.
@@ -106,9 +124,15 @@ impl Lpm {
         let owner = match key {
             Key::V4(a) => {
                 let h = (a >> 16) as usize;
-                let (lo, hi) = (self.v4_index[h] as usize, self.v4_index[h + 1] as usize);
+                let [lo, sub] = self.v4_index[h];
+                let (lo, hi) = if sub == NOBODY {
+                    (lo as usize, self.v4_index[h + 1][0] as usize)
+                } else {
+                    let m = sub as usize + ((a >> 8) & 0xff) as usize;
+                    (self.v4_sub[m] as usize, self.v4_sub[m + 1] as usize)
+                };
                 // Segment 0 starts at 0, so some segment at or before `a` always exists:
-                // either inside this /16 or the last one before it (`lo - 1`).
+                // either inside this /16 (or /24) or the last one before it (`lo - 1`).
                 let pos = lo + self.v4_starts[lo..hi].partition_point(|&s| s <= a);
                 self.v4_owners[pos - 1]
             }
@@ -247,6 +271,29 @@ mod tests {
     fn equal_prefixes_go_to_the_lowest_owner() {
         let lpm = Lpm::build([(net("10.0.0.0/24"), 5), (net("10.0.0.0/24"), 2)]);
         assert_eq!(lpm.lookup(ip("10.0.0.9")), Some(2));
+    }
+
+    /// A /16 dense enough for the /24 second level, with a covering /16 and /20 and /32s
+    /// on both sides of /24 boundaries: every address of it resolves as a linear scan
+    /// over the prefixes (most specific, then lowest owner) says.
+    #[test]
+    fn dense_sixteen_matches_a_linear_scan() {
+        let mut entries = vec![(net("10.7.0.0/16"), 0), (net("10.7.16.0/20"), 1)];
+        for k in 0..300u32 {
+            let a = 0x0a07_0000 + k * 97 % 65536;
+            entries.push((IpNet::from(IpAddr::V4(a.into())), 2 + k));
+        }
+        entries.push((net("10.7.255.255/32"), 999));
+        entries.push((net("10.8.0.0/32"), 1000));
+        let lpm = Lpm::build(entries.clone());
+        for a in 0x0a06_ff00u32..=0x0a08_0100 {
+            let want = entries
+                .iter()
+                .filter(|(n, _)| Range::of(n).contains(Key::V4(a)))
+                .min_by_key(|(n, o)| (std::cmp::Reverse(n.prefix_len()), *o))
+                .map(|(_, o)| *o);
+            assert_eq!(lpm.lookup(Key::V4(a)), want, "{}", std::net::Ipv4Addr::from(a));
+        }
     }
 
     #[test]
