@@ -8,7 +8,9 @@
 //! formats (`wire`), the policy itself (`policy`).
 
 pub mod name;
+pub mod resolve;
 pub mod ssrf;
 
 pub use name::{DomainName, NameError, Target};
+pub use resolve::{DnsConfig, ResolveError, Resolved, Resolver};
 pub use ssrf::{Guard, SsrfConfig, SsrfRefusal};
