@@ -7,10 +7,12 @@
 //! Not here: sockets, accept loops and flow logging (`dataplane::proxy`), the byte
 //! formats (`wire`), the policy itself (`policy`).
 
+pub mod check;
 pub mod name;
 pub mod resolve;
 pub mod ssrf;
 
+pub use check::{AddrRefusal, Admitted, Candidates, Checker, Refusal};
 pub use name::{DomainName, NameError, Target};
 pub use resolve::{DnsConfig, ResolveError, Resolved, Resolver};
 pub use ssrf::{Guard, SsrfConfig, SsrfRefusal};

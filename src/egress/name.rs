@@ -155,6 +155,29 @@ impl Target {
         Target::parse(std::str::from_utf8(host).map_err(|_| NameError::NotUtf8)?)
     }
 
+    /// The target of a CONNECT or absolute-form request.
+    ///
+    /// # Errors
+    /// As [`Target::parse`].
+    pub fn from_http(host: crate::wire::http_connect::Host<'_>) -> Result<Target, NameError> {
+        match host {
+            crate::wire::http_connect::Host::V6(a) => Ok(Target::Addr(IpAddr::V6(a))),
+            crate::wire::http_connect::Host::Name(n) => Target::parse(n),
+        }
+    }
+
+    /// The target of a SOCKS5 request or UDP datagram.
+    ///
+    /// # Errors
+    /// As [`Target::parse_bytes`].
+    pub fn from_socks(addr: crate::wire::socks5::Addr<'_>) -> Result<Target, NameError> {
+        match addr {
+            crate::wire::socks5::Addr::V4(a) => Ok(Target::Addr(IpAddr::V4(a))),
+            crate::wire::socks5::Addr::V6(a) => Ok(Target::Addr(IpAddr::V6(a))),
+            crate::wire::socks5::Addr::Domain(d) => Target::parse_bytes(d),
+        }
+    }
+
     /// The name, when the target is one (for `FlowQuery::fqdn` and the flow log).
     pub fn name(&self) -> Option<&str> {
         match self {
@@ -330,6 +353,27 @@ mod tests {
         let n = Target::parse("a.example").unwrap();
         assert_eq!(n.name(), Some("a.example"));
         assert_eq!(Target::Addr(IpAddr::V4(Ipv4Addr::LOCALHOST)).name(), None);
+        use crate::wire::{http_connect::Host, socks5::Addr};
+        assert_eq!(
+            Target::from_http(Host::Name("0x7f.1")),
+            Ok(Target::Addr(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+        );
+        assert_eq!(
+            Target::from_http(Host::V6(Ipv6Addr::LOCALHOST)),
+            Ok(Target::Addr(IpAddr::V6(Ipv6Addr::LOCALHOST)))
+        );
+        assert_eq!(
+            Target::from_socks(Addr::Domain(b"2130706433")),
+            Ok(Target::Addr(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+        );
+        assert_eq!(
+            Target::from_socks(Addr::Domain(b"A.Example.")).unwrap().name(),
+            Some("a.example")
+        );
+        assert_eq!(
+            Target::from_socks(Addr::V4(Ipv4Addr::LOCALHOST)),
+            Ok(Target::Addr(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+        );
     }
 
     #[test]
