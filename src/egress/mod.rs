@@ -8,6 +8,7 @@
 //! formats (`wire`), the policy itself (`policy`).
 
 pub mod check;
+pub mod handshake;
 pub mod name;
 pub mod resolve;
 pub mod ssrf;
