@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use flowgate::egress::Target;
 use flowgate::egress::handshake::http::{self, ProxyRequest, RequestForm};
-use flowgate::egress::handshake::socks5::{self as socks_hs, AuthPolicy, SocksRequest};
+use flowgate::egress::handshake::socks5::{self as socks_hs, AuthPolicy, SocksRequest, VerifyFn};
 use flowgate::egress::handshake::{HandshakeError, HandshakeLimits};
 use flowgate::wire::http_connect::{Limits, ParseError};
 use flowgate::wire::socks5::{self, Command, ReplyCode};
@@ -254,7 +254,7 @@ async fn socks_server(
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.expect("accept");
-        let verify: &(dyn Fn(&[u8], &[u8]) -> Option<String> + Send + Sync) = &check_creds;
+        let verify: &VerifyFn<String> = &check_creds;
         let auth = AuthPolicy { allow_no_auth: !with_auth, verify: with_auth.then_some(verify) };
         let r = socks_hs::read_request(&mut s, &limits(timeout_ms), &auth).await;
         if r.is_ok() {

@@ -245,9 +245,7 @@ impl Resolver {
         let lookup = match tokio::time::timeout(self.timeout, self.dns.lookup_ip(fqdn)).await {
             Err(_) => return Err(ResolveError::Timeout),
             Ok(Err(e)) if e.is_no_records_found() => return Err(ResolveError::NotFound),
-            Ok(Err(e)) if matches!(e, hickory_resolver::net::NetError::Timeout) => {
-                return Err(ResolveError::Timeout);
-            }
+            Ok(Err(hickory_resolver::net::NetError::Timeout)) => return Err(ResolveError::Timeout),
             Ok(Err(_)) => return Err(ResolveError::Failed),
             Ok(Ok(l)) => l,
         };

@@ -70,10 +70,10 @@ where
         HandshakeError::Closed | HandshakeError::Io(_) => None,
         _ => Some(400),
     };
-    if let Some(status) = status {
-        if reply_status(io, status, &err.to_string()).await.is_ok() {
-            linger(io).await;
-        }
+    if let Some(status) = status
+        && reply_status(io, status, &err.to_string()).await.is_ok()
+    {
+        linger(io).await;
     }
     Err(err)
 }

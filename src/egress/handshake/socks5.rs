@@ -21,13 +21,16 @@ use crate::wire::socks5::{
 /// Greeting (2 + 255), auth (3 + 255 + 255) and request (7 + 255) each fit in this.
 const MAX_MESSAGE: usize = 600;
 
+/// Checks a username and password; `Some(identity)` accepts.
+pub type VerifyFn<Id> = dyn Fn(&[u8], &[u8]) -> Option<Id> + Send + Sync;
+
 /// How clients may authenticate.
 pub struct AuthPolicy<'a, Id> {
     /// Accept clients that offer no authentication (identity from the source address).
     pub allow_no_auth: bool,
     /// Verifies username/password and names who it is; `None` refuses. Absent: the
     /// username/password method is not offered.
-    pub verify: Option<&'a (dyn Fn(&[u8], &[u8]) -> Option<Id> + Send + Sync)>,
+    pub verify: Option<&'a VerifyFn<Id>>,
 }
 
 /// A validated SOCKS5 request.
