@@ -67,6 +67,11 @@ pub enum Refusal {
     BadName(#[from] NameError),
     #[error("{fqdn}: {error}")]
     Resolve { fqdn: DomainName, error: ResolveError },
+    /// Transparent mode: the name the client's first bytes carried (SNI or Host) does not
+    /// resolve to the address it actually dialled — an allowed name used as cover.
+    /// `fqdn` is `None` when the first bytes named an address other than the one dialled.
+    #[error("the name in the first bytes does not resolve to {addr}")]
+    NameMismatch { fqdn: Option<DomainName>, addr: SocketAddr },
     /// No candidate address at all (not produced by [`Resolver`], which never answers an
     /// empty list; kept so a hand-built [`Candidates`] fails closed).
     #[error("no candidate address")]
@@ -94,6 +99,7 @@ impl Refusal {
         match self {
             Refusal::BadName(_) => "bad-name",
             Refusal::NoAddress { .. } => "no-address",
+            Refusal::NameMismatch { .. } => "name-mismatch",
             Refusal::Resolve { error, .. } => error.as_str(),
             Refusal::Denied { first: (_, AddrRefusal::Ssrf(_)), .. } => "ssrf",
             Refusal::Denied { first: (_, AddrRefusal::OwnListener), .. } => "own-listener",
@@ -109,6 +115,7 @@ impl Refusal {
         match self {
             Refusal::BadName(_) => None,
             Refusal::Resolve { fqdn, .. } => Some(fqdn),
+            Refusal::NameMismatch { fqdn, .. } => fqdn.as_ref(),
             Refusal::Denied { fqdn, .. } | Refusal::NoAddress { fqdn } => fqdn.as_ref(),
         }
     }
@@ -121,7 +128,7 @@ impl Refusal {
             Refusal::BadName(_) => 400,
             Refusal::Resolve { error: ResolveError::Timeout, .. } => 504,
             Refusal::Resolve { .. } | Refusal::NoAddress { .. } => 502,
-            Refusal::Denied { .. } => 403,
+            Refusal::Denied { .. } | Refusal::NameMismatch { .. } => 403,
         }
     }
 
@@ -132,7 +139,7 @@ impl Refusal {
             Refusal::BadName(_) | Refusal::Resolve { .. } | Refusal::NoAddress { .. } => {
                 ReplyCode::HostUnreachable
             }
-            Refusal::Denied { .. } => ReplyCode::NotAllowed,
+            Refusal::Denied { .. } | Refusal::NameMismatch { .. } => ReplyCode::NotAllowed,
         }
     }
 }
@@ -237,6 +244,47 @@ impl Checker {
         self.choose(policy, client, &cands, port, proto)
     }
 
+    /// Transparent mode: the client dialled `orig_dst` itself (SO_ORIGINAL_DST) and its
+    /// first bytes named `name` (TLS SNI or HTTP Host), if they named anything.
+    ///
+    /// With a name, `orig_dst` must be one of the addresses the name resolves to —
+    /// otherwise an allowed SNI could carry a connection to any address (SNI spoofing) —
+    /// and the flow is then decided for `orig_dst` with the name as `fqdn`. Without one it
+    /// is decided on the address alone.
+    ///
+    /// # Errors
+    /// [`Refusal`]; [`Refusal::NameMismatch`] when the name does not cover `orig_dst`.
+    pub async fn check_transparent(
+        &self,
+        policy: &CompiledPolicy,
+        client: IpAddr,
+        orig_dst: SocketAddr,
+        name: Option<&str>,
+        proto: Proto,
+    ) -> Result<Admitted, Refusal> {
+        let dst = orig_dst.ip().to_canonical();
+        let single = std::sync::Arc::new([dst]);
+        let cands = match name {
+            None => Candidates { fqdn: None, addrs: single },
+            Some(raw) => match Target::parse(raw)? {
+                Target::Addr(a) if a.to_canonical() == dst => {
+                    Candidates { fqdn: None, addrs: single }
+                }
+                Target::Addr(_) => {
+                    return Err(Refusal::NameMismatch { fqdn: None, addr: orig_dst });
+                }
+                Target::Name(n) => {
+                    let resolved = self.resolve(Target::Name(n)).await?;
+                    if !resolved.addrs.iter().any(|a| a.to_canonical() == dst) {
+                        return Err(Refusal::NameMismatch { fqdn: Some(n), addr: orig_dst });
+                    }
+                    Candidates { fqdn: Some(n), addrs: single }
+                }
+            },
+        };
+        self.choose(policy, client, &cands, orig_dst.port(), proto)
+    }
+
     fn is_own(&self, dst: SocketAddr) -> bool {
         self.own.iter().any(|o| {
             o.port() == dst.port()
@@ -244,6 +292,42 @@ impl Checker {
                     || (o.ip().is_unspecified()
                         && (dst.ip().is_loopback() || dst.ip().is_unspecified())))
         })
+    }
+}
+
+/// What the first bytes inside a CONNECT tunnel say about where they are going, for
+/// `verify_sni` (domain fronting): a TLS ClientHello must name the CONNECT host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SniVerdict {
+    /// Not enough bytes yet to decide.
+    NeedMore,
+    /// A ClientHello whose server_name is the CONNECT host.
+    Agrees,
+    /// A ClientHello that names another host (or any host, when CONNECT named an
+    /// address), or whose name is not a valid host name: refuse.
+    Disagrees,
+    /// A ClientHello without server_name: the listener's `verify_sni` setting decides.
+    NoSni,
+    /// Not TLS at all: nothing to compare.
+    NotTls,
+    /// Broken or fragmented TLS: refuse (fail closed).
+    Malformed,
+}
+
+/// Compares the SNI of the first bytes in a tunnel with the CONNECT target.
+pub fn verify_sni(first_bytes: &[u8], target: &Target) -> SniVerdict {
+    use crate::wire::sni::{MAX_RECORD, SniError, peek_client_hello};
+    match peek_client_hello(first_bytes, MAX_RECORD) {
+        Ok(None) => SniVerdict::NeedMore,
+        Err(SniError::NotTls) => SniVerdict::NotTls,
+        Err(_) => SniVerdict::Malformed,
+        Ok(Some(h)) => match h.server_name {
+            None => SniVerdict::NoSni,
+            Some(sni) => match (Target::parse(sni), target) {
+                (Ok(Target::Name(a)), Target::Name(b)) if a == *b => SniVerdict::Agrees,
+                _ => SniVerdict::Disagrees,
+            },
+        },
     }
 }
 

@@ -13,7 +13,7 @@ pub mod name;
 pub mod resolve;
 pub mod ssrf;
 
-pub use check::{AddrRefusal, Admitted, Candidates, Checker, Refusal};
+pub use check::{AddrRefusal, Admitted, Candidates, Checker, Refusal, SniVerdict, verify_sni};
 pub use name::{DomainName, NameError, Target};
 pub use resolve::{DnsConfig, ResolveError, Resolved, Resolver};
 pub use ssrf::{Guard, SsrfConfig, SsrfRefusal};

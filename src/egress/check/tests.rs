@@ -254,3 +254,63 @@ async fn own_listeners_are_never_dialled() {
     let c = checker(&[]).with_own_listeners(vec!["127.0.0.3:9901".parse().expect("addr")]);
     assert!(run(&c, &p, "127.0.0.3", 8080).await.is_ok());
 }
+
+#[tokio::test]
+async fn transparent_name_must_cover_the_original_destination() {
+    let p = compiled();
+    let c = checker(&[
+        ("api.example.com", &["127.0.0.2", "127.0.0.4"]),
+        ("evil.example", &["127.0.0.2"]),
+    ]);
+    let orig: SocketAddr = "127.0.0.2:443".parse().expect("addr");
+    let cl = ip(CLIENT);
+    let a = c
+        .check_transparent(&p, cl, orig, Some("API.example.com"), Proto::Tcp)
+        .await
+        .expect("allowed");
+    assert_eq!((a.addr, a.fqdn.map(|n| n.to_string())), (orig, Some("api.example.com".to_owned())));
+    // SNI names an allowed host, but the client dialled an address the name does not
+    // resolve to: spoofed.
+    let spoof: SocketAddr = "127.0.0.3:443".parse().expect("addr");
+    let err =
+        c.check_transparent(&p, cl, spoof, Some("api.example.com"), Proto::Tcp).await.unwrap_err();
+    assert_eq!((err.reason(), err.http_status()), ("name-mismatch", 403));
+    assert_eq!(err.fqdn().map(|n| n.as_str()), Some("api.example.com"));
+    // An honest name that policy does not allow.
+    let err =
+        c.check_transparent(&p, cl, orig, Some("evil.example"), Proto::Tcp).await.unwrap_err();
+    assert_eq!(err.reason(), "default-deny");
+    // No name: decided on the address (allowed by the networks rule on 8080).
+    let svc: SocketAddr = "127.0.0.3:8080".parse().expect("addr");
+    assert!(c.check_transparent(&p, cl, svc, None, Proto::Tcp).await.is_ok());
+    assert!(c.check_transparent(&p, cl, svc, Some("127.0.0.3"), Proto::Tcp).await.is_ok());
+    let err = c.check_transparent(&p, cl, svc, Some("127.0.0.9"), Proto::Tcp).await.unwrap_err();
+    assert_eq!(err.reason(), "name-mismatch");
+    // The guard still applies to what was dialled.
+    let meta: SocketAddr = "169.254.169.254:80".parse().expect("addr");
+    assert_eq!(
+        c.check_transparent(&p, cl, meta, None, Proto::Tcp).await.unwrap_err().reason(),
+        "ssrf"
+    );
+}
+
+#[test]
+fn sni_inside_the_tunnel_must_name_the_connect_host() {
+    use crate::wire::sni::build_client_hello;
+    let host = Target::parse("api.example.com").expect("name");
+    let hello = build_client_hello(Some("API.example.com"), 0);
+    assert_eq!(verify_sni(&hello, &host), SniVerdict::Agrees);
+    assert_eq!(verify_sni(&hello[..20], &host), SniVerdict::NeedMore);
+    assert_eq!(
+        verify_sni(&build_client_hello(Some("evil.example"), 0), &host),
+        SniVerdict::Disagrees
+    );
+    assert_eq!(verify_sni(&build_client_hello(Some("1.2.3.4.5"), 0), &host), SniVerdict::Disagrees);
+    assert_eq!(verify_sni(&build_client_hello(None, 0), &host), SniVerdict::NoSni);
+    assert_eq!(verify_sni(b"GET / HTTP/1.1\r\n", &host), SniVerdict::NotTls);
+    let mut broken = hello.clone();
+    broken[5] = 2;
+    assert_eq!(verify_sni(&broken, &host), SniVerdict::Malformed);
+    let by_addr = Target::parse("127.0.0.2").expect("addr");
+    assert_eq!(verify_sni(&hello, &by_addr), SniVerdict::Disagrees);
+}
