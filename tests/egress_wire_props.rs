@@ -132,10 +132,10 @@ proptest! {
         check_http(&data);
         check_socks(&data);
         check_sni(&data);
-        if let Ok(s) = std::str::from_utf8(&data) {
-            if let Ok(Target::Addr(a)) = Target::parse(s) {
-                let _ = Guard::default().check(a);
-            }
+        if let Ok(s) = std::str::from_utf8(&data)
+            && let Ok(Target::Addr(a)) = Target::parse(s)
+        {
+            let _ = Guard::default().check(a);
         }
     }
 
