@@ -46,6 +46,12 @@ pub struct Config {
     /// `[run]`: process-wide settings of `flowgate run`.
     #[serde(default)]
     pub run: RunConfig,
+    /// `[dns]`: how the egress listeners resolve names.
+    #[serde(default)]
+    pub dns: crate::egress::DnsConfig,
+    /// `[ssrf]`: the guard against internal and special destinations (on by default).
+    #[serde(default)]
+    pub ssrf: crate::egress::SsrfConfig,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -161,6 +167,9 @@ impl Config {
         if cfg.flowlog.output != "-" {
             cfg.flowlog.output = base.join(&cfg.flowlog.output).to_string_lossy().into_owned();
         }
+        if let Some(hosts) = &cfg.dns.hosts_file {
+            cfg.dns.hosts_file = Some(base.join(hosts));
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -228,6 +237,26 @@ mod tests {
         assert_eq!(cfg.policy.default, DefaultAction::Deny);
         assert_eq!(cfg.policy.unknown, DefaultAction::Deny);
         assert_eq!(cfg.policy.on_change, OnChange::Revalidate);
+    }
+
+    #[test]
+    fn egress_sections_default_safe_and_hosts_file_is_relative_to_the_config() {
+        let cfg = Config::parse("").unwrap();
+        assert!(cfg.ssrf.enabled);
+        assert!(cfg.dns.servers.is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flowgate.toml");
+        std::fs::write(
+            &path,
+            "[dns]\nhosts_file = \"hosts\"\n[dns.static]\n\"a.example\" = [\"127.0.0.2\"]\n[ssrf]\ntreat_as_external = [\"127.0.0.2/32\"]\n",
+        )
+        .unwrap();
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(cfg.dns.hosts_file, Some(dir.path().join("hosts")));
+        assert_eq!(cfg.dns.static_hosts.len(), 1);
+        assert_eq!(cfg.ssrf.treat_as_external.len(), 1);
+        let err = Config::parse("[ssrf]\nenabled = \"no\"\n").unwrap_err();
+        assert!(err.contains("enabled"), "{err}");
     }
 
     #[test]
