@@ -394,6 +394,9 @@ pub fn write_origin_form(req: &Request<'_>, out: &mut Vec<u8>) -> usize {
     let start = out.len();
     out.extend_from_slice(req.head.method.as_bytes());
     out.push(b' ');
+    if !path.starts_with('/') {
+        out.push(b'/'); // `http://h?q` → `/?q`: origin form always starts with a slash
+    }
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(if req.head.version == 0 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
     let listed: Vec<&[u8]> = req
@@ -748,6 +751,10 @@ mod tests {
         // The rewritten head is itself a valid request head (origin form).
         let head = parse_head(text.as_bytes(), &Limits::default()).unwrap().unwrap();
         assert_eq!((head.method, head.target, head.head_len), ("GET", "/x?y=1", text.len()));
+        let q = ok("GET http://a.example?q HTTP/1.0\r\n\r\n");
+        let mut out2 = Vec::new();
+        write_origin_form(&q, &mut out2);
+        assert!(out2.starts_with(b"GET /?q HTTP/1.0\r\n"), "{:?}", String::from_utf8_lossy(&out2));
         let c = ok("CONNECT a:1 HTTP/1.1\r\n\r\n");
         assert_eq!(write_origin_form(&c, &mut out), 0);
     }
