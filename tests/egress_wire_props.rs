@@ -4,7 +4,7 @@
 
 use flowgate::egress::Target;
 use flowgate::egress::ssrf::Guard;
-use flowgate::wire::http_connect::{Limits, parse_request};
+use flowgate::wire::http_connect::{Limits, parse_head, parse_request, write_origin_form};
 use flowgate::wire::sni::{MAX_RECORD, build_client_hello, peek_client_hello, peek_http_host};
 use flowgate::wire::socks5::{Greeting, Request, UdpHeader, UserPass};
 use proptest::prelude::*;
@@ -55,6 +55,14 @@ fn check_http(data: &[u8]) {
         assert!(n <= data.len());
         assert_eq!(parse_request(&data[..n], &limits), Ok(Some(r)));
         assert_eq!(parse_request(&data[..n - 1], &limits), Ok(None));
+        // The head forwarded upstream for an absolute-form request is a valid head.
+        let mut out = Vec::new();
+        if write_origin_form(&r, &mut out) > 0 {
+            let big =
+                Limits { max_head: 64 * 1024, max_request_line: 64 * 1024, max_headers: 1024 };
+            let h = parse_head(&out, &big).expect("origin form parses").expect("complete");
+            assert_eq!(h.head_len, out.len());
+        }
         // Whatever the head named, normalising it never panics, and an address it names
         // is classified.
         if let Ok(Target::Addr(a)) = Target::from_http(r.host) {

@@ -2,10 +2,14 @@
 //! names made canonical ([`name`]), the SSRF guard ([`ssrf`]), name resolution that
 //! returns every candidate address once ([`resolve`]), and the decision pipeline that
 //! turns "client X asks for name N port P" into the one address to dial or a typed
-//! refusal ([`check`]).
+//! refusal ([`check`]); and the handshake drivers that read a CONNECT or SOCKS5 request
+//! from any async stream under a size limit and a timeout and answer errors in the
+//! protocol's own words ([`handshake`]).
 //!
-//! Not here: sockets, accept loops and flow logging (`dataplane::proxy`), the byte
-//! formats (`wire`), the policy itself (`policy`).
+//! Not here: listeners, accept loops, dialling and flow logging (`dataplane::proxy`), the
+//! byte formats (`wire`), the policy itself (`policy`). Limits are counted by the caller:
+//! every handshake error and refusal has a stable label (`HandshakeError::as_str`,
+//! `Refusal::reason`) to count it under.
 
 pub mod check;
 pub mod handshake;

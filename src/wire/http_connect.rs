@@ -369,6 +369,58 @@ fn split_absolute(target: &str) -> Result<(&str, &str), ParseError> {
     Ok((authority, path))
 }
 
+/// Headers a forward proxy must not pass on: hop-by-hop (RFC 9110 §7.6.1) and the
+/// proxy's own. Compared case-insensitively.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Writes the head to send upstream for an absolute-form request: the request line in
+/// origin form (`GET /path HTTP/1.1`), the client's headers without hop-by-hop and proxy
+/// headers (and without any header the client's `Connection` header names), then
+/// `Connection: close` — one request per upstream connection, so every request is
+/// checked on its own. Appends to `out`; returns the bytes written.
+///
+/// A CONNECT request has no origin form; for it nothing is written and 0 returned.
+pub fn write_origin_form(req: &Request<'_>, out: &mut Vec<u8>) -> usize {
+    let Form::Absolute { path } = req.form else { return 0 };
+    let start = out.len();
+    out.extend_from_slice(req.head.method.as_bytes());
+    out.push(b' ');
+    if !path.starts_with('/') {
+        out.push(b'/'); // `http://h?q` → `/?q`: origin form always starts with a slash
+    }
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(if req.head.version == 0 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
+    let listed: Vec<&[u8]> = req
+        .head
+        .headers()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| v.split(|&b| b == b','))
+        .map(trim_ows)
+        .collect();
+    for (name, value) in req.head.headers() {
+        let hop = HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+            || listed.iter().any(|l| l.eq_ignore_ascii_case(name.as_bytes()));
+        if hop {
+            continue;
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    out.len() - start
+}
+
 /// Parses `host[:port]` or `[v6][:port]`.
 ///
 /// A port, when present, must be 1..=65535 in at most five digits. Userinfo (`user@`) is
@@ -681,6 +733,30 @@ mod tests {
             ParseError::DuplicateHost
         );
         assert_eq!(err("CONNECT a:1 HTTP/1.1\r\nHost: a b\r\n\r\n"), ParseError::BadHostHeader);
+    }
+
+    #[test]
+    fn origin_form_drops_proxy_and_hop_by_hop_headers() {
+        let r = ok(
+            "GET http://a.example:8080/x?y=1 HTTP/1.1\r\nHost: a.example:8080\r\nProxy-Authorization: Basic dTpw\r\nProxy-Connection: keep-alive\r\nConnection: X-Secret, keep-alive\r\nX-Secret: s\r\nKeep-Alive: 5\r\nAccept: */*\r\nContent-Length: 3\r\n\r\n",
+        );
+        let mut out = b"prefix".to_vec();
+        let n = write_origin_form(&r, &mut out);
+        let text = std::str::from_utf8(&out[6..]).unwrap();
+        assert_eq!(n, text.len());
+        assert_eq!(
+            text,
+            "GET /x?y=1 HTTP/1.1\r\nHost: a.example:8080\r\nAccept: */*\r\nContent-Length: 3\r\nConnection: close\r\n\r\n"
+        );
+        // The rewritten head is itself a valid request head (origin form).
+        let head = parse_head(text.as_bytes(), &Limits::default()).unwrap().unwrap();
+        assert_eq!((head.method, head.target, head.head_len), ("GET", "/x?y=1", text.len()));
+        let q = ok("GET http://a.example?q HTTP/1.0\r\n\r\n");
+        let mut out2 = Vec::new();
+        write_origin_form(&q, &mut out2);
+        assert!(out2.starts_with(b"GET /?q HTTP/1.0\r\n"), "{:?}", String::from_utf8_lossy(&out2));
+        let c = ok("CONNECT a:1 HTTP/1.1\r\n\r\n");
+        assert_eq!(write_origin_form(&c, &mut out), 0);
     }
 
     #[test]
