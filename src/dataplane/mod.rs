@@ -169,6 +169,75 @@ pub fn admit(
     let t0 = Instant::now();
     let decision = snapshot.compiled.decide(&query);
     rt.registry.decision.record(t0.elapsed());
+    settle(rt, tag, key, || fqdn.cloned(), &snapshot, decision, state, now)
+}
+
+/// The gate for a flow whose decision was already made against `snapshot` by a caller
+/// that had to choose among candidate destinations first (the egress listeners: a name
+/// resolves to several addresses, each decided with the name as `fqdn`, and the first
+/// that passes is dialled — `egress::Checker::choose`). It acts on that decision exactly
+/// as [`admit`] does (conntrack entry, counters, `deny` / `would-deny` / sampled `allow`
+/// events), so the flow is decided once and logged once, in this one place.
+///
+/// `decision` must come from `snapshot.compiled.decide` for `key` (with `fqdn`); the
+/// name is only turned into an `Arc` when an event is written.
+#[allow(clippy::too_many_arguments)]
+pub fn admit_decided(
+    rt: &Runtime,
+    tag: &ListenerTag,
+    key: FlowKey,
+    fqdn: Option<&str>,
+    snapshot: &Arc<PolicySnapshot>,
+    decision: Decision,
+    state: FlowState,
+    now: Instant,
+) -> Admission {
+    settle(rt, tag, key, || fqdn.map(Arc::from), snapshot, decision, state, now)
+}
+
+/// A flow refused before any policy decision could apply to it: the egress listeners'
+/// SSRF guard, an invalid or unresolvable name, flowgate's own listener as destination.
+/// Counted as `denied` and logged as a `deny` event with `reason` and the name; no
+/// workload is named for the destination (`dst` may be unknown: port only).
+pub fn refuse(
+    rt: &Runtime,
+    tag: &ListenerTag,
+    key: FlowKey,
+    fqdn: Option<&str>,
+    reason: &'static str,
+) {
+    let snapshot = rt.policy.load();
+    let src_workload = snapshot.compiled.workload_of(key.src.ip());
+    ListenerCounters::inc(&tag.counters.denied);
+    rt.flowlog.emit(Event {
+        ts: SystemTime::now(),
+        kind: EventKind::Deny,
+        listener: tag.name.clone(),
+        proto: key.proto,
+        src: key.src,
+        dst: key.dst,
+        fqdn: fqdn.map(Arc::from),
+        src_workload,
+        dst_workload: None,
+        direction: None,
+        reason,
+        policy: None,
+        snapshot: Arc::clone(&snapshot),
+    });
+}
+
+/// Acts on a decision: the shared second half of [`admit`] and [`admit_decided`].
+#[allow(clippy::too_many_arguments)]
+fn settle(
+    rt: &Runtime,
+    tag: &ListenerTag,
+    key: FlowKey,
+    fqdn: impl Fn() -> Option<Arc<str>>,
+    snapshot: &Arc<PolicySnapshot>,
+    decision: Decision,
+    state: FlowState,
+    now: Instant,
+) -> Admission {
     let event = |kind: EventKind,
                  reason: &'static str,
                  direction,
@@ -180,7 +249,7 @@ pub fn admit(
         proto: key.proto,
         src: key.src,
         dst: key.dst,
-        fqdn: fqdn.cloned(),
+        fqdn: fqdn(),
         src_workload: decision.src_workload,
         dst_workload: decision.dst_workload,
         direction,
@@ -196,7 +265,7 @@ pub fn admit(
                 reason.cause.as_str(),
                 reason.direction,
                 decision.policy,
-                &snapshot,
+                snapshot,
             ));
             Admission::Deny(reason)
         }
@@ -219,7 +288,7 @@ pub fn admit(
                             "audit",
                             None,
                             decision.would_deny,
-                            &snapshot,
+                            snapshot,
                         ));
                     }
                     if rt.flowlog.sample_allow() {
@@ -228,7 +297,7 @@ pub fn admit(
                             "allowed",
                             None,
                             decision.policy,
-                            &snapshot,
+                            snapshot,
                         ));
                     }
                     Admission::Allow(Admitted { entry, cut, generation: snapshot.generation })
@@ -242,7 +311,7 @@ pub fn admit(
                         InsertError::Exists => "duplicate-flow",
                     };
                     ListenerCounters::inc(&tag.counters.denied);
-                    rt.flowlog.emit(event(EventKind::Deny, reason, None, None, &snapshot));
+                    rt.flowlog.emit(event(EventKind::Deny, reason, None, None, snapshot));
                     Admission::Untracked(err)
                 }
             }
