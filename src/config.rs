@@ -202,6 +202,20 @@ impl Config {
                 ListenerKind::Tcp | ListenerKind::Udp if l.upstreams.is_empty() => {
                     return Err(invalid(field("upstreams"), "needs at least one upstream".into()));
                 }
+                ListenerKind::HttpConnect | ListenerKind::Socks5 if !l.upstreams.is_empty() => {
+                    return Err(invalid(
+                        field("upstreams"),
+                        "a forward proxy dials what the client asks for; it takes none".into(),
+                    ));
+                }
+                ListenerKind::HttpConnect | ListenerKind::Socks5
+                    if l.handshake_timeout.is_zero() || l.max_handshakes == 0 =>
+                {
+                    return Err(invalid(
+                        field("handshake_timeout"),
+                        "handshake_timeout and max_handshakes must be above zero".into(),
+                    ));
+                }
                 ListenerKind::Echo if !l.upstreams.is_empty() => {
                     return Err(invalid(
                         field("upstreams"),

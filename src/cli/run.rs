@@ -54,7 +54,12 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
-    let listeners = proxy::start(&rt, &cfg.listener, &shutdown)?;
+    let egress = proxy::EgressSettings {
+        dns: cfg.dns.clone(),
+        ssrf: cfg.ssrf.clone(),
+        other_own: Vec::new(),
+    };
+    let listeners = proxy::start_with_egress(&rt, &cfg.listener, &egress, &shutdown)?;
     for l in &listeners {
         eprintln!("flowgate: listener {} ({}) on {}", l.name, l.kind.as_str(), l.local_addr);
     }
