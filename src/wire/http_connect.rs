@@ -448,7 +448,7 @@ fn decode_base64(input: &[u8], out: &mut [u8]) -> Option<usize> {
             _ => return None,
         } as u32)
     }
-    if input.is_empty() || input.len() % 4 != 0 {
+    if input.is_empty() || !input.len().is_multiple_of(4) {
         return None;
     }
     let mut n = 0;
