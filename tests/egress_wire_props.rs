@@ -4,7 +4,9 @@
 
 use flowgate::egress::Target;
 use flowgate::egress::ssrf::Guard;
-use flowgate::wire::http_connect::{Limits, parse_head, parse_request, write_origin_form};
+use flowgate::wire::http_connect::{
+    Limits, basic_credentials, parse_head, parse_request, write_origin_form,
+};
 use flowgate::wire::sni::{MAX_RECORD, build_client_hello, peek_client_hello, peek_http_host};
 use flowgate::wire::socks5::{Greeting, Request, UdpHeader, UserPass};
 use proptest::prelude::*;
@@ -56,6 +58,12 @@ fn check_http(data: &[u8]) {
         assert_eq!(parse_request(&data[..n], &limits), Ok(Some(r)));
         assert_eq!(parse_request(&data[..n - 1], &limits), Ok(None));
         // The head forwarded upstream for an absolute-form request is a valid head.
+        if let Some(v) = r.proxy_authorization {
+            let mut creds = [0u8; 512];
+            if let Some((user, pass)) = basic_credentials(v, &mut creds) {
+                assert!(user.len() + pass.len() < v.len());
+            }
+        }
         let mut out = Vec::new();
         if write_origin_form(&r, &mut out) > 0 {
             let big =

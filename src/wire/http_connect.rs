@@ -421,6 +421,58 @@ pub fn write_origin_form(req: &Request<'_>, out: &mut Vec<u8>) -> usize {
     out.len() - start
 }
 
+/// Decodes a `Proxy-Authorization: Basic …` value into `out` and splits it at the first
+/// colon: `(username, password)`. `None` for another scheme, bad base64, no colon, or an
+/// `out` too small (credentials longer than `out` are refused, not truncated).
+pub fn basic_credentials<'o>(value: &[u8], out: &'o mut [u8]) -> Option<(&'o [u8], &'o [u8])> {
+    let sp = value.iter().position(|&b| b == b' ')?;
+    if !value[..sp].eq_ignore_ascii_case(b"basic") {
+        return None;
+    }
+    let b64 = trim_ows(&value[sp + 1..]);
+    let n = decode_base64(b64, out)?;
+    let decoded = &out[..n];
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    Some((&decoded[..colon], &decoded[colon + 1..]))
+}
+
+/// Standard base64 with padding (RFC 4648 §4), strict: no whitespace, no stray bytes.
+fn decode_base64(input: &[u8], out: &mut [u8]) -> Option<usize> {
+    fn val(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    if input.is_empty() || !input.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut n = 0;
+    let chunks = input.len() / 4;
+    for (i, q) in input.chunks_exact(4).enumerate() {
+        let last = i + 1 == chunks;
+        let pad = match (q[2], q[3]) {
+            (b'=', b'=') if last => 2,
+            (_, b'=') if last => 1,
+            _ => 0,
+        };
+        let mut acc = 0u32;
+        for &c in &q[..4 - pad] {
+            acc = (acc << 6) | val(c)?;
+        }
+        acc <<= 6 * pad as u32;
+        let bytes = [(acc >> 16) as u8, (acc >> 8) as u8, acc as u8];
+        let take = 3 - pad;
+        out.get_mut(n..n + take)?.copy_from_slice(&bytes[..take]);
+        n += take;
+    }
+    Some(n)
+}
+
 /// Parses `host[:port]` or `[v6][:port]`.
 ///
 /// A port, when present, must be 1..=65535 in at most five digits. Userinfo (`user@`) is
@@ -757,6 +809,31 @@ mod tests {
         assert!(out2.starts_with(b"GET /?q HTTP/1.0\r\n"), "{:?}", String::from_utf8_lossy(&out2));
         let c = ok("CONNECT a:1 HTTP/1.1\r\n\r\n");
         assert_eq!(write_origin_form(&c, &mut out), 0);
+    }
+
+    #[test]
+    fn basic_proxy_credentials() {
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            basic_credentials(b"Basic dTpzZWNyZXQ=", &mut buf),
+            Some((&b"u"[..], &b"secret"[..]))
+        );
+        assert_eq!(
+            basic_credentials(b"basic  YmlsbGluZzpzM2NyZXQ6eA==", &mut buf),
+            Some((&b"billing"[..], &b"s3cret:x"[..]))
+        );
+        assert_eq!(basic_credentials(b"Basic Og==", &mut buf), Some((&b""[..], &b""[..])));
+        assert_eq!(basic_credentials(b"Bearer dTpw", &mut buf), None);
+        assert_eq!(basic_credentials(b"Basic dXNlcg==", &mut buf), None, "no colon");
+        assert_eq!(basic_credentials(b"Basic dTp*", &mut buf), None);
+        assert_eq!(basic_credentials(b"Basic dTp", &mut buf), None);
+        assert_eq!(basic_credentials(b"Basic d=pw", &mut buf), None, "padding only at the end");
+        assert_eq!(
+            basic_credentials(b"Basic dTpzZWNyZXQ=", &mut buf[..3]),
+            None,
+            "too long for out"
+        );
+        assert_eq!(basic_credentials(b"Basic", &mut buf), None);
     }
 
     #[test]
