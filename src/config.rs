@@ -321,6 +321,8 @@ mod tests {
                 "kind = \"tcp\"\nupstreams = [\"127.0.0.2:2\"]\nmax_connections = 0\n",
                 "max_connections",
             ),
+            ("kind = \"socks5\"\nupstreams = [\"127.0.0.2:2\"]\n", "upstreams"),
+            ("kind = \"http-connect\"\nhandshake_timeout = \"0s\"\n", "handshake_timeout"),
         ];
         for (extra, field) in cases {
             let err = validated(&format!("[[listener]]\n{base}{extra}")).unwrap_err();
