@@ -55,6 +55,9 @@ pub struct EgressProxy {
 }
 
 /// Why no tunnel was opened after a request was read.
+// `Refusal` carries the name inline (no allocation per refused flow); once per connection,
+// the copy costs less than boxing would.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Failure {
     /// Refused by the egress pipeline or policy (already counted and logged).
