@@ -421,3 +421,57 @@ async fn bad_handshakes_get_their_error_and_never_reach_the_upstream() {
     assert!(r.ends_with(b"ok"));
     assert_eq!(accepted.load(Ordering::SeqCst), 2, "only the two controls reached the sink");
 }
+
+/// `flowgate run` as a process builds the resolver and guard from `[dns]`/`[ssrf]`: the
+/// static name reaches the sink through its SOCKS5 listener, and a name it does not
+/// allow is refused with 0x02 and logged with the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flowgate_run_serves_socks5_from_its_config() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/anp.yaml"), POLICY).unwrap();
+    let (port, accepted) = sink().await;
+    let socks_port = free_port("127.0.0.1");
+    let text = format!(
+        "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+         [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
+         [dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
+         [dns.static]\n\"sink.test\" = [\"{SINK}\"]\n\"blocked.test\" = [\"{WEB}\"]\n\
+         [ssrf]\ntreat_as_external = [\"{WEB}/32\", \"{SINK}/32\"]\n\
+         [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:{socks_port}\"\n"
+    );
+    let path = dir.path().join("flowgate.toml");
+    std::fs::write(&path, text).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _fg = Server(child);
+    wait_listening(SocketAddr::new([127, 0, 0, 1].into(), socks_port)).await;
+    let socks = format!("127.0.0.1:{socks_port}");
+
+    let url = format!("telnet://sink.test:{port}");
+    let (code, body, err) = curl(&["--interface", CALLER, "--socks5-hostname", &socks, &url]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(body, "ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    let url = format!("telnet://blocked.test:{port}");
+    let (code, _, err) = curl(&["--interface", CALLER, "--socks5-hostname", &socks, &url]).await;
+    assert_eq!(code, 97, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(dir.path().join("flow.log")).unwrap_or_default();
+        if log.lines().any(|l| l.contains("\"deny\"") && l.contains("blocked.test")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no deny with the name: {log}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
