@@ -6,6 +6,12 @@
 //! (allow: generation, both workloads and a cut signal the control plane can fire) or
 //! refuses it (deny: counted and sent to the flow log). Dataplanes build a [`FlowKey`] their
 //! own way, call [`admit`], and act on the [`Admission`]; none of them decides on its own.
+//! The one exception is the forward proxies (`http-connect`, `socks5`): a name resolves to
+//! several addresses and the first that policy allows is dialled, so they decide each
+//! candidate through `egress::Checker::choose` and hand the chosen decision (or the policy
+//! denial) to [`admit_decided`], and refusals before policy (SSRF guard, bad or unresolved
+//! name) to [`refuse`]: what happens on a decision — conntrack, counters, flow log — stays
+//! here, and each flow is decided once and logged once.
 //!
 //! [`Runtime`] holds what every dataplane and the control plane share: the conntrack
 //! table, the policy handle, the metrics registry, the flow log and readiness.
