@@ -11,7 +11,8 @@
 //!   `CONNECT` → `200` → 64 bytes through the tunnel → 64 bytes echoed → close;
 //! - bulk throughput through one tunnel: EG_MIB MiB sent and echoed back at once.
 //!
-//! The upstream is flowgate's built-in echo listener (its own process, used by both).
+//! The upstream is flowgate's built-in echo listener in a second flowgate process (the
+//! proxy refuses to dial its own listeners), used by both proxies.
 //! Prints the numbers and the flowgate/Squid ratios. Not a test: run it by hand.
 
 use std::process::{Child, Command, Stdio};
@@ -71,11 +72,19 @@ fn main() {
         format!(
             "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
              [flowlog]\noutput = \"flow.log\"\n[ssrf]\ntreat_as_external = [\"127.0.0.20/32\"]\n\
-             [[listener]]\nname = \"egress\"\nkind = \"http-connect\"\nbind = \"{FG}\"\n\
-             [[listener]]\nname = \"echo\"\nkind = \"echo\"\nbind = \"{ECHO}\"\n"
+             [[listener]]\nname = \"egress\"\nkind = \"http-connect\"\nbind = \"{FG}\"\n"
         ),
     )
     .expect("config");
+    // The upstream runs in a process of its own: the proxy never dials its own listeners.
+    std::fs::write(
+        d.join("echo.toml"),
+        format!(
+            "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+             [[listener]]\nname = \"echo\"\nkind = \"echo\"\nbind = \"{ECHO}\"\n"
+        ),
+    )
+    .expect("echo config");
     let squid_dir = d.join("squid");
     std::fs::create_dir(&squid_dir).expect("mkdir");
     // Squid drops privileges to `proxy`; it must be able to write its log and pid here.
@@ -92,6 +101,16 @@ fn main() {
     )
     .expect("squid.conf");
     let exe = env!("CARGO_BIN_EXE_flowgate");
+    let _echo = Proc(
+        Command::new(exe)
+            .arg("run")
+            .arg("--config")
+            .arg(d.join("echo.toml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("flowgate echo starts"),
+    );
     let _fg = Proc(
         Command::new(exe)
             .arg("run")
