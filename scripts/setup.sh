@@ -4,7 +4,7 @@
 # lists what is missing and the tests that need it skip with a reason.
 set -euo pipefail
 
-PACKAGES=(curl haproxy iperf3 netcat-openbsd)
+PACKAGES=(curl haproxy iperf3 netcat-openbsd openssl python3 squid)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
