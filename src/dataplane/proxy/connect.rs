@@ -79,6 +79,18 @@ impl EgressProxy {
                 }
             };
         drop(slot);
+        if req.form == RequestForm::Connect && sent_early(&stream) {
+            // Bytes that arrived while the destination was being decided and dialled:
+            // the client did not wait for the 200, refuse as the driver does when they
+            // come with the head.
+            ListenerCounters::inc(&counters.handshake_malformed);
+            self.rt.conntrack.remove(&key);
+            reset(upstream);
+            let _ =
+                reply_status(&mut stream, 400, "data sent before the tunnel was established").await;
+            let _ = stream.shutdown().await;
+            return;
+        }
         let ready = match req.form {
             RequestForm::Connect => reply_established(&mut stream).await,
             RequestForm::Absolute => {
@@ -103,6 +115,13 @@ impl EgressProxy {
             }
         }
     }
+}
+
+/// Whether the client has sent anything since its CONNECT head (without blocking: only
+/// bytes already in the socket buffer count). End of stream is not data.
+fn sent_early(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(stream.try_read(&mut probe), Ok(n) if n > 0)
 }
 
 /// Sends an absolute-form request upstream: its head in origin form, then the body bytes
