@@ -52,6 +52,12 @@ pub struct Config {
     /// `[control]`: reload debounce, audit log, revalidation batches, emergency overlay.
     #[serde(default)]
     pub control: crate::control::ControlConfig,
+    /// `[dns]`: how the egress listeners resolve names.
+    #[serde(default)]
+    pub dns: crate::egress::DnsConfig,
+    /// `[ssrf]`: the guard against internal and special destinations (on by default).
+    #[serde(default)]
+    pub ssrf: crate::egress::SsrfConfig,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -168,6 +174,9 @@ impl Config {
             cfg.flowlog.output = base.join(&cfg.flowlog.output).to_string_lossy().into_owned();
         }
         cfg.control.resolve_paths(base);
+        if let Some(hosts) = &cfg.dns.hosts_file {
+            cfg.dns.hosts_file = Some(base.join(hosts));
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -199,6 +208,20 @@ impl Config {
             match l.kind {
                 ListenerKind::Tcp | ListenerKind::Udp if l.upstreams.is_empty() => {
                     return Err(invalid(field("upstreams"), "needs at least one upstream".into()));
+                }
+                ListenerKind::HttpConnect | ListenerKind::Socks5 if !l.upstreams.is_empty() => {
+                    return Err(invalid(
+                        field("upstreams"),
+                        "a forward proxy dials what the client asks for; it takes none".into(),
+                    ));
+                }
+                ListenerKind::HttpConnect | ListenerKind::Socks5
+                    if l.handshake_timeout.is_zero() || l.max_handshakes == 0 =>
+                {
+                    return Err(invalid(
+                        field("handshake_timeout"),
+                        "handshake_timeout and max_handshakes must be above zero".into(),
+                    ));
                 }
                 ListenerKind::Echo if !l.upstreams.is_empty() => {
                     return Err(invalid(
@@ -245,6 +268,26 @@ mod tests {
         assert_eq!(cfg.policy.default, DefaultAction::Deny);
         assert_eq!(cfg.policy.unknown, DefaultAction::Deny);
         assert_eq!(cfg.policy.on_change, OnChange::Revalidate);
+    }
+
+    #[test]
+    fn egress_sections_default_safe_and_hosts_file_is_relative_to_the_config() {
+        let cfg = Config::parse("").unwrap();
+        assert!(cfg.ssrf.enabled);
+        assert!(cfg.dns.servers.is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flowgate.toml");
+        std::fs::write(
+            &path,
+            "[dns]\nhosts_file = \"hosts\"\n[dns.static]\n\"a.example\" = [\"127.0.0.2\"]\n[ssrf]\ntreat_as_external = [\"127.0.0.2/32\"]\n",
+        )
+        .unwrap();
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(cfg.dns.hosts_file, Some(dir.path().join("hosts")));
+        assert_eq!(cfg.dns.static_hosts.len(), 1);
+        assert_eq!(cfg.ssrf.treat_as_external.len(), 1);
+        let err = Config::parse("[ssrf]\nenabled = \"no\"\n").unwrap_err();
+        assert!(err.contains("enabled"), "{err}");
     }
 
     #[test]
@@ -295,6 +338,8 @@ mod tests {
                 "kind = \"tcp\"\nupstreams = [\"127.0.0.2:2\"]\nmax_connections = 0\n",
                 "max_connections",
             ),
+            ("kind = \"socks5\"\nupstreams = [\"127.0.0.2:2\"]\n", "upstreams"),
+            ("kind = \"http-connect\"\nhandshake_timeout = \"0s\"\n", "handshake_timeout"),
         ];
         for (extra, field) in cases {
             let err = validated(&format!("[[listener]]\n{base}{extra}")).unwrap_err();

@@ -68,12 +68,18 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
-    let listeners = proxy::start(&rt, &cfg.listener, &shutdown)?;
+    // The admin API first, so the egress listeners know its real address and never dial it.
+    let control_tasks = control.start().await.context("control plane")?;
+    eprintln!("flowgate: admin API on http://{}", control_tasks.admin_addr);
+    let egress = proxy::EgressSettings {
+        dns: cfg.dns.clone(),
+        ssrf: cfg.ssrf.clone(),
+        other_own: vec![control_tasks.admin_addr],
+    };
+    let listeners = proxy::start_with_egress(&rt, &cfg.listener, &egress, &shutdown)?;
     for l in &listeners {
         eprintln!("flowgate: listener {} ({}) on {}", l.name, l.kind.as_str(), l.local_addr);
     }
-    let control_tasks = control.start().await.context("control plane")?;
-    eprintln!("flowgate: admin API on http://{}", control_tasks.admin_addr);
     control.readiness().store(true, Ordering::Release);
     let snap = rt.policy.load();
     eprintln!(

@@ -6,6 +6,12 @@
 //! (allow: generation, both workloads and a cut signal the control plane can fire) or
 //! refuses it (deny: counted and sent to the flow log). Dataplanes build a [`FlowKey`] their
 //! own way, call [`admit`], and act on the [`Admission`]; none of them decides on its own.
+//! The one exception is the forward proxies (`http-connect`, `socks5`): a name resolves to
+//! several addresses and the first that policy allows is dialled, so they decide each
+//! candidate through `egress::Checker::choose` and hand the chosen decision (or the policy
+//! denial) to [`admit_decided`], and refusals before policy (SSRF guard, bad or unresolved
+//! name) to [`refuse`]: what happens on a decision — conntrack, counters, flow log — stays
+//! here, and each flow is decided once and logged once.
 //!
 //! [`Runtime`] holds what every dataplane and the control plane share: the conntrack
 //! table, the policy handle, the metrics registry, the flow log and readiness.
@@ -169,6 +175,76 @@ pub fn admit(
     let t0 = Instant::now();
     let decision = snapshot.compiled.decide(&query);
     rt.registry.decision.record(t0.elapsed());
+    settle(rt, tag, key, fqdn.map(|f| &**f), || fqdn.cloned(), &snapshot, decision, state, now)
+}
+
+/// The gate for a flow whose decision was already made against `snapshot` by a caller
+/// that had to choose among candidate destinations first (the egress listeners: a name
+/// resolves to several addresses, each decided with the name as `fqdn`, and the first
+/// that passes is dialled — `egress::Checker::choose`). It acts on that decision exactly
+/// as [`admit`] does (conntrack entry, counters, `deny` / `would-deny` / sampled `allow`
+/// events), so the flow is decided once and logged once, in this one place.
+///
+/// `decision` must come from `snapshot.compiled.decide` for `key` (with `fqdn`); the
+/// name is only turned into an `Arc` when an event is written.
+#[allow(clippy::too_many_arguments)]
+pub fn admit_decided(
+    rt: &Runtime,
+    tag: &ListenerTag,
+    key: FlowKey,
+    fqdn: Option<&str>,
+    snapshot: &Arc<PolicySnapshot>,
+    decision: Decision,
+    state: FlowState,
+    now: Instant,
+) -> Admission {
+    settle(rt, tag, key, fqdn, || fqdn.map(Arc::from), snapshot, decision, state, now)
+}
+
+/// A flow refused before any policy decision could apply to it: the egress listeners'
+/// SSRF guard, an invalid or unresolvable name, flowgate's own listener as destination.
+/// Counted as `denied` and logged as a `deny` event with `reason` and the name; no
+/// workload is named for the destination (`dst` may be unknown: port only).
+pub fn refuse(
+    rt: &Runtime,
+    tag: &ListenerTag,
+    key: FlowKey,
+    fqdn: Option<&str>,
+    reason: &'static str,
+) {
+    let snapshot = rt.policy.load();
+    let src_workload = snapshot.compiled.workload_of(key.src.ip());
+    ListenerCounters::inc(&tag.counters.denied);
+    rt.flowlog.emit(Event {
+        ts: SystemTime::now(),
+        kind: EventKind::Deny,
+        listener: tag.name.clone(),
+        proto: key.proto,
+        src: key.src,
+        dst: key.dst,
+        fqdn: fqdn.map(Arc::from),
+        src_workload,
+        dst_workload: None,
+        direction: None,
+        reason,
+        policy: None,
+        snapshot: Arc::clone(&snapshot),
+    });
+}
+
+/// Acts on a decision: the shared second half of [`admit`] and [`admit_decided`].
+#[allow(clippy::too_many_arguments)]
+fn settle(
+    rt: &Runtime,
+    tag: &ListenerTag,
+    key: FlowKey,
+    name: Option<&str>,
+    fqdn: impl Fn() -> Option<Arc<str>>,
+    snapshot: &Arc<PolicySnapshot>,
+    decision: Decision,
+    state: FlowState,
+    now: Instant,
+) -> Admission {
     let event = |kind: EventKind,
                  reason: &'static str,
                  direction,
@@ -180,7 +256,7 @@ pub fn admit(
         proto: key.proto,
         src: key.src,
         dst: key.dst,
-        fqdn: fqdn.cloned(),
+        fqdn: fqdn(),
         src_workload: decision.src_workload,
         dst_workload: decision.dst_workload,
         direction,
@@ -196,7 +272,7 @@ pub fn admit(
                 reason.cause.as_str(),
                 reason.direction,
                 decision.policy,
-                &snapshot,
+                snapshot,
             ));
             Admission::Deny(reason)
         }
@@ -212,6 +288,40 @@ pub fn admit(
             };
             match rt.conntrack.insert(key, init, now) {
                 Ok(entry) => {
+                    // A reload may have swapped in a new generation between the decision
+                    // and the insert; its revalidation pass may already have walked the
+                    // table without this entry. Decide again on the generation now in
+                    // force (one extra snapshot load, no allocation), so no flow is ever
+                    // tracked under a generation that denies it.
+                    let current = rt.policy.load();
+                    if current.generation != snapshot.generation {
+                        let query = FlowQuery {
+                            src: key.src.ip(),
+                            dst: key.dst.ip(),
+                            dst_port: key.dst.port(),
+                            proto: key.proto,
+                            fqdn: name,
+                        };
+                        let again = current.compiled.decide(&query);
+                        if let Verdict::Deny(reason) = again.verdict {
+                            rt.conntrack.remove(&key);
+                            ListenerCounters::inc(&tag.counters.denied);
+                            let current = Arc::clone(&current);
+                            rt.flowlog.emit(Event {
+                                src_workload: again.src_workload,
+                                dst_workload: again.dst_workload,
+                                ..event(
+                                    EventKind::Deny,
+                                    reason.cause.as_str(),
+                                    reason.direction,
+                                    again.policy,
+                                    &current,
+                                )
+                            });
+                            return Admission::Deny(reason);
+                        }
+                        entry.set_generation(current.generation);
+                    }
                     ListenerCounters::inc(&tag.counters.allowed);
                     if decision.would_deny.is_some() {
                         rt.flowlog.emit(event(
@@ -219,7 +329,7 @@ pub fn admit(
                             "audit",
                             None,
                             decision.would_deny,
-                            &snapshot,
+                            snapshot,
                         ));
                     }
                     if rt.flowlog.sample_allow() {
@@ -228,7 +338,7 @@ pub fn admit(
                             "allowed",
                             None,
                             decision.policy,
-                            &snapshot,
+                            snapshot,
                         ));
                     }
                     Admission::Allow(Admitted { entry, cut, generation: snapshot.generation })
@@ -242,7 +352,7 @@ pub fn admit(
                         InsertError::Exists => "duplicate-flow",
                     };
                     ListenerCounters::inc(&tag.counters.denied);
-                    rt.flowlog.emit(event(EventKind::Deny, reason, None, None, &snapshot));
+                    rt.flowlog.emit(event(EventKind::Deny, reason, None, None, snapshot));
                     Admission::Untracked(err)
                 }
             }

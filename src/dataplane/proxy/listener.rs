@@ -24,6 +24,13 @@ pub enum ListenerKind {
     /// so the bundled config shows real traffic on a machine with nothing else running.
     /// It is a destination, not a gateway: no policy is applied on it.
     Echo,
+    /// HTTP forward proxy: `CONNECT host:port` tunnels and absolute-form `http://`
+    /// requests; the destination is whatever the client asks for, decided by the egress
+    /// pipeline (`egress::Checker`) and the gate. Takes no `upstreams`.
+    HttpConnect,
+    /// SOCKS5 (RFC 1928) CONNECT with IPv4, IPv6 and domain-name addresses, no
+    /// authentication; decided like `http-connect`. Takes no `upstreams`.
+    Socks5,
 }
 
 impl ListenerKind {
@@ -32,7 +39,14 @@ impl ListenerKind {
             ListenerKind::Tcp => "tcp",
             ListenerKind::Udp => "udp",
             ListenerKind::Echo => "echo",
+            ListenerKind::HttpConnect => "http-connect",
+            ListenerKind::Socks5 => "socks5",
         }
+    }
+
+    /// A forward-proxy kind: the client names the destination.
+    pub const fn is_egress(self) -> bool {
+        matches!(self, ListenerKind::HttpConnect | ListenerKind::Socks5)
     }
 }
 
@@ -89,6 +103,25 @@ pub struct ListenerConfig {
     /// Longest PROXY header accepted (v2 with TLVs), in bytes. Default 1024.
     #[serde(default = "default_max_header_len")]
     pub proxy_protocol_max_len: usize,
+    /// Egress kinds: the whole handshake (first byte to parsed request) must complete in
+    /// this time, or the client gets `408` (HTTP) / is closed (SOCKS5), counted in
+    /// `handshake_timeout`. Default 10s.
+    #[serde(default = "default_handshake_timeout", with = "human_duration")]
+    pub handshake_timeout: Duration,
+    /// `http-connect`: largest request head (request line and headers), bytes; beyond it
+    /// `400`, counted in `handshake_malformed`. Default 8192.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// `http-connect`: longest request line, bytes. Default 4096.
+    #[serde(default = "default_max_request_line")]
+    pub max_request_line: usize,
+    /// `http-connect`: most header fields. Default 64.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Egress kinds: handshakes in progress at once; beyond it a new client is refused at
+    /// once (`503` / SOCKS5 general failure) and `limit_reached` counts it. Default 1024.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -112,6 +145,21 @@ fn default_true() -> bool {
 fn default_backlog() -> u32 {
     1024
 }
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_header_bytes() -> usize {
+    8 * 1024
+}
+fn default_max_request_line() -> usize {
+    4 * 1024
+}
+fn default_max_headers() -> usize {
+    64
+}
+fn default_max_handshakes() -> usize {
+    1024
+}
 fn default_pp_timeout() -> Duration {
     Duration::from_secs(5)
 }
@@ -124,6 +172,18 @@ impl ListenerConfig {
             trusted_proxies: self.trusted_proxies.clone(),
             proxy_protocol_timeout: self.proxy_protocol_timeout,
             proxy_protocol_max_len: self.proxy_protocol_max_len,
+        }
+    }
+
+    /// The egress handshake limits, in the form the handshake drivers take.
+    pub fn handshake_limits(&self) -> crate::egress::handshake::HandshakeLimits {
+        crate::egress::handshake::HandshakeLimits {
+            head: crate::wire::http_connect::Limits {
+                max_head: self.max_header_bytes,
+                max_request_line: self.max_request_line,
+                max_headers: self.max_headers,
+            },
+            timeout: self.handshake_timeout,
         }
     }
 }

@@ -7,15 +7,20 @@
 //! - [`tcp`]: accept loop and per-connection task; [`splice`] moves the bytes.
 //! - [`udp`]: per-client sessions.
 //! - [`upstream`]: round robin with cool-down.
+//! - [`connect`] (`http-connect`) and [`socks5`]: the forward-proxy kinds, which read a
+//!   handshake naming the destination and share [`egress`] for deciding and dialling it.
 //!
 //! [`start`] binds every configured listener first (so a bad address fails start-up
 //! before anything is served), then spawns them and marks the runtime ready.
 //!
-//! Not here: the decision (`dataplane::admit`, `policy`), the forward-proxy kinds
-//! (`http-connect`, `socks5`: `egress`), packets (`dataplane::packet`).
+//! Not here: the decision (`dataplane::admit`, `policy`), the egress pipeline and
+//! handshake parsing (`crate::egress`), packets (`dataplane::packet`).
 
+pub mod connect;
+pub mod egress;
 pub mod listener;
 pub mod proxy_header;
+pub mod socks5;
 pub mod splice;
 pub mod tcp;
 pub mod udp;
@@ -28,6 +33,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use self::egress::EgressProxy;
 use self::listener::{ListenerConfig, ListenerKind, bind_socket};
 use self::tcp::{Handler, TcpProxy};
 use self::udp::UdpProxy;
@@ -39,6 +45,18 @@ use crate::shutdown::Shutdown;
 pub enum ProxyError {
     #[error("listener {name}: cannot bind {addr}: {source}")]
     Bind { name: String, addr: SocketAddr, source: std::io::Error },
+    #[error("[dns]: {0}")]
+    Resolver(#[from] crate::egress::resolve::BuildError),
+}
+
+/// What the forward-proxy listeners (`http-connect`, `socks5`) need besides their own
+/// `[[listener]]` table: `[dns]`, `[ssrf]`, and flowgate's other listening addresses
+/// (the admin API) that the proxy must never dial.
+#[derive(Clone, Debug, Default)]
+pub struct EgressSettings {
+    pub dns: crate::egress::DnsConfig,
+    pub ssrf: crate::egress::SsrfConfig,
+    pub other_own: Vec<SocketAddr>,
 }
 
 /// A listener that is up.
@@ -62,6 +80,21 @@ pub fn start(
     listeners: &[ListenerConfig],
     shutdown: &Shutdown,
 ) -> Result<Vec<RunningListener>, ProxyError> {
+    start_with_egress(rt, listeners, &EgressSettings::default(), shutdown)
+}
+
+/// [`start`], with the settings the forward-proxy kinds use. The resolver is built only
+/// when such a listener is configured; every bound listener address (and
+/// `egress.other_own`) is refused as a destination.
+///
+/// # Errors
+/// [`ProxyError::Bind`]; [`ProxyError::Resolver`] when `[dns]` cannot be set up.
+pub fn start_with_egress(
+    rt: &Arc<Runtime>,
+    listeners: &[ListenerConfig],
+    egress: &EgressSettings,
+    shutdown: &Shutdown,
+) -> Result<Vec<RunningListener>, ProxyError> {
     enum Bound {
         Tcp(TcpListener),
         Udp(tokio::net::UdpSocket),
@@ -70,7 +103,10 @@ pub fn start(
     for cfg in listeners {
         let err = |source| ProxyError::Bind { name: cfg.name.clone(), addr: cfg.bind, source };
         let b = match cfg.kind {
-            ListenerKind::Tcp | ListenerKind::Echo => {
+            ListenerKind::Tcp
+            | ListenerKind::Echo
+            | ListenerKind::HttpConnect
+            | ListenerKind::Socks5 => {
                 let sock =
                     bind_socket(cfg.bind, socket2::Type::STREAM, cfg.reuse_port, Some(cfg.backlog))
                         .map_err(err)?;
@@ -80,6 +116,20 @@ pub fn start(
         };
         bound.push(b);
     }
+    let checker = if listeners.iter().any(|l| l.kind.is_egress()) {
+        let mut own = egress.other_own.clone();
+        for b in &bound {
+            match b {
+                Bound::Tcp(l) => own.extend(l.local_addr().ok()),
+                Bound::Udp(s) => own.extend(s.local_addr().ok()),
+            }
+        }
+        let resolver = crate::egress::Resolver::new(&egress.dns)?;
+        let guard = crate::egress::Guard::new(egress.ssrf.clone());
+        Some(Arc::new(crate::egress::Checker::new(guard, resolver).with_own_listeners(own)))
+    } else {
+        None
+    };
     let mut running = Vec::with_capacity(listeners.len());
     for (cfg, b) in listeners.iter().zip(bound) {
         // A listener's id (in conntrack entries) is its position in the registry, whoever
@@ -97,8 +147,22 @@ pub fn start(
         let (local_addr, task) = match b {
             Bound::Tcp(l) => {
                 let local = l.local_addr().unwrap_or(cfg.bind);
+                let egress_proxy = || {
+                    Arc::new(EgressProxy {
+                        rt: rt.clone(),
+                        tag: tag.clone(),
+                        cfg: cfg.clone(),
+                        header: cfg.proxy_header(),
+                        limits: cfg.handshake_limits(),
+                        // Built above whenever an egress listener is configured.
+                        checker: checker.clone().expect("checker exists for egress kinds"),
+                        handshakes: Arc::new(tokio::sync::Semaphore::new(cfg.max_handshakes)),
+                    })
+                };
                 let handler = match cfg.kind {
                     ListenerKind::Echo => Handler::Echo { idle: cfg.idle_timeout },
+                    ListenerKind::HttpConnect => Handler::HttpConnect(egress_proxy()),
+                    ListenerKind::Socks5 => Handler::Socks5(egress_proxy()),
                     _ => Handler::Proxy(Arc::new(TcpProxy {
                         rt: rt.clone(),
                         tag,

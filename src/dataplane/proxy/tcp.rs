@@ -38,6 +38,10 @@ pub enum Handler {
     Proxy(Arc<TcpProxy>),
     /// The built-in echo upstream (demo and tests): no policy, writes back what it reads.
     Echo { idle: Duration },
+    /// `http-connect`: a forward proxy for CONNECT and absolute-form requests.
+    HttpConnect(Arc<super::egress::EgressProxy>),
+    /// `socks5`: a SOCKS5 CONNECT proxy.
+    Socks5(Arc<super::egress::EgressProxy>),
 }
 
 /// A gateway TCP listener's state, shared by its connection tasks.
@@ -100,6 +104,8 @@ pub async fn serve(
             match &*handler {
                 Handler::Proxy(p) => p.connection(stream, peer).await,
                 Handler::Echo { idle } => echo(stream, *idle).await,
+                Handler::HttpConnect(p) => p.http_connection(stream, peer).await,
+                Handler::Socks5(p) => p.socks5_connection(stream, peer).await,
             }
             counters.active.fetch_sub(1, Ordering::Relaxed);
             drop(permit);

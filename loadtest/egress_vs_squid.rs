@@ -1,0 +1,239 @@
+//! End-to-end egress load test: flowgate's `http-connect` listener against Squid, in one
+//! run, on loopback, with the same allowlist (CONNECT to 127.0.0.20/32 only).
+//!
+//! ```text
+//! cargo bench --bench egress_vs_squid                 # needs squid (Debian package)
+//! EG_SECS=5 EG_CONC=64 EG_MIB=512 cargo bench --bench egress_vs_squid
+//! ```
+//!
+//! Measures, for each proxy in turn (same upstream, same client, same machine):
+//! - CONNECT tunnels per second: EG_CONC concurrent clients, each looping connect →
+//!   `CONNECT` → `200` → 64 bytes through the tunnel → 64 bytes echoed → close;
+//! - bulk throughput through one tunnel: EG_MIB MiB sent and echoed back at once.
+//!
+//! The upstream is flowgate's built-in echo listener in a second flowgate process (the
+//! proxy refuses to dial its own listeners), used by both proxies.
+//! Prints the numbers and the flowgate/Squid ratios. Not a test: run it by hand.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const ECHO: &str = "127.0.0.20:25602";
+const FG: &str = "127.0.0.1:25601";
+const SQUID: &str = "127.0.0.1:25611";
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    if Command::new("squid").arg("-v").output().is_err() {
+        eprintln!("egress_vs_squid: squid not installed (scripts/setup.sh); skipping");
+        return;
+    }
+    let secs = env_u64("EG_SECS", 3);
+    let conc = env_u64("EG_CONC", 64);
+    let mib = env_u64("EG_MIB", 256);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir(d.join("policies")).expect("mkdir");
+    std::fs::write(
+        d.join("inventory.yaml"),
+        "namespaces:\n  - name: bench\nworkloads:\n  - name: client\n    namespace: bench\n    ips: [127.0.0.1]\n",
+    )
+    .expect("inventory");
+    std::fs::write(
+        d.join("policies/anp.yaml"),
+        "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\n\
+         metadata: {name: bench}\nspec:\n  priority: 1\n  subject:\n    namespaces:\n      \
+         matchLabels: {kubernetes.io/metadata.name: bench}\n  egress:\n    - name: echo\n      \
+         action: Allow\n      to:\n        - networks: [127.0.0.20/32]\n",
+    )
+    .expect("policy");
+    std::fs::write(
+        d.join("flowgate.toml"),
+        format!(
+            "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+             [flowlog]\noutput = \"flow.log\"\n[admin]\nbind = \"127.0.0.1:0\"\n[ssrf]\ntreat_as_external = [\"127.0.0.20/32\"]\n\
+             [[listener]]\nname = \"egress\"\nkind = \"http-connect\"\nbind = \"{FG}\"\n"
+        ),
+    )
+    .expect("config");
+    // The upstream runs in a process of its own: the proxy never dials its own listeners.
+    std::fs::write(
+        d.join("echo.toml"),
+        format!(
+            "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+             [admin]\nbind = \"127.0.0.1:0\"\n\
+             [[listener]]\nname = \"echo\"\nkind = \"echo\"\nbind = \"{ECHO}\"\n"
+        ),
+    )
+    .expect("echo config");
+    let squid_dir = d.join("squid");
+    std::fs::create_dir(&squid_dir).expect("mkdir");
+    // Squid drops privileges to `proxy`; it must be able to write its log and pid here.
+    let _ = Command::new("chmod").arg("777").arg(&squid_dir).status();
+    let sd = squid_dir.display();
+    std::fs::write(
+        squid_dir.join("squid.conf"),
+        format!(
+            "http_port {SQUID}\nacl dst_ok dst 127.0.0.20/32\nacl CONNECT method CONNECT\n\
+             http_access allow CONNECT dst_ok\nhttp_access deny all\ncache deny all\n\
+             access_log none\ncache_log {sd}/cache.log\npid_filename {sd}/squid.pid\n\
+             coredump_dir {sd}\nworkers 1\n"
+        ),
+    )
+    .expect("squid.conf");
+    let exe = env!("CARGO_BIN_EXE_flowgate");
+    let _echo = Proc(
+        Command::new(exe)
+            .arg("run")
+            .arg("--config")
+            .arg(d.join("echo.toml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("flowgate echo starts"),
+    );
+    let _fg = Proc(
+        Command::new(exe)
+            .arg("run")
+            .arg("--config")
+            .arg(d.join("flowgate.toml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{exe}: {e} (cargo build --release first, or FLOWGATE_BIN)")
+            }),
+    );
+    let _squid = Proc(
+        Command::new("squid")
+            .arg("-N")
+            .arg("-f")
+            .arg(squid_dir.join("squid.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("squid starts"),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        for p in [FG, SQUID] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while tunnel(p).await.is_err() {
+                assert!(Instant::now() < deadline, "{p} does not tunnel to {ECHO}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let mut rows = Vec::new();
+        for (name, p) in [("flowgate", FG), ("squid", SQUID)] {
+            let cps = tunnels_per_sec(p, conc, secs).await;
+            let mbps = bulk(p, mib).await;
+            println!("{name:9} CONNECT tunnels/s ({conc} concurrent): {cps:10.0}   bulk: {mbps:8.1} MiB/s each way");
+            rows.push((cps, mbps));
+        }
+        println!(
+            "ratio flowgate/squid: tunnels/s {:.2}x, bulk {:.2}x",
+            rows[0].0 / rows[1].0,
+            rows[0].1 / rows[1].1
+        );
+    });
+}
+
+/// A tunnel to the echo upstream through `proxy`, past the `200`.
+async fn tunnel(proxy: &str) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect(proxy).await?;
+    s.set_nodelay(true)?;
+    s.write_all(format!("CONNECT {ECHO} HTTP/1.1\r\nHost: {ECHO}\r\n\r\n").as_bytes()).await?;
+    let mut head = Vec::with_capacity(256);
+    let mut b = [0u8; 256];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut b).await?;
+        if n == 0 || head.len() > 4096 {
+            return Err(std::io::Error::other("no complete reply"));
+        }
+        head.extend_from_slice(&b[..n]);
+    }
+    if !head.starts_with(b"HTTP/1.1 200") && !head.starts_with(b"HTTP/1.0 200") {
+        return Err(std::io::Error::other(String::from_utf8_lossy(&head).into_owned()));
+    }
+    Ok(s)
+}
+
+async fn tunnels_per_sec(proxy: &'static str, conc: u64, secs: u64) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..conc {
+        let (done, failed) = (done.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while Instant::now() < end {
+                let ok = async {
+                    let mut s = tunnel(proxy).await?;
+                    s.write_all(&[7u8; 64]).await?;
+                    s.read_exact(&mut buf).await?;
+                    std::io::Result::Ok(())
+                }
+                .await;
+                match ok {
+                    Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let f = failed.load(Ordering::Relaxed);
+    if f > 0 {
+        eprintln!("{proxy}: {f} failed tunnels");
+    }
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn bulk(proxy: &str, mib: u64) -> f64 {
+    let s = tunnel(proxy).await.expect("tunnel");
+    let (mut r, mut w) = s.into_split();
+    let total = mib * 1024 * 1024;
+    let start = Instant::now();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![1u8; 64 * 1024];
+        let mut sent = 0;
+        while sent < total {
+            w.write_all(&chunk).await.expect("write");
+            sent += chunk.len() as u64;
+        }
+        w
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    while got < total {
+        let n = r.read(&mut buf).await.expect("read");
+        assert!(n > 0, "tunnel closed early");
+        got += n as u64;
+    }
+    let _ = writer.await;
+    mib as f64 / start.elapsed().as_secs_f64()
+}

@@ -1,0 +1,209 @@
+//! What the two forward-proxy listeners (`http-connect`, `socks5`) share once a handshake
+//! has named a destination: the decision for a *named* destination, the dial, and the
+//! accounting of handshakes.
+//!
+//! The decision for one request, in order (each step once):
+//! 1. [`Checker::resolve`]: the name is resolved once, to every candidate address (an
+//!    address is its own single candidate). Awaited before the policy is loaded, so no
+//!    snapshot is held across the resolution.
+//! 2. The policy snapshot is loaded once and [`Checker::choose`] walks the candidates
+//!    (own listener, SSRF guard, then `decide` with the name as `fqdn`); the first that
+//!    passes is the only address ever dialled, so a DNS answer that changes later cannot
+//!    redirect the flow.
+//! 3. The chosen candidate's decision goes through the gate once
+//!    ([`crate::dataplane::admit_decided`]: conntrack entry, counters, events); a
+//!    refusal by policy goes through the same gate as a denial (counted, `deny` event
+//!    with the name), and a refusal before policy (bad name, no answer, SSRF guard, own
+//!    listener) through [`crate::dataplane::refuse`]. One decision, one event.
+//!
+//! Not here: reading the handshakes and answering in each protocol's words
+//! (`egress::handshake`, used by [`super::connect`] and [`super::socks5`]).
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::listener::ListenerConfig;
+use super::proxy_header::ProxyHeaderConfig;
+use crate::conntrack::FlowState;
+use crate::dataplane::{
+    Admission, Admitted, ListenerTag, Runtime, admit_decided, refuse, tcp_flow,
+};
+use crate::egress::check::{AddrRefusal, Refusal};
+use crate::egress::handshake::{HandshakeError, HandshakeLimits};
+use crate::egress::{Checker, Target};
+use crate::flow::{FlowKey, Proto};
+use crate::telemetry::metrics::ListenerCounters;
+
+/// A forward-proxy listener's state, shared by its connection tasks.
+#[derive(Debug)]
+pub struct EgressProxy {
+    pub rt: Arc<Runtime>,
+    pub tag: ListenerTag,
+    pub cfg: ListenerConfig,
+    /// `cfg`'s PROXY protocol settings (a forward proxy behind a balancer learns the
+    /// client from the header, like the L4 listeners).
+    pub header: ProxyHeaderConfig,
+    pub limits: HandshakeLimits,
+    pub checker: Arc<Checker>,
+    /// Handshakes in progress (`max_handshakes`).
+    pub handshakes: Arc<Semaphore>,
+}
+
+/// Why no tunnel was opened after a request was read.
+// `Refusal` carries the name inline (no allocation per refused flow); once per connection,
+// the copy costs less than boxing would.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Failure {
+    /// Refused by the egress pipeline or policy (already counted and logged).
+    Refused(Refusal),
+    /// Allowed, but conntrack could not track it (already counted and logged): the
+    /// listener answers "service unavailable".
+    Untracked,
+    /// The upstream did not accept the connection in time.
+    UpstreamTimeout,
+    /// The upstream refused or was unreachable.
+    UpstreamError(io::Error),
+    /// The flow was revoked while dialling.
+    Cut,
+}
+
+/// An open upstream connection for an admitted flow. The caller splices and then
+/// removes `key` from conntrack.
+#[derive(Debug)]
+pub struct Tunnel {
+    pub key: FlowKey,
+    pub admitted: Admitted,
+    pub upstream: TcpStream,
+}
+
+impl EgressProxy {
+    /// A handshake slot, or `None` (counted in `limit_reached`) when `max_handshakes`
+    /// are already in progress.
+    pub fn handshake_slot(&self) -> Option<OwnedSemaphorePermit> {
+        match self.handshakes.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                ListenerCounters::inc(&self.tag.counters.limit_reached);
+                None
+            }
+        }
+    }
+
+    /// Counts a failed handshake under the counter its kind belongs to. A client that
+    /// closed or whose connection failed is not the proxy's concern and not counted.
+    pub fn count_handshake_error(&self, e: &HandshakeError) {
+        let c = &self.tag.counters;
+        match e {
+            HandshakeError::Timeout => ListenerCounters::inc(&c.handshake_timeout),
+            HandshakeError::Closed | HandshakeError::Io(_) => {}
+            _ => ListenerCounters::inc(&c.handshake_malformed),
+        }
+    }
+
+    /// Decides `target:port` for `client` (see the module doc) and, when admitted,
+    /// dials the one address that passed within `connect_timeout`.
+    ///
+    /// # Errors
+    /// [`Failure`]; on every error the conntrack entry (if any) has been removed.
+    pub async fn open(
+        &self,
+        client: SocketAddr,
+        target: Target,
+        port: u16,
+    ) -> Result<Tunnel, Failure> {
+        let (key, admitted) = self.decide(client, target, port).await?;
+        let connect = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(key.dst));
+        let result = tokio::select! {
+            r = connect => match r {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(e)) => Err(Failure::UpstreamError(e)),
+                Err(_) => Err(Failure::UpstreamTimeout),
+            },
+            () = admitted.cut.cut() => Err(Failure::Cut),
+        };
+        match result {
+            Ok(upstream) => {
+                let _ = upstream.set_nodelay(true);
+                Ok(Tunnel { key, admitted, upstream })
+            }
+            Err(f) => {
+                if !matches!(f, Failure::Cut) {
+                    ListenerCounters::inc(&self.tag.counters.upstream_failed);
+                }
+                self.rt.conntrack.remove(&key);
+                Err(f)
+            }
+        }
+    }
+
+    async fn decide(
+        &self,
+        client: SocketAddr,
+        target: Target,
+        port: u16,
+    ) -> Result<(FlowKey, Admitted), Failure> {
+        let unknown_dst = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+        let cands = match self.checker.resolve(target).await {
+            Ok(c) => c,
+            Err(r) => {
+                let key = tcp_flow(client, unknown_dst);
+                refuse(&self.rt, &self.tag, key, r.fqdn().map(|n| n.as_str()), r.reason());
+                return Err(Failure::Refused(r));
+            }
+        };
+        let snapshot = self.rt.policy.load_full();
+        let fqdn = cands.fqdn.as_ref().map(|n| n.as_str());
+        let chosen = self.checker.choose(&snapshot.compiled, client.ip(), &cands, port, Proto::Tcp);
+        let now = Instant::now();
+        match chosen {
+            Ok(a) => {
+                let key = tcp_flow(client, a.addr);
+                match admit_decided(
+                    &self.rt,
+                    &self.tag,
+                    key,
+                    fqdn,
+                    &snapshot,
+                    a.decision,
+                    FlowState::Open,
+                    now,
+                ) {
+                    Admission::Allow(admitted) => Ok((key, admitted)),
+                    // `choose` only admits an allowed decision; a deny here would be a
+                    // bug, and fails closed like a full table.
+                    Admission::Deny(_) | Admission::Untracked(_) => Err(Failure::Untracked),
+                }
+            }
+            Err(r) => {
+                match &r {
+                    Refusal::Denied { first: (addr, AddrRefusal::Policy(decision)), .. } => {
+                        let _ = admit_decided(
+                            &self.rt,
+                            &self.tag,
+                            tcp_flow(client, *addr),
+                            fqdn,
+                            &snapshot,
+                            *decision,
+                            FlowState::Open,
+                            now,
+                        );
+                    }
+                    Refusal::Denied { first: (addr, _), .. } => {
+                        refuse(&self.rt, &self.tag, tcp_flow(client, *addr), fqdn, r.reason());
+                    }
+                    _ => {
+                        let key = tcp_flow(client, unknown_dst);
+                        refuse(&self.rt, &self.tag, key, fqdn, r.reason());
+                    }
+                }
+                Err(Failure::Refused(r))
+            }
+        }
+    }
+}

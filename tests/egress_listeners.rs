@@ -1,0 +1,509 @@
+//! The `http-connect` and `socks5` listeners end to end: flowgate in-process, built from
+//! real config text the way `flowgate run` builds it; real curl processes as clients; a
+//! real HTTP server (`python3 -m http.server`) and a real HTTPS server (`openssl
+//! s_server`, self-signed cert made by `openssl req` here) on loopback, reached by names
+//! from the static DNS table; `[ssrf] treat_as_external` lifts exactly their addresses.
+//!
+//! Identities: 127.0.0.10 is `fn/caller` (an AdminNetworkPolicy allows it the names
+//! `web.test`, `tls.test` and the network 127.0.0.23/32, the counting sink); 127.0.0.11 is
+//! `fn/other` (nothing allows it). `blocked.test` resolves to the web server's address
+//! but is not an allowed name; `private.test` resolves to 10.0.0.1 (SSRF guard).
+//!
+//! Bad input goes to a sink on 127.0.0.23 that counts accepts: after one allowed
+//! control connection, no malformed handshake may add to it. Every wait is bounded.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use flowgate::config::Config;
+use flowgate::conntrack::Conntrack;
+use flowgate::dataplane::proxy::{self, EgressSettings, RunningListener};
+use flowgate::dataplane::{Runtime, build_snapshot};
+use flowgate::policy::Generation;
+use flowgate::shutdown::Shutdown;
+use flowgate::telemetry::flowlog::{FlowLog, FlowLogWriter};
+use flowgate::telemetry::metrics::{ListenerCounters, Registry};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+const CALLER: &str = "127.0.0.10";
+const OTHER: &str = "127.0.0.11";
+const WEB: &str = "127.0.0.21";
+const TLS: &str = "127.0.0.22";
+const SINK: &str = "127.0.0.23";
+
+const INVENTORY: &str = "
+namespaces:
+  - name: fn
+workloads:
+  - name: caller
+    namespace: fn
+    labels: {app: caller}
+    ips: [127.0.0.10]
+  - name: other
+    namespace: fn
+    labels: {app: other}
+    ips: [127.0.0.11]
+";
+
+const POLICY: &str = "
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: caller-egress}
+spec:
+  priority: 10
+  subject:
+    pods:
+      namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: fn}}
+      podSelector: {matchLabels: {app: caller}}
+  egress:
+    - name: apis
+      action: Allow
+      to:
+        - domainNames: [web.test, tls.test]
+    - name: sink
+      action: Allow
+      to:
+        - networks: [127.0.0.23/32]
+";
+
+struct Gate {
+    dir: tempfile::TempDir,
+    rt: Arc<Runtime>,
+    _shutdown: Shutdown,
+    listeners: Vec<RunningListener>,
+    _writer: FlowLogWriter,
+}
+
+impl Gate {
+    async fn start() -> Gate {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        std::fs::write(dir.path().join("policies/anp.yaml"), POLICY).unwrap();
+        let text = format!(
+            "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+             default = \"deny\"\nunknown = \"deny\"\n\
+             [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
+             [dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
+             [dns.static]\n\"web.test\" = [\"{WEB}\"]\n\"tls.test\" = [\"{TLS}\"]\n\
+             \"blocked.test\" = [\"{WEB}\"]\n\"sink.test\" = [\"{SINK}\"]\n\
+             \"private.test\" = [\"10.0.0.1\"]\n\
+             [ssrf]\ntreat_as_external = [\"{WEB}/32\", \"{TLS}/32\", \"{SINK}/32\"]\n\
+             [[listener]]\nname = \"connect\"\nkind = \"http-connect\"\nbind = \"127.0.0.1:0\"\n\
+             handshake_timeout = \"1s\"\nmax_header_bytes = 4096\nmax_headers = 16\n\
+             [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
+             handshake_timeout = \"1s\"\n"
+        );
+        let path = dir.path().join("flowgate.toml");
+        std::fs::write(&path, text).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        let registry = Arc::new(Registry::default());
+        let (flowlog, writer) = FlowLog::start(&cfg.flowlog, registry.clone()).unwrap();
+        let snapshot = build_snapshot(&cfg.policy, Generation(1)).unwrap();
+        let rt = Runtime::new(
+            Arc::new(Conntrack::new(&cfg.conntrack)),
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            registry,
+            flowlog,
+        );
+        let shutdown = Shutdown::new();
+        let egress =
+            EgressSettings { dns: cfg.dns.clone(), ssrf: cfg.ssrf.clone(), other_own: vec![] };
+        let listeners = proxy::start_with_egress(&rt, &cfg.listener, &egress, &shutdown).unwrap();
+        Gate { dir, rt, _shutdown: shutdown, listeners, _writer: writer }
+    }
+
+    fn addr(&self, name: &str) -> SocketAddr {
+        self.listeners.iter().find(|l| l.name == name).unwrap().local_addr
+    }
+
+    fn counters(&self, name: &str) -> Arc<ListenerCounters> {
+        self.rt.registry.listeners().into_iter().find(|c| c.name == name).unwrap()
+    }
+
+    fn log(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("flow.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("flow-log lines are JSON"))
+            .collect()
+    }
+
+    /// Waits (bounded) for a `deny` event carrying `fqdn`; returns it.
+    async fn wait_deny(&self, fqdn: &str, src: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(e) = self.log().into_iter().find(|e| {
+                e["event"] == "deny"
+                    && e["fqdn"] == fqdn
+                    && e["src"].as_str().is_some_and(|s| s.starts_with(src))
+            }) {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "no deny for {fqdn}: {:?}", self.log());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// Whether the real peers this file needs are installed; prints why a test skips if not.
+fn peers_present(bins: &[&str]) -> bool {
+    for b in bins {
+        let ok = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {b}"))
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            eprintln!("SKIP: {b} is not installed (scripts/setup.sh installs it)");
+            return false;
+        }
+    }
+    true
+}
+
+fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// Waits (bounded) until `c` reaches `at_least`: the proxy counts a failed handshake
+/// after its error reply and a short linger, so the client may see the close first.
+async fn wait_count(c: &std::sync::atomic::AtomicU64, at_least: u64) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while get(c) < at_least {
+        assert!(Instant::now() < deadline, "counter at {} < {at_least}", get(c));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A free port on `ip` (bound and released; the servers bind it right after).
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+}
+
+/// Polls until something accepts on `addr` (bounded).
+async fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "nothing listening on {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child process killed (by its own pid) when dropped.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn http_server(root: &std::path::Path) -> (Server, u16) {
+    std::fs::write(root.join("hello.txt"), "hello from the web server\n").unwrap();
+    let port = free_port(WEB);
+    let child = std::process::Command::new("python3")
+        .args(["-m", "http.server", "--bind", WEB, &port.to_string()])
+        .current_dir(root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 runs");
+    let s = Server(child);
+    wait_listening(SocketAddr::new(WEB.parse().unwrap(), port)).await;
+    (s, port)
+}
+
+async fn https_server(dir: &std::path::Path) -> (Server, u16) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let st = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj"])
+        .arg("/CN=tls.test")
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl runs");
+    assert!(st.success());
+    let port = free_port(TLS);
+    let child = std::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept"])
+        .arg(format!("{TLS}:{port}"))
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_server runs");
+    let s = Server(child);
+    wait_listening(SocketAddr::new(TLS.parse().unwrap(), port)).await;
+    (s, port)
+}
+
+/// Runs curl (bounded by `--max-time`); returns exit code, stdout, stderr.
+async fn curl(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-v", "--max-time", "10"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("curl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_reaches_allowed_names_and_is_refused_otherwise() {
+    if !peers_present(&["curl", "python3", "openssl"]) {
+        return;
+    }
+    let gate = Gate::start().await;
+    let (_web, web_port) = http_server(gate.dir.path()).await;
+    let (_tls, tls_port) = https_server(gate.dir.path()).await;
+    let connect = format!("http://{}", gate.addr("connect"));
+    let socks = gate.addr("socks").to_string();
+    let web_url = format!("http://web.test:{web_port}/hello.txt");
+    let tls_url = format!("https://tls.test:{tls_port}/");
+
+    // Allowed: HTTP through CONNECT-proxy (absolute form), HTTPS through a CONNECT tunnel,
+    // both through SOCKS5 with the name resolved by flowgate.
+    let (code, body, err) = curl(&["--interface", CALLER, "-x", &connect, &web_url]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(body, "hello from the web server\n");
+    let (code, body, err) = curl(&["-k", "--interface", CALLER, "-x", &connect, &tls_url]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(body.contains("s_server"), "{body}");
+    assert!(err.contains("200 Connection established"), "{err}");
+    let (code, body, err) =
+        curl(&["--interface", CALLER, "--socks5-hostname", &socks, &web_url]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(body, "hello from the web server\n");
+    let (code, body, err) =
+        curl(&["-k", "--interface", CALLER, "--socks5-hostname", &socks, &tls_url]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(body.contains("s_server"), "{body}");
+    assert_eq!(get(&gate.counters("connect").allowed), 2);
+    assert_eq!(get(&gate.counters("socks").allowed), 2);
+
+    // Refused: a name the policy does not allow (same address as an allowed one), an
+    // allowed name from a client the policy does not cover, a name resolving to a
+    // private address.
+    let blocked = format!("https://blocked.test:{tls_port}/");
+    let (code, _, err) = curl(&["-k", "--interface", CALLER, "-x", &connect, &blocked]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("403"), "{err}");
+    let e = gate.wait_deny("blocked.test", CALLER).await;
+    assert_eq!(e["listener"], "connect");
+    assert_eq!(e["src_workload"], "fn/caller");
+    assert_eq!(e["dst"], format!("{WEB}:{tls_port}"));
+
+    let (code, _, err) = curl(&["--interface", OTHER, "-x", &connect, &web_url]).await;
+    assert_eq!(code, 0, "curl gets the 403 response itself: {err}");
+    assert!(err.contains("< HTTP/1.1 403"), "{err}");
+    gate.wait_deny("web.test", OTHER).await;
+
+    let private = format!("http://private.test:{web_port}/");
+    let (_, _, err) = curl(&["--interface", CALLER, "-x", &connect, &private]).await;
+    assert!(err.contains("< HTTP/1.1 403"), "{err}");
+    let e = gate.wait_deny("private.test", CALLER).await;
+    assert_eq!(e["reason"], "ssrf");
+
+    let (code, _, err) =
+        curl(&["--interface", CALLER, "--socks5-hostname", &socks, &blocked]).await;
+    assert_eq!(code, 97, "CURLE_PROXY: {err}");
+    assert!(err.contains("(2)") || err.contains("not allowed"), "SOCKS reply 0x02: {err}");
+    let e = gate.wait_deny("blocked.test", CALLER).await;
+    assert!(gate.log().iter().any(|l| l["listener"] == "socks" && l["fqdn"] == "blocked.test"));
+    assert_eq!(e["event"], "deny");
+    assert_eq!(get(&gate.counters("connect").denied), 3);
+    assert_eq!(get(&gate.counters("socks").denied), 1);
+}
+
+/// A sink on 127.0.0.23 that counts accepts and answers each connection with "ok".
+async fn sink() -> (u16, Arc<AtomicUsize>) {
+    let l = TcpListener::bind((SINK, 0)).await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let n = Arc::new(AtomicUsize::new(0));
+    let count = n.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { continue };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = s.write_all(b"ok").await;
+            });
+        }
+    });
+    (port, n)
+}
+
+async fn from_caller(to: SocketAddr) -> TcpStream {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(format!("{CALLER}:0").parse().unwrap()).unwrap();
+    s.connect(to).await.unwrap()
+}
+
+/// Sends `bytes` (optionally half-closing), then reads until the proxy closes (bounded:
+/// the handshake timeout is 1s, so 5s means "never closed").
+async fn exchange(to: SocketAddr, bytes: &[u8], half_close: bool) -> Vec<u8> {
+    let mut s = from_caller(to).await;
+    s.write_all(bytes).await.unwrap();
+    if half_close {
+        s.shutdown().await.unwrap();
+    }
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "proxy did not close within the bound after {bytes:?}");
+    out
+}
+
+fn status(reply: &[u8]) -> String {
+    String::from_utf8_lossy(reply).lines().next().unwrap_or("").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_handshakes_get_their_error_and_never_reach_the_upstream() {
+    let gate = Gate::start().await;
+    let (port, accepted) = sink().await;
+    let connect = gate.addr("connect");
+    let socks = gate.addr("socks");
+
+    // Control: a well-formed CONNECT to the sink is tunnelled (the counter can move).
+    let ok = format!("CONNECT sink.test:{port} HTTP/1.1\r\nHost: sink.test:{port}\r\n\r\n");
+    let reply = exchange(connect, ok.as_bytes(), false).await;
+    assert!(status(&reply).contains("200"), "{}", String::from_utf8_lossy(&reply));
+    assert!(reply.ends_with(b"ok"));
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    let long_line = format!("CONNECT sink.test:{port}/{} HTTP/1.1\r\n\r\n", "a".repeat(5000));
+    let many_headers = format!(
+        "CONNECT sink.test:{port} HTTP/1.1\r\n{}\r\n",
+        (0..40).map(|i| format!("X-H{i}: v\r\n")).collect::<String>()
+    );
+    let cases: Vec<(String, &str)> = vec![
+        ("CONNECT sink.test HTTP/1.1\r\nHost: sink.test\r\n\r\n".into(), "400"),
+        ("CONNECT sink.test:0 HTTP/1.1\r\n\r\n".into(), "400"),
+        ("CONNECT sink.test:65536 HTTP/1.1\r\n\r\n".into(), "400"),
+        (
+            format!("GET http://u:p@sink.test:{port}/ HTTP/1.1\r\nHost: sink.test:{port}\r\n\r\n"),
+            "400",
+        ),
+        (format!("GET http://sink.test:{port}/ HTTP/1.1\r\nHost: web.test\r\n\r\n"), "400"),
+        (long_line, "400"),
+        (many_headers, "400"),
+        (format!("CONNECT sink.test:{port} HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n"), "400"),
+        // Slowloris: half a request line, then nothing: 408 after the 1s handshake timeout.
+        ("CONNECT sink.te".into(), "408"),
+    ];
+    for (req, want) in &cases {
+        let reply = exchange(connect, req.as_bytes(), false).await;
+        assert!(status(&reply).contains(want), "{req:?} → {:?}", String::from_utf8_lossy(&reply));
+    }
+    let c = gate.counters("connect");
+    wait_count(&c.handshake_timeout, 1).await;
+    wait_count(&c.handshake_malformed, 8).await;
+
+    // SOCKS5. Zero methods: "no acceptable method" (0xff), close.
+    assert_eq!(exchange(socks, &[5, 0], false).await, vec![5, 0xff]);
+    // Truncated address (IPv4 cut after two bytes), then EOF: method reply only, close.
+    assert_eq!(exchange(socks, &[5, 1, 0, 5, 1, 0, 1, 127, 0], true).await, vec![5, 0]);
+    // Unknown address type: reply 0x08.
+    let r = exchange(socks, &[5, 1, 0, 5, 1, 0, 9, 1, 2, 3, 4, 0, 80], false).await;
+    assert_eq!(r.get(..4), Some(&[5, 0, 5, 8][..]), "{r:?}");
+    // Port 0 to an allowed address: general failure.
+    let r = exchange(socks, &[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 23, 0, 0], false).await;
+    assert_eq!(r.get(..4), Some(&[5, 0, 5, 1][..]), "{r:?}");
+    // Slowloris: the greeting's first byte only; closed after the timeout.
+    assert!(exchange(socks, &[5], false).await.is_empty());
+    let s = gate.counters("socks");
+    wait_count(&s.handshake_timeout, 1).await;
+
+    // Control again through SOCKS5 (address form), so the sink is shown reachable there.
+    let p = port.to_be_bytes();
+    let r = exchange(socks, &[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 23, p[0], p[1]], false).await;
+    assert_eq!(r.get(..4), Some(&[5, 0, 5, 0][..]), "{r:?}");
+    assert!(r.ends_with(b"ok"));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "only the two controls reached the sink");
+}
+
+/// `flowgate run` as a process builds the resolver and guard from `[dns]`/`[ssrf]`: the
+/// static name reaches the sink through its SOCKS5 listener, and a name it does not
+/// allow is refused with 0x02 and logged with the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flowgate_run_serves_socks5_from_its_config() {
+    if !peers_present(&["curl"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/anp.yaml"), POLICY).unwrap();
+    let (port, accepted) = sink().await;
+    let socks_port = free_port("127.0.0.1");
+    let text = format!(
+        "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+         [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
+         [dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
+         [dns.static]\n\"sink.test\" = [\"{SINK}\"]\n\"blocked.test\" = [\"{WEB}\"]\n\
+         [ssrf]\ntreat_as_external = [\"{WEB}/32\", \"{SINK}/32\"]\n\
+         [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:{socks_port}\"\n"
+    );
+    let path = dir.path().join("flowgate.toml");
+    std::fs::write(&path, text).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _fg = Server(child);
+    wait_listening(SocketAddr::new([127, 0, 0, 1].into(), socks_port)).await;
+    let socks = format!("127.0.0.1:{socks_port}");
+
+    let url = format!("telnet://sink.test:{port}");
+    let (code, body, err) = curl(&["--interface", CALLER, "--socks5-hostname", &socks, &url]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(body, "ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    let url = format!("telnet://blocked.test:{port}");
+    let (code, _, err) = curl(&["--interface", CALLER, "--socks5-hostname", &socks, &url]).await;
+    assert_eq!(code, 97, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(dir.path().join("flow.log")).unwrap_or_default();
+        if log.lines().any(|l| l.contains("\"deny\"") && l.contains("blocked.test")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no deny with the name: {log}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
