@@ -130,7 +130,8 @@ impl Gate {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("inventory.yaml"), inventory(net)).unwrap();
         std::fs::create_dir(dir.path().join("policies")).unwrap();
-        std::fs::write(dir.path().join("policies/allow.yaml"), allow_policy("initial")).unwrap();
+        std::fs::write(dir.path().join("policies/allow.yaml"), allow_policy("initial 000"))
+            .unwrap();
         let admin_port = free_port("127.0.0.1");
         let web_port = free_port(net.web);
         let config = dir.path().join("flowgate.toml");
@@ -418,14 +419,21 @@ async fn reload_storm_keeps_allowed_connections() {
                 let before = count();
                 match i % 3 {
                     0 => {
-                        replace_file(&allow, &allow_policy(&format!("rewrite {i}")));
+                        replace_file(&allow, &allow_policy(&format!("rewrite {i:03}")));
                         renames += 1;
                     }
-                    // In place on a file that never concerns the client: an editor that
-                    // truncates first can expose an empty file for an instant, which is a
-                    // valid (empty) policy, so the allow file itself is only ever renamed.
-                    1 => {
+                    // In place. Truncate-and-write only on a file that never concerns the
+                    // client: a truncated file is an empty, valid policy for an instant,
+                    // and a reload that happened to read it would rightly deny. The allow
+                    // file is overwritten in place without truncation, same length, only
+                    // its comment changing, so every read sees a whole policy.
+                    1 if i % 2 == 0 => {
                         std::fs::write(&unrelated, unrelated_policy(1000 + i as u16)).unwrap();
+                        in_place += 1;
+                    }
+                    1 => {
+                        let mut f = std::fs::OpenOptions::new().write(true).open(&allow).unwrap();
+                        f.write_all(allow_policy(&format!("rewrite {i:03}")).as_bytes()).unwrap();
                         in_place += 1;
                     }
                     _ => {
