@@ -543,6 +543,11 @@ async fn revalidate_cuts_and_logs_revoked() {
     let after = gate.generation();
     assert!(after > before);
     expect_refused(net.client, gate.gw).await;
+    // The counter is bumped when the reload that cut the flow finishes, a moment after the
+    // cut itself.
+    gate.wait("the revocation counter", Duration::from_secs(5), |g| {
+        g.metric("flowgate_flows_revoked_total") >= 1.0
+    });
     assert_eq!(gate.metric("flowgate_flows_revoked_total"), 1.0);
 
     let log = gate.stop_and_flow_log();
