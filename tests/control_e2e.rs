@@ -563,6 +563,9 @@ async fn revalidate_cuts_and_logs_revoked() {
     eprintln!("revoked after {cut_after:?}: {r}");
 }
 
+/// One way to break the policy sources.
+type Breakage = Box<dyn Fn(&Gate)>;
+
 /// Bad YAML, a half-written file and a deleted inventory are each rejected; traffic goes
 /// on under the last good generation; `/policy` and the metrics show the failure; fixing
 /// the sources recovers without a restart.
@@ -578,7 +581,7 @@ async fn broken_policy_keeps_last_good() {
     let full = allow_policy("good");
     let cut_at = full.find("{app: web}").unwrap() + 6;
 
-    let breakages: [(&str, &str, Box<dyn Fn(&Gate)>); 3] = [
+    let breakages: [(&str, &str, Breakage); 3] = [
         (
             "bad YAML",
             "bad.yaml",
