@@ -731,3 +731,77 @@ async fn admin_auth() {
     assert_eq!(status, 201, "{body}");
     expect_refused(net.client, gate.gw).await;
 }
+
+/// Connections keep opening while the policy flips to deny, again and again: once the
+/// reload that denies the client has finished, not one of its connections may still be
+/// served, whether it was established long before or admitted while the reload ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_under_load_leaves_no_flow_open() {
+    const ROUNDS: usize = 10;
+    const OPENERS: usize = 16;
+    let net = Net { client: "127.0.66.1", web: "127.0.66.2", other: "127.0.66.3" };
+    let gate = Gate::start(net, "debounce = \"5ms\"");
+    let deny = gate.path("policies/deny.yaml");
+    let mut survivors = Vec::new();
+    let mut held_total = 0;
+    for round in 0..ROUNDS {
+        let stop = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(std::sync::Mutex::new(Vec::<TcpStream>::new()));
+        let mut tasks = Vec::new();
+        for _ in 0..OPENERS {
+            let (stop, held, gw) = (stop.clone(), held.clone(), gate.gw);
+            tasks.push(tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while !stop.load(Ordering::Acquire) && Instant::now() < deadline {
+                    let Ok(Ok(mut s)) =
+                        tokio::time::timeout(Duration::from_secs(2), connect_from(net.client, gw))
+                            .await
+                    else {
+                        continue;
+                    };
+                    let mut b = [0u8; 1];
+                    let echoed = async {
+                        s.write_all(b"x").await?;
+                        s.read_exact(&mut b).await
+                    };
+                    if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), echoed).await {
+                        held.lock().unwrap().push(s);
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let generation = gate.generation();
+        let audit = gate.audit_count();
+        replace_file(&deny, DENY_CLIENT);
+        gate.wait("the deny reload", Duration::from_secs(10), |g| {
+            g.audit_count() > audit && g.generation() > generation
+        });
+        // Openers go on for a moment under the new generation (refused now), then stop.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop.store(true, Ordering::Release);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let streams = std::mem::take(&mut *held.lock().unwrap());
+        held_total += streams.len();
+        for (i, mut s) in streams.into_iter().enumerate() {
+            let probe = async {
+                s.write_all(b"y").await?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).await
+            };
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), probe).await {
+                survivors.push(format!("round {round}, connection {i}"));
+            }
+        }
+        let (generation, audit) = (gate.generation(), gate.audit_count());
+        std::fs::remove_file(&deny).unwrap();
+        gate.wait("the allow reload", Duration::from_secs(10), |g| {
+            g.audit_count() > audit && g.generation() > generation
+        });
+    }
+    eprintln!("{held_total} connections held across {ROUNDS} deny flips");
+    assert!(held_total >= ROUNDS, "too few connections to mean anything: {held_total}");
+    assert!(survivors.is_empty(), "still served after the deny: {survivors:?}");
+}
