@@ -185,6 +185,11 @@ impl Gate {
     }
 
     fn wait_stderr(&mut self, needle: &str, within: Duration) -> String {
+        // Start-up lines come in whatever order the gateway prints them: look at the ones
+        // already read before waiting for more.
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
