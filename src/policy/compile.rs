@@ -234,8 +234,14 @@ pub struct CompiledPolicy {
     pub(super) admin_pool: Vec<u64>,
     /// Per workload and direction, offset in `admin_pool` of its peer class bitset.
     pub(super) admin_class: Vec<[u32; 2]>,
-    /// The class of a peer that is no workload.
-    pub(super) admin_external: [u32; 2],
+    /// The classes of a peer that is no workload, by address: per family (0 = IPv4,
+    /// 1 = IPv6) the starts of the elementary intervals of all Admin CIDRs (first is 0)
+    /// and per interval its class offsets per direction.
+    pub(super) admin_ext_starts: [Vec<u128>; 2],
+    pub(super) admin_ext_class: [Vec<[u32; 2]>; 2],
+    /// Offset in `admin_pool` of the ranks with domain peers: candidates only when the
+    /// flow carries a name, so they are kept out of the classes.
+    pub(super) admin_domains: [u32; 2],
     /// Per direction and protocol class, per port segment: ranks whose ports may match.
     pub(super) admin_port: [[Vec<u64>; 4]; 2],
     next_expiry: Option<SystemTime>,
@@ -388,7 +394,9 @@ impl CompiledPolicy {
             admin_rank: Default::default(),
             admin_pool: Vec::new(),
             admin_class: Vec::new(),
-            admin_external: [NONE; 2],
+            admin_ext_starts: Default::default(),
+            admin_ext_class: Default::default(),
+            admin_domains: [NONE; 2],
             admin_port: Default::default(),
             next_expiry: None,
             live_policies: 0,
@@ -879,8 +887,8 @@ impl<'a> Builder<'a> {
     /// Builds the peer classes and port bitsets of the Admin bitset path (see
     /// `CompiledPolicy::admin_words`). A rule's bit is set in a peer's class when the rule
     /// could match that peer: any peer, the workload in its set, one of its CIDRs
-    /// overlapping one of the workload's addresses (the external class: any CIDR), or
-    /// any domain (the name is not tied to the address). Peers of equal bitsets share
+    /// overlapping one of the workload's addresses (the external class: any CIDR).
+    /// Domain rules go in a set of their own, added when the flow carries a name. Peers of equal bitsets share
     /// one interned copy, so the pool holds classes × words.
     fn admin_index(&mut self) {
         let words = self.out.admin_words;
@@ -893,17 +901,54 @@ impl<'a> Builder<'a> {
         let overlaps =
             |a: &Range, b: &Range| a.v6 == b.v6 && a.first <= b.last && b.first <= a.last;
         let mut classes: Vec<[u32; 2]> = vec![[NONE; 2]; n];
+        // Elementary intervals of every Admin CIDR, per family.
+        let mut starts: [Vec<u128>; 2] = [vec![0], vec![0]];
+        for d in 0..2 {
+            for &r in &self.out.admin_rank[d] {
+                for c in self.out.rules[r as usize].cidrs.of(&self.out.cidrs) {
+                    let f = usize::from(c.net.v6);
+                    starts[f].push(c.net.first);
+                    if let Some(next) = c.net.last.checked_add(1) {
+                        starts[f].push(next);
+                    }
+                }
+            }
+        }
+        for v in &mut starts {
+            v.sort_unstable();
+            v.dedup();
+        }
+        let mut ext_class: [Vec<[u32; 2]>; 2] =
+            [vec![[NONE; 2]; starts[0].len()], vec![[NONE; 2]; starts[1].len()]];
         for d in 0..2 {
             let ranks = self.out.admin_rank[d].clone();
             let mut per_w: Vec<Vec<u64>> = vec![vec![0u64; words[d]]; n];
-            let mut external = vec![0u64; words[d]];
+            let mut external: [Vec<Vec<u64>>; 2] = [
+                vec![vec![0u64; words[d]]; starts[0].len()],
+                vec![vec![0u64; words[d]]; starts[1].len()],
+            ];
+            let mut domains = vec![0u64; words[d]];
             for (rank, &r) in ranks.iter().enumerate() {
                 let rule = self.out.rules[r as usize];
                 let (word, bit) = (rank >> 6, 1u64 << (rank & 63));
                 let cidrs = rule.cidrs.of(&self.out.cidrs);
-                let all = rule.any_peer || rule.domains.len > 0;
-                if all || !cidrs.is_empty() {
-                    external[word] |= bit;
+                let all = rule.any_peer;
+                if rule.domains.len > 0 {
+                    domains[word] |= bit;
+                }
+                for (f, segs) in external.iter_mut().enumerate() {
+                    for (k, bits) in segs.iter_mut().enumerate() {
+                        let first = starts[f][k];
+                        if all
+                            || cidrs.iter().any(|c| {
+                                usize::from(c.net.v6) == f
+                                    && c.net.first <= first
+                                    && first <= c.net.last
+                            })
+                        {
+                            bits[word] |= bit;
+                        }
+                    }
                 }
                 for (w, bits) in per_w.iter_mut().enumerate() {
                     if all
@@ -917,7 +962,12 @@ impl<'a> Builder<'a> {
             for (w, bits) in per_w.into_iter().enumerate() {
                 classes[w][d] = self.intern_bits(bits);
             }
-            self.out.admin_external[d] = self.intern_bits(external);
+            for (f, segs) in external.into_iter().enumerate() {
+                for (k, bits) in segs.into_iter().enumerate() {
+                    ext_class[f][k][d] = self.intern_bits(bits);
+                }
+            }
+            self.out.admin_domains[d] = self.intern_bits(domains);
             let rw = self.out.rule_words;
             for c in 0..4 {
                 let segs = self.out.port_starts[c].len();
@@ -934,6 +984,8 @@ impl<'a> Builder<'a> {
             }
         }
         self.out.admin_class = classes;
+        self.out.admin_ext_starts = starts;
+        self.out.admin_ext_class = ext_class;
     }
 
     fn intern_list(&mut self, list: Vec<u32>) -> Span {

@@ -278,13 +278,25 @@ impl CompiledPolicy {
         let subject = pool.get(at..at + words)?;
         let c = match peer.workload {
             Some(w) => self.admin_class.get(w as usize)?[d],
-            None => self.admin_external[d],
+            None => {
+                let (f, a) = match peer.key {
+                    Key::V4(a) => (0, u128::from(a)),
+                    Key::V6(a) => (1, a),
+                };
+                let k = self.admin_ext_starts[f].partition_point(|&s| s <= a).checked_sub(1)?;
+                self.admin_ext_class[f].get(k)?[d]
+            }
         } as usize;
         let peers = pool.get(c..c + words)?;
+        // Without a name, domain rules cannot match: an all-zero mask adds nothing.
+        let named = q.fqdn.is_some();
+        let dom = self.admin_domains[d] as usize;
+        let domains = pool.get(dom..dom + words)?;
         let ports = self.admin_port[d][class].get(seg * words..(seg + 1) * words)?;
         let ranks = &self.admin_rank[d];
-        for (i, ((s, p), o)) in subject.iter().zip(peers).zip(ports).enumerate() {
-            let mut m = s & p & o;
+        for (i, (((s, p), o), n)) in subject.iter().zip(peers).zip(ports).zip(domains).enumerate() {
+            let n = if named { *n } else { 0 };
+            let mut m = s & (p | n) & o;
             while m != 0 {
                 let rank = i * 64 + m.trailing_zeros() as usize;
                 m &= m - 1;
