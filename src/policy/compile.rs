@@ -950,12 +950,37 @@ impl<'a> Builder<'a> {
                         }
                     }
                 }
-                for (w, bits) in per_w.iter_mut().enumerate() {
-                    if all
-                        || self.out.set_contains(rule.workloads, w as u32)
-                        || cidrs.iter().any(|c| addrs[w].iter().any(|a| overlaps(&c.net, a)))
-                    {
-                        bits[word] |= bit;
+                if all || !cidrs.is_empty() {
+                    for (w, bits) in per_w.iter_mut().enumerate() {
+                        if all || cidrs.iter().any(|c| addrs[w].iter().any(|a| overlaps(&c.net, a)))
+                        {
+                            bits[word] |= bit;
+                        }
+                    }
+                }
+                // The rule's own workloads: walk its members, not every workload.
+                match rule.workloads {
+                    WorkloadSet::Empty => {}
+                    WorkloadSet::Sorted(span) => {
+                        for &w in span.of(&self.out.set_ids) {
+                            if let Some(bits) = per_w.get_mut(w as usize) {
+                                bits[word] |= bit;
+                            }
+                        }
+                    }
+                    WorkloadSet::Bits(k) => {
+                        let bw = self.out.bits_words;
+                        let set = self.out.set_bits.get(k as usize * bw..(k as usize + 1) * bw);
+                        for (i, &x) in set.unwrap_or(&[]).iter().enumerate() {
+                            let mut x = x;
+                            while x != 0 {
+                                let w = i * 64 + x.trailing_zeros() as usize;
+                                x &= x - 1;
+                                if let Some(bits) = per_w.get_mut(w) {
+                                    bits[word] |= bit;
+                                }
+                            }
+                        }
                     }
                 }
             }
