@@ -166,24 +166,23 @@ impl CompiledPolicy {
         let ports = self.port_candidates(class, seg);
         let mut passed = None;
         // 1. Admin tier: first matching rule; Pass leaves the tier.
-        let (admin, split) = self.tier_rules(t.admin, t.admin_seg, class, seg);
-        for &r in admin {
+        let hit = if t.admin_bits == NONE {
+            self.first_admin_walk(t, ports, class, seg, q, peer, dst)
+        } else {
+            self.first_admin_bits(t, dir_index(dir), class, seg, q, peer, dst)
+        };
+        if let Some(r) = hit {
             let rule = &self.rules[r as usize];
-            if (split || candidate(ports, r)) && self.rule_matches(rule, q, peer, dst) {
-                match rule.action {
-                    Action::Pass => {
-                        passed = Some(r);
-                        break;
-                    }
-                    action => {
-                        return SideOutcome {
-                            allow: action == Action::Allow,
-                            by: DecidedBy::Admin,
-                            policy: Some(rule.policy),
-                            rule: Some(r),
-                            passed: None,
-                        };
-                    }
+            match rule.action {
+                Action::Pass => passed = Some(r),
+                action => {
+                    return SideOutcome {
+                        allow: action == Action::Allow,
+                        by: DecidedBy::Admin,
+                        policy: Some(rule.policy),
+                        rule: Some(r),
+                        passed: None,
+                    };
                 }
             }
         }
@@ -237,6 +236,77 @@ impl CompiledPolicy {
             rule: None,
             passed,
         }
+    }
+
+    /// The first matching Admin rule by walking the side's list.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn first_admin_walk(
+        &self,
+        t: &SideTable,
+        ports: &[u64],
+        class: usize,
+        seg: usize,
+        q: &FlowQuery<'_>,
+        peer: End,
+        dst: End,
+    ) -> Option<u32> {
+        let (admin, split) = self.tier_rules(t.admin, t.admin_seg, class, seg);
+        admin.iter().copied().find(|&r| {
+            (split || candidate(ports, r))
+                && self.rule_matches(&self.rules[r as usize], q, peer, dst)
+        })
+    }
+
+    /// The first matching Admin rule from the bitsets (see `CompiledPolicy::admin_words`):
+    /// candidates in rank order, each verified by [`Self::rule_matches`].
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn first_admin_bits(
+        &self,
+        t: &SideTable,
+        d: usize,
+        class: usize,
+        seg: usize,
+        q: &FlowQuery<'_>,
+        peer: End,
+        dst: End,
+    ) -> Option<u32> {
+        let words = self.admin_words[d];
+        let pool = &self.admin_pool;
+        let at = t.admin_bits as usize;
+        let subject = pool.get(at..at + words)?;
+        let c = match peer.workload {
+            Some(w) => self.admin_class.get(w as usize)?[d],
+            None => {
+                let (f, a) = match peer.key {
+                    Key::V4(a) => (0, u128::from(a)),
+                    Key::V6(a) => (1, a),
+                };
+                let k = self.admin_ext_starts[f].partition_point(|&s| s <= a).checked_sub(1)?;
+                self.admin_ext_class[f].get(k)?[d]
+            }
+        } as usize;
+        let peers = pool.get(c..c + words)?;
+        // Without a name, domain rules cannot match: an all-zero mask adds nothing.
+        let named = q.fqdn.is_some();
+        let dom = self.admin_domains[d] as usize;
+        let domains = pool.get(dom..dom + words)?;
+        let ports = self.admin_port[d][class].get(seg * words..(seg + 1) * words)?;
+        let ranks = &self.admin_rank[d];
+        for (i, (((s, p), o), n)) in subject.iter().zip(peers).zip(ports).zip(domains).enumerate() {
+            let n = if named { *n } else { 0 };
+            let mut m = s & (p | n) & o;
+            while m != 0 {
+                let rank = i * 64 + m.trailing_zeros() as usize;
+                m &= m - 1;
+                let r = *ranks.get(rank)?;
+                if self.rule_matches(&self.rules[r as usize], q, peer, dst) {
+                    return Some(r);
+                }
+            }
+        }
+        None
     }
 
     /// The flow's protocol class and port segment: one binary search over the segment
@@ -319,7 +389,7 @@ impl CompiledPolicy {
     }
 
     #[inline]
-    fn set_contains(&self, set: WorkloadSet, w: u32) -> bool {
+    pub(super) fn set_contains(&self, set: WorkloadSet, w: u32) -> bool {
         match set {
             WorkloadSet::Empty => false,
             WorkloadSet::Sorted(span) => span.of(&self.set_ids).binary_search(&w).is_ok(),
