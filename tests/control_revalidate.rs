@@ -139,11 +139,14 @@ spec:
         - networks: [127.0.50.0/24]
 ";
 
+/// A revoked flow as the callback saw it: `src->dst` and the name it was admitted for.
+type Revoked = (String, Option<String>);
+
 #[test]
 fn flows_admitted_for_a_name_are_redecided_with_it() {
     let fx = Fixture::new(&format!("[control]\nwatch = false\n{}", admin_toml()));
     std::fs::write(fx.path("policies/names.yaml"), NAMED_EGRESS).unwrap();
-    let revoked: Arc<std::sync::Mutex<Vec<(String, Option<String>)>>> = Arc::default();
+    let revoked: Arc<std::sync::Mutex<Vec<Revoked>>> = Arc::default();
     let seen = revoked.clone();
     let control = flowgate::control::ControlPlane::new(
         fx.cfg.clone(),
