@@ -199,6 +199,7 @@ fn init() -> EntryInit {
         dst_workload: None,
         listener: 0,
         cut: None,
+        fqdn: None,
     }
 }
 

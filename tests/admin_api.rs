@@ -67,7 +67,7 @@ async fn read_endpoints() {
     assert!(p["sources"]["inventory"].as_str().unwrap().ends_with("inventory.yaml"));
     assert!(p["last_error"].is_null());
 
-    fx.track("127.0.10.1:40000", "127.0.10.2:5432", 1);
+    fx.track_named("127.0.10.1:40000", "127.0.10.2:5432", 1, Some("db.test"));
     fx.track("127.0.10.2:40001", "127.0.10.1:80", 1);
     fx.track("198.51.100.7:40002", "127.0.10.1:80", 1);
     let all = json(&c.get("/flows").await.unwrap().body);
@@ -77,6 +77,9 @@ async fn read_endpoints() {
     assert_eq!(by_src["matched"], 1);
     assert_eq!(by_src["flows"][0]["dst"], "127.0.10.2:5432");
     assert_eq!(by_src["flows"][0]["src_workload"], "apps/web");
+    assert_eq!(by_src["flows"][0]["fqdn"], "db.test", "the name the flow was admitted for");
+    let by_dst = json(&c.get("/flows?src=127.0.10.2").await.unwrap().body);
+    assert!(by_dst["flows"][0]["fqdn"].is_null(), "no name: null");
     let by_workload = json(&c.get("/flows?workload=apps%2Fdb").await.unwrap().body);
     assert_eq!(by_workload["matched"], 2);
     let capped = json(&c.get("/flows?limit=1").await.unwrap().body);

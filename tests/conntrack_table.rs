@@ -31,6 +31,7 @@ fn init(state: FlowState) -> EntryInit {
         dst_workload: Some(WorkloadId(2)),
         listener: 0,
         cut: None,
+        fqdn: None,
     }
 }
 

@@ -98,3 +98,114 @@ fn many_flows_are_revalidated_in_batches() {
     assert_eq!(fx.conntrack.len(), 500);
     assert_eq!(fx.revoked.lock().unwrap().len(), 500);
 }
+
+/// web may reach `api.test` (and only by that name): the addresses behind it are denied.
+const NAMED_EGRESS: &str = "\
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: web-names}
+spec:
+  priority: 5
+  subject:
+    pods:
+      namespaceSelector: {}
+      podSelector: {matchLabels: {app: web}}
+  egress:
+    - name: api
+      action: Allow
+      to:
+        - domainNames: [api.test]
+    - name: rest
+      action: Deny
+      to:
+        - networks: [127.0.50.0/24]
+";
+
+/// The same policy without the name rule.
+const NAMES_REMOVED: &str = "\
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: web-names}
+spec:
+  priority: 5
+  subject:
+    pods:
+      namespaceSelector: {}
+      podSelector: {matchLabels: {app: web}}
+  egress:
+    - name: rest
+      action: Deny
+      to:
+        - networks: [127.0.50.0/24]
+";
+
+/// A revoked flow as the callback saw it: `src->dst` and the name it was admitted for.
+type Revoked = (String, Option<String>);
+
+#[test]
+fn flows_admitted_for_a_name_are_redecided_with_it() {
+    let fx = Fixture::new(&format!("[control]\nwatch = false\n{}", admin_toml()));
+    std::fs::write(fx.path("policies/names.yaml"), NAMED_EGRESS).unwrap();
+    let revoked: Arc<std::sync::Mutex<Vec<Revoked>>> = Arc::default();
+    let seen = revoked.clone();
+    let control = flowgate::control::ControlPlane::new(
+        fx.cfg.clone(),
+        fx.conntrack.clone(),
+        fx.metrics.clone(),
+        Arc::new(move |e, d| {
+            assert!(!d.verdict.is_allow());
+            let k = e.key();
+            seen.lock()
+                .unwrap()
+                .push((format!("{}->{}", k.src, k.dst), e.fqdn().map(String::from)));
+        }),
+    )
+    .unwrap();
+    let generation = control.policy().load().generation.0;
+
+    // The premise: the address alone is denied, the name allows it.
+    let snap = control.policy().load_full();
+    let query = |fqdn| flowgate::policy::FlowQuery {
+        src: "127.0.10.1".parse().unwrap(),
+        dst: "127.0.50.1".parse().unwrap(),
+        dst_port: 443,
+        proto: flowgate::flow::Proto::Tcp,
+        fqdn,
+    };
+    assert!(snap.compiled.decide(&query(Some("api.test"))).verdict.is_allow());
+    assert!(!snap.compiled.decide(&query(None)).verdict.is_allow());
+
+    let (named, named_cut) =
+        fx.track_named("127.0.10.1:40000", "127.0.50.1:443", generation, Some("api.test"));
+    assert_eq!(named.fqdn(), Some("api.test"));
+    // The same destination tracked without its name: only the name allows it, so the first
+    // reload cuts it (what every such tunnel suffered before the entry kept the name).
+    let (_unnamed, unnamed_cut) = fx.track("127.0.10.1:40001", "127.0.50.1:443", generation);
+
+    // A reload that changes something else keeps the named flow.
+    std::fs::write(fx.path("policies/deny-db.yaml"), DENY_DB).unwrap();
+    let report = control.reload_blocking(Trigger::Api);
+    assert_eq!(report.result, ReloadResult::Ok);
+    assert_eq!(report.revalidated, 2);
+    assert_eq!(report.revoked, 1);
+    assert!(!named_cut.is_cut(), "the domainNames rule still allows api.test");
+    assert!(unnamed_cut.is_cut());
+    assert_eq!(named.generation().0, generation + 1);
+    assert!(fx.conntrack.lookup(&named.key()).is_some());
+    assert_eq!(
+        revoked.lock().unwrap().as_slice(),
+        [("127.0.10.1:40001->127.0.50.1:443".to_string(), None)].as_slice()
+    );
+
+    // A reload that drops the rule cuts it, and the report names it.
+    revoked.lock().unwrap().clear();
+    replace_file(&fx.path("policies/names.yaml"), NAMES_REMOVED);
+    let report = control.reload_blocking(Trigger::Api);
+    assert_eq!(report.result, ReloadResult::Ok);
+    assert_eq!(report.revoked, 1);
+    assert!(named_cut.is_cut(), "without the rule the name allows nothing");
+    assert!(fx.conntrack.lookup(&named.key()).is_none());
+    let revoked = revoked.lock().unwrap().clone();
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(revoked[0].1.as_deref(), Some("api.test"));
+}

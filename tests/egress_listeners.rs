@@ -507,3 +507,135 @@ async fn flowgate_run_serves_socks5_from_its_config() {
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
+
+/// Polls `path` (bounded) until it has a line with all of `needles`.
+async fn wait_line(path: &std::path::Path, needles: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no line with {needles:?} in {}: {text}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Sends `ping` through the tunnel and expects the echo back (bounded).
+async fn ping(tunnel: &mut TcpStream) -> bool {
+    if tunnel.write_all(b"ping").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), tunnel.read_exact(&mut buf)).await,
+        Ok(Ok(_)) if &buf == b"ping"
+    )
+}
+
+/// A CONNECT tunnel allowed only by a `domainNames` rule stays up across a SIGHUP reload
+/// that keeps the rule (the entry remembers the name it was admitted for), and is cut,
+/// with a `revoked` event naming it, by one that removes the rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnel_for_an_allowed_name_survives_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/anp.yaml"), POLICY).unwrap();
+    // An echo server on WEB: reachable by the name web.test only (no rule allows WEB's
+    // address by itself).
+    let echo = TcpListener::bind((WEB, 0)).await.unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = echo.accept().await else { continue };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let connect_port = free_port("127.0.0.1");
+    let text = format!(
+        "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+         default = \"deny\"\nunknown = \"deny\"\n\
+         [control]\nwatch = false\n\
+         [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
+         [dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
+         [dns.static]\n\"web.test\" = [\"{WEB}\"]\n\
+         [ssrf]\ntreat_as_external = [\"{WEB}/32\"]\n\
+         [[listener]]\nname = \"connect\"\nkind = \"http-connect\"\n\
+         bind = \"127.0.0.1:{connect_port}\"\n"
+    );
+    let path = dir.path().join("flowgate.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = dir.path().join("out.log");
+    let log = std::fs::File::create(&out).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let _fg = Server(child);
+    let connect = SocketAddr::new([127, 0, 0, 1].into(), connect_port);
+    wait_listening(connect).await;
+
+    let mut tunnel = from_caller(connect).await;
+    let target = format!("web.test:{echo_port}");
+    tunnel
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), tunnel.read(&mut byte))
+            .await
+            .expect("CONNECT answered within 5 s")
+            .unwrap();
+        assert!(n == 1 && head.len() < 4096, "proxy closed during CONNECT: {head:?}");
+        head.push(byte[0]);
+    }
+    assert!(status(&head).contains(" 200"), "CONNECT refused: {}", status(&head));
+    assert!(ping(&mut tunnel).await, "the tunnel carries data");
+
+    // Reload 1: a policy change elsewhere; the name rule stays.
+    let other =
+        POLICY.replace("caller-egress", "caller-egress-2").replace("priority: 10", "priority: 20");
+    std::fs::write(dir.path().join("policies/other.yaml"), other).unwrap();
+    // SAFETY: signalling our own child by its pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    wait_line(&out, &["\"result\":\"ok\"", "\"generation\":2", "\"revalidated\":1"]).await;
+    assert!(ping(&mut tunnel).await, "a reload that keeps the name rule keeps the tunnel");
+
+    // Reload 2: the name rule goes (from both policies); the tunnel is cut.
+    let without = |p: &str| p.replace("[web.test, tls.test]", "[tls.test]");
+    std::fs::write(dir.path().join("policies/anp.yaml"), without(POLICY)).unwrap();
+    let other = without(POLICY)
+        .replace("caller-egress", "caller-egress-2")
+        .replace("priority: 10", "priority: 20");
+    std::fs::write(dir.path().join("policies/other.yaml"), other).unwrap();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    wait_line(&out, &["\"result\":\"ok\"", "\"generation\":3", "\"revoked\":1"]).await;
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tunnel.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the revoked tunnel closes");
+    wait_line(&dir.path().join("flow.log"), &["\"revoked\"", "\"fqdn\":\"web.test\""]).await;
+}

@@ -259,6 +259,7 @@ fn flows(control: &ControlPlane, query: &str) -> Resp {
             "proto": e.key().proto.as_str(),
             "src": e.key().src.to_string(),
             "dst": e.key().dst.to_string(),
+            "fqdn": e.fqdn(),
             "src_workload": sw,
             "dst_workload": dw,
             "state": e.state().as_str(),

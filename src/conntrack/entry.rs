@@ -4,7 +4,7 @@
 //! An [`Entry`] is 80 bytes: the per-direction counters and last-seen time are atomics the
 //! forwarding path bumps without a lock; the key is stored IPv4-compact (two `u32`s and two
 //! ports) with IPv6 addresses moved out to [`EntryExt`], which also holds the cut handle of
-//! proxied flows. Packet flows over IPv4 therefore cost one allocation: the `Arc<Entry>`.
+//! proxied flows and the domain name an egress flow was admitted for. Packet flows over IPv4 therefore cost one allocation: the `Arc<Entry>`.
 //! All mutable state lives in one byte (`state`), updated with compare-and-swap so the TCP
 //! state machine, the flow state and the table's bookkeeping bits never tear.
 
@@ -95,6 +95,9 @@ pub struct EntryInit {
     pub listener: u16,
     /// Present for proxied flows, which a reload cuts through it.
     pub cut: Option<Arc<CutSignal>>,
+    /// The (normalised) domain name an egress flow was admitted for, so a reload re-decides
+    /// it against `domainNames` rules instead of by address alone.
+    pub fqdn: Option<Arc<str>>,
 }
 
 impl EntryInit {
@@ -120,6 +123,7 @@ impl EntryInit {
                 dst_workload,
                 listener,
                 cut: None,
+                fqdn: None,
             },
             conn,
         ))
@@ -132,6 +136,8 @@ struct EntryExt {
     cut: Option<Arc<CutSignal>>,
     /// IPv6 (or mixed-family, v4-mapped) addresses, originator side first.
     v6: Option<(u128, u128)>,
+    /// The domain name the flow was admitted for (egress listeners).
+    fqdn: Option<Arc<str>>,
 }
 
 /// `state` byte layout: which bits hold what.
@@ -178,8 +184,12 @@ pub struct Entry {
 impl Entry {
     pub(crate) fn new(key: &FlowKey, init: EntryInit, tcp: Option<TcpConn>, now_ms: u64) -> Entry {
         let (src_bits, dst_bits, v6) = addr_bits(key);
-        let ext = if v6 || init.cut.is_some() {
-            Some(Box::new(EntryExt { cut: init.cut, v6: v6.then_some((src_bits, dst_bits)) }))
+        let ext = if v6 || init.cut.is_some() || init.fqdn.is_some() {
+            Some(Box::new(EntryExt {
+                cut: init.cut,
+                v6: v6.then_some((src_bits, dst_bits)),
+                fqdn: init.fqdn,
+            }))
         } else {
             None
         };
@@ -248,6 +258,12 @@ impl Entry {
     /// The cut handle of a proxied flow.
     pub fn cut(&self) -> Option<&Arc<CutSignal>> {
         self.ext.as_ref().and_then(|x| x.cut.as_ref())
+    }
+
+    /// The normalised domain name the flow was admitted for, if it came through an egress
+    /// listener that was given one (revalidation re-decides with it).
+    pub fn fqdn(&self) -> Option<&str> {
+        self.ext.as_ref().and_then(|x| x.fqdn.as_deref())
     }
 
     /// Cuts the flow if it has a handle (eviction, expiry, revocation).
@@ -640,6 +656,7 @@ mod tests {
             dst_workload: None,
             listener: 2,
             cut: None,
+            fqdn: None,
         }
     }
 
@@ -667,6 +684,27 @@ mod tests {
             let other = FlowKey::new(Proto::Tcp, k.src, k.dst);
             assert_eq!(e.side_of(&other), None);
         }
+    }
+
+    #[test]
+    fn fqdn_lives_in_the_side_allocation() {
+        let k = FlowKey::new(
+            Proto::Tcp,
+            "198.18.0.1:4000".parse().unwrap(),
+            "198.18.0.2:443".parse().unwrap(),
+        );
+        let plain = Entry::new(&k, init(), None, 0);
+        assert_eq!(plain.fqdn(), None);
+        assert!(plain.ext.is_none(), "an IPv4 entry without a name needs no side allocation");
+        let named = Entry::new(
+            &k,
+            EntryInit { fqdn: Some(Arc::from("api.example.com")), ..init() },
+            None,
+            0,
+        );
+        assert_eq!(named.fqdn(), Some("api.example.com"));
+        assert_eq!(named.key(), k, "a name must not turn the entry into an IPv6 one");
+        assert_eq!(named.side_of(&k), Some(Side::Orig));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! One entry per flow, found from either direction (the key is canonicalised and hashed
 //! once, see `entry.rs`). An entry holds what the data path needs on every packet or byte
 //! (state, counters, last seen) and what the control plane needs later (verdict generation,
-//! the two workload identities, a handle to cut the flow when a reload revokes it).
+//! the two workload identities, the name an egress flow was admitted for, a handle to cut the
+//! flow when a reload revokes it).
 //!
 //! Layout: N shards picked by the key's keyed hash. Each shard is a lock-free-readable
 //! `scc::HashIndex` whose slots hold one pointer (`Arc<Entry>`; the key lives in the entry),

@@ -12,8 +12,9 @@
 //! never holds a shard or a CPU for long. Flows admitted by the old generation while the
 //! first pass ran are caught by a second pass over entries still below the new generation.
 //!
-//! Known limit: the conntrack entry does not record the name (FQDN) a flow was admitted
-//! for, so a flow admitted only by a `domainNames` rule is re-decided without it.
+//! A flow admitted through an egress listener for a name is re-decided with that name
+//! (kept on its entry, [`Entry::fqdn`]), so a reload that keeps the `domainNames` rule
+//! allowing it keeps the flow, and one that drops the rule cuts it.
 
 use std::sync::Arc;
 
@@ -29,15 +30,16 @@ pub struct RevalidateStats {
     pub revoked: usize,
 }
 
-/// The question `decide` is asked for an established flow.
-pub fn query_of(entry: &Entry) -> FlowQuery<'static> {
+/// The question `decide` is asked for an established flow: its addresses, port and
+/// protocol, and the name it was admitted for, if any.
+pub fn query_of(entry: &Entry) -> FlowQuery<'_> {
     let key = entry.key();
     FlowQuery {
         src: key.src.ip(),
         dst: key.dst.ip(),
         dst_port: key.dst.port(),
         proto: key.proto,
-        fqdn: None,
+        fqdn: entry.fqdn(),
     }
 }
 

@@ -70,7 +70,7 @@ impl Runtime {
     /// fires the entry's cut signal (its forwarding task resets both sides and removes the
     /// entry) and logs a `revoked` event with the new decision's reason and policy. The
     /// control plane's revalidation calls this for every entry whose re-decision
-    /// (`snapshot.compiled.decide(..)` on `entry.key`) is a denial; entries still allowed
+    /// (`snapshot.compiled.decide(..)` on `entry.key` and `entry.fqdn`) is a denial; entries still allowed
     /// just get `entry.set_generation(snapshot.generation)`. An entry without a cut handle
     /// (a packet-dataplane flow) is not removed here: the caller removes it from conntrack.
     pub fn revoke(&self, entry: &Entry, snapshot: &Arc<PolicySnapshot>, decision: &Decision) {
@@ -92,7 +92,7 @@ impl Runtime {
             proto: key.proto,
             src: key.src,
             dst: key.dst,
-            fqdn: None,
+            fqdn: entry.fqdn().map(Arc::from),
             src_workload: decision.src_workload,
             dst_workload: decision.dst_workload,
             direction,
@@ -186,7 +186,8 @@ pub fn admit(
 /// events), so the flow is decided once and logged once, in this one place.
 ///
 /// `decision` must come from `snapshot.compiled.decide` for `key` (with `fqdn`); the
-/// name is only turned into an `Arc` when an event is written.
+/// name is turned into an `Arc` when the flow is tracked (the entry keeps it for
+/// revalidation) or an event is written.
 #[allow(clippy::too_many_arguments)]
 pub fn admit_decided(
     rt: &Runtime,
@@ -285,6 +286,9 @@ fn settle(
                 dst_workload: decision.dst_workload,
                 listener: tag.index,
                 cut: Some(cut.clone()),
+                // Kept with the entry so a reload re-decides the flow with the name it was
+                // admitted for (a `domainNames` rule may be all that allows it).
+                fqdn: fqdn(),
             };
             match rt.conntrack.insert(key, init, now) {
                 Ok(entry) => {

@@ -102,6 +102,17 @@ impl Fixture {
 
     /// Tracks a TCP flow as the proxy would, with a cut signal.
     pub fn track(&self, src: &str, dst: &str, generation: u64) -> (Arc<Entry>, Arc<CutSignal>) {
+        self.track_named(src, dst, generation, None)
+    }
+
+    /// Tracks a TCP flow as an egress listener would: admitted for the name `fqdn`.
+    pub fn track_named(
+        &self,
+        src: &str,
+        dst: &str,
+        generation: u64,
+        fqdn: Option<&str>,
+    ) -> (Arc<Entry>, Arc<CutSignal>) {
         let cut = Arc::new(CutSignal::default());
         let entry = self
             .conntrack
@@ -114,6 +125,7 @@ impl Fixture {
                     dst_workload: None,
                     listener: 0,
                     cut: Some(cut.clone()),
+                    fqdn: fqdn.map(Arc::from),
                 },
                 Instant::now(),
             )
