@@ -189,7 +189,11 @@ fn is_policy_file(path: &Path) -> bool {
 /// Deep enough for any sane layout, shallow enough to stop a symlink loop.
 const MAX_DEPTH: usize = 32;
 
-fn policies_from_dir(dir: &Path, errors: &mut Vec<LoadError>) -> Vec<Policy> {
+/// The policy files a directory load reads, sorted (a file given as `dir` is the only
+/// one). Walk problems go to `errors` exactly as a full [`load`] reports them, so a
+/// caller that parses the files itself (the reloader's per-file cache) stays all or
+/// nothing with the same messages.
+pub fn policy_files(dir: &Path, errors: &mut Vec<LoadError>) -> Vec<PathBuf> {
     let mut files = Vec::new();
     match std::fs::metadata(dir) {
         Ok(m) if m.is_file() => files.push(dir.to_owned()),
@@ -197,6 +201,39 @@ fn policies_from_dir(dir: &Path, errors: &mut Vec<LoadError>) -> Vec<Policy> {
         Err(e) => errors.push(file_error(dir, format!("cannot read policy directory: {e}"))),
     }
     files.sort();
+    files
+}
+
+/// One policy file's bytes, as read from `file`, into its policies (`Policy::source` is
+/// `file`). What a directory load does per file, for callers that read and cache files
+/// themselves: a file's result depends on its path and bytes alone.
+///
+/// # Errors
+/// Every problem in the file (text that is not UTF-8 included).
+pub fn parse_policy_file(bytes: &[u8], file: &Path) -> Result<Vec<Policy>, LoadErrors> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => parse_policies(text, file),
+        Err(e) => Err(LoadErrors(vec![file_error(file, format!("cannot read: not UTF-8: {e}"))])),
+    }
+}
+
+/// The inventory file's bytes, as read from `file`, into the inventory; see
+/// [`parse_policy_file`].
+///
+/// # Errors
+/// Every problem in the file (text that is not UTF-8 included).
+pub fn parse_inventory_file(bytes: &[u8], file: &Path) -> Result<Inventory, LoadErrors> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => parse_inventory(text, file),
+        Err(e) => Err(LoadErrors(vec![file_error(
+            file,
+            format!("cannot read inventory: not UTF-8: {e}"),
+        )])),
+    }
+}
+
+fn policies_from_dir(dir: &Path, errors: &mut Vec<LoadError>) -> Vec<Policy> {
+    let files = policy_files(dir, errors);
     let mut out = Vec::new();
     for file in files {
         match std::fs::read_to_string(&file) {
