@@ -279,7 +279,7 @@ fn settle(
         }
         Verdict::Allow => {
             let cut = Arc::new(CutSignal::default());
-            let init = EntryInit {
+            let init = || EntryInit {
                 state,
                 generation: snapshot.generation,
                 src_workload: decision.src_workload,
@@ -290,7 +290,11 @@ fn settle(
                 // admitted for (a `domainNames` rule may be all that allows it).
                 fqdn: fqdn(),
             };
-            match rt.conntrack.insert(key, init, now) {
+            let mut inserted = rt.conntrack.insert(key, init(), now);
+            if matches!(inserted, Err(InsertError::Exists)) && replace_stale(rt, &key) {
+                inserted = rt.conntrack.insert(key, init(), now);
+            }
+            match inserted {
                 Ok(entry) => {
                     // A reload may have swapped in a new generation between the decision
                     // and the insert; its revalidation pass may already have walked the
@@ -362,6 +366,26 @@ fn settle(
             }
         }
     }
+}
+
+/// A new TCP connection whose 4-tuple is still tracked: when the client's port is
+/// reused right after a connection the upstream closed first, the kernel accepts the new
+/// SYN while the old connection's task is still tearing down (its entry is `Closing`).
+/// That entry belongs to a connection that is over; cut it and let the new one in. An
+/// entry that is still open is left alone (the new flow is then refused as a duplicate).
+fn replace_stale(rt: &Runtime, key: &FlowKey) -> bool {
+    if key.proto != Proto::Tcp {
+        return false;
+    }
+    let Some(old) = rt.conntrack.lookup(key) else {
+        return true;
+    };
+    if old.state() != FlowState::Closing {
+        return false;
+    }
+    old.trigger_cut();
+    rt.conntrack.remove(key);
+    true
 }
 
 /// A TCP flow key (proxied TCP connections).
