@@ -23,7 +23,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::egress::{EgressProxy, Failure, Tunnel};
-use super::splice::{Accounting, SpliceEnd, splice};
 use super::tcp::reset;
 use crate::egress::handshake::http::{
     RequestForm, read_request, reply_established, reply_refusal, reply_status,
@@ -97,23 +96,7 @@ impl EgressProxy {
                 forward_head(&buf, req.head_len, &self.limits.head, &mut upstream).await
             }
         };
-        if ready.is_err() {
-            self.rt.conntrack.remove(&key);
-            reset(upstream);
-            reset(stream);
-            return;
-        }
-        let acct = Accounting { conntrack: &self.rt.conntrack, entry: &admitted.entry, counters };
-        let end =
-            splice(&mut stream, &mut upstream, self.cfg.idle_timeout, &admitted.cut, &acct).await;
-        self.rt.conntrack.remove(&key);
-        match end {
-            SpliceEnd::Closed => {}
-            SpliceEnd::Cut | SpliceEnd::Idle | SpliceEnd::Error(_) => {
-                reset(upstream);
-                reset(stream);
-            }
-        }
+        self.relay(stream, upstream, &key, &admitted, ready).await;
     }
 }
 

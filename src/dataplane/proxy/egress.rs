@@ -29,6 +29,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::listener::ListenerConfig;
 use super::proxy_header::ProxyHeaderConfig;
+use super::splice::{Accounting, SpliceEnd, splice};
+use super::tcp::reset;
 use crate::conntrack::FlowState;
 use crate::dataplane::{
     Admission, Admitted, ListenerTag, Runtime, admit_decided, refuse, tcp_flow,
@@ -83,6 +85,38 @@ pub struct Tunnel {
 }
 
 impl EgressProxy {
+    /// The common end of a CONNECT or SOCKS5 flow, once the client has been told the
+    /// tunnel is up (`ready`: that reply, and any bytes forwarded ahead, went out): copy
+    /// both ways until a side closes, the flow is cut or idles out; then forget the
+    /// conntrack entry and, on anything but a clean close, reset both sides.
+    pub async fn relay(
+        &self,
+        mut stream: TcpStream,
+        mut upstream: TcpStream,
+        key: &FlowKey,
+        admitted: &Admitted,
+        ready: io::Result<()>,
+    ) {
+        if ready.is_err() {
+            self.rt.conntrack.remove(key);
+            reset(upstream);
+            reset(stream);
+            return;
+        }
+        let counters = &self.tag.counters;
+        let acct = Accounting { conntrack: &self.rt.conntrack, entry: &admitted.entry, counters };
+        let end =
+            splice(&mut stream, &mut upstream, self.cfg.idle_timeout, &admitted.cut, &acct).await;
+        self.rt.conntrack.remove(key);
+        match end {
+            SpliceEnd::Closed => {}
+            SpliceEnd::Cut | SpliceEnd::Idle | SpliceEnd::Error(_) => {
+                reset(upstream);
+                reset(stream);
+            }
+        }
+    }
+
     /// A handshake slot, or `None` (counted in `limit_reached`) when `max_handshakes`
     /// are already in progress.
     pub fn handshake_slot(&self) -> Option<OwnedSemaphorePermit> {

@@ -20,7 +20,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::egress::{EgressProxy, Failure, Tunnel};
-use super::splice::{Accounting, SpliceEnd, splice};
 use super::tcp::reset;
 use crate::egress::handshake::socks5::{AuthPolicy, read_request, reply};
 use crate::telemetry::metrics::ListenerCounters;
@@ -89,22 +88,6 @@ impl EgressProxy {
         if ready.is_ok() && !req.early.is_empty() {
             ready = upstream.write_all(&req.early).await;
         }
-        if ready.is_err() {
-            self.rt.conntrack.remove(&key);
-            reset(upstream);
-            reset(stream);
-            return;
-        }
-        let acct = Accounting { conntrack: &self.rt.conntrack, entry: &admitted.entry, counters };
-        let end =
-            splice(&mut stream, &mut upstream, self.cfg.idle_timeout, &admitted.cut, &acct).await;
-        self.rt.conntrack.remove(&key);
-        match end {
-            SpliceEnd::Closed => {}
-            SpliceEnd::Cut | SpliceEnd::Idle | SpliceEnd::Error(_) => {
-                reset(upstream);
-                reset(stream);
-            }
-        }
+        self.relay(stream, upstream, &key, &admitted, ready).await;
     }
 }
