@@ -4,7 +4,7 @@
 # lists what is missing and the tests that need it skip with a reason.
 set -euo pipefail
 
-PACKAGES=(curl haproxy iperf3 netcat-openbsd openssl prometheus python3 squid)
+PACKAGES=(curl haproxy iproute2 iperf3 netcat-openbsd nftables openssl prometheus python3 squid)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

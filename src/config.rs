@@ -209,13 +209,15 @@ impl Config {
                 ListenerKind::Tcp | ListenerKind::Udp if l.upstreams.is_empty() => {
                     return Err(invalid(field("upstreams"), "needs at least one upstream".into()));
                 }
-                ListenerKind::HttpConnect | ListenerKind::Socks5 if !l.upstreams.is_empty() => {
+                ListenerKind::HttpConnect | ListenerKind::Socks5 | ListenerKind::Transparent
+                    if !l.upstreams.is_empty() =>
+                {
                     return Err(invalid(
                         field("upstreams"),
                         "a forward proxy dials what the client asks for; it takes none".into(),
                     ));
                 }
-                ListenerKind::HttpConnect | ListenerKind::Socks5
+                ListenerKind::HttpConnect | ListenerKind::Socks5 | ListenerKind::Transparent
                     if l.handshake_timeout.is_zero() || l.max_handshakes == 0 =>
                 {
                     return Err(invalid(
@@ -233,6 +235,14 @@ impl Config {
             }
             if l.kind == ListenerKind::Echo && l.proxy_protocol != ProxyProtocolMode::Off {
                 return Err(invalid(field("proxy_protocol"), "not for an echo listener".into()));
+            }
+            if l.kind == ListenerKind::Transparent && l.proxy_protocol != ProxyProtocolMode::Off {
+                // The kernel's NAT entry says where the client was going; a balancer in
+                // front could not have redirected the connection.
+                return Err(invalid(
+                    field("proxy_protocol"),
+                    "not for a transparent listener (the destination comes from NAT)".into(),
+                ));
             }
             if let Err((f, message)) = l.proxy_header().validate(l.kind == ListenerKind::Udp) {
                 return Err(invalid(field(f), message));
@@ -340,6 +350,13 @@ mod tests {
             ),
             ("kind = \"socks5\"\nupstreams = [\"127.0.0.2:2\"]\n", "upstreams"),
             ("kind = \"http-connect\"\nhandshake_timeout = \"0s\"\n", "handshake_timeout"),
+            ("kind = \"transparent\"\nupstreams = [\"127.0.0.2:2\"]\n", "upstreams"),
+            ("kind = \"transparent\"\nmax_handshakes = 0\n", "handshake_timeout"),
+            (
+                "kind = \"transparent\"\nproxy_protocol = \"v2\"\n\
+                 trusted_proxies = [\"10.0.0.0/8\"]\n",
+                "proxy_protocol",
+            ),
         ];
         for (extra, field) in cases {
             let err = validated(&format!("[[listener]]\n{base}{extra}")).unwrap_err();

@@ -31,6 +31,10 @@ pub enum ListenerKind {
     /// SOCKS5 (RFC 1928) CONNECT with IPv4, IPv6 and domain-name addresses, no
     /// authentication; decided like `http-connect`. Takes no `upstreams`.
     Socks5,
+    /// Connections redirected here by nftables/iptables: the destination is the original
+    /// one (`SO_ORIGINAL_DST`), checked against the TLS SNI or HTTP `Host` the client
+    /// sends, and decided like `http-connect`. Takes no `upstreams`, no PROXY header.
+    Transparent,
 }
 
 impl ListenerKind {
@@ -41,12 +45,14 @@ impl ListenerKind {
             ListenerKind::Echo => "echo",
             ListenerKind::HttpConnect => "http-connect",
             ListenerKind::Socks5 => "socks5",
+            ListenerKind::Transparent => "transparent",
         }
     }
 
-    /// A forward-proxy kind: the client names the destination.
+    /// An egress kind: the client's request (or its redirected connection) names the
+    /// destination, decided by the egress pipeline.
     pub const fn is_egress(self) -> bool {
-        matches!(self, ListenerKind::HttpConnect | ListenerKind::Socks5)
+        matches!(self, ListenerKind::HttpConnect | ListenerKind::Socks5 | ListenerKind::Transparent)
     }
 }
 

@@ -8,7 +8,8 @@
 //! - [`udp`]: per-client sessions.
 //! - [`upstream`]: round robin with cool-down.
 //! - [`connect`] (`http-connect`) and [`socks5`]: the forward-proxy kinds, which read a
-//!   handshake naming the destination and share [`egress`] for deciding and dialling it.
+//!   handshake naming the destination and share [`egress`] for deciding and dialling it;
+//!   [`transparent`] takes NAT-redirected connections and shares the same pipeline.
 //!
 //! [`start`] binds every configured listener first (so a bad address fails start-up
 //! before anything is served), then spawns them and marks the runtime ready.
@@ -23,6 +24,7 @@ pub mod proxy_header;
 pub mod socks5;
 pub mod splice;
 pub mod tcp;
+pub mod transparent;
 pub mod udp;
 pub mod upstream;
 
@@ -106,7 +108,8 @@ pub fn start_with_egress(
             ListenerKind::Tcp
             | ListenerKind::Echo
             | ListenerKind::HttpConnect
-            | ListenerKind::Socks5 => {
+            | ListenerKind::Socks5
+            | ListenerKind::Transparent => {
                 let sock =
                     bind_socket(cfg.bind, socket2::Type::STREAM, cfg.reuse_port, Some(cfg.backlog))
                         .map_err(err)?;
@@ -163,6 +166,7 @@ pub fn start_with_egress(
                     ListenerKind::Echo => Handler::Echo { idle: cfg.idle_timeout },
                     ListenerKind::HttpConnect => Handler::HttpConnect(egress_proxy()),
                     ListenerKind::Socks5 => Handler::Socks5(egress_proxy()),
+                    ListenerKind::Transparent => Handler::Transparent(egress_proxy()),
                     _ => Handler::Proxy(Arc::new(TcpProxy {
                         rt: rt.clone(),
                         tag,

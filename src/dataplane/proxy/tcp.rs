@@ -42,6 +42,8 @@ pub enum Handler {
     HttpConnect(Arc<super::egress::EgressProxy>),
     /// `socks5`: a SOCKS5 CONNECT proxy.
     Socks5(Arc<super::egress::EgressProxy>),
+    /// `transparent`: NAT-redirected connections to their original destination.
+    Transparent(Arc<super::egress::EgressProxy>),
 }
 
 /// A gateway TCP listener's state, shared by its connection tasks.
@@ -106,6 +108,7 @@ pub async fn serve(
                 Handler::Echo { idle } => echo(stream, *idle).await,
                 Handler::HttpConnect(p) => p.http_connection(stream, peer).await,
                 Handler::Socks5(p) => p.socks5_connection(stream, peer).await,
+                Handler::Transparent(p) => p.transparent_connection(stream, peer).await,
             }
             counters.active.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
