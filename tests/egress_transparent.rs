@@ -1,0 +1,206 @@
+//! The `transparent` listener end to end, with a real nftables redirect.
+//!
+//! Two network namespaces joined by a veth pair:
+//! - `cl` (the client, 198.18.1.2/24, default route via the gateway) runs curl, which
+//!   believes it talks to the servers directly;
+//! - `gw` (198.18.1.1/24) runs flowgate and the servers, whose addresses 198.18.0.10 and
+//!   198.18.0.11 are on its `lo`. An nftables `prerouting` rule redirects TCP 80/443
+//!   arriving on the veth to flowgate's transparent listener. flowgate's own dials
+//!   start in `gw` itself (the `output` hook), so they are never redirected back.
+//!
+//! Each server address has a front that counts accepts (443: spliced to a real
+//! `openssl s_server` with a self-signed certificate; 80: a minimal HTTP server).
+//! `tls.test` and `web.test` resolve (static table) to 198.18.0.10 and are allowed by
+//! name; `evil.test` resolves to 198.18.0.11 and is not. Then: an allowed SNI and an
+//! allowed Host reach their servers; another SNI is refused; the allowed SNI or Host aimed
+//! at 198.18.0.11 (which it does not resolve to: spoofing) is refused; a connection made
+//! to the listener itself, not redirected, is refused. Refusals are `deny` events with
+//! the name, and the counters on 198.18.0.11 stay at 0: a refusal never dials.
+//!
+//! Needs root, `ip`, `nft`, `curl`, `openssl`; skips with a reason otherwise.
+
+mod netns_common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+
+use netns_common::{
+    Child, Gate, Netns, can_run, counting_front, counting_http, curl, get, sh, wait_listening,
+};
+
+const CLIENT: &str = "198.18.1.2";
+const GW: &str = "198.18.1.1";
+const SERVER: &str = "198.18.0.10";
+const DECOY: &str = "198.18.0.11";
+
+const INVENTORY: &str = "
+namespaces:
+  - name: fn
+workloads:
+  - name: caller
+    namespace: fn
+    labels: {app: caller}
+    ips: [198.18.1.2]
+";
+
+const POLICY: &str = "
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: caller-egress}
+spec:
+  priority: 10
+  subject:
+    pods:
+      namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: fn}}
+      podSelector: {matchLabels: {app: caller}}
+  egress:
+    - name: apis
+      action: Allow
+      to:
+        - domainNames: [tls.test, web.test]
+";
+
+/// A self-signed certificate and an `openssl s_server -www` on `addr`.
+async fn tls_backend(dir: &std::path::Path, addr: SocketAddr) -> Child {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let st = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj"])
+        .arg("/CN=tls.test")
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl runs");
+    assert!(st.success());
+    let child = std::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept"])
+        .arg(addr.to_string())
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_server runs");
+    let c = Child(child);
+    wait_listening(addr).await;
+    c
+}
+
+#[test]
+fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
+    if !can_run(&["ip", "nft", "curl", "openssl"]) {
+        return;
+    }
+    let pid = std::process::id();
+    let gw = Netns::new("tgw");
+    let cl = Netns::new("tcl");
+    let (vg, vc) = (format!("fgg{pid}"), format!("fgc{pid}"));
+    sh(&format!("ip link add {vg} type veth peer name {vc}"));
+    sh(&format!("ip link set {vg} netns {}", gw.name));
+    sh(&format!("ip link set {vc} netns {}", cl.name));
+    gw.exec(&format!("ip addr add {GW}/24 dev {vg} && ip link set {vg} up"));
+    gw.exec(&format!("ip addr add {SERVER}/32 dev lo && ip addr add {DECOY}/32 dev lo"));
+    cl.exec(&format!("ip addr add {CLIENT}/24 dev {vc} && ip link set {vc} up"));
+    cl.exec(&format!("ip route add default via {GW}"));
+
+    gw.run(|| async {
+        let tmp = tempfile::tempdir().unwrap();
+        let backend: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+        let _tls = tls_backend(tmp.path(), backend).await;
+        let tls10 = counting_front(SocketAddr::new(SERVER.parse().unwrap(), 443), backend).await;
+        let tls11 = counting_front(SocketAddr::new(DECOY.parse().unwrap(), 443), backend).await;
+        let web10 = counting_http(SocketAddr::new(SERVER.parse().unwrap(), 80), "web 10\n").await;
+        let web11 = counting_http(SocketAddr::new(DECOY.parse().unwrap(), 80), "web 11\n").await;
+
+        let config = format!(
+            "[dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"500ms\"\n\
+             [dns.static]\n\"tls.test\" = [\"{SERVER}\"]\n\"web.test\" = [\"{SERVER}\"]\n\
+             \"evil.test\" = [\"{DECOY}\"]\n\
+             [ssrf]\ntreat_as_external = [\"{SERVER}/32\", \"{DECOY}/32\"]\n\
+             [[listener]]\nname = \"transparent\"\nkind = \"transparent\"\nbind = \"{GW}:0\"\n\
+             handshake_timeout = \"2s\"\n"
+        );
+        let gate = Gate::start(INVENTORY, POLICY, &config).await;
+        let port = gate.addr("transparent").port();
+        let rules = tmp.path().join("redirect.nft");
+        std::fs::write(
+            &rules,
+            format!(
+                "table ip fg {{\n  chain pre {{\n    type nat hook prerouting priority -100;\n    \
+                 iifname \"{vg}\" tcp dport {{ 80, 443 }} redirect to :{port}\n  }}\n}}\n"
+            ),
+        )
+        .unwrap();
+        // Spawned from this thread: runs in `gw`.
+        sh(&format!("nft -f {}", rules.display()));
+
+        let in_cl = ["ip", "netns", "exec", cl.name.as_str()];
+        let resolve = |name: &str, port: u16, ip: &str| format!("{name}:{port}:{ip}");
+
+        // Allowed: SNI tls.test to the address it resolves to; Host web.test likewise.
+        let r = resolve("tls.test", 443, SERVER);
+        let (code, body, err) = curl(&in_cl, &["-k", "--resolve", &r, "https://tls.test/"]).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(body.contains("s_server"), "{body}");
+        assert_eq!(tls10.load(Ordering::SeqCst), 1);
+        let r = resolve("web.test", 80, SERVER);
+        let (code, body, err) = curl(&in_cl, &["--resolve", &r, "http://web.test/"]).await;
+        assert_eq!((code, body.as_str()), (0, "web 10\n"), "{err}");
+        assert_eq!(web10.load(Ordering::SeqCst), 1);
+        assert_eq!(get(&gate.counters("transparent").allowed), 2);
+
+        // Another SNI, which the policy does not allow.
+        let r = resolve("evil.test", 443, DECOY);
+        let (code, _, err) = curl(&in_cl, &["-k", "--resolve", &r, "https://evil.test/"]).await;
+        assert_ne!(code, 0, "{err}");
+        let e = gate
+            .wait_event("deny evil.test", |e| e["event"] == "deny" && e["fqdn"] == "evil.test")
+            .await;
+        assert_eq!(e["dst"], format!("{DECOY}:443"));
+        assert_eq!(e["src_workload"], "fn/caller");
+
+        // SNI spoofing: the allowed name, aimed at an address it does not resolve to.
+        let r = resolve("tls.test", 443, DECOY);
+        let (code, _, err) = curl(&in_cl, &["-k", "--resolve", &r, "https://tls.test/"]).await;
+        assert_ne!(code, 0, "{err}");
+        let e = gate
+            .wait_event("name-mismatch tls.test", |e| {
+                e["event"] == "deny" && e["fqdn"] == "tls.test" && e["reason"] == "name-mismatch"
+            })
+            .await;
+        assert_eq!(e["dst"], format!("{DECOY}:443"));
+
+        // Host spoofing, in plain HTTP.
+        let url = format!("http://{DECOY}/");
+        let (code, body, err) = curl(&in_cl, &["-H", "Host: web.test", &url]).await;
+        assert_ne!(code, 0, "{body} {err}");
+        gate.wait_event("name-mismatch web.test", |e| {
+            e["event"] == "deny" && e["fqdn"] == "web.test" && e["reason"] == "name-mismatch"
+        })
+        .await;
+
+        // Not redirected: straight at the listener, which would loop.
+        let url = format!("http://{GW}:{port}/");
+        let (code, _, err) = curl(&in_cl, &["-H", "Host: web.test", &url]).await;
+        assert_ne!(code, 0, "{err}");
+        let own = format!("{GW}:{port}");
+        gate.wait_event("deny to the listener itself", |e| e["event"] == "deny" && e["dst"] == own)
+            .await;
+
+        // Nothing refused was dialled.
+        assert_eq!(tls11.load(Ordering::SeqCst), 0, "a refused TLS flow reached {DECOY}");
+        assert_eq!(web11.load(Ordering::SeqCst), 0, "a refused HTTP flow reached {DECOY}");
+        assert_eq!(tls10.load(Ordering::SeqCst) + web10.load(Ordering::SeqCst), 2);
+        let c = gate.counters("transparent");
+        assert_eq!((get(&c.allowed), get(&c.denied)), (2, 4));
+    });
+    drop(cl);
+    drop(gw);
+}
