@@ -14,8 +14,12 @@
 //! name; `evil.test` resolves to 198.18.0.11 and is not. Then: an allowed SNI and an
 //! allowed Host reach their servers; another SNI is refused; the allowed SNI or Host aimed
 //! at 198.18.0.11 (which it does not resolve to: spoofing) is refused; a connection made
-//! to the listener itself, not redirected, is refused. Refusals are `deny` events with
-//! the name, and the counters on 198.18.0.11 stay at 0: a refusal never dials.
+//! to the listener itself, not redirected, is refused. The same over IPv6 (2001:2::/48,
+//! an `inet` table, the dual-stack listener reading `IP6T_SO_ORIGINAL_DST`). A ClientHello
+//! without SNI is decided on the address alone (no rule allows it); a TLS record larger
+//! than TLS allows and a ClientHello that stops half-way are refused and counted
+//! (`handshake_malformed`, `handshake_timeout`). Refusals are `deny` events with the
+//! name, and the counters on the decoy addresses stay at 0: a refusal never dials.
 //!
 //! Needs root, `ip`, `nft`, `curl`, `openssl`; skips with a reason otherwise.
 
@@ -33,6 +37,10 @@ const CLIENT: &str = "198.18.1.2";
 const GW: &str = "198.18.1.1";
 const SERVER: &str = "198.18.0.10";
 const DECOY: &str = "198.18.0.11";
+const CLIENT6: &str = "2001:2:1::2";
+const GW6: &str = "2001:2:1::1";
+const SERVER6: &str = "2001:2::10";
+const DECOY6: &str = "2001:2::11";
 
 const INVENTORY: &str = "
 namespaces:
@@ -41,7 +49,7 @@ workloads:
   - name: caller
     namespace: fn
     labels: {app: caller}
-    ips: [198.18.1.2]
+    ips: [198.18.1.2, 2001:2:1::2]
 ";
 
 const POLICY: &str = "
@@ -109,6 +117,11 @@ fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
     gw.exec(&format!("ip addr add {SERVER}/32 dev lo && ip addr add {DECOY}/32 dev lo"));
     cl.exec(&format!("ip addr add {CLIENT}/24 dev {vc} && ip link set {vc} up"));
     cl.exec(&format!("ip route add default via {GW}"));
+    gw.exec(&format!("ip -6 addr add {GW6}/64 dev {vg} nodad"));
+    gw.exec(&format!("ip -6 addr add {SERVER6}/128 dev lo nodad"));
+    gw.exec(&format!("ip -6 addr add {DECOY6}/128 dev lo nodad"));
+    cl.exec(&format!("ip -6 addr add {CLIENT6}/64 dev {vc} nodad"));
+    cl.exec(&format!("ip -6 route add default via {GW6}"));
 
     gw.run(|| async {
         let tmp = tempfile::tempdir().unwrap();
@@ -118,13 +131,15 @@ fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
         let tls11 = counting_front(SocketAddr::new(DECOY.parse().unwrap(), 443), backend).await;
         let web10 = counting_http(SocketAddr::new(SERVER.parse().unwrap(), 80), "web 10\n").await;
         let web11 = counting_http(SocketAddr::new(DECOY.parse().unwrap(), 80), "web 11\n").await;
+        let tls10v6 = counting_front(SocketAddr::new(SERVER6.parse().unwrap(), 443), backend).await;
+        let tls11v6 = counting_front(SocketAddr::new(DECOY6.parse().unwrap(), 443), backend).await;
 
         let config = format!(
             "[dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"500ms\"\n\
-             [dns.static]\n\"tls.test\" = [\"{SERVER}\"]\n\"web.test\" = [\"{SERVER}\"]\n\
+             [dns.static]\n\"tls.test\" = [\"{SERVER}\", \"{SERVER6}\"]\n\"web.test\" = [\"{SERVER}\"]\n\
              \"evil.test\" = [\"{DECOY}\"]\n\
-             [ssrf]\ntreat_as_external = [\"{SERVER}/32\", \"{DECOY}/32\"]\n\
-             [[listener]]\nname = \"transparent\"\nkind = \"transparent\"\nbind = \"{GW}:0\"\n\
+             [ssrf]\ntreat_as_external = [\"{SERVER}/32\", \"{DECOY}/32\", \"{SERVER6}/128\", \"{DECOY6}/128\"]\n\
+             [[listener]]\nname = \"transparent\"\nkind = \"transparent\"\nbind = \"[::]:0\"\n\
              handshake_timeout = \"2s\"\n"
         );
         let gate = Gate::start(INVENTORY, POLICY, &config).await;
@@ -133,7 +148,7 @@ fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
         std::fs::write(
             &rules,
             format!(
-                "table ip fg {{\n  chain pre {{\n    type nat hook prerouting priority -100;\n    \
+                "table inet fg {{\n  chain pre {{\n    type nat hook prerouting priority -100;\n    \
                  iifname \"{vg}\" tcp dport {{ 80, 443 }} redirect to :{port}\n  }}\n}}\n"
             ),
         )
@@ -186,6 +201,59 @@ fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
         })
         .await;
 
+        // IPv6 (IP6T_SO_ORIGINAL_DST): the allowed SNI to its IPv6 address passes, aimed
+        // at another IPv6 address it is refused.
+        let r = resolve("tls.test", 443, &format!("[{SERVER6}]"));
+        let (code, body, err) = curl(&in_cl, &["-k", "--resolve", &r, "https://tls.test/"]).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(body.contains("s_server"), "{body}");
+        assert_eq!(tls10v6.load(Ordering::SeqCst), 1);
+        let r = resolve("tls.test", 443, &format!("[{DECOY6}]"));
+        let (code, _, err) = curl(&in_cl, &["-k", "--resolve", &r, "https://tls.test/"]).await;
+        assert_ne!(code, 0, "{err}");
+        let spoof6 = format!("[{DECOY6}]:443");
+        gate.wait_event("name-mismatch over IPv6", |e| {
+            e["reason"] == "name-mismatch" && e["dst"] == spoof6
+        })
+        .await;
+
+        // No SNI (curl sends none to an address): decided on the address alone, which
+        // no rule allows (the policy names only names).
+        let url = format!("https://{SERVER}/");
+        let (code, _, err) = curl(&in_cl, &["-k", &url]).await;
+        assert_ne!(code, 0, "{err}");
+        let dst = format!("{SERVER}:443");
+        gate.wait_event("deny without a name", |e| {
+            e["event"] == "deny" && e["dst"] == dst && e["fqdn"].is_null()
+        })
+        .await;
+
+        // First bytes that cannot be read: a TLS record larger than TLS allows, and a
+        // ClientHello that stops half-way (cut after the 2s handshake timeout).
+        let c = gate.counters("transparent");
+        let probe = |bytes: &str| {
+            format!(
+                "import socket; s = socket.create_connection(('{DECOY}', 443)); \
+                 s.sendall(bytes.fromhex('{bytes}')); s.settimeout(8); \
+                 print(s.recv(16) or b'closed')"
+            )
+        };
+        for (bytes, counter) in [("1603014001", &c.handshake_malformed), ("160301010001", &c.handshake_timeout)] {
+            let before = get(counter);
+            let out = tokio::process::Command::new("ip")
+                .args(["netns", "exec", &cl.name, "python3", "-c", &probe(bytes)])
+                .output()
+                .await
+                .expect("python3 runs");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(
+                text.contains("reset") || text.contains("closed"),
+                "{bytes}: not refused: {text}"
+            );
+            assert_eq!(get(counter), before + 1, "{bytes}");
+        }
+
         // Not redirected: straight at the listener, which would loop.
         let url = format!("http://{GW}:{port}/");
         let (code, _, err) = curl(&in_cl, &["-H", "Host: web.test", &url]).await;
@@ -197,9 +265,9 @@ fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
         // Nothing refused was dialled.
         assert_eq!(tls11.load(Ordering::SeqCst), 0, "a refused TLS flow reached {DECOY}");
         assert_eq!(web11.load(Ordering::SeqCst), 0, "a refused HTTP flow reached {DECOY}");
+        assert_eq!(tls11v6.load(Ordering::SeqCst), 0, "a refused TLS flow reached {DECOY6}");
         assert_eq!(tls10.load(Ordering::SeqCst) + web10.load(Ordering::SeqCst), 2);
-        let c = gate.counters("transparent");
-        assert_eq!((get(&c.allowed), get(&c.denied)), (2, 4));
+        assert_eq!((get(&c.allowed), get(&c.denied)), (3, 8));
     });
     drop(cl);
     drop(gw);
