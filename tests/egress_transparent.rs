@@ -259,8 +259,10 @@ fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
         let (code, _, err) = curl(&in_cl, &["-H", "Host: web.test", &url]).await;
         assert_ne!(code, 0, "{err}");
         let own = format!("{GW}:{port}");
-        gate.wait_event("deny to the listener itself", |e| e["event"] == "deny" && e["dst"] == own)
+        let e = gate
+            .wait_event("deny to the listener itself", |e| e["event"] == "deny" && e["dst"] == own)
             .await;
+        assert_eq!(e["reason"], "own-listener");
 
         // Nothing refused was dialled.
         assert_eq!(tls11.load(Ordering::SeqCst), 0, "a refused TLS flow reached {DECOY}");
