@@ -29,6 +29,8 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
 
+use tokio::io::AsyncBufReadExt;
+
 use netns_common::{
     Child, Gate, Netns, can_run, counting_front, counting_http, curl, get, sh, wait_listening,
 };
@@ -101,15 +103,14 @@ async fn tls_backend(dir: &std::path::Path, addr: SocketAddr) -> Child {
     c
 }
 
-#[test]
-fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
-    if !can_run(&["ip", "nft", "curl", "openssl"]) {
-        return;
-    }
+/// The client and gateway namespaces, joined by a veth pair, addressed as the module doc
+/// says; `tag` keeps the names of two tests in one process apart. Returns the gateway
+/// and client namespaces and the gateway side's interface name.
+fn topology(tag: char) -> (Netns, Netns, String) {
     let pid = std::process::id();
-    let gw = Netns::new("tgw");
-    let cl = Netns::new("tcl");
-    let (vg, vc) = (format!("fgg{pid}"), format!("fgc{pid}"));
+    let gw = Netns::new(&format!("{tag}gw"));
+    let cl = Netns::new(&format!("{tag}cl"));
+    let (vg, vc) = (format!("fg{tag}g{pid}"), format!("fg{tag}c{pid}"));
     sh(&format!("ip link add {vg} type veth peer name {vc}"));
     sh(&format!("ip link set {vg} netns {}", gw.name));
     sh(&format!("ip link set {vc} netns {}", cl.name));
@@ -122,6 +123,30 @@ fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
     gw.exec(&format!("ip -6 addr add {DECOY6}/128 dev lo nodad"));
     cl.exec(&format!("ip -6 addr add {CLIENT6}/64 dev {vc} nodad"));
     cl.exec(&format!("ip -6 route add default via {GW6}"));
+    (gw, cl, vg)
+}
+
+/// Installs the redirect (IPv4 and IPv6) of TCP 80/443 arriving on `vg` to `port`. Must
+/// run on a thread inside the gateway namespace (the `nft` child inherits it).
+fn redirect(dir: &std::path::Path, vg: &str, port: u16) {
+    let rules = dir.join("redirect.nft");
+    std::fs::write(
+        &rules,
+        format!(
+            "table inet fg {{\n  chain pre {{\n    type nat hook prerouting priority -100;\n    \
+             iifname \"{vg}\" tcp dport {{ 80, 443 }} redirect to :{port}\n  }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    sh(&format!("nft -f {}", rules.display()));
+}
+
+#[test]
+fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
+    if !can_run(&["ip", "nft", "curl", "openssl"]) {
+        return;
+    }
+    let (gw, cl, vg) = topology('t');
 
     gw.run(|| async {
         let tmp = tempfile::tempdir().unwrap();
@@ -144,17 +169,7 @@ fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
         );
         let gate = Gate::start(INVENTORY, POLICY, &config).await;
         let port = gate.addr("transparent").port();
-        let rules = tmp.path().join("redirect.nft");
-        std::fs::write(
-            &rules,
-            format!(
-                "table inet fg {{\n  chain pre {{\n    type nat hook prerouting priority -100;\n    \
-                 iifname \"{vg}\" tcp dport {{ 80, 443 }} redirect to :{port}\n  }}\n}}\n"
-            ),
-        )
-        .unwrap();
-        // Spawned from this thread: runs in `gw`.
-        sh(&format!("nft -f {}", rules.display()));
+        redirect(tmp.path(), &vg, port);
 
         let in_cl = ["ip", "netns", "exec", cl.name.as_str()];
         let resolve = |name: &str, port: u16, ip: &str| format!("{name}:{port}:{ip}");
@@ -270,6 +285,95 @@ fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
         assert_eq!(tls11v6.load(Ordering::SeqCst), 0, "a refused TLS flow reached {DECOY6}");
         assert_eq!(tls10.load(Ordering::SeqCst) + web10.load(Ordering::SeqCst), 2);
         assert_eq!((get(&c.allowed), get(&c.denied)), (3, 8));
+    });
+    drop(cl);
+    drop(gw);
+}
+
+/// The same path through the real binary: `flowgate run` started with `ip netns exec` in
+/// the gateway namespace, its listener's port read from its start-up lines, its refusals
+/// from its flow-log file.
+#[test]
+fn the_binary_in_a_namespace_serves_a_redirect() {
+    if !can_run(&["ip", "nft", "curl", "openssl"]) {
+        return;
+    }
+    let (gw, cl, vg) = topology('b');
+    gw.run(|| async {
+        let tmp = tempfile::tempdir().unwrap();
+        let backend: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+        let _tls = tls_backend(tmp.path(), backend).await;
+        let tls10 = counting_front(SocketAddr::new(SERVER.parse().unwrap(), 443), backend).await;
+        let tls11 = counting_front(SocketAddr::new(DECOY.parse().unwrap(), 443), backend).await;
+        let dir = tmp.path();
+        std::fs::write(dir.join("inventory.yaml"), INVENTORY).unwrap();
+        std::fs::create_dir(dir.join("policies")).unwrap();
+        std::fs::write(dir.join("policies/policy.yaml"), POLICY).unwrap();
+        let config = format!(
+            "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+             default = \"deny\"\nunknown = \"deny\"\n\
+             [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
+             [admin]\nbind = \"127.0.0.1:0\"\n\
+             [dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"500ms\"\n\
+             [dns.static]\n\"tls.test\" = [\"{SERVER}\"]\n\
+             [ssrf]\ntreat_as_external = [\"{SERVER}/32\", \"{DECOY}/32\"]\n\
+             [[listener]]\nname = \"tp\"\nkind = \"transparent\"\nbind = \"0.0.0.0:0\"\n\
+             handshake_timeout = \"2s\"\n"
+        );
+        let path = dir.join("flowgate.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = tokio::process::Command::new("ip")
+            .args(["netns", "exec", &gw.name, env!("CARGO_BIN_EXE_flowgate"), "run", "--config"])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("flowgate runs");
+        // "flowgate: listener tp (transparent) on 0.0.0.0:PORT", within a bound.
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let port = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            while let Ok(Some(l)) = lines.next_line().await {
+                if let Some(a) = l.strip_prefix("flowgate: listener tp (transparent) on ") {
+                    return a.parse::<SocketAddr>().ok().map(|a| a.port());
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .expect("flowgate announces its listener");
+        redirect(dir, &vg, port);
+
+        let in_cl = ["ip", "netns", "exec", cl.name.as_str()];
+        let ok = format!("tls.test:443:{SERVER}");
+        let (code, body, err) = curl(&in_cl, &["-k", "--resolve", &ok, "https://tls.test/"]).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(body.contains("s_server"), "{body}");
+        let spoof = format!("tls.test:443:{DECOY}");
+        let (code, _, err) = curl(&in_cl, &["-k", "--resolve", &spoof, "https://tls.test/"]).await;
+        assert_ne!(code, 0, "{err}");
+        assert_eq!((tls10.load(Ordering::SeqCst), tls11.load(Ordering::SeqCst)), (1, 0));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let log = std::fs::read_to_string(dir.join("flow.log")).unwrap_or_default();
+            let found = log.lines().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l).is_ok_and(|e| {
+                    e["event"] == "deny"
+                        && e["fqdn"] == "tls.test"
+                        && e["reason"] == "name-mismatch"
+                })
+            });
+            if found {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no name-mismatch event: {log}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let _ = child.start_kill();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;
     });
     drop(cl);
     drop(gw);
