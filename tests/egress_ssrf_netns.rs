@@ -3,7 +3,9 @@
 //! flowgate runs inside a network namespace of its own whose only interface is `lo`,
 //! which carries the addresses a forged request would aim at — 10.0.0.1, 169.254.169.254
 //! (cloud metadata), fd00:ec2::254 (its IPv6 twin), 100.64.0.1 (CGNAT), 192.168.1.1,
-//! plus loopback itself — each with a server on port 80 that counts accepts. Nothing can
+//! documentation addresses, 198.18.0.11 (benchmarking, next to the one lifted address),
+//! plus loopback itself (which `0.0.0.0` and `::` reach) — each with a server on port 80
+//! that counts accepts. Nothing can
 //! leave the machine; a faulty dial is seen as an accept. 198.18.0.10 carries the one
 //! allowed server (`[ssrf] treat_as_external` lifts exactly it).
 //!
@@ -62,7 +64,7 @@ spec:
 ";
 
 /// The forbidden servers, by the address they listen on.
-const FORBIDDEN: [&str; 7] = [
+const FORBIDDEN: [&str; 12] = [
     "10.0.0.1",
     "169.254.169.254",
     "fd00:ec2::254",
@@ -70,6 +72,27 @@ const FORBIDDEN: [&str; 7] = [
     "192.168.1.1",
     "127.0.0.1",
     "::1",
+    // Documentation ranges, and a benchmarking address next to the one lifted: the lift
+    // covers exactly its /32.
+    "192.0.2.1",
+    "198.51.100.1",
+    "203.0.113.1",
+    "2001:db8::1",
+    "198.18.0.11",
+];
+
+/// The addresses of `FORBIDDEN` that are not on `lo` already.
+const ON_LO: [&str; 10] = [
+    "10.0.0.1/32",
+    "169.254.169.254/32",
+    "100.64.0.1/32",
+    "192.168.1.1/32",
+    "192.0.2.1/32",
+    "198.51.100.1/32",
+    "203.0.113.1/32",
+    "198.18.0.11/32",
+    "fd00:ec2::254/128",
+    "2001:db8::1/128",
 ];
 
 /// Host spellings (as a CONNECT authority's host / a SOCKS5 domain name), each of which
@@ -123,6 +146,22 @@ const SPELLINGS: &[&str] = &[
     "[::1]",
     "[0:0:0:0:0:0:0:1]",
     "localhost.test",
+    // unspecified: the kernel dials 0.0.0.0 / :: as the local host (counted by the
+    // loopback servers)
+    "0.0.0.0",
+    "0",
+    "0x0",
+    "[::]",
+    "[::ffff:0.0.0.0]",
+    // documentation and benchmarking
+    "192.0.2.1",
+    "3221225985",
+    "[::ffff:c000:201]",
+    "198.51.100.1",
+    "203.0.113.1",
+    "[2001:db8::1]",
+    "198.18.0.11",
+    "[::ffff:198.18.0.11]",
 ];
 
 /// A DNS server for one name, `rebind.test`: A queries are answered with TTL 0 with
@@ -232,11 +271,10 @@ fn every_spelling_of_a_forbidden_address_is_refused_and_never_dialled() {
         return;
     }
     let ns = Netns::new("ssrf");
-    for a in ["10.0.0.1/32", "169.254.169.254/32", "100.64.0.1/32", "192.168.1.1/32"] {
-        ns.exec(&format!("ip addr add {a} dev lo"));
+    for a in ON_LO {
+        ns.exec(&format!("ip addr add {a} dev lo nodad"));
     }
     ns.exec(&format!("ip addr add {ALLOWED}/32 dev lo"));
-    ns.exec("ip -6 addr add fd00:ec2::254/128 dev lo nodad");
     ns.exec("ip link show | grep -c \"^[0-9]\" | grep -qx 1"); // lo is the only interface
     ns.run(|| async {
         let mut counters = Vec::new();
