@@ -373,10 +373,18 @@ fn every_spelling_of_a_forbidden_address_is_refused_and_never_dialled() {
         for (a, c) in &counters {
             assert_eq!(c.load(Ordering::SeqCst), 0, "{a} was dialled");
         }
-        let log = gate.log();
-        let ssrf = log.iter().filter(|e| e["event"] == "deny" && e["reason"] == "ssrf").count();
+        // The flow log is written by its own task: wait (bounded) until it has caught up.
         let expected = 2 * SPELLINGS.len() + FORBIDDEN.len() + 2 + curl_cases.len() + 2;
-        assert_eq!(ssrf, expected, "{log:#?}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let log = loop {
+            let log = gate.log();
+            let ssrf = log.iter().filter(|e| e["event"] == "deny" && e["reason"] == "ssrf").count();
+            if ssrf >= expected || std::time::Instant::now() > deadline {
+                assert_eq!(ssrf, expected, "{log:#?}");
+                break log;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
         for name in ["private.test", "metadata.test", "metadata6.test", "cgnat.test"] {
             assert!(
                 log.iter().any(|e| e["event"] == "deny" && e["fqdn"] == name),

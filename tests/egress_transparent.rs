@@ -29,7 +29,9 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
 
-use tokio::io::AsyncBufReadExt;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use netns_common::{
     Child, Gate, Netns, can_run, counting_front, counting_http, curl, get, sh, wait_listening,
@@ -377,4 +379,32 @@ fn the_binary_in_a_namespace_serves_a_redirect() {
     });
     drop(cl);
     drop(gw);
+}
+
+/// Without root and without any redirect: a client that connects to the listener itself
+/// is refused (reset) before anything is dialled — there is no NAT entry
+/// (`no-original-dst`), or, where connection tracking is active, the entry names the
+/// listener itself (`own-listener`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_was_not_redirected_is_refused() {
+    let config = "[dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
+                  [[listener]]\nname = \"tp\"\nkind = \"transparent\"\nbind = \"127.0.0.1:0\"\n\
+                  handshake_timeout = \"1s\"\n";
+    let gate = Gate::start(INVENTORY, POLICY, config).await;
+    let addr = gate.addr("tp");
+    // The reset can beat the end of our own connect on loopback: that counts as refused.
+    if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: tls.test\r\n\r\n").await;
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "the listener did not close the connection");
+        assert!(buf.is_empty(), "no byte is answered: {buf:?}");
+    }
+    let dst = addr.to_string();
+    let e =
+        gate.wait_event("deny to the listener", |e| e["event"] == "deny" && e["dst"] == dst).await;
+    let reason = e["reason"].as_str().unwrap_or_default();
+    assert!(reason == "no-original-dst" || reason == "own-listener", "{e}");
+    let c = gate.counters("tp");
+    assert_eq!((get(&c.allowed), get(&c.denied)), (0, 1));
 }
