@@ -17,7 +17,7 @@
 //!    before the timeout (server-speaks-first protocols) is decided on the address alone;
 //!    a client that stops in the middle of a ClientHello or head is cut
 //!    (`handshake_timeout`);
-//! 3. [`Checker::check_transparent`]: with a name, the original destination must be one
+//! 3. [`crate::egress::Checker::check_transparent`]: with a name, the original destination must be one
 //!    of the addresses the name resolves to (else `name-mismatch`: SNI/Host spoofing —
 //!    an allowed name cannot carry a connection to another address); then the SSRF guard
 //!    and policy for that address, with the name as `fqdn`;
@@ -27,6 +27,9 @@
 //!
 //! A refusal is a reset (SO_LINGER 0): the client, which thinks it talks to the server
 //! directly, gets no answer in any protocol's words, and the upstream is never dialled.
+//! Its flow-log `deny` reason is the pipeline's (`name-mismatch`, `ssrf`, a policy cause,
+//! a resolver error) or one of this listener's: `no-original-dst`, `own-listener`,
+//! `handshake-timeout`, `malformed-first-bytes`.
 //! PROXY protocol is not accepted on this kind (validated in `config`): the kernel, not a
 //! header, tells where the client was going.
 
