@@ -262,9 +262,25 @@ impl Checker {
         name: Option<&str>,
         proto: Proto,
     ) -> Result<Admitted, Refusal> {
+        let cands = self.transparent_candidates(orig_dst, name).await?;
+        self.choose(policy, client, &cands, orig_dst.port(), proto)
+    }
+
+    /// The resolving half of [`Checker::check_transparent`]: the single candidate
+    /// `orig_dst` (with the name as `fqdn`), once the name is known to cover it. A listener
+    /// that holds its policy in an `ArcSwap` awaits this, then loads the snapshot and
+    /// calls [`Checker::choose`], so no snapshot is held across the resolution.
+    ///
+    /// # Errors
+    /// [`Refusal::BadName`], [`Refusal::Resolve`], [`Refusal::NameMismatch`].
+    pub async fn transparent_candidates(
+        &self,
+        orig_dst: SocketAddr,
+        name: Option<&str>,
+    ) -> Result<Candidates, Refusal> {
         let dst = orig_dst.ip().to_canonical();
         let single = std::sync::Arc::new([dst]);
-        let cands = match name {
+        Ok(match name {
             None => Candidates { fqdn: None, addrs: single },
             Some(raw) => match Target::parse(raw)? {
                 Target::Addr(a) if a.to_canonical() == dst => {
@@ -281,8 +297,7 @@ impl Checker {
                     Candidates { fqdn: Some(n), addrs: single }
                 }
             },
-        };
-        self.choose(policy, client, &cands, orig_dst.port(), proto)
+        })
     }
 
     fn is_own(&self, dst: SocketAddr) -> bool {

@@ -17,7 +17,8 @@
 //!    before the timeout (server-speaks-first protocols) is decided on the address alone;
 //!    a client that stops in the middle of a ClientHello or head is cut
 //!    (`handshake_timeout`);
-//! 3. [`crate::egress::Checker::check_transparent`]: with a name, the original destination must be one
+//! 3. [`crate::egress::Checker::check_transparent`] (its two halves, the policy loaded
+//!    after the resolution): with a name, the original destination must be one
 //!    of the addresses the name resolves to (else `name-mismatch`: SNI/Host spoofing —
 //!    an allowed name cannot carry a connection to another address); then the SSRF guard
 //!    and policy for that address, with the name as `fqdn`;
@@ -227,13 +228,18 @@ impl EgressProxy {
             }
         };
 
-        // The decision, once. The snapshot is loaded before the name's resolution so the
-        // decision and the gate use one generation.
+        // The decision, once (`Checker::check_transparent` in two halves): the name is
+        // resolved and must cover the original destination; only then is the policy
+        // snapshot loaded, so none is held across the resolution and the decision and the
+        // gate use the generation in force when the flow is admitted.
+        let cands = self.checker.transparent_candidates(orig, name).await;
         let snapshot = self.rt.policy.load_full();
-        let checked = self
-            .checker
-            .check_transparent(&snapshot.compiled, client.ip(), orig, name, Proto::Tcp)
-            .await;
+        let checked = match cands {
+            Ok(c) => {
+                self.checker.choose(&snapshot.compiled, client.ip(), &c, orig.port(), Proto::Tcp)
+            }
+            Err(r) => Err(r),
+        };
         let now = Instant::now();
         let chosen = match checked {
             Ok(a) => a,
