@@ -21,7 +21,7 @@
 //! (`handshake_malformed`, `handshake_timeout`). Refusals are `deny` events with the
 //! name, and the counters on the decoy addresses stay at 0: a refusal never dials.
 //!
-//! Needs root, `ip`, `nft`, `curl`, `openssl`; skips with a reason otherwise.
+//! Needs root, `ip`, `nft`, `curl`, `openssl`, `python3`; skips with a reason otherwise.
 
 mod netns_common;
 
@@ -145,7 +145,7 @@ fn redirect(dir: &std::path::Path, vg: &str, port: u16) {
 
 #[test]
 fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
-    if !can_run(&["ip", "nft", "curl", "openssl"]) {
+    if !can_run(&["ip", "nft", "curl", "openssl", "python3"]) {
         return;
     }
     let (gw, cl, vg) = topology('t');
