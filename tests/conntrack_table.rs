@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use flowgate::conntrack::{
-    Conntrack, ConntrackConfig, CutSignal, EntryInit, FlowState, InsertError, Side, TcpConn,
-    TcpFlags, TcpState,
+    Conntrack, ConntrackConfig, CutSignal, EntryInit, EntryRef, FlowState, InsertError, Side,
+    TcpConn, TcpFlags, TcpState,
 };
 use flowgate::flow::{FlowKey, Proto};
 use flowgate::policy::{Generation, WorkloadId};
@@ -57,7 +57,7 @@ fn both_directions_find_one_entry() {
         let e = ct.insert(k, init(FlowState::Unreplied), now).expect("room");
         let fwd = ct.lookup(&k).expect("forward direction");
         let rev = ct.lookup(&k.reversed()).expect("reverse direction");
-        assert!(Arc::ptr_eq(&e, &fwd) && Arc::ptr_eq(&e, &rev));
+        assert!(EntryRef::ptr_eq(&e, &fwd) && EntryRef::ptr_eq(&e, &rev));
         assert_eq!(e.key(), k, "the entry keeps the originator's direction");
         assert_eq!(ct.lookup_with(&k, |_, side| side), Some(Side::Orig));
         assert_eq!(ct.lookup_with(&k.reversed(), |_, side| side), Some(Side::Reply));
@@ -89,7 +89,7 @@ fn ipv6_flows_are_tracked_too() {
         "[2001:db8::2]:53".parse().unwrap(),
     );
     let e = ct.insert(k, init(FlowState::Unreplied), Instant::now()).expect("room");
-    assert!(Arc::ptr_eq(&e, &ct.lookup(&k.reversed()).expect("reverse")));
+    assert!(EntryRef::ptr_eq(&e, &ct.lookup(&k.reversed()).expect("reverse")));
     assert_eq!(e.key(), k);
 }
 
