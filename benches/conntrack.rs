@@ -5,7 +5,7 @@
 //! Run: `cargo bench --bench conntrack -- --warm-up-time 1 --measurement-time 3`
 //! Memory only: `CT_MEMORY_ONLY=1 cargo bench --bench conntrack` (prints bytes per entry);
 //! `CT_SKIP_MEMORY=1` skips that part.
-//! Results and the choice: BENCHMARKS-conntrack.md.
+//! Results and the choice: BENCHMARKS.md, "Connection tracking".
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hash::{BuildHasher, Hasher};
@@ -400,12 +400,10 @@ fn bench_table(c: &mut Criterion, k: &Keys) {
                 })
             })
         });
-        // The same, 64 lookups per iteration under one read guard (a packet batch): divide
-        // the reported time by 64.
+        // The same, 64 lookups per iteration (a packet batch): divide the reported time by 64.
         g.bench_function(BenchmarkId::new("lookup_with_hit_hot64_batch64", threads), |b| {
             b.iter_custom(|iters| {
                 timed(threads, iters, &|th, _| {
-                    let _batch = t.0.read_guard();
                     for key in &k.hits[th * 64..th * 64 + 64] {
                         assert!(t.0.lookup_with(black_box(key), |e, _| e.listener()).is_some());
                     }
