@@ -393,3 +393,90 @@ fn icmp_echo_and_udp_become_assured_on_reply() {
     assert_eq!(u.mark_reply(), FlowState::Assured);
     assert_eq!(ct.timeout(&u), ConntrackConfig::default().udp_assured);
 }
+
+/// Slots are re-used as flows come and go; a reader racing with that must only ever see
+/// the flow it asked for (its key and the identity it was inserted with), never the next
+/// occupant of a slot it was about to read.
+#[test]
+fn readers_never_see_another_flows_entry_while_slots_are_reused() {
+    // A tiny table (one shard, 64 places) churned through 4,096 flows: every slot is
+    // re-used thousands of times while two readers look flows up.
+    let ct = Arc::new(Conntrack::new(&cfg(64, 1)));
+    let t0 = Instant::now();
+    let flows = 4096u32;
+    let with_id =
+        |i: u32| EntryInit { src_workload: Some(WorkloadId(i)), ..init(FlowState::Unreplied) };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2u32)
+        .map(|t| {
+            let (ct, stop) = (ct.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut hits, mut i) = (0u64, t);
+                // Bounded in count; stops early once the writer is done.
+                for _ in 0..2_000_000u32 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    i = (i.wrapping_mul(1_103_515_245).wrapping_add(12_345)) % flows;
+                    let k = key(Proto::Udp, i);
+                    let seen =
+                        ct.lookup_with(&k.reversed(), |e, side| (e.src_workload(), e.key(), side));
+                    if let Some((wl, ek, side)) = seen {
+                        assert_eq!(wl, Some(WorkloadId(i)), "flow {i} read another flow's entry");
+                        assert_eq!(ek, k);
+                        assert_eq!(side, Side::Reply);
+                        hits += 1;
+                    }
+                }
+                hits
+            })
+        })
+        .collect();
+    let mut handles = Vec::new();
+    for round in 0..60u32 {
+        for i in 0..flows {
+            let k = key(Proto::Udp, i);
+            if (i + round) % 3 == 0 {
+                ct.remove(&k);
+            } else if let Ok(e) = ct.insert(k, with_id(i), t0) {
+                // A few handles held across the churn: their slots must stay theirs.
+                if i % 997 == 0 && handles.len() < 8 {
+                    handles.push((i, e));
+                }
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let hits: u64 = readers.into_iter().map(|h| h.join().expect("reader")).sum();
+    assert!(hits > 0, "the readers found flows");
+    for (i, e) in &handles {
+        assert_eq!(e.src_workload(), Some(WorkloadId(*i)), "a held handle kept its flow");
+        assert_eq!(e.key(), key(Proto::Udp, *i));
+    }
+    assert!(ct.len() <= 64);
+}
+
+/// A handle outlives its flow's removal (a proxied flow's task finishing up); the table
+/// keeps working around the pinned slot and gives it out again once the handle is gone.
+#[test]
+fn a_held_handle_survives_removal_and_its_slot_is_reused_after() {
+    let ct = Conntrack::new(&cfg(4, 1));
+    let now = Instant::now();
+    let k = key(Proto::Tcp, 1);
+    let held = ct.insert(k, init(FlowState::Open), now).expect("room");
+    held.count(Side::Orig, 10);
+    assert!(ct.remove(&k));
+    assert!(ct.lookup(&k).is_none());
+    for i in 100..400 {
+        let other = key(Proto::Udp, i);
+        ct.insert(other, init(FlowState::Unreplied), now).expect("room next to a pinned slot");
+        assert!(ct.remove(&other));
+    }
+    assert_eq!(held.key(), k);
+    assert_eq!(held.bytes_orig.load(Ordering::Relaxed), 10);
+    let again = held.clone();
+    drop(held);
+    assert_eq!(again.key(), k, "a clone pins too");
+    drop(again);
+    assert!(ct.is_empty());
+}
