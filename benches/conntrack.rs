@@ -410,6 +410,29 @@ fn bench_table(c: &mut Criterion, k: &Keys) {
                 })
             })
         });
+        // The batch lookup a packet worker makes for a received batch: uniformly random
+        // flows over the whole table, 32 per call; the time reported is per lookup.
+        for (name, list) in [("lookup_many_hit", &k.hits), ("lookup_many_miss", &k.misses)] {
+            let want_hit = name.ends_with("hit");
+            g.bench_function(BenchmarkId::new(name, threads), |b| {
+                b.iter_custom(|iters| {
+                    let batches = iters.div_ceil(32);
+                    let per_batch = timed(threads, batches, &|th, i| {
+                        let start = at(th, i * 32) % (N - 32);
+                        let mut found = 0;
+                        t.0.lookup_many(black_box(&list[start..start + 32]), |_, hit| {
+                            if let Some((e, _)) = hit {
+                                e.packets_orig.fetch_add(1, Ordering::Relaxed);
+                                found += 1;
+                            }
+                        });
+                        assert_eq!(found, if want_hit { 32 } else { 0 });
+                    });
+                    per_batch * u32::try_from(iters).unwrap_or(u32::MAX)
+                        / (batches as u32 * 32).max(1)
+                })
+            });
+        }
         g.bench_function(BenchmarkId::new("lookup_miss", threads), |b| {
             b.iter_custom(|iters| {
                 timed(threads, iters, &|th, i| {

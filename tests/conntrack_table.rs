@@ -480,3 +480,29 @@ fn a_held_handle_survives_removal_and_its_slot_is_reused_after() {
     drop(again);
     assert!(ct.is_empty());
 }
+
+/// The batch lookup answers each key exactly as a single lookup would, in order, across
+/// more keys than one prefetch group.
+#[test]
+fn lookup_many_matches_single_lookups() {
+    let ct = Conntrack::new(&cfg(4096, 0));
+    let now = Instant::now();
+    for i in (0..100).step_by(2) {
+        ct.insert(key(Proto::Udp, i), init(FlowState::Unreplied), now).expect("room");
+    }
+    // Hits (even), misses (odd), reversed keys, in a shuffled order.
+    let keys: Vec<FlowKey> = (0..100u32)
+        .map(|j| (j * 37) % 100)
+        .map(|i| if i % 4 == 0 { key(Proto::Udp, i).reversed() } else { key(Proto::Udp, i) })
+        .collect();
+    let mut seen = Vec::new();
+    ct.lookup_many(&keys, |idx, hit| {
+        seen.push((idx, hit.map(|(e, side)| (e.key(), side))));
+    });
+    assert_eq!(seen.len(), keys.len());
+    for (idx, got) in seen {
+        let want = ct.lookup_with(&keys[idx], |e, side| (e.key(), side));
+        assert_eq!(got, want, "key {idx}");
+    }
+    assert_eq!(ct.lookup_with(&keys[0], |_, s| s), Some(Side::Reply));
+}

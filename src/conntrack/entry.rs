@@ -336,6 +336,11 @@ impl Entry {
         self.link.store(next, Ordering::SeqCst);
     }
 
+    /// The entry's last word (its second cache line when it straddles two), for prefetching.
+    pub(crate) fn last_word(&self) -> &AtomicU32 {
+        &self.link
+    }
+
     pub(crate) fn next_free(&self) -> u32 {
         self.link.load(Ordering::Relaxed)
     }
@@ -612,6 +617,10 @@ pub(crate) struct Probe {
 }
 
 impl Probe {
+    /// A placeholder (fills the unused part of a lookup batch; matches nothing).
+    pub(crate) const NONE: Probe =
+        Probe { hash: 0, proto: 0, v6: false, lo_is_src: true, lo: (0, 0), hi: (0, 0) };
+
     #[inline]
     pub(crate) fn new(key: &FlowKey) -> Probe {
         let (s, d, v6) = addr_bits(key);
