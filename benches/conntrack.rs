@@ -582,6 +582,15 @@ fn memory(k: &Keys) {
         }
         m
     });
+    // The alternative index for a slab: scc's HashIndex keyed by 8-byte slot words (what
+    // the table's own bucketed index replaces). Index overhead alone, no entries.
+    measure("scc HashIndex<u64,()> (ids)", || {
+        let m = scc::HashIndex::with_capacity_and_hasher(N, Fold);
+        for i in 0..N as u64 {
+            let _ = m.insert_sync(i, ());
+        }
+        m
+    });
     measure("dashmap<FlowKey,Arc> (old)", || {
         let m = dashmap::DashMap::new();
         for f in &k.flows[..N] {
