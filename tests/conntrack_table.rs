@@ -495,14 +495,17 @@ fn lookup_many_matches_single_lookups() {
         .map(|j| (j * 37) % 100)
         .map(|i| if i % 4 == 0 { key(Proto::Udp, i).reversed() } else { key(Proto::Udp, i) })
         .collect();
-    let mut seen = Vec::new();
-    ct.lookup_many(&keys, |idx, hit| {
-        seen.push((idx, hit.map(|(e, side)| (e.key(), side))));
-    });
-    assert_eq!(seen.len(), keys.len());
-    for (idx, got) in seen {
-        let want = ct.lookup_with(&keys[idx], |e, side| (e.key(), side));
-        assert_eq!(got, want, "key {idx}");
+    // Shorter than the prefetch distance, around it, and well past it.
+    for len in [0, 1, 5, 12, 13, 100] {
+        let mut seen = Vec::new();
+        ct.lookup_many(&keys[..len], |idx, hit| {
+            seen.push((idx, hit.map(|(e, side)| (e.key(), side))));
+        });
+        assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), (0..len).collect::<Vec<_>>());
+        for (idx, got) in seen {
+            let want = ct.lookup_with(&keys[idx], |e, side| (e.key(), side));
+            assert_eq!(got, want, "key {idx} of {len}");
+        }
     }
     assert_eq!(ct.lookup_with(&keys[0], |_, s| s), Some(Side::Reply));
 }

@@ -365,10 +365,12 @@ impl Shard {
     }
 }
 
-/// Keys whose memory [`Conntrack::lookup_many`] fetches together: enough misses in flight
-/// to cover the memory latency, few enough that the first group's lines are still in L1
-/// when it is examined.
-const BATCH: usize = 16;
+/// How many keys ahead of the one it examines [`Conntrack::lookup_many`] fetches entries
+/// (and twice that, index buckets): enough lookups' worth of work (~20 ns each) to cover
+/// a cache miss (~90 ns here), few enough that the lines are still in L1 when used.
+const AHEAD: usize = 6;
+/// Probes in flight in [`Conntrack::lookup_many`]'s pipeline (at least `2 · AHEAD + 1`).
+const RING: usize = 16;
 
 /// Asks the CPU to start loading the cache line holding `p` (a hint; no effect on
 /// correctness, and nothing on targets without one).
@@ -648,49 +650,62 @@ impl Conntrack {
     /// The packet path's lookup for a received batch: looks up every key of `keys` and
     /// calls `f(i, hit)` for each in order, `hit` being the entry (pinned for the call) and
     /// the side, or `None`. Same semantics as [`Conntrack::lookup_with`] per key, but the
-    /// memory the lookups need is fetched for a group of keys at once (index buckets, then
-    /// the entries they name) before any of them is examined, so the cache misses of a
-    /// group overlap instead of being paid one after another. At 1M flows a lookup is
+    /// memory a lookup needs (its index bucket, then the entry it names) is fetched a few
+    /// keys ahead of the one being examined, so the cache misses of consecutive lookups
+    /// overlap instead of being paid one after another. At 1M flows a lookup is
     /// bound by those misses (`lookup_miss` ≈ one miss, `lookup_with_hit` ≈ two), which is
     /// what this hides. No lock, no allocation.
     pub fn lookup_many(&self, keys: &[FlowKey], mut f: impl FnMut(usize, Option<(&Entry, Side)>)) {
-        for (g, group) in keys.chunks(BATCH).enumerate() {
-            let mut probes = [Probe::NONE; BATCH];
-            for (p, k) in probes.iter_mut().zip(group) {
-                *p = Probe::new(k);
-                let shard = &self.shards[self.shard_index(p.hash)];
-                prefetch(&shard.index[shard.home(p.hash)]);
-            }
-            let probes = &probes[..group.len()];
-            for p in probes {
-                let shard = &self.shards[self.shard_index(p.hash)];
-                let tag = tag_of(p.hash);
-                let bucket = &shard.index[shard.home(p.hash)];
-                for w in &bucket.words {
-                    let word = w.load(Ordering::Relaxed);
-                    if word >> 32 == tag {
-                        if let Some(e) = shard.slot(word as u32) {
-                            prefetch(e);
-                            prefetch(e.last_word());
-                        }
-                        break;
+        // A software pipeline over the keys: key `i + 2·AHEAD` is hashed and its bucket
+        // prefetched, key `i + AHEAD`'s bucket (arrived by now) names the entry to
+        // prefetch, key `i` is examined with both lines in cache.
+        let n = keys.len();
+        let mut ring = [Probe::NONE; RING];
+        let stage1 = |ring: &mut [Probe; RING], j: usize| {
+            let p = Probe::new(&keys[j]);
+            let shard = &self.shards[self.shard_index(p.hash)];
+            prefetch(&shard.index[shard.home(p.hash)]);
+            ring[j % RING] = p;
+        };
+        let stage2 = |p: &Probe| {
+            let shard = &self.shards[self.shard_index(p.hash)];
+            let tag = tag_of(p.hash);
+            for w in &shard.index[shard.home(p.hash)].words {
+                let word = w.load(Ordering::Relaxed);
+                if word >> 32 == tag {
+                    if let Some(e) = shard.slot(word as u32) {
+                        prefetch(e);
+                        prefetch(e.last_word());
                     }
+                    break;
                 }
             }
-            for (i, p) in probes.iter().enumerate() {
-                let shard = &self.shards[self.shard_index(p.hash)];
-                let idx = g * BATCH + i;
-                let mut f = Some(&mut f);
-                let hit = shard.find(p, |_, e, side| {
-                    if let Some(f) = f.take() {
-                        f(idx, Some((e, side)));
-                    }
-                });
-                if hit.is_none()
-                    && let Some(f) = f.take()
-                {
-                    f(idx, None);
+        };
+        for j in 0..n.min(2 * AHEAD) {
+            stage1(&mut ring, j);
+        }
+        for j in 0..n.min(AHEAD) {
+            stage2(&ring[j % RING]);
+        }
+        for i in 0..n {
+            if i + 2 * AHEAD < n {
+                stage1(&mut ring, i + 2 * AHEAD);
+            }
+            if i + AHEAD < n {
+                stage2(&ring[(i + AHEAD) % RING]);
+            }
+            let p = &ring[i % RING];
+            let shard = &self.shards[self.shard_index(p.hash)];
+            let mut f = Some(&mut f);
+            let hit = shard.find(p, |_, e, side| {
+                if let Some(f) = f.take() {
+                    f(i, Some((e, side)));
                 }
+            });
+            if hit.is_none()
+                && let Some(f) = f.take()
+            {
+                f(i, None);
             }
         }
     }
