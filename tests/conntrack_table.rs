@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use flowgate::conntrack::{
-    Conntrack, ConntrackConfig, CutSignal, EntryInit, FlowState, InsertError, Side, TcpConn,
-    TcpFlags, TcpState,
+    Conntrack, ConntrackConfig, CutSignal, EntryInit, EntryRef, FlowState, InsertError, Side,
+    TcpConn, TcpFlags, TcpState,
 };
 use flowgate::flow::{FlowKey, Proto};
 use flowgate::policy::{Generation, WorkloadId};
@@ -57,7 +57,7 @@ fn both_directions_find_one_entry() {
         let e = ct.insert(k, init(FlowState::Unreplied), now).expect("room");
         let fwd = ct.lookup(&k).expect("forward direction");
         let rev = ct.lookup(&k.reversed()).expect("reverse direction");
-        assert!(Arc::ptr_eq(&e, &fwd) && Arc::ptr_eq(&e, &rev));
+        assert!(EntryRef::ptr_eq(&e, &fwd) && EntryRef::ptr_eq(&e, &rev));
         assert_eq!(e.key(), k, "the entry keeps the originator's direction");
         assert_eq!(ct.lookup_with(&k, |_, side| side), Some(Side::Orig));
         assert_eq!(ct.lookup_with(&k.reversed(), |_, side| side), Some(Side::Reply));
@@ -89,7 +89,7 @@ fn ipv6_flows_are_tracked_too() {
         "[2001:db8::2]:53".parse().unwrap(),
     );
     let e = ct.insert(k, init(FlowState::Unreplied), Instant::now()).expect("room");
-    assert!(Arc::ptr_eq(&e, &ct.lookup(&k.reversed()).expect("reverse")));
+    assert!(EntryRef::ptr_eq(&e, &ct.lookup(&k.reversed()).expect("reverse")));
     assert_eq!(e.key(), k);
 }
 
@@ -392,4 +392,120 @@ fn icmp_echo_and_udp_become_assured_on_reply() {
     assert_eq!(u.state(), FlowState::Unreplied);
     assert_eq!(u.mark_reply(), FlowState::Assured);
     assert_eq!(ct.timeout(&u), ConntrackConfig::default().udp_assured);
+}
+
+/// Slots are re-used as flows come and go; a reader racing with that must only ever see
+/// the flow it asked for (its key and the identity it was inserted with), never the next
+/// occupant of a slot it was about to read.
+#[test]
+fn readers_never_see_another_flows_entry_while_slots_are_reused() {
+    // A tiny table (one shard, 64 places) churned through 4,096 flows: every slot is
+    // re-used thousands of times while two readers look flows up.
+    let ct = Arc::new(Conntrack::new(&cfg(64, 1)));
+    let t0 = Instant::now();
+    let flows = 4096u32;
+    let with_id =
+        |i: u32| EntryInit { src_workload: Some(WorkloadId(i)), ..init(FlowState::Unreplied) };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2u32)
+        .map(|t| {
+            let (ct, stop) = (ct.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut hits, mut i) = (0u64, t);
+                // Bounded in count; stops early once the writer is done.
+                for _ in 0..2_000_000u32 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    i = (i.wrapping_mul(1_103_515_245).wrapping_add(12_345)) % flows;
+                    let k = key(Proto::Udp, i);
+                    let seen =
+                        ct.lookup_with(&k.reversed(), |e, side| (e.src_workload(), e.key(), side));
+                    if let Some((wl, ek, side)) = seen {
+                        assert_eq!(wl, Some(WorkloadId(i)), "flow {i} read another flow's entry");
+                        assert_eq!(ek, k);
+                        assert_eq!(side, Side::Reply);
+                        hits += 1;
+                    }
+                }
+                hits
+            })
+        })
+        .collect();
+    let mut handles = Vec::new();
+    for round in 0..60u32 {
+        for i in 0..flows {
+            let k = key(Proto::Udp, i);
+            if (i + round) % 3 == 0 {
+                ct.remove(&k);
+            } else if let Ok(e) = ct.insert(k, with_id(i), t0) {
+                // A few handles held across the churn: their slots must stay theirs.
+                if i % 997 == 0 && handles.len() < 8 {
+                    handles.push((i, e));
+                }
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let hits: u64 = readers.into_iter().map(|h| h.join().expect("reader")).sum();
+    assert!(hits > 0, "the readers found flows");
+    for (i, e) in &handles {
+        assert_eq!(e.src_workload(), Some(WorkloadId(*i)), "a held handle kept its flow");
+        assert_eq!(e.key(), key(Proto::Udp, *i));
+    }
+    assert!(ct.len() <= 64);
+}
+
+/// A handle outlives its flow's removal (a proxied flow's task finishing up); the table
+/// keeps working around the pinned slot and gives it out again once the handle is gone.
+#[test]
+fn a_held_handle_survives_removal_and_its_slot_is_reused_after() {
+    let ct = Conntrack::new(&cfg(4, 1));
+    let now = Instant::now();
+    let k = key(Proto::Tcp, 1);
+    let held = ct.insert(k, init(FlowState::Open), now).expect("room");
+    held.count(Side::Orig, 10);
+    assert!(ct.remove(&k));
+    assert!(ct.lookup(&k).is_none());
+    for i in 100..400 {
+        let other = key(Proto::Udp, i);
+        ct.insert(other, init(FlowState::Unreplied), now).expect("room next to a pinned slot");
+        assert!(ct.remove(&other));
+    }
+    assert_eq!(held.key(), k);
+    assert_eq!(held.bytes_orig.load(Ordering::Relaxed), 10);
+    let again = held.clone();
+    drop(held);
+    assert_eq!(again.key(), k, "a clone pins too");
+    drop(again);
+    assert!(ct.is_empty());
+}
+
+/// The batch lookup answers each key exactly as a single lookup would, in order, across
+/// more keys than one prefetch group.
+#[test]
+fn lookup_many_matches_single_lookups() {
+    let ct = Conntrack::new(&cfg(4096, 0));
+    let now = Instant::now();
+    for i in (0..100).step_by(2) {
+        ct.insert(key(Proto::Udp, i), init(FlowState::Unreplied), now).expect("room");
+    }
+    // Hits (even), misses (odd), reversed keys, in a shuffled order.
+    let keys: Vec<FlowKey> = (0..100u32)
+        .map(|j| (j * 37) % 100)
+        .map(|i| if i % 4 == 0 { key(Proto::Udp, i).reversed() } else { key(Proto::Udp, i) })
+        .collect();
+    // Shorter than the prefetch distance, around it, and well past it.
+    for len in [0, 1, 5, 12, 13, 100] {
+        let mut seen = Vec::new();
+        ct.lookup_many(&keys[..len], |idx, hit| {
+            seen.push((idx, hit.map(|(e, side)| (e.key(), side))));
+        });
+        assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), (0..len).collect::<Vec<_>>());
+        for (idx, got) in seen {
+            let want = ct.lookup_with(&keys[idx], |e, side| (e.key(), side));
+            assert_eq!(got, want, "key {idx} of {len}");
+        }
+    }
+    assert_eq!(ct.lookup_with(&keys[0], |_, s| s), Some(Side::Reply));
 }

@@ -1,16 +1,21 @@
 //! One tracked flow, laid out to fit the memory budget (≤ 128 bytes per entry at 1M entries,
-//! table overhead included; see BENCHMARKS-conntrack.md).
+//! table overhead included; see BENCHMARKS.md, "Connection tracking").
 //!
-//! An [`Entry`] is 80 bytes: the per-direction counters and last-seen time are atomics the
+//! An [`Entry`] is 88 bytes and lives in place in its shard's slab: the table allocates
+//! nothing per flow. The per-direction counters and last-seen time are atomics the
 //! forwarding path bumps without a lock; the key is stored IPv4-compact (two `u32`s and two
 //! ports) with IPv6 addresses moved out to [`EntryExt`], which also holds the cut handle of
-//! proxied flows and the domain name an egress flow was admitted for. Packet flows over IPv4 therefore cost one allocation: the `Arc<Entry>`.
-//! All mutable state lives in one byte (`state`), updated with compare-and-swap so the TCP
-//! state machine, the flow state and the table's bookkeeping bits never tear.
+//! proxied flows and the domain name an egress flow was admitted for (one allocation for
+//! those flows only). Mutable flow state lives in one byte (`state`), updated with
+//! compare-and-swap so the TCP state machine, the flow state and the table's bookkeeping
+//! bits never tear. Two words belong to the table: `pins` (who is using the slot) and
+//! `link` (live, or the free-list link).
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicPtr, AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering,
+};
 use std::sync::{Arc, OnceLock};
 
 use crate::flow::{FlowKey, Proto};
@@ -146,17 +151,27 @@ const TCP_SHIFT: u8 = 2;
 const TCP_BITS: u8 = 0b0011_1100;
 /// Set when the first FIN came from the reply side (meaningful in closing TCP states).
 const CLOSER_REPLY: u8 = 0b0100_0000;
-/// Set while a reference to the entry sits in its shard's eviction queue (table bookkeeping).
+/// Set while the entry's slot id sits in its shard's eviction queue (table bookkeeping).
 pub(crate) const QUEUED: u8 = 0b1000_0000;
 
 /// Sentinel for "no workload" in the packed identity fields.
 const NO_WORKLOAD: u32 = u32::MAX;
 
-/// One tracked flow. Counters and timestamps are atomics: the forwarding task updates them
-/// without a lock, readers (`/flows`, revalidation) see a recent value.
+/// `link` value of a slot that holds a live flow. Any other value means the slot is free
+/// (and is then the next free slot's id, or [`NIL`]).
+pub(crate) const LIVE: u32 = u32::MAX;
+/// End of a shard's free list.
+pub(crate) const NIL: u32 = u32::MAX - 1;
+
+/// One tracked flow, stored in place in its shard's slab (no allocation per flow). Every
+/// field is an atomic: the forwarding path bumps counters without a lock, readers
+/// (`/flows`, revalidation) see a recent value, and the table re-initialises a slot for a
+/// new flow while a late reader may still look at it (it then sees the slot is not live,
+/// or a key that does not match, and moves on).
 ///
-/// Layout (80 bytes, checked by a test): counters 32, last seen 8, ext 8, generation 4,
-/// created 4, IPv4 addresses 8, workloads 8, ports + listener 6, protocol 1, state 1.
+/// Layout (88 bytes, checked by a test): counters 32, last seen 8, ext 8, generation 4,
+/// created 4, IPv4 addresses 8, workloads 8, ports + listener 6, protocol 1, state 1,
+/// pins 4, link 4.
 #[derive(Debug)]
 pub struct Entry {
     /// Bytes and packets, originator → responder and back.
@@ -165,105 +180,227 @@ pub struct Entry {
     pub packets_orig: AtomicU64,
     pub packets_reply: AtomicU64,
     last_seen_ms: AtomicU64,
-    ext: Option<Box<EntryExt>>,
+    /// `Box<EntryExt>` or null. Replaced only when the slot is re-used, which happens only
+    /// while nobody holds a pin on it.
+    ext: AtomicPtr<EntryExt>,
     /// The low 32 bits of the allowing policy generation: a reload a second for 136 years.
     generation: AtomicU32,
     /// Seconds since the table's epoch.
-    created_s: u32,
-    src_ip: u32,
-    dst_ip: u32,
-    src_wl: u32,
-    dst_wl: u32,
-    src_port: u16,
-    dst_port: u16,
-    listener: u16,
-    proto: u8,
+    created_s: AtomicU32,
+    src_ip: AtomicU32,
+    dst_ip: AtomicU32,
+    src_wl: AtomicU32,
+    dst_wl: AtomicU32,
+    src_port: AtomicU16,
+    dst_port: AtomicU16,
+    listener: AtomicU16,
+    proto: AtomicU8,
     state: AtomicU8,
+    /// Readers and handles currently using this slot: a slot with pins is never re-used.
+    pins: AtomicU32,
+    /// [`LIVE`], or the free-list link of a free slot.
+    link: AtomicU32,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let p = *self.ext.get_mut();
+        if !p.is_null() {
+            // SAFETY: a non-null `ext` always comes from `Box::into_raw` in `init`, and
+            // `&mut self` means nobody else can see it any more.
+            drop(unsafe { Box::from_raw(p) });
+        }
+    }
 }
 
 impl Entry {
-    pub(crate) fn new(key: &FlowKey, init: EntryInit, tcp: Option<TcpConn>, now_ms: u64) -> Entry {
-        let (src_bits, dst_bits, v6) = addr_bits(key);
-        let ext = if v6 || init.cut.is_some() || init.fqdn.is_some() {
-            Some(Box::new(EntryExt {
-                cut: init.cut,
-                v6: v6.then_some((src_bits, dst_bits)),
-                fqdn: init.fqdn,
-            }))
-        } else {
-            None
-        };
-        let mut state = init.state as u8;
-        if let Some(conn) = tcp {
-            state = (state & !(TCP_BITS | CLOSER_REPLY)) | conn_bits(conn);
-            state = (state & !FLOW_BITS) | conn.state().flow_state() as u8;
-        }
+    /// A free slot.
+    pub(crate) fn empty() -> Entry {
         Entry {
             bytes_orig: AtomicU64::new(0),
             bytes_reply: AtomicU64::new(0),
             packets_orig: AtomicU64::new(0),
             packets_reply: AtomicU64::new(0),
-            last_seen_ms: AtomicU64::new(now_ms),
-            ext,
-            generation: AtomicU32::new(init.generation.0 as u32),
-            created_s: u32::try_from(now_ms / 1000).unwrap_or(u32::MAX),
-            src_ip: if v6 { 0 } else { src_bits as u32 },
-            dst_ip: if v6 { 0 } else { dst_bits as u32 },
-            src_wl: init.src_workload.map_or(NO_WORKLOAD, |w| w.0),
-            dst_wl: init.dst_workload.map_or(NO_WORKLOAD, |w| w.0),
-            src_port: key.src.port(),
-            dst_port: key.dst.port(),
-            listener: init.listener,
-            proto: key.proto.number(),
-            state: AtomicU8::new(state),
+            last_seen_ms: AtomicU64::new(0),
+            ext: AtomicPtr::new(std::ptr::null_mut()),
+            generation: AtomicU32::new(0),
+            created_s: AtomicU32::new(0),
+            src_ip: AtomicU32::new(0),
+            dst_ip: AtomicU32::new(0),
+            src_wl: AtomicU32::new(NO_WORKLOAD),
+            dst_wl: AtomicU32::new(NO_WORKLOAD),
+            src_port: AtomicU16::new(0),
+            dst_port: AtomicU16::new(0),
+            listener: AtomicU16::new(0),
+            proto: AtomicU8::new(0),
+            state: AtomicU8::new(0),
+            pins: AtomicU32::new(0),
+            link: AtomicU32::new(NIL),
         }
+    }
+
+    /// A standalone live entry (unit tests).
+    #[cfg(test)]
+    pub(crate) fn new(key: &FlowKey, init: EntryInit, tcp: Option<TcpConn>, now_ms: u64) -> Entry {
+        let e = Entry::empty();
+        e.init(key, init, tcp, now_ms);
+        e
+    }
+
+    /// Makes this free, unpinned slot hold a new flow, then publishes it as live. The
+    /// caller (the shard's writer) guarantees no pin is held: nobody reads `ext` while it
+    /// is replaced.
+    pub(crate) fn init(&self, key: &FlowKey, init: EntryInit, tcp: Option<TcpConn>, now_ms: u64) {
+        let (src_bits, dst_bits, v6) = addr_bits(key);
+        let ext = if v6 || init.cut.is_some() || init.fqdn.is_some() {
+            Box::into_raw(Box::new(EntryExt {
+                cut: init.cut,
+                v6: v6.then_some((src_bits, dst_bits)),
+                fqdn: init.fqdn,
+            }))
+        } else {
+            std::ptr::null_mut()
+        };
+        let old = self.ext.swap(ext, Ordering::Relaxed);
+        if !old.is_null() {
+            // SAFETY: `old` came from `Box::into_raw` above (an earlier flow in this slot);
+            // the slot is free and unpinned, so no reader holds a reference into it.
+            drop(unsafe { Box::from_raw(old) });
+        }
+        let mut state = init.state as u8;
+        if let Some(conn) = tcp {
+            state = (state & !(TCP_BITS | CLOSER_REPLY)) | conn_bits(conn);
+            state = (state & !FLOW_BITS) | conn.state().flow_state() as u8;
+        }
+        let r = Ordering::Relaxed;
+        self.bytes_orig.store(0, r);
+        self.bytes_reply.store(0, r);
+        self.packets_orig.store(0, r);
+        self.packets_reply.store(0, r);
+        self.last_seen_ms.store(now_ms, r);
+        self.generation.store(init.generation.0 as u32, r);
+        self.created_s.store(u32::try_from(now_ms / 1000).unwrap_or(u32::MAX), r);
+        self.src_ip.store(if v6 { 0 } else { src_bits as u32 }, r);
+        self.dst_ip.store(if v6 { 0 } else { dst_bits as u32 }, r);
+        self.src_wl.store(init.src_workload.map_or(NO_WORKLOAD, |w| w.0), r);
+        self.dst_wl.store(init.dst_workload.map_or(NO_WORKLOAD, |w| w.0), r);
+        self.src_port.store(key.src.port(), r);
+        self.dst_port.store(key.dst.port(), r);
+        self.listener.store(init.listener, r);
+        self.proto.store(key.proto.number(), r);
+        self.state.store(state, r);
+        // Publishes every store above to a reader that sees `LIVE` (Acquire in `pin`).
+        self.link.store(LIVE, Ordering::Release);
+    }
+
+    /// Takes a pin if the slot holds a live flow. A pinned slot is not re-used, so the
+    /// flow's fields stay those of one flow until [`Entry::unpin`] (the flow may still be
+    /// removed meanwhile, like an `Arc` outliving its map entry).
+    ///
+    /// Pairs with [`Entry::free`] + the writer's `pins` check (both `SeqCst`): either the
+    /// writer sees this pin and leaves the slot alone, or this sees the slot is not live.
+    #[inline]
+    pub(crate) fn pin(&self) -> bool {
+        self.pins.fetch_add(1, Ordering::SeqCst);
+        if self.link.load(Ordering::SeqCst) == LIVE {
+            // Orders the field reads after the `Release` in `init`.
+            std::sync::atomic::fence(Ordering::Acquire);
+            true
+        } else {
+            self.unpin();
+            false
+        }
+    }
+
+    /// Another pin on a slot already pinned by the caller (cloning a handle).
+    pub(crate) fn pin_again(&self) {
+        self.pins.fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn unpin(&self) {
+        self.pins.fetch_sub(1, Ordering::Release);
+    }
+
+    /// Whether some reader or handle holds this slot (the writer's side of `pin`).
+    pub(crate) fn is_pinned(&self) -> bool {
+        self.pins.load(Ordering::SeqCst) != 0
+    }
+
+    pub(crate) fn is_live(&self) -> bool {
+        self.link.load(Ordering::Acquire) == LIVE
+    }
+
+    /// Marks the slot free; `next` is its free-list link.
+    pub(crate) fn free(&self, next: u32) {
+        self.link.store(next, Ordering::SeqCst);
+    }
+
+    /// The entry's last word (its second cache line when it straddles two), for prefetching.
+    pub(crate) fn last_word(&self) -> &AtomicU32 {
+        &self.link
+    }
+
+    pub(crate) fn next_free(&self) -> u32 {
+        self.link.load(Ordering::Relaxed)
+    }
+
+    fn ext(&self) -> Option<&EntryExt> {
+        let p = self.ext.load(Ordering::Relaxed);
+        // SAFETY: a non-null `ext` points to a box owned by this slot; it is replaced
+        // (and the old one freed) only in `init`, which runs only while the slot is
+        // unpinned — and every `&Entry` handed out is pinned (or is the writer's own).
+        unsafe { p.as_ref() }
     }
 
     /// The key as the originator sent it (not canonicalised). Mixed-family keys come back
     /// with the IPv4 side v4-mapped.
     pub fn key(&self) -> FlowKey {
+        let r = Ordering::Relaxed;
         let (src, dst) = match self.v6_addrs() {
             Some((s, d)) => {
                 (IpAddr::V6(Ipv6Addr::from_bits(s)), IpAddr::V6(Ipv6Addr::from_bits(d)))
             }
             None => (
-                IpAddr::V4(Ipv4Addr::from_bits(self.src_ip)),
-                IpAddr::V4(Ipv4Addr::from_bits(self.dst_ip)),
+                IpAddr::V4(Ipv4Addr::from_bits(self.src_ip.load(r))),
+                IpAddr::V4(Ipv4Addr::from_bits(self.dst_ip.load(r))),
             ),
         };
         FlowKey::new(
-            Proto::from_number(self.proto),
-            SocketAddr::new(src, self.src_port),
-            SocketAddr::new(dst, self.dst_port),
+            Proto::from_number(self.proto.load(r)),
+            SocketAddr::new(src, self.src_port.load(r)),
+            SocketAddr::new(dst, self.dst_port.load(r)),
         )
     }
 
     pub fn proto(&self) -> Proto {
-        Proto::from_number(self.proto)
+        Proto::from_number(self.proto.load(Ordering::Relaxed))
     }
 
     pub fn src_workload(&self) -> Option<WorkloadId> {
-        (self.src_wl != NO_WORKLOAD).then_some(WorkloadId(self.src_wl))
+        let w = self.src_wl.load(Ordering::Relaxed);
+        (w != NO_WORKLOAD).then_some(WorkloadId(w))
     }
 
     pub fn dst_workload(&self) -> Option<WorkloadId> {
-        (self.dst_wl != NO_WORKLOAD).then_some(WorkloadId(self.dst_wl))
+        let w = self.dst_wl.load(Ordering::Relaxed);
+        (w != NO_WORKLOAD).then_some(WorkloadId(w))
     }
 
     /// Index of the listener (or packet port) that admitted the flow.
     pub fn listener(&self) -> u16 {
-        self.listener
+        self.listener.load(Ordering::Relaxed)
     }
 
     /// The cut handle of a proxied flow.
     pub fn cut(&self) -> Option<&Arc<CutSignal>> {
-        self.ext.as_ref().and_then(|x| x.cut.as_ref())
+        self.ext().and_then(|x| x.cut.as_ref())
     }
 
     /// The normalised domain name the flow was admitted for, if it came through an egress
     /// listener that was given one (revalidation re-decides with it).
     pub fn fqdn(&self) -> Option<&str> {
-        self.ext.as_ref().and_then(|x| x.fqdn.as_deref())
+        self.ext().and_then(|x| x.fqdn.as_deref())
     }
 
     /// Cuts the flow if it has a handle (eviction, expiry, revocation).
@@ -274,7 +411,7 @@ impl Entry {
     }
 
     fn v6_addrs(&self) -> Option<(u128, u128)> {
-        self.ext.as_ref().and_then(|x| x.v6)
+        self.ext().and_then(|x| x.v6)
     }
 
     pub fn state(&self) -> FlowState {
@@ -383,7 +520,7 @@ impl Entry {
     /// Milliseconds since the table was created, when the entry was created (second
     /// resolution) / last used.
     pub fn created_ms(&self) -> u64 {
-        u64::from(self.created_s) * 1000
+        u64::from(self.created_s.load(Ordering::Relaxed)) * 1000
     }
 
     pub fn last_seen_ms(&self) -> u64 {
@@ -399,36 +536,34 @@ impl Entry {
         self.matches(&Probe::new(key))
     }
 
-    /// The direction-independent hash of this entry's key (same as its [`Probe`]'s).
-    pub(crate) fn hash64(&self) -> u64 {
-        spread(self.hash32())
-    }
-
-    /// The 32 bits the map hash is made from (what the eviction queue stores).
-    pub(crate) fn hash32(&self) -> u32 {
-        let (s, d) = match self.v6_addrs() {
-            Some(p) => p,
-            None => (u128::from(self.src_ip), u128::from(self.dst_ip)),
+    /// The direction-independent keyed hash of this entry's key (same as its [`Probe`]'s):
+    /// what the table's writers use to find the entry's index word.
+    pub(crate) fn hash(&self) -> u64 {
+        let r = Ordering::Relaxed;
+        let (s, d, v6) = match self.v6_addrs() {
+            Some((s, d)) => (s, d, true),
+            None => (u128::from(self.src_ip.load(r)), u128::from(self.dst_ip.load(r)), false),
         };
-        let v6 = self.v6_addrs().is_some();
-        let (lo, hi) = order((s, self.src_port), (d, self.dst_port));
-        key_hash32(self.proto, v6, lo, hi)
+        let (lo, hi) = order((s, self.src_port.load(r)), (d, self.dst_port.load(r)));
+        key_hash(self.proto.load(r), v6, lo, hi)
     }
 
+    #[inline]
     pub(crate) fn matches(&self, p: &Probe) -> Option<Side> {
-        if self.proto != p.proto {
+        let r = Ordering::Relaxed;
+        if self.proto.load(r) != p.proto {
             return None;
         }
         let (s, d) = if p.v6 {
             self.v6_addrs()?
         } else {
-            if self.ext.as_ref().is_some_and(|x| x.v6.is_some()) {
+            if self.v6_addrs().is_some() {
                 return None;
             }
-            (u128::from(self.src_ip), u128::from(self.dst_ip))
+            (u128::from(self.src_ip.load(r)), u128::from(self.dst_ip.load(r)))
         };
-        let src = (s, self.src_port);
-        let dst = (d, self.dst_port);
+        let src = (s, self.src_port.load(r));
+        let dst = (d, self.dst_port.load(r));
         if src == p.lo && dst == p.hi {
             Some(if p.lo_is_src { Side::Orig } else { Side::Reply })
         } else if src == p.hi && dst == p.lo {
@@ -474,7 +609,6 @@ fn order(a: End, b: End) -> (End, End) {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Probe {
     pub(crate) hash: u64,
-    pub(crate) h32: u32,
     proto: u8,
     v6: bool,
     lo_is_src: bool,
@@ -483,6 +617,11 @@ pub(crate) struct Probe {
 }
 
 impl Probe {
+    /// A placeholder (fills the unused part of a lookup batch; matches nothing).
+    pub(crate) const NONE: Probe =
+        Probe { hash: 0, proto: 0, v6: false, lo_is_src: true, lo: (0, 0), hi: (0, 0) };
+
+    #[inline]
     pub(crate) fn new(key: &FlowKey) -> Probe {
         let (s, d, v6) = addr_bits(key);
         let src = (s, key.src.port());
@@ -490,8 +629,7 @@ impl Probe {
         let lo_is_src = src <= dst;
         let (lo, hi) = if lo_is_src { (src, dst) } else { (dst, src) };
         let proto = key.proto.number();
-        let h32 = key_hash32(proto, v6, lo, hi);
-        Probe { hash: spread(h32), h32, proto, v6, lo_is_src, lo, hi }
+        Probe { hash: key_hash(proto, v6, lo, hi), proto, v6, lo_is_src, lo, hi }
     }
 }
 
@@ -511,24 +649,9 @@ fn fold(a: u64, b: u64) -> u64 {
     (r as u64) ^ ((r >> 64) as u64)
 }
 
-/// The map hash made from a 32-bit key hash: a bijective spread, so the 32 bits stored in
-/// the eviction queue (4 bytes per entry instead of 8) find the entry again. Both the top
-/// bits (bucket) and the low byte (tag) vary with the input.
-#[inline]
-pub(crate) fn spread(h32: u32) -> u64 {
-    let x = u64::from(h32);
-    (x.wrapping_mul(0x9E37_79B9_7F4A_7C15)) ^ (x << 32)
-}
-
-/// Keyed hash of a canonical key. IPv4 keys fold two words (a few nanoseconds); the
-/// spread hash picks the shard and, passed straight through, the bucket (no second
-/// hashing). 32 bits are plenty to spread a table of millions; equality is always checked
-/// on the full key.
-#[inline]
-fn key_hash32(proto: u8, v6: bool, lo: End, hi: End) -> u32 {
-    (key_hash(proto, v6, lo, hi) >> 32) as u32
-}
-
+/// Keyed hash of a canonical key. IPv4 keys fold two words (a few nanoseconds). The table
+/// takes the shard from the low bits, the slot tag from bits 16..47 and the bucket from
+/// the top bits, so the three are independent.
 #[inline]
 fn key_hash(proto: u8, v6: bool, lo: End, hi: End) -> u64 {
     let s = seeds();
@@ -540,107 +663,6 @@ fn key_hash(proto: u8, v6: bool, lo: End, hi: End) -> u64 {
     } else {
         let a = ((lo.0 as u64) << 32) | (hi.0 as u64);
         fold(fold(a ^ s[0], ports ^ s[1]), s[2])
-    }
-}
-
-/// Map key: the entry itself, hashed and compared by its canonical flow key, so the key is
-/// stored once (inside the entry) and the map slot is one pointer.
-#[derive(Clone, Debug)]
-pub(crate) struct Slot(pub(crate) Arc<Entry>);
-
-impl Hash for Slot {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.0.hash64());
-    }
-}
-
-impl PartialEq for Slot {
-    fn eq(&self, other: &Slot) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || {
-            let k = other.0.key();
-            self.0.matches(&Probe::new(&k)).is_some()
-        }
-    }
-}
-
-impl Eq for Slot {}
-
-impl Hash for Probe {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash);
-    }
-}
-
-impl scc::Equivalent<Slot> for Probe {
-    fn equivalent(&self, key: &Slot) -> bool {
-        key.0.matches(self).is_some()
-    }
-}
-
-/// Finds one exact entry (eviction and expiry remove precisely what they examined).
-pub(crate) struct Exact<'a> {
-    pub(crate) hash: u64,
-    pub(crate) entry: &'a Entry,
-}
-
-impl Hash for Exact<'_> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash);
-    }
-}
-
-impl scc::Equivalent<Slot> for Exact<'_> {
-    fn equivalent(&self, key: &Slot) -> bool {
-        std::ptr::eq(Arc::as_ptr(&key.0), self.entry)
-    }
-}
-
-/// Finds an entry by its 32-bit hash alone: the eviction queue stores 4-byte hashes, not
-/// keys. Two live flows sharing 32 bits in one shard is rare and harmless: whichever is
-/// found is checked for evictability like any other candidate.
-pub(crate) struct ByHash(pub(crate) u32);
-
-impl Hash for ByHash {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(spread(self.0));
-    }
-}
-
-impl scc::Equivalent<Slot> for ByHash {
-    fn equivalent(&self, key: &Slot) -> bool {
-        key.0.hash32() == self.0
-    }
-}
-
-/// The keys hash themselves (keyed, see [`key_hash`]); the map uses that value as is.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct PassThrough;
-
-#[derive(Default)]
-pub(crate) struct PassThroughHasher(u64);
-
-impl Hasher for PassThroughHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only reached if something other than our key types is hashed; stay correct.
-        for b in bytes {
-            self.0 = fold(self.0 ^ u64::from(*b), 0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
-
-impl BuildHasher for PassThrough {
-    type Hasher = PassThroughHasher;
-
-    fn build_hasher(&self) -> PassThroughHasher {
-        PassThroughHasher(0)
     }
 }
 
@@ -661,8 +683,8 @@ mod tests {
     }
 
     #[test]
-    fn entry_is_80_bytes() {
-        assert_eq!(std::mem::size_of::<Entry>(), 80);
+    fn entry_is_88_bytes() {
+        assert_eq!(std::mem::size_of::<Entry>(), 88);
     }
 
     #[test]
@@ -675,8 +697,8 @@ mod tests {
             assert_eq!(e.key(), k);
             assert_eq!(e.side_of(&k), Some(Side::Orig));
             assert_eq!(e.side_of(&k.reversed()), Some(Side::Reply));
-            assert_eq!(e.hash64(), Probe::new(&k).hash);
-            assert_eq!(e.hash64(), Probe::new(&k.reversed()).hash);
+            assert_eq!(e.hash(), Probe::new(&k).hash);
+            assert_eq!(e.hash(), Probe::new(&k.reversed()).hash);
             assert_eq!(e.src_workload(), Some(WorkloadId(3)));
             assert_eq!(e.dst_workload(), None);
             assert_eq!(e.generation(), Generation(7));
@@ -695,7 +717,7 @@ mod tests {
         );
         let plain = Entry::new(&k, init(), None, 0);
         assert_eq!(plain.fqdn(), None);
-        assert!(plain.ext.is_none(), "an IPv4 entry without a name needs no side allocation");
+        assert!(plain.ext().is_none(), "an IPv4 entry without a name needs no side allocation");
         let named = Entry::new(
             &k,
             EntryInit { fqdn: Some(Arc::from("api.example.com")), ..init() },

@@ -1,23 +1,18 @@
 //! Idle timeouts per protocol and state, and the incremental expiry sweep.
 //!
-//! The sweep walks a cursor (shard, position) across the shards, examining at most `budget`
-//! entries per call, so it never stops the world: lookups never wait for it (they take no
-//! lock), inserts into the shard being swept wait only for the few removals it makes. While
-//! it walks it also re-queues entries that became evictable after they were inserted (a
-//! closing flow) so eviction finds them.
-//!
-//! The cursor counts positions in the shard's iteration order; inserts and removals in the
-//! shard between two calls can shift that order, so an entry may be seen twice or missed in
-//! one rotation. A missed entry is seen in the next one: expiry is late by at most one
-//! rotation, never wrong (an entry is only removed after re-checking it is still idle).
+//! The sweep walks a cursor (shard, slot id) across the shards' slabs, examining at most
+//! `budget` slots per call, so it never stops the world: lookups never wait for it (they
+//! take no lock), inserts into the shard being swept wait for at most one batch of
+//! [`SWEEP_BATCH`] slots. While it walks it also re-queues entries that became evictable
+//! after they were inserted (a closing flow) so eviction finds them. Slots do not move, so
+//! one rotation sees every entry that was live throughout it.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::flow::Proto;
 
-use super::entry::{Entry, Exact, FlowState, QUEUED};
+use super::entry::{Entry, FlowState, QUEUED};
 use super::tcp_state::TcpState;
 use super::{Conntrack, ConntrackConfig};
 
@@ -84,78 +79,62 @@ impl Timeouts {
     }
 }
 
-/// Where the sweep resumes.
+/// Where the sweep resumes: a shard and a slot id in it.
 #[derive(Debug, Default)]
 pub(crate) struct Cursor {
     shard: usize,
-    pos: usize,
-    dead: Vec<Arc<Entry>>,
-    requeue: Vec<u32>,
+    pos: u32,
 }
 
+/// Slots examined per hold of a shard's writer lock: bounds how long an insert into the
+/// shard being swept can wait.
+const SWEEP_BATCH: u32 = 512;
+
 impl Conntrack {
-    /// Expires idle entries, examining no more than `budget` of them; returns how many were
-    /// removed. A background task calls this repeatedly (e.g. every 100 ms with a budget of
-    /// a few thousand); a full rotation visits every entry once. Expired proxied flows are
-    /// cut through their handle. If another call is already sweeping, returns 0 at once.
+    /// Expires idle entries, examining no more than `budget` slots; returns how many
+    /// entries were removed. A background task calls this repeatedly (e.g. every 100 ms
+    /// with a budget of a few thousand); a full rotation visits every slot once. Expired
+    /// proxied flows are cut through their handle. If another call is already sweeping,
+    /// returns 0 at once.
     pub fn expire_step(&self, now: Instant, budget: usize) -> usize {
         let Ok(mut cur) = self.cursor.try_lock() else {
             return 0;
         };
         let cur = &mut *cur;
         let now_ms = self.ms(now);
-        let mut examined = 0;
+        let mut examined = 0usize;
         let mut removed = 0;
         let mut shards_done = 0;
         while examined < budget && shards_done < self.shards.len() {
             let shard = &self.shards[cur.shard];
-            let mut pos = 0;
-            let mut finished = true;
-            {
-                let guard = scc::Guard::new();
-                for (slot, ()) in shard.map.iter(&guard) {
-                    if pos < cur.pos {
-                        pos += 1;
-                        continue;
-                    }
-                    if examined == budget {
-                        finished = false;
-                        break;
-                    }
-                    pos += 1;
-                    examined += 1;
-                    let e = &slot.0;
-                    if self.timeouts.is_expired(e, now_ms) {
-                        cur.dead.push(e.clone());
-                    } else if e.is_evictable() && e.swap_flag(QUEUED, true) & QUEUED == 0 {
-                        cur.requeue.push(e.hash32());
-                    }
-                }
-            }
-            let mut gone = 0;
-            for e in cur.dead.drain(..) {
-                let exact = Exact { hash: e.hash64(), entry: &e };
-                if shard.map.remove_if_sync(&exact, |()| self.timeouts.is_expired(&e, now_ms)) {
-                    shard.len.fetch_sub(1, Ordering::Relaxed);
-                    self.len.fetch_sub(1, Ordering::Relaxed);
-                    e.trigger_cut();
-                    gone += 1;
-                }
-            }
-            if !cur.requeue.is_empty() {
-                let mut q = shard.lock();
-                for h in cur.requeue.drain(..) {
-                    shard.enqueue(&mut q, h, self.shard_cap);
-                }
-            }
-            removed += gone;
-            if finished {
+            let high = shard.high.load(Ordering::Acquire);
+            if cur.pos >= high {
                 cur.shard = (cur.shard + 1) & self.mask;
                 cur.pos = 0;
                 shards_done += 1;
-            } else {
-                cur.pos = pos - gone;
+                continue;
             }
+            let left = u32::try_from(budget - examined).unwrap_or(u32::MAX);
+            let end = high.min(cur.pos.saturating_add(left.min(SWEEP_BATCH)));
+            let mut w = shard.lock();
+            for id in cur.pos..end {
+                let Some(e) = shard.slot(id) else { continue };
+                if !e.is_live() {
+                    continue;
+                }
+                if self.timeouts.is_expired(e, now_ms) {
+                    e.trigger_cut();
+                    shard.remove_slot(&mut w, id, e);
+                    self.len.fetch_sub(1, Ordering::Relaxed);
+                    removed += 1;
+                } else if e.is_evictable() && e.swap_flag(QUEUED, true) & QUEUED == 0 {
+                    // Became evictable after it was inserted (a closing flow).
+                    shard.enqueue(&mut w, id, self.shard_cap);
+                }
+            }
+            drop(w);
+            examined += (end - cur.pos) as usize;
+            cur.pos = end;
         }
         self.stats.expired.fetch_add(removed as u64, Ordering::Relaxed);
         removed

@@ -16,9 +16,7 @@
 //! (kept on its entry, [`Entry::fqdn`]), so a reload that keeps the `domainNames` rule
 //! allowing it keeps the flow, and one that drops the rule cuts it.
 
-use std::sync::Arc;
-
-use crate::conntrack::{Conntrack, Entry};
+use crate::conntrack::{Conntrack, Entry, EntryRef};
 use crate::policy::{Decision, FlowQuery, Generation, PolicySnapshot};
 
 /// Counts from one revalidation.
@@ -81,7 +79,7 @@ pub fn revalidate(
     stats
 }
 
-fn collect_stale(conntrack: &Conntrack, generation: Generation) -> Vec<Arc<Entry>> {
+fn collect_stale(conntrack: &Conntrack, generation: Generation) -> Vec<EntryRef> {
     let mut stale = Vec::new();
     conntrack.for_each(|e| {
         if e.generation() < generation {

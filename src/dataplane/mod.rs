@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
-use crate::conntrack::{Conntrack, CutSignal, Entry, EntryInit, FlowState, InsertError};
+use crate::conntrack::{Conntrack, CutSignal, Entry, EntryInit, EntryRef, FlowState, InsertError};
 use crate::flow::{FlowKey, Proto};
 use crate::policy::{
     Decision, DenyReason, FlowQuery, Generation, PolicyHandle, PolicySnapshot, Verdict,
@@ -130,7 +130,7 @@ pub struct ListenerTag {
 /// A flow the gate let through: its conntrack entry and the signal that cuts it.
 #[derive(Debug)]
 pub struct Admitted {
-    pub entry: Arc<Entry>,
+    pub entry: EntryRef,
     pub cut: Arc<CutSignal>,
     pub generation: Generation,
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flowgate::config::Config;
-use flowgate::conntrack::{Conntrack, CutSignal, Entry, EntryInit, FlowState, tcp_key};
+use flowgate::conntrack::{Conntrack, CutSignal, Entry, EntryInit, EntryRef, FlowState, tcp_key};
 use flowgate::control::{ControlPlane, RevokeFn};
 use flowgate::flow::Proto;
 use flowgate::policy::{Decision, FlowQuery, Generation};
@@ -101,7 +101,7 @@ impl Fixture {
     }
 
     /// Tracks a TCP flow as the proxy would, with a cut signal.
-    pub fn track(&self, src: &str, dst: &str, generation: u64) -> (Arc<Entry>, Arc<CutSignal>) {
+    pub fn track(&self, src: &str, dst: &str, generation: u64) -> (EntryRef, Arc<CutSignal>) {
         self.track_named(src, dst, generation, None)
     }
 
@@ -112,7 +112,7 @@ impl Fixture {
         dst: &str,
         generation: u64,
         fqdn: Option<&str>,
-    ) -> (Arc<Entry>, Arc<CutSignal>) {
+    ) -> (EntryRef, Arc<CutSignal>) {
         let cut = Arc::new(CutSignal::default());
         let entry = self
             .conntrack

@@ -27,7 +27,7 @@ use super::listener::ListenerConfig;
 use super::proxy_header::ProxyHeaderConfig;
 use super::splice::idle_timer;
 use super::upstream::Upstreams;
-use crate::conntrack::{Entry, FlowState};
+use crate::conntrack::{EntryRef, FlowState};
 use crate::dataplane::{Admission, Admitted, ListenerTag, Runtime, admit};
 use crate::flow::{FlowKey, Proto};
 use crate::shutdown::{DrainGuard, Signal};
@@ -50,7 +50,7 @@ pub struct UdpProxy {
 struct Session {
     id: u64,
     upstream: Arc<UdpSocket>,
-    entry: Arc<Entry>,
+    entry: EntryRef,
 }
 
 impl UdpProxy {
