@@ -71,6 +71,10 @@ pub struct ControlConfig {
     pub emergency_max_ttl: Duration,
     /// Watch the policy sources for changes. Default true.
     pub watch: bool,
+    /// Reload at once when a change completes a policy file or the inventory (renamed into
+    /// place, written and closed, removed) instead of waiting `debounce` of quiet first;
+    /// changes during a reload are coalesced into the next one. Default true.
+    pub immediate: bool,
 }
 
 impl Default for ControlConfig {
@@ -83,6 +87,7 @@ impl Default for ControlConfig {
             emergency_max: 64,
             emergency_max_ttl: Duration::from_secs(24 * 3600),
             watch: true,
+            immediate: true,
         }
     }
 }
@@ -321,15 +326,22 @@ impl ControlPlane {
         let mut watcher = None;
         if self.shared.cfg.control.watch {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let timing = watch::WatchTiming {
+                quiet: self.shared.cfg.control.debounce,
+                immediate: self.shared.cfg.control.immediate,
+                urgent: Arc::new(AtomicBool::new(false)),
+            };
             watcher = Some(watch::watch_sources(
                 &self.shared.cfg.policy.dir,
                 &self.shared.cfg.policy.inventory,
                 tx,
+                &timing,
             )?);
             tasks.push(tokio::spawn(watch::debounce_loop(
                 self.clone(),
                 rx,
-                self.shared.cfg.control.debounce,
+                timing.quiet,
+                timing.urgent,
             )));
         }
         tasks.push(watch::spawn_sighup(self.clone()).map_err(ControlError::Signal)?);
@@ -371,6 +383,7 @@ impl ControlPlane {
             }],
             revalidated: 0,
             revoked: 0,
+            phases: reload::Phases::default(),
         }
     }
 

@@ -5,23 +5,36 @@
 //! directory, so an editor's rename-and-replace (write `x.tmp`, rename over `x`) is seen
 //! as what it is, a new file under a watched directory, and the watch never goes stale on a
 //! replaced inode. Access events are ignored (reading the sources must not trigger another
-//! read). Events are debounced: the reload starts once the sources have been quiet for
-//! `control.debounce` (at most 10 debounce periods after the first event, so a file that
-//! is rewritten continuously still gets reloaded). A half-written file is simply rejected
-//! by that reload and picked up by the one its final write triggers.
+//! read).
+//!
+//! When to reload: a change that completes a file — a policy file or the inventory renamed
+//! into place (atomic: the new name shows whole bytes), the close of a write to one, or a
+//! removal — reloads at once (`control.immediate`, default on): waiting for quiet would
+//! only add `control.debounce` to every edit. Changes that arrive while a reload runs are
+//! coalesced into one more reload after it, so a burst (a `git checkout` of many files)
+//! costs about two reloads, the second seeing the whole burst. Every other event (a
+//! create, a write still open) is debounced: the reload starts once the sources have been
+//! quiet for `control.debounce` (at most 10 debounce periods after the first event, so a
+//! file that is rewritten continuously still gets reloaded), unless a completing change
+//! arrives first. A file written in pieces is rejected by the reload of a piece (a
+//! half-written file: the last good generation stays in force) and picked up whole by the
+//! reload its last write triggers.
 //!
 //! Expiry: the timer sleeps until the earliest expiry of the compiled policy or the
 //! emergency overlay (re-read after every reload, and at least once a minute so a wall
 //! clock step is noticed), then asks for an [`Trigger::Expiry`] reload.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
+use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use super::ControlPlane;
-use super::reload::Trigger;
+use super::reload::{Trigger, is_policy_file};
 
 /// Keeps the notify watcher alive; dropping it stops watching.
 pub struct SourceWatcher {
@@ -34,8 +47,20 @@ impl std::fmt::Debug for SourceWatcher {
     }
 }
 
+/// What the watcher tells the debounce loop besides "something changed".
+#[derive(Debug)]
+pub struct WatchTiming {
+    /// Quiet time before reloading on an incomplete change (`control.debounce`).
+    pub quiet: Duration,
+    /// Reload at once on a change that completes a source file (`control.immediate`).
+    pub immediate: bool,
+    /// Set with the send when that change was seen; taken by the debounce loop.
+    pub urgent: Arc<AtomicBool>,
+}
+
 /// Starts watching `dir` and `inventory`; each relevant change sends `()` on `tx` (a
-/// full channel already holds a pending change, so extra sends are dropped).
+/// full channel already holds a pending change, so extra sends are dropped), after setting
+/// `timing.urgent` when the change completes a source file.
 ///
 /// # Errors
 /// The platform watcher cannot be created or a path cannot be watched.
@@ -43,6 +68,7 @@ pub fn watch_sources(
     dir: &Path,
     inventory: &Path,
     tx: mpsc::Sender<()>,
+    timing: &WatchTiming,
 ) -> Result<SourceWatcher, notify::Error> {
     let dir = absolute(dir);
     let inventory = absolute(inventory);
@@ -50,21 +76,28 @@ pub fn watch_sources(
     let inventory_name = inventory.file_name().map(|n| n.to_os_string());
     let policy_is_file = dir.is_file();
     let watched_dir = dir.clone();
+    let (immediate, urgent) = (timing.immediate, timing.urgent.clone());
+    let is_inventory = move |p: &Path| {
+        p.parent() == Some(inventory_dir.as_path())
+            && p.file_name().map(|n| n.to_os_string()) == inventory_name
+    };
     let mut watcher =
         notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
             Ok(ev) => {
-                if matches!(ev.kind, EventKind::Access(_)) {
+                let closed_write =
+                    ev.kind == EventKind::Access(AccessKind::Close(AccessMode::Write));
+                if matches!(ev.kind, EventKind::Access(_)) && !closed_write {
                     return;
                 }
                 let relevant = ev.paths.is_empty()
-                    || ev.paths.iter().any(|p| {
-                        p.starts_with(&watched_dir)
-                            || (p.parent() == Some(inventory_dir.as_path())
-                                && p.file_name().map(|n| n.to_os_string()) == inventory_name)
-                    });
-                if relevant {
-                    let _ = tx.try_send(());
+                    || ev.paths.iter().any(|p| p.starts_with(&watched_dir) || is_inventory(p));
+                if !relevant {
+                    return;
                 }
+                if immediate && completes_a_source(&ev, &is_inventory) {
+                    urgent.store(true, Ordering::Release);
+                }
+                let _ = tx.try_send(());
             }
             // An overflowed or failed watch: reload to be safe.
             Err(_) => {
@@ -84,15 +117,39 @@ pub fn watch_sources(
     Ok(SourceWatcher { _watcher: watcher })
 }
 
+/// Whether `ev` leaves a source file whole: a rename into place, the close of a write, or
+/// a removal, of a policy file (by the loader's naming rule) or the inventory. A temporary
+/// file (`.x.tmp`, `x~`) being written is not a source, so an editor's rename-and-replace
+/// counts once, at the rename.
+fn completes_a_source(ev: &notify::Event, is_inventory: &impl Fn(&Path) -> bool) -> bool {
+    // A rename inside the watched directories comes as `To` (the new name) and then
+    // `Both` (old and new): only `To` counts, or one rename would reload twice.
+    let target = match ev.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Modify(ModifyKind::Name(RenameMode::To))
+        | EventKind::Remove(_) => ev.paths.first(),
+        _ => None,
+    };
+    target.is_some_and(|p| {
+        is_inventory(p) || p.file_name().and_then(|n| n.to_str()).is_some_and(is_policy_file)
+    })
+}
+
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// Debounces change notifications and reloads; returns when `rx` closes.
-pub async fn debounce_loop(control: ControlPlane, mut rx: mpsc::Receiver<()>, quiet: Duration) {
+/// Debounces change notifications and reloads; returns when `rx` closes. A notification
+/// that comes with `urgent` set reloads at once, also in the middle of a quiet wait.
+pub async fn debounce_loop(
+    control: ControlPlane,
+    mut rx: mpsc::Receiver<()>,
+    quiet: Duration,
+    urgent: Arc<AtomicBool>,
+) {
     while rx.recv().await.is_some() {
         let deadline = tokio::time::Instant::now() + quiet * 10;
-        loop {
+        while !urgent.swap(false, Ordering::AcqRel) {
             let wait = quiet.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
             if wait.is_zero() {
                 break;
@@ -103,7 +160,7 @@ pub async fn debounce_loop(control: ControlPlane, mut rx: mpsc::Receiver<()>, qu
                 Err(_) => break,
             }
         }
-        control.metrics().control.watch_events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        control.metrics().control.watch_events.fetch_add(1, Ordering::Relaxed);
         control.reload(Trigger::Watch).await;
     }
 }
