@@ -204,10 +204,10 @@ async fn ttl_policy_expires_on_time_without_a_file_change() {
     assert_eq!(control.status().last.unwrap().trigger, Trigger::Expiry);
 }
 
-/// With `control.immediate` (the default) a change that leaves a file whole — a rename into
-/// place, the close of a write — reloads at once, while a file still being written is held
-/// by the debounce. The debounce here is an hour, so every reload below came from a
-/// completed file, and no half-written state was ever tried (no rejected reload).
+/// A change that leaves a file whole — a rename into place, the close of a write — reloads
+/// after `control.settle` (5 ms), while a file still being written is held by the
+/// debounce. The debounce here is an hour, so every reload below came from a completed
+/// file, and no half-written state was ever tried (no rejected reload).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completed_files_reload_at_once_and_open_writes_wait() {
     use std::io::Write;

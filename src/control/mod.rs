@@ -54,7 +54,8 @@ pub use reload::{ReloadError, ReloadReport, ReloadResult, Reloader, Sources, Tri
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
-    /// Quiet time after a file change before reloading. Default `50ms`.
+    /// Quiet time after a change that may leave a file incomplete (a create, a write still
+    /// open, a removal) before reloading. Default `50ms`.
     #[serde(with = "duration_text")]
     pub debounce: Duration,
     /// Append audit events (one JSON line per reload attempt) to this file; default: stderr.
@@ -71,10 +72,11 @@ pub struct ControlConfig {
     pub emergency_max_ttl: Duration,
     /// Watch the policy sources for changes. Default true.
     pub watch: bool,
-    /// Reload at once when a change completes a policy file or the inventory (renamed into
-    /// place, written and closed, removed) instead of waiting `debounce` of quiet first;
-    /// changes during a reload are coalesced into the next one. Default true.
-    pub immediate: bool,
+    /// Quiet time after a change that leaves a policy file or the inventory whole (renamed
+    /// into place, written and closed) before reloading: gathers a machine-made burst into
+    /// one reload. Default `5ms`; set it to `debounce` to wait alike for every change.
+    #[serde(with = "duration_text")]
+    pub settle: Duration,
 }
 
 impl Default for ControlConfig {
@@ -87,7 +89,7 @@ impl Default for ControlConfig {
             emergency_max: 64,
             emergency_max_ttl: Duration::from_secs(24 * 3600),
             watch: true,
-            immediate: true,
+            settle: Duration::from_millis(5),
         }
     }
 }
@@ -327,9 +329,9 @@ impl ControlPlane {
         if self.shared.cfg.control.watch {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             let timing = watch::WatchTiming {
-                quiet: self.shared.cfg.control.debounce,
-                immediate: self.shared.cfg.control.immediate,
-                urgent: Arc::new(AtomicBool::new(false)),
+                debounce: self.shared.cfg.control.debounce,
+                settle: self.shared.cfg.control.settle,
+                last_complete: Arc::new(AtomicBool::new(false)),
             };
             watcher = Some(watch::watch_sources(
                 &self.shared.cfg.policy.dir,
@@ -337,12 +339,7 @@ impl ControlPlane {
                 tx,
                 &timing,
             )?);
-            tasks.push(tokio::spawn(watch::debounce_loop(
-                self.clone(),
-                rx,
-                timing.quiet,
-                timing.urgent,
-            )));
+            tasks.push(tokio::spawn(watch::debounce_loop(self.clone(), rx, timing)));
         }
         tasks.push(watch::spawn_sighup(self.clone()).map_err(ControlError::Signal)?);
         tasks.push(tokio::spawn(watch::expiry_loop(self.clone())));

@@ -7,18 +7,19 @@
 //! replaced inode. Access events are ignored (reading the sources must not trigger another
 //! read).
 //!
-//! When to reload: a change that completes a file — a policy file or the inventory renamed
-//! into place (atomic: the new name shows whole bytes), the close of a write to one, or a
-//! removal — reloads at once (`control.immediate`, default on): waiting for quiet would
-//! only add `control.debounce` to every edit. Changes that arrive while a reload runs are
-//! coalesced into one more reload after it, so a burst (a `git checkout` of many files)
-//! costs about two reloads, the second seeing the whole burst. Every other event (a
-//! create, a write still open) is debounced: the reload starts once the sources have been
-//! quiet for `control.debounce` (at most 10 debounce periods after the first event, so a
-//! file that is rewritten continuously still gets reloaded), unless a completing change
-//! arrives first. A file written in pieces is rejected by the reload of a piece (a
-//! half-written file: the last good generation stays in force) and picked up whole by the
-//! reload its last write triggers.
+//! When to reload: the last change decides how long the sources must then stay quiet. A
+//! change that leaves a policy file or the inventory whole — renamed into place (atomic:
+//! the new name shows whole bytes) or written and closed — waits `control.settle` (default
+//! 5 ms): long enough to gather a machine-made burst (a `git checkout`, a config-management
+//! run) into one reload, short enough not to matter next to compiling. Any other change
+//! (a create, a write still open, a removal — often the first half of a delete-and-recreate)
+//! waits `control.debounce` (default 50 ms), so a half-written file or a half-done
+//! replacement is not enforced, and cut flows it would deny. Reloads start at most 10
+//! debounce periods after the first change, so a file rewritten continuously still gets
+//! reloaded; changes that arrive during a reload lead to one more reload after it. A file
+//! written in pieces through separate opens is rejected by the reload after a piece (a
+//! half-written file: the last good generation stays in force) and picked up whole after
+//! its last write.
 //!
 //! Expiry: the timer sleeps until the earliest expiry of the compiled policy or the
 //! emergency overlay (re-read after every reload, and at least once a minute so a wall
@@ -47,20 +48,21 @@ impl std::fmt::Debug for SourceWatcher {
     }
 }
 
-/// What the watcher tells the debounce loop besides "something changed".
+/// How long the sources must be quiet before a reload, by the kind of the last change.
 #[derive(Debug)]
 pub struct WatchTiming {
-    /// Quiet time before reloading on an incomplete change (`control.debounce`).
-    pub quiet: Duration,
-    /// Reload at once on a change that completes a source file (`control.immediate`).
-    pub immediate: bool,
-    /// Set with the send when that change was seen; taken by the debounce loop.
-    pub urgent: Arc<AtomicBool>,
+    /// After a change that may leave a file incomplete (`control.debounce`).
+    pub debounce: Duration,
+    /// After a change that leaves a source file whole (`control.settle`).
+    pub settle: Duration,
+    /// Whether the last change left a source file whole; written by the watcher before
+    /// each send, read by the debounce loop after each receive.
+    pub last_complete: Arc<AtomicBool>,
 }
 
 /// Starts watching `dir` and `inventory`; each relevant change sends `()` on `tx` (a
-/// full channel already holds a pending change, so extra sends are dropped), after setting
-/// `timing.urgent` when the change completes a source file.
+/// full channel already holds a pending change, so extra sends are dropped), after
+/// recording in `timing.last_complete` whether the change left a source file whole.
 ///
 /// # Errors
 /// The platform watcher cannot be created or a path cannot be watched.
@@ -76,7 +78,7 @@ pub fn watch_sources(
     let inventory_name = inventory.file_name().map(|n| n.to_os_string());
     let policy_is_file = dir.is_file();
     let watched_dir = dir.clone();
-    let (immediate, urgent) = (timing.immediate, timing.urgent.clone());
+    let last_complete = timing.last_complete.clone();
     let is_inventory = move |p: &Path| {
         p.parent() == Some(inventory_dir.as_path())
             && p.file_name().map(|n| n.to_os_string()) == inventory_name
@@ -86,7 +88,11 @@ pub fn watch_sources(
             Ok(ev) => {
                 let closed_write =
                     ev.kind == EventKind::Access(AccessKind::Close(AccessMode::Write));
-                if matches!(ev.kind, EventKind::Access(_)) && !closed_write {
+                // A rename inside the watched directories also comes as `From` and `To`
+                // events, sent first: `Both` says nothing new (and must not make the
+                // completed rename look incomplete).
+                let both = ev.kind == EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+                if (matches!(ev.kind, EventKind::Access(_)) && !closed_write) || both {
                     return;
                 }
                 let relevant = ev.paths.is_empty()
@@ -94,9 +100,7 @@ pub fn watch_sources(
                 if !relevant {
                     return;
                 }
-                if immediate && completes_a_source(&ev, &is_inventory) {
-                    urgent.store(true, Ordering::Release);
-                }
+                last_complete.store(completes_a_source(&ev, &is_inventory), Ordering::Release);
                 let _ = tx.try_send(());
             }
             // An overflowed or failed watch: reload to be safe.
@@ -117,17 +121,15 @@ pub fn watch_sources(
     Ok(SourceWatcher { _watcher: watcher })
 }
 
-/// Whether `ev` leaves a source file whole: a rename into place, the close of a write, or
-/// a removal, of a policy file (by the loader's naming rule) or the inventory. A temporary
-/// file (`.x.tmp`, `x~`) being written is not a source, so an editor's rename-and-replace
-/// counts once, at the rename.
+/// Whether `ev` leaves a source file whole: a rename into place or the close of a write,
+/// of a policy file (by the loader's naming rule) or the inventory. A temporary file
+/// (`.x.tmp`, `x~`) being written is not a source, so an editor's rename-and-replace
+/// completes at the rename. A removal does not count: it is as often the first half of a
+/// delete-and-recreate.
 fn completes_a_source(ev: &notify::Event, is_inventory: &impl Fn(&Path) -> bool) -> bool {
-    // A rename inside the watched directories comes as `To` (the new name) and then
-    // `Both` (old and new): only `To` counts, or one rename would reload twice.
     let target = match ev.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write))
-        | EventKind::Modify(ModifyKind::Name(RenameMode::To))
-        | EventKind::Remove(_) => ev.paths.first(),
+        | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => ev.paths.first(),
         _ => None,
     };
     target.is_some_and(|p| {
@@ -139,23 +141,24 @@ fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// Debounces change notifications and reloads; returns when `rx` closes. A notification
-/// that comes with `urgent` set reloads at once, also in the middle of a quiet wait.
-pub async fn debounce_loop(
-    control: ControlPlane,
-    mut rx: mpsc::Receiver<()>,
-    quiet: Duration,
-    urgent: Arc<AtomicBool>,
-) {
+/// Debounces change notifications and reloads; returns when `rx` closes. The quiet time
+/// is `timing.settle` or `timing.debounce` by the kind of the last change (see the module
+/// doc), capped at 10 debounce periods after the first.
+pub async fn debounce_loop(control: ControlPlane, mut rx: mpsc::Receiver<()>, timing: WatchTiming) {
+    let quiet = |t: &WatchTiming| {
+        if t.last_complete.load(Ordering::Acquire) { t.settle } else { t.debounce }
+    };
     while rx.recv().await.is_some() {
-        let deadline = tokio::time::Instant::now() + quiet * 10;
-        while !urgent.swap(false, Ordering::AcqRel) {
-            let wait = quiet.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let deadline = tokio::time::Instant::now() + timing.debounce * 10;
+        let mut wait_for = quiet(&timing);
+        loop {
+            let wait =
+                wait_for.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
             if wait.is_zero() {
                 break;
             }
             match tokio::time::timeout(wait, rx.recv()).await {
-                Ok(Some(())) => continue,
+                Ok(Some(())) => wait_for = quiet(&timing),
                 Ok(None) => return,
                 Err(_) => break,
             }
