@@ -259,3 +259,37 @@ async fn completed_files_reload_at_once_and_open_writes_wait() {
     assert_eq!(last.trigger, Trigger::Watch);
     assert_eq!(last.changes.unwrap().added, vec!["AdminNetworkPolicy deny-db-2".to_string()]);
 }
+
+/// A file deleted and written again (as some tools replace files) is one reload that sees
+/// the new file: the removal alone must not come into force, or revalidation would cut the
+/// flows the missing policy allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_and_recreate_is_one_reload_of_the_new_file() {
+    let fx = Fixture::new(&format!(
+        "[control]\ndebounce = \"2s\"\naudit_log = \"audit.jsonl\"\n{}",
+        admin_toml()
+    ));
+    let file = fx.path("policies/deny-db.yaml");
+    std::fs::write(&file, DENY_DB).unwrap();
+    let control = fx.control();
+    let _tasks = control.start().await.expect("control plane starts");
+    assert!(!allowed(&control, WEB, DB, 5432));
+
+    std::fs::remove_file(&file).unwrap();
+    std::fs::write(&file, DENY_DB.replace("priority: 10", "priority: 12")).unwrap();
+    let c = control.clone();
+    assert!(
+        wait_for_async(Duration::from_secs(10), || {
+            c.status().last.is_some_and(|r| r.generation == 2)
+        })
+        .await
+    );
+    let changes = control.status().last.unwrap().changes.unwrap();
+    assert_eq!(
+        (changes.policies_added, changes.policies_removed, changes.policies_modified),
+        (0, 0, 1),
+        "{changes:?}"
+    );
+    assert!(!allowed(&control, WEB, DB, 5432), "db stayed denied");
+    assert_eq!(control.generation(), 2, "no generation without the file");
+}

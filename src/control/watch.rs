@@ -100,11 +100,18 @@ pub fn watch_sources(
                 if !relevant {
                     return;
                 }
-                last_complete.store(completes_a_source(&ev, &is_inventory), Ordering::Release);
+                // A policy "directory" that is one file counts whatever its name.
+                let is_source = |p: &Path| {
+                    is_inventory(p)
+                        || (policy_is_file && p == watched_dir)
+                        || p.file_name().and_then(|n| n.to_str()).is_some_and(is_policy_file)
+                };
+                last_complete.store(completes_a_source(&ev, &is_source), Ordering::Release);
                 let _ = tx.try_send(());
             }
-            // An overflowed or failed watch: reload to be safe.
+            // An overflowed or failed watch: reload to be safe, after the full debounce.
             Err(_) => {
+                last_complete.store(false, Ordering::Release);
                 let _ = tx.try_send(());
             }
         })?;
@@ -122,19 +129,17 @@ pub fn watch_sources(
 }
 
 /// Whether `ev` leaves a source file whole: a rename into place or the close of a write,
-/// of a policy file (by the loader's naming rule) or the inventory. A temporary file
+/// of a source (a policy file by the loader's naming rule, or the inventory). A temporary file
 /// (`.x.tmp`, `x~`) being written is not a source, so an editor's rename-and-replace
 /// completes at the rename. A removal does not count: it is as often the first half of a
 /// delete-and-recreate.
-fn completes_a_source(ev: &notify::Event, is_inventory: &impl Fn(&Path) -> bool) -> bool {
+fn completes_a_source(ev: &notify::Event, is_source: &impl Fn(&Path) -> bool) -> bool {
     let target = match ev.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write))
         | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => ev.paths.first(),
         _ => None,
     };
-    target.is_some_and(|p| {
-        is_inventory(p) || p.file_name().and_then(|n| n.to_str()).is_some_and(is_policy_file)
-    })
+    target.is_some_and(|p| is_source(p))
 }
 
 fn absolute(p: &Path) -> PathBuf {
