@@ -407,7 +407,7 @@ fn policy_set(nps: usize, admin: bool) -> PolicySet {
         policies.extend((0..100).map(|k| admin_policy(&mut rng, k)));
         policies.push(baseline());
     }
-    PolicySet { inventory, policies }
+    PolicySet::new(inventory, policies)
 }
 
 /// The control-plane benchmark's shape (benches/reload.rs on the `control` branch): a
@@ -482,7 +482,7 @@ fn diverse_set() -> PolicySet {
             }
         })
         .collect();
-    PolicySet { inventory: Inventory { namespaces, workloads }, policies }
+    PolicySet::new(Inventory { namespaces, workloads }, policies)
 }
 
 /// 1,024 flows: workload → workload (70%), workload → external or metadata (15%),

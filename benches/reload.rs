@@ -1,4 +1,4 @@
-//! Control-plane benchmarks (numbers and commands in BENCHMARKS-control.md).
+//! Control-plane benchmarks (numbers and commands in BENCHMARKS.md, "Control plane").
 //!
 //! - `reload/watch_to_enforce_10k`: a policy file of a 10,000-policy, 10,000-workload set is
 //!   rewritten (rename-and-replace, as editors do); the time until the new generation is in
@@ -115,13 +115,54 @@ fn breakdown(dir: &Path) {
     let t = Instant::now();
     let cloned = set.clone();
     let cloning = t.elapsed();
-    black_box((hash, compiled, cloned));
+    black_box((hash, &compiled, cloned));
+    let t = Instant::now();
+    drop(compiled);
+    let freeing = t.elapsed();
     eprintln!(
-        "breakdown: hash {:.1} ms, load {:.1} ms, compile {:.1} ms, clone {:.1} ms",
+        "breakdown (cold, whole set): hash {:.1} ms, load {:.1} ms, compile {:.1} ms, \
+         clone {:.1} ms, free compiled {:.1} ms",
         hashing.as_secs_f64() * 1e3,
         loading.as_secs_f64() * 1e3,
         compiling.as_secs_f64() * 1e3,
-        cloning.as_secs_f64() * 1e3
+        cloning.as_secs_f64() * 1e3,
+        freeing.as_secs_f64() * 1e3
+    );
+    // The steps of a reload after one file of the 100 changed, as the reloader times them.
+    let control = control(dir, false);
+    let mut reports = Vec::new();
+    for version in 1..=PHASE_RUNS {
+        let f = version % FILES;
+        replace(&dir.join(format!("policies/f{f:03}.yaml")), &policy_file(f, 100_000 + version));
+        let report = control.reload_blocking(Trigger::Api);
+        assert_eq!(report.result, flowgate::control::ReloadResult::Ok);
+        reports.push(report);
+    }
+    print_phases("direct reload, one file changed", &reports);
+}
+
+/// Reloads whose phases are printed (median of each phase).
+const PHASE_RUNS: usize = 11;
+
+fn print_phases(what: &str, reports: &[flowgate::control::ReloadReport]) {
+    let median = |f: &dyn Fn(&flowgate::control::ReloadReport) -> Duration| {
+        let mut v: Vec<Duration> = reports.iter().map(f).collect();
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e3
+    };
+    let p = |r: &flowgate::control::ReloadReport| r.phases;
+    eprintln!(
+        "phases ({what}; median of {}): scan {:.2} ms, load {:.2} ms, compile {:.1} ms, \
+         swap {:.3} ms, to swap {:.1} ms, whole apply {:.1} ms; files read {}, parsed {}",
+        reports.len(),
+        median(&|r| p(r).scan),
+        median(&|r| p(r).load),
+        median(&|r| p(r).compile),
+        median(&|r| p(r).swap),
+        median(&|r| p(r).scan + p(r).load + p(r).compile + p(r).swap),
+        median(&|r| r.duration),
+        reports.last().map_or(0, |r| p(r).files_read),
+        reports.last().map_or(0, |r| p(r).files_parsed),
     );
 }
 
@@ -184,13 +225,28 @@ fn reload_benches(c: &mut Criterion) {
         })
     });
     group.finish();
+    // The same watched rewrites again, each waited for until its reload is recorded, to
+    // see where the time to the swap goes.
+    let mut reports = Vec::new();
+    for _ in 0..PHASE_RUNS {
+        version += 1;
+        let f = version % FILES;
+        let before = handle.load().generation;
+        replace(&dir.path().join(format!("policies/f{f:03}.yaml")), &policy_file(f, version));
+        let start = Instant::now();
+        loop {
+            assert!(start.elapsed() < Duration::from_secs(300), "reload never came");
+            if let Some(r) = control.status().last
+                && r.generation > before.0
+            {
+                reports.push(r);
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
     drop(tasks);
-    let report = control.status().last.unwrap();
-    eprintln!(
-        "last reload: {:.1} ms total, {:.1} ms load+compile",
-        report.duration.as_secs_f64() * 1e3,
-        report.compile_duration.as_secs_f64() * 1e3
-    );
+    print_phases("watched reload", &reports);
 }
 
 fn hot_path(c: &mut Criterion) {

@@ -203,3 +203,93 @@ async fn ttl_policy_expires_on_time_without_a_file_change() {
     assert!(control.next_expiry().is_none());
     assert_eq!(control.status().last.unwrap().trigger, Trigger::Expiry);
 }
+
+/// A change that leaves a file whole — a rename into place, the close of a write — reloads
+/// after `control.settle` (5 ms), while a file still being written is held by the
+/// debounce. The debounce here is an hour, so every reload below came from a completed
+/// file, and no half-written state was ever tried (no rejected reload).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completed_files_reload_at_once_and_open_writes_wait() {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    let fx = Fixture::new(&format!(
+        "[control]\ndebounce = \"1h\"\naudit_log = \"audit.jsonl\"\n{}",
+        admin_toml()
+    ));
+    let control = fx.control();
+    let _tasks = control.start().await.expect("control plane starts");
+
+    replace_file(&fx.path("policies/deny-db.yaml"), DENY_DB);
+    let c = control.clone();
+    assert!(
+        wait_for_async(Duration::from_secs(10), || c.generation() == 2).await,
+        "a renamed-in file reloads without the hour of debounce"
+    );
+    assert!(!allowed(&control, WEB, DB, 5432));
+
+    // Written in place in two parts; the first alone is not a valid policy.
+    let text = DENY_DB.replace("deny-db", "deny-db-2").replace("priority: 10", "priority: 11");
+    let cut = text.find("      action").unwrap();
+    let mut file = std::fs::File::create(fx.path("policies/second.yaml")).unwrap();
+    file.write_all(&text.as_bytes()[..cut]).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(control.generation(), 2, "no reload while the writer holds the file open");
+    file.write_all(&text.as_bytes()[cut..]).unwrap();
+    drop(file);
+    let c = control.clone();
+    assert!(
+        wait_for_async(Duration::from_secs(10), || c.generation() == 3).await,
+        "closing the write reloads"
+    );
+    // The status is recorded just after the swap makes the generation visible.
+    let c = control.clone();
+    assert!(
+        wait_for_async(Duration::from_secs(10), || {
+            c.status().last.is_some_and(|r| r.generation == 3)
+        })
+        .await
+    );
+    assert_eq!(
+        fx.metrics.control.reloads_error.load(Ordering::Relaxed),
+        0,
+        "{}",
+        std::fs::read_to_string(fx.path("audit.jsonl")).unwrap()
+    );
+    let last = control.status().last.unwrap();
+    assert_eq!(last.trigger, Trigger::Watch);
+    assert_eq!(last.changes.unwrap().added, vec!["AdminNetworkPolicy deny-db-2".to_string()]);
+}
+
+/// A file deleted and written again (as some tools replace files) is one reload that sees
+/// the new file: the removal alone must not come into force, or revalidation would cut the
+/// flows the missing policy allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_and_recreate_is_one_reload_of_the_new_file() {
+    let fx = Fixture::new(&format!(
+        "[control]\ndebounce = \"2s\"\naudit_log = \"audit.jsonl\"\n{}",
+        admin_toml()
+    ));
+    let file = fx.path("policies/deny-db.yaml");
+    std::fs::write(&file, DENY_DB).unwrap();
+    let control = fx.control();
+    let _tasks = control.start().await.expect("control plane starts");
+    assert!(!allowed(&control, WEB, DB, 5432));
+
+    std::fs::remove_file(&file).unwrap();
+    std::fs::write(&file, DENY_DB.replace("priority: 10", "priority: 12")).unwrap();
+    let c = control.clone();
+    assert!(
+        wait_for_async(Duration::from_secs(10), || {
+            c.status().last.is_some_and(|r| r.generation == 2)
+        })
+        .await
+    );
+    let changes = control.status().last.unwrap().changes.unwrap();
+    assert_eq!(
+        (changes.policies_added, changes.policies_removed, changes.policies_modified),
+        (0, 0, 1),
+        "{changes:?}"
+    );
+    assert!(!allowed(&control, WEB, DB, 5432), "db stayed denied");
+    assert_eq!(control.generation(), 2, "no generation without the file");
+}

@@ -19,6 +19,13 @@ async fn sighup_reloads() {
     assert_eq!(rc, 0);
     let c = control.clone();
     assert!(wait_for_async(Duration::from_secs(10), || c.generation() == 2).await);
+    // The status is recorded just after the swap makes the generation visible.
+    assert!(
+        wait_for_async(Duration::from_secs(10), || {
+            c.status().last.is_some_and(|r| r.generation == 2)
+        })
+        .await
+    );
     assert_eq!(control.status().last.unwrap().trigger, Trigger::Signal);
     assert!(!allowed(&control, "127.0.10.1", "127.0.10.2", 5432));
 }

@@ -324,7 +324,7 @@ fn policy_set(now: SystemTime) -> impl Strategy<Value = PolicySet> {
                 w.name = format!("w{i}");
                 w.addrs.retain(|a| owned.insert(*a));
             }
-            PolicySet { inventory: Inventory { namespaces, workloads }, policies }
+            PolicySet::new(Inventory { namespaces, workloads }, policies)
         })
 }
 

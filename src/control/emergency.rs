@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
@@ -359,18 +360,19 @@ impl Overlay {
                         addrs: vec![IpNet::from(*ip)],
                         ports: Vec::new(),
                     });
-                    set.policies.push(quarantine_policy(e, created, expires));
+                    set.policies.push(Arc::new(quarantine_policy(e, created, expires)));
                 }
                 Target::Workload { namespace, name } => {
-                    if let Some(w) = set
-                        .inventory
+                    // Copies the inventory only here (the other workloads are shared
+                    // with the disk set otherwise).
+                    if let Some(w) = Arc::make_mut(&mut set.inventory)
                         .workloads
                         .iter_mut()
                         .find(|w| &w.namespace == namespace && &w.name == name)
                     {
                         w.labels.insert(e.label(), "true".to_owned());
                     }
-                    set.policies.push(quarantine_policy(e, created, expires));
+                    set.policies.push(Arc::new(quarantine_policy(e, created, expires)));
                 }
                 Target::Policy { yaml } => {
                     let source = PathBuf::from(format!("emergency:{}", e.id));
@@ -380,7 +382,7 @@ impl Overlay {
                         for mut p in policies {
                             p.expiry = Some(Expiry::At(expires));
                             p.created_at = Some(created);
-                            set.policies.push(p);
+                            set.policies.push(Arc::new(p));
                         }
                     }
                 }
@@ -389,8 +391,9 @@ impl Overlay {
         if !synthetic.is_empty() {
             // First, so the synthetic /32 wins a longest-prefix tie with a workload that
             // owns the same address.
-            synthetic.append(&mut set.inventory.workloads);
-            set.inventory.workloads = synthetic;
+            let inventory = Arc::make_mut(&mut set.inventory);
+            synthetic.append(&mut inventory.workloads);
+            inventory.workloads = synthetic;
         }
         self.content_hash()
     }

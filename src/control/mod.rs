@@ -54,7 +54,8 @@ pub use reload::{ReloadError, ReloadReport, ReloadResult, Reloader, Sources, Tri
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
-    /// Quiet time after a file change before reloading. Default `50ms`.
+    /// Quiet time after a change that may leave a file incomplete (a create, a write still
+    /// open, a removal) before reloading. Default `50ms`.
     #[serde(with = "duration_text")]
     pub debounce: Duration,
     /// Append audit events (one JSON line per reload attempt) to this file; default: stderr.
@@ -71,6 +72,11 @@ pub struct ControlConfig {
     pub emergency_max_ttl: Duration,
     /// Watch the policy sources for changes. Default true.
     pub watch: bool,
+    /// Quiet time after a change that leaves a policy file or the inventory whole (renamed
+    /// into place, written and closed) before reloading: gathers a machine-made burst into
+    /// one reload. Default `5ms`; set it to `debounce` to wait alike for every change.
+    #[serde(with = "duration_text")]
+    pub settle: Duration,
 }
 
 impl Default for ControlConfig {
@@ -83,6 +89,7 @@ impl Default for ControlConfig {
             emergency_max: 64,
             emergency_max_ttl: Duration::from_secs(24 * 3600),
             watch: true,
+            settle: Duration::from_millis(5),
         }
     }
 }
@@ -321,16 +328,18 @@ impl ControlPlane {
         let mut watcher = None;
         if self.shared.cfg.control.watch {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let timing = watch::WatchTiming {
+                debounce: self.shared.cfg.control.debounce,
+                settle: self.shared.cfg.control.settle,
+                last_complete: Arc::new(AtomicBool::new(false)),
+            };
             watcher = Some(watch::watch_sources(
                 &self.shared.cfg.policy.dir,
                 &self.shared.cfg.policy.inventory,
                 tx,
+                &timing,
             )?);
-            tasks.push(tokio::spawn(watch::debounce_loop(
-                self.clone(),
-                rx,
-                self.shared.cfg.control.debounce,
-            )));
+            tasks.push(tokio::spawn(watch::debounce_loop(self.clone(), rx, timing)));
         }
         tasks.push(watch::spawn_sighup(self.clone()).map_err(ControlError::Signal)?);
         tasks.push(tokio::spawn(watch::expiry_loop(self.clone())));
@@ -371,6 +380,7 @@ impl ControlPlane {
             }],
             revalidated: 0,
             revoked: 0,
+            phases: reload::Phases::default(),
         }
     }
 

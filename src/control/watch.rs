@@ -5,23 +5,37 @@
 //! directory, so an editor's rename-and-replace (write `x.tmp`, rename over `x`) is seen
 //! as what it is, a new file under a watched directory, and the watch never goes stale on a
 //! replaced inode. Access events are ignored (reading the sources must not trigger another
-//! read). Events are debounced: the reload starts once the sources have been quiet for
-//! `control.debounce` (at most 10 debounce periods after the first event, so a file that
-//! is rewritten continuously still gets reloaded). A half-written file is simply rejected
-//! by that reload and picked up by the one its final write triggers.
+//! read).
+//!
+//! When to reload: the last change decides how long the sources must then stay quiet. A
+//! change that leaves a policy file or the inventory whole — renamed into place (atomic:
+//! the new name shows whole bytes) or written and closed — waits `control.settle` (default
+//! 5 ms): long enough to gather a machine-made burst (a `git checkout`, a config-management
+//! run) into one reload, short enough not to matter next to compiling. Any other change
+//! (a create, a write still open, a removal — often the first half of a delete-and-recreate)
+//! waits `control.debounce` (default 50 ms), so a half-written file or a half-done
+//! replacement is not enforced, and cut flows it would deny. Reloads start at most 10
+//! debounce periods after the first change, so a file rewritten continuously still gets
+//! reloaded; changes that arrive during a reload lead to one more reload after it. A file
+//! written in pieces through separate opens is rejected by the reload after a piece (a
+//! half-written file: the last good generation stays in force) and picked up whole after
+//! its last write.
 //!
 //! Expiry: the timer sleeps until the earliest expiry of the compiled policy or the
 //! emergency overlay (re-read after every reload, and at least once a minute so a wall
 //! clock step is noticed), then asks for an [`Trigger::Expiry`] reload.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
+use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use super::ControlPlane;
-use super::reload::Trigger;
+use super::reload::{Trigger, is_policy_file};
 
 /// Keeps the notify watcher alive; dropping it stops watching.
 pub struct SourceWatcher {
@@ -34,8 +48,21 @@ impl std::fmt::Debug for SourceWatcher {
     }
 }
 
+/// How long the sources must be quiet before a reload, by the kind of the last change.
+#[derive(Debug)]
+pub struct WatchTiming {
+    /// After a change that may leave a file incomplete (`control.debounce`).
+    pub debounce: Duration,
+    /// After a change that leaves a source file whole (`control.settle`).
+    pub settle: Duration,
+    /// Whether the last change left a source file whole; written by the watcher before
+    /// each send, read by the debounce loop after each receive.
+    pub last_complete: Arc<AtomicBool>,
+}
+
 /// Starts watching `dir` and `inventory`; each relevant change sends `()` on `tx` (a
-/// full channel already holds a pending change, so extra sends are dropped).
+/// full channel already holds a pending change, so extra sends are dropped), after
+/// recording in `timing.last_complete` whether the change left a source file whole.
 ///
 /// # Errors
 /// The platform watcher cannot be created or a path cannot be watched.
@@ -43,6 +70,7 @@ pub fn watch_sources(
     dir: &Path,
     inventory: &Path,
     tx: mpsc::Sender<()>,
+    timing: &WatchTiming,
 ) -> Result<SourceWatcher, notify::Error> {
     let dir = absolute(dir);
     let inventory = absolute(inventory);
@@ -50,24 +78,40 @@ pub fn watch_sources(
     let inventory_name = inventory.file_name().map(|n| n.to_os_string());
     let policy_is_file = dir.is_file();
     let watched_dir = dir.clone();
+    let last_complete = timing.last_complete.clone();
+    let is_inventory = move |p: &Path| {
+        p.parent() == Some(inventory_dir.as_path())
+            && p.file_name().map(|n| n.to_os_string()) == inventory_name
+    };
     let mut watcher =
         notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
             Ok(ev) => {
-                if matches!(ev.kind, EventKind::Access(_)) {
+                let closed_write =
+                    ev.kind == EventKind::Access(AccessKind::Close(AccessMode::Write));
+                // A rename inside the watched directories also comes as `From` and `To`
+                // events, sent first: `Both` says nothing new (and must not make the
+                // completed rename look incomplete).
+                let both = ev.kind == EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+                if (matches!(ev.kind, EventKind::Access(_)) && !closed_write) || both {
                     return;
                 }
                 let relevant = ev.paths.is_empty()
-                    || ev.paths.iter().any(|p| {
-                        p.starts_with(&watched_dir)
-                            || (p.parent() == Some(inventory_dir.as_path())
-                                && p.file_name().map(|n| n.to_os_string()) == inventory_name)
-                    });
-                if relevant {
-                    let _ = tx.try_send(());
+                    || ev.paths.iter().any(|p| p.starts_with(&watched_dir) || is_inventory(p));
+                if !relevant {
+                    return;
                 }
+                // A policy "directory" that is one file counts whatever its name.
+                let is_source = |p: &Path| {
+                    is_inventory(p)
+                        || (policy_is_file && p == watched_dir)
+                        || p.file_name().and_then(|n| n.to_str()).is_some_and(is_policy_file)
+                };
+                last_complete.store(completes_a_source(&ev, &is_source), Ordering::Release);
+                let _ = tx.try_send(());
             }
-            // An overflowed or failed watch: reload to be safe.
+            // An overflowed or failed watch: reload to be safe, after the full debounce.
             Err(_) => {
+                last_complete.store(false, Ordering::Release);
                 let _ = tx.try_send(());
             }
         })?;
@@ -84,26 +128,47 @@ pub fn watch_sources(
     Ok(SourceWatcher { _watcher: watcher })
 }
 
+/// Whether `ev` leaves a source file whole: a rename into place or the close of a write,
+/// of a source (a policy file by the loader's naming rule, or the inventory). A temporary file
+/// (`.x.tmp`, `x~`) being written is not a source, so an editor's rename-and-replace
+/// completes at the rename. A removal does not count: it is as often the first half of a
+/// delete-and-recreate.
+fn completes_a_source(ev: &notify::Event, is_source: &impl Fn(&Path) -> bool) -> bool {
+    let target = match ev.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => ev.paths.first(),
+        _ => None,
+    };
+    target.is_some_and(|p| is_source(p))
+}
+
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// Debounces change notifications and reloads; returns when `rx` closes.
-pub async fn debounce_loop(control: ControlPlane, mut rx: mpsc::Receiver<()>, quiet: Duration) {
+/// Debounces change notifications and reloads; returns when `rx` closes. The quiet time
+/// is `timing.settle` or `timing.debounce` by the kind of the last change (see the module
+/// doc), capped at 10 debounce periods after the first.
+pub async fn debounce_loop(control: ControlPlane, mut rx: mpsc::Receiver<()>, timing: WatchTiming) {
+    let quiet = |t: &WatchTiming| {
+        if t.last_complete.load(Ordering::Acquire) { t.settle } else { t.debounce }
+    };
     while rx.recv().await.is_some() {
-        let deadline = tokio::time::Instant::now() + quiet * 10;
+        let deadline = tokio::time::Instant::now() + timing.debounce * 10;
+        let mut wait_for = quiet(&timing);
         loop {
-            let wait = quiet.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let wait =
+                wait_for.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
             if wait.is_zero() {
                 break;
             }
             match tokio::time::timeout(wait, rx.recv()).await {
-                Ok(Some(())) => continue,
+                Ok(Some(())) => wait_for = quiet(&timing),
                 Ok(None) => return,
                 Err(_) => break,
             }
         }
-        control.metrics().control.watch_events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        control.metrics().control.watch_events.fetch_add(1, Ordering::Relaxed);
         control.reload(Trigger::Watch).await;
     }
 }

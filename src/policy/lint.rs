@@ -302,7 +302,7 @@ workloads:
             Ok(p) => p,
             Err(e) => panic!("{e}"),
         };
-        PolicySet { inventory, policies }
+        PolicySet::new(inventory, policies)
     }
 
     fn warnings(yaml: &str) -> Vec<String> {

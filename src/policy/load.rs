@@ -81,7 +81,11 @@ pub fn load(policy_dir: &Path, inventory: &Path) -> Result<PolicySet, LoadErrors
     let mut errors = Vec::new();
     let inventory = inventory::load_file(inventory, &mut errors);
     let policies = policies_from_dir(policy_dir, &mut errors);
-    if errors.is_empty() { Ok(PolicySet { inventory, policies }) } else { Err(LoadErrors(errors)) }
+    if errors.is_empty() {
+        Ok(PolicySet::new(inventory, policies))
+    } else {
+        Err(LoadErrors(errors))
+    }
 }
 
 /// Loads only the inventory file.

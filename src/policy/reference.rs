@@ -163,7 +163,7 @@ fn active<'a>(
     opts: &'a CompileOptions,
     enforce: Enforce,
 ) -> impl Iterator<Item = (usize, &'a Policy)> + 'a {
-    set.policies.iter().enumerate().filter(move |(_, p)| {
+    set.policies.iter().map(|p| &**p).enumerate().filter(move |(_, p)| {
         is_live(p, opts.now) && (enforce == Enforce::All || p.mode == Mode::Enforce)
     })
 }

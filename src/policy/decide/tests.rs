@@ -70,7 +70,7 @@ fn engine_with(inv: &str, policies: &str, default: DefaultAction) -> Engine {
     } else {
         parse_policies(policies, Path::new("p.yaml")).unwrap_or_else(|e| panic!("policies: {e}"))
     };
-    let set = PolicySet { inventory, policies };
+    let set = PolicySet::new(inventory, policies);
     let opts = CompileOptions { default, unknown: DefaultAction::Deny, now: now() };
     let compiled = CompiledPolicy::compile(&set, &opts).unwrap_or_else(|e| panic!("compile: {e}"));
     Engine { set, opts, compiled }
