@@ -22,7 +22,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -32,13 +32,13 @@ use super::proxy_header::ProxyHeaderConfig;
 use super::splice::{Accounting, SpliceEnd, splice};
 use super::tcp::reset;
 use crate::conntrack::FlowState;
-use crate::dataplane::{
-    Admission, Admitted, ListenerTag, Runtime, admit_decided, refuse, tcp_flow,
-};
+use crate::dataplane::{Admission, Admitted, ListenerTag, Runtime, admit_decided, refuse};
 use crate::egress::check::{AddrRefusal, Refusal};
 use crate::egress::handshake::{HandshakeError, HandshakeLimits};
-use crate::egress::{Checker, Target};
+use crate::egress::{Checker, CredentialId, Target};
 use crate::flow::{FlowKey, Proto};
+use crate::policy::{PolicySnapshot, WorkloadId};
+use crate::telemetry::flowlog::{Event, EventKind};
 use crate::telemetry::metrics::ListenerCounters;
 
 /// A forward-proxy listener's state, shared by its connection tasks.
@@ -151,7 +151,22 @@ impl EgressProxy {
         target: Target,
         port: u16,
     ) -> Result<Tunnel, Failure> {
-        let (key, admitted) = self.decide(client, target, port).await?;
+        self.open_as(client, None, target, port).await
+    }
+
+    /// [`EgressProxy::open`] for a client that proved who it is with proxy credentials
+    /// (`who`): the credential's workload is the source for `decide` and the flow log.
+    ///
+    /// # Errors
+    /// As [`EgressProxy::open`].
+    pub async fn open_as(
+        &self,
+        client: SocketAddr,
+        who: Option<CredentialId>,
+        target: Target,
+        port: u16,
+    ) -> Result<Tunnel, Failure> {
+        let (key, admitted) = self.decide(client, who, target, port, Proto::Tcp).await?;
         let connect = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(key.dst));
         let result = tokio::select! {
             r = connect => match r {
@@ -176,37 +191,42 @@ impl EgressProxy {
         }
     }
 
-    async fn decide(
+    /// Decides `target:port` for `client` (speaking as `who`, when credentials named a
+    /// workload) and passes the verdict through the gate: the admitted flow's key and
+    /// entry, or the refusal (counted and logged).
+    ///
+    /// # Errors
+    /// [`Failure::Refused`], [`Failure::Untracked`].
+    pub async fn decide(
         &self,
         client: SocketAddr,
+        who: Option<CredentialId>,
         target: Target,
         port: u16,
+        proto: Proto,
     ) -> Result<(FlowKey, Admitted), Failure> {
+        let flow = |dst| FlowKey::new(proto, client, dst);
         let unknown_dst = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
         let cands = match self.checker.resolve(target).await {
             Ok(c) => c,
             Err(r) => {
-                let key = tcp_flow(client, unknown_dst);
-                refuse(&self.rt, &self.tag, key, r.fqdn().map(|n| n.as_str()), r.reason());
+                let fqdn = r.fqdn().map(|n| n.as_str());
+                self.refuse_as(who, flow(unknown_dst), fqdn, r.reason());
                 return Err(Failure::Refused(r));
             }
         };
         let snapshot = self.rt.policy.load_full();
         let fqdn = cands.fqdn.as_ref().map(|n| n.as_str());
-        let chosen = self.checker.choose(&snapshot.compiled, client.ip(), &cands, port, Proto::Tcp);
+        let source = who.map(|id| self.source_workload(id, &snapshot));
+        let chosen =
+            self.checker.choose_as(&snapshot.compiled, client.ip(), source, &cands, port, proto);
         let now = Instant::now();
+        let state = if proto == Proto::Tcp { FlowState::Open } else { FlowState::Unreplied };
         match chosen {
             Ok(a) => {
-                let key = tcp_flow(client, a.addr);
+                let key = flow(a.addr);
                 match admit_decided(
-                    &self.rt,
-                    &self.tag,
-                    key,
-                    fqdn,
-                    &snapshot,
-                    a.decision,
-                    FlowState::Open,
-                    now,
+                    &self.rt, &self.tag, key, fqdn, &snapshot, a.decision, state, now,
                 ) {
                     Admission::Allow(admitted) => Ok((key, admitted)),
                     // `choose` only admits an allowed decision; a deny here would be a
@@ -220,24 +240,66 @@ impl EgressProxy {
                         let _ = admit_decided(
                             &self.rt,
                             &self.tag,
-                            tcp_flow(client, *addr),
+                            flow(*addr),
                             fqdn,
                             &snapshot,
                             *decision,
-                            FlowState::Open,
+                            state,
                             now,
                         );
                     }
                     Refusal::Denied { first: (addr, _), .. } => {
-                        refuse(&self.rt, &self.tag, tcp_flow(client, *addr), fqdn, r.reason());
+                        self.refuse_as(who, flow(*addr), fqdn, r.reason());
                     }
-                    _ => {
-                        let key = tcp_flow(client, unknown_dst);
-                        refuse(&self.rt, &self.tag, key, fqdn, r.reason());
-                    }
+                    _ => self.refuse_as(who, flow(unknown_dst), fqdn, r.reason()),
                 }
                 Err(Failure::Refused(r))
             }
         }
+    }
+
+    /// The workload credential `id` names in `snapshot`. One that the inventory does not
+    /// know becomes an id no compilation has, which `decide_as` treats as no workload:
+    /// the flow is decided (and, under `policy.unknown = deny`, refused) as nobody's —
+    /// never as the source address's workload.
+    fn source_workload(&self, id: CredentialId, snapshot: &PolicySnapshot) -> WorkloadId {
+        self.checker
+            .credentials()
+            .workload(id, &snapshot.compiled, snapshot.generation)
+            .unwrap_or(WorkloadId(u32::MAX))
+    }
+
+    /// A refusal before any policy decision ([`refuse`]), logged with the credential's
+    /// workload as the source when the client named one.
+    pub fn refuse_as(
+        &self,
+        who: Option<CredentialId>,
+        key: FlowKey,
+        fqdn: Option<&str>,
+        reason: &'static str,
+    ) {
+        let Some(id) = who else {
+            refuse(&self.rt, &self.tag, key, fqdn, reason);
+            return;
+        };
+        let snapshot = self.rt.policy.load_full();
+        let src_workload = Some(self.source_workload(id, &snapshot))
+            .filter(|w| snapshot.compiled.workload_name(*w).is_some());
+        ListenerCounters::inc(&self.tag.counters.denied);
+        self.rt.flowlog.emit(Event {
+            ts: SystemTime::now(),
+            kind: EventKind::Deny,
+            listener: self.tag.name.clone(),
+            proto: key.proto,
+            src: key.src,
+            dst: key.dst,
+            fqdn: fqdn.map(Arc::from),
+            src_workload,
+            dst_workload: None,
+            direction: None,
+            reason,
+            policy: None,
+            snapshot,
+        });
     }
 }
