@@ -75,6 +75,17 @@ pub enum Failure {
     Cut,
 }
 
+/// What [`EgressProxy::decide_or_reuse`] chose.
+// Once per new destination; boxing would cost the allocation it saves.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Chosen {
+    /// A new flow, admitted and tracked.
+    Admitted(FlowKey, Admitted),
+    /// Allowed, to an address the caller already has a flow to.
+    Tracked(SocketAddr),
+}
+
 /// An open upstream connection for an admitted flow. The caller splices and then
 /// removes `key` from conntrack.
 #[derive(Debug)]
@@ -205,6 +216,29 @@ impl EgressProxy {
         port: u16,
         proto: Proto,
     ) -> Result<(FlowKey, Admitted), Failure> {
+        match self.decide_or_reuse(client, who, target, port, proto, &|_| false).await? {
+            Chosen::Admitted(key, admitted) => Ok((key, admitted)),
+            // `tracked` said no to every address.
+            Chosen::Tracked(_) => Err(Failure::Untracked),
+        }
+    }
+
+    /// [`EgressProxy::decide`], except that when the chosen address is one the caller
+    /// already has a flow to (`tracked`) — a UDP association that reached the same
+    /// address under another spelling — nothing new is admitted: the decision for this
+    /// name still had to pass, but the flow and its conntrack entry are the existing one.
+    ///
+    /// # Errors
+    /// As [`EgressProxy::decide`].
+    pub async fn decide_or_reuse(
+        &self,
+        client: SocketAddr,
+        who: Option<CredentialId>,
+        target: Target,
+        port: u16,
+        proto: Proto,
+        tracked: &(dyn Fn(SocketAddr) -> bool + Sync),
+    ) -> Result<Chosen, Failure> {
         let flow = |dst| FlowKey::new(proto, client, dst);
         let unknown_dst = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
         let cands = match self.checker.resolve(target).await {
@@ -223,12 +257,13 @@ impl EgressProxy {
         let now = Instant::now();
         let state = if proto == Proto::Tcp { FlowState::Open } else { FlowState::Unreplied };
         match chosen {
+            Ok(a) if tracked(a.addr) => Ok(Chosen::Tracked(a.addr)),
             Ok(a) => {
                 let key = flow(a.addr);
                 match admit_decided(
                     &self.rt, &self.tag, key, fqdn, &snapshot, a.decision, state, now,
                 ) {
-                    Admission::Allow(admitted) => Ok((key, admitted)),
+                    Admission::Allow(admitted) => Ok(Chosen::Admitted(key, admitted)),
                     // `choose` only admits an allowed decision; a deny here would be a
                     // bug, and fails closed like a full table.
                     Admission::Deny(_) | Admission::Untracked(_) => Err(Failure::Untracked),

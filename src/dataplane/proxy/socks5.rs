@@ -32,7 +32,7 @@ use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-use super::egress::{EgressProxy, Failure, Tunnel};
+use super::egress::{Chosen, EgressProxy, Failure, Tunnel};
 use super::tcp::reset;
 use crate::dataplane::Admitted;
 use crate::egress::handshake::HandshakeError;
@@ -242,14 +242,25 @@ impl EgressProxy {
         }
         let Ok(target) = Target::from_socks(h.addr) else { return drop_it() };
         let dkey = (target, h.port);
-        if let Some(Dest::Allowed { admitted, key, .. }) = assoc.dests.get(&dkey)
-            && admitted.cut.is_cut()
+        // A flow revoked by a reload (or expired) is decided again: its owner entry and
+        // this spelling are forgotten.
+        let owner = match assoc.dests.get(&dkey) {
+            Some(Dest::Allowed { .. }) => Some(dkey),
+            Some(Dest::Same(addr)) => assoc.by_addr.get(addr).copied(),
+            _ => None,
+        };
+        let live = owner.and_then(|o| assoc.dests.get(&o)).map(|d| match d {
+            Dest::Allowed { admitted, .. } => !admitted.cut.is_cut(),
+            _ => false,
+        });
+        if live == Some(false)
+            || (owner.is_none() && matches!(assoc.dests.get(&dkey), Some(Dest::Same(_))))
         {
-            // Revoked by a reload (or expired): decide it again.
-            self.rt.conntrack.remove(key);
-            let addr = key.dst;
+            if let Some(Dest::Allowed { key, .. }) = owner.and_then(|o| assoc.dests.remove(&o)) {
+                self.rt.conntrack.remove(&key);
+                assoc.by_addr.remove(&key.dst);
+            }
             assoc.dests.remove(&dkey);
-            assoc.by_addr.remove(&addr);
         }
         if !assoc.dests.contains_key(&dkey) {
             if assoc.dests.len() >= self.cfg.udp_max_destinations {
@@ -257,8 +268,12 @@ impl EgressProxy {
             }
             // The flow's source is the client's UDP address (its port) on the client IP.
             let src = SocketAddr::new(client.ip(), assoc.client_udp.map_or(0, |c| c.port()));
-            let dest = match self.decide(src, who, target, h.port, Proto::Udp).await {
-                Ok((key, admitted)) => Dest::Allowed { key, admitted },
+            let by_addr = &assoc.by_addr;
+            let tracked = |a: SocketAddr| by_addr.contains_key(&a);
+            let decided = self.decide_or_reuse(src, who, target, h.port, Proto::Udp, &tracked);
+            let dest = match decided.await {
+                Ok(Chosen::Admitted(key, admitted)) => Dest::Allowed { key, admitted },
+                Ok(Chosen::Tracked(addr)) => Dest::Same(addr),
                 // Refused: logged once by `decide`; every later datagram is dropped.
                 Err(Failure::Refused(_)) => Dest::Denied,
                 // Not tracked (full table): not cached, the next datagram tries again.
@@ -269,7 +284,11 @@ impl EgressProxy {
             }
             assoc.dests.insert(dkey, dest);
         }
-        match assoc.dests.get(&dkey) {
+        let mut dest = assoc.dests.get(&dkey);
+        if let Some(Dest::Same(addr)) = dest {
+            dest = assoc.by_addr.get(addr).and_then(|k| assoc.dests.get(k));
+        }
+        match dest {
             Some(Dest::Allowed { key, admitted }) => {
                 let sock = if key.dst.is_ipv4() { ups[0] } else { ups[1] };
                 let sent = sock
@@ -326,7 +345,12 @@ impl EgressProxy {
 
 /// A destination's cached verdict for one association.
 enum Dest {
-    Allowed { key: FlowKey, admitted: Admitted },
+    Allowed {
+        key: FlowKey,
+        admitted: Admitted,
+    },
+    /// Allowed, to the address of another destination's flow (another spelling of it).
+    Same(SocketAddr),
     Denied,
 }
 
