@@ -118,9 +118,10 @@ impl Gate {
         );
         let path = dir.path().join("flowgate.toml");
         std::fs::write(&path, text).unwrap();
-        // SAFETY-free: set before any thread of this test reads the environment for it;
-        // the value is the same in every test of this file.
-        unsafe { std::env::set_var("FLOWGATE_TEST_BOB_PW", "pw-b") };
+        static ENV: std::sync::Once = std::sync::Once::new();
+        // SAFETY: set once, to the same value, before the first `Credentials` is built;
+        // nothing else in this test binary reads or writes this variable.
+        ENV.call_once(|| unsafe { std::env::set_var("FLOWGATE_TEST_BOB_PW", "pw-b") });
         let cfg = Config::load(&path).unwrap();
         let registry = Arc::new(Registry::default());
         let (flowlog, writer) = FlowLog::start(&cfg.flowlog, registry.clone()).unwrap();

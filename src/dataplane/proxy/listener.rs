@@ -28,8 +28,9 @@ pub enum ListenerKind {
     /// requests; the destination is whatever the client asks for, decided by the egress
     /// pipeline (`egress::Checker`) and the gate. Takes no `upstreams`.
     HttpConnect,
-    /// SOCKS5 (RFC 1928) CONNECT with IPv4, IPv6 and domain-name addresses, no
-    /// authentication; decided like `http-connect`. Takes no `upstreams`.
+    /// SOCKS5 (RFC 1928) CONNECT and UDP ASSOCIATE with IPv4, IPv6 and domain-name
+    /// addresses, no authentication or RFC 1929 (`credentials`); decided like
+    /// `http-connect`. Takes no `upstreams`.
     Socks5,
 }
 
