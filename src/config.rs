@@ -380,6 +380,10 @@ mod tests {
             ),
             ("kind = \"socks5\"\nupstreams = [\"127.0.0.2:2\"]\n", "upstreams"),
             ("kind = \"http-connect\"\nhandshake_timeout = \"0s\"\n", "handshake_timeout"),
+            ("kind = \"echo\"\ncredentials = \"optional\"\n", "credentials"),
+            ("kind = \"http-connect\"\ncredentials = \"required\"\n", "credentials"),
+            ("kind = \"socks5\"\nverify_sni = \"on\"\n", "verify_sni"),
+            ("kind = \"socks5\"\nudp_max_destinations = 0\n", "udp_max_destinations"),
         ];
         for (extra, field) in cases {
             let err = validated(&format!("[[listener]]\n{base}{extra}")).unwrap_err();
@@ -390,6 +394,24 @@ mod tests {
         assert!(validated(&dup).unwrap_err().contains("name"));
         let typo = format!("[[listener]]\n{base}kind = \"echo\"\nidle_timout = \"1s\"\n");
         assert!(validated(&typo).unwrap_err().contains("idle_timout"));
+    }
+
+    #[test]
+    fn credentials_parse_and_name_their_mistakes() {
+        let ok = validated(
+            "[[credential]]\nusername = \"a\"\npassword = \"p\"\nworkload = \"fn/a\"\n\
+             [[listener]]\nname = \"s\"\nkind = \"socks5\"\nbind = \"127.0.0.1:1\"\n\
+             credentials = \"required\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.credential[0].workload, "fn/a");
+        assert_eq!(ok.listener[0].credentials, crate::egress::CredentialMode::Required);
+        let err = validated("[[credential]]\nusername = \"a\"\nworkload = \"fn/a\"\n").unwrap_err();
+        assert!(err.contains("credential[0]"), "{err}");
+        let err =
+            validated("[[credential]]\nusername = \"a\"\npassword = \"p\"\nworkload = \"a\"\n")
+                .unwrap_err();
+        assert!(err.contains("namespace/name"), "{err}");
     }
 
     #[test]
