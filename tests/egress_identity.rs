@@ -103,8 +103,7 @@ impl Gate {
              [ssrf]\ntreat_as_external = [\"{WEB}/32\", \"{TLS}/32\", \"{SINK}/32\", \
              \"{UDP_OK}/32\", \"{UDP_NO}/32\", \"{ADMIN}/32\", \"127.0.0.31/32\"]\n\
              [[credential]]\nusername = \"alice\"\npassword = \"pw-a\"\nworkload = \"fn/caller\"\n\
-             [[credential]]\nusername = \"bob\"\npassword_env = \"FLOWGATE_TEST_BOB_PW\"\n\
-             workload = \"fn/other\"\n\
+             [[credential]]\nusername = \"bob\"\npassword = \"pw-b\"\nworkload = \"fn/other\"\n\
              [[listener]]\nname = \"connect-auth\"\nkind = \"http-connect\"\n\
              bind = \"127.0.0.1:0\"\ncredentials = \"required\"\nverify_sni = \"on\"\n\
              sni_timeout = \"1s\"\nhandshake_timeout = \"2s\"\n\
@@ -118,10 +117,6 @@ impl Gate {
         );
         let path = dir.path().join("flowgate.toml");
         std::fs::write(&path, text).unwrap();
-        static ENV: std::sync::Once = std::sync::Once::new();
-        // SAFETY: set once, to the same value, before the first `Credentials` is built;
-        // nothing else in this test binary reads or writes this variable.
-        ENV.call_once(|| unsafe { std::env::set_var("FLOWGATE_TEST_BOB_PW", "pw-b") });
         let cfg = Config::load(&path).unwrap();
         let registry = Arc::new(Registry::default());
         let (flowlog, writer) = FlowLog::start(&cfg.flowlog, registry.clone()).unwrap();
@@ -667,4 +662,68 @@ async fn ssrf_spellings_and_own_listeners_are_refused_through_both_listeners() {
     assert_eq!(get(&gate.counters("connect").denied), n);
     assert_eq!(get(&gate.counters("socks").denied), n + 2);
     gate.wait_deny("socks", |e| e["fqdn"] == "localhost" && e["reason"] == "ssrf").await;
+}
+
+/// `flowgate run` as a process: a password from the environment (`password_env`) works
+/// for a `required` SOCKS5 listener, no credentials get "no acceptable method", and a
+/// variable that is not set stops start-up with an error naming the credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flowgate_run_reads_passwords_from_the_environment() {
+    if !peers_present(&["curl"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/anp.yaml"), POLICY).unwrap();
+    let (port, accepted) = sink(SINK).await;
+    let socks_port = free_port("127.0.0.1");
+    let text = format!(
+        "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+         [admin]\nbind = \"127.0.0.1:0\"\n\
+         [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
+         [dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
+         [dns.static]\n\"sink.test\" = [\"{SINK}\"]\n\
+         [ssrf]\ntreat_as_external = [\"{SINK}/32\"]\n\
+         [[credential]]\nusername = \"alice\"\npassword_env = \"FG_TEST_ALICE_PW\"\n\
+         workload = \"fn/caller\"\n\
+         [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:{socks_port}\"\n\
+         credentials = \"required\"\n"
+    );
+    let path = dir.path().join("flowgate.toml");
+    std::fs::write(&path, text).unwrap();
+    let exe = env!("CARGO_BIN_EXE_flowgate");
+
+    // Unset: start-up fails, naming the credential and the variable.
+    let out = tokio::process::Command::new(exe)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("FG_TEST_ALICE_PW")
+        .stdin(Stdio::null())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out).await.unwrap().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("alice") && err.contains("FG_TEST_ALICE_PW"), "{err}");
+
+    let child = std::process::Command::new(exe)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env("FG_TEST_ALICE_PW", "from-env")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _fg = Server(child);
+    wait_listening(SocketAddr::new([127, 0, 0, 1].into(), socks_port)).await;
+    let url = format!("telnet://sink.test:{port}");
+    let proxy = format!("alice:from-env@127.0.0.1:{socks_port}");
+    let (code, body, err) = curl(&["--interface", SHARED, "--socks5-hostname", &proxy, &url]).await;
+    assert_eq!((code, body.as_str()), (0, "ok"), "{err}");
+    let plain = format!("127.0.0.1:{socks_port}");
+    let (code, _, err) = curl(&["--interface", CALLER, "--socks5-hostname", &plain, &url]).await;
+    assert_eq!(code, 97, "required: no credentials, no tunnel: {err}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
