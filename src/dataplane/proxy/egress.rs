@@ -16,6 +16,13 @@
 //!    with the name), and a refusal before policy (bad name, no answer, SSRF guard, own
 //!    listener) through [`crate::dataplane::refuse`]. One decision, one event.
 //!
+//! The source is the client address, or — when the client proved itself with proxy
+//! credentials ([`EgressProxy::open_as`], `egress::auth`) — the workload its credential
+//! names: `decide_as` is asked with that workload, and refusals are logged with it.
+//! Known gap: a reload re-decides established flows by address (`control::revalidate`
+//! has no credential to go on), so a credential-admitted flow is re-judged as its
+//! address's workload.
+//!
 //! Not here: reading the handshakes and answering in each protocol's words
 //! (`egress::handshake`, used by [`super::connect`] and [`super::socks5`]).
 
