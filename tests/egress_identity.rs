@@ -113,7 +113,9 @@ impl Gate {
              handshake_timeout = \"2s\"\n\
              [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
              handshake_timeout = \"2s\"\nudp_max_destinations = 8\n\
-             [[listener]]\nname = \"self\"\nkind = \"http-connect\"\nbind = \"127.0.0.31:0\"\n"
+             [[listener]]\nname = \"self\"\nkind = \"http-connect\"\nbind = \"127.0.0.31:0\"\n\
+             [[listener]]\nname = \"connect-opt\"\nkind = \"http-connect\"\n\
+             bind = \"127.0.0.1:0\"\ncredentials = \"optional\"\n"
         );
         let path = dir.path().join("flowgate.toml");
         std::fs::write(&path, text).unwrap();
@@ -380,6 +382,20 @@ async fn credentials_name_the_workload_and_wrong_ones_are_refused() {
     assert_eq!((code, body.as_str()), (0, "ok"), "{err}");
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 
+    // HTTP with credentials optional: none → the address is the identity (fn/caller
+    // allowed, 127.0.0.12 nobody: 403); wrong ones are still refused with 407.
+    let co = gate.addr("connect-opt");
+    let plain = format!("http://{co}");
+    let (code, body, err) = curl(&["--interface", CALLER, "-x", &plain, &sink_url]).await;
+    assert_eq!((code, body.as_str()), (0, "ok"), "{err}");
+    let (_, _, err) = curl(&["--interface", SHARED, "-x", &plain, &sink_url]).await;
+    assert!(err.contains("< HTTP/1.1 403"), "{err}");
+    let (_, _, err) =
+        curl(&["--interface", CALLER, "-x", &format!("http://alice:bad@{co}"), &sink_url]).await;
+    assert!(err.contains("< HTTP/1.1 407"), "{err}");
+    assert_eq!(get(&gate.counters("connect-opt").auth_failed), 1);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
     // SOCKS5 (credentials optional): alice allowed, bob refused 0x02, a wrong password
     // gets the RFC 1929 failure and never a dial; no credentials: the source address is
     // the identity (127.0.0.12 is nobody: refused; 127.0.0.10 is fn/caller: allowed).
@@ -403,14 +419,14 @@ async fn credentials_name_the_workload_and_wrong_ones_are_refused() {
     let (code, _, err) =
         curl(&["--interface", SHARED, "--socks5-hostname", &sa.to_string(), &sink_url]).await;
     assert_eq!(code, 97, "{err}");
-    assert_eq!(accepted.load(Ordering::SeqCst), 1, "wrong password and nobody: no dial");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "wrong password and nobody: no dial");
     let (code, body, err) =
         curl(&["--interface", CALLER, "--socks5-hostname", &sa.to_string(), &sink_url]).await;
     assert_eq!((code, body.as_str()), (0, "ok"), "{err}");
     let (code, body, err) =
         curl(&["--interface", SHARED, "--socks5-hostname", &s("alice:pw-a"), &sink_url]).await;
     assert_eq!((code, body.as_str()), (0, "ok"), "{err}");
-    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
     assert_eq!(get(&sc.allowed), 3);
 }
 
