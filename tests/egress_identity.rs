@@ -115,7 +115,9 @@ impl Gate {
              handshake_timeout = \"2s\"\nudp_max_destinations = 8\n\
              [[listener]]\nname = \"self\"\nkind = \"http-connect\"\nbind = \"127.0.0.31:0\"\n\
              [[listener]]\nname = \"connect-opt\"\nkind = \"http-connect\"\n\
-             bind = \"127.0.0.1:0\"\ncredentials = \"optional\"\n"
+             bind = \"127.0.0.1:0\"\ncredentials = \"optional\"\n\
+             [[listener]]\nname = \"connect-strict\"\nkind = \"http-connect\"\n\
+             bind = \"127.0.0.1:0\"\nverify_sni = \"strict\"\nsni_timeout = \"1s\"\n"
         );
         let path = dir.path().join("flowgate.toml");
         std::fs::write(&path, text).unwrap();
@@ -490,6 +492,34 @@ async fn verify_sni_refuses_a_client_hello_for_another_host() {
     assert_eq!(&ok, b"ok");
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     assert_eq!(get(&c.sni_refused), 2);
+
+    // `strict`: the same plain bytes are refused, and so is silence past sni_timeout; the
+    // client never sees the upstream's "ok".
+    for first in [&b"hello"[..], &b""[..]] {
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{CALLER}:0").parse().unwrap()).unwrap();
+        let mut s = sock.connect(gate.addr("connect-strict")).await.unwrap();
+        let req = format!("CONNECT sink.test:{port} HTTP/1.1\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut head = [0u8; 39];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head)).await;
+        assert!(read.is_ok_and(|r| r.is_ok()) && head.starts_with(b"HTTP/1.1 200"));
+        s.write_all(first).await.unwrap();
+        let mut got = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut b = [0u8; 256];
+            loop {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&b[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "strict: not closed");
+        assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    }
+    assert_eq!(get(&gate.counters("connect-strict").sni_refused), 2);
 }
 
 /// The SOCKS5 UDP client: python3, stdlib only. Prints one JSON line of results.
