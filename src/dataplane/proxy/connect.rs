@@ -156,7 +156,7 @@ impl EgressProxy {
             if !self.sni_agrees(&mut stream, &target, &mut buf).await {
                 ListenerCounters::inc(&counters.sni_refused);
                 self.rt.conntrack.remove(&key);
-                refuse(&self.rt, &self.tag, key, target.name(), "sni-mismatch");
+                self.refuse_as(who, key, target.name(), "sni-mismatch");
                 reset(upstream);
                 reset(stream);
                 return;
