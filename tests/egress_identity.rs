@@ -462,6 +462,7 @@ async fn verify_sni_refuses_a_client_hello_for_another_host() {
         .wait_deny("connect-auth", |e| e["reason"] == "sni-mismatch" && e["fqdn"] == "tls.test")
         .await;
     assert_eq!(e["dst"], format!("{TLS}:{tls_port}"));
+    assert_eq!(e["src_workload"], "fn/caller", "alice's workload, not the shared address");
 
     // openssl s_client through the same proxy with -servername: refused too.
     let out = tokio::process::Command::new("openssl")
