@@ -98,7 +98,10 @@ impl CompiledPolicy {
     pub fn decide_as(&self, q: &FlowQuery<'_>, src: WorkloadId) -> Decision {
         let workload = ((src.0 as usize) < self.workload_count()).then_some(src.0);
         let src = End { key: Key::of(q.src), workload };
-        let (real, audit) = self.evaluate_ends(q, src, self.end(q.dst));
+        let dst = self.end(q.dst);
+        let real = self.evaluate_view(&self.sides, q, src, dst);
+        let audit = (!self.audit_sides.is_empty() && real.decision.verdict.is_allow())
+            .then(|| self.evaluate_view(&self.audit_sides, q, src, dst));
         let mut d = real.decision;
         if let Some(audit) = audit
             && !audit.decision.verdict.is_allow()
@@ -111,16 +114,8 @@ impl CompiledPolicy {
     /// Both evaluations: the verdict view, and the audit view when it is needed.
     #[inline]
     pub(super) fn evaluate(&self, q: &FlowQuery<'_>) -> (Evaluation, Option<Evaluation>) {
-        self.evaluate_ends(q, self.end(q.src), self.end(q.dst))
-    }
-
-    #[inline]
-    fn evaluate_ends(
-        &self,
-        q: &FlowQuery<'_>,
-        src: End,
-        dst: End,
-    ) -> (Evaluation, Option<Evaluation>) {
+        let src = self.end(q.src);
+        let dst = self.end(q.dst);
         let real = self.evaluate_view(&self.sides, q, src, dst);
         let audit = (!self.audit_sides.is_empty() && real.decision.verdict.is_allow())
             .then(|| self.evaluate_view(&self.audit_sides, q, src, dst));
