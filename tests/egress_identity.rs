@@ -774,3 +774,66 @@ async fn flowgate_run_reads_passwords_from_the_environment() {
     assert_eq!(code, 97, "required: no credentials, no tunnel: {err}");
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
+
+/// A reload re-decides a credentialed tunnel as its credential's workload, not as its
+/// address (127.0.0.12 is nobody, which the policy would refuse): a reload that keeps the
+/// rule keeps the tunnel; one that drops the rule cuts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_re_decides_a_credentialed_tunnel_as_its_workload() {
+    let gate = Gate::start("127.0.0.30:1".parse().unwrap()).await;
+    let echo = TcpListener::bind((SINK, 0)).await.unwrap();
+    let port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = echo.accept().await else { continue };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{SHARED}:0").parse().unwrap()).unwrap();
+    let mut t = sock.connect(gate.addr("connect-opt")).await.unwrap();
+    let req = format!(
+        "CONNECT sink.test:{port} HTTP/1.1\r\nProxy-Authorization: Basic YWxpY2U6cHctYQ==\r\n\r\n"
+    );
+    t.write_all(req.as_bytes()).await.unwrap();
+    let mut head = [0u8; 39];
+    tokio::time::timeout(Duration::from_secs(5), t.read_exact(&mut head)).await.unwrap().unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    assert!(echo_ping(&mut t).await);
+
+    let cfg = Config::load(&gate.dir.path().join("flowgate.toml")).unwrap();
+    let reload = |generation: u64| {
+        let snap = build_snapshot(&cfg.policy, Generation(generation)).unwrap();
+        gate.rt.swap_policy(snap);
+        let now = gate.rt.policy.load_full();
+        flowgate::control::revalidate::revalidate(&gate.rt.conntrack, &now, 64, &|_, _| {})
+    };
+    let stats = reload(2);
+    assert_eq!((stats.checked, stats.revoked), (1, 0), "kept: alice's workload may");
+    assert!(echo_ping(&mut t).await);
+
+    // The same policy without the networks rule: fn/caller may no longer reach the sink.
+    let narrowed = POLICY.replace(
+        "        - networks: [127.0.0.23/32, 127.0.0.24/32, 127.0.0.30/32, 127.0.0.1/32, '::1/128']",
+        "        - networks: [127.0.0.24/32]",
+    );
+    assert_ne!(narrowed, POLICY);
+    std::fs::write(gate.dir.path().join("policies/anp.yaml"), narrowed).unwrap();
+    let stats = reload(3);
+    assert_eq!((stats.checked, stats.revoked), (1, 1), "cut: the rule is gone");
+    assert!(!echo_ping(&mut t).await, "the tunnel is cut");
+}
+
+/// Sends `ping` through the tunnel and expects it back (bounded).
+async fn echo_ping(t: &mut TcpStream) -> bool {
+    let fut = async {
+        t.write_all(b"ping").await?;
+        let mut b = [0u8; 4];
+        t.read_exact(&mut b).await?;
+        std::io::Result::Ok(&b == b"ping")
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(3), fut).await, Ok(Ok(true)))
+}

@@ -72,6 +72,8 @@ pub struct CredentialId(pub usize);
 #[derive(Debug)]
 struct Credential {
     password: Box<[u8]>,
+    /// `namespace/name`, shared with every flow it admits (see `source`).
+    full: std::sync::Arc<str>,
     namespace: Box<str>,
     name: Box<str>,
     /// `(generation + 1) << 32 | id` of the last lookup (`0xffff_ffff`: not in the
@@ -118,6 +120,7 @@ impl Credentials {
             }
             out.all.push(Credential {
                 password: password.into_bytes().into_boxed_slice(),
+                full: std::sync::Arc::from(c.workload.as_str()),
                 namespace: ns.into(),
                 name: name.into(),
                 cache: AtomicU64::new(0),
@@ -142,6 +145,12 @@ impl Credentials {
     /// `namespace/name` of a credential's workload, for the flow log.
     pub fn workload_name(&self, id: CredentialId) -> Option<(&str, &str)> {
         self.all.get(id.0).map(|c| (&*c.namespace, &*c.name))
+    }
+
+    /// `namespace/name` of the credential's workload, shared (an `Arc` clone): kept on
+    /// each admitted flow so a reload re-decides it as that workload.
+    pub fn source(&self, id: CredentialId) -> Option<std::sync::Arc<str>> {
+        self.all.get(id.0).map(|c| c.full.clone())
     }
 
     /// The credential's workload in `policy` (of `generation`), or `None` when the

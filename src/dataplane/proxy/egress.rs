@@ -19,9 +19,8 @@
 //! The source is the client address, or — when the client proved itself with proxy
 //! credentials ([`EgressProxy::open_as`], `egress::auth`) — the workload its credential
 //! names: `decide_as` is asked with that workload, and refusals are logged with it.
-//! Known gap: a reload re-decides established flows by address (`control::revalidate`
-//! has no credential to go on), so a credential-admitted flow is re-judged as its
-//! address's workload.
+//! The workload is kept on the flow's cut signal, so a reload re-decides the flow as
+//! that workload too (`control::revalidate::decide_entry`).
 //!
 //! Not here: reading the handshakes and answering in each protocol's words
 //! (`egress::handshake`, used by [`super::connect`] and [`super::socks5`]).
@@ -270,7 +269,13 @@ impl EgressProxy {
                 match admit_decided(
                     &self.rt, &self.tag, key, fqdn, &snapshot, a.decision, state, now,
                 ) {
-                    Admission::Allow(admitted) => Ok(Chosen::Admitted(key, admitted)),
+                    Admission::Allow(admitted) => {
+                        if let Some(src) = who.and_then(|id| self.checker.credentials().source(id))
+                        {
+                            admitted.cut.set_source(src);
+                        }
+                        Ok(Chosen::Admitted(key, admitted))
+                    }
                     // `choose` only admits an allowed decision; a deny here would be a
                     // bug, and fails closed like a full table.
                     Admission::Deny(_) | Admission::Untracked(_) => Err(Failure::Untracked),
