@@ -9,7 +9,12 @@
 //! Measures, for each proxy in turn (same upstream, same client, same machine):
 //! - CONNECT tunnels per second: EG_CONC concurrent clients, each looping connect →
 //!   `CONNECT` → `200` → 64 bytes through the tunnel → 64 bytes echoed → close;
-//! - bulk throughput through one tunnel: EG_MIB MiB sent and echoed back at once.
+//! - bulk throughput through one tunnel: EG_MIB MiB sent and echoed back at once;
+//! - memory per idle tunnel: EG_IDLE (default 1,000) tunnels opened through the proxy
+//!   and left idle; the proxy process's RSS (`/proc/PID/status` VmRSS) after, minus
+//!   before, divided by EG_IDLE. Then they are closed.
+//!
+//! `EG_REVERSE=1` measures Squid first, to show the order does not decide the ratio.
 //!
 //! The upstream is flowgate's built-in echo listener in a second flowgate process (the
 //! proxy refuses to dial its own listeners), used by both proxies.
@@ -51,6 +56,8 @@ fn main() {
     let secs = env_u64("EG_SECS", 3);
     let conc = env_u64("EG_CONC", 64);
     let mib = env_u64("EG_MIB", 256);
+    let idle = env_u64("EG_IDLE", 1000);
+    let reverse = env_u64("EG_REVERSE", 0) != 0;
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     std::fs::create_dir(d.join("policies")).expect("mkdir");
@@ -97,7 +104,7 @@ fn main() {
             "http_port {SQUID}\nacl dst_ok dst 127.0.0.20/32\nacl CONNECT method CONNECT\n\
              http_access allow CONNECT dst_ok\nhttp_access deny all\ncache deny all\n\
              access_log none\ncache_log {sd}/cache.log\npid_filename {sd}/squid.pid\n\
-             coredump_dir {sd}\nworkers 1\n"
+             coredump_dir {sd}\nworkers 1\nmax_filedescriptors 16384\n"
         ),
     )
     .expect("squid.conf");
@@ -112,7 +119,7 @@ fn main() {
             .spawn()
             .expect("flowgate echo starts"),
     );
-    let _fg = Proc(
+    let fg = Proc(
         Command::new(exe)
             .arg("run")
             .arg("--config")
@@ -124,7 +131,7 @@ fn main() {
                 panic!("{exe}: {e} (cargo build --release first, or FLOWGATE_BIN)")
             }),
     );
-    let _squid = Proc(
+    let squid = Proc(
         Command::new("squid")
             .arg("-N")
             .arg("-f")
@@ -143,17 +150,29 @@ fn main() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+        let mut order = [("flowgate", FG, fg.0.id()), ("squid", SQUID, squid.0.id())];
+        if reverse {
+            order.reverse();
+        }
         let mut rows = Vec::new();
-        for (name, p) in [("flowgate", FG), ("squid", SQUID)] {
+        for (name, p, pid) in order {
             let cps = tunnels_per_sec(p, conc, secs).await;
             let mbps = bulk(p, mib).await;
-            println!("{name:9} CONNECT tunnels/s ({conc} concurrent): {cps:10.0}   bulk: {mbps:8.1} MiB/s each way");
-            rows.push((cps, mbps));
+            let per = idle_memory(p, pid, idle).await;
+            println!(
+                "{name:9} CONNECT tunnels/s ({conc} concurrent): {cps:10.0}   bulk: {mbps:8.1} MiB/s each way   idle tunnel: {per:8.0} bytes RSS each ({idle} open)"
+            );
+            rows.push((name, cps, mbps, per));
+        }
+        if reverse {
+            rows.reverse();
         }
         println!(
-            "ratio flowgate/squid: tunnels/s {:.2}x, bulk {:.2}x",
-            rows[0].0 / rows[1].0,
-            rows[0].1 / rows[1].1
+            "ratio flowgate/squid: tunnels/s {:.2}x, bulk {:.2}x, memory per idle tunnel {:.2}x (lower is better){}",
+            rows[0].1 / rows[1].1,
+            rows[0].2 / rows[1].2,
+            rows[0].3 / rows[1].3,
+            if reverse { " [Squid measured first]" } else { "" }
         );
     });
 }
@@ -236,4 +255,46 @@ async fn bulk(proxy: &str, mib: u64) -> f64 {
     }
     let _ = writer.await;
     mib as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The resident set of process `pid`, bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Opens `n` tunnels through `proxy` (one after another, each past its `200` and one echoed
+/// byte, so both legs are up), lets them sit idle, and returns the growth of the proxy's
+/// RSS per tunnel. Bounded: every tunnel within 10 s or the measurement is abandoned.
+async fn idle_memory(proxy: &'static str, pid: u32, n: u64) -> f64 {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss(pid);
+    let mut open = Vec::with_capacity(n as usize);
+    let mut b = [0u8; 1];
+    for _ in 0..n {
+        let t = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut s = tunnel(proxy).await?;
+            s.write_all(b"x").await?;
+            s.read_exact(&mut b).await?;
+            std::io::Result::Ok(s)
+        })
+        .await;
+        match t {
+            Ok(Ok(s)) => open.push(s),
+            _ => {
+                eprintln!("{proxy}: idle tunnel {} failed", open.len());
+                break;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let after = rss(pid);
+    let count = open.len().max(1) as f64;
+    drop(open);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    after.saturating_sub(before) as f64 / count
 }

@@ -58,6 +58,10 @@ pub struct Config {
     /// `[ssrf]`: the guard against internal and special destinations (on by default).
     #[serde(default)]
     pub ssrf: crate::egress::SsrfConfig,
+    /// `[[credential]]`: proxy usernames mapped to workloads, for the egress listeners
+    /// whose `credentials` is `optional` or `required`.
+    #[serde(default)]
+    pub credential: Vec<crate::egress::CredentialConfig>,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -247,8 +251,44 @@ impl Config {
             if let Err((f, message)) = l.proxy_header().validate(l.kind == ListenerKind::Udp) {
                 return Err(invalid(field(f), message));
             }
+            if l.credentials != crate::egress::CredentialMode::Off && !l.kind.is_egress() {
+                return Err(invalid(
+                    field("credentials"),
+                    "only for http-connect and socks5".into(),
+                ));
+            }
+            if l.credentials == crate::egress::CredentialMode::Required
+                && self.credential.is_empty()
+            {
+                return Err(invalid(
+                    field("credentials"),
+                    "required, but no [[credential]] is configured".into(),
+                ));
+            }
+            if l.verify_sni != crate::dataplane::proxy::connect::VerifySni::Off
+                && (l.kind != ListenerKind::HttpConnect || l.sni_timeout.is_zero())
+            {
+                return Err(invalid(
+                    field("verify_sni"),
+                    "only for http-connect, with sni_timeout above zero".into(),
+                ));
+            }
+            if l.udp_max_destinations == 0 {
+                return Err(invalid(field("udp_max_destinations"), "must be at least 1".into()));
+            }
             if l.max_connections == 0 {
                 return Err(invalid(field("max_connections"), "must be at least 1".into()));
+            }
+        }
+        for (i, c) in self.credential.iter().enumerate() {
+            let ok = c.password.is_some() != c.password_env.is_some()
+                && c.workload.split_once('/').is_some_and(|(a, b)| !a.is_empty() && !b.is_empty());
+            if !ok {
+                return Err(invalid(
+                    format!("credential[{i}] ({})", c.username),
+                    "needs one of password / password_env, and workload = \"namespace/name\""
+                        .into(),
+                ));
             }
         }
         if self.flowlog.channel_capacity == 0 {
@@ -357,6 +397,10 @@ mod tests {
                  trusted_proxies = [\"10.0.0.0/8\"]\n",
                 "proxy_protocol",
             ),
+            ("kind = \"echo\"\ncredentials = \"optional\"\n", "credentials"),
+            ("kind = \"http-connect\"\ncredentials = \"required\"\n", "credentials"),
+            ("kind = \"socks5\"\nverify_sni = \"on\"\n", "verify_sni"),
+            ("kind = \"socks5\"\nudp_max_destinations = 0\n", "udp_max_destinations"),
         ];
         for (extra, field) in cases {
             let err = validated(&format!("[[listener]]\n{base}{extra}")).unwrap_err();
@@ -367,6 +411,24 @@ mod tests {
         assert!(validated(&dup).unwrap_err().contains("name"));
         let typo = format!("[[listener]]\n{base}kind = \"echo\"\nidle_timout = \"1s\"\n");
         assert!(validated(&typo).unwrap_err().contains("idle_timout"));
+    }
+
+    #[test]
+    fn credentials_parse_and_name_their_mistakes() {
+        let ok = validated(
+            "[[credential]]\nusername = \"a\"\npassword = \"p\"\nworkload = \"fn/a\"\n\
+             [[listener]]\nname = \"s\"\nkind = \"socks5\"\nbind = \"127.0.0.1:1\"\n\
+             credentials = \"required\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.credential[0].workload, "fn/a");
+        assert_eq!(ok.listener[0].credentials, crate::egress::CredentialMode::Required);
+        let err = validated("[[credential]]\nusername = \"a\"\nworkload = \"fn/a\"\n").unwrap_err();
+        assert!(err.contains("credential[0]"), "{err}");
+        let err =
+            validated("[[credential]]\nusername = \"a\"\npassword = \"p\"\nworkload = \"a\"\n")
+                .unwrap_err();
+        assert!(err.contains("namespace/name"), "{err}");
     }
 
     #[test]

@@ -140,6 +140,8 @@ pub fn render(control: &ControlPlane) -> String {
             ("malformed", &l.handshake_malformed),
             ("timeout", &l.handshake_timeout),
             ("untrusted_proxy", &l.untrusted_proxy),
+            ("auth_failed", &l.auth_failed),
+            ("sni_mismatch", &l.sni_refused),
         ] {
             o.sample(
                 "flowgate_handshake_errors_total",

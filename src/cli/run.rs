@@ -76,7 +76,15 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
         ssrf: cfg.ssrf.clone(),
         other_own: vec![control_tasks.admin_addr],
     };
-    let listeners = proxy::start_with_egress(&rt, &cfg.listener, &egress, &shutdown)?;
+    let credentials =
+        flowgate::egress::Credentials::from_config(&cfg.credential).context("[[credential]]")?;
+    let listeners = proxy::start_with_credentials(
+        &rt,
+        &cfg.listener,
+        &egress,
+        std::sync::Arc::new(credentials),
+        &shutdown,
+    )?;
     for l in &listeners {
         eprintln!("flowgate: listener {} ({}) on {}", l.name, l.kind.as_str(), l.local_addr);
     }

@@ -64,6 +64,11 @@ impl FlowState {
 pub struct CutSignal {
     cut: AtomicBool,
     notify: tokio::sync::Notify,
+    /// The workload (`namespace/name`) the flow's client proved to be with proxy
+    /// credentials (egress listeners), which its address does not say: a reload
+    /// re-decides the flow as that workload. Kept here, on the proxied flow's own
+    /// allocation, so packet flows pay nothing for it.
+    source: OnceLock<Arc<str>>,
 }
 
 impl CutSignal {
@@ -75,6 +80,16 @@ impl CutSignal {
 
     pub fn is_cut(&self) -> bool {
         self.cut.load(Ordering::Acquire)
+    }
+
+    /// Records the source workload named by proxy credentials (first call wins).
+    pub fn set_source(&self, workload: Arc<str>) {
+        let _ = self.source.set(workload);
+    }
+
+    /// The source workload named by proxy credentials, `namespace/name`.
+    pub fn source(&self) -> Option<&str> {
+        self.source.get().map(|s| &**s)
     }
 
     /// Completes once the flow is cut.

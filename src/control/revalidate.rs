@@ -41,6 +41,21 @@ pub fn query_of(entry: &Entry) -> FlowQuery<'_> {
     }
 }
 
+/// Decides an established flow again: as the workload its proxy credentials named when
+/// it has one ([`crate::conntrack::CutSignal::source`]; a workload gone from the
+/// inventory is nobody's, so it fails closed), else by its addresses.
+pub fn decide_entry(compiled: &crate::policy::CompiledPolicy, entry: &Entry) -> Decision {
+    let q = query_of(entry);
+    match entry.cut().and_then(|c| c.source()).and_then(|w| w.split_once('/')) {
+        Some((ns, name)) => {
+            let id =
+                compiled.find_workload(ns, name).unwrap_or(crate::policy::WorkloadId(u32::MAX));
+            compiled.decide_as(&q, id)
+        }
+        None => compiled.decide(&q),
+    }
+}
+
 /// Re-checks every entry older than `snapshot`'s generation; cuts and reports the ones it
 /// now denies. `batch` is the number of entries decided between yields (at least 1).
 pub fn revalidate(
@@ -59,7 +74,7 @@ pub fn revalidate(
         for chunk in stale.chunks(batch.max(1)) {
             for entry in chunk {
                 stats.checked += 1;
-                let decision = snapshot.compiled.decide(&query_of(entry));
+                let decision = decide_entry(&snapshot.compiled, entry);
                 if decision.verdict.is_allow() {
                     entry.set_generation(generation);
                 } else {

@@ -26,11 +26,12 @@ use std::net::{IpAddr, SocketAddr};
 
 use thiserror::Error;
 
+use super::auth::Credentials;
 use super::name::{DomainName, NameError, Target};
 use super::resolve::{ResolveError, Resolver};
 use super::ssrf::{Guard, SsrfRefusal};
 use crate::flow::Proto;
-use crate::policy::{CompiledPolicy, Decision, FlowQuery};
+use crate::policy::{CompiledPolicy, Decision, FlowQuery, WorkloadId};
 use crate::wire::socks5::ReplyCode;
 
 /// The candidates for one request: the normalised name (if any) and its addresses.
@@ -150,11 +151,31 @@ pub struct Checker {
     guard: Guard,
     resolver: Resolver,
     own: Vec<SocketAddr>,
+    credentials: std::sync::Arc<Credentials>,
 }
 
 impl Checker {
     pub fn new(guard: Guard, resolver: Resolver) -> Checker {
-        Checker { guard, resolver, own: Vec::new() }
+        Checker { guard, resolver, own: Vec::new(), credentials: Default::default() }
+    }
+
+    /// The `[[credential]]` table the listeners check proxy credentials against.
+    pub fn with_credentials(mut self, credentials: std::sync::Arc<Credentials>) -> Checker {
+        self.credentials = credentials;
+        self
+    }
+
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
+    }
+
+    /// The table, shared (for a verifier that must own what it borrows).
+    pub fn shared_credentials(&self) -> std::sync::Arc<Credentials> {
+        self.credentials.clone()
+    }
+
+    pub fn guard(&self) -> &Guard {
+        &self.guard
     }
 
     /// flowgate's own listeners (admin and every proxy listener). The proxy never dials
@@ -196,6 +217,23 @@ impl Checker {
         port: u16,
         proto: Proto,
     ) -> Result<Admitted, Refusal> {
+        self.choose_as(policy, client, None, cands, port, proto)
+    }
+
+    /// [`Checker::choose`] with the source workload given (`Some`: proxy credentials
+    /// named it) instead of looked up from `client`'s address.
+    ///
+    /// # Errors
+    /// As [`Checker::choose`].
+    pub fn choose_as(
+        &self,
+        policy: &CompiledPolicy,
+        client: IpAddr,
+        source: Option<WorkloadId>,
+        cands: &Candidates,
+        port: u16,
+        proto: Proto,
+    ) -> Result<Admitted, Refusal> {
         let fqdn = cands.fqdn.as_ref().map(DomainName::as_str);
         let mut first = None;
         for &raw in cands.addrs.iter() {
@@ -208,7 +246,10 @@ impl Checker {
             } else {
                 let q =
                     FlowQuery { src: client.to_canonical(), dst: ip, dst_port: port, proto, fqdn };
-                let decision = policy.decide(&q);
+                let decision = match source {
+                    Some(w) => policy.decide_as(&q, w),
+                    None => policy.decide(&q),
+                };
                 if decision.verdict.is_allow() {
                     return Ok(Admitted { addr, fqdn: cands.fqdn, decision });
                 }

@@ -11,12 +11,14 @@
 //! every handshake error and refusal has a stable label (`HandshakeError::as_str`,
 //! `Refusal::reason`) to count it under.
 
+pub mod auth;
 pub mod check;
 pub mod handshake;
 pub mod name;
 pub mod resolve;
 pub mod ssrf;
 
+pub use auth::{CredentialConfig, CredentialId, CredentialMode, Credentials};
 pub use check::{AddrRefusal, Admitted, Candidates, Checker, Refusal, SniVerdict, verify_sni};
 pub use name::{DomainName, NameError, Target};
 pub use resolve::{DnsConfig, ResolveError, Resolved, Resolver};

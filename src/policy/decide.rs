@@ -88,6 +88,29 @@ impl CompiledPolicy {
         d
     }
 
+    /// [`CompiledPolicy::decide`] for a flow whose source workload is known by other
+    /// means than its address: the egress listeners' proxy credentials, for functions
+    /// that share NAT addresses. The source address still keys `ipBlock` matching on the
+    /// destination's ingress side; the source *workload* is `src`. An id that is not of
+    /// this compilation (a stale cache) counts as no workload, so it fails closed under
+    /// `policy.unknown`.
+    #[inline]
+    pub fn decide_as(&self, q: &FlowQuery<'_>, src: WorkloadId) -> Decision {
+        let workload = ((src.0 as usize) < self.workload_count()).then_some(src.0);
+        let src = End { key: Key::of(q.src), workload };
+        let dst = self.end(q.dst);
+        let real = self.evaluate_view(&self.sides, q, src, dst);
+        let audit = (!self.audit_sides.is_empty() && real.decision.verdict.is_allow())
+            .then(|| self.evaluate_view(&self.audit_sides, q, src, dst));
+        let mut d = real.decision;
+        if let Some(audit) = audit
+            && !audit.decision.verdict.is_allow()
+        {
+            d.would_deny = audit.decision.policy;
+        }
+        d
+    }
+
     /// Both evaluations: the verdict view, and the audit view when it is needed.
     #[inline]
     pub(super) fn evaluate(&self, q: &FlowQuery<'_>) -> (Evaluation, Option<Evaluation>) {

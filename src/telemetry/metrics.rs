@@ -43,6 +43,11 @@ pub struct ListenerCounters {
     /// UDP datagrams dropped for a reason other than policy (session limit, send buffer
     /// full, malformed PROXY header).
     pub datagrams_dropped: AtomicU64,
+    /// Egress listeners: proxy credentials missing where required, or wrong.
+    pub auth_failed: AtomicU64,
+    /// `http-connect` with `verify_sni`: tunnels refused because the TLS ClientHello
+    /// named another host than the CONNECT request (or was broken).
+    pub sni_refused: AtomicU64,
 }
 
 impl ListenerCounters {

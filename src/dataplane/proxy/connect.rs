@@ -14,21 +14,55 @@
 //! Refusals answer `403` (policy, SSRF guard, own listener), `502` (name does not
 //! resolve, upstream refused), `504` (resolution or upstream timed out), `503` (the
 //! handshake limit or a full conntrack table), each with a short reason and never the
-//! resolved addresses. Proxy credentials (`Proxy-Authorization`) are not mapped to
-//! workloads yet: the identity is the client address.
+//! resolved addresses.
+//!
+//! Proxy credentials (listener `credentials`, table `[[credential]]`): a
+//! `Proxy-Authorization: Basic` that names a configured user with the right password
+//! makes that user's workload the flow's source; a wrong one, or none where they are
+//! required, is answered `407` with `Proxy-Authenticate`, counted in `auth_failed` and
+//! logged as a `deny` — never ignored. Without credentials the identity is the client
+//! address.
+//!
+//! `verify_sni` (domain fronting): after the `200`, the client's first bytes are read
+//! (at most one TLS record, within `sni_timeout`) and compared with the CONNECT host
+//! ([`crate::egress::verify_sni`]) before any of them go upstream; a ClientHello for
+//! another host resets the tunnel, counted in `sni_refused` and logged as a `deny`
+//! with the CONNECT name.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
 
-use tokio::io::AsyncWriteExt;
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::egress::{EgressProxy, Failure, Tunnel};
 use super::tcp::reset;
+use crate::dataplane::{refuse, tcp_flow};
 use crate::egress::handshake::http::{
-    RequestForm, read_request, reply_established, reply_refusal, reply_status,
+    ProxyRequest, RequestForm, read_request, reply_established, reply_refusal, reply_status,
 };
+use crate::egress::{CredentialId, CredentialMode, SniVerdict, Target, verify_sni};
 use crate::telemetry::metrics::ListenerCounters;
 use crate::wire::http_connect;
+use crate::wire::sni::MAX_RECORD;
+
+/// `verify_sni` on an `http-connect` listener.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifySni {
+    /// The tunnel's bytes are not looked at.
+    #[default]
+    Off,
+    /// A TLS ClientHello must name the CONNECT host; broken TLS is refused; a ClientHello
+    /// without SNI, bytes that are not TLS, or silence until `sni_timeout` pass.
+    On,
+    /// Only a ClientHello that names the CONNECT host passes.
+    Strict,
+}
+
+/// The longest first TLS record (header + body) `verify_sni` waits for.
+const SNI_PEEK_MAX: usize = MAX_RECORD + 5;
 
 impl EgressProxy {
     /// One `http-connect` connection, start to end.
@@ -55,8 +89,26 @@ impl EgressProxy {
                 return;
             }
         };
+        let who = match self.authenticate_http(&req) {
+            Ok(who) => who,
+            Err(reason) => {
+                drop(slot);
+                ListenerCounters::inc(&counters.auth_failed);
+                let unknown = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), req.port);
+                refuse(&self.rt, &self.tag, tcp_flow(client, unknown), req.target.name(), reason);
+                let text = if reason == "auth-required" {
+                    "proxy credentials required"
+                } else {
+                    "refused: wrong proxy credentials"
+                };
+                let _ = reply_status(&mut stream, 407, text).await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+        };
+        let target = req.target;
         let Tunnel { key, admitted, mut upstream } =
-            match self.open(client, req.target, req.port).await {
+            match self.open_as(client, who, req.target, req.port).await {
                 Ok(t) => t,
                 Err(f) => {
                     drop(slot);
@@ -90,13 +142,85 @@ impl EgressProxy {
             let _ = stream.shutdown().await;
             return;
         }
-        let ready = match req.form {
+        let mut ready = match req.form {
             RequestForm::Connect => reply_established(&mut stream).await,
             RequestForm::Absolute => {
                 forward_head(&buf, req.head_len, &self.limits.head, &mut upstream).await
             }
         };
+        if ready.is_ok()
+            && req.form == RequestForm::Connect
+            && self.cfg.verify_sni != VerifySni::Off
+        {
+            buf.clear();
+            if !self.sni_agrees(&mut stream, &target, &mut buf).await {
+                ListenerCounters::inc(&counters.sni_refused);
+                self.rt.conntrack.remove(&key);
+                self.refuse_as(who, key, target.name(), "sni-mismatch");
+                reset(upstream);
+                reset(stream);
+                return;
+            }
+            if !buf.is_empty() {
+                ready = upstream.write_all(&buf).await;
+                let n = buf.len() as u64;
+                admitted.entry.bytes_orig.fetch_add(n, Ordering::Relaxed);
+                counters.bytes_up.fetch_add(n, Ordering::Relaxed);
+            }
+        }
         self.relay(stream, upstream, &key, &admitted, ready).await;
+    }
+
+    /// Who the request's proxy credentials name, under the listener's `credentials`
+    /// mode: `Ok(None)` for "the client address"; `Err(reason)` to refuse with `407`.
+    fn authenticate_http(&self, req: &ProxyRequest) -> Result<Option<CredentialId>, &'static str> {
+        let mode = self.cfg.credentials;
+        if mode == CredentialMode::Off {
+            return Ok(None);
+        }
+        let Some(value) = &req.proxy_authorization else {
+            return match mode {
+                CredentialMode::Required => Err("auth-required"),
+                _ => Ok(None),
+            };
+        };
+        // RFC 1929's limits (255 + 255) bound what any client can use for both listeners.
+        let mut out = [0u8; 512];
+        http_connect::basic_credentials(value, &mut out)
+            .and_then(|(user, pw)| self.checker.credentials().verify(user, pw))
+            .map(Some)
+            .ok_or("auth-failed")
+    }
+
+    /// Reads the client's first bytes into `buf` (bounded by one TLS record and
+    /// `sni_timeout`) and says whether the tunnel may carry them (see [`VerifySni`]).
+    async fn sni_agrees(&self, stream: &mut TcpStream, target: &Target, buf: &mut Vec<u8>) -> bool {
+        let strict = self.cfg.verify_sni == VerifySni::Strict;
+        let read = async {
+            let mut chunk = [0u8; 4096];
+            loop {
+                match verify_sni(buf, target) {
+                    SniVerdict::NeedMore if buf.len() < SNI_PEEK_MAX => {}
+                    SniVerdict::NeedMore | SniVerdict::Malformed | SniVerdict::Disagrees => {
+                        return false;
+                    }
+                    SniVerdict::Agrees => return true,
+                    SniVerdict::NoSni | SniVerdict::NotTls => return !strict,
+                }
+                let room = (SNI_PEEK_MAX - buf.len()).min(chunk.len());
+                match stream.read(&mut chunk[..room]).await {
+                    // The client closed (or failed) before a verdict: nothing to carry,
+                    // unless `on` lets non-TLS bytes through.
+                    Ok(0) | Err(_) => return !strict && buf.is_empty(),
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        };
+        match tokio::time::timeout(self.cfg.sni_timeout, read).await {
+            Ok(v) => v,
+            // Silence (a server-speaks-first protocol) or a stalled partial record.
+            Err(_) => !strict && buf.is_empty(),
+        }
     }
 }
 

@@ -16,13 +16,19 @@
 //!    with the name), and a refusal before policy (bad name, no answer, SSRF guard, own
 //!    listener) through [`crate::dataplane::refuse`]. One decision, one event.
 //!
+//! The source is the client address, or — when the client proved itself with proxy
+//! credentials ([`EgressProxy::open_as`], `egress::auth`) — the workload its credential
+//! names: `decide_as` is asked with that workload, and refusals are logged with it.
+//! The workload is kept on the flow's cut signal, so a reload re-decides the flow as
+//! that workload too (`control::revalidate::decide_entry`).
+//!
 //! Not here: reading the handshakes and answering in each protocol's words
 //! (`egress::handshake`, used by [`super::connect`] and [`super::socks5`]).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -32,13 +38,13 @@ use super::proxy_header::ProxyHeaderConfig;
 use super::splice::{Accounting, SpliceEnd, splice};
 use super::tcp::reset;
 use crate::conntrack::FlowState;
-use crate::dataplane::{
-    Admission, Admitted, ListenerTag, Runtime, admit_decided, refuse, tcp_flow,
-};
+use crate::dataplane::{Admission, Admitted, ListenerTag, Runtime, admit_decided, refuse};
 use crate::egress::check::{AddrRefusal, Refusal};
 use crate::egress::handshake::{HandshakeError, HandshakeLimits};
-use crate::egress::{Checker, Target};
+use crate::egress::{Checker, CredentialId, Target};
 use crate::flow::{FlowKey, Proto};
+use crate::policy::{PolicySnapshot, WorkloadId};
+use crate::telemetry::flowlog::{Event, EventKind};
 use crate::telemetry::metrics::ListenerCounters;
 
 /// A forward-proxy listener's state, shared by its connection tasks.
@@ -73,6 +79,17 @@ pub enum Failure {
     UpstreamError(io::Error),
     /// The flow was revoked while dialling.
     Cut,
+}
+
+/// What [`EgressProxy::decide_or_reuse`] chose.
+// Once per new destination; boxing would cost the allocation it saves.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Chosen {
+    /// A new flow, admitted and tracked.
+    Admitted(FlowKey, Admitted),
+    /// Allowed, to an address the caller already has a flow to.
+    Tracked(SocketAddr),
 }
 
 /// An open upstream connection for an admitted flow. The caller splices and then
@@ -151,7 +168,22 @@ impl EgressProxy {
         target: Target,
         port: u16,
     ) -> Result<Tunnel, Failure> {
-        let (key, admitted) = self.decide(client, target, port).await?;
+        self.open_as(client, None, target, port).await
+    }
+
+    /// [`EgressProxy::open`] for a client that proved who it is with proxy credentials
+    /// (`who`): the credential's workload is the source for `decide` and the flow log.
+    ///
+    /// # Errors
+    /// As [`EgressProxy::open`].
+    pub async fn open_as(
+        &self,
+        client: SocketAddr,
+        who: Option<CredentialId>,
+        target: Target,
+        port: u16,
+    ) -> Result<Tunnel, Failure> {
+        let (key, admitted) = self.decide(client, who, target, port, Proto::Tcp).await?;
         let connect = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(key.dst));
         let result = tokio::select! {
             r = connect => match r {
@@ -176,39 +208,74 @@ impl EgressProxy {
         }
     }
 
-    async fn decide(
+    /// Decides `target:port` for `client` (speaking as `who`, when credentials named a
+    /// workload) and passes the verdict through the gate: the admitted flow's key and
+    /// entry, or the refusal (counted and logged).
+    ///
+    /// # Errors
+    /// [`Failure::Refused`], [`Failure::Untracked`].
+    pub async fn decide(
         &self,
         client: SocketAddr,
+        who: Option<CredentialId>,
         target: Target,
         port: u16,
+        proto: Proto,
     ) -> Result<(FlowKey, Admitted), Failure> {
+        match self.decide_or_reuse(client, who, target, port, proto, &|_| false).await? {
+            Chosen::Admitted(key, admitted) => Ok((key, admitted)),
+            // `tracked` said no to every address.
+            Chosen::Tracked(_) => Err(Failure::Untracked),
+        }
+    }
+
+    /// [`EgressProxy::decide`], except that when the chosen address is one the caller
+    /// already has a flow to (`tracked`) — a UDP association that reached the same
+    /// address under another spelling — nothing new is admitted: the decision for this
+    /// name still had to pass, but the flow and its conntrack entry are the existing one.
+    ///
+    /// # Errors
+    /// As [`EgressProxy::decide`].
+    pub async fn decide_or_reuse(
+        &self,
+        client: SocketAddr,
+        who: Option<CredentialId>,
+        target: Target,
+        port: u16,
+        proto: Proto,
+        tracked: &(dyn Fn(SocketAddr) -> bool + Sync),
+    ) -> Result<Chosen, Failure> {
+        let flow = |dst| FlowKey::new(proto, client, dst);
         let unknown_dst = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
         let cands = match self.checker.resolve(target).await {
             Ok(c) => c,
             Err(r) => {
-                let key = tcp_flow(client, unknown_dst);
-                refuse(&self.rt, &self.tag, key, r.fqdn().map(|n| n.as_str()), r.reason());
+                let fqdn = r.fqdn().map(|n| n.as_str());
+                self.refuse_as(who, flow(unknown_dst), fqdn, r.reason());
                 return Err(Failure::Refused(r));
             }
         };
         let snapshot = self.rt.policy.load_full();
         let fqdn = cands.fqdn.as_ref().map(|n| n.as_str());
-        let chosen = self.checker.choose(&snapshot.compiled, client.ip(), &cands, port, Proto::Tcp);
+        let source = who.map(|id| self.source_workload(id, &snapshot));
+        let chosen =
+            self.checker.choose_as(&snapshot.compiled, client.ip(), source, &cands, port, proto);
         let now = Instant::now();
+        let state = if proto == Proto::Tcp { FlowState::Open } else { FlowState::Unreplied };
         match chosen {
+            Ok(a) if tracked(a.addr) => Ok(Chosen::Tracked(a.addr)),
             Ok(a) => {
-                let key = tcp_flow(client, a.addr);
+                let key = flow(a.addr);
                 match admit_decided(
-                    &self.rt,
-                    &self.tag,
-                    key,
-                    fqdn,
-                    &snapshot,
-                    a.decision,
-                    FlowState::Open,
-                    now,
+                    &self.rt, &self.tag, key, fqdn, &snapshot, a.decision, state, now,
                 ) {
-                    Admission::Allow(admitted) => Ok((key, admitted)),
+                    Admission::Allow(admitted) => {
+                        if let Some(src) = who.and_then(|id| self.checker.credentials().source(id))
+                        {
+                            admitted.cut.set_source(src);
+                        }
+                        Ok(Chosen::Admitted(key, admitted))
+                    }
                     // `choose` only admits an allowed decision; a deny here would be a
                     // bug, and fails closed like a full table.
                     Admission::Deny(_) | Admission::Untracked(_) => Err(Failure::Untracked),
@@ -220,24 +287,66 @@ impl EgressProxy {
                         let _ = admit_decided(
                             &self.rt,
                             &self.tag,
-                            tcp_flow(client, *addr),
+                            flow(*addr),
                             fqdn,
                             &snapshot,
                             *decision,
-                            FlowState::Open,
+                            state,
                             now,
                         );
                     }
                     Refusal::Denied { first: (addr, _), .. } => {
-                        refuse(&self.rt, &self.tag, tcp_flow(client, *addr), fqdn, r.reason());
+                        self.refuse_as(who, flow(*addr), fqdn, r.reason());
                     }
-                    _ => {
-                        let key = tcp_flow(client, unknown_dst);
-                        refuse(&self.rt, &self.tag, key, fqdn, r.reason());
-                    }
+                    _ => self.refuse_as(who, flow(unknown_dst), fqdn, r.reason()),
                 }
                 Err(Failure::Refused(r))
             }
         }
+    }
+
+    /// The workload credential `id` names in `snapshot`. One that the inventory does not
+    /// know becomes an id no compilation has, which `decide_as` treats as no workload:
+    /// the flow is decided (and, under `policy.unknown = deny`, refused) as nobody's —
+    /// never as the source address's workload.
+    fn source_workload(&self, id: CredentialId, snapshot: &PolicySnapshot) -> WorkloadId {
+        self.checker
+            .credentials()
+            .workload(id, &snapshot.compiled, snapshot.generation)
+            .unwrap_or(WorkloadId(u32::MAX))
+    }
+
+    /// A refusal before any policy decision ([`refuse`]), logged with the credential's
+    /// workload as the source when the client named one.
+    pub fn refuse_as(
+        &self,
+        who: Option<CredentialId>,
+        key: FlowKey,
+        fqdn: Option<&str>,
+        reason: &'static str,
+    ) {
+        let Some(id) = who else {
+            refuse(&self.rt, &self.tag, key, fqdn, reason);
+            return;
+        };
+        let snapshot = self.rt.policy.load_full();
+        let src_workload = Some(self.source_workload(id, &snapshot))
+            .filter(|w| snapshot.compiled.workload_name(*w).is_some());
+        ListenerCounters::inc(&self.tag.counters.denied);
+        self.rt.flowlog.emit(Event {
+            ts: SystemTime::now(),
+            kind: EventKind::Deny,
+            listener: self.tag.name.clone(),
+            proto: key.proto,
+            src: key.src,
+            dst: key.dst,
+            fqdn: fqdn.map(Arc::from),
+            src_workload,
+            dst_workload: None,
+            direction: None,
+            reason,
+            policy: None,
+            snapshot,
+        });
     }
 }

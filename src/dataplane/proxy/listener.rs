@@ -28,8 +28,9 @@ pub enum ListenerKind {
     /// requests; the destination is whatever the client asks for, decided by the egress
     /// pipeline (`egress::Checker`) and the gate. Takes no `upstreams`.
     HttpConnect,
-    /// SOCKS5 (RFC 1928) CONNECT with IPv4, IPv6 and domain-name addresses, no
-    /// authentication; decided like `http-connect`. Takes no `upstreams`.
+    /// SOCKS5 (RFC 1928) CONNECT and UDP ASSOCIATE with IPv4, IPv6 and domain-name
+    /// addresses, no authentication or RFC 1929 (`credentials`); decided like
+    /// `http-connect`. Takes no `upstreams`.
     Socks5,
     /// Connections redirected here by nftables/iptables: the destination is the original
     /// one (`SO_ORIGINAL_DST`), checked against the TLS SNI or HTTP `Host` the client
@@ -124,6 +125,28 @@ pub struct ListenerConfig {
     /// `http-connect`: most header fields. Default 64.
     #[serde(default = "default_max_headers")]
     pub max_headers: usize,
+    /// Egress kinds: proxy credentials (`[[credential]]`) mapped to workloads: `off`
+    /// (default; the source address is the identity), `optional` (used when sent, and
+    /// then they must be right), `required` (`407` / SOCKS5 refused without them). Wrong
+    /// credentials are refused and counted in `auth_failed`.
+    #[serde(default)]
+    pub credentials: crate::egress::CredentialMode,
+    /// `http-connect`: look at the first bytes inside a CONNECT tunnel and refuse a TLS
+    /// ClientHello whose SNI is not the CONNECT host (domain fronting): `off` (default),
+    /// `on` (a mismatch or broken TLS is refused; no SNI or not TLS passes), `strict`
+    /// (only a ClientHello naming the CONNECT host passes). Counted in `sni_refused`.
+    #[serde(default)]
+    pub verify_sni: super::connect::VerifySni,
+    /// `verify_sni`: how long to wait for the client's first bytes (at most one TLS
+    /// record, 16 KiB). On timeout `on` lets the tunnel through (a server-speaks-first
+    /// protocol), `strict` refuses. Default 5s.
+    #[serde(default = "default_sni_timeout", with = "human_duration")]
+    pub sni_timeout: Duration,
+    /// `socks5` UDP ASSOCIATE: destinations one association may send to (each decided
+    /// once, verdict cached); datagrams to further ones are dropped and counted in
+    /// `datagrams_dropped`. Default 256.
+    #[serde(default = "default_udp_max_destinations")]
+    pub udp_max_destinations: usize,
     /// Egress kinds: handshakes in progress at once; beyond it a new client is refused at
     /// once (`503` / SOCKS5 general failure) and `limit_reached` counts it. Default 1024.
     #[serde(default = "default_max_handshakes")]
@@ -165,6 +188,12 @@ fn default_max_headers() -> usize {
 }
 fn default_max_handshakes() -> usize {
     1024
+}
+fn default_sni_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_udp_max_destinations() -> usize {
+    256
 }
 fn default_pp_timeout() -> Duration {
     Duration::from_secs(5)

@@ -97,6 +97,21 @@ pub fn start_with_egress(
     egress: &EgressSettings,
     shutdown: &Shutdown,
 ) -> Result<Vec<RunningListener>, ProxyError> {
+    start_with_credentials(rt, listeners, egress, Arc::default(), shutdown)
+}
+
+/// [`start_with_egress`], with the `[[credential]]` table the egress listeners check
+/// proxy credentials against.
+///
+/// # Errors
+/// As [`start_with_egress`].
+pub fn start_with_credentials(
+    rt: &Arc<Runtime>,
+    listeners: &[ListenerConfig],
+    egress: &EgressSettings,
+    credentials: Arc<crate::egress::Credentials>,
+    shutdown: &Shutdown,
+) -> Result<Vec<RunningListener>, ProxyError> {
     enum Bound {
         Tcp(TcpListener),
         Udp(tokio::net::UdpSocket),
@@ -129,7 +144,11 @@ pub fn start_with_egress(
         }
         let resolver = crate::egress::Resolver::new(&egress.dns)?;
         let guard = crate::egress::Guard::new(egress.ssrf.clone());
-        Some(Arc::new(crate::egress::Checker::new(guard, resolver).with_own_listeners(own)))
+        Some(Arc::new(
+            crate::egress::Checker::new(guard, resolver)
+                .with_own_listeners(own)
+                .with_credentials(credentials),
+        ))
     } else {
         None
     };

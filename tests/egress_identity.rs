@@ -1,0 +1,839 @@
+//! Issue 7, the egress listeners' second half, end to end with real clients: proxy
+//! credentials mapped to workloads (curl `-x http://user:pw@…`, `--proxy-user`,
+//! `--socks5-hostname user:pw@…`), `verify_sni` against domain fronting (curl
+//! `--connect-to`, so the SNI is not the CONNECT host), SOCKS5 UDP ASSOCIATE (a python3
+//! SOCKS5 UDP client, UDP echo servers that count datagrams), and the SSRF guard for
+//! every spelling of 127/8 and ::1 through both listeners.
+//!
+//! Identities: 127.0.0.10 is `fn/caller`, allowed `web.test`, `tls.test`, `udp.test` and
+//! the networks of the counting sinks; 127.0.0.11 is `fn/other`, allowed nothing. 127.0.0.12
+//! is no workload: a NAT address two functions share; the credentials `alice` (→
+//! `fn/caller`) and `bob` (→ `fn/other`) tell them apart. Every server that must not be
+//! reached counts its accepts (or datagrams), and the count is asserted. All traffic on
+//! loopback; every wait is bounded.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use flowgate::config::Config;
+use flowgate::conntrack::Conntrack;
+use flowgate::dataplane::proxy::{self, EgressSettings, RunningListener};
+use flowgate::dataplane::{Runtime, build_snapshot};
+use flowgate::egress::Credentials;
+use flowgate::policy::Generation;
+use flowgate::shutdown::Shutdown;
+use flowgate::telemetry::flowlog::{FlowLog, FlowLogWriter};
+use flowgate::telemetry::metrics::{ListenerCounters, Registry};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
+
+const CALLER: &str = "127.0.0.10";
+const SHARED: &str = "127.0.0.12";
+const WEB: &str = "127.0.0.21";
+const TLS: &str = "127.0.0.22";
+const SINK: &str = "127.0.0.23";
+const UDP_OK: &str = "127.0.0.24";
+const UDP_NO: &str = "127.0.0.25";
+/// Stands in for the admin API: lifted and allowed, so only "own listener" stops it.
+const ADMIN: &str = "127.0.0.30";
+
+const INVENTORY: &str = "
+namespaces:
+  - name: fn
+workloads:
+  - name: caller
+    namespace: fn
+    labels: {app: caller}
+    ips: [127.0.0.10]
+  - name: other
+    namespace: fn
+    labels: {app: other}
+    ips: [127.0.0.11]
+";
+
+const POLICY: &str = "
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: caller-egress}
+spec:
+  priority: 10
+  subject:
+    pods:
+      namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: fn}}
+      podSelector: {matchLabels: {app: caller}}
+  egress:
+    - name: apis
+      action: Allow
+      to:
+        - domainNames: [web.test, tls.test, udp.test]
+    - name: nets
+      action: Allow
+      to:
+        - networks: [127.0.0.23/32, 127.0.0.24/32, 127.0.0.30/32, 127.0.0.1/32, '::1/128']
+";
+
+struct Gate {
+    dir: tempfile::TempDir,
+    rt: Arc<Runtime>,
+    _shutdown: Shutdown,
+    listeners: Vec<RunningListener>,
+    _writer: FlowLogWriter,
+}
+
+impl Gate {
+    async fn start(admin: SocketAddr) -> Gate {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        std::fs::write(dir.path().join("policies/anp.yaml"), POLICY).unwrap();
+        std::fs::write(dir.path().join("hosts"), "127.0.0.1 localhost\n::1 localhost\n").unwrap();
+        let text = format!(
+            "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+             default = \"deny\"\nunknown = \"deny\"\n\
+             [admin]\nbind = \"127.0.0.1:0\"\n\
+             [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
+             [dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\nhosts_file = \"hosts\"\n\
+             [dns.static]\n\"web.test\" = [\"{WEB}\"]\n\"tls.test\" = [\"{TLS}\"]\n\
+             \"sink.test\" = [\"{SINK}\"]\n\"udp.test\" = [\"{UDP_OK}\"]\n\
+             \"udpblocked.test\" = [\"{UDP_NO}\"]\n\"fronted.test\" = [\"{TLS}\"]\n\
+             [ssrf]\ntreat_as_external = [\"{WEB}/32\", \"{TLS}/32\", \"{SINK}/32\", \
+             \"{UDP_OK}/32\", \"{UDP_NO}/32\", \"{ADMIN}/32\", \"127.0.0.31/32\"]\n\
+             [[credential]]\nusername = \"alice\"\npassword = \"pw-a\"\nworkload = \"fn/caller\"\n\
+             [[credential]]\nusername = \"bob\"\npassword = \"pw-b\"\nworkload = \"fn/other\"\n\
+             [[listener]]\nname = \"connect-auth\"\nkind = \"http-connect\"\n\
+             bind = \"127.0.0.1:0\"\ncredentials = \"required\"\nverify_sni = \"on\"\n\
+             sni_timeout = \"1s\"\nhandshake_timeout = \"2s\"\n\
+             [[listener]]\nname = \"socks-auth\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
+             credentials = \"optional\"\nhandshake_timeout = \"2s\"\n\
+             [[listener]]\nname = \"connect\"\nkind = \"http-connect\"\nbind = \"127.0.0.1:0\"\n\
+             handshake_timeout = \"2s\"\n\
+             [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
+             handshake_timeout = \"2s\"\nudp_max_destinations = 8\n\
+             [[listener]]\nname = \"self\"\nkind = \"http-connect\"\nbind = \"127.0.0.31:0\"\n\
+             [[listener]]\nname = \"connect-opt\"\nkind = \"http-connect\"\n\
+             bind = \"127.0.0.1:0\"\ncredentials = \"optional\"\n\
+             [[listener]]\nname = \"connect-strict\"\nkind = \"http-connect\"\n\
+             bind = \"127.0.0.1:0\"\nverify_sni = \"strict\"\nsni_timeout = \"1s\"\n"
+        );
+        let path = dir.path().join("flowgate.toml");
+        std::fs::write(&path, text).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        let registry = Arc::new(Registry::default());
+        let (flowlog, writer) = FlowLog::start(&cfg.flowlog, registry.clone()).unwrap();
+        let snapshot = build_snapshot(&cfg.policy, Generation(1)).unwrap();
+        let rt = Runtime::new(
+            Arc::new(Conntrack::new(&cfg.conntrack)),
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            registry,
+            flowlog,
+        );
+        let shutdown = Shutdown::new();
+        let egress =
+            EgressSettings { dns: cfg.dns.clone(), ssrf: cfg.ssrf.clone(), other_own: vec![admin] };
+        let creds = Arc::new(Credentials::from_config(&cfg.credential).unwrap());
+        let listeners =
+            proxy::start_with_credentials(&rt, &cfg.listener, &egress, creds, &shutdown).unwrap();
+        Gate { dir, rt, _shutdown: shutdown, listeners, _writer: writer }
+    }
+
+    fn addr(&self, name: &str) -> SocketAddr {
+        self.listeners.iter().find(|l| l.name == name).unwrap().local_addr
+    }
+
+    fn counters(&self, name: &str) -> Arc<ListenerCounters> {
+        self.rt.registry.listeners().into_iter().find(|c| c.name == name).unwrap()
+    }
+
+    fn log(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("flow.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("flow-log lines are JSON"))
+            .collect()
+    }
+
+    /// Waits (bounded) for a `deny` event on `listener` matching `pred`; returns it.
+    async fn wait_deny(
+        &self,
+        listener: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(e) = self
+                .log()
+                .into_iter()
+                .find(|e| e["event"] == "deny" && e["listener"] == listener && pred(e))
+            {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "no such deny on {listener}: {:?}", self.log());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+fn peers_present(bins: &[&str]) -> bool {
+    for b in bins {
+        let ok = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {b}"))
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            eprintln!("SKIP: {b} is not installed (scripts/setup.sh installs it)");
+            return false;
+        }
+    }
+    true
+}
+
+fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+async fn wait_count(c: &std::sync::atomic::AtomicU64, at_least: u64) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while get(c) < at_least {
+        assert!(Instant::now() < deadline, "counter at {} < {at_least}", get(c));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A child process killed (by its own pid) when dropped.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "nothing listening on {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+}
+
+async fn http_server(root: &std::path::Path) -> (Server, u16) {
+    std::fs::write(root.join("hello.txt"), "hello from the web server\n").unwrap();
+    let port = free_port(WEB);
+    let child = std::process::Command::new("python3")
+        .args(["-m", "http.server", "--bind", WEB, &port.to_string()])
+        .current_dir(root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 runs");
+    let s = Server(child);
+    wait_listening(SocketAddr::new(WEB.parse().unwrap(), port)).await;
+    (s, port)
+}
+
+async fn https_server(dir: &std::path::Path) -> (Server, u16) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let st = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj"])
+        .arg("/CN=tls.test")
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl runs");
+    assert!(st.success());
+    let port = free_port(TLS);
+    let child = std::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept"])
+        .arg(format!("{TLS}:{port}"))
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_server runs");
+    let s = Server(child);
+    wait_listening(SocketAddr::new(TLS.parse().unwrap(), port)).await;
+    (s, port)
+}
+
+async fn curl(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-v", "--max-time", "10"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("curl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A TCP server on `ip` that counts accepts and answers each connection with "ok".
+async fn sink(ip: &str) -> (u16, Arc<AtomicUsize>) {
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let n = Arc::new(AtomicUsize::new(0));
+    let count = n.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { continue };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = s.write_all(b"ok").await;
+            });
+        }
+    });
+    (port, n)
+}
+
+/// A UDP server on `ip` that counts datagrams and echoes them.
+async fn udp_echo(ip: &str) -> (u16, Arc<AtomicUsize>) {
+    let s = UdpSocket::bind((ip, 0)).await.unwrap();
+    let port = s.local_addr().unwrap().port();
+    let n = Arc::new(AtomicUsize::new(0));
+    let count = n.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        loop {
+            let Ok((len, from)) = s.recv_from(&mut buf).await else { continue };
+            count.fetch_add(1, Ordering::SeqCst);
+            let _ = s.send_to(&buf[..len], from).await;
+        }
+    });
+    (port, n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_name_the_workload_and_wrong_ones_are_refused() {
+    if !peers_present(&["curl", "python3", "openssl"]) {
+        return;
+    }
+    let gate = Gate::start("127.0.0.30:1".parse().unwrap()).await;
+    let (_web, web_port) = http_server(gate.dir.path()).await;
+    let (_tls, tls_port) = https_server(gate.dir.path()).await;
+    let (sink_port, accepted) = sink(SINK).await;
+    let ca = gate.addr("connect-auth");
+    let sa = gate.addr("socks-auth");
+    let web_url = format!("http://web.test:{web_port}/hello.txt");
+    let tls_url = format!("https://tls.test:{tls_port}/");
+    let sink_url = format!("telnet://sink.test:{sink_port}");
+
+    // Two functions behind one address: alice (fn/caller) is allowed, bob (fn/other) not.
+    let alice = format!("http://alice:pw-a@{ca}");
+    let (code, body, err) = curl(&["--interface", SHARED, "-x", &alice, &web_url]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(body, "hello from the web server\n");
+    let (code, body, err) = curl(&[
+        "-k",
+        "--interface",
+        SHARED,
+        "-x",
+        &format!("http://{ca}"),
+        "--proxy-user",
+        "alice:pw-a",
+        &tls_url,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(body.contains("s_server"), "{body}");
+    let bob = format!("http://bob:pw-b@{ca}");
+    let (_, _, err) = curl(&["--interface", SHARED, "-x", &bob, &web_url]).await;
+    assert!(err.contains("< HTTP/1.1 403"), "{err}");
+    let e = gate.wait_deny("connect-auth", |e| e["fqdn"] == "web.test").await;
+    assert_eq!(e["src_workload"], "fn/other", "{e}");
+    assert!(e["src"].as_str().unwrap().starts_with(SHARED));
+    let c = gate.counters("connect-auth");
+    assert_eq!(get(&c.allowed), 2);
+
+    // Wrong password, unknown user, no credentials at all: 407 with a challenge, counted,
+    // logged; the sink (which alice may reach) is never dialled.
+    for proxy in [format!("http://alice:wrong@{ca}"), format!("http://eve:pw-a@{ca}")] {
+        let (_, _, err) = curl(&["--interface", SHARED, "-x", &proxy, &sink_url]).await;
+        assert!(err.contains("< HTTP/1.1 407"), "{err}");
+        assert!(err.contains("Proxy-Authenticate: Basic"), "{err}");
+    }
+    let (_, _, err) =
+        curl(&["--interface", CALLER, "-x", &format!("http://{ca}"), &sink_url]).await;
+    assert!(err.contains("< HTTP/1.1 407"), "{err}");
+    assert_eq!(get(&c.auth_failed), 3);
+    let e = gate.wait_deny("connect-auth", |e| e["reason"] == "auth-failed").await;
+    assert_eq!(e["fqdn"], "sink.test");
+    gate.wait_deny("connect-auth", |e| e["reason"] == "auth-required").await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "no refused credential reached the sink");
+    let (code, body, err) = curl(&["--interface", SHARED, "-x", &alice, &sink_url]).await;
+    assert_eq!((code, body.as_str()), (0, "ok"), "{err}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // HTTP with credentials optional: none → the address is the identity (fn/caller
+    // allowed, 127.0.0.12 nobody: 403); wrong ones are still refused with 407.
+    let co = gate.addr("connect-opt");
+    let plain = format!("http://{co}");
+    let (code, body, err) = curl(&["--interface", CALLER, "-x", &plain, &sink_url]).await;
+    assert_eq!((code, body.as_str()), (0, "ok"), "{err}");
+    let (_, _, err) = curl(&["--interface", SHARED, "-x", &plain, &sink_url]).await;
+    assert!(err.contains("< HTTP/1.1 403"), "{err}");
+    let (_, _, err) =
+        curl(&["--interface", CALLER, "-x", &format!("http://alice:bad@{co}"), &sink_url]).await;
+    assert!(err.contains("< HTTP/1.1 407"), "{err}");
+    assert_eq!(get(&gate.counters("connect-opt").auth_failed), 1);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+    // SOCKS5 (credentials optional): alice allowed, bob refused 0x02, a wrong password
+    // gets the RFC 1929 failure and never a dial; no credentials: the source address is
+    // the identity (127.0.0.12 is nobody: refused; 127.0.0.10 is fn/caller: allowed).
+    let s = |u: &str| format!("{u}@{sa}");
+    let (code, body, err) =
+        curl(&["--interface", SHARED, "--socks5-hostname", &s("alice:pw-a"), &web_url]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(body, "hello from the web server\n");
+    let (code, _, err) =
+        curl(&["--interface", SHARED, "--socks5-hostname", &s("bob:pw-b"), &web_url]).await;
+    assert_eq!(code, 97, "{err}");
+    let e = gate.wait_deny("socks-auth", |e| e["fqdn"] == "web.test").await;
+    assert_eq!(e["src_workload"], "fn/other", "{e}");
+    let (code, _, err) =
+        curl(&["--interface", SHARED, "--socks5-hostname", &s("alice:nope"), &sink_url]).await;
+    assert_eq!(code, 97, "{err}");
+    assert!(err.contains("rejected by the SOCKS5 server"), "{err}");
+    let sc = gate.counters("socks-auth");
+    wait_count(&sc.auth_failed, 1).await;
+    gate.wait_deny("socks-auth", |e| e["reason"] == "auth-failed").await;
+    let (code, _, err) =
+        curl(&["--interface", SHARED, "--socks5-hostname", &sa.to_string(), &sink_url]).await;
+    assert_eq!(code, 97, "{err}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "wrong password and nobody: no dial");
+    let (code, body, err) =
+        curl(&["--interface", CALLER, "--socks5-hostname", &sa.to_string(), &sink_url]).await;
+    assert_eq!((code, body.as_str()), (0, "ok"), "{err}");
+    let (code, body, err) =
+        curl(&["--interface", SHARED, "--socks5-hostname", &s("alice:pw-a"), &sink_url]).await;
+    assert_eq!((code, body.as_str()), (0, "ok"), "{err}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    assert_eq!(get(&sc.allowed), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_sni_refuses_a_client_hello_for_another_host() {
+    if !peers_present(&["curl", "openssl"]) {
+        return;
+    }
+    let gate = Gate::start("127.0.0.30:1".parse().unwrap()).await;
+    let (_tls, tls_port) = https_server(gate.dir.path()).await;
+    let ca = format!("http://alice:pw-a@{}", gate.addr("connect-auth"));
+    let c = gate.counters("connect-auth");
+
+    // SNI = CONNECT host: through.
+    let url = format!("https://tls.test:{tls_port}/");
+    let (code, body, err) = curl(&["-k", "--interface", SHARED, "-x", &ca, &url]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(body.contains("s_server"));
+
+    // Domain fronting: curl asks the proxy for tls.test (allowed) but its ClientHello
+    // names fronted.test. The tunnel is reset before a byte reaches the server.
+    let fronted = format!("https://fronted.test:{tls_port}/");
+    let to = format!("fronted.test:{tls_port}:tls.test:{tls_port}");
+    let (code, _, err) =
+        curl(&["-k", "--interface", SHARED, "-x", &ca, "--connect-to", &to, &fronted]).await;
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("CONNECT tls.test:"), "curl did CONNECT to the real host: {err}");
+    assert!(err.contains("200 Connection established"), "{err}");
+    wait_count(&c.sni_refused, 1).await;
+    let e = gate
+        .wait_deny("connect-auth", |e| e["reason"] == "sni-mismatch" && e["fqdn"] == "tls.test")
+        .await;
+    assert_eq!(e["dst"], format!("{TLS}:{tls_port}"));
+    assert_eq!(e["src_workload"], "fn/caller", "alice's workload, not the shared address");
+
+    // openssl s_client through the same proxy with -servername: refused too.
+    let out = tokio::process::Command::new("openssl")
+        .args(["s_client", "-proxy"])
+        .arg(gate.addr("connect-auth").to_string())
+        .args(["-proxy_user", "alice", "-proxy_pass", "pass:pw-a", "-connect"])
+        .arg(format!("tls.test:{tls_port}"))
+        .args(["-servername", "evil.test"])
+        .stdin(Stdio::null())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(10), out).await.unwrap().unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE"));
+    wait_count(&c.sni_refused, 2).await;
+
+    // Plain bytes (not TLS) pass under `on`.
+    let (port, accepted) = sink(SINK).await;
+    let mut s = TcpStream::connect(gate.addr("connect-auth")).await.unwrap();
+    let req = format!(
+        "CONNECT sink.test:{port} HTTP/1.1\r\nProxy-Authorization: Basic YWxpY2U6cHctYQ==\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = [0u8; 39];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head)).await.unwrap().unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+    s.write_all(b"hello").await.unwrap();
+    let mut ok = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut ok)).await.unwrap().unwrap();
+    assert_eq!(&ok, b"ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(get(&c.sni_refused), 2);
+
+    // `strict`: the same plain bytes are refused, and so is silence past sni_timeout; the
+    // client never sees the upstream's "ok".
+    for first in [&b"hello"[..], &b""[..]] {
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{CALLER}:0").parse().unwrap()).unwrap();
+        let mut s = sock.connect(gate.addr("connect-strict")).await.unwrap();
+        let req = format!("CONNECT sink.test:{port} HTTP/1.1\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut head = [0u8; 39];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head)).await;
+        assert!(read.is_ok_and(|r| r.is_ok()) && head.starts_with(b"HTTP/1.1 200"));
+        s.write_all(first).await.unwrap();
+        let mut got = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut b = [0u8; 256];
+            loop {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&b[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "strict: not closed");
+        assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    }
+    assert_eq!(get(&gate.counters("connect-strict").sni_refused), 2);
+}
+
+/// The SOCKS5 UDP client: python3, stdlib only. Prints one JSON line of results.
+const UDP_CLIENT: &str = r#"
+import json, socket, struct, sys
+proxy_host, proxy_port, src, echo_port, no_port, ssrf_port, ssrf6_port = sys.argv[1:8]
+proxy_port, echo_port, no_port, ssrf_port, ssrf6_port = map(int, (proxy_port, echo_port, no_port, ssrf_port, ssrf6_port))
+out = {}
+t = socket.create_connection((proxy_host, proxy_port), timeout=5, source_address=(src, 0))
+t.sendall(b"\x05\x01\x00"); assert t.recv(2) == b"\x05\x00"
+t.sendall(b"\x05\x03\x00\x01" + socket.inet_aton("0.0.0.0") + struct.pack(">H", 0))
+rep = t.recv(10)
+out["reply"] = rep[1]
+relay = (socket.inet_ntoa(rep[4:8]), struct.unpack(">H", rep[8:10])[0])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((src, 0)); u.settimeout(0.5)
+def v4(ip, port): return b"\x00\x00\x00\x01" + socket.inet_aton(ip) + struct.pack(">H", port)
+def v6(ip, port): return b"\x00\x00\x00\x04" + socket.inet_pton(socket.AF_INET6, ip) + struct.pack(">H", port)
+def name(n, port): return b"\x00\x00\x00\x03" + bytes([len(n)]) + n.encode() + struct.pack(">H", port)
+def ask(hdr, payload):
+    u.sendto(hdr + payload, relay)
+    try:
+        d, _ = u.recvfrom(4096)
+        return d.hex()
+    except socket.timeout:
+        return None
+out["by_name"] = ask(name("udp.test", echo_port), b"one")
+out["by_addr"] = ask(v4("127.0.0.24", echo_port), b"two")
+out["denied_name"] = [ask(name("udpblocked.test", no_port), b"x") for _ in range(2)]
+out["denied_addr"] = ask(v4("127.0.0.25", no_port), b"y")
+out["ssrf"] = [ask(hdr, b"z") for hdr in (v4("127.0.0.1", ssrf_port), name("2130706433", ssrf_port),
+    name("localhost.", ssrf_port), v6("::1", ssrf6_port), v6("::ffff:127.0.0.1", ssrf_port))]
+frag = bytearray(v4("127.0.0.24", echo_port)); frag[2] = 1
+out["frag"] = ask(bytes(frag), b"f")
+t.close()
+import time; time.sleep(0.3)
+out["after_close"] = ask(v4("127.0.0.24", echo_port), b"late")
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks5_udp_associate_relays_allowed_datagrams_and_drops_the_rest() {
+    if !peers_present(&["python3"]) {
+        return;
+    }
+    let gate = Gate::start("127.0.0.30:1".parse().unwrap()).await;
+    let (echo_port, echoed) = udp_echo(UDP_OK).await;
+    let (no_port, no_count) = udp_echo(UDP_NO).await;
+    let (ssrf_port, ssrf_count) = udp_echo("127.0.0.1").await;
+    let (ssrf6_port, ssrf6_count) = udp_echo("::1").await;
+    let socks = gate.addr("socks");
+    let out = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(UDP_CLIENT)
+        .args([socks.ip().to_string(), socks.port().to_string(), CALLER.to_owned()])
+        .args([echo_port, no_port, ssrf_port, ssrf6_port].map(|p| p.to_string()))
+        .stdin(Stdio::null())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(r["reply"], 0, "{r}");
+    // Answers come back wrapped with the echo server's address (ATYP 1, 127.0.0.24).
+    let wrapped = |payload: &str| {
+        let mut h = format!("00000001{}", hex(&[127, 0, 0, 24]));
+        h.push_str(&hex(&echo_port.to_be_bytes()));
+        h.push_str(&hex(payload.as_bytes()));
+        h
+    };
+    assert_eq!(r["by_name"], wrapped("one"), "{r}");
+    assert_eq!(r["by_addr"], wrapped("two"), "{r}");
+    assert_eq!(r["denied_name"], serde_json::json!([null, null]));
+    assert!(r["denied_addr"].is_null());
+    assert_eq!(r["ssrf"], serde_json::json!([null, null, null, null, null]));
+    assert!(r["frag"].is_null());
+    assert!(r["after_close"].is_null(), "the association ended with its control connection");
+    assert_eq!(echoed.load(Ordering::SeqCst), 2, "only the two allowed datagrams");
+    assert_eq!(no_count.load(Ordering::SeqCst), 0);
+    assert_eq!(ssrf_count.load(Ordering::SeqCst), 0);
+    assert_eq!(ssrf6_count.load(Ordering::SeqCst), 0);
+    // One deny per destination (the verdict is cached), with the name where there was one.
+    let e = gate.wait_deny("socks", |e| e["fqdn"] == "udpblocked.test").await;
+    assert_eq!(e["proto"], "udp", "{e}");
+    let n = gate.log().iter().filter(|e| e["fqdn"] == "udpblocked.test").count();
+    assert_eq!(n, 1, "{:?}", gate.log());
+    gate.wait_deny("socks", |e| e["fqdn"] == "localhost" && e["reason"] == "ssrf").await;
+    let c = gate.counters("socks");
+    wait_count(&c.datagrams_dropped, 1).await;
+    assert_eq!(get(&c.allowed), 1, "one allowed destination: udp.test and its address are one");
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+async fn raw_exchange(to: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(format!("{CALLER}:0").parse().unwrap()).unwrap();
+    let mut s = s.connect(to).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "proxy did not close within the bound after {bytes:?}");
+    out
+}
+
+/// Every spelling of a loopback address, and flowgate's own listeners, refused through
+/// both listeners with 403 / 0x02 even though the policy allows 127.0.0.1, ::1 and the
+/// stand-in admin address: the counting servers see no connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssrf_spellings_and_own_listeners_are_refused_through_both_listeners() {
+    let admin = TcpListener::bind((ADMIN, 0)).await.unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let admin_hits = Arc::new(AtomicUsize::new(0));
+    let hits = admin_hits.clone();
+    tokio::spawn(async move {
+        while admin.accept().await.is_ok() {
+            hits.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let gate = Gate::start(admin_addr).await;
+    let (port, v4_hits) = sink("127.0.0.1").await;
+    let v6 = TcpListener::bind(("::1", port)).await.unwrap();
+    let v6_hits = Arc::new(AtomicUsize::new(0));
+    let hits = v6_hits.clone();
+    tokio::spawn(async move {
+        while v6.accept().await.is_ok() {
+            hits.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let own = gate.addr("self");
+    let hosts: Vec<(String, &str)> = vec![
+        (format!("2130706433:{port}"), "ssrf"),
+        (format!("0177.0.0.1:{port}"), "ssrf"),
+        (format!("0x7f.1:{port}"), "ssrf"),
+        (format!("[::ffff:127.0.0.1]:{port}"), "ssrf"),
+        (format!("127.1:{port}"), "ssrf"),
+        (format!("[::1]:{port}"), "ssrf"),
+        (format!("localhost.:{port}"), "ssrf"),
+        (format!("127.0.0.1:{port}"), "ssrf"),
+        (admin_addr.to_string(), "own-listener"),
+        (own.to_string(), "own-listener"),
+        (gate.addr("connect").to_string(), "own-listener"),
+    ];
+    let connect = gate.addr("connect");
+    for (host, reason) in &hosts {
+        let req = format!("CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let reply = raw_exchange(connect, req.as_bytes()).await;
+        let text = String::from_utf8_lossy(&reply);
+        assert!(text.starts_with("HTTP/1.1 403"), "{host}: {text}");
+        assert!(text.contains(reason), "{host}: {text}");
+    }
+    let socks = gate.addr("socks");
+    for (host, _) in &hosts {
+        // The host as a SOCKS5 domain name, exactly as written (brackets stripped).
+        let (h, p) = host.rsplit_once(':').unwrap();
+        let h = h.trim_start_matches('[').trim_end_matches(']');
+        let p: u16 = p.parse().unwrap();
+        let mut msg = vec![5, 1, 0, 5, 1, 0, 3, h.len() as u8];
+        msg.extend_from_slice(h.as_bytes());
+        msg.extend_from_slice(&p.to_be_bytes());
+        let r = raw_exchange(socks, &msg).await;
+        assert_eq!(r.get(..4), Some(&[5, 0, 5, 2][..]), "{host}: {r:?}");
+    }
+    // The same through IPv4/IPv6 address types.
+    let mut msg = vec![5, 1, 0, 5, 1, 0, 4];
+    msg.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+    msg.extend_from_slice(&port.to_be_bytes());
+    assert_eq!(raw_exchange(socks, &msg).await.get(..4), Some(&[5, 0, 5, 2][..]));
+    let mut msg = vec![5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1];
+    msg.extend_from_slice(&port.to_be_bytes());
+    assert_eq!(raw_exchange(socks, &msg).await.get(..4), Some(&[5, 0, 5, 2][..]));
+    assert_eq!(v4_hits.load(Ordering::SeqCst), 0);
+    assert_eq!(v6_hits.load(Ordering::SeqCst), 0);
+    assert_eq!(admin_hits.load(Ordering::SeqCst), 0);
+    let n = hosts.len() as u64;
+    assert_eq!(get(&gate.counters("connect").denied), n);
+    assert_eq!(get(&gate.counters("socks").denied), n + 2);
+    gate.wait_deny("socks", |e| e["fqdn"] == "localhost" && e["reason"] == "ssrf").await;
+}
+
+/// `flowgate run` as a process: a password from the environment (`password_env`) works
+/// for a `required` SOCKS5 listener, no credentials get "no acceptable method", and a
+/// variable that is not set stops start-up with an error naming the credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flowgate_run_reads_passwords_from_the_environment() {
+    if !peers_present(&["curl"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/anp.yaml"), POLICY).unwrap();
+    let (port, accepted) = sink(SINK).await;
+    let socks_port = free_port("127.0.0.1");
+    let text = format!(
+        "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+         [admin]\nbind = \"127.0.0.1:0\"\n\
+         [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
+         [dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
+         [dns.static]\n\"sink.test\" = [\"{SINK}\"]\n\
+         [ssrf]\ntreat_as_external = [\"{SINK}/32\"]\n\
+         [[credential]]\nusername = \"alice\"\npassword_env = \"FG_TEST_ALICE_PW\"\n\
+         workload = \"fn/caller\"\n\
+         [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:{socks_port}\"\n\
+         credentials = \"required\"\n"
+    );
+    let path = dir.path().join("flowgate.toml");
+    std::fs::write(&path, text).unwrap();
+    let exe = env!("CARGO_BIN_EXE_flowgate");
+
+    // Unset: start-up fails, naming the credential and the variable.
+    let out = tokio::process::Command::new(exe)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("FG_TEST_ALICE_PW")
+        .stdin(Stdio::null())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out).await.unwrap().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("alice") && err.contains("FG_TEST_ALICE_PW"), "{err}");
+
+    let child = std::process::Command::new(exe)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env("FG_TEST_ALICE_PW", "from-env")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _fg = Server(child);
+    wait_listening(SocketAddr::new([127, 0, 0, 1].into(), socks_port)).await;
+    let url = format!("telnet://sink.test:{port}");
+    let proxy = format!("alice:from-env@127.0.0.1:{socks_port}");
+    let (code, body, err) = curl(&["--interface", SHARED, "--socks5-hostname", &proxy, &url]).await;
+    assert_eq!((code, body.as_str()), (0, "ok"), "{err}");
+    let plain = format!("127.0.0.1:{socks_port}");
+    let (code, _, err) = curl(&["--interface", CALLER, "--socks5-hostname", &plain, &url]).await;
+    assert_eq!(code, 97, "required: no credentials, no tunnel: {err}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+/// A reload re-decides a credentialed tunnel as its credential's workload, not as its
+/// address (127.0.0.12 is nobody, which the policy would refuse): a reload that keeps the
+/// rule keeps the tunnel; one that drops the rule cuts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_re_decides_a_credentialed_tunnel_as_its_workload() {
+    let gate = Gate::start("127.0.0.30:1".parse().unwrap()).await;
+    let echo = TcpListener::bind((SINK, 0)).await.unwrap();
+    let port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = echo.accept().await else { continue };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{SHARED}:0").parse().unwrap()).unwrap();
+    let mut t = sock.connect(gate.addr("connect-opt")).await.unwrap();
+    let req = format!(
+        "CONNECT sink.test:{port} HTTP/1.1\r\nProxy-Authorization: Basic YWxpY2U6cHctYQ==\r\n\r\n"
+    );
+    t.write_all(req.as_bytes()).await.unwrap();
+    let mut head = [0u8; 39];
+    tokio::time::timeout(Duration::from_secs(5), t.read_exact(&mut head)).await.unwrap().unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    assert!(echo_ping(&mut t).await);
+
+    let cfg = Config::load(&gate.dir.path().join("flowgate.toml")).unwrap();
+    let reload = |generation: u64| {
+        let snap = build_snapshot(&cfg.policy, Generation(generation)).unwrap();
+        gate.rt.swap_policy(snap);
+        let now = gate.rt.policy.load_full();
+        flowgate::control::revalidate::revalidate(&gate.rt.conntrack, &now, 64, &|_, _| {})
+    };
+    let stats = reload(2);
+    assert_eq!((stats.checked, stats.revoked), (1, 0), "kept: alice's workload may");
+    assert!(echo_ping(&mut t).await);
+
+    // The same policy without the networks rule: fn/caller may no longer reach the sink.
+    let narrowed = POLICY.replace(
+        "        - networks: [127.0.0.23/32, 127.0.0.24/32, 127.0.0.30/32, 127.0.0.1/32, '::1/128']",
+        "        - networks: [127.0.0.24/32]",
+    );
+    assert_ne!(narrowed, POLICY);
+    std::fs::write(gate.dir.path().join("policies/anp.yaml"), narrowed).unwrap();
+    let stats = reload(3);
+    assert_eq!((stats.checked, stats.revoked), (1, 1), "cut: the rule is gone");
+    assert!(!echo_ping(&mut t).await, "the tunnel is cut");
+}
+
+/// Sends `ping` through the tunnel and expects it back (bounded).
+async fn echo_ping(t: &mut TcpStream) -> bool {
+    let fut = async {
+        t.write_all(b"ping").await?;
+        let mut b = [0u8; 4];
+        t.read_exact(&mut b).await?;
+        std::io::Result::Ok(&b == b"ping")
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(3), fut).await, Ok(Ok(true)))
+}
