@@ -17,8 +17,8 @@
 //!
 //! Not here: the evaluation itself (`decide.rs`) and its trace (`explain.rs`).
 
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::net::IpAddr;
 use std::time::SystemTime;
 
@@ -65,6 +65,68 @@ impl std::fmt::Display for WorkloadName<'_> {
 
 /// "No such entry" in the u32-indexed tables.
 pub(super) const NONE: u32 = u32::MAX;
+
+/// A multiply-rotate hasher (the FxHash scheme) for the compiler's maps and the hot
+/// path's domain index. SipHash was a quarter of compile time at 10,000 policies
+/// (benches/decide.rs, `compile/*`); its flooding resistance buys nothing here: every
+/// key is written by the policy author, never by the traffic (a flow's name is only
+/// looked up, and a lookup costs at most the length of one chain of author keys).
+#[derive(Clone, Copy, Default)]
+pub(super) struct FastHasher(u64);
+
+impl FastHasher {
+    #[inline]
+    fn add(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0xf135_7aea_2e62_a9c5);
+    }
+}
+
+impl Hasher for FastHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 59));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u16(&mut self, i: u16) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    /// The product's high bits are the well-mixed ones; the table indexes by the low
+    /// bits, so rotate them down.
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0.rotate_left(26)
+    }
+}
+
+pub(super) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+type FastSet<K> = HashSet<K, BuildHasherDefault<FastHasher>>;
 
 /// A slice of one of the pools, by offset and length (half the size of a `Range<usize>`,
 /// and `Copy`).
@@ -242,6 +304,15 @@ pub struct CompiledPolicy {
     /// Offset in `admin_pool` of the ranks with domain peers: candidates only when the
     /// flow carries a name, so they are kept out of the classes.
     pub(super) admin_domains: [u32; 2],
+    /// The same split by pattern, so that a flow's name brings in only the rules that
+    /// can match it: per direction, an exact name → offset in `admin_pool` of the ranks
+    /// with that `Exact` pattern, and a wildcard's suffix → the ranks with that
+    /// `Wildcard`. `decide` looks up the name and each suffix after one of its dots
+    /// instead of comparing the name with every domain rule of the subject (with 100
+    /// ANPs that was most of the time of a flow with a name: benches/decide.rs,
+    /// `decide/*/…+100anp+banp`).
+    pub(super) admin_dom_exact: [FastMap<Box<str>, u32>; 2],
+    pub(super) admin_dom_suffix: [FastMap<Box<str>, u32>; 2],
     /// Per direction and protocol class, per port segment: ranks whose ports may match.
     pub(super) admin_port: [[Vec<u64>; 4]; 2],
     next_expiry: Option<SystemTime>,
@@ -295,7 +366,7 @@ struct Builder<'a> {
     set: &'a PolicySet,
     /// Namespaces unique by name (first wins), plus those only workloads mention.
     ns_labels: Vec<Labels>,
-    ns_index: HashMap<&'a str, usize>,
+    ns_index: FastMap<&'a str, usize>,
     /// Workload ids per namespace, ascending.
     ns_workloads: Vec<Vec<u32>>,
     /// Per workload, its namespace index.
@@ -305,21 +376,23 @@ struct Builder<'a> {
     /// workloads of its shortest posting list instead of every workload: at 10,000
     /// workloads and ~30,000 distinct selectors this is what keeps compile well under a
     /// second (benches/decide.rs, `compile/*/diverse`).
-    label_index: HashMap<&'a str, HashMap<&'a str, Vec<u32>>>,
+    label_index: FastMap<&'a str, FastMap<&'a str, Vec<u32>>>,
     /// Key → workloads that carry it, ascending (`Exists`).
-    key_index: HashMap<&'a str, Vec<u32>>,
-    selected: HashMap<SelKey<'a>, Vec<u32>>,
-    port_names: HashMap<String, u32>,
-    interned_sets: HashMap<Vec<u32>, WorkloadSet>,
-    interned_lists: HashMap<Vec<u32>, Span>,
+    key_index: FastMap<&'a str, Vec<u32>>,
+    /// Selector → index in `selections`: callers borrow the ids instead of cloning them.
+    selected: FastMap<SelKey<'a>, usize>,
+    selections: Vec<Vec<u32>>,
+    port_names: FastMap<String, u32>,
+    interned_sets: FastMap<Vec<u32>, WorkloadSet>,
+    interned_lists: FastMap<Vec<u32>, Span>,
     /// What a rule matches (peers and ports, not its action or policy) → a class id, so
     /// that a rule identical in what it matches to an earlier one in the same list can
     /// be dropped: it can never be the first match.
-    match_classes: HashMap<MatchKey, u32>,
+    match_classes: FastMap<MatchKey, u32>,
     /// Per rule id, its match class.
     rule_class: Vec<u32>,
     /// Interned bitsets in `CompiledPolicy::admin_pool`.
-    interned_bits: HashMap<Vec<u64>, u32>,
+    interned_bits: FastMap<Vec<u64>, u32>,
     out: CompiledPolicy,
 }
 
@@ -397,6 +470,8 @@ impl CompiledPolicy {
             admin_ext_starts: Default::default(),
             admin_ext_class: Default::default(),
             admin_domains: [NONE; 2],
+            admin_dom_exact: Default::default(),
+            admin_dom_suffix: Default::default(),
             admin_port: Default::default(),
             next_expiry: None,
             live_policies: 0,
@@ -404,18 +479,19 @@ impl CompiledPolicy {
         let mut b = Builder {
             set,
             ns_labels: Vec::new(),
-            ns_index: HashMap::new(),
+            ns_index: FastMap::default(),
             ns_workloads: Vec::new(),
             workload_ns: Vec::new(),
-            label_index: HashMap::new(),
-            key_index: HashMap::new(),
-            selected: HashMap::new(),
-            port_names: HashMap::new(),
-            interned_sets: HashMap::new(),
-            interned_lists: HashMap::new(),
-            match_classes: HashMap::new(),
+            label_index: FastMap::default(),
+            key_index: FastMap::default(),
+            selected: FastMap::default(),
+            selections: Vec::new(),
+            port_names: FastMap::default(),
+            interned_sets: FastMap::default(),
+            interned_lists: FastMap::default(),
+            match_classes: FastMap::default(),
             rule_class: Vec::new(),
-            interned_bits: HashMap::new(),
+            interned_bits: FastMap::default(),
             out,
         };
         b.inventory();
@@ -625,9 +701,9 @@ impl<'a> Builder<'a> {
     /// `In` — the union of its values' lists —, `Exists`). Each candidate is then checked
     /// against the whole selector, so negative constraints (`NotIn`, `DoesNotExist`) need
     /// no index of their own: they only ever narrow the candidates.
-    fn select(&mut self, sel: &'a WorkloadSelector) -> Vec<u32> {
-        if let Some(ids) = self.selected.get(&SelKey(sel)) {
-            return ids.clone();
+    fn select(&mut self, sel: &'a WorkloadSelector) -> usize {
+        if let Some(&k) = self.selected.get(&SelKey(sel)) {
+            return k;
         }
         let workloads = &self.set.inventory.workloads;
         let nss: Vec<usize> = match &sel.namespaces {
@@ -689,6 +765,12 @@ impl<'a> Builder<'a> {
                         && sel.pods.matches(&workloads[w as usize].labels)
                 }));
             }
+            // Every namespace: all workloads in id order, no merge or sort needed.
+            None if nss.len() == self.ns_labels.len() => {
+                ids.extend((0..workloads.len() as u32).filter(|&w| {
+                    sel.pods.is_empty() || sel.pods.matches(&workloads[w as usize].labels)
+                }));
+            }
             None => {
                 for &ns in &nss {
                     for &w in &self.ns_workloads[ns] {
@@ -697,11 +779,15 @@ impl<'a> Builder<'a> {
                         }
                     }
                 }
-                ids.sort_unstable();
+                if nss.len() > 1 {
+                    ids.sort_unstable();
+                }
             }
         }
-        self.selected.insert(SelKey(sel), ids.clone());
-        ids
+        let k = self.selections.len();
+        self.selections.push(ids);
+        self.selected.insert(SelKey(sel), k);
+        k
     }
 
     /// Interns a sorted, deduplicated id list as a workload set: a sorted list while it
@@ -739,7 +825,7 @@ impl<'a> Builder<'a> {
         if list.len() < 2 {
             return list;
         }
-        let mut seen = std::collections::HashSet::with_capacity(list.len());
+        let mut seen = FastSet::with_capacity_and_hasher(list.len(), Default::default());
         list.retain(|&r| seen.insert(self.rule_class[r as usize]));
         list
     }
@@ -750,7 +836,7 @@ impl<'a> Builder<'a> {
         let words = out.rules.len().div_ceil(64).max(1);
         out.rule_words = words;
         // Per (name, protocol): every number some workload gives that port name.
-        let mut numbers: HashMap<(u32, Proto), Vec<u16>> = HashMap::new();
+        let mut numbers: FastMap<(u32, Proto), Vec<u16>> = FastMap::default();
         for p in &out.ports {
             numbers.entry((p.name, p.proto)).or_default().push(p.port);
         }
@@ -825,7 +911,7 @@ impl<'a> Builder<'a> {
     fn segment_lists(&mut self) {
         const MIN_LEN: u32 = 2;
         const BUDGET: usize = 4_000_000;
-        let mut done: HashMap<Span, u32> = HashMap::new();
+        let mut done: FastMap<Span, u32> = FastMap::default();
         let mut spent = 0usize;
         let segs: usize = self.out.port_starts.iter().map(Vec::len).sum();
         for view in [false, true] {
@@ -928,6 +1014,9 @@ impl<'a> Builder<'a> {
                 vec![vec![0u64; words[d]]; starts[1].len()],
             ];
             let mut domains = vec![0u64; words[d]];
+            // (wildcard?, name) → ranks, in first-seen order so the pool is deterministic.
+            let mut by_pattern: FastMap<(bool, &str), usize> = FastMap::default();
+            let mut pattern_bits: Vec<((bool, &str), Vec<u64>)> = Vec::new();
             for (rank, &r) in ranks.iter().enumerate() {
                 let rule = self.out.rules[r as usize];
                 let (word, bit) = (rank >> 6, 1u64 << (rank & 63));
@@ -935,6 +1024,17 @@ impl<'a> Builder<'a> {
                 let all = rule.any_peer;
                 if rule.domains.len > 0 {
                     domains[word] |= bit;
+                }
+                for p in rule.domains.of(&self.out.domains) {
+                    let key = match p {
+                        DomainPattern::Exact(s) => (false, s.as_str()),
+                        DomainPattern::Wildcard(s) => (true, s.as_str()),
+                    };
+                    let k = *by_pattern.entry(key).or_insert_with(|| {
+                        pattern_bits.push((key, vec![0u64; words[d]]));
+                        pattern_bits.len() - 1
+                    });
+                    pattern_bits[k].1[word] |= bit;
                 }
                 for (f, segs) in external.iter_mut().enumerate() {
                     for (k, bits) in segs.iter_mut().enumerate() {
@@ -984,6 +1084,9 @@ impl<'a> Builder<'a> {
                     }
                 }
             }
+            drop(by_pattern);
+            let pattern_bits: Vec<((bool, Box<str>), Vec<u64>)> =
+                pattern_bits.into_iter().map(|((w, s), b)| ((w, Box::from(s)), b)).collect();
             for (w, bits) in per_w.into_iter().enumerate() {
                 classes[w][d] = self.intern_bits(bits);
             }
@@ -993,6 +1096,14 @@ impl<'a> Builder<'a> {
                 }
             }
             self.out.admin_domains[d] = self.intern_bits(domains);
+            for ((wildcard, name), bits) in pattern_bits {
+                let off = self.intern_bits(bits);
+                if wildcard {
+                    self.out.admin_dom_suffix[d].insert(name, off);
+                } else {
+                    self.out.admin_dom_exact[d].insert(name, off);
+                }
+            }
             let rw = self.out.rule_words;
             for c in 0..4 {
                 let segs = self.out.port_starts[c].len();
@@ -1028,12 +1139,17 @@ impl<'a> Builder<'a> {
 
     fn rule(&mut self, policy: u32, index: u32, rule: &'a Rule) -> u32 {
         let mut ids: Vec<u32> = Vec::new();
+        let mut peer_sets = 0usize;
         let cidr_off = self.out.cidrs.len() as u32;
         let dom_off = self.out.domains.len() as u32;
         if let Peers::List(peers) = &rule.peers {
             for peer in peers {
                 match peer {
-                    Peer::Workloads(sel) => ids.extend(self.select(sel)),
+                    Peer::Workloads(sel) => {
+                        let k = self.select(sel);
+                        ids.extend_from_slice(&self.selections[k]);
+                        peer_sets += 1;
+                    }
                     Peer::Cidr { net, except } => {
                         let off = self.out.excepts.len() as u32;
                         self.out.excepts.extend(except.iter().map(Range::of));
@@ -1044,8 +1160,11 @@ impl<'a> Builder<'a> {
                 }
             }
         }
-        ids.sort_unstable();
-        ids.dedup();
+        // One selector's ids are already sorted and unique.
+        if peer_sets > 1 {
+            ids.sort_unstable();
+            ids.dedup();
+        }
         let workloads = self.intern_set(ids);
         let port_off = self.out.cports.len() as u32;
         for p in rule.ports.iter().flatten() {
@@ -1120,6 +1239,7 @@ impl<'a> Builder<'a> {
                 continue;
             }
             let subject = self.select(&p.subject);
+            let subject = self.selections[subject].clone();
             let mut rules: [Option<Vec<u32>>; 2] = [None, None];
             for (d, list) in [(0, &p.ingress), (1, &p.egress)] {
                 rules[d] = list.as_ref().map(|list| {
@@ -1161,7 +1281,7 @@ impl<'a> Builder<'a> {
             .collect();
 
         // Admin rule ranks per direction, and per live Admin policy its first rank.
-        let mut first_rank: HashMap<usize, [u32; 2]> = HashMap::new();
+        let mut first_rank: FastMap<usize, [u32; 2]> = FastMap::default();
         for &k in &admin {
             let mut at = [0u32; 2];
             for (d, slot) in at.iter_mut().enumerate() {
