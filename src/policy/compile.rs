@@ -328,16 +328,35 @@ pub(super) const fn dir_index(dir: Direction) -> usize {
     }
 }
 
-/// Hashing a selector by value, so identical selectors are resolved once.
-struct SelKey<'a>(&'a WorkloadSelector);
+/// A selector by value with its hash worked out once (see [`SelKey::of`]), so that
+/// identical selectors are resolved once and a miss (the lookup, then the insert) walks
+/// the selector's label maps once, not twice.
+struct SelKey<'a>(&'a WorkloadSelector, u64);
+
+impl<'a> SelKey<'a> {
+    fn of(sel: &'a WorkloadSelector) -> SelKey<'a> {
+        let mut h = FastHasher::default();
+        SelContent(sel).hash(&mut h);
+        SelKey(sel, h.finish())
+    }
+}
 
 impl PartialEq for SelKey<'_> {
     fn eq(&self, other: &Self) -> bool {
-        self.0 == other.0
+        self.1 == other.1 && self.0 == other.0
     }
 }
 impl Eq for SelKey<'_> {}
 impl Hash for SelKey<'_> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64(self.1);
+    }
+}
+
+/// The content hash behind [`SelKey`].
+struct SelContent<'a>(&'a WorkloadSelector);
+
+impl Hash for SelContent<'_> {
     fn hash<H: Hasher>(&self, h: &mut H) {
         fn labels<H: Hasher>(sel: &super::ir::LabelSelector, h: &mut H) {
             sel.match_labels.hash(h);
@@ -476,6 +495,13 @@ impl CompiledPolicy {
             next_expiry: None,
             live_policies: 0,
         };
+        // Capacities from the input's size: growing these maps rehashed every entry a
+        // dozen times over at 10,000 policies.
+        let rules_hint: usize = set
+            .policies
+            .iter()
+            .map(|p| p.ingress.as_ref().map_or(0, Vec::len) + p.egress.as_ref().map_or(0, Vec::len))
+            .sum();
         let mut b = Builder {
             set,
             ns_labels: Vec::new(),
@@ -484,12 +510,15 @@ impl CompiledPolicy {
             workload_ns: Vec::new(),
             label_index: FastMap::default(),
             key_index: FastMap::default(),
-            selected: FastMap::default(),
+            selected: FastMap::with_capacity_and_hasher(
+                set.policies.len() + rules_hint * 2,
+                Default::default(),
+            ),
             selections: Vec::new(),
             port_names: FastMap::default(),
-            interned_sets: FastMap::default(),
-            interned_lists: FastMap::default(),
-            match_classes: FastMap::default(),
+            interned_sets: FastMap::with_capacity_and_hasher(rules_hint, Default::default()),
+            interned_lists: FastMap::with_capacity_and_hasher(n * 2, Default::default()),
+            match_classes: FastMap::with_capacity_and_hasher(rules_hint, Default::default()),
             rule_class: Vec::new(),
             interned_bits: FastMap::default(),
             out,
@@ -598,6 +627,20 @@ impl CompiledPolicy {
     }
 }
 
+/// The union of two ascending, duplicate-free id lists, ascending and duplicate-free.
+fn merge_sorted(a: &[u32], b: &[u32]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while let (Some(&x), Some(&y)) = (a.get(i), b.get(j)) {
+        out.push(x.min(y));
+        i += usize::from(x <= y);
+        j += usize::from(y <= x);
+    }
+    out.extend_from_slice(a.get(i..).unwrap_or(&[]));
+    out.extend_from_slice(b.get(j..).unwrap_or(&[]));
+    out
+}
+
 fn validate(set: &PolicySet) -> Result<(), CompileError> {
     for p in &set.policies {
         let invalid = |message: String| CompileError::Invalid { policy: p.display_name(), message };
@@ -702,7 +745,8 @@ impl<'a> Builder<'a> {
     /// against the whole selector, so negative constraints (`NotIn`, `DoesNotExist`) need
     /// no index of their own: they only ever narrow the candidates.
     fn select(&mut self, sel: &'a WorkloadSelector) -> usize {
-        if let Some(&k) = self.selected.get(&SelKey(sel)) {
+        let key = SelKey::of(sel);
+        if let Some(&k) = self.selected.get(&key) {
             return k;
         }
         let workloads = &self.set.inventory.workloads;
@@ -786,7 +830,7 @@ impl<'a> Builder<'a> {
         }
         let k = self.selections.len();
         self.selections.push(ids);
-        self.selected.insert(SelKey(sel), k);
+        self.selected.insert(key, k);
         k
     }
 
@@ -823,6 +867,19 @@ impl<'a> Builder<'a> {
     /// metadata-service block) then cost one rule per flow, not one per ANP.
     fn first_of_class(&self, mut list: Vec<u32>) -> Vec<u32> {
         if list.len() < 2 {
+            return list;
+        }
+        if list.len() <= 16 {
+            // Short lists (nearly all): a quadratic scan beats allocating a set.
+            let mut kept = 0;
+            for i in 0..list.len() {
+                let c = self.rule_class[list[i] as usize];
+                if !list[..kept].iter().any(|&r| self.rule_class[r as usize] == c) {
+                    list[kept] = list[i];
+                    kept += 1;
+                }
+            }
+            list.truncate(kept);
             return list;
         }
         let mut seen = FastSet::with_capacity_and_hasher(list.len(), Default::default());
@@ -1147,7 +1204,13 @@ impl<'a> Builder<'a> {
                 match peer {
                     Peer::Workloads(sel) => {
                         let k = self.select(sel);
-                        ids.extend_from_slice(&self.selections[k]);
+                        // Each selection is sorted and unique: merge instead of sorting
+                        // the concatenation (that sort was a third of compile time).
+                        ids = if peer_sets == 0 {
+                            self.selections[k].clone()
+                        } else {
+                            merge_sorted(&ids, &self.selections[k])
+                        };
                         peer_sets += 1;
                     }
                     Peer::Cidr { net, except } => {
@@ -1159,11 +1222,6 @@ impl<'a> Builder<'a> {
                     Peer::Domain(d) => self.out.domains.push(d.clone()),
                 }
             }
-        }
-        // One selector's ids are already sorted and unique.
-        if peer_sets > 1 {
-            ids.sort_unstable();
-            ids.dedup();
         }
         let workloads = self.intern_set(ids);
         let port_off = self.out.cports.len() as u32;
@@ -1394,5 +1452,25 @@ mod tests {
     #[test]
     fn compiled_policy_is_send_and_sync() {
         assert_send_sync::<CompiledPolicy>();
+    }
+
+    #[test]
+    fn merge_sorted_is_the_sorted_union() {
+        assert_eq!(merge_sorted(&[1, 3, 5], &[2, 3, 6, 9]), vec![1, 2, 3, 5, 6, 9]);
+        assert_eq!(merge_sorted(&[], &[4]), vec![4]);
+        assert_eq!(merge_sorted(&[4, 7], &[]), vec![4, 7]);
+        assert_eq!(merge_sorted(&[1, 2], &[1, 2]), vec![1, 2]);
+    }
+
+    #[test]
+    fn fast_hasher_tells_apart_lengths_and_contents() {
+        let h = |b: &[u8]| {
+            let mut x = FastHasher::default();
+            x.write(b);
+            x.finish()
+        };
+        assert_ne!(h(b"a"), h(b"a\0"));
+        assert_ne!(h(b"api1.example.com"), h(b"api2.example.com"));
+        assert_ne!(h(b"12345678"), h(b"12345678\0"));
     }
 }
