@@ -750,16 +750,23 @@ impl<'a> Builder<'a> {
             return k;
         }
         let workloads = &self.set.inventory.workloads;
+        // `namespaceSelector: {}` (every workload's namespace is known here): no list of
+        // namespaces to build, and no namespace test per candidate.
+        let every_ns = matches!(&sel.namespaces, NamespaceMatch::Selector(s) if s.is_empty());
         let nss: Vec<usize> = match &sel.namespaces {
+            _ if every_ns => Vec::new(),
             NamespaceMatch::Named(name) => {
                 self.ns_index.get(name.as_str()).copied().into_iter().collect()
             }
-            NamespaceMatch::Selector(s) if s.is_empty() => (0..self.ns_labels.len()).collect(),
             NamespaceMatch::Selector(s) => {
                 (0..self.ns_labels.len()).filter(|&ns| s.matches(&self.ns_labels[ns])).collect()
             }
         };
-        let in_ns: usize = nss.iter().map(|&ns| self.ns_workloads[ns].len()).sum();
+        let in_ns: usize = if every_ns {
+            workloads.len()
+        } else {
+            nss.iter().map(|&ns| self.ns_workloads[ns].len()).sum()
+        };
         // The shortest posting list of a positive constraint, if shorter than `in_ns`.
         let empty: &[u32] = &[];
         let mut best: Option<std::borrow::Cow<'_, [u32]>> = None;
@@ -799,6 +806,14 @@ impl<'a> Builder<'a> {
         }
         let mut ids = Vec::new();
         match best {
+            Some(cands) if every_ns => {
+                ids.extend(
+                    cands
+                        .iter()
+                        .copied()
+                        .filter(|&w| sel.pods.matches(&workloads[w as usize].labels)),
+                );
+            }
             Some(cands) => {
                 let mut ns_ok = vec![false; self.ns_labels.len()];
                 for &ns in &nss {
@@ -810,7 +825,7 @@ impl<'a> Builder<'a> {
                 }));
             }
             // Every namespace: all workloads in id order, no merge or sort needed.
-            None if nss.len() == self.ns_labels.len() => {
+            None if every_ns || nss.len() == self.ns_labels.len() => {
                 ids.extend((0..workloads.len() as u32).filter(|&w| {
                     sel.pods.is_empty() || sel.pods.matches(&workloads[w as usize].labels)
                 }));

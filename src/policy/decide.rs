@@ -97,9 +97,12 @@ impl CompiledPolicy {
     pub(super) fn evaluate(&self, q: &FlowQuery<'_>) -> (Evaluation, Option<Evaluation>) {
         let src = self.end(q.src);
         let dst = self.end(q.dst);
-        let real = self.evaluate_view(&self.sides, q, src, dst);
+        // The port segment depends on the flow only: one binary search for both sides
+        // and both views.
+        let at = self.port_segment(q);
+        let real = self.evaluate_view(&self.sides, q, src, dst, at);
         let audit = (!self.audit_sides.is_empty() && real.decision.verdict.is_allow())
-            .then(|| self.evaluate_view(&self.audit_sides, q, src, dst));
+            .then(|| self.evaluate_view(&self.audit_sides, q, src, dst, at));
         (real, audit)
     }
 
@@ -116,6 +119,7 @@ impl CompiledPolicy {
         q: &FlowQuery<'_>,
         src: End,
         dst: End,
+        at: (usize, usize),
     ) -> Evaluation {
         let mut d = Decision {
             verdict: Verdict::Allow,
@@ -130,7 +134,8 @@ impl CompiledPolicy {
             }
             return Evaluation { decision: d, egress: None, ingress: None };
         }
-        let egress = src.workload.map(|w| self.side(sides, w, Direction::Egress, q, dst, dst));
+        let egress =
+            src.workload.map(|w| self.side_at(sides, w, Direction::Egress, q, dst, dst, at));
         if let Some(e) = egress
             && !e.allow
         {
@@ -141,7 +146,8 @@ impl CompiledPolicy {
             d.policy = e.policy.map(PolicyId);
             return Evaluation { decision: d, egress, ingress: None };
         }
-        let ingress = dst.workload.map(|w| self.side(sides, w, Direction::Ingress, q, src, dst));
+        let ingress =
+            dst.workload.map(|w| self.side_at(sides, w, Direction::Ingress, q, src, dst, at));
         if let Some(i) = ingress
             && !i.allow
         {
@@ -165,8 +171,23 @@ impl CompiledPolicy {
         peer: End,
         dst: End,
     ) -> SideOutcome {
+        self.side_at(sides, w, dir, q, peer, dst, self.port_segment(q))
+    }
+
+    /// [`Self::side`] with the flow's port segment ([`Self::port_segment`]) already known.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn side_at(
+        &self,
+        sides: &[SideTable],
+        w: u32,
+        dir: Direction,
+        q: &FlowQuery<'_>,
+        peer: End,
+        dst: End,
+        (class, seg): (usize, usize),
+    ) -> SideOutcome {
         let t = &sides[w as usize * 2 + dir_index(dir)];
-        let (class, seg) = self.port_segment(q);
         let ports = self.port_candidates(class, seg);
         let mut passed = None;
         // 1. Admin tier: first matching rule; Pass leaves the tier.
