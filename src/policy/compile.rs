@@ -1157,8 +1157,9 @@ impl<'a> Builder<'a> {
                 }
             }
             drop(by_pattern);
-            let pattern_bits: Vec<((bool, Box<str>), Vec<u64>)> =
-                pattern_bits.into_iter().map(|((w, s), b)| ((w, Box::from(s)), b)).collect();
+            // Owned keys now: the pool is about to grow, and the patterns are borrowed.
+            let pattern_bits: Vec<(bool, Box<str>, Vec<u64>)> =
+                pattern_bits.into_iter().map(|((w, s), b)| (w, Box::from(s), b)).collect();
             for (w, bits) in per_w.into_iter().enumerate() {
                 classes[w][d] = self.intern_bits(bits);
             }
@@ -1168,7 +1169,7 @@ impl<'a> Builder<'a> {
                 }
             }
             self.out.admin_domains[d] = self.intern_bits(domains);
-            for ((wildcard, name), bits) in pattern_bits {
+            for (wildcard, name, bits) in pattern_bits {
                 let off = self.intern_bits(bits);
                 if wildcard {
                     self.out.admin_dom_suffix[d].insert(name, off);
