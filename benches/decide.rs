@@ -7,7 +7,7 @@
 //! Before the timed groups it prints, per set, compile time, the bytes the compiled
 //! policy keeps (counted by this binary's global allocator) and the peak during
 //! compilation, and it asserts that `decide` made no allocation over every sample flow.
-//! Results are recorded in BENCHMARKS-policy.md.
+//! Results are recorded in BENCHMARKS.md, section "Policy engine".
 //!
 //! The input is generated, deterministic (fixed seed) and shaped like a real cluster:
 //! 100 namespaces (team/env labels) of 100 workloads each, app/tier labels from small

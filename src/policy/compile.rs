@@ -17,8 +17,8 @@
 //!
 //! Not here: the evaluation itself (`decide.rs`) and its trace (`explain.rs`).
 
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::net::IpAddr;
 use std::time::SystemTime;
 
@@ -65,6 +65,68 @@ impl std::fmt::Display for WorkloadName<'_> {
 
 /// "No such entry" in the u32-indexed tables.
 pub(super) const NONE: u32 = u32::MAX;
+
+/// A multiply-rotate hasher (the FxHash scheme) for the compiler's maps and the hot
+/// path's domain index. SipHash was a quarter of compile time at 10,000 policies
+/// (benches/decide.rs, `compile/*`); its flooding resistance buys nothing here: every
+/// key is written by the policy author, never by the traffic (a flow's name is only
+/// looked up, and a lookup costs at most the length of one chain of author keys).
+#[derive(Clone, Copy, Default)]
+pub(super) struct FastHasher(u64);
+
+impl FastHasher {
+    #[inline]
+    fn add(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0xf135_7aea_2e62_a9c5);
+    }
+}
+
+impl Hasher for FastHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 59));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u16(&mut self, i: u16) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    /// The product's high bits are the well-mixed ones; the table indexes by the low
+    /// bits, so rotate them down.
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0.rotate_left(26)
+    }
+}
+
+pub(super) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+type FastSet<K> = HashSet<K, BuildHasherDefault<FastHasher>>;
 
 /// A slice of one of the pools, by offset and length (half the size of a `Range<usize>`,
 /// and `Copy`).
@@ -242,6 +304,15 @@ pub struct CompiledPolicy {
     /// Offset in `admin_pool` of the ranks with domain peers: candidates only when the
     /// flow carries a name, so they are kept out of the classes.
     pub(super) admin_domains: [u32; 2],
+    /// The same split by pattern, so that a flow's name brings in only the rules that
+    /// can match it: per direction, an exact name → offset in `admin_pool` of the ranks
+    /// with that `Exact` pattern, and a wildcard's suffix → the ranks with that
+    /// `Wildcard`. `decide` looks up the name and each suffix after one of its dots
+    /// instead of comparing the name with every domain rule of the subject (with 100
+    /// ANPs that was most of the time of a flow with a name: benches/decide.rs,
+    /// `decide/*/…+100anp+banp`).
+    pub(super) admin_dom_exact: [FastMap<Box<str>, u32>; 2],
+    pub(super) admin_dom_suffix: [FastMap<Box<str>, u32>; 2],
     /// Per direction and protocol class, per port segment: ranks whose ports may match.
     pub(super) admin_port: [[Vec<u64>; 4]; 2],
     next_expiry: Option<SystemTime>,
@@ -257,16 +328,35 @@ pub(super) const fn dir_index(dir: Direction) -> usize {
     }
 }
 
-/// Hashing a selector by value, so identical selectors are resolved once.
-struct SelKey<'a>(&'a WorkloadSelector);
+/// A selector by value with its hash worked out once (see [`SelKey::of`]), so that
+/// identical selectors are resolved once and a miss (the lookup, then the insert) walks
+/// the selector's label maps once, not twice.
+struct SelKey<'a>(&'a WorkloadSelector, u64);
+
+impl<'a> SelKey<'a> {
+    fn of(sel: &'a WorkloadSelector) -> SelKey<'a> {
+        let mut h = FastHasher::default();
+        SelContent(sel).hash(&mut h);
+        SelKey(sel, h.finish())
+    }
+}
 
 impl PartialEq for SelKey<'_> {
     fn eq(&self, other: &Self) -> bool {
-        self.0 == other.0
+        self.1 == other.1 && self.0 == other.0
     }
 }
 impl Eq for SelKey<'_> {}
 impl Hash for SelKey<'_> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64(self.1);
+    }
+}
+
+/// The content hash behind [`SelKey`].
+struct SelContent<'a>(&'a WorkloadSelector);
+
+impl Hash for SelContent<'_> {
     fn hash<H: Hasher>(&self, h: &mut H) {
         fn labels<H: Hasher>(sel: &super::ir::LabelSelector, h: &mut H) {
             sel.match_labels.hash(h);
@@ -295,7 +385,7 @@ struct Builder<'a> {
     set: &'a PolicySet,
     /// Namespaces unique by name (first wins), plus those only workloads mention.
     ns_labels: Vec<Labels>,
-    ns_index: HashMap<&'a str, usize>,
+    ns_index: FastMap<&'a str, usize>,
     /// Workload ids per namespace, ascending.
     ns_workloads: Vec<Vec<u32>>,
     /// Per workload, its namespace index.
@@ -305,21 +395,23 @@ struct Builder<'a> {
     /// workloads of its shortest posting list instead of every workload: at 10,000
     /// workloads and ~30,000 distinct selectors this is what keeps compile well under a
     /// second (benches/decide.rs, `compile/*/diverse`).
-    label_index: HashMap<&'a str, HashMap<&'a str, Vec<u32>>>,
+    label_index: FastMap<&'a str, FastMap<&'a str, Vec<u32>>>,
     /// Key → workloads that carry it, ascending (`Exists`).
-    key_index: HashMap<&'a str, Vec<u32>>,
-    selected: HashMap<SelKey<'a>, Vec<u32>>,
-    port_names: HashMap<String, u32>,
-    interned_sets: HashMap<Vec<u32>, WorkloadSet>,
-    interned_lists: HashMap<Vec<u32>, Span>,
+    key_index: FastMap<&'a str, Vec<u32>>,
+    /// Selector → index in `selections`: callers borrow the ids instead of cloning them.
+    selected: FastMap<SelKey<'a>, usize>,
+    selections: Vec<Vec<u32>>,
+    port_names: FastMap<String, u32>,
+    interned_sets: FastMap<Vec<u32>, WorkloadSet>,
+    interned_lists: FastMap<Vec<u32>, Span>,
     /// What a rule matches (peers and ports, not its action or policy) → a class id, so
     /// that a rule identical in what it matches to an earlier one in the same list can
     /// be dropped: it can never be the first match.
-    match_classes: HashMap<MatchKey, u32>,
+    match_classes: FastMap<MatchKey, u32>,
     /// Per rule id, its match class.
     rule_class: Vec<u32>,
     /// Interned bitsets in `CompiledPolicy::admin_pool`.
-    interned_bits: HashMap<Vec<u64>, u32>,
+    interned_bits: FastMap<Vec<u64>, u32>,
     out: CompiledPolicy,
 }
 
@@ -397,25 +489,38 @@ impl CompiledPolicy {
             admin_ext_starts: Default::default(),
             admin_ext_class: Default::default(),
             admin_domains: [NONE; 2],
+            admin_dom_exact: Default::default(),
+            admin_dom_suffix: Default::default(),
             admin_port: Default::default(),
             next_expiry: None,
             live_policies: 0,
         };
+        // Capacities from the input's size: growing these maps rehashed every entry a
+        // dozen times over at 10,000 policies.
+        let rules_hint: usize = set
+            .policies
+            .iter()
+            .map(|p| p.ingress.as_ref().map_or(0, Vec::len) + p.egress.as_ref().map_or(0, Vec::len))
+            .sum();
         let mut b = Builder {
             set,
             ns_labels: Vec::new(),
-            ns_index: HashMap::new(),
+            ns_index: FastMap::default(),
             ns_workloads: Vec::new(),
             workload_ns: Vec::new(),
-            label_index: HashMap::new(),
-            key_index: HashMap::new(),
-            selected: HashMap::new(),
-            port_names: HashMap::new(),
-            interned_sets: HashMap::new(),
-            interned_lists: HashMap::new(),
-            match_classes: HashMap::new(),
+            label_index: FastMap::default(),
+            key_index: FastMap::default(),
+            selected: FastMap::with_capacity_and_hasher(
+                set.policies.len() + rules_hint * 2,
+                Default::default(),
+            ),
+            selections: Vec::new(),
+            port_names: FastMap::default(),
+            interned_sets: FastMap::with_capacity_and_hasher(rules_hint, Default::default()),
+            interned_lists: FastMap::with_capacity_and_hasher(n * 2, Default::default()),
+            match_classes: FastMap::with_capacity_and_hasher(rules_hint, Default::default()),
             rule_class: Vec::new(),
-            interned_bits: HashMap::new(),
+            interned_bits: FastMap::default(),
             out,
         };
         b.inventory();
@@ -522,6 +627,20 @@ impl CompiledPolicy {
     }
 }
 
+/// The union of two ascending, duplicate-free id lists, ascending and duplicate-free.
+fn merge_sorted(a: &[u32], b: &[u32]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while let (Some(&x), Some(&y)) = (a.get(i), b.get(j)) {
+        out.push(x.min(y));
+        i += usize::from(x <= y);
+        j += usize::from(y <= x);
+    }
+    out.extend_from_slice(a.get(i..).unwrap_or(&[]));
+    out.extend_from_slice(b.get(j..).unwrap_or(&[]));
+    out
+}
+
 fn validate(set: &PolicySet) -> Result<(), CompileError> {
     for p in &set.policies {
         let invalid = |message: String| CompileError::Invalid { policy: p.display_name(), message };
@@ -625,21 +744,29 @@ impl<'a> Builder<'a> {
     /// `In` — the union of its values' lists —, `Exists`). Each candidate is then checked
     /// against the whole selector, so negative constraints (`NotIn`, `DoesNotExist`) need
     /// no index of their own: they only ever narrow the candidates.
-    fn select(&mut self, sel: &'a WorkloadSelector) -> Vec<u32> {
-        if let Some(ids) = self.selected.get(&SelKey(sel)) {
-            return ids.clone();
+    fn select(&mut self, sel: &'a WorkloadSelector) -> usize {
+        let key = SelKey::of(sel);
+        if let Some(&k) = self.selected.get(&key) {
+            return k;
         }
         let workloads = &self.set.inventory.workloads;
+        // `namespaceSelector: {}` (every workload's namespace is known here): no list of
+        // namespaces to build, and no namespace test per candidate.
+        let every_ns = matches!(&sel.namespaces, NamespaceMatch::Selector(s) if s.is_empty());
         let nss: Vec<usize> = match &sel.namespaces {
+            _ if every_ns => Vec::new(),
             NamespaceMatch::Named(name) => {
                 self.ns_index.get(name.as_str()).copied().into_iter().collect()
             }
-            NamespaceMatch::Selector(s) if s.is_empty() => (0..self.ns_labels.len()).collect(),
             NamespaceMatch::Selector(s) => {
                 (0..self.ns_labels.len()).filter(|&ns| s.matches(&self.ns_labels[ns])).collect()
             }
         };
-        let in_ns: usize = nss.iter().map(|&ns| self.ns_workloads[ns].len()).sum();
+        let in_ns: usize = if every_ns {
+            workloads.len()
+        } else {
+            nss.iter().map(|&ns| self.ns_workloads[ns].len()).sum()
+        };
         // The shortest posting list of a positive constraint, if shorter than `in_ns`.
         let empty: &[u32] = &[];
         let mut best: Option<std::borrow::Cow<'_, [u32]>> = None;
@@ -679,6 +806,14 @@ impl<'a> Builder<'a> {
         }
         let mut ids = Vec::new();
         match best {
+            Some(cands) if every_ns => {
+                ids.extend(
+                    cands
+                        .iter()
+                        .copied()
+                        .filter(|&w| sel.pods.matches(&workloads[w as usize].labels)),
+                );
+            }
             Some(cands) => {
                 let mut ns_ok = vec![false; self.ns_labels.len()];
                 for &ns in &nss {
@@ -689,6 +824,12 @@ impl<'a> Builder<'a> {
                         && sel.pods.matches(&workloads[w as usize].labels)
                 }));
             }
+            // Every namespace: all workloads in id order, no merge or sort needed.
+            None if every_ns || nss.len() == self.ns_labels.len() => {
+                ids.extend((0..workloads.len() as u32).filter(|&w| {
+                    sel.pods.is_empty() || sel.pods.matches(&workloads[w as usize].labels)
+                }));
+            }
             None => {
                 for &ns in &nss {
                     for &w in &self.ns_workloads[ns] {
@@ -697,11 +838,15 @@ impl<'a> Builder<'a> {
                         }
                     }
                 }
-                ids.sort_unstable();
+                if nss.len() > 1 {
+                    ids.sort_unstable();
+                }
             }
         }
-        self.selected.insert(SelKey(sel), ids.clone());
-        ids
+        let k = self.selections.len();
+        self.selections.push(ids);
+        self.selected.insert(key, k);
+        k
     }
 
     /// Interns a sorted, deduplicated id list as a workload set: a sorted list while it
@@ -739,7 +884,20 @@ impl<'a> Builder<'a> {
         if list.len() < 2 {
             return list;
         }
-        let mut seen = std::collections::HashSet::with_capacity(list.len());
+        if list.len() <= 16 {
+            // Short lists (nearly all): a quadratic scan beats allocating a set.
+            let mut kept = 0;
+            for i in 0..list.len() {
+                let c = self.rule_class[list[i] as usize];
+                if !list[..kept].iter().any(|&r| self.rule_class[r as usize] == c) {
+                    list[kept] = list[i];
+                    kept += 1;
+                }
+            }
+            list.truncate(kept);
+            return list;
+        }
+        let mut seen = FastSet::with_capacity_and_hasher(list.len(), Default::default());
         list.retain(|&r| seen.insert(self.rule_class[r as usize]));
         list
     }
@@ -750,7 +908,7 @@ impl<'a> Builder<'a> {
         let words = out.rules.len().div_ceil(64).max(1);
         out.rule_words = words;
         // Per (name, protocol): every number some workload gives that port name.
-        let mut numbers: HashMap<(u32, Proto), Vec<u16>> = HashMap::new();
+        let mut numbers: FastMap<(u32, Proto), Vec<u16>> = FastMap::default();
         for p in &out.ports {
             numbers.entry((p.name, p.proto)).or_default().push(p.port);
         }
@@ -825,7 +983,7 @@ impl<'a> Builder<'a> {
     fn segment_lists(&mut self) {
         const MIN_LEN: u32 = 2;
         const BUDGET: usize = 4_000_000;
-        let mut done: HashMap<Span, u32> = HashMap::new();
+        let mut done: FastMap<Span, u32> = FastMap::default();
         let mut spent = 0usize;
         let segs: usize = self.out.port_starts.iter().map(Vec::len).sum();
         for view in [false, true] {
@@ -928,6 +1086,9 @@ impl<'a> Builder<'a> {
                 vec![vec![0u64; words[d]]; starts[1].len()],
             ];
             let mut domains = vec![0u64; words[d]];
+            // (wildcard?, name) → ranks, in first-seen order so the pool is deterministic.
+            let mut by_pattern: FastMap<(bool, &str), usize> = FastMap::default();
+            let mut pattern_bits: Vec<((bool, &str), Vec<u64>)> = Vec::new();
             for (rank, &r) in ranks.iter().enumerate() {
                 let rule = self.out.rules[r as usize];
                 let (word, bit) = (rank >> 6, 1u64 << (rank & 63));
@@ -935,6 +1096,17 @@ impl<'a> Builder<'a> {
                 let all = rule.any_peer;
                 if rule.domains.len > 0 {
                     domains[word] |= bit;
+                }
+                for p in rule.domains.of(&self.out.domains) {
+                    let key = match p {
+                        DomainPattern::Exact(s) => (false, s.as_str()),
+                        DomainPattern::Wildcard(s) => (true, s.as_str()),
+                    };
+                    let k = *by_pattern.entry(key).or_insert_with(|| {
+                        pattern_bits.push((key, vec![0u64; words[d]]));
+                        pattern_bits.len() - 1
+                    });
+                    pattern_bits[k].1[word] |= bit;
                 }
                 for (f, segs) in external.iter_mut().enumerate() {
                     for (k, bits) in segs.iter_mut().enumerate() {
@@ -984,6 +1156,10 @@ impl<'a> Builder<'a> {
                     }
                 }
             }
+            drop(by_pattern);
+            // Owned keys now: the pool is about to grow, and the patterns are borrowed.
+            let pattern_bits: Vec<(bool, Box<str>, Vec<u64>)> =
+                pattern_bits.into_iter().map(|((w, s), b)| (w, Box::from(s), b)).collect();
             for (w, bits) in per_w.into_iter().enumerate() {
                 classes[w][d] = self.intern_bits(bits);
             }
@@ -993,6 +1169,14 @@ impl<'a> Builder<'a> {
                 }
             }
             self.out.admin_domains[d] = self.intern_bits(domains);
+            for (wildcard, name, bits) in pattern_bits {
+                let off = self.intern_bits(bits);
+                if wildcard {
+                    self.out.admin_dom_suffix[d].insert(name, off);
+                } else {
+                    self.out.admin_dom_exact[d].insert(name, off);
+                }
+            }
             let rw = self.out.rule_words;
             for c in 0..4 {
                 let segs = self.out.port_starts[c].len();
@@ -1028,12 +1212,23 @@ impl<'a> Builder<'a> {
 
     fn rule(&mut self, policy: u32, index: u32, rule: &'a Rule) -> u32 {
         let mut ids: Vec<u32> = Vec::new();
+        let mut peer_sets = 0usize;
         let cidr_off = self.out.cidrs.len() as u32;
         let dom_off = self.out.domains.len() as u32;
         if let Peers::List(peers) = &rule.peers {
             for peer in peers {
                 match peer {
-                    Peer::Workloads(sel) => ids.extend(self.select(sel)),
+                    Peer::Workloads(sel) => {
+                        let k = self.select(sel);
+                        // Each selection is sorted and unique: merge instead of sorting
+                        // the concatenation (that sort was a third of compile time).
+                        ids = if peer_sets == 0 {
+                            self.selections[k].clone()
+                        } else {
+                            merge_sorted(&ids, &self.selections[k])
+                        };
+                        peer_sets += 1;
+                    }
                     Peer::Cidr { net, except } => {
                         let off = self.out.excepts.len() as u32;
                         self.out.excepts.extend(except.iter().map(Range::of));
@@ -1044,8 +1239,6 @@ impl<'a> Builder<'a> {
                 }
             }
         }
-        ids.sort_unstable();
-        ids.dedup();
         let workloads = self.intern_set(ids);
         let port_off = self.out.cports.len() as u32;
         for p in rule.ports.iter().flatten() {
@@ -1120,6 +1313,7 @@ impl<'a> Builder<'a> {
                 continue;
             }
             let subject = self.select(&p.subject);
+            let subject = self.selections[subject].clone();
             let mut rules: [Option<Vec<u32>>; 2] = [None, None];
             for (d, list) in [(0, &p.ingress), (1, &p.egress)] {
                 rules[d] = list.as_ref().map(|list| {
@@ -1161,7 +1355,7 @@ impl<'a> Builder<'a> {
             .collect();
 
         // Admin rule ranks per direction, and per live Admin policy its first rank.
-        let mut first_rank: HashMap<usize, [u32; 2]> = HashMap::new();
+        let mut first_rank: FastMap<usize, [u32; 2]> = FastMap::default();
         for &k in &admin {
             let mut at = [0u32; 2];
             for (d, slot) in at.iter_mut().enumerate() {
@@ -1274,5 +1468,25 @@ mod tests {
     #[test]
     fn compiled_policy_is_send_and_sync() {
         assert_send_sync::<CompiledPolicy>();
+    }
+
+    #[test]
+    fn merge_sorted_is_the_sorted_union() {
+        assert_eq!(merge_sorted(&[1, 3, 5], &[2, 3, 6, 9]), vec![1, 2, 3, 5, 6, 9]);
+        assert_eq!(merge_sorted(&[], &[4]), vec![4]);
+        assert_eq!(merge_sorted(&[4, 7], &[]), vec![4, 7]);
+        assert_eq!(merge_sorted(&[1, 2], &[1, 2]), vec![1, 2]);
+    }
+
+    #[test]
+    fn fast_hasher_tells_apart_lengths_and_contents() {
+        let h = |b: &[u8]| {
+            let mut x = FastHasher::default();
+            x.write(b);
+            x.finish()
+        };
+        assert_ne!(h(b"a"), h(b"a\0"));
+        assert_ne!(h(b"api1.example.com"), h(b"api2.example.com"));
+        assert_ne!(h(b"12345678"), h(b"12345678\0"));
     }
 }

@@ -62,6 +62,10 @@ pub(super) struct Evaluation {
     pub(super) ingress: Option<SideOutcome>,
 }
 
+/// Domain masks one flow's name may bring in before `decide` falls back to the mask of
+/// every domain rule (a name with more matching wildcard suffixes than this is rare).
+const DOMAIN_HITS: usize = 4;
+
 /// May rule `r` match a flow whose port prefilter bitset is `bits`? `false` is certain;
 /// `true` still needs [`CompiledPolicy::rule_matches`].
 #[inline]
@@ -116,9 +120,12 @@ impl CompiledPolicy {
     pub(super) fn evaluate(&self, q: &FlowQuery<'_>) -> (Evaluation, Option<Evaluation>) {
         let src = self.end(q.src);
         let dst = self.end(q.dst);
-        let real = self.evaluate_view(&self.sides, q, src, dst);
+        // The port segment depends on the flow only: one binary search for both sides
+        // and both views.
+        let at = self.port_segment(q);
+        let real = self.evaluate_view(&self.sides, q, src, dst, at);
         let audit = (!self.audit_sides.is_empty() && real.decision.verdict.is_allow())
-            .then(|| self.evaluate_view(&self.audit_sides, q, src, dst));
+            .then(|| self.evaluate_view(&self.audit_sides, q, src, dst, at));
         (real, audit)
     }
 
@@ -135,6 +142,7 @@ impl CompiledPolicy {
         q: &FlowQuery<'_>,
         src: End,
         dst: End,
+        at: (usize, usize),
     ) -> Evaluation {
         let mut d = Decision {
             verdict: Verdict::Allow,
@@ -149,7 +157,8 @@ impl CompiledPolicy {
             }
             return Evaluation { decision: d, egress: None, ingress: None };
         }
-        let egress = src.workload.map(|w| self.side(sides, w, Direction::Egress, q, dst, dst));
+        let egress =
+            src.workload.map(|w| self.side_at(sides, w, Direction::Egress, q, dst, dst, at));
         if let Some(e) = egress
             && !e.allow
         {
@@ -160,7 +169,8 @@ impl CompiledPolicy {
             d.policy = e.policy.map(PolicyId);
             return Evaluation { decision: d, egress, ingress: None };
         }
-        let ingress = dst.workload.map(|w| self.side(sides, w, Direction::Ingress, q, src, dst));
+        let ingress =
+            dst.workload.map(|w| self.side_at(sides, w, Direction::Ingress, q, src, dst, at));
         if let Some(i) = ingress
             && !i.allow
         {
@@ -184,8 +194,23 @@ impl CompiledPolicy {
         peer: End,
         dst: End,
     ) -> SideOutcome {
+        self.side_at(sides, w, dir, q, peer, dst, self.port_segment(q))
+    }
+
+    /// [`Self::side`] with the flow's port segment ([`Self::port_segment`]) already known.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn side_at(
+        &self,
+        sides: &[SideTable],
+        w: u32,
+        dir: Direction,
+        q: &FlowQuery<'_>,
+        peer: End,
+        dst: End,
+        (class, seg): (usize, usize),
+    ) -> SideOutcome {
         let t = &sides[w as usize * 2 + dir_index(dir)];
-        let (class, seg) = self.port_segment(q);
         let ports = self.port_candidates(class, seg);
         let mut passed = None;
         // 1. Admin tier: first matching rule; Pass leaves the tier.
@@ -311,14 +336,26 @@ impl CompiledPolicy {
             }
         } as usize;
         let peers = pool.get(c..c + words)?;
-        // Without a name, domain rules cannot match: an all-zero mask adds nothing.
-        let named = q.fqdn.is_some();
-        let dom = self.admin_domains[d] as usize;
-        let domains = pool.get(dom..dom + words)?;
+        // Without a name, domain rules cannot match: no mask adds nothing. With one, the
+        // masks of the patterns it can match, or past `DOMAIN_HITS` of them every
+        // domain rule (a superset is always safe: candidates are verified).
+        let mut hits = [0u32; DOMAIN_HITS];
+        let mut found = 0usize;
+        if let Some(name) = q.fqdn {
+            found = self.domain_hits(d, name, &mut hits);
+            if found > DOMAIN_HITS {
+                hits[0] = self.admin_domains[d];
+                found = 1;
+            }
+        }
+        let hits = &hits[..found];
         let ports = self.admin_port[d][class].get(seg * words..(seg + 1) * words)?;
         let ranks = &self.admin_rank[d];
-        for (i, (((s, p), o), n)) in subject.iter().zip(peers).zip(ports).zip(domains).enumerate() {
-            let n = if named { *n } else { 0 };
+        for (i, ((s, p), o)) in subject.iter().zip(peers).zip(ports).enumerate() {
+            let mut n = 0;
+            for &h in hits {
+                n |= pool.get(h as usize + i).copied().unwrap_or(0);
+            }
             let mut m = s & (p | n) & o;
             while m != 0 {
                 let rank = i * 64 + m.trailing_zeros() as usize;
@@ -330,6 +367,36 @@ impl CompiledPolicy {
             }
         }
         None
+    }
+
+    /// Fills `hits` with the `admin_pool` offsets of the domain masks `name` brings in:
+    /// its exact pattern and every wildcard whose suffix follows one of its dots (not the
+    /// first character: a wildcard needs at least one label in front). Returns how many
+    /// there are; more than `hits.len()` means the caller must use every domain rule.
+    #[inline]
+    fn domain_hits(&self, d: usize, name: &str, hits: &mut [u32; DOMAIN_HITS]) -> usize {
+        let mut found = 0usize;
+        let mut push = |off: u32| {
+            if let Some(slot) = hits.get_mut(found) {
+                *slot = off;
+            }
+            found += 1;
+        };
+        if let Some(&off) = self.admin_dom_exact[d].get(name) {
+            push(off);
+        }
+        let suffixes = &self.admin_dom_suffix[d];
+        if !suffixes.is_empty() {
+            for (i, b) in name.bytes().enumerate() {
+                if b == b'.'
+                    && i > 0
+                    && let Some(&off) = name.get(i + 1..).and_then(|s| suffixes.get(s))
+                {
+                    push(off);
+                }
+            }
+        }
+        found
     }
 
     /// The flow's protocol class and port segment: one binary search over the segment
