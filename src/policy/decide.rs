@@ -103,9 +103,10 @@ impl CompiledPolicy {
         let workload = ((src.0 as usize) < self.workload_count()).then_some(src.0);
         let src = End { key: Key::of(q.src), workload };
         let dst = self.end(q.dst);
-        let real = self.evaluate_view(&self.sides, q, src, dst);
+        let at = self.port_segment(q);
+        let real = self.evaluate_view(&self.sides, q, src, dst, at);
         let audit = (!self.audit_sides.is_empty() && real.decision.verdict.is_allow())
-            .then(|| self.evaluate_view(&self.audit_sides, q, src, dst));
+            .then(|| self.evaluate_view(&self.audit_sides, q, src, dst, at));
         let mut d = real.decision;
         if let Some(audit) = audit
             && !audit.decision.verdict.is_allow()
