@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::listener::ListenerConfig;
 use super::proxy_header::ProxyHeaderConfig;
@@ -66,7 +66,6 @@ pub async fn serve(
     mut signal: Signal,
     guard: DrainGuard,
 ) {
-    let handler = Arc::new(handler);
     let slots = Arc::new(Semaphore::new(max_connections));
     // One shutdown future for the listener's lifetime: it registers its waker once, not
     // on every accept.
@@ -99,21 +98,62 @@ pub async fn serve(
         };
         ListenerCounters::inc(&counters.accepted);
         counters.active.fetch_add(1, Ordering::Relaxed);
-        let handler = handler.clone();
-        let counters = counters.clone();
-        let guard = guard.clone();
-        tokio::spawn(async move {
-            match &*handler {
-                Handler::Proxy(p) => p.connection(stream, peer).await,
-                Handler::Echo { idle } => echo(stream, *idle).await,
-                Handler::HttpConnect(p) => p.http_connection(stream, peer).await,
-                Handler::Socks5(p) => p.socks5_connection(stream, peer).await,
-                Handler::Transparent(p) => p.transparent_connection(stream, peer).await,
+        let slot = Slot { counters: counters.clone(), _permit: permit, _guard: guard.clone() };
+        // One spawn per kind, so that a task is the size of its own kind's future: behind
+        // a single `match` every plain TCP connection's task would be as large as the
+        // largest egress handshake, and that state is moved on every spawn.
+        match &handler {
+            Handler::Proxy(p) => {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    p.connection(stream, peer).await;
+                    drop(slot);
+                });
             }
-            counters.active.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
-            drop(guard);
-        });
+            Handler::Echo { idle } => {
+                let idle = *idle;
+                tokio::spawn(async move {
+                    echo(stream, idle).await;
+                    drop(slot);
+                });
+            }
+            Handler::HttpConnect(p) => {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    p.http_connection(stream, peer).await;
+                    drop(slot);
+                });
+            }
+            Handler::Socks5(p) => {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    p.socks5_connection(stream, peer).await;
+                    drop(slot);
+                });
+            }
+            Handler::Transparent(p) => {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    p.transparent_connection(stream, peer).await;
+                    drop(slot);
+                });
+            }
+        }
+    }
+}
+
+/// What a connection's task holds until it ends: its `max_connections` permit, the drain
+/// guard, and its place in the `active` gauge. Released on drop, so also when the task
+/// panics or is dropped at runtime shutdown.
+struct Slot {
+    counters: Arc<ListenerCounters>,
+    _permit: OwnedSemaphorePermit,
+    _guard: DrainGuard,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.counters.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
