@@ -82,14 +82,7 @@ impl CompiledPolicy {
     /// there fills `would_deny` with the policy behind it.
     #[inline]
     pub fn decide(&self, q: &FlowQuery<'_>) -> Decision {
-        let (real, audit) = self.evaluate(q);
-        let mut d = real.decision;
-        if let Some(audit) = audit
-            && !audit.decision.verdict.is_allow()
-        {
-            d.would_deny = audit.decision.policy;
-        }
-        d
+        Self::verdict(self.evaluate(q))
     }
 
     /// [`CompiledPolicy::decide`] for a flow whose source workload is known by other
@@ -102,11 +95,12 @@ impl CompiledPolicy {
     pub fn decide_as(&self, q: &FlowQuery<'_>, src: WorkloadId) -> Decision {
         let workload = ((src.0 as usize) < self.workload_count()).then_some(src.0);
         let src = End { key: Key::of(q.src), workload };
-        let dst = self.end(q.dst);
-        let at = self.port_segment(q);
-        let real = self.evaluate_view(&self.sides, q, src, dst, at);
-        let audit = (!self.audit_sides.is_empty() && real.decision.verdict.is_allow())
-            .then(|| self.evaluate_view(&self.audit_sides, q, src, dst, at));
+        Self::verdict(self.evaluate_ends(q, src, self.end(q.dst)))
+    }
+
+    /// The verdict view's decision, with the audit view's denial as `would_deny`.
+    #[inline]
+    fn verdict((real, audit): (Evaluation, Option<Evaluation>)) -> Decision {
         let mut d = real.decision;
         if let Some(audit) = audit
             && !audit.decision.verdict.is_allow()
@@ -119,8 +113,17 @@ impl CompiledPolicy {
     /// Both evaluations: the verdict view, and the audit view when it is needed.
     #[inline]
     pub(super) fn evaluate(&self, q: &FlowQuery<'_>) -> (Evaluation, Option<Evaluation>) {
-        let src = self.end(q.src);
-        let dst = self.end(q.dst);
+        self.evaluate_ends(q, self.end(q.src), self.end(q.dst))
+    }
+
+    /// [`CompiledPolicy::evaluate`] with both ends already resolved to workloads.
+    #[inline]
+    fn evaluate_ends(
+        &self,
+        q: &FlowQuery<'_>,
+        src: End,
+        dst: End,
+    ) -> (Evaluation, Option<Evaluation>) {
         // The port segment depends on the flow only: one binary search for both sides
         // and both views.
         let at = self.port_segment(q);

@@ -707,3 +707,46 @@ mod alloc_probe {
         COUNT.with(Cell::get)
     }
 }
+
+// ---------------- decide_as (issue 7: proxy credentials) ----------------
+
+/// A credential's workload is the flow's source: the same address decides as whichever
+/// workload the credential names, `decide_as` with the address's own workload equals
+/// `decide`, and an id of no workload fails closed. (A `decide_as` that ignored its
+/// workload, or looked the address up instead, fails the second and third checks.)
+#[test]
+fn decide_as_decides_as_the_named_workload() {
+    let e = engine_with(
+        INV,
+        &[
+            np("b", "api-in", "podSelector: {matchLabels: {app: api}}\ningress:\n- from: [{namespaceSelector: {matchLabels: {team: y}}}]"),
+            np("a", "db-out", "podSelector: {matchLabels: {app: db}}\npolicyTypes: [Egress]\negress: []"),
+        ]
+        .concat(),
+        DefaultAction::Allow,
+    );
+    let c = &e.compiled;
+    let id = |ns: &str, name: &str| c.find_workload(ns, name).expect("workload");
+    // b/web's address to b/api:80 — allowed by b/api's ingress (team y).
+    let src: IpAddr = "10.0.2.1".parse().unwrap();
+    let dst: IpAddr = "10.0.2.2".parse().unwrap();
+    let q = FlowQuery { src, dst, dst_port: 80, proto: Proto::Tcp, fqdn: None };
+    let plain = e.query(&q);
+    assert!(plain.verdict.is_allow());
+    assert_eq!(c.decide_as(&q, id("b", "web")), plain);
+    // The same address as a/web (team x): b/api's ingress does not admit it.
+    let as_a = c.decide_as(&q, id("a", "web"));
+    assert_eq!(
+        deny(as_a),
+        Some(DenyReason { direction: Some(Direction::Ingress), cause: Cause::NotAdmitted })
+    );
+    assert_eq!(as_a.src_workload, Some(id("a", "web")));
+    // As a/db, whose egress is isolated with no rule: denied on the egress side.
+    let as_db = c.decide_as(&q, id("a", "db"));
+    assert_eq!(deny(as_db).and_then(|r| r.direction), Some(Direction::Egress));
+    // An id from no compilation counts as no workload: ingress decides as for an unknown
+    // source, and b/api admits team y only.
+    let stale = c.decide_as(&q, crate::policy::WorkloadId(u32::MAX - 1));
+    assert_eq!(stale.src_workload, None);
+    assert!(!stale.verdict.is_allow());
+}
