@@ -165,6 +165,11 @@ impl ProxyHeaderConfig {
 
     /// [`read_header`] with this config's fields.
     ///
+    /// The reader's state (its header buffer) is boxed, and only for a listener that
+    /// expects a header: inline, it would make every connection's task of every listener
+    /// a kilobyte larger, and tokio copies a task's future when it spawns it and again
+    /// when it finishes.
+    ///
     /// # Errors
     /// See [`read_header`].
     pub async fn read(
@@ -172,14 +177,17 @@ impl ProxyHeaderConfig {
         stream: &mut TcpStream,
         peer: SocketAddr,
     ) -> Result<ProxiedClient, HeaderError> {
-        read_header(
+        if self.proxy_protocol == ProxyProtocolMode::Off {
+            return Ok(ProxiedClient { client: ClientAddr(peer), header: None });
+        }
+        Box::pin(read_header(
             stream,
             self.proxy_protocol,
             peer,
             &self.trusted_proxies,
             self.proxy_protocol_timeout,
             self.proxy_protocol_max_len,
-        )
+        ))
         .await
     }
 

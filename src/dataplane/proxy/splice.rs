@@ -12,13 +12,12 @@
 use std::cell::RefCell;
 use std::io;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 use crate::conntrack::{Conntrack, CutSignal, Entry, FlowState};
 use crate::telemetry::metrics::ListenerCounters;
@@ -54,7 +53,10 @@ impl Drop for Buf {
         if self.0.capacity() != BUF_SIZE {
             return;
         }
-        let buf = std::mem::take(&mut self.0);
+        let mut buf = std::mem::take(&mut self.0);
+        // A relay that ended mid-chunk (cut, idle, an error) leaves bytes in its buffer:
+        // they belong to that connection and must never reach the next one.
+        buf.clear();
         // At thread exit the pool may be gone: the buffer is simply freed.
         let _ = POOL.try_with(|p| {
             let mut p = p.borrow_mut();
@@ -95,18 +97,17 @@ pub async fn splice(
     cut: &CutSignal,
     acct: &Accounting<'_>,
 ) -> SpliceEnd {
-    let (mut cr, mut cw) = client.split();
-    let (mut ur, mut uw) = upstream.split();
-    let (up_done, down_done) = (AtomicBool::new(false), AtomicBool::new(false));
-    let up = pump(&mut cr, &mut uw, acct, Side::Up, [&up_done, &down_done]);
-    let down = pump(&mut ur, &mut cw, acct, Side::Down, [&down_done, &up_done]);
+    let relay =
+        Relay { client, upstream, acct, up: Half::new(Side::Up), down: Half::new(Side::Down) };
     tokio::select! {
-        r = async { tokio::try_join!(up, down) } => match r {
-            Ok(_) => SpliceEnd::Closed,
+        // Fixed order (no per-poll random start): each arm is cheap to poll when not ready.
+        biased;
+        r = relay => match r {
+            Ok(()) => SpliceEnd::Closed,
             Err(e) => SpliceEnd::Error(e),
         },
-        () = idle_timer(idle, acct.conntrack, acct.entry) => SpliceEnd::Idle,
         () = cut.cut() => SpliceEnd::Cut,
+        () = idle_timer(idle, acct.conntrack, acct.entry) => SpliceEnd::Idle,
     }
 }
 
@@ -118,13 +119,21 @@ enum Side {
 
 impl Accounting<'_> {
     #[inline]
-    fn up(&self, n: usize) {
-        self.add(n, &self.entry.bytes_orig, &self.entry.packets_orig, &self.counters.bytes_up);
-    }
-
-    #[inline]
-    fn down(&self, n: usize) {
-        self.add(n, &self.entry.bytes_reply, &self.entry.packets_reply, &self.counters.bytes_down);
+    fn count(&self, side: Side, n: usize) {
+        match side {
+            Side::Up => self.add(
+                n,
+                &self.entry.bytes_orig,
+                &self.entry.packets_orig,
+                &self.counters.bytes_up,
+            ),
+            Side::Down => self.add(
+                n,
+                &self.entry.bytes_reply,
+                &self.entry.packets_reply,
+                &self.counters.bytes_down,
+            ),
+        }
     }
 
     #[inline]
@@ -137,76 +146,135 @@ impl Accounting<'_> {
     }
 }
 
-/// One direction: read, write, count; on EOF shut the writer down (half-close).
-///
-/// `[mine, other]`: this direction's and the opposite one's "reached EOF" flags. When the
-/// opposite direction has already ended, the connection is about to be dropped, and the
-/// close sends the FIN: the `shutdown` would be one more syscall for the same packet.
-async fn pump(
-    r: &mut ReadHalf<'_>,
-    w: &mut WriteHalf<'_>,
-    acct: &Accounting<'_>,
+/// Both directions as one hand-written future over `&TcpStream` readiness, rather than two
+/// `async` read → write loops joined: the whole relay is a few words (the per-connection
+/// task stays small, and tokio copies a task's future when it spawns and finishes it), and
+/// each direction knows whether the other has ended without shared flags.
+struct Relay<'a, 'b> {
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    acct: &'a Accounting<'b>,
+    up: Half,
+    down: Half,
+}
+
+/// One direction: read a chunk, write all of it, count it; on EOF shut the writer down
+/// (half-close) and stop.
+struct Half {
     side: Side,
-    [mine, other]: [&AtomicBool; 2],
-) -> io::Result<()> {
-    // Read into spare capacity (`read_buf`): the buffer is never zeroed, which matters
-    // when thousands of short connections each set up two of them (l4_vs_haproxy conn/s).
-    let mut pooled = Buf::take();
-    let buf = &mut pooled.0;
-    loop {
-        buf.clear();
-        let n = r.read_buf(buf).await?;
-        if n == 0 {
-            acct.entry.set_state(FlowState::Closing);
-            mine.store(true, Ordering::Relaxed);
-            if !other.load(Ordering::Relaxed) {
-                // The peer may already be gone; its own direction reports that.
-                let _ = w.shutdown().await;
+    /// Taken from the thread's pool on the first read, not when the connection starts.
+    buf: Option<Buf>,
+    /// Bytes of `buf` already written.
+    written: usize,
+    /// The chunk in `buf` is the peer's last (its FIN is queued behind it): write it with
+    /// MSG_MORE so that it leaves with our FIN in one segment.
+    last: bool,
+    done: bool,
+}
+
+impl Half {
+    fn new(side: Side) -> Half {
+        Half { side, buf: None, written: 0, last: false, done: false }
+    }
+
+    /// Moves bytes from `r` to `w` until `r` has nothing more for now (Pending), `r` ends
+    /// (Ready(Ok), the writer shut down unless `other_done`), or either side fails.
+    ///
+    /// `other_done`: the opposite direction has already ended, so the connection is about
+    /// to be dropped and its close sends the FIN: a `shutdown` would be one more syscall
+    /// for the same packet.
+    fn poll_relay(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &TcpStream,
+        w: &TcpStream,
+        acct: &Accounting<'_>,
+        other_done: bool,
+    ) -> Poll<io::Result<()>> {
+        let buf = &mut self.buf.get_or_insert_with(Buf::take).0;
+        loop {
+            // Write out what was read.
+            while self.written < buf.len() {
+                ready!(w.poll_write_ready(cx))?;
+                let rest = &buf[self.written..];
+                let sent = if self.last { send_more(w, rest) } else { w.try_write(rest) };
+                match sent {
+                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => self.written += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
             }
-            return Ok(());
+            if !buf.is_empty() {
+                acct.count(self.side, buf.len());
+                buf.clear();
+                self.written = 0;
+            }
+            // Read the next chunk into spare capacity: the buffer is never zeroed, which
+            // matters when thousands of short connections each set up two of them.
+            ready!(r.poll_read_ready(cx))?;
+            match r.try_read_buf(buf) {
+                Ok(0) => {
+                    acct.entry.set_state(FlowState::Closing);
+                    self.done = true;
+                    if !other_done {
+                        // The peer may already be gone; its own direction reports that.
+                        let _ = socket2::SockRef::from(w).shutdown(std::net::Shutdown::Write);
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                // A short read whose sender has already closed (FIN queued behind the data):
+                // these are the last bytes. Sent with MSG_MORE, they wait for our FIN and
+                // leave in one segment with it, as the sender sent them, instead of a data
+                // segment, its ACK and a bare FIN (the usual short request/response where
+                // the server answers and closes).
+                Ok(n) => self.last = n < buf.capacity() && peer_finished(r),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
         }
-        // A short read whose sender has already closed (FIN queued behind the data): these
-        // are the last bytes, and the FIN follows as soon as the next read returns 0. Sent
-        // with MSG_MORE, they wait for that FIN and leave in one segment with it, as the
-        // sender sent them, instead of a data segment, its ACK and a bare FIN (the usual
-        // short request/response where the server answers and closes).
-        if n < buf.capacity() && peer_finished(r) {
-            write_before_fin(w, &buf[..n]).await?;
-        } else {
-            w.write_all(&buf[..n]).await?;
+    }
+}
+
+impl Future for Relay<'_, '_> {
+    type Output = io::Result<()>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.up.done {
+            let down_done = this.down.done;
+            if let Poll::Ready(Err(e)) =
+                this.up.poll_relay(cx, this.client, this.upstream, this.acct, down_done)
+            {
+                return Poll::Ready(Err(e));
+            }
         }
-        match side {
-            Side::Up => acct.up(n),
-            Side::Down => acct.down(n),
+        if !this.down.done {
+            let up_done = this.up.done;
+            if let Poll::Ready(Err(e)) =
+                this.down.poll_relay(cx, this.upstream, this.client, this.acct, up_done)
+            {
+                return Poll::Ready(Err(e));
+            }
         }
+        if this.up.done && this.down.done { Poll::Ready(Ok(())) } else { Poll::Pending }
     }
 }
 
 /// Whether the peer's FIN has arrived (epoll reported RDHUP), without a syscall: tokio
 /// keeps the read-closed bit once seen, so this is a look at the cached readiness.
-fn peer_finished(r: &ReadHalf<'_>) -> bool {
+fn peer_finished(r: &TcpStream) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
     let ready = pin!(r.ready(Interest::READABLE));
     matches!(ready.poll(&mut cx), Poll::Ready(Ok(ready)) if ready.is_read_closed())
 }
 
-/// Writes all of `data` with MSG_MORE: the kernel holds it until the shutdown (or close)
-/// that follows adds the FIN, then sends both together.
-async fn write_before_fin(w: &WriteHalf<'_>, mut data: &[u8]) -> io::Result<()> {
-    let stream: &TcpStream = w.as_ref();
-    while !data.is_empty() {
-        let n = stream
-            .async_io(Interest::WRITABLE, || {
-                socket2::SockRef::from(stream)
-                    .send_with_flags(data, libc::MSG_MORE | libc::MSG_NOSIGNAL)
-            })
-            .await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        data = &data[n..];
-    }
-    Ok(())
+/// One non-blocking send with MSG_MORE: the kernel holds the bytes until the shutdown (or
+/// close) that follows adds the FIN, then sends both together.
+fn send_more(w: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    w.try_io(Interest::WRITABLE, || {
+        socket2::SockRef::from(w).send_with_flags(data, libc::MSG_MORE | libc::MSG_NOSIGNAL)
+    })
 }
 
 /// Completes once the entry has seen no traffic for `idle` (both directions refresh it
@@ -222,5 +290,23 @@ pub(crate) async fn idle_timer(idle: Duration, conntrack: &Conntrack, entry: &En
             return;
         }
         wait = Duration::from_millis(idle_ms - quiet);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pooled_buffer_comes_back_empty() {
+        // A relay cut mid-chunk drops its buffer with bytes in it; the next connection on
+        // this thread takes the same buffer from the pool.
+        let mut b = Buf::take();
+        b.0.extend_from_slice(b"the previous connection's bytes");
+        let ptr = b.0.as_ptr();
+        drop(b);
+        let again = Buf::take();
+        assert_eq!(again.0.as_ptr(), ptr, "the buffer should come from this thread's pool");
+        assert!(again.0.is_empty(), "a pooled buffer kept {} stale bytes", again.0.len());
     }
 }
