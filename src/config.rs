@@ -276,6 +276,9 @@ impl Config {
             if l.udp_max_destinations == 0 {
                 return Err(invalid(field("udp_max_destinations"), "must be at least 1".into()));
             }
+            if l.udp_max_associations == 0 {
+                return Err(invalid(field("udp_max_associations"), "must be at least 1".into()));
+            }
             if l.max_connections == 0 {
                 return Err(invalid(field("max_connections"), "must be at least 1".into()));
             }
@@ -401,6 +404,7 @@ mod tests {
             ("kind = \"http-connect\"\ncredentials = \"required\"\n", "credentials"),
             ("kind = \"socks5\"\nverify_sni = \"on\"\n", "verify_sni"),
             ("kind = \"socks5\"\nudp_max_destinations = 0\n", "udp_max_destinations"),
+            ("kind = \"socks5\"\nudp_max_associations = 0\n", "udp_max_associations"),
         ];
         for (extra, field) in cases {
             let err = validated(&format!("[[listener]]\n{base}{extra}")).unwrap_err();

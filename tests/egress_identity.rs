@@ -114,6 +114,8 @@ impl Gate {
              handshake_timeout = \"2s\"\n\
              [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
              handshake_timeout = \"2s\"\nudp_max_destinations = 8\n\
+             [[listener]]\nname = \"socks-one\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
+             handshake_timeout = \"2s\"\nudp_max_associations = 1\n\
              [[listener]]\nname = \"self\"\nkind = \"http-connect\"\nbind = \"127.0.0.31:0\"\n\
              [[listener]]\nname = \"connect-opt\"\nkind = \"http-connect\"\n\
              bind = \"127.0.0.1:0\"\ncredentials = \"optional\"\n\
@@ -500,6 +502,47 @@ async fn socks5_udp_associate_relays_allowed_datagrams_and_drops_the_rest() {
     let c = gate.counters("socks");
     wait_count(&c.datagrams_dropped, 1).await;
     assert_eq!(get(&c.allowed), 1, "one allowed destination: udp.test and its address are one");
+}
+
+/// Opens a SOCKS5 control connection, asks for a UDP association (no authentication, any
+/// client address) and returns the connection, kept open, with the reply code.
+async fn associate(to: SocketAddr) -> (TcpStream, u8) {
+    let mut s = TcpStream::connect(to).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut method = [0u8; 2];
+    s.read_exact(&mut method).await.unwrap();
+    assert_eq!(method, [5, 0], "no-authentication accepted");
+    s.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut reply = [0u8; 10];
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut reply)).await;
+    assert!(r.is_ok(), "no reply to UDP ASSOCIATE within the bound");
+    r.unwrap().unwrap();
+    (s, reply[1])
+}
+
+/// `udp_max_associations` bounds the associations open at once: one more is refused with a
+/// general failure and counted, and the place is free again once a control connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks5_udp_associations_are_bounded_and_counted() {
+    let gate = Gate::start("127.0.0.30:1".parse().unwrap()).await;
+    let socks = gate.addr("socks-one");
+    let c = gate.counters("socks-one");
+    let (first, code) = associate(socks).await;
+    assert_eq!(code, 0, "the first association succeeds");
+    let (_second, code) = associate(socks).await;
+    assert_eq!(code, 1, "a second one while the first is open gets a general failure");
+    assert_eq!(c.udp_associations_full.load(Ordering::SeqCst), 1);
+    drop(first);
+    // The first association ends with its control connection; its place is then free.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_third, code) = associate(socks).await;
+        if code == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the place was not given back after the close");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn hex(b: &[u8]) -> String {

@@ -153,11 +153,15 @@ pub fn render(control: &ControlPlane) -> String {
     o.family(
         "flowgate_limit_reached_total",
         "counter",
-        "Times a limit bit: max_connections (accept paused), conntrack full (flow refused).",
+        "Times a limit bit: max_connections (accept paused), conntrack full (flow refused), \
+         udp_max_associations (SOCKS5 UDP ASSOCIATE refused).",
     );
     for l in &listeners {
-        for (limit, c) in [("max_connections", &l.limit_reached), ("conntrack", &l.conntrack_full)]
-        {
+        for (limit, c) in [
+            ("max_connections", &l.limit_reached),
+            ("conntrack", &l.conntrack_full),
+            ("udp_max_associations", &l.udp_associations_full),
+        ] {
             o.sample(
                 "flowgate_limit_reached_total",
                 &[("listener", &l.name), ("limit", limit)],

@@ -60,6 +60,8 @@ pub struct EgressProxy {
     pub checker: Arc<Checker>,
     /// Handshakes in progress (`max_handshakes`).
     pub handshakes: Arc<Semaphore>,
+    /// SOCKS5 UDP associations open (`udp_max_associations`).
+    pub udp_associations: Arc<Semaphore>,
 }
 
 /// Why no tunnel was opened after a request was read.

@@ -147,6 +147,14 @@ pub struct ListenerConfig {
     /// `datagrams_dropped`. Default 256.
     #[serde(default = "default_udp_max_destinations")]
     pub udp_max_destinations: usize,
+    /// `socks5` UDP ASSOCIATE: associations open at once on this listener. Each holds a
+    /// relay socket, two upstream sockets and ~200 KB of datagram buffers for as long as
+    /// its control connection lives, so `max_connections` alone would let idle control
+    /// connections pin gigabytes. Beyond it a request gets a general failure reply,
+    /// counted in `flowgate_limit_reached_total{limit="udp_max_associations"}`.
+    /// Default 128.
+    #[serde(default = "default_udp_max_associations")]
+    pub udp_max_associations: usize,
     /// Egress kinds: handshakes in progress at once; beyond it a new client is refused at
     /// once (`503` / SOCKS5 general failure) and `limit_reached` counts it. Default 1024.
     #[serde(default = "default_max_handshakes")]
@@ -194,6 +202,9 @@ fn default_sni_timeout() -> Duration {
 }
 fn default_udp_max_destinations() -> usize {
     256
+}
+fn default_udp_max_associations() -> usize {
+    128
 }
 fn default_pp_timeout() -> Duration {
     Duration::from_secs(5)

@@ -179,6 +179,9 @@ pub fn start_with_credentials(
                         // Built above whenever an egress listener is configured.
                         checker: checker.clone().expect("checker exists for egress kinds"),
                         handshakes: Arc::new(tokio::sync::Semaphore::new(cfg.max_handshakes)),
+                        udp_associations: Arc::new(tokio::sync::Semaphore::new(
+                            cfg.udp_max_associations,
+                        )),
                     })
                 };
                 let handler = match cfg.kind {

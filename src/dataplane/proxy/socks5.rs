@@ -163,6 +163,12 @@ impl EgressProxy {
         req: SocksRequest<CredentialId>,
     ) {
         let counters = &self.tag.counters;
+        // Held until the association ends (the end of this function).
+        let Ok(_association) = self.udp_associations.clone().try_acquire_owned() else {
+            ListenerCounters::inc(&counters.udp_associations_full);
+            let _ = reply(&mut stream, ReplyCode::GeneralFailure, None).await;
+            return;
+        };
         let Ok(local) = stream.local_addr() else { return };
         let relay = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
             Ok(s) => s,
