@@ -186,7 +186,8 @@ impl EgressProxy {
         port: u16,
     ) -> Result<Tunnel, Failure> {
         let (key, admitted) = self.decide(client, who, target, port, Proto::Tcp).await?;
-        let connect = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(key.dst));
+        let connect =
+            tokio::time::timeout(self.cfg.connect_timeout, super::upstream::connect(key.dst));
         let result = tokio::select! {
             r = connect => match r {
                 Ok(Ok(s)) => Ok(s),
@@ -196,10 +197,7 @@ impl EgressProxy {
             () = admitted.cut.cut() => Err(Failure::Cut),
         };
         match result {
-            Ok(upstream) => {
-                let _ = upstream.set_nodelay(true);
-                Ok(Tunnel { key, admitted, upstream })
-            }
+            Ok(upstream) => Ok(Tunnel { key, admitted, upstream }),
             Err(f) => {
                 if !matches!(f, Failure::Cut) {
                     ListenerCounters::inc(&self.tag.counters.upstream_failed);

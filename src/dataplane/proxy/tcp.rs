@@ -204,7 +204,8 @@ impl TcpProxy {
                         return;
                     }
                 };
-            let connect = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(up));
+            let connect =
+                tokio::time::timeout(self.cfg.connect_timeout, super::upstream::connect(up));
             let mut upstream = tokio::select! {
                 r = connect => match r {
                     Ok(Ok(s)) => s,
@@ -222,7 +223,6 @@ impl TcpProxy {
                 }
             };
             self.upstreams.mark_ok(i);
-            let _ = upstream.set_nodelay(true);
             let acct =
                 Accounting { conntrack: &self.rt.conntrack, entry: &admitted.entry, counters };
             let end =

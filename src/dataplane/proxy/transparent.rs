@@ -292,7 +292,7 @@ impl EgressProxy {
         drop(slot);
 
         let connect =
-            tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(chosen.addr));
+            tokio::time::timeout(self.cfg.connect_timeout, super::upstream::connect(chosen.addr));
         let upstream = tokio::select! {
             r = connect => match r {
                 Ok(Ok(s)) => Some(s),
@@ -308,7 +308,6 @@ impl EgressProxy {
             reset(stream);
             return;
         };
-        let _ = upstream.set_nodelay(true);
         let ready = upstream.write_all(&buf).await;
         drop(buf);
         self.relay(stream, upstream, &key, &admitted, ready).await;

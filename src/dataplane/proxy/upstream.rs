@@ -75,6 +75,36 @@ impl Upstreams {
     }
 }
 
+/// Opens a TCP connection to `addr` with `TCP_NODELAY` set, the way the relays want it.
+///
+/// Unlike `TcpStream::connect`, a successful connect costs no `getsockopt(SO_ERROR)`: on
+/// Linux a non-blocking connect that fails reports `EPOLLERR`/`EPOLLHUP` with its
+/// writability, so the readiness alone tells success from failure, and the error is read
+/// only on the failure path. One syscall less per proxied connection (the L4 conn/s
+/// profile against HAProxy, which does the same).
+pub async fn connect(addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use tokio::io::Interest;
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    sock.set_tcp_nodelay(true)?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = tokio::net::TcpStream::from_std(std::net::TcpStream::from(sock))?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        let err = stream.take_error()?;
+        return Err(err.unwrap_or_else(|| std::io::ErrorKind::ConnectionRefused.into()));
+    }
+    Ok(stream)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
