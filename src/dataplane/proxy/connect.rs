@@ -67,7 +67,6 @@ const SNI_PEEK_MAX: usize = MAX_RECORD + 5;
 impl EgressProxy {
     /// One `http-connect` connection, start to end.
     pub async fn http_connection(&self, mut stream: TcpStream, peer: SocketAddr) {
-        let _ = stream.set_nodelay(true);
         let counters = &self.tag.counters;
         let Some(slot) = self.handshake_slot() else {
             let _ = reply_status(&mut stream, 503, "too many handshakes in progress").await;

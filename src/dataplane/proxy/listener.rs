@@ -234,7 +234,9 @@ impl ListenerConfig {
     }
 }
 
-/// Makes the listening socket: SO_REUSEADDR, optionally SO_REUSEPORT, non-blocking.
+/// Makes the listening socket: SO_REUSEADDR, optionally SO_REUSEPORT, non-blocking; for
+/// TCP also TCP_NODELAY, which Linux copies to every connection accepted from it (the relays
+/// forward what they read at once), so no connection needs its own `setsockopt`.
 pub(crate) fn bind_socket(
     addr: SocketAddr,
     ty: Type,
@@ -248,9 +250,29 @@ pub(crate) fn bind_socket(
         sock.set_reuse_port(true)?;
     }
     sock.set_nonblocking(true)?;
+    if ty == Type::STREAM {
+        sock.set_tcp_nodelay(true)?;
+    }
     sock.bind(&addr.into())?;
     if let Some(backlog) = backlog {
         sock.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     }
     Ok(sock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The relays rely on it: no connection sets TCP_NODELAY itself.
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let sock = bind_socket(addr, Type::STREAM, false, Some(16)).unwrap();
+        let listener = tokio::net::TcpListener::from_std(sock.into()).unwrap();
+        let to = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(to).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap(), "an accepted connection must have TCP_NODELAY");
+    }
 }

@@ -49,7 +49,6 @@ const MAX_UDP_HEADER: usize = 262;
 impl EgressProxy {
     /// One `socks5` connection, start to end.
     pub async fn socks5_connection(&self, mut stream: TcpStream, peer: SocketAddr) {
-        let _ = stream.set_nodelay(true);
         let counters = &self.tag.counters;
         let Some(slot) = self.handshake_slot() else {
             // Not even the greeting is read: a reply would be out of turn. Close.

@@ -179,7 +179,6 @@ pub fn reset(stream: TcpStream) {
 
 impl TcpProxy {
     async fn connection(&self, mut stream: TcpStream, peer: SocketAddr) {
-        let _ = stream.set_nodelay(true);
         let counters = &self.tag.counters;
         // The client: the peer, or the source of a trusted proxy's PROXY header. The
         // reader consumes exactly the header, so the stream is untouched payload after it.
@@ -246,7 +245,6 @@ impl TcpProxy {
 
 /// The echo upstream: read, write back, until EOF (then FIN) or idle.
 async fn echo(mut stream: TcpStream, idle: Duration) {
-    let _ = stream.set_nodelay(true);
     let mut buf = Vec::with_capacity(32 * 1024);
     loop {
         buf.clear();

@@ -157,7 +157,6 @@ fn classify<'a>(buf: &'a [u8], head: &crate::wire::http_connect::Limits) -> Peek
 impl EgressProxy {
     /// One `transparent` connection, start to end.
     pub async fn transparent_connection(&self, mut stream: TcpStream, peer: SocketAddr) {
-        let _ = stream.set_nodelay(true);
         let counters = &self.tag.counters;
         let Some(slot) = self.handshake_slot() else {
             reset(stream);
