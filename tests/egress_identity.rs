@@ -18,16 +18,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use flowgate::config::Config;
-use flowgate::conntrack::Conntrack;
-use flowgate::dataplane::proxy::{self, EgressSettings, RunningListener};
-use flowgate::dataplane::{Runtime, build_snapshot};
-use flowgate::egress::Credentials;
+use flowgate::dataplane::build_snapshot;
 use flowgate::policy::Generation;
-use flowgate::shutdown::Shutdown;
-use flowgate::telemetry::flowlog::{FlowLog, FlowLogWriter};
-use flowgate::telemetry::metrics::{ListenerCounters, Registry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
@@ -77,107 +70,49 @@ spec:
         - networks: [127.0.0.23/32, 127.0.0.24/32, 127.0.0.30/32, 127.0.0.1/32, '::1/128']
 ";
 
-struct Gate {
-    dir: tempfile::TempDir,
-    rt: Arc<Runtime>,
-    _shutdown: Shutdown,
-    listeners: Vec<RunningListener>,
-    _writer: FlowLogWriter,
+/// flowgate with every egress listener these tests use; `admin` stands in for the admin
+/// API's address (one of flowgate's own).
+async fn start_gate(admin: SocketAddr) -> Gate {
+    let config = format!(
+        "[dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\nhosts_file = \"hosts\"\n\
+         [dns.static]\n\"web.test\" = [\"{WEB}\"]\n\"tls.test\" = [\"{TLS}\"]\n\
+         \"sink.test\" = [\"{SINK}\"]\n\"udp.test\" = [\"{UDP_OK}\"]\n\
+         \"udpblocked.test\" = [\"{UDP_NO}\"]\n\"fronted.test\" = [\"{TLS}\"]\n\
+         [ssrf]\ntreat_as_external = [\"{WEB}/32\", \"{TLS}/32\", \"{SINK}/32\", \
+         \"{UDP_OK}/32\", \"{UDP_NO}/32\", \"{ADMIN}/32\", \"127.0.0.31/32\"]\n\
+         [[credential]]\nusername = \"alice\"\npassword = \"pw-a\"\nworkload = \"fn/caller\"\n\
+         [[credential]]\nusername = \"bob\"\npassword = \"pw-b\"\nworkload = \"fn/other\"\n\
+         [[listener]]\nname = \"connect-auth\"\nkind = \"http-connect\"\n\
+         bind = \"127.0.0.1:0\"\ncredentials = \"required\"\nverify_sni = \"on\"\n\
+         sni_timeout = \"1s\"\nhandshake_timeout = \"2s\"\n\
+         [[listener]]\nname = \"socks-auth\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
+         credentials = \"optional\"\nhandshake_timeout = \"2s\"\n\
+         [[listener]]\nname = \"connect\"\nkind = \"http-connect\"\nbind = \"127.0.0.1:0\"\n\
+         handshake_timeout = \"2s\"\n\
+         [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
+         handshake_timeout = \"2s\"\nudp_max_destinations = 8\n\
+         [[listener]]\nname = \"socks-one\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
+         handshake_timeout = \"2s\"\nudp_max_associations = 1\n\
+         [[listener]]\nname = \"self\"\nkind = \"http-connect\"\nbind = \"127.0.0.31:0\"\n\
+         [[listener]]\nname = \"connect-opt\"\nkind = \"http-connect\"\n\
+         bind = \"127.0.0.1:0\"\ncredentials = \"optional\"\n\
+         [[listener]]\nname = \"connect-strict\"\nkind = \"http-connect\"\n\
+         bind = \"127.0.0.1:0\"\nverify_sni = \"strict\"\nsni_timeout = \"1s\"\n"
+    );
+    let hosts = ("hosts", "127.0.0.1 localhost\n::1 localhost\n");
+    Gate::start_with(INVENTORY, POLICY, &config, &[hosts], vec![admin]).await
 }
 
-impl Gate {
-    async fn start(admin: SocketAddr) -> Gate {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
-        std::fs::create_dir(dir.path().join("policies")).unwrap();
-        std::fs::write(dir.path().join("policies/anp.yaml"), POLICY).unwrap();
-        std::fs::write(dir.path().join("hosts"), "127.0.0.1 localhost\n::1 localhost\n").unwrap();
-        let text = format!(
-            "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
-             default = \"deny\"\nunknown = \"deny\"\n\
-             [admin]\nbind = \"127.0.0.1:0\"\n\
-             [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
-             [dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\nhosts_file = \"hosts\"\n\
-             [dns.static]\n\"web.test\" = [\"{WEB}\"]\n\"tls.test\" = [\"{TLS}\"]\n\
-             \"sink.test\" = [\"{SINK}\"]\n\"udp.test\" = [\"{UDP_OK}\"]\n\
-             \"udpblocked.test\" = [\"{UDP_NO}\"]\n\"fronted.test\" = [\"{TLS}\"]\n\
-             [ssrf]\ntreat_as_external = [\"{WEB}/32\", \"{TLS}/32\", \"{SINK}/32\", \
-             \"{UDP_OK}/32\", \"{UDP_NO}/32\", \"{ADMIN}/32\", \"127.0.0.31/32\"]\n\
-             [[credential]]\nusername = \"alice\"\npassword = \"pw-a\"\nworkload = \"fn/caller\"\n\
-             [[credential]]\nusername = \"bob\"\npassword = \"pw-b\"\nworkload = \"fn/other\"\n\
-             [[listener]]\nname = \"connect-auth\"\nkind = \"http-connect\"\n\
-             bind = \"127.0.0.1:0\"\ncredentials = \"required\"\nverify_sni = \"on\"\n\
-             sni_timeout = \"1s\"\nhandshake_timeout = \"2s\"\n\
-             [[listener]]\nname = \"socks-auth\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
-             credentials = \"optional\"\nhandshake_timeout = \"2s\"\n\
-             [[listener]]\nname = \"connect\"\nkind = \"http-connect\"\nbind = \"127.0.0.1:0\"\n\
-             handshake_timeout = \"2s\"\n\
-             [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
-             handshake_timeout = \"2s\"\nudp_max_destinations = 8\n\
-             [[listener]]\nname = \"socks-one\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
-             handshake_timeout = \"2s\"\nudp_max_associations = 1\n\
-             [[listener]]\nname = \"self\"\nkind = \"http-connect\"\nbind = \"127.0.0.31:0\"\n\
-             [[listener]]\nname = \"connect-opt\"\nkind = \"http-connect\"\n\
-             bind = \"127.0.0.1:0\"\ncredentials = \"optional\"\n\
-             [[listener]]\nname = \"connect-strict\"\nkind = \"http-connect\"\n\
-             bind = \"127.0.0.1:0\"\nverify_sni = \"strict\"\nsni_timeout = \"1s\"\n"
-        );
-        let path = dir.path().join("flowgate.toml");
-        std::fs::write(&path, text).unwrap();
-        let cfg = Config::load(&path).unwrap();
-        let registry = Arc::new(Registry::default());
-        let (flowlog, writer) = FlowLog::start(&cfg.flowlog, registry.clone()).unwrap();
-        let snapshot = build_snapshot(&cfg.policy, Generation(1)).unwrap();
-        let rt = Runtime::new(
-            Arc::new(Conntrack::new(&cfg.conntrack)),
-            Arc::new(ArcSwap::from_pointee(snapshot)),
-            registry,
-            flowlog,
-        );
-        let shutdown = Shutdown::new();
-        let egress =
-            EgressSettings { dns: cfg.dns.clone(), ssrf: cfg.ssrf.clone(), other_own: vec![admin] };
-        let creds = Arc::new(Credentials::from_config(&cfg.credential).unwrap());
-        let listeners =
-            proxy::start_with_credentials(&rt, &cfg.listener, &egress, creds, &shutdown).unwrap();
-        Gate { dir, rt, _shutdown: shutdown, listeners, _writer: writer }
-    }
-
-    fn addr(&self, name: &str) -> SocketAddr {
-        self.listeners.iter().find(|l| l.name == name).unwrap().local_addr
-    }
-
-    fn counters(&self, name: &str) -> Arc<ListenerCounters> {
-        self.rt.registry.listeners().into_iter().find(|c| c.name == name).unwrap()
-    }
-
-    fn log(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.path().join("flow.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("flow-log lines are JSON"))
-            .collect()
-    }
-
-    /// Waits (bounded) for a `deny` event on `listener` matching `pred`; returns it.
-    async fn wait_deny(
-        &self,
-        listener: &str,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(e) = self
-                .log()
-                .into_iter()
-                .find(|e| e["event"] == "deny" && e["listener"] == listener && pred(e))
-            {
-                return e;
-            }
-            assert!(Instant::now() < deadline, "no such deny on {listener}: {:?}", self.log());
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
+/// Waits (bounded) for a `deny` event on `listener` matching `pred`; returns it.
+async fn wait_deny(
+    gate: &Gate,
+    listener: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    gate.wait_event(&format!("deny on {listener}"), |e| {
+        e["event"] == "deny" && e["listener"] == listener && pred(e)
+    })
+    .await
 }
 
 /// A TCP server on `ip` that counts accepts and answers each connection with "ok".
@@ -220,7 +155,7 @@ async fn credentials_name_the_workload_and_wrong_ones_are_refused() {
     if !peers_present(&["curl", "python3", "openssl"]) {
         return;
     }
-    let gate = Gate::start("127.0.0.30:1".parse().unwrap()).await;
+    let gate = start_gate("127.0.0.30:1".parse().unwrap()).await;
     let (_web, web_port) = http_server(gate.dir.path()).await;
     let (_tls, tls_port) = https_server(gate.dir.path()).await;
     let (sink_port, accepted) = sink(SINK).await;
@@ -251,7 +186,7 @@ async fn credentials_name_the_workload_and_wrong_ones_are_refused() {
     let bob = format!("http://bob:pw-b@{ca}");
     let (_, _, err) = curl(&["--interface", SHARED, "-x", &bob, &web_url]).await;
     assert!(err.contains("< HTTP/1.1 403"), "{err}");
-    let e = gate.wait_deny("connect-auth", |e| e["fqdn"] == "web.test").await;
+    let e = wait_deny(&gate, "connect-auth", |e| e["fqdn"] == "web.test").await;
     assert_eq!(e["src_workload"], "fn/other", "{e}");
     assert!(e["src"].as_str().unwrap().starts_with(SHARED));
     let c = gate.counters("connect-auth");
@@ -268,9 +203,9 @@ async fn credentials_name_the_workload_and_wrong_ones_are_refused() {
         curl(&["--interface", CALLER, "-x", &format!("http://{ca}"), &sink_url]).await;
     assert!(err.contains("< HTTP/1.1 407"), "{err}");
     assert_eq!(get(&c.auth_failed), 3);
-    let e = gate.wait_deny("connect-auth", |e| e["reason"] == "auth-failed").await;
+    let e = wait_deny(&gate, "connect-auth", |e| e["reason"] == "auth-failed").await;
     assert_eq!(e["fqdn"], "sink.test");
-    gate.wait_deny("connect-auth", |e| e["reason"] == "auth-required").await;
+    wait_deny(&gate, "connect-auth", |e| e["reason"] == "auth-required").await;
     assert_eq!(accepted.load(Ordering::SeqCst), 0, "no refused credential reached the sink");
     let (code, body, err) = curl(&["--interface", SHARED, "-x", &alice, &sink_url]).await;
     assert_eq!((code, body.as_str()), (0, "ok"), "{err}");
@@ -301,7 +236,7 @@ async fn credentials_name_the_workload_and_wrong_ones_are_refused() {
     let (code, _, err) =
         curl(&["--interface", SHARED, "--socks5-hostname", &s("bob:pw-b"), &web_url]).await;
     assert_eq!(code, 97, "{err}");
-    let e = gate.wait_deny("socks-auth", |e| e["fqdn"] == "web.test").await;
+    let e = wait_deny(&gate, "socks-auth", |e| e["fqdn"] == "web.test").await;
     assert_eq!(e["src_workload"], "fn/other", "{e}");
     let (code, _, err) =
         curl(&["--interface", SHARED, "--socks5-hostname", &s("alice:nope"), &sink_url]).await;
@@ -309,7 +244,7 @@ async fn credentials_name_the_workload_and_wrong_ones_are_refused() {
     assert!(err.contains("rejected by the SOCKS5 server"), "{err}");
     let sc = gate.counters("socks-auth");
     wait_count(&sc.auth_failed, 1).await;
-    gate.wait_deny("socks-auth", |e| e["reason"] == "auth-failed").await;
+    wait_deny(&gate, "socks-auth", |e| e["reason"] == "auth-failed").await;
     let (code, _, err) =
         curl(&["--interface", SHARED, "--socks5-hostname", &sa.to_string(), &sink_url]).await;
     assert_eq!(code, 97, "{err}");
@@ -329,7 +264,7 @@ async fn verify_sni_refuses_a_client_hello_for_another_host() {
     if !peers_present(&["curl", "openssl"]) {
         return;
     }
-    let gate = Gate::start("127.0.0.30:1".parse().unwrap()).await;
+    let gate = start_gate("127.0.0.30:1".parse().unwrap()).await;
     let (_tls, tls_port) = https_server(gate.dir.path()).await;
     let ca = format!("http://alice:pw-a@{}", gate.addr("connect-auth"));
     let c = gate.counters("connect-auth");
@@ -350,9 +285,10 @@ async fn verify_sni_refuses_a_client_hello_for_another_host() {
     assert!(err.contains("CONNECT tls.test:"), "curl did CONNECT to the real host: {err}");
     assert!(err.contains("200 Connection established"), "{err}");
     wait_count(&c.sni_refused, 1).await;
-    let e = gate
-        .wait_deny("connect-auth", |e| e["reason"] == "sni-mismatch" && e["fqdn"] == "tls.test")
-        .await;
+    let e = wait_deny(&gate, "connect-auth", |e| {
+        e["reason"] == "sni-mismatch" && e["fqdn"] == "tls.test"
+    })
+    .await;
     assert_eq!(e["dst"], format!("{TLS}:{tls_port}"));
     assert_eq!(e["src_workload"], "fn/caller", "alice's workload, not the shared address");
 
@@ -457,7 +393,7 @@ async fn socks5_udp_associate_relays_allowed_datagrams_and_drops_the_rest() {
     if !peers_present(&["python3"]) {
         return;
     }
-    let gate = Gate::start("127.0.0.30:1".parse().unwrap()).await;
+    let gate = start_gate("127.0.0.30:1".parse().unwrap()).await;
     let (echo_port, echoed) = udp_echo(UDP_OK).await;
     let (no_port, no_count) = udp_echo(UDP_NO).await;
     let (ssrf_port, ssrf_count) = udp_echo("127.0.0.1").await;
@@ -494,11 +430,11 @@ async fn socks5_udp_associate_relays_allowed_datagrams_and_drops_the_rest() {
     assert_eq!(ssrf_count.load(Ordering::SeqCst), 0);
     assert_eq!(ssrf6_count.load(Ordering::SeqCst), 0);
     // One deny per destination (the verdict is cached), with the name where there was one.
-    let e = gate.wait_deny("socks", |e| e["fqdn"] == "udpblocked.test").await;
+    let e = wait_deny(&gate, "socks", |e| e["fqdn"] == "udpblocked.test").await;
     assert_eq!(e["proto"], "udp", "{e}");
     let n = gate.log().iter().filter(|e| e["fqdn"] == "udpblocked.test").count();
     assert_eq!(n, 1, "{:?}", gate.log());
-    gate.wait_deny("socks", |e| e["fqdn"] == "localhost" && e["reason"] == "ssrf").await;
+    wait_deny(&gate, "socks", |e| e["fqdn"] == "localhost" && e["reason"] == "ssrf").await;
     let c = gate.counters("socks");
     wait_count(&c.datagrams_dropped, 1).await;
     assert_eq!(get(&c.allowed), 1, "one allowed destination: udp.test and its address are one");
@@ -524,7 +460,7 @@ async fn associate(to: SocketAddr) -> (TcpStream, u8) {
 /// general failure and counted, and the place is free again once a control connection ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socks5_udp_associations_are_bounded_and_counted() {
-    let gate = Gate::start("127.0.0.30:1".parse().unwrap()).await;
+    let gate = start_gate("127.0.0.30:1".parse().unwrap()).await;
     let socks = gate.addr("socks-one");
     let c = gate.counters("socks-one");
     let (first, code) = associate(socks).await;
@@ -583,7 +519,7 @@ async fn ssrf_spellings_and_own_listeners_are_refused_through_both_listeners() {
             hits.fetch_add(1, Ordering::SeqCst);
         }
     });
-    let gate = Gate::start(admin_addr).await;
+    let gate = start_gate(admin_addr).await;
     let (port, v4_hits) = sink("127.0.0.1").await;
     let v6 = TcpListener::bind(("::1", port)).await.unwrap();
     let v6_hits = Arc::new(AtomicUsize::new(0));
@@ -641,7 +577,7 @@ async fn ssrf_spellings_and_own_listeners_are_refused_through_both_listeners() {
     let n = hosts.len() as u64;
     assert_eq!(get(&gate.counters("connect").denied), n);
     assert_eq!(get(&gate.counters("socks").denied), n + 2);
-    gate.wait_deny("socks", |e| e["fqdn"] == "localhost" && e["reason"] == "ssrf").await;
+    wait_deny(&gate, "socks", |e| e["fqdn"] == "localhost" && e["reason"] == "ssrf").await;
 }
 
 /// `flowgate run` as a process: a password from the environment (`password_env`) works
@@ -713,7 +649,7 @@ async fn flowgate_run_reads_passwords_from_the_environment() {
 /// rule keeps the tunnel; one that drops the rule cuts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_re_decides_a_credentialed_tunnel_as_its_workload() {
-    let gate = Gate::start("127.0.0.30:1".parse().unwrap()).await;
+    let gate = start_gate("127.0.0.30:1".parse().unwrap()).await;
     let echo = TcpListener::bind((SINK, 0)).await.unwrap();
     let port = echo.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -754,7 +690,7 @@ async fn a_reload_re_decides_a_credentialed_tunnel_as_its_workload() {
         "        - networks: [127.0.0.24/32]",
     );
     assert_ne!(narrowed, POLICY);
-    std::fs::write(gate.dir.path().join("policies/anp.yaml"), narrowed).unwrap();
+    std::fs::write(gate.dir.path().join("policies/policy.yaml"), narrowed).unwrap();
     let stats = reload(3);
     assert_eq!((stats.checked, stats.revoked), (1, 1), "cut: the rule is gone");
     assert!(!echo_ping(&mut t).await, "the tunnel is cut");

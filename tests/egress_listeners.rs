@@ -18,15 +18,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
-use flowgate::config::Config;
-use flowgate::conntrack::Conntrack;
-use flowgate::dataplane::proxy::{self, EgressSettings, RunningListener};
-use flowgate::dataplane::{Runtime, build_snapshot};
-use flowgate::policy::Generation;
-use flowgate::shutdown::Shutdown;
-use flowgate::telemetry::flowlog::{FlowLog, FlowLogWriter};
-use flowgate::telemetry::metrics::{ListenerCounters, Registry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -72,84 +63,30 @@ spec:
         - networks: [127.0.0.23/32]
 ";
 
-struct Gate {
-    dir: tempfile::TempDir,
-    rt: Arc<Runtime>,
-    _shutdown: Shutdown,
-    listeners: Vec<RunningListener>,
-    _writer: FlowLogWriter,
+/// flowgate with an `http-connect` and a `socks5` listener, static names for the peers.
+async fn start_gate() -> Gate {
+    let config = format!(
+        "[dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
+         [dns.static]\n\"web.test\" = [\"{WEB}\"]\n\"tls.test\" = [\"{TLS}\"]\n\
+         \"blocked.test\" = [\"{WEB}\"]\n\"sink.test\" = [\"{SINK}\"]\n\
+         \"private.test\" = [\"10.0.0.1\"]\n\
+         [ssrf]\ntreat_as_external = [\"{WEB}/32\", \"{TLS}/32\", \"{SINK}/32\"]\n\
+         [[listener]]\nname = \"connect\"\nkind = \"http-connect\"\nbind = \"127.0.0.1:0\"\n\
+         handshake_timeout = \"1s\"\nmax_header_bytes = 4096\nmax_headers = 16\n\
+         [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
+         handshake_timeout = \"1s\"\n"
+    );
+    Gate::start(INVENTORY, POLICY, &config).await
 }
 
-impl Gate {
-    async fn start() -> Gate {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
-        std::fs::create_dir(dir.path().join("policies")).unwrap();
-        std::fs::write(dir.path().join("policies/anp.yaml"), POLICY).unwrap();
-        let text = format!(
-            "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
-             default = \"deny\"\nunknown = \"deny\"\n\
-             [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
-             [dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
-             [dns.static]\n\"web.test\" = [\"{WEB}\"]\n\"tls.test\" = [\"{TLS}\"]\n\
-             \"blocked.test\" = [\"{WEB}\"]\n\"sink.test\" = [\"{SINK}\"]\n\
-             \"private.test\" = [\"10.0.0.1\"]\n\
-             [ssrf]\ntreat_as_external = [\"{WEB}/32\", \"{TLS}/32\", \"{SINK}/32\"]\n\
-             [[listener]]\nname = \"connect\"\nkind = \"http-connect\"\nbind = \"127.0.0.1:0\"\n\
-             handshake_timeout = \"1s\"\nmax_header_bytes = 4096\nmax_headers = 16\n\
-             [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
-             handshake_timeout = \"1s\"\n"
-        );
-        let path = dir.path().join("flowgate.toml");
-        std::fs::write(&path, text).unwrap();
-        let cfg = Config::load(&path).unwrap();
-        let registry = Arc::new(Registry::default());
-        let (flowlog, writer) = FlowLog::start(&cfg.flowlog, registry.clone()).unwrap();
-        let snapshot = build_snapshot(&cfg.policy, Generation(1)).unwrap();
-        let rt = Runtime::new(
-            Arc::new(Conntrack::new(&cfg.conntrack)),
-            Arc::new(ArcSwap::from_pointee(snapshot)),
-            registry,
-            flowlog,
-        );
-        let shutdown = Shutdown::new();
-        let egress =
-            EgressSettings { dns: cfg.dns.clone(), ssrf: cfg.ssrf.clone(), other_own: vec![] };
-        let listeners = proxy::start_with_egress(&rt, &cfg.listener, &egress, &shutdown).unwrap();
-        Gate { dir, rt, _shutdown: shutdown, listeners, _writer: writer }
-    }
-
-    fn addr(&self, name: &str) -> SocketAddr {
-        self.listeners.iter().find(|l| l.name == name).unwrap().local_addr
-    }
-
-    fn counters(&self, name: &str) -> Arc<ListenerCounters> {
-        self.rt.registry.listeners().into_iter().find(|c| c.name == name).unwrap()
-    }
-
-    fn log(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.path().join("flow.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("flow-log lines are JSON"))
-            .collect()
-    }
-
-    /// Waits (bounded) for a `deny` event carrying `fqdn`; returns it.
-    async fn wait_deny(&self, fqdn: &str, src: &str) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(e) = self.log().into_iter().find(|e| {
-                e["event"] == "deny"
-                    && e["fqdn"] == fqdn
-                    && e["src"].as_str().is_some_and(|s| s.starts_with(src))
-            }) {
-                return e;
-            }
-            assert!(Instant::now() < deadline, "no deny for {fqdn}: {:?}", self.log());
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
+/// Waits (bounded) for a `deny` event carrying `fqdn` from `src`; returns it.
+async fn wait_deny(gate: &Gate, fqdn: &str, src: &str) -> serde_json::Value {
+    gate.wait_event(&format!("deny {fqdn} from {src}"), |e| {
+        e["event"] == "deny"
+            && e["fqdn"] == fqdn
+            && e["src"].as_str().is_some_and(|s| s.starts_with(src))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,7 +94,7 @@ async fn curl_reaches_allowed_names_and_is_refused_otherwise() {
     if !peers_present(&["curl", "python3", "openssl"]) {
         return;
     }
-    let gate = Gate::start().await;
+    let gate = start_gate().await;
     let (_web, web_port) = http_server(gate.dir.path()).await;
     let (_tls, tls_port) = https_server(gate.dir.path()).await;
     let connect = format!("http://{}", gate.addr("connect"));
@@ -192,7 +129,7 @@ async fn curl_reaches_allowed_names_and_is_refused_otherwise() {
     let (code, _, err) = curl(&["-k", "--interface", CALLER, "-x", &connect, &blocked]).await;
     assert_ne!(code, 0);
     assert!(err.contains("403"), "{err}");
-    let e = gate.wait_deny("blocked.test", CALLER).await;
+    let e = wait_deny(&gate, "blocked.test", CALLER).await;
     assert_eq!(e["listener"], "connect");
     assert_eq!(e["src_workload"], "fn/caller");
     assert_eq!(e["dst"], format!("{WEB}:{tls_port}"));
@@ -200,19 +137,19 @@ async fn curl_reaches_allowed_names_and_is_refused_otherwise() {
     let (code, _, err) = curl(&["--interface", OTHER, "-x", &connect, &web_url]).await;
     assert_eq!(code, 0, "curl gets the 403 response itself: {err}");
     assert!(err.contains("< HTTP/1.1 403"), "{err}");
-    gate.wait_deny("web.test", OTHER).await;
+    wait_deny(&gate, "web.test", OTHER).await;
 
     let private = format!("http://private.test:{web_port}/");
     let (_, _, err) = curl(&["--interface", CALLER, "-x", &connect, &private]).await;
     assert!(err.contains("< HTTP/1.1 403"), "{err}");
-    let e = gate.wait_deny("private.test", CALLER).await;
+    let e = wait_deny(&gate, "private.test", CALLER).await;
     assert_eq!(e["reason"], "ssrf");
 
     let (code, _, err) =
         curl(&["--interface", CALLER, "--socks5-hostname", &socks, &blocked]).await;
     assert_eq!(code, 97, "CURLE_PROXY: {err}");
     assert!(err.contains("(2)") || err.contains("not allowed"), "SOCKS reply 0x02: {err}");
-    let e = gate.wait_deny("blocked.test", CALLER).await;
+    let e = wait_deny(&gate, "blocked.test", CALLER).await;
     assert!(gate.log().iter().any(|l| l["listener"] == "socks" && l["fqdn"] == "blocked.test"));
     assert_eq!(e["event"], "deny");
     assert_eq!(get(&gate.counters("connect").denied), 3);
@@ -272,7 +209,7 @@ fn status(reply: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_handshakes_get_their_error_and_never_reach_the_upstream() {
-    let gate = Gate::start().await;
+    let gate = start_gate().await;
     let (port, accepted) = sink().await;
     let connect = gate.addr("connect");
     let socks = gate.addr("socks");

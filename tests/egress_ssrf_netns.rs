@@ -22,6 +22,7 @@
 //!
 //! Needs root (namespaces); skips with a reason otherwise.
 
+mod egress_common;
 mod netns_common;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -23,6 +23,7 @@
 //!
 //! Needs root, `ip`, `nft`, `curl`, `openssl`, `python3`; skips with a reason otherwise.
 
+mod egress_common;
 mod netns_common;
 
 use std::net::SocketAddr;

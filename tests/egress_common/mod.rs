@@ -1,14 +1,120 @@
 //! Helpers shared by the egress listener tests (tests/egress_listeners.rs,
-//! tests/egress_identity.rs): real peers (python3's http.server, openssl s_server, curl)
-//! on fixed loopback addresses, and bounded waits.
+//! tests/egress_identity.rs, and through `netns_common` the namespace tests): flowgate
+//! started in-process from config text ([`Gate`]), real peers (python3's http.server,
+//! openssl s_server, curl) on fixed loopback addresses, and bounded waits.
 #![allow(dead_code)] // each test file uses a different part
 
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+use flowgate::config::Config;
+use flowgate::conntrack::Conntrack;
+use flowgate::dataplane::proxy::{self, EgressSettings, RunningListener};
+use flowgate::dataplane::{Runtime, build_snapshot};
+use flowgate::egress::Credentials;
+use flowgate::policy::Generation;
+use flowgate::shutdown::Shutdown;
+use flowgate::telemetry::flowlog::{FlowLog, FlowLogWriter};
+use flowgate::telemetry::metrics::{ListenerCounters, Registry};
 use tokio::net::TcpStream;
+
+/// flowgate, in-process, built from config text the way `flowgate run` builds it, so a
+/// test can read its counters and flow log directly.
+pub struct Gate {
+    pub dir: tempfile::TempDir,
+    pub rt: Arc<Runtime>,
+    _shutdown: Shutdown,
+    pub listeners: Vec<RunningListener>,
+    _writer: FlowLogWriter,
+}
+
+impl Gate {
+    /// `config` is everything after the `[policy]`, `[flowlog]` and `[admin]` sections
+    /// (which point at `inventory` and the one policy file written here).
+    pub async fn start(inventory: &str, policy: &str, config: &str) -> Gate {
+        Gate::start_with(inventory, policy, config, &[], vec![]).await
+    }
+
+    /// [`Gate::start`], with `files` (name, contents) written next to the config first (a
+    /// hosts file), its `[[credential]]` table in force, and `other_own` treated as
+    /// flowgate's own addresses besides its listeners (the admin API's).
+    pub async fn start_with(
+        inventory: &str,
+        policy: &str,
+        config: &str,
+        files: &[(&str, &str)],
+        other_own: Vec<SocketAddr>,
+    ) -> Gate {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("inventory.yaml"), inventory).unwrap();
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        std::fs::write(dir.path().join("policies/policy.yaml"), policy).unwrap();
+        for (name, contents) in files {
+            std::fs::write(dir.path().join(name), contents).unwrap();
+        }
+        let text = format!(
+            "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+             default = \"deny\"\nunknown = \"deny\"\n\
+             [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
+             [admin]\nbind = \"127.0.0.1:0\"\n{config}"
+        );
+        let path = dir.path().join("flowgate.toml");
+        std::fs::write(&path, text).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        let registry = Arc::new(Registry::default());
+        let (flowlog, writer) = FlowLog::start(&cfg.flowlog, registry.clone()).unwrap();
+        let snapshot = build_snapshot(&cfg.policy, Generation(1)).unwrap();
+        let rt = Runtime::new(
+            Arc::new(Conntrack::new(&cfg.conntrack)),
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            registry,
+            flowlog,
+        );
+        let shutdown = Shutdown::new();
+        let egress = EgressSettings { dns: cfg.dns.clone(), ssrf: cfg.ssrf.clone(), other_own };
+        let creds = Arc::new(Credentials::from_config(&cfg.credential).unwrap());
+        let listeners =
+            proxy::start_with_credentials(&rt, &cfg.listener, &egress, creds, &shutdown).unwrap();
+        Gate { dir, rt, _shutdown: shutdown, listeners, _writer: writer }
+    }
+
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.listeners.iter().find(|l| l.name == name).unwrap().local_addr
+    }
+
+    pub fn counters(&self, name: &str) -> Arc<ListenerCounters> {
+        self.rt.registry.listeners().into_iter().find(|c| c.name == name).unwrap()
+    }
+
+    pub fn log(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("flow.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("flow-log lines are JSON"))
+            .collect()
+    }
+
+    /// Waits (bounded) for an event matching `pred`; returns it. `what` names it in the
+    /// failure message.
+    pub async fn wait_event(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(e) = self.log().into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "no event {what}: {:#?}", self.log());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
 
 /// The plain HTTP server's address (`web.test` in the tests' static DNS tables).
 pub const WEB: &str = "127.0.0.21";

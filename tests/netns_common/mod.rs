@@ -11,6 +11,10 @@
 
 #![allow(dead_code)] // each test file uses a different part
 
+/// The in-process gate and the counter read are the egress tests' own (the test file
+/// declares `mod egress_common;` next to this module).
+pub use crate::egress_common::{Gate, get};
+
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::process::Stdio;
@@ -18,15 +22,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
-use flowgate::config::Config;
-use flowgate::conntrack::Conntrack;
-use flowgate::dataplane::proxy::{self, EgressSettings, RunningListener};
-use flowgate::dataplane::{Runtime, build_snapshot};
-use flowgate::policy::Generation;
-use flowgate::shutdown::Shutdown;
-use flowgate::telemetry::flowlog::{FlowLog, FlowLogWriter};
-use flowgate::telemetry::metrics::{ListenerCounters, Registry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -130,85 +125,6 @@ impl Drop for Netns {
             .stderr(Stdio::null())
             .status();
     }
-}
-
-/// flowgate, in-process, built from config text the way `flowgate run` builds it.
-pub struct Gate {
-    pub dir: tempfile::TempDir,
-    pub rt: Arc<Runtime>,
-    _shutdown: Shutdown,
-    pub listeners: Vec<RunningListener>,
-    _writer: FlowLogWriter,
-}
-
-impl Gate {
-    /// `config` is everything after the `[policy]`/`[flowlog]` sections (which point at
-    /// `inventory` and the one policy file written here).
-    pub async fn start(inventory: &str, policy: &str, config: &str) -> Gate {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("inventory.yaml"), inventory).unwrap();
-        std::fs::create_dir(dir.path().join("policies")).unwrap();
-        std::fs::write(dir.path().join("policies/policy.yaml"), policy).unwrap();
-        let text = format!(
-            "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
-             default = \"deny\"\nunknown = \"deny\"\n\
-             [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
-             [admin]\nbind = \"127.0.0.1:0\"\n{config}"
-        );
-        let path = dir.path().join("flowgate.toml");
-        std::fs::write(&path, text).unwrap();
-        let cfg = Config::load(&path).unwrap();
-        let registry = Arc::new(Registry::default());
-        let (flowlog, writer) = FlowLog::start(&cfg.flowlog, registry.clone()).unwrap();
-        let snapshot = build_snapshot(&cfg.policy, Generation(1)).unwrap();
-        let rt = Runtime::new(
-            Arc::new(Conntrack::new(&cfg.conntrack)),
-            Arc::new(ArcSwap::from_pointee(snapshot)),
-            registry,
-            flowlog,
-        );
-        let shutdown = Shutdown::new();
-        let egress =
-            EgressSettings { dns: cfg.dns.clone(), ssrf: cfg.ssrf.clone(), other_own: vec![] };
-        let listeners = proxy::start_with_egress(&rt, &cfg.listener, &egress, &shutdown).unwrap();
-        Gate { dir, rt, _shutdown: shutdown, listeners, _writer: writer }
-    }
-
-    pub fn addr(&self, name: &str) -> SocketAddr {
-        self.listeners.iter().find(|l| l.name == name).unwrap().local_addr
-    }
-
-    pub fn counters(&self, name: &str) -> Arc<ListenerCounters> {
-        self.rt.registry.listeners().into_iter().find(|c| c.name == name).unwrap()
-    }
-
-    pub fn log(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.path().join("flow.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("flow-log lines are JSON"))
-            .collect()
-    }
-
-    /// Waits (bounded) for an event matching `pred`; returns it.
-    pub async fn wait_event(
-        &self,
-        what: &str,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(e) = self.log().into_iter().find(|e| pred(e)) {
-                return e;
-            }
-            assert!(Instant::now() < deadline, "no event {what}: {:#?}", self.log());
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-}
-
-pub fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
-    c.load(Ordering::Relaxed)
 }
 
 /// A TCP server on `addr` that counts accepts and answers every connection with a
