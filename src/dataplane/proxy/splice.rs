@@ -162,7 +162,7 @@ struct Relay<'a, 'b> {
 /// (half-close) and stop.
 struct Half {
     side: Side,
-    /// Taken from the thread's pool on the first read, not when the connection starts.
+    /// Taken from the thread's pool on the first poll, not when the relay is built.
     buf: Option<Buf>,
     /// Bytes of `buf` already written.
     written: usize,
@@ -210,8 +210,6 @@ impl Half {
                 buf.clear();
                 self.written = 0;
             }
-            // Read the next chunk into spare capacity: the buffer is never zeroed, which
-            // matters when thousands of short connections each set up two of them.
             ready!(r.poll_read_ready(cx))?;
             match read_chunk(r, buf, &mut self.last) {
                 Ok(0) => {

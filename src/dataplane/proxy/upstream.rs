@@ -109,6 +109,30 @@ pub async fn connect(addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream>
 mod tests {
     use super::*;
 
+    /// A connect that succeeds yields a stream with TCP_NODELAY that carries bytes; one to
+    /// a closed port fails (learnt from readiness, not from a `getsockopt` on success).
+    #[tokio::test]
+    async fn connect_succeeds_with_nodelay_and_reports_refusal() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = l.local_addr().unwrap();
+        let (mut s, accepted) = tokio::join!(async { connect(to).await.unwrap() }, l.accept());
+        let (mut a, _) = accepted.unwrap();
+        assert!(s.nodelay().unwrap(), "an upstream connection must have TCP_NODELAY");
+        s.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        a.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+
+        // A port nobody listens on: take one from a listener, then close it.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = closed.local_addr().unwrap();
+        drop(closed);
+        let r = tokio::time::timeout(Duration::from_secs(5), connect(dead)).await;
+        let err = r.expect("a refused connect must not hang").expect_err("nobody listens there");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    }
+
     #[test]
     fn round_robin_skips_failed_until_cooldown() {
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
