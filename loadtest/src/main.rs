@@ -355,6 +355,36 @@ fn cpu_secs(pids: &[u32]) -> f64 {
     pids.iter().map(|&p| cpu_secs_of(p)).sum()
 }
 
+/// Context switches (voluntary and not) of every thread of `pids` so far, from /proc (0 if
+/// unreadable). Each one is a sleep and a wake-up: on a VM a wake-up of an idle vCPU is an
+/// interrupt and often a VM exit, paid by whoever sent the segment that woke it.
+fn ctx_switches(pids: &[u32]) -> u64 {
+    let mut n = 0;
+    for &pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for t in tasks.flatten() {
+            let Ok(status) = std::fs::read_to_string(t.path().join("status")) else { continue };
+            n += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    n
+}
+
+/// Machine-wide (busy, all) jiffies so far, from the first line of /proc/stat. A closed
+/// loop that leaves CPUs idle is waiting on something other than CPU.
+fn machine_jiffies() -> (u64, u64) {
+    let Ok(text) = std::fs::read_to_string("/proc/stat") else { return (0, 0) };
+    let Some(line) = text.lines().next() else { return (0, 0) };
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|w| w.parse().ok()).collect();
+    let all: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (all.saturating_sub(idle), all)
+}
+
 fn cpu_secs_of(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
@@ -364,6 +394,12 @@ fn cpu_secs_of(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (ticks(11) + ticks(12)) / hz.max(1.0)
+}
+
+/// The order of the targets (0 direct, 1 haproxy, 2 flowgate) in round `round`: direct
+/// first, then the proxies in an order that alternates from round to round.
+fn slice_order(round: u64) -> [usize; 3] {
+    if round.is_multiple_of(2) { [0, 1, 2] } else { [0, 2, 1] }
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -446,8 +482,11 @@ async fn run(args: Args) -> Result<(), String> {
     );
 
     // The machine is shared: load changes from second to second. Each target's time is
-    // split into `rounds` slices run in turn (direct, haproxy, flowgate, direct, …), so a
-    // burst of outside load hits all three alike instead of one phase.
+    // split into `rounds` slices run in turn, so a burst of outside load hits all three
+    // alike instead of one phase. The two proxies swap places every other round (direct,
+    // haproxy, flowgate, then direct, flowgate, haproxy): a slice inherits the previous
+    // one's leftovers (TIME_WAIT sockets, the upstream's port reuse, cache and scheduler
+    // state), and a fixed order would hand that cost to the same proxy every time.
     let rounds = args.rounds;
     let slice = (args.seconds / rounds).max(1);
     let mut tput = [f64::NAN; 3];
@@ -460,6 +499,8 @@ async fn run(args: Args) -> Result<(), String> {
     // and on a saturated machine what a proxy makes *them* spend per connection (wake-ups,
     // segments to process) slows the closed loop as much as the proxy's own CPU.
     let mut cps_self_cpu = [0.0f64; 3];
+    let (mut cps_ctx, mut cps_self_ctx) = ([0u64; 3], [0u64; 3]);
+    let mut cps_busy = [(0u64, 0u64); 3];
     let me = [std::process::id()];
     if args.only == "all" || args.only == "tput" {
         let targets = [
@@ -468,8 +509,9 @@ async fn run(args: Args) -> Result<(), String> {
             addr("127.0.0.1", fg_iperf),
         ];
         let mut sum = [0.0; 3];
-        for _ in 0..rounds {
-            for (i, to) in targets.into_iter().enumerate() {
+        for round in 0..rounds {
+            for i in slice_order(round) {
+                let to = targets[i];
                 let c0 = cpu_secs(&pids[i]);
                 let gbps = iperf(&args, to, slice)?;
                 sum[i] += gbps;
@@ -499,21 +541,39 @@ async fn run(args: Args) -> Result<(), String> {
             ("haproxy", addr("127.0.0.1", ha_rr)),
             ("flowgate", addr("127.0.0.1", fg_rr)),
         ];
+        let mut slots: [Option<CpsResult>; 3] = [None, None, None];
         for round in 0..rounds {
-            for (i, (_, to)) in targets.iter().enumerate() {
+            let mut rates = [0.0f64; 3];
+            for i in slice_order(round) {
+                let to = targets[i].1;
                 let (c0, s0) = (cpu_secs(&pids[i]), cpu_secs(&me));
-                let r = cps(*to, args.concurrency, slice).await;
+                let (x0, y0) = (ctx_switches(&pids[i]), ctx_switches(&me));
+                let j0 = machine_jiffies();
+                let r = cps(to, args.concurrency, slice).await;
                 cps_cpu[i] += cpu_secs(&pids[i]) - c0;
                 cps_self_cpu[i] += cpu_secs(&me) - s0;
-                if round == 0 {
-                    res.push(r);
-                } else {
-                    res[i].merge(r);
+                cps_ctx[i] += ctx_switches(&pids[i]).saturating_sub(x0);
+                cps_self_ctx[i] += ctx_switches(&me).saturating_sub(y0);
+                let j1 = machine_jiffies();
+                cps_busy[i].0 += j1.0.saturating_sub(j0.0);
+                cps_busy[i].1 += j1.1.saturating_sub(j0.1);
+                rates[i] = r.rate();
+                match &mut slots[i] {
+                    Some(acc) => acc.merge(r),
+                    empty => *empty = Some(r),
                 }
                 // Let the proxies' close work settle between slices.
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
+            let first = if round.is_multiple_of(2) { "haproxy" } else { "flowgate" };
+            println!(
+                "# round {round} ({first} first): conn/s haproxy {:.0}  flowgate {:.0}  ratio {:.3}",
+                rates[1],
+                rates[2],
+                ratio(rates[2], rates[1])
+            );
         }
+        res.extend(slots.into_iter().flatten());
         for ((name, _), r) in targets.iter().zip(&res) {
             println!(
                 "conn/s {name:>8}: {:>9.0}  p50 {:>7.3} ms  p99 {:>7.3} ms  max {:>8.3} ms  errors {}",
@@ -537,6 +597,22 @@ async fn run(args: Args) -> Result<(), String> {
             per(0),
             per(1),
             per(2)
+        );
+        let ctx = |c: &[u64; 3], i: usize| c[i] as f64 / res[i].conns.max(1) as f64;
+        println!(
+            "context switches per connection: proxy haproxy {:.2}  flowgate {:.2}; driver direct {:.2}  haproxy {:.2}  flowgate {:.2}",
+            ctx(&cps_ctx, 1),
+            ctx(&cps_ctx, 2),
+            ctx(&cps_self_ctx, 0),
+            ctx(&cps_self_ctx, 1),
+            ctx(&cps_self_ctx, 2)
+        );
+        let busy = |i: usize| 100.0 * cps_busy[i].0 as f64 / cps_busy[i].1.max(1) as f64;
+        println!(
+            "machine busy: direct {:.1} %  haproxy {:.1} %  flowgate {:.1} %",
+            busy(0),
+            busy(1),
+            busy(2)
         );
     }
     for p in [&mut iperf_srv, &mut fg, &mut ha] {
