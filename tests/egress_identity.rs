@@ -93,6 +93,8 @@ async fn start_gate(admin: SocketAddr) -> Gate {
          handshake_timeout = \"2s\"\nudp_max_destinations = 8\n\
          [[listener]]\nname = \"socks-one\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
          handshake_timeout = \"2s\"\nudp_max_associations = 1\n\
+         [[listener]]\nname = \"connect-one\"\nkind = \"http-connect\"\n\
+         bind = \"127.0.0.1:0\"\nhandshake_timeout = \"5s\"\nmax_handshakes = 1\n\
          [[listener]]\nname = \"self\"\nkind = \"http-connect\"\nbind = \"127.0.0.31:0\"\n\
          [[listener]]\nname = \"connect-opt\"\nkind = \"http-connect\"\n\
          bind = \"127.0.0.1:0\"\ncredentials = \"optional\"\n\
@@ -479,6 +481,42 @@ async fn socks5_udp_associations_are_bounded_and_counted() {
         assert!(Instant::now() < deadline, "the place was not given back after the close");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `max_handshakes` bounds the handshakes in progress: a client beyond it gets 503 at once,
+/// counted under its own limit (not as `max_connections`), and the slot is free again once
+/// the slow client goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_connect_handshakes_are_bounded_and_counted() {
+    let gate = start_gate("127.0.0.30:1".parse().unwrap()).await;
+    let to = gate.addr("connect-one");
+    let c = gate.counters("connect-one");
+    // A slow client: half a request line, then nothing; it holds the only slot.
+    let mut slow = TcpStream::connect(to).await.unwrap();
+    slow.write_all(b"CONNECT web.te").await.unwrap();
+    wait_count(&c.accepted, 1).await;
+    // Its task takes the slot as soon as it runs, within microseconds of the accept.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let reply = raw_exchange(to, b"CONNECT web.test:80 HTTP/1.1\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.starts_with("HTTP/1.1 503 "), "a client beyond max_handshakes: {text:?}");
+    assert_eq!(c.handshakes_full.load(Ordering::SeqCst), 1);
+    assert_eq!(c.limit_reached.load(Ordering::SeqCst), 0, "max_connections was never reached");
+    drop(slow);
+    // With the slow client gone its slot is free: the next request is read and parsed (a
+    // malformed one, so the answer is an immediate 400 rather than a tunnel).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let reply = raw_exchange(to, b"NOT A REQUEST\r\n\r\n").await;
+        let text = String::from_utf8_lossy(&reply).into_owned();
+        if !text.starts_with("HTTP/1.1 503 ") {
+            assert!(text.starts_with("HTTP/1.1 400 "), "the request was handled: {text:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was not given back after the close");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(c.handshakes_full.load(Ordering::SeqCst) >= 1);
 }
 
 fn hex(b: &[u8]) -> String {

@@ -154,12 +154,14 @@ pub fn render(control: &ControlPlane) -> String {
         "flowgate_limit_reached_total",
         "counter",
         "Times a limit bit: max_connections (accept paused), conntrack full (flow refused), \
-         udp_max_associations (SOCKS5 UDP ASSOCIATE refused).",
+         max_handshakes (egress client refused at once), udp_max_associations (SOCKS5 UDP \
+         ASSOCIATE refused).",
     );
     for l in &listeners {
         for (limit, c) in [
             ("max_connections", &l.limit_reached),
             ("conntrack", &l.conntrack_full),
+            ("max_handshakes", &l.handshakes_full),
             ("udp_max_associations", &l.udp_associations_full),
         ] {
             o.sample(

@@ -34,6 +34,8 @@ pub struct ListenerCounters {
     pub untrusted_proxy: AtomicU64,
     /// Times accepting paused because `max_connections` was reached.
     pub limit_reached: AtomicU64,
+    /// Egress clients refused at once because `max_handshakes` were in progress.
+    pub handshakes_full: AtomicU64,
     /// SOCKS5 UDP ASSOCIATE requests refused because `udp_max_associations` were open.
     pub udp_associations_full: AtomicU64,
     /// Upstream connects that failed.

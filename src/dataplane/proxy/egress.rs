@@ -136,13 +136,13 @@ impl EgressProxy {
         }
     }
 
-    /// A handshake slot, or `None` (counted in `limit_reached`) when `max_handshakes`
+    /// A handshake slot, or `None` (counted in `handshakes_full`) when `max_handshakes`
     /// are already in progress.
     pub fn handshake_slot(&self) -> Option<OwnedSemaphorePermit> {
         match self.handshakes.clone().try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => {
-                ListenerCounters::inc(&self.tag.counters.limit_reached);
+                ListenerCounters::inc(&self.tag.counters.handshakes_full);
                 None
             }
         }

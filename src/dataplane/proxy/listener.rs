@@ -156,7 +156,7 @@ pub struct ListenerConfig {
     #[serde(default = "default_udp_max_associations")]
     pub udp_max_associations: usize,
     /// Egress kinds: handshakes in progress at once; beyond it a new client is refused at
-    /// once (`503` / SOCKS5 general failure) and `limit_reached` counts it. Default 1024.
+    /// once (`503` / SOCKS5 general failure) and `handshakes_full` counts it. Default 1024.
     #[serde(default = "default_max_handshakes")]
     pub max_handshakes: usize,
 }
