@@ -167,6 +167,9 @@ impl EgressProxy {
                 counters.bytes_up.fetch_add(n, Ordering::Relaxed);
             }
         }
+        // The head (and any ClientHello) has gone upstream: free it rather than keep it for
+        // the tunnel's lifetime.
+        drop(buf);
         self.relay(stream, upstream, &key, &admitted, ready).await;
     }
 

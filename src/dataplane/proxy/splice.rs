@@ -162,7 +162,10 @@ struct Relay<'a, 'b> {
 /// (half-close) and stop.
 struct Half {
     side: Side,
-    /// Taken from the thread's pool on the first poll, not when the relay is built.
+    /// Held only while there are bytes to move: taken from the thread's pool when the
+    /// reader is ready, given back whenever this direction waits for its reader with
+    /// nothing left to write. An idle connection holds no buffer (as HAProxy's buffers are
+    /// allocated on demand), so ten thousand idle tunnels do not pin 640 MiB.
     buf: Option<Buf>,
     /// Bytes of `buf` already written.
     written: usize,
@@ -191,26 +194,32 @@ impl Half {
         acct: &Accounting<'_>,
         other_done: bool,
     ) -> Poll<io::Result<()>> {
-        let buf = &mut self.buf.get_or_insert_with(Buf::take).0;
         loop {
             // Write out what was read.
-            while self.written < buf.len() {
-                ready!(w.poll_write_ready(cx))?;
-                let rest = &buf[self.written..];
-                let sent = if self.last { send_more(w, rest) } else { w.try_write(rest) };
-                match sent {
-                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Ok(n) => self.written += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err(e)),
+            if let Some(Buf(buf)) = &mut self.buf {
+                while self.written < buf.len() {
+                    ready!(w.poll_write_ready(cx))?;
+                    let rest = &buf[self.written..];
+                    let sent = if self.last { send_more(w, rest) } else { w.try_write(rest) };
+                    match sent {
+                        Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                        Ok(n) => self.written += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+                if !buf.is_empty() {
+                    acct.count(self.side, buf.len());
+                    buf.clear();
+                    self.written = 0;
                 }
             }
-            if !buf.is_empty() {
-                acct.count(self.side, buf.len());
-                buf.clear();
-                self.written = 0;
+            if r.poll_read_ready(cx)?.is_pending() {
+                // Nothing to write and nothing to read: wait without a buffer.
+                self.buf = None;
+                return Poll::Pending;
             }
-            ready!(r.poll_read_ready(cx))?;
+            let Buf(buf) = self.buf.get_or_insert_with(Buf::take);
             match read_chunk(r, buf, &mut self.last) {
                 Ok(0) => {
                     acct.entry.set_state(FlowState::Closing);
@@ -321,6 +330,67 @@ pub(crate) async fn idle_timer(idle: Duration, conntrack: &Conntrack, entry: &En
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pooled() -> usize {
+        POOL.with(|p| p.borrow().len())
+    }
+
+    /// An idle connection holds no relay buffer: both directions give theirs back to the
+    /// thread's pool while they wait, and take one again when bytes come.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_idle_relay_holds_no_buffer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::TcpListener;
+
+        use crate::conntrack::{ConntrackConfig, EntryInit};
+        use crate::flow::{FlowKey, Proto};
+        use crate::policy::Generation;
+
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = l.local_addr().unwrap();
+        let mut client = TcpStream::connect(to).await.unwrap();
+        let (mut proxy_in, _) = l.accept().await.unwrap();
+        let mut proxy_out = TcpStream::connect(to).await.unwrap();
+        let (mut upstream, _) = l.accept().await.unwrap();
+
+        let conntrack = Conntrack::new(&ConntrackConfig::default());
+        let key = FlowKey::new(Proto::Tcp, client.local_addr().unwrap(), to);
+        let init = EntryInit {
+            state: FlowState::Open,
+            generation: Generation(1),
+            src_workload: None,
+            dst_workload: None,
+            listener: 0,
+            cut: None,
+            fqdn: None,
+        };
+        let entry = Entry::new(&key, init, None, 0);
+        let counters = ListenerCounters::default();
+        let acct = Accounting { conntrack: &conntrack, entry: &entry, counters: &counters };
+        let cut = CutSignal::default();
+        POOL.with(|p| p.borrow_mut().clear());
+
+        let relay = splice(&mut proxy_in, &mut proxy_out, Duration::from_secs(60), &cut, &acct);
+        let mut relay = std::pin::pin!(relay);
+        let peer = async {
+            client.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            upstream.read_exact(&mut got).await.unwrap();
+            upstream.write_all(b"pong").await.unwrap();
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"pong");
+            // Both ways have carried bytes and now wait. Each direction gave its buffer
+            // back before waiting, so the reply reused the request's: one buffer, pooled.
+            tokio::task::yield_now().await;
+            assert_eq!(pooled(), 1, "an idle relay kept its buffer");
+        };
+        tokio::select! {
+            () = peer => {}
+            end = &mut relay => panic!("the relay ended early: {end:?}"),
+        }
+        assert_eq!(counters.bytes_up.load(Ordering::Relaxed), 4);
+        assert_eq!(counters.bytes_down.load(Ordering::Relaxed), 4);
+    }
 
     #[test]
     fn a_pooled_buffer_comes_back_empty() {
