@@ -192,15 +192,7 @@ impl Candidate for SccIndex {
 struct Table(Conntrack);
 
 fn init() -> EntryInit {
-    EntryInit {
-        state: FlowState::Unreplied,
-        generation: Generation(1),
-        src_workload: None,
-        dst_workload: None,
-        listener: 0,
-        cut: None,
-        fqdn: None,
-    }
+    EntryInit::plain(FlowState::Unreplied, Generation(1))
 }
 
 fn table(capacity: usize) -> Table {

@@ -49,15 +49,7 @@ fn flow(i: u32) -> FlowKey {
 }
 
 fn init() -> EntryInit {
-    EntryInit {
-        state: FlowState::Unreplied,
-        generation: Generation(1),
-        src_workload: None,
-        dst_workload: None,
-        listener: 0,
-        cut: None,
-        fqdn: None,
-    }
+    EntryInit::plain(FlowState::Unreplied, Generation(1))
 }
 
 fn live() -> isize {

@@ -25,13 +25,9 @@ fn key(proto: Proto, i: u32) -> FlowKey {
 
 fn init(state: FlowState) -> EntryInit {
     EntryInit {
-        state,
-        generation: Generation(1),
         src_workload: Some(WorkloadId(1)),
         dst_workload: Some(WorkloadId(2)),
-        listener: 0,
-        cut: None,
-        fqdn: None,
+        ..EntryInit::plain(state, Generation(1))
     }
 }
 

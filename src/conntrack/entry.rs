@@ -121,6 +121,20 @@ pub struct EntryInit {
 }
 
 impl EntryInit {
+    /// A flow known only by its state and the generation that allowed it: no workloads,
+    /// no cut handle, no name, listener 0. Fill in the rest with struct update syntax.
+    pub fn plain(state: FlowState, generation: Generation) -> EntryInit {
+        EntryInit {
+            state,
+            generation,
+            src_workload: None,
+            dst_workload: None,
+            listener: 0,
+            cut: None,
+            fqdn: None,
+        }
+    }
+
     /// A packet-dataplane TCP flow opened by `flags` (the first segment, originator side).
     /// The flow state starts at `Unreplied`; the TCP machine drives it from there.
     ///

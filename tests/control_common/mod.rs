@@ -119,13 +119,9 @@ impl Fixture {
             .insert(
                 tcp_key(src.parse().unwrap(), dst.parse().unwrap()),
                 EntryInit {
-                    state: FlowState::Open,
-                    generation: Generation(generation),
-                    src_workload: None,
-                    dst_workload: None,
-                    listener: 0,
                     cut: Some(cut.clone()),
                     fqdn: fqdn.map(Arc::from),
+                    ..EntryInit::plain(FlowState::Open, Generation(generation))
                 },
                 Instant::now(),
             )

@@ -355,16 +355,7 @@ mod tests {
 
         let conntrack = Conntrack::new(&ConntrackConfig::default());
         let key = FlowKey::new(Proto::Tcp, client.local_addr().unwrap(), to);
-        let init = EntryInit {
-            state: FlowState::Open,
-            generation: Generation(1),
-            src_workload: None,
-            dst_workload: None,
-            listener: 0,
-            cut: None,
-            fqdn: None,
-        };
-        let entry = Entry::new(&key, init, None, 0);
+        let entry = Entry::new(&key, EntryInit::plain(FlowState::Open, Generation(1)), None, 0);
         let counters = ListenerCounters::default();
         let acct = Accounting { conntrack: &conntrack, entry: &entry, counters: &counters };
         let cut = CutSignal::default();
