@@ -19,7 +19,9 @@
 //! without SNI is decided on the address alone (no rule allows it); a TLS record larger
 //! than TLS allows and a ClientHello that stops half-way are refused and counted
 //! (`handshake_malformed`, `handshake_timeout`). Refusals are `deny` events with the
-//! name, and the counters on the decoy addresses stay at 0: a refusal never dials.
+//! name, and the counters on the decoy addresses stay at 0: a refusal never dials. And a
+//! keep-alive server never sees a second request on a redirected connection (it could
+//! name a refused host served from the same address).
 //!
 //! Needs root, `ip`, `nft`, `curl`, `openssl`, `python3`; skips with a reason otherwise.
 
@@ -288,6 +290,152 @@ fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
         assert_eq!(tls11v6.load(Ordering::SeqCst), 0, "a refused TLS flow reached {DECOY6}");
         assert_eq!(tls10.load(Ordering::SeqCst) + web10.load(Ordering::SeqCst), 2);
         assert_eq!((get(&c.allowed), get(&c.denied)), (3, 8));
+    });
+    drop(cl);
+    drop(gw);
+}
+
+/// A keep-alive client (python3, in the client namespace): `GET /1` for web.test, its
+/// answer read in full, then `GET /2` for blocked.test on the same connection.
+const TWO_REQUESTS: &str = r#"
+import socket
+s = socket.create_connection(("SERVER", 80))
+s.settimeout(5)
+def answer():
+    data = b""
+    while b"\r\n\r\n" not in data or not data.endswith(b"\n"):
+        try:
+            chunk = s.recv(4096)
+        except OSError as e:
+            return data + repr(e).encode()
+        if not chunk:
+            return data + b"<closed>"
+        data += chunk
+    return data
+s.sendall(b"GET /1 HTTP/1.1\r\nHost: web.test\r\nConnection: keep-alive\r\n\r\n")
+print(answer())
+try:
+    s.sendall(b"GET /2 HTTP/1.1\r\nHost: blocked.test\r\n\r\n")
+except OSError as e:
+    print(repr(e))
+print(answer())
+"#;
+
+/// One request for blocked.test on a connection of its own.
+const ONE_REQUEST: &str = r#"
+import socket
+s = socket.create_connection(("SERVER", 80))
+s.settimeout(5)
+s.sendall(b"GET / HTTP/1.1\r\nHost: blocked.test\r\n\r\n")
+try:
+    print(s.recv(4096) or b"<closed>")
+except OSError as e:
+    print(repr(e))
+"#;
+
+/// A keep-alive HTTP server on `addr`: answers every request on a connection with the
+/// `Host` it named (`host=NAME`), and closes only after a request that asked to
+/// (`Connection: close`), as HTTP/1.1 servers do.
+async fn keep_alive_http(addr: SocketAddr) {
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("{addr}: {e}"));
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { continue };
+            tokio::spawn(async move {
+                let mut s = tokio::io::BufReader::new(s);
+                loop {
+                    let (mut host, mut close, mut line) = (String::new(), false, String::new());
+                    loop {
+                        line.clear();
+                        match s.read_line(&mut line).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if line == "\r\n" => break,
+                            Ok(_) => {}
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("host:") {
+                            host = v.trim().to_owned();
+                        }
+                        if lower.starts_with("connection:") && lower.contains("close") {
+                            close = true;
+                        }
+                    }
+                    let body = format!("host={host}\n");
+                    let resp =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                    if s.get_mut().write_all(resp.as_bytes()).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Only a plain HTTP connection's first request is checked, so it is made its last: a
+/// second request on the same connection, for a host the policy refuses but that is served
+/// from the same address, must not reach the server. Against a keep-alive server, two
+/// requests on one redirected connection get one answer; the refused host alone is denied.
+#[test]
+fn a_second_request_on_a_redirected_connection_never_reaches_the_server() {
+    if !can_run(&["ip", "nft", "python3"]) {
+        return;
+    }
+    let (gw, cl, vg) = topology('k');
+
+    gw.run(|| async {
+        let tmp = tempfile::tempdir().unwrap();
+        keep_alive_http(SocketAddr::new(SERVER.parse().unwrap(), 80)).await;
+        let config = format!(
+            "[dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"500ms\"\n\
+             [dns.static]\n\"web.test\" = [\"{SERVER}\"]\n\"blocked.test\" = [\"{SERVER}\"]\n\
+             [ssrf]\ntreat_as_external = [\"{SERVER}/32\"]\n\
+             [[listener]]\nname = \"transparent\"\nkind = \"transparent\"\nbind = \"0.0.0.0:0\"\n\
+             handshake_timeout = \"2s\"\n"
+        );
+        let gate = Gate::start(INVENTORY, POLICY, &config).await;
+        redirect(tmp.path(), &vg, gate.addr("transparent").port());
+
+        // Request by request on one connection, as a keep-alive client does: read the first
+        // answer in full, then send the second.
+        let out = tokio::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &cl.name,
+                "python3",
+                "-c",
+                &TWO_REQUESTS.replace("SERVER", SERVER),
+            ])
+            .output()
+            .await
+            .expect("python3 runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains("host=web.test"), "the first request is answered: {text}");
+        assert!(!text.contains("host=blocked.test"), "the second request was served: {text}");
+
+        // The control: blocked.test on a connection of its own is refused by the policy.
+        let c = gate.counters("transparent");
+        let out = tokio::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &cl.name,
+                "python3",
+                "-c",
+                &ONE_REQUEST.replace("SERVER", SERVER),
+            ])
+            .output()
+            .await
+            .expect("python3 runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(!text.contains("host=blocked.test"), "blocked.test alone was served: {text}");
+        gate.wait_event("deny blocked.test", |e| {
+            e["event"] == "deny" && e["fqdn"] == "blocked.test"
+        })
+        .await;
+        assert_eq!((get(&c.allowed), get(&c.denied)), (1, 1));
     });
     drop(cl);
     drop(gw);

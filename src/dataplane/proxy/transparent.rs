@@ -26,6 +26,17 @@
 //!    name), dial the original destination, replay the first bytes, and the shared relay
 //!    ([`EgressProxy::relay`]).
 //!
+//! Only the first request of a plain HTTP connection is read, so it is made the only one
+//! ([`only_request`]): its head goes upstream with `Connection: close` in place of the
+//! client's `Connection`, `Keep-Alive`, `Proxy-Connection`, `Upgrade` and `HTTP2-Settings`
+//! fields. The server answers it and closes (RFC 9112 §9.6: it must not process a further
+//! request on that connection), so a second request naming another host served from the
+//! same address never reaches it unchecked; the client opens a new connection, which is
+//! checked like the first. WebSocket upgrades are passed unchanged: after the switch the
+//! connection carries WebSocket frames for the checked host, not further requests. (TLS
+//! has the same limit at another layer and no such remedy without terminating it: the
+//! SNI is checked, not what the encrypted requests name.)
+//!
 //! A refusal is a reset (SO_LINGER 0): the client, which thinks it talks to the server
 //! directly, gets no answer in any protocol's words, and the upstream is never dialled.
 //! Its flow-log `deny` reason is the pipeline's (`name-mismatch`, `ssrf`, a policy cause,
@@ -152,6 +163,40 @@ fn classify<'a>(buf: &'a [u8], head: &crate::wire::http_connect::Limits) -> Peek
         },
         Err(_) => Peeked::Malformed,
     }
+}
+
+/// Header fields that keep a plain HTTP connection open for more requests, or switch it
+/// to a protocol that multiplexes them (`h2c`): dropped from the first request's head.
+const PERSISTENCE_FIELDS: [&str; 5] =
+    ["connection", "keep-alive", "proxy-connection", "upgrade", "http2-settings"];
+
+/// The first bytes of a plain HTTP connection with its first request made the last one: the
+/// request line, every header field but [`PERSISTENCE_FIELDS`], `Connection: close`, then
+/// whatever followed the head. `None` (replay unchanged) for bytes that are not a complete
+/// HTTP request head (TLS, another protocol) and for a WebSocket upgrade.
+fn only_request(buf: &[u8], limits: &crate::wire::http_connect::Limits) -> Option<Vec<u8>> {
+    let head = crate::wire::http_connect::parse_head(buf, limits).ok()??;
+    let websocket = head
+        .headers()
+        .any(|(n, v)| n.eq_ignore_ascii_case("upgrade") && v.eq_ignore_ascii_case(b"websocket"));
+    if websocket {
+        return None;
+    }
+    let line_end = buf.windows(2).position(|w| w == b"\r\n")? + 2;
+    let mut out = Vec::with_capacity(buf.len() + 19);
+    out.extend_from_slice(&buf[..line_end]);
+    for (name, value) in head.headers() {
+        if PERSISTENCE_FIELDS.iter().any(|f| name.eq_ignore_ascii_case(f)) {
+            continue;
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    out.extend_from_slice(&buf[head.head_len..]);
+    Some(out)
 }
 
 impl EgressProxy {
@@ -307,8 +352,9 @@ impl EgressProxy {
             reset(stream);
             return;
         };
-        let ready = upstream.write_all(&buf).await;
-        drop(buf);
+        let first = only_request(&buf, head).unwrap_or(buf);
+        let ready = upstream.write_all(&first).await;
+        drop(first);
         self.relay(stream, upstream, &key, &admitted, ready).await;
     }
 }
@@ -318,6 +364,37 @@ mod tests {
     use super::*;
     use crate::wire::http_connect::Limits;
     use crate::wire::sni::build_client_hello;
+
+    #[test]
+    fn a_plain_http_request_is_made_the_connections_last() {
+        let l = Limits::default();
+        let keep = b"GET /a HTTP/1.1\r\nHost: a.test\r\nConnection: keep-alive\r\n\
+                     Keep-Alive: timeout=5\r\nAccept: */*\r\n\r\nGET /b HTTP/1.1\r\n\
+                     Host: b.test\r\n\r\n";
+        let out = only_request(keep, &l).expect("an HTTP head");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /a HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\nConnection: close\r\n\r\n\
+             GET /b HTTP/1.1\r\nHost: b.test\r\n\r\n",
+            "persistence fields dropped, close added, the rest (a pipelined request) kept"
+        );
+        // h2c would multiplex requests for any host over the one connection.
+        let h2c = b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+                    Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n";
+        let out = only_request(h2c, &l).expect("an HTTP head");
+        assert_eq!(out, b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+        // A body that came with the head is passed on after it.
+        let post = b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n\r\nhi";
+        let out = only_request(post, &l).expect("an HTTP head");
+        assert!(out.ends_with(b"Content-Length: 2\r\nConnection: close\r\n\r\nhi"));
+        // Unchanged: a WebSocket upgrade, TLS, other protocols, an incomplete head.
+        let ws = b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\n\
+                   Upgrade: WebSocket\r\n\r\n";
+        assert_eq!(only_request(ws, &l), None);
+        assert_eq!(only_request(&build_client_hello(Some("a.test"), 0), &l), None);
+        assert_eq!(only_request(b"SSH-2.0-OpenSSH_9.2\r\n", &l), None);
+        assert_eq!(only_request(b"GET / HTTP/1.1\r\nHost: a.test\r\n", &l), None);
+    }
 
     #[test]
     fn first_bytes_classified() {
