@@ -398,38 +398,26 @@ fn a_second_request_on_a_redirected_connection_never_reaches_the_server() {
 
         // Request by request on one connection, as a keep-alive client does: read the first
         // answer in full, then send the second.
-        let out = tokio::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &cl.name,
-                "python3",
-                "-c",
-                &TWO_REQUESTS.replace("SERVER", SERVER),
-            ])
-            .output()
-            .await
-            .expect("python3 runs");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
+        let python = |script: &str| {
+            let script = script.replace("SERVER", SERVER);
+            let ns = cl.name.clone();
+            async move {
+                let out = tokio::process::Command::new("ip")
+                    .args(["netns", "exec", &ns, "python3", "-c", &script])
+                    .output()
+                    .await
+                    .expect("python3 runs");
+                String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr)
+            }
+        };
+        let text = python(TWO_REQUESTS).await;
         assert!(text.contains("host=web.test"), "the first request is answered: {text}");
         assert!(!text.contains("host=blocked.test"), "the second request was served: {text}");
 
         // The control: blocked.test on a connection of its own is refused by the policy.
         let c = gate.counters("transparent");
-        let out = tokio::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &cl.name,
-                "python3",
-                "-c",
-                &ONE_REQUEST.replace("SERVER", SERVER),
-            ])
-            .output()
-            .await
-            .expect("python3 runs");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let text = python(ONE_REQUEST).await;
         assert!(!text.contains("host=blocked.test"), "blocked.test alone was served: {text}");
         gate.wait_event("deny blocked.test", |e| {
             e["event"] == "deny" && e["fqdn"] == "blocked.test"

@@ -406,10 +406,21 @@ pub fn write_origin_form(req: &Request<'_>, out: &mut Vec<u8>) -> usize {
         .flat_map(|(_, v)| v.split(|&b| b == b','))
         .map(trim_ows)
         .collect();
-    for (name, value) in req.head.headers() {
-        let hop = HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-            || listed.iter().any(|l| l.eq_ignore_ascii_case(name.as_bytes()));
-        if hop {
+    let hop = |name: &str| {
+        HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+            || listed.iter().any(|l| l.eq_ignore_ascii_case(name.as_bytes()))
+    };
+    write_fields_closing(&req.head, hop, out);
+    out.len() - start
+}
+
+/// Appends `head`'s header fields except those `skip` names, then `Connection: close` and
+/// the blank line that ends a head: the request is made its connection's last, so the
+/// server answers it and closes (RFC 9112 §9.6) and the next request, on a new
+/// connection, is checked on its own.
+pub fn write_fields_closing(head: &Head<'_>, skip: impl Fn(&str) -> bool, out: &mut Vec<u8>) {
+    for (name, value) in head.headers() {
+        if skip(name) {
             continue;
         }
         out.extend_from_slice(name.as_bytes());
@@ -418,7 +429,6 @@ pub fn write_origin_form(req: &Request<'_>, out: &mut Vec<u8>) -> usize {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"Connection: close\r\n\r\n");
-    out.len() - start
 }
 
 /// Decodes a `Proxy-Authorization: Basic …` value into `out` and splits it at the first

@@ -185,16 +185,8 @@ fn only_request(buf: &[u8], limits: &crate::wire::http_connect::Limits) -> Optio
     let line_end = buf.windows(2).position(|w| w == b"\r\n")? + 2;
     let mut out = Vec::with_capacity(buf.len() + 19);
     out.extend_from_slice(&buf[..line_end]);
-    for (name, value) in head.headers() {
-        if PERSISTENCE_FIELDS.iter().any(|f| name.eq_ignore_ascii_case(f)) {
-            continue;
-        }
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    let persistence = |name: &str| PERSISTENCE_FIELDS.iter().any(|f| name.eq_ignore_ascii_case(f));
+    crate::wire::http_connect::write_fields_closing(&head, persistence, &mut out);
     out.extend_from_slice(&buf[head.head_len..]);
     Some(out)
 }
