@@ -4,22 +4,22 @@
 //! openssl s_server, curl) on fixed loopback addresses, and bounded waits.
 #![allow(dead_code)] // each test file uses a different part
 
+#[path = "../runtime_common/mod.rs"]
+mod runtime_common;
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use flowgate::config::Config;
-use flowgate::conntrack::Conntrack;
+use flowgate::dataplane::Runtime;
 use flowgate::dataplane::proxy::{self, EgressSettings, RunningListener};
-use flowgate::dataplane::{Runtime, build_snapshot};
 use flowgate::egress::Credentials;
-use flowgate::policy::Generation;
 use flowgate::shutdown::Shutdown;
-use flowgate::telemetry::flowlog::{FlowLog, FlowLogWriter};
-use flowgate::telemetry::metrics::{ListenerCounters, Registry};
+use flowgate::telemetry::flowlog::FlowLogWriter;
+use flowgate::telemetry::metrics::ListenerCounters;
 use tokio::net::TcpStream;
 
 /// flowgate, in-process, built from config text the way `flowgate run` builds it, so a
@@ -65,15 +65,7 @@ impl Gate {
         let path = dir.path().join("flowgate.toml");
         std::fs::write(&path, text).unwrap();
         let cfg = Config::load(&path).unwrap();
-        let registry = Arc::new(Registry::default());
-        let (flowlog, writer) = FlowLog::start(&cfg.flowlog, registry.clone()).unwrap();
-        let snapshot = build_snapshot(&cfg.policy, Generation(1)).unwrap();
-        let rt = Runtime::new(
-            Arc::new(Conntrack::new(&cfg.conntrack)),
-            Arc::new(ArcSwap::from_pointee(snapshot)),
-            registry,
-            flowlog,
-        );
+        let (rt, writer) = runtime_common::runtime(&cfg);
         let shutdown = Shutdown::new();
         let egress = EgressSettings { dns: cfg.dns.clone(), ssrf: cfg.ssrf.clone(), other_own };
         let creds = Arc::new(Credentials::from_config(&cfg.credential).unwrap());

@@ -8,21 +8,21 @@
 //! - 127.0.0.20 `t/web`: the upstreams listen here.
 #![allow(dead_code)]
 
+#[path = "../runtime_common/mod.rs"]
+mod runtime_common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use flowgate::config::Config;
-use flowgate::conntrack::Conntrack;
+use flowgate::dataplane::Runtime;
 use flowgate::dataplane::proxy::{self, RunningListener};
-use flowgate::dataplane::{Runtime, build_snapshot};
-use flowgate::policy::Generation;
 use flowgate::shutdown::Shutdown;
-use flowgate::telemetry::flowlog::{FlowLog, FlowLogWriter};
-use flowgate::telemetry::metrics::{ListenerCounters, Registry};
+use flowgate::telemetry::flowlog::FlowLogWriter;
+use flowgate::telemetry::metrics::ListenerCounters;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
@@ -141,15 +141,7 @@ impl Gateway {
     pub fn start(world: World, listeners_toml: &str) -> Gateway {
         let path = world.write_config(listeners_toml);
         let cfg = Config::load(&path).unwrap();
-        let registry = Arc::new(Registry::default());
-        let (flowlog, writer) = FlowLog::start(&cfg.flowlog, registry.clone()).unwrap();
-        let snapshot = build_snapshot(&cfg.policy, Generation(1)).unwrap();
-        let rt = Runtime::new(
-            Arc::new(Conntrack::new(&cfg.conntrack)),
-            Arc::new(ArcSwap::from_pointee(snapshot)),
-            registry,
-            flowlog,
-        );
+        let (rt, writer) = runtime_common::runtime(&cfg);
         let shutdown = Shutdown::new();
         let listeners = proxy::start(&rt, &cfg.listener, &shutdown).unwrap();
         assert!(rt.readiness.is_ready());
