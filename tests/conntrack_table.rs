@@ -477,6 +477,36 @@ fn a_held_handle_survives_removal_and_its_slot_is_reused_after() {
     assert!(ct.is_empty());
 }
 
+/// `pin_slack` bounds the entries a shard carries that were removed while a handle still
+/// pins them: with no slack, a shard whose every slot is pinned refuses a new flow (and
+/// counts it) though the table is empty; with the default slack the same shard takes it.
+#[test]
+fn pin_slack_bounds_removed_entries_still_pinned() {
+    // Capacity 1 in one shard: the shard's share plus its imbalance slack is 17 slots.
+    for (slack, takes_it) in [(0, false), (64, true)] {
+        let ct = Conntrack::new(&ConntrackConfig { pin_slack: slack, ..cfg(1, 1) });
+        let now = Instant::now();
+        let held: Vec<EntryRef> = (0..17)
+            .map(|i| {
+                let k = key(Proto::Tcp, i);
+                let e = ct.insert(k, init(FlowState::Open), now).expect("room");
+                assert!(ct.remove(&k));
+                e
+            })
+            .collect();
+        assert!(ct.is_empty());
+        let r = ct.insert(key(Proto::Tcp, 1000), init(FlowState::Open), now);
+        assert_eq!(r.is_ok(), takes_it, "pin_slack {slack}: {r:?}");
+        let refused = ct.stats().refused.load(Ordering::Relaxed);
+        assert_eq!(refused, u64::from(!takes_it), "pin_slack {slack}");
+        drop(held);
+        if !takes_it {
+            // The handles are gone: their slots are free again.
+            ct.insert(key(Proto::Tcp, 1000), init(FlowState::Open), now).expect("room again");
+        }
+    }
+}
+
 /// The batch lookup answers each key exactly as a single lookup would, in order, across
 /// more keys than one prefetch group.
 #[test]

@@ -18,6 +18,12 @@ pub struct ConntrackConfig {
     /// capacity (4..=1024).
     /// Each shard holds an equal share of the capacity (plus 25% slack for hash imbalance).
     pub shards: usize,
+    /// Slots each shard keeps beyond its share for entries that were removed while a
+    /// handle still pins them (a proxied flow's task winding down, a `/flows` reader): such
+    /// a slot is not re-used until released. A shard that has used them all refuses new
+    /// flows until handles are released (counted with the refused flows). Default 64;
+    /// costs 88 bytes per slot per shard.
+    pub pin_slack: usize,
     /// Proxied TCP connections and established packet-dataplane TCP flows. Default 5 days.
     #[serde(with = "humantime_serde_compat")]
     pub tcp_established: Duration,
@@ -66,6 +72,7 @@ impl Default for ConntrackConfig {
         ConntrackConfig {
             capacity: 262_144,
             shards: 0,
+            pin_slack: 64,
             tcp_established: Duration::from_secs(5 * 24 * 3600),
             tcp_transitory: Duration::from_secs(120),
             tcp_syn_sent: Duration::from_secs(120),
@@ -83,11 +90,20 @@ impl Default for ConntrackConfig {
     }
 }
 
+/// Largest `capacity` accepted (2^28 entries, ~30 GiB of table).
+pub const MAX_CAPACITY: usize = 1 << 28;
+/// Largest `pin_slack` accepted.
+pub const MAX_PIN_SLACK: usize = 65_536;
+
 /// A `[conntrack]` value that cannot work.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConntrackConfigError {
     #[error("conntrack.capacity must be at least 1 (got 0)")]
     ZeroCapacity,
+    #[error("conntrack.capacity must be at most {max} (got {got})")]
+    CapacityTooLarge { got: usize, max: usize },
+    #[error("conntrack.pin_slack must be at most {max} (got {got})")]
+    PinSlackTooLarge { got: usize, max: usize },
     #[error("conntrack.shards must be 0 (auto) or a power of two up to 65536 (got {0})")]
     BadShards(usize),
     #[error("conntrack.{field} must be longer than zero")]
@@ -102,6 +118,21 @@ impl ConntrackConfig {
     pub fn validate(&self) -> Result<(), ConntrackConfigError> {
         if self.capacity == 0 {
             return Err(ConntrackConfigError::ZeroCapacity);
+        }
+        // Slot ids are 32-bit and a shard's index is allocated up front: far beyond any
+        // machine's memory (2^28 entries are ~30 GiB), refuse clearly instead of failing an
+        // allocation at start-up.
+        if self.capacity > MAX_CAPACITY {
+            return Err(ConntrackConfigError::CapacityTooLarge {
+                got: self.capacity,
+                max: MAX_CAPACITY,
+            });
+        }
+        if self.pin_slack > MAX_PIN_SLACK {
+            return Err(ConntrackConfigError::PinSlackTooLarge {
+                got: self.pin_slack,
+                max: MAX_PIN_SLACK,
+            });
         }
         if self.shards != 0 && (!self.shards.is_power_of_two() || self.shards > 65_536) {
             return Err(ConntrackConfigError::BadShards(self.shards));
@@ -181,6 +212,18 @@ mod tests {
         assert_eq!(c.validate(), Err(ConntrackConfigError::BadShards(3)));
         let c = ConntrackConfig { icmp: Duration::ZERO, ..Default::default() };
         assert_eq!(c.validate(), Err(ConntrackConfigError::ZeroTimeout { field: "icmp" }));
+        let c = ConntrackConfig { capacity: MAX_CAPACITY + 1, ..Default::default() };
+        assert_eq!(
+            c.validate(),
+            Err(ConntrackConfigError::CapacityTooLarge {
+                got: MAX_CAPACITY + 1,
+                max: MAX_CAPACITY
+            })
+        );
+        let c = ConntrackConfig { pin_slack: MAX_PIN_SLACK + 1, ..Default::default() };
+        assert!(matches!(c.validate(), Err(ConntrackConfigError::PinSlackTooLarge { .. })));
+        let c = ConntrackConfig { capacity: MAX_CAPACITY, pin_slack: 0, ..Default::default() };
+        assert_eq!(c.validate(), Ok(()), "the bounds themselves are accepted");
     }
 
     #[test]

@@ -106,10 +106,6 @@ const BUCKETS_DEN: usize = 9;
 /// Largest slab chunk, in entries (88 KiB).
 const MAX_CHUNK_BITS: u32 = 10;
 
-/// Slots a shard may have beyond its cap: removed entries still pinned by a handle (a
-/// proxied flow's task winding down) are not re-used until released.
-const PIN_SLACK: usize = 64;
-
 /// How many free-list heads an insert looks at before it gives up on pinned slots and
 /// takes a fresh one.
 const FREE_TRIES: usize = 4;
@@ -161,9 +157,11 @@ fn tag_of(h: u64) -> u64 {
 }
 
 impl Shard {
-    fn new(shard_cap: usize) -> Shard {
+    /// A shard for `shard_cap` live entries, with `pin_slack` more slots for removed
+    /// entries still pinned by a handle (not re-used until released).
+    fn new(shard_cap: usize, pin_slack: usize) -> Shard {
         let buckets = (shard_cap * BUCKETS_NUM).div_ceil(BUCKETS_DEN).max(2);
-        let max_slots = shard_cap + PIN_SLACK;
+        let max_slots = shard_cap + pin_slack;
         let chunk_bits = max_slots.next_power_of_two().trailing_zeros().min(MAX_CHUNK_BITS);
         let chunks = max_slots.div_ceil(1 << chunk_bits);
         Shard {
@@ -484,7 +482,7 @@ impl Conntrack {
         let share = cfg.capacity.div_ceil(n);
         // Slack over the exact share absorbs hash imbalance; the global count is the limit.
         let shard_cap = share + share / 4 + 16;
-        let shards = (0..n).map(|_| Arc::new(Shard::new(shard_cap))).collect();
+        let shards = (0..n).map(|_| Arc::new(Shard::new(shard_cap, cfg.pin_slack))).collect();
         Conntrack {
             shards,
             mask: n - 1,
