@@ -295,8 +295,9 @@ fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
     drop(gw);
 }
 
-/// A keep-alive client (python3, in the client namespace): `GET /1` for web.test, its
-/// answer read in full, then `GET /2` for blocked.test on the same connection.
+/// A keep-alive client (python3, in the client namespace): `GET /1` for web.test with
+/// `FIRST_FIELDS`, its answer read in full, then `GET /2` for blocked.test on the same
+/// connection.
 const TWO_REQUESTS: &str = r#"
 import socket
 s = socket.create_connection(("SERVER", 80))
@@ -312,7 +313,7 @@ def answer():
             return data + b"<closed>"
         data += chunk
     return data
-s.sendall(b"GET /1 HTTP/1.1\r\nHost: web.test\r\nConnection: keep-alive\r\n\r\n")
+s.sendall(b"GET /1 HTTP/1.1\r\nHost: web.test\r\nFIRST_FIELDS\r\n")
 print(answer())
 try:
     s.sendall(b"GET /2 HTTP/1.1\r\nHost: blocked.test\r\n\r\n")
@@ -398,8 +399,8 @@ fn a_second_request_on_a_redirected_connection_never_reaches_the_server() {
 
         // Request by request on one connection, as a keep-alive client does: read the first
         // answer in full, then send the second.
-        let python = |script: &str| {
-            let script = script.replace("SERVER", SERVER);
+        let python = |script: &str, first_fields: &str| {
+            let script = script.replace("SERVER", SERVER).replace("FIRST_FIELDS", first_fields);
             let ns = cl.name.clone();
             async move {
                 let out = tokio::process::Command::new("ip")
@@ -411,19 +412,26 @@ fn a_second_request_on_a_redirected_connection_never_reaches_the_server() {
                     + &String::from_utf8_lossy(&out.stderr)
             }
         };
-        let text = python(TWO_REQUESTS).await;
-        assert!(text.contains("host=web.test"), "the first request is answered: {text}");
-        assert!(!text.contains("host=blocked.test"), "the second request was served: {text}");
+        // Plain keep-alive, and a WebSocket upgrade that the server declines (it answers
+        // 200 and would keep the connection open for the next request).
+        for first in [
+            r"Connection: keep-alive\r\n",
+            r"Connection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n",
+        ] {
+            let text = python(TWO_REQUESTS, first).await;
+            assert!(text.contains("host=web.test"), "{first}: the first is answered: {text}");
+            assert!(!text.contains("host=blocked.test"), "{first}: the second was served: {text}");
+        }
 
         // The control: blocked.test on a connection of its own is refused by the policy.
         let c = gate.counters("transparent");
-        let text = python(ONE_REQUEST).await;
+        let text = python(ONE_REQUEST, "").await;
         assert!(!text.contains("host=blocked.test"), "blocked.test alone was served: {text}");
         gate.wait_event("deny blocked.test", |e| {
             e["event"] == "deny" && e["fqdn"] == "blocked.test"
         })
         .await;
-        assert_eq!((get(&c.allowed), get(&c.denied)), (1, 1));
+        assert_eq!((get(&c.allowed), get(&c.denied)), (2, 1));
     });
     drop(cl);
     drop(gw);

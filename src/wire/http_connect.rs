@@ -410,15 +410,22 @@ pub fn write_origin_form(req: &Request<'_>, out: &mut Vec<u8>) -> usize {
         HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
             || listed.iter().any(|l| l.eq_ignore_ascii_case(name.as_bytes()))
     };
-    write_fields_closing(&req.head, hop, out);
+    write_fields_closing(&req.head, hop, false, out);
     out.len() - start
 }
 
 /// Appends `head`'s header fields except those `skip` names, then `Connection: close` and
 /// the blank line that ends a head: the request is made its connection's last, so the
 /// server answers it and closes (RFC 9112 §9.6) and the next request, on a new
-/// connection, is checked on its own.
-pub fn write_fields_closing(head: &Head<'_>, skip: impl Fn(&str) -> bool, out: &mut Vec<u8>) {
+/// connection, is checked on its own. With `upgrade` the field is `Connection: Upgrade,
+/// close`: a server that switches protocols does so (101 is not a final response), one
+/// that declines answers and closes.
+pub fn write_fields_closing(
+    head: &Head<'_>,
+    skip: impl Fn(&str) -> bool,
+    upgrade: bool,
+    out: &mut Vec<u8>,
+) {
     for (name, value) in head.headers() {
         if skip(name) {
             continue;
@@ -428,7 +435,11 @@ pub fn write_fields_closing(head: &Head<'_>, skip: impl Fn(&str) -> bool, out: &
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    out.extend_from_slice(if upgrade {
+        b"Connection: Upgrade, close\r\n\r\n".as_slice()
+    } else {
+        b"Connection: close\r\n\r\n".as_slice()
+    });
 }
 
 /// Decodes a `Proxy-Authorization: Basic …` value into `out` and splits it at the first

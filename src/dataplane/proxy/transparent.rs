@@ -32,8 +32,9 @@
 //! fields. The server answers it and closes (RFC 9112 §9.6: it must not process a further
 //! request on that connection), so a second request naming another host served from the
 //! same address never reaches it unchecked; the client opens a new connection, which is
-//! checked like the first. WebSocket upgrades are passed unchanged: after the switch the
-//! connection carries WebSocket frames for the checked host, not further requests. (TLS
+//! checked like the first. A WebSocket upgrade keeps its `Upgrade` field and gets
+//! `Connection: Upgrade, close`: after a switch the connection carries WebSocket frames for
+//! the checked host, and a server that declines the switch closes too. (TLS
 //! has the same limit at another layer and no such remedy without terminating it: the
 //! SNI is checked, not what the encrypted requests name.)
 //!
@@ -172,21 +173,22 @@ const PERSISTENCE_FIELDS: [&str; 5] =
 
 /// The first bytes of a plain HTTP connection with its first request made the last one: the
 /// request line, every header field but [`PERSISTENCE_FIELDS`], `Connection: close`, then
-/// whatever followed the head. `None` (replay unchanged) for bytes that are not a complete
-/// HTTP request head (TLS, another protocol) and for a WebSocket upgrade.
+/// whatever followed the head. A WebSocket upgrade keeps `Upgrade: websocket` and gets
+/// `Connection: Upgrade, close` (switched, or answered and closed). `None` (replay
+/// unchanged) for bytes that are not a complete HTTP request head (TLS, another protocol).
 fn only_request(buf: &[u8], limits: &crate::wire::http_connect::Limits) -> Option<Vec<u8>> {
     let head = crate::wire::http_connect::parse_head(buf, limits).ok()??;
-    let websocket = head
-        .headers()
-        .any(|(n, v)| n.eq_ignore_ascii_case("upgrade") && v.eq_ignore_ascii_case(b"websocket"));
-    if websocket {
-        return None;
-    }
+    let is_upgrade = |n: &str| n.eq_ignore_ascii_case("upgrade");
+    let websocket =
+        head.headers().any(|(n, v)| is_upgrade(n) && v.eq_ignore_ascii_case(b"websocket"));
     let line_end = buf.windows(2).position(|w| w == b"\r\n")? + 2;
-    let mut out = Vec::with_capacity(buf.len() + 19);
+    let mut out = Vec::with_capacity(buf.len() + 27);
     out.extend_from_slice(&buf[..line_end]);
-    let persistence = |name: &str| PERSISTENCE_FIELDS.iter().any(|f| name.eq_ignore_ascii_case(f));
-    crate::wire::http_connect::write_fields_closing(&head, persistence, &mut out);
+    let skip = |name: &str| {
+        PERSISTENCE_FIELDS.iter().any(|f| name.eq_ignore_ascii_case(f))
+            && !(websocket && is_upgrade(name))
+    };
+    crate::wire::http_connect::write_fields_closing(&head, skip, websocket, &mut out);
     out.extend_from_slice(&buf[head.head_len..]);
     Some(out)
 }
@@ -379,10 +381,16 @@ mod tests {
         let post = b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n\r\nhi";
         let out = only_request(post, &l).expect("an HTTP head");
         assert!(out.ends_with(b"Content-Length: 2\r\nConnection: close\r\n\r\nhi"));
-        // Unchanged: a WebSocket upgrade, TLS, other protocols, an incomplete head.
-        let ws = b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\n\
-                   Upgrade: WebSocket\r\n\r\n";
-        assert_eq!(only_request(ws, &l), None);
+        // A WebSocket upgrade may switch, but a server that declines it must close too.
+        let ws = b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: keep-alive, Upgrade\r\n\
+                   Upgrade: WebSocket\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        let out = only_request(ws, &l).expect("an HTTP head");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: WebSocket\r\n\
+             Sec-WebSocket-Version: 13\r\nConnection: Upgrade, close\r\n\r\n"
+        );
+        // Unchanged: TLS, other protocols, an incomplete head.
         assert_eq!(only_request(&build_client_hello(Some("a.test"), 0), &l), None);
         assert_eq!(only_request(b"SSH-2.0-OpenSSH_9.2\r\n", &l), None);
         assert_eq!(only_request(b"GET / HTTP/1.1\r\nHost: a.test\r\n", &l), None);
