@@ -365,11 +365,6 @@ impl Entry {
         self.link.store(next, Ordering::SeqCst);
     }
 
-    /// The entry's last word (its second cache line when it straddles two), for prefetching.
-    pub(crate) fn last_word(&self) -> &AtomicU32 {
-        &self.link
-    }
-
     pub(crate) fn next_free(&self) -> u32 {
         self.link.load(Ordering::Relaxed)
     }
