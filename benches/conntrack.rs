@@ -601,7 +601,96 @@ fn benches(c: &mut Criterion) {
         return;
     }
     bench_table(c, &k);
+    bench_floor(c);
     bench_candidates(c, &k);
+}
+
+/// The memory floor under `lookup_many`, for the same run: the table's access pattern with
+/// nothing else. A 64-byte bucket array sized as the table's index, a slab of 88-byte
+/// entries, and per key one random bucket whose first word names a random entry (so the
+/// entry's address depends on the bucket's load, as in the table). The same software
+/// pipeline as `lookup_many` (buckets prefetched 12 keys ahead, entries 6 ahead, all three
+/// lines of an entry), the same three atomic read-modify-writes per hit (pin, counter,
+/// unpin), batches of 32; `floor_hit_unpinned` drops the pin and unpin. What
+/// `lookup_many_hit` costs above `floor_hit` is the table's own work per key (hashing, the
+/// bucket scan, the key compare), not memory.
+fn bench_floor(c: &mut Criterion) {
+    use std::sync::atomic::AtomicU64;
+    const AHEAD: usize = 6;
+    const WORDS: usize = 11; // 88 bytes
+    #[repr(align(64))]
+    struct Bucket([AtomicU64; 8]);
+    // The bench table's index: capacity 2M over 64 shards, 2/9 of a bucket per slot.
+    let buckets = (2 * N + 2 * N / 4).div_ceil(9) * 2;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let index: Vec<Bucket> = (0..buckets)
+        .map(|_| Bucket(std::array::from_fn(|_| AtomicU64::new(rnd() % N as u64))))
+        .collect();
+    let slab: Vec<AtomicU64> = (0..N * WORDS).map(|_| AtomicU64::new(1)).collect();
+    let order: Vec<u32> = (0..N).map(|_| (rnd() % buckets as u64) as u32).collect();
+    let entry = |b: u32| &slab[index[b as usize].0[0].load(Ordering::Relaxed) as usize * WORDS..];
+    let prefetch = |p: *const AtomicU64| {
+        // SAFETY: a prefetch never faults; SSE is part of the x86_64 baseline.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+        }
+    };
+    // `pins`: whether a hit pins its entry (two of the three atomics), as the table does.
+    let batch = |keys: &[u32], hit: bool, pins: bool| {
+        let n = keys.len();
+        for i in 0..n {
+            if i + 2 * AHEAD < n {
+                prefetch(&index[keys[i + 2 * AHEAD] as usize].0[0]);
+            }
+            if hit && i + AHEAD < n {
+                let e = entry(keys[i + AHEAD]);
+                prefetch(&e[0]);
+                prefetch(&e[WORDS / 2]);
+                prefetch(&e[WORDS - 1]);
+            }
+            if hit {
+                let e = entry(keys[i]);
+                if pins {
+                    e[WORDS - 1].fetch_add(1, Ordering::SeqCst);
+                }
+                e[2].fetch_add(black_box(e[0].load(Ordering::Relaxed)), Ordering::Relaxed);
+                if pins {
+                    e[WORDS - 1].fetch_sub(1, Ordering::Release);
+                }
+            } else {
+                black_box(index[keys[i] as usize].0[0].load(Ordering::Relaxed));
+            }
+        }
+    };
+    let mut g = c.benchmark_group("memory_floor_1M");
+    for threads in [1, 2] {
+        let cases = [
+            ("floor_hit", true, true),
+            ("floor_hit_unpinned", true, false),
+            ("floor_bucket", false, false),
+        ];
+        for (name, hit, pins) in cases {
+            g.bench_function(BenchmarkId::new(name, threads), |b| {
+                b.iter_custom(|iters| {
+                    let batches = iters.div_ceil(32);
+                    let per_batch = timed(threads, batches, &|th, i| {
+                        let start = at(th, i * 32) % (N - 32);
+                        batch(black_box(&order[start..start + 32]), hit, pins);
+                    });
+                    per_batch * u32::try_from(iters).unwrap_or(u32::MAX)
+                        / (batches as u32 * 32).max(1)
+                })
+            });
+        }
+    }
+    g.finish();
 }
 
 criterion_group!(group, benches);
