@@ -641,6 +641,8 @@ fn bench_floor(c: &mut Criterion) {
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = p;
     };
     // `pins`: whether a hit pins its entry (two of the three atomics), as the table does.
     let batch = |keys: &[u32], hit: bool, pins: bool| {
