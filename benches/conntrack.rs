@@ -1,6 +1,8 @@
 //! Connection-tracking benchmarks at 1M entries: the candidate maps side by side (same key,
 //! same value, same hasher), then flowgate's table through its public API, each at 1 and 2
-//! threads; plus memory per entry from a counting global allocator (and glibc's own view).
+//! threads; a memory floor for the batch lookup (its access pattern without the table's
+//! work, `memory_floor_1M`); plus memory per entry from a counting global allocator (and
+//! glibc's own view).
 //!
 //! Run: `cargo bench --bench conntrack -- --warm-up-time 1 --measurement-time 3`
 //! Memory only: `CT_MEMORY_ONLY=1 cargo bench --bench conntrack` (prints bytes per entry);
