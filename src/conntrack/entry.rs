@@ -342,6 +342,7 @@ impl Entry {
     }
 
     /// Another pin on a slot already pinned by the caller (cloning a handle).
+    #[inline]
     pub(crate) fn pin_again(&self) {
         self.pins.fetch_add(1, Ordering::Relaxed);
     }
@@ -352,10 +353,12 @@ impl Entry {
     }
 
     /// Whether some reader or handle holds this slot (the writer's side of `pin`).
+    #[inline]
     pub(crate) fn is_pinned(&self) -> bool {
         self.pins.load(Ordering::SeqCst) != 0
     }
 
+    #[inline]
     pub(crate) fn is_live(&self) -> bool {
         self.link.load(Ordering::Acquire) == LIVE
     }
@@ -369,6 +372,7 @@ impl Entry {
         self.link.load(Ordering::Relaxed)
     }
 
+    #[inline]
     fn ext(&self) -> Option<&EntryExt> {
         let p = self.ext.load(Ordering::Relaxed);
         // SAFETY: a non-null `ext` points to a box owned by this slot; it is replaced
@@ -434,6 +438,7 @@ impl Entry {
         }
     }
 
+    #[inline]
     fn v6_addrs(&self) -> Option<(u128, u128)> {
         self.ext().and_then(|x| x.v6)
     }
@@ -557,44 +562,65 @@ impl Entry {
 
     /// Which side of this flow a packet with key `key` travels on, if it belongs to it.
     pub fn side_of(&self, key: &FlowKey) -> Option<Side> {
-        self.matches(&Probe::new(key))
+        self.matches(&Probe::unhashed(key))
     }
 
     /// The direction-independent keyed hash of this entry's key (same as its [`Probe`]'s):
     /// what the table's writers use to find the entry's index word.
-    pub(crate) fn hash(&self) -> u64 {
-        let r = Ordering::Relaxed;
-        let (s, d, v6) = match self.v6_addrs() {
-            Some((s, d)) => (s, d, true),
-            None => (u128::from(self.src_ip.load(r)), u128::from(self.dst_ip.load(r)), false),
-        };
-        let (lo, hi) = order((s, self.src_port.load(r)), (d, self.dst_port.load(r)));
-        key_hash(self.proto.load(r), v6, lo, hi)
+    pub(crate) fn hash(&self, seeds: &Seeds) -> u64 {
+        seeds.hash(self.proto.load(Ordering::Relaxed), &self.ends().0)
     }
 
+    /// The entry's canonical ends and whether its source is the lower one.
+    fn ends(&self) -> (Ends, bool) {
+        let r = Ordering::Relaxed;
+        let (sp, dp) = (self.src_port.load(r), self.dst_port.load(r));
+        match self.v6_addrs() {
+            Some((s, d)) => {
+                let (lo, hi, lo_is_src) = order((s, sp), (d, dp));
+                (Ends::V6 { lo, hi }, lo_is_src)
+            }
+            None => {
+                let s = v4_end(Ipv4Addr::from_bits(self.src_ip.load(r)), sp);
+                let d = v4_end(Ipv4Addr::from_bits(self.dst_ip.load(r)), dp);
+                let (lo, hi, lo_is_src) = order(s, d);
+                (Ends::V4 { lo, hi }, lo_is_src)
+            }
+        }
+    }
+
+    /// Which side of this flow a packet with probe `p` travels on, if it belongs to it.
     #[inline]
     pub(crate) fn matches(&self, p: &Probe) -> Option<Side> {
         let r = Ordering::Relaxed;
         if self.proto.load(r) != p.proto {
             return None;
         }
-        let (s, d) = if p.v6 {
-            self.v6_addrs()?
-        } else {
-            if self.v6_addrs().is_some() {
-                return None;
+        let forward = match p.ends {
+            Ends::V4 { lo, hi } => {
+                if self.v6_addrs().is_some() {
+                    return None;
+                }
+                let src = v4_end(Ipv4Addr::from_bits(self.src_ip.load(r)), self.src_port.load(r));
+                let dst = v4_end(Ipv4Addr::from_bits(self.dst_ip.load(r)), self.dst_port.load(r));
+                if src == lo && dst == hi {
+                    true
+                } else if src == hi && dst == lo {
+                    false
+                } else {
+                    return None;
+                }
             }
-            (u128::from(self.src_ip.load(r)), u128::from(self.dst_ip.load(r)))
+            Ends::V6 { .. } => {
+                let (ends, lo_is_src) = self.ends();
+                if ends != p.ends {
+                    return None;
+                }
+                lo_is_src
+            }
         };
-        let src = (s, self.src_port.load(r));
-        let dst = (d, self.dst_port.load(r));
-        if src == p.lo && dst == p.hi {
-            Some(if p.lo_is_src { Side::Orig } else { Side::Reply })
-        } else if src == p.hi && dst == p.lo {
-            Some(if p.lo_is_src { Side::Reply } else { Side::Orig })
-        } else {
-            None
-        }
+        // `forward`: the entry's source is the probe's lower end.
+        Some(if forward == p.lo_is_src { Side::Orig } else { Side::Reply })
     }
 }
 
@@ -623,10 +649,27 @@ fn v6_bits(ip: IpAddr) -> u128 {
     }
 }
 
-type End = (u128, u16);
+/// One endpoint of an IPv6 (or mixed-family) key: address bits, port.
+type End6 = (u128, u16);
 
-fn order(a: End, b: End) -> (End, End) {
-    if a <= b { (a, b) } else { (b, a) }
+/// The canonical endpoints of a key: the lower endpoint first, so both directions of a flow
+/// give the same ends. IPv4 endpoints are packed `address << 16 | port`, so ordering and
+/// comparing one is a single integer operation (the common case on the packet path).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ends {
+    V4 { lo: u64, hi: u64 },
+    V6 { lo: End6, hi: End6 },
+}
+
+#[inline]
+fn v4_end(ip: Ipv4Addr, port: u16) -> u64 {
+    (u64::from(ip.to_bits()) << 16) | u64::from(port)
+}
+
+/// Orders two endpoints; the flag says whether the first one was the lower.
+#[inline]
+fn order<T: PartialOrd>(src: T, dst: T) -> (T, T, bool) {
+    if src <= dst { (src, dst, true) } else { (dst, src, false) }
 }
 
 /// A looked-up key, canonicalised and hashed once: what the table compares entries with.
@@ -634,36 +677,73 @@ fn order(a: End, b: End) -> (End, End) {
 pub(crate) struct Probe {
     pub(crate) hash: u64,
     proto: u8,
-    v6: bool,
     lo_is_src: bool,
-    lo: End,
-    hi: End,
+    ends: Ends,
 }
 
 impl Probe {
     /// A placeholder (fills the unused part of a lookup batch; matches nothing).
     pub(crate) const NONE: Probe =
-        Probe { hash: 0, proto: 0, v6: false, lo_is_src: true, lo: (0, 0), hi: (0, 0) };
+        Probe { hash: 0, proto: 0, lo_is_src: true, ends: Ends::V4 { lo: 0, hi: 0 } };
 
+    /// `key` canonicalised and hashed with the table's `seeds`.
     #[inline]
-    pub(crate) fn new(key: &FlowKey) -> Probe {
-        let (s, d, v6) = addr_bits(key);
-        let src = (s, key.src.port());
-        let dst = (d, key.dst.port());
-        let lo_is_src = src <= dst;
-        let (lo, hi) = if lo_is_src { (src, dst) } else { (dst, src) };
+    pub(crate) fn new(key: &FlowKey, seeds: &Seeds) -> Probe {
+        let mut p = Probe::unhashed(key);
+        p.hash = seeds.hash(p.proto, &p.ends);
+        p
+    }
+
+    /// `key` canonicalised, for comparing only (no hash).
+    #[inline]
+    pub(crate) fn unhashed(key: &FlowKey) -> Probe {
         let proto = key.proto.number();
-        Probe { hash: key_hash(proto, v6, lo, hi), proto, v6, lo_is_src, lo, hi }
+        let (ends, lo_is_src) = match (key.src, key.dst) {
+            (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+                let (lo, hi, lo_is_src) =
+                    order(v4_end(*s.ip(), s.port()), v4_end(*d.ip(), d.port()));
+                (Ends::V4 { lo, hi }, lo_is_src)
+            }
+            (s, d) => {
+                let (lo, hi, lo_is_src) =
+                    order((v6_bits(s.ip()), s.port()), (v6_bits(d.ip()), d.port()));
+                (Ends::V6 { lo, hi }, lo_is_src)
+            }
+        };
+        Probe { hash: 0, proto, lo_is_src, ends }
     }
 }
 
-/// Per-process random keys, so nobody outside can aim flows at one bucket or shard.
-fn seeds() -> &'static [u64; 4] {
-    static SEEDS: OnceLock<[u64; 4]> = OnceLock::new();
-    SEEDS.get_or_init(|| {
+/// A table's random hash keys, so nobody outside can aim flows at one bucket or shard.
+/// Each table draws its own; lookups read them from the table they search (no global to
+/// check on every key).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Seeds([u64; 4]);
+
+impl Seeds {
+    pub(crate) fn random() -> Seeds {
         let rs = std::collections::hash_map::RandomState::new();
-        std::array::from_fn(|i| rs.hash_one(i as u64) | 1)
-    })
+        Seeds(std::array::from_fn(|i| rs.hash_one(i as u64) | 1))
+    }
+
+    /// Keyed hash of canonical ends. An IPv4 key is two folded multiplies. The table takes
+    /// the shard from the low bits, the slot tag from bits 16..47 and the bucket from the
+    /// top bits, so the three are independent.
+    #[inline]
+    fn hash(&self, proto: u8, ends: &Ends) -> u64 {
+        let s = &self.0;
+        match *ends {
+            Ends::V4 { lo, hi } => {
+                fold(fold(lo ^ s[0], (hi | u64::from(proto) << 48) ^ s[1]), s[2])
+            }
+            Ends::V6 { lo, hi } => {
+                let ports = (u64::from(lo.1) << 16) | u64::from(hi.1) | (u64::from(proto) << 32);
+                let h = fold((lo.0 as u64) ^ s[0], ((lo.0 >> 64) as u64) ^ s[1]);
+                let h = fold(h ^ (hi.0 as u64), ((hi.0 >> 64) as u64) ^ s[2]);
+                fold(h ^ ports ^ (1 << 40), s[3])
+            }
+        }
+    }
 }
 
 /// Folded 64×64→128 multiply: the mixing step of fast keyed hashes.
@@ -671,23 +751,6 @@ fn seeds() -> &'static [u64; 4] {
 fn fold(a: u64, b: u64) -> u64 {
     let r = u128::from(a) * u128::from(b);
     (r as u64) ^ ((r >> 64) as u64)
-}
-
-/// Keyed hash of a canonical key. IPv4 keys fold two words (a few nanoseconds). The table
-/// takes the shard from the low bits, the slot tag from bits 16..47 and the bucket from
-/// the top bits, so the three are independent.
-#[inline]
-fn key_hash(proto: u8, v6: bool, lo: End, hi: End) -> u64 {
-    let s = seeds();
-    let ports = (u64::from(lo.1) << 16) | u64::from(hi.1) | (u64::from(proto) << 32);
-    if v6 {
-        let h = fold((lo.0 as u64) ^ s[0], ((lo.0 >> 64) as u64) ^ s[1]);
-        let h = fold(h ^ (hi.0 as u64), ((hi.0 >> 64) as u64) ^ s[2]);
-        fold(h ^ ports ^ (1 << 40), s[3])
-    } else {
-        let a = ((lo.0 as u64) << 32) | (hi.0 as u64);
-        fold(fold(a ^ s[0], ports ^ s[1]), s[2])
-    }
 }
 
 #[cfg(test)]
@@ -718,11 +781,12 @@ mod tests {
         {
             let k = FlowKey::new(Proto::Udp, s.parse().unwrap(), d.parse().unwrap());
             let e = Entry::new(&k, init(), None, 1500);
+            let seeds = Seeds::random();
             assert_eq!(e.key(), k);
             assert_eq!(e.side_of(&k), Some(Side::Orig));
             assert_eq!(e.side_of(&k.reversed()), Some(Side::Reply));
-            assert_eq!(e.hash(), Probe::new(&k).hash);
-            assert_eq!(e.hash(), Probe::new(&k.reversed()).hash);
+            assert_eq!(e.hash(&seeds), Probe::new(&k, &seeds).hash);
+            assert_eq!(e.hash(&seeds), Probe::new(&k.reversed(), &seeds).hash);
             assert_eq!(e.src_workload(), Some(WorkloadId(3)));
             assert_eq!(e.dst_workload(), None);
             assert_eq!(e.generation(), Generation(7));

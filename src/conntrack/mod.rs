@@ -66,7 +66,7 @@ pub use config::{ConntrackConfig, ConntrackConfigError};
 pub use entry::{CutSignal, Entry, EntryInit, FlowState};
 pub use tcp_state::{Side, TcpConn, TcpFlags, TcpInvalid, TcpState};
 
-use entry::{NIL, Probe, QUEUED};
+use entry::{NIL, Probe, QUEUED, Seeds};
 use expiry::{Cursor, Timeouts};
 
 /// Why a new flow could not be tracked.
@@ -121,6 +121,8 @@ struct Bucket {
 
 /// One shard: the index readers use, the slab, the shadow count, the writers' state.
 struct Shard {
+    /// The table's hash keys (a copy: writers re-hash an entry to find its index word).
+    seeds: Seeds,
     index: Box<[Bucket]>,
     chunks: Box<[OnceLock<Box<[Entry]>>]>,
     chunk_bits: u32,
@@ -159,12 +161,13 @@ fn tag_of(h: u64) -> u64 {
 impl Shard {
     /// A shard for `shard_cap` live entries, with `pin_slack` more slots for removed
     /// entries still pinned by a handle (not re-used until released).
-    fn new(shard_cap: usize, pin_slack: usize) -> Shard {
+    fn new(shard_cap: usize, pin_slack: usize, seeds: Seeds) -> Shard {
         let buckets = (shard_cap * BUCKETS_NUM).div_ceil(BUCKETS_DEN).max(2);
         let max_slots = shard_cap + pin_slack;
         let chunk_bits = max_slots.next_power_of_two().trailing_zeros().min(MAX_CHUNK_BITS);
         let chunks = max_slots.div_ceil(1 << chunk_bits);
         Shard {
+            seeds,
             index: (0..buckets).map(|_| Bucket::default()).collect(),
             chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
             chunk_bits,
@@ -316,7 +319,7 @@ impl Shard {
 
     /// Removes the live entry in slot `id` from the index and frees the slot.
     fn remove_slot(&self, w: &mut Writer, id: u32, e: &Entry) {
-        self.unpublish(e.hash(), id);
+        self.unpublish(e.hash(&self.seeds), id);
         self.push_free(w, id);
         self.len.fetch_sub(1, Ordering::Relaxed);
     }
@@ -471,6 +474,7 @@ impl std::fmt::Debug for EntryRef {
 /// The table.
 pub struct Conntrack {
     shards: Box<[Arc<Shard>]>,
+    seeds: Seeds,
     mask: usize,
     shard_cap: usize,
     cfg: ConntrackConfig,
@@ -499,9 +503,12 @@ impl Conntrack {
         let share = cfg.capacity.div_ceil(n);
         // Slack over the exact share absorbs hash imbalance; the global count is the limit.
         let shard_cap = share + share / 4 + 16;
-        let shards = (0..n).map(|_| Arc::new(Shard::new(shard_cap, cfg.pin_slack))).collect();
+        let seeds = Seeds::random();
+        let shards =
+            (0..n).map(|_| Arc::new(Shard::new(shard_cap, cfg.pin_slack, seeds))).collect();
         Conntrack {
             shards,
+            seeds,
             mask: n - 1,
             shard_cap,
             cfg: cfg.clone(),
@@ -559,7 +566,7 @@ impl Conntrack {
         tcp: Option<TcpConn>,
         now: Instant,
     ) -> Result<EntryRef, InsertError> {
-        let probe = Probe::new(key);
+        let probe = Probe::new(key, &self.seeds);
         let si = self.shard_index(probe.hash);
         let shard = &self.shards[si];
         let mut w = shard.lock();
@@ -649,7 +656,7 @@ impl Conntrack {
     /// Finds a flow from either direction; the handle pins its entry (keep it no longer
     /// than needed: a removed flow's slot is re-used only once every handle is dropped).
     pub fn lookup(&self, key: &FlowKey) -> Option<EntryRef> {
-        let probe = Probe::new(key);
+        let probe = Probe::new(key, &self.seeds);
         let shard = &self.shards[self.shard_index(probe.hash)];
         shard.find(&probe, |_, e, _| EntryRef::new(shard, e))
     }
@@ -658,7 +665,7 @@ impl Conntrack {
     /// the entry (pinned for the call) and the side the packet with `key` travels on.
     #[inline]
     pub fn lookup_with<R>(&self, key: &FlowKey, f: impl FnOnce(&Entry, Side) -> R) -> Option<R> {
-        let probe = Probe::new(key);
+        let probe = Probe::new(key, &self.seeds);
         self.shards[self.shard_index(probe.hash)].find(&probe, |_, e, side| f(e, side))
     }
 
@@ -677,7 +684,7 @@ impl Conntrack {
         let n = keys.len();
         let mut ring = [Probe::NONE; RING];
         let stage1 = |ring: &mut [Probe; RING], j: usize| {
-            let p = Probe::new(&keys[j]);
+            let p = Probe::new(&keys[j], &self.seeds);
             let shard = &self.shards[self.shard_index(p.hash)];
             prefetch(&shard.index[shard.home(p.hash)]);
             ring[j % RING] = p;
@@ -732,7 +739,7 @@ impl Conntrack {
     /// Forgets a flow (closed connection). Returns whether it was tracked. Does not cut it:
     /// the caller is the one closing it.
     pub fn remove(&self, key: &FlowKey) -> bool {
-        let probe = Probe::new(key);
+        let probe = Probe::new(key, &self.seeds);
         let shard = &self.shards[self.shard_index(probe.hash)];
         let mut w = shard.lock();
         // Under the writer lock nobody else can free the slot `find` returns.
@@ -813,7 +820,7 @@ mod tests {
     /// Puts a word with `victim`'s tag but `decoy`'s slot in front of `victim`'s own word in
     /// its home bucket: what a 31-bit tag collision looks like to a lookup.
     fn shadow(ct: &Conntrack, victim: &FlowKey, decoy: &FlowKey) {
-        let (pv, pd) = (Probe::new(victim), Probe::new(decoy));
+        let (pv, pd) = (Probe::new(victim, &ct.seeds), Probe::new(decoy, &ct.seeds));
         let shard = &ct.shards[ct.shard_index(pv.hash)];
         let decoy_id = ct.shards[ct.shard_index(pd.hash)].find(&pd, |id, _, _| id);
         let decoy_id = decoy_id.expect("decoy tracked");
