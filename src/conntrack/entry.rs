@@ -198,11 +198,25 @@ pub(crate) const NIL: u32 = u32::MAX - 1;
 /// new flow while a late reader may still look at it (it then sees the slot is not live,
 /// or a key that does not match, and moves on).
 ///
-/// Layout (88 bytes, checked by a test): counters 32, last seen 8, ext 8, generation 4,
-/// created 4, IPv4 addresses 8, workloads 8, ports + listener 6, protocol 1, state 1,
-/// pins 4, link 4.
+/// Layout (88 bytes, `repr(C)`, checked by a test), in the order a packet needs it: first
+/// what a lookup compares (IPv4 addresses 8, ports 4, protocol 1, state 1, listener 2,
+/// link 4, pins 4), then what forwarding updates (counters 32, last seen 8): the first 64
+/// bytes, so a batch lookup prefetches at most two cache lines per entry, not three.
+/// Then what the control plane reads: ext 8, generation 4, created 4, workloads 8.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Entry {
+    src_ip: AtomicU32,
+    dst_ip: AtomicU32,
+    src_port: AtomicU16,
+    dst_port: AtomicU16,
+    proto: AtomicU8,
+    state: AtomicU8,
+    listener: AtomicU16,
+    /// [`LIVE`], or the free-list link of a free slot.
+    link: AtomicU32,
+    /// Readers and handles currently using this slot: a slot with pins is never re-used.
+    pins: AtomicU32,
     /// Bytes and packets, originator → responder and back.
     pub bytes_orig: AtomicU64,
     pub bytes_reply: AtomicU64,
@@ -210,26 +224,18 @@ pub struct Entry {
     pub packets_reply: AtomicU64,
     last_seen_ms: AtomicU64,
     /// `Box<EntryExt>` or null. Replaced only when the slot is re-used, which happens only
-    /// while nobody holds a pin on it.
+    /// while nobody holds a pin on it and no batch reader can still see it.
     ext: AtomicPtr<EntryExt>,
     /// The low 32 bits of the allowing policy generation: a reload a second for 136 years.
     generation: AtomicU32,
     /// Seconds since the table's epoch.
     created_s: AtomicU32,
-    src_ip: AtomicU32,
-    dst_ip: AtomicU32,
     src_wl: AtomicU32,
     dst_wl: AtomicU32,
-    src_port: AtomicU16,
-    dst_port: AtomicU16,
-    listener: AtomicU16,
-    proto: AtomicU8,
-    state: AtomicU8,
-    /// Readers and handles currently using this slot: a slot with pins is never re-used.
-    pins: AtomicU32,
-    /// [`LIVE`], or the free-list link of a free slot.
-    link: AtomicU32,
 }
+
+/// Bytes at the start of an [`Entry`] that the packet path touches (see its layout).
+pub(crate) const HOT_BYTES: usize = 64;
 
 impl Drop for Entry {
     fn drop(&mut self) {
@@ -772,6 +778,31 @@ mod tests {
     #[test]
     fn entry_is_88_bytes() {
         assert_eq!(std::mem::size_of::<Entry>(), 88);
+    }
+
+    /// What a packet touches lies in the first `HOT_BYTES`, which the batch lookup
+    /// prefetches; what only the control plane reads comes after.
+    #[test]
+    fn the_packet_path_fields_come_first() {
+        use std::mem::offset_of;
+        for end in [
+            offset_of!(Entry, src_ip) + 4,
+            offset_of!(Entry, dst_ip) + 4,
+            offset_of!(Entry, src_port) + 2,
+            offset_of!(Entry, dst_port) + 2,
+            offset_of!(Entry, proto) + 1,
+            offset_of!(Entry, state) + 1,
+            offset_of!(Entry, link) + 4,
+            offset_of!(Entry, pins) + 4,
+            offset_of!(Entry, bytes_orig) + 8,
+            offset_of!(Entry, bytes_reply) + 8,
+            offset_of!(Entry, packets_orig) + 8,
+            offset_of!(Entry, packets_reply) + 8,
+            offset_of!(Entry, last_seen_ms) + 8,
+        ] {
+            assert!(end <= HOT_BYTES, "a packet-path field ends at {end}");
+        }
+        assert!(offset_of!(Entry, ext) >= HOT_BYTES);
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub use config::{ConntrackConfig, ConntrackConfigError};
 pub use entry::{CutSignal, Entry, EntryInit, FlowState};
 pub use tcp_state::{Side, TcpConn, TcpFlags, TcpInvalid, TcpState};
 
-use entry::{NIL, Probe, QUEUED, Seeds};
+use entry::{HOT_BYTES, NIL, Probe, QUEUED, Seeds};
 use expiry::{Cursor, Timeouts};
 
 /// Why a new flow could not be tracked.
@@ -366,17 +366,14 @@ impl Shard {
     }
 }
 
-/// Prefetches every cache line of `e`. An entry is 88 bytes at an 88-byte stride, so it
-/// starts anywhere in a line and spans two lines or, for a quarter of the slots, three;
-/// its first, middle and last bytes lie in all of them. (Prefetching its start and its
-/// free-list word only, as before, left one line of those slots to a demand miss.)
+/// Prefetches the cache lines of `e` a packet touches: its first [`HOT_BYTES`] bytes (the
+/// key, state and counters), one line or, for most slots, two (an entry is 88 bytes at an
+/// 88-byte stride, so it starts anywhere in a line).
 #[inline]
 fn prefetch_entry(e: &Entry) {
-    const SIZE: usize = std::mem::size_of::<Entry>();
     let p = std::ptr::from_ref(e).cast::<u8>();
     prefetch_ptr(p);
-    prefetch_ptr(p.wrapping_add(SIZE / 2));
-    prefetch_ptr(p.wrapping_add(SIZE - 1));
+    prefetch_ptr(p.wrapping_add(HOT_BYTES - 1));
 }
 
 /// How many keys ahead of the one it examines [`Conntrack::lookup_many`] fetches entries
