@@ -119,6 +119,8 @@ async fn read_endpoints() {
     assert_eq!(m.status, 200);
     assert!(m.body.contains("\nflowgate_policy_generation 1\n"), "{}", m.body);
     assert!(m.body.contains("flowgate_conntrack_entries 3\n"));
+    // Proxied flows never use the batch lookup, so nothing has fallen back to pins.
+    assert!(m.body.contains("\nflowgate_conntrack_batch_fallbacks_total 0\n"), "{}", m.body);
     assert!(m.body.contains("flowgate_policy_reloads_total{result=\"ok\"} 1\n"));
     assert_eq!(c.get("/nope").await.unwrap().status, 404);
     assert_eq!(c.post("/healthz", None).await.unwrap().status, 405);

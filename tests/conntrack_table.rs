@@ -414,15 +414,40 @@ fn readers_never_see_another_flows_entry_while_slots_are_reused() {
                         break;
                     }
                     i = (i.wrapping_mul(1_103_515_245).wrapping_add(12_345)) % flows;
-                    let k = key(Proto::Udp, i);
-                    let seen =
-                        ct.lookup_with(&k.reversed(), |e, side| (e.src_workload(), e.key(), side));
-                    if let Some((wl, ek, side)) = seen {
-                        assert_eq!(wl, Some(WorkloadId(i)), "flow {i} read another flow's entry");
-                        assert_eq!(ek, k);
-                        assert_eq!(side, Side::Reply);
-                        hits += 1;
+                    if t == 0 {
+                        let k = key(Proto::Udp, i);
+                        let seen = ct.lookup_with(&k.reversed(), |e, side| {
+                            (e.src_workload(), e.key(), side)
+                        });
+                        if let Some((wl, ek, side)) = seen {
+                            assert_eq!(wl, Some(WorkloadId(i)), "flow {i} read another's entry");
+                            assert_eq!(ek, k);
+                            assert_eq!(side, Side::Reply);
+                            hits += 1;
+                        }
+                        continue;
                     }
+                    // The batch lookup pins nothing: an entry it hands to `f` must stay
+                    // that flow's for the whole call, while the writer re-uses slots.
+                    let ks: Vec<FlowKey> =
+                        (0..16).map(|j| key(Proto::Udp, (i + j * 61) % flows).reversed()).collect();
+                    let mut found = Vec::new();
+                    ct.lookup_many(&ks, |j, hit| {
+                        if let Some((e, side)) = hit {
+                            assert_eq!(side, Side::Reply);
+                            let wl = e.src_workload();
+                            for _ in 0..64 {
+                                std::hint::spin_loop();
+                            }
+                            found.push((j, wl, e.key()));
+                        }
+                    });
+                    for (j, wl, ek) in &found {
+                        let want = (i + *j as u32 * 61) % flows;
+                        assert_eq!(*wl, Some(WorkloadId(want)), "batch read another's entry");
+                        assert_eq!(*ek, ks[*j].reversed());
+                    }
+                    hits += found.len() as u64;
                 }
                 hits
             })
@@ -450,6 +475,70 @@ fn readers_never_see_another_flows_entry_while_slots_are_reused() {
         assert_eq!(e.key(), key(Proto::Udp, *i));
     }
     assert!(ct.len() <= 64);
+}
+
+/// A batch lookup pins nothing: the call is a grace period. A flow removed while the call
+/// is inside `f` keeps its slot, and the entry `f` was given stays that flow's, however
+/// many flows come and go meanwhile; once the call returns the slot is handed out again.
+/// With `batch_readers = 0` the call pins each entry instead, with the same guarantee.
+#[test]
+fn a_batch_lookup_keeps_removed_slots_from_reuse_until_it_returns() {
+    for batch_readers in [64, 0] {
+        let ct = Conntrack::new(&ConntrackConfig { batch_readers, pin_slack: 0, ..cfg(8, 1) });
+        let now = Instant::now();
+        let a = key(Proto::Udp, 1);
+        ct.insert(a, init(FlowState::Unreplied), now).expect("room");
+        let (mut churned, mut slot_of_a) = (0, std::ptr::null());
+        ct.lookup_many(&[a], |_, hit| {
+            let (e, _) = hit.expect("a is tracked");
+            slot_of_a = std::ptr::from_ref(e);
+            e.count(Side::Orig, 7);
+            assert!(ct.remove(&a));
+            for i in 100..400 {
+                let k = key(Proto::Udp, i);
+                if let Ok(other) = ct.insert(k, init(FlowState::Unreplied), now) {
+                    assert!(!std::ptr::eq(&*other, e), "a new flow took a slot being read");
+                    churned += 1;
+                    assert!(ct.remove(&k));
+                }
+            }
+            assert_eq!(e.key(), a);
+            assert_eq!(e.bytes_orig.load(Ordering::Relaxed), 7);
+        });
+        assert!(churned > 0, "batch_readers {batch_readers}: flows came and went meanwhile");
+        assert_eq!(ct.batch_fallbacks(), u64::from(batch_readers == 0));
+        let reused = (400..500).any(|i| {
+            let k = key(Proto::Udp, i);
+            let e = ct.insert(k, init(FlowState::Unreplied), now).expect("room after the call");
+            let same = std::ptr::eq(&*e, slot_of_a);
+            drop(e);
+            assert!(ct.remove(&k));
+            same
+        });
+        assert!(reused, "batch_readers {batch_readers}: a's slot is handed out again");
+    }
+}
+
+/// More threads inside batch lookups than `batch_readers`: the extra call pins entries
+/// instead, answers the same, and is counted.
+#[test]
+fn a_batch_lookup_without_a_reader_slot_pins_and_is_counted() {
+    let ct = Conntrack::new(&ConntrackConfig { batch_readers: 1, ..cfg(64, 1) });
+    let now = Instant::now();
+    let keys: Vec<FlowKey> = (0..8).map(|i| key(Proto::Udp, i)).collect();
+    for k in &keys[..4] {
+        ct.insert(*k, init(FlowState::Unreplied), now).expect("room");
+    }
+    let mut inner = Vec::new();
+    ct.lookup_many(&keys[..1], |_, _| {
+        // The one reader slot is this call's: the nested call falls back to pins.
+        ct.lookup_many(&keys, |i, hit| inner.push((i, hit.map(|(e, _)| e.key()))));
+    });
+    let want: Vec<_> = (0..8).map(|i| (i, (i < 4).then_some(keys[i]))).collect();
+    assert_eq!(inner, want);
+    assert_eq!(ct.batch_fallbacks(), 1);
+    ct.lookup_many(&keys, |_, _| ());
+    assert_eq!(ct.batch_fallbacks(), 1, "the slot is free again");
 }
 
 /// A handle outlives its flow's removal (a proxied flow's task finishing up); the table

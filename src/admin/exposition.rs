@@ -228,6 +228,12 @@ pub fn render(control: &ControlPlane) -> String {
         "Idle entries expired.",
         get(&stats.expired),
     );
+    o.single(
+        "flowgate_conntrack_batch_fallbacks_total",
+        "counter",
+        "Batch lookups that pinned each entry because every batch reader slot was taken.",
+        ct.batch_fallbacks() as f64,
+    );
 
     let snap = control.policy().load_full();
     o.single(

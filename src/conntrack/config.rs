@@ -19,11 +19,16 @@ pub struct ConntrackConfig {
     /// Each shard holds an equal share of the capacity (plus 25% slack for hash imbalance).
     pub shards: usize,
     /// Slots each shard keeps beyond its share for entries that were removed while a
-    /// handle still pins them (a proxied flow's task winding down, a `/flows` reader): such
-    /// a slot is not re-used until released. A shard that has used them all refuses new
-    /// flows until handles are released (counted with the refused flows). Default 64;
-    /// costs 88 bytes per slot per shard.
+    /// handle still pins them (a proxied flow's task winding down, a `/flows` reader) or a
+    /// batch lookup may still be reading them: such a slot is not re-used until released.
+    /// A shard that has used them all refuses new flows until handles are released
+    /// (counted with the refused flows). Default 64; costs 88 bytes per slot per shard.
     pub pin_slack: usize,
+    /// Threads that can be inside a batch lookup (the packet path's `lookup_many`) at once
+    /// without pinning each entry they find. A call that finds them all taken pins entries
+    /// instead: correct, slower, and counted (`flowgate_conntrack_batch_fallbacks_total`).
+    /// Default 64; 0 always pins. Costs 128 bytes each per table.
+    pub batch_readers: usize,
     /// Proxied TCP connections and established packet-dataplane TCP flows. Default 5 days.
     #[serde(with = "humantime_serde_compat")]
     pub tcp_established: Duration,
@@ -73,6 +78,7 @@ impl Default for ConntrackConfig {
             capacity: 262_144,
             shards: 0,
             pin_slack: 64,
+            batch_readers: 64,
             tcp_established: Duration::from_secs(5 * 24 * 3600),
             tcp_transitory: Duration::from_secs(120),
             tcp_syn_sent: Duration::from_secs(120),
@@ -94,6 +100,8 @@ impl Default for ConntrackConfig {
 pub const MAX_CAPACITY: usize = 1 << 28;
 /// Largest `pin_slack` accepted.
 pub const MAX_PIN_SLACK: usize = 65_536;
+/// Largest `batch_readers` accepted (writers scan the slots in use).
+pub const MAX_BATCH_READERS: usize = 4096;
 
 /// A `[conntrack]` value that cannot work.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -104,6 +112,8 @@ pub enum ConntrackConfigError {
     CapacityTooLarge { got: usize, max: usize },
     #[error("conntrack.pin_slack must be at most {max} (got {got})")]
     PinSlackTooLarge { got: usize, max: usize },
+    #[error("conntrack.batch_readers must be at most {max} (got {got})")]
+    BatchReadersTooLarge { got: usize, max: usize },
     #[error("conntrack.shards must be 0 (auto) or a power of two up to 65536 (got {0})")]
     BadShards(usize),
     #[error("conntrack.{field} must be longer than zero")]
@@ -132,6 +142,12 @@ impl ConntrackConfig {
             return Err(ConntrackConfigError::PinSlackTooLarge {
                 got: self.pin_slack,
                 max: MAX_PIN_SLACK,
+            });
+        }
+        if self.batch_readers > MAX_BATCH_READERS {
+            return Err(ConntrackConfigError::BatchReadersTooLarge {
+                got: self.batch_readers,
+                max: MAX_BATCH_READERS,
             });
         }
         if self.shards != 0 && (!self.shards.is_power_of_two() || self.shards > 65_536) {
@@ -222,6 +238,8 @@ mod tests {
         );
         let c = ConntrackConfig { pin_slack: MAX_PIN_SLACK + 1, ..Default::default() };
         assert!(matches!(c.validate(), Err(ConntrackConfigError::PinSlackTooLarge { .. })));
+        let c = ConntrackConfig { batch_readers: MAX_BATCH_READERS + 1, ..Default::default() };
+        assert!(matches!(c.validate(), Err(ConntrackConfigError::BatchReadersTooLarge { .. })));
         let c = ConntrackConfig { capacity: MAX_CAPACITY, pin_slack: 0, ..Default::default() };
         assert_eq!(c.validate(), Ok(()), "the bounds themselves are accepted");
     }

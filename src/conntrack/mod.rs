@@ -49,6 +49,7 @@
 mod config;
 mod entry;
 mod expiry;
+mod grace;
 pub mod tcp_state;
 
 use std::collections::VecDeque;
@@ -68,6 +69,7 @@ pub use tcp_state::{Side, TcpConn, TcpFlags, TcpInvalid, TcpState};
 
 use entry::{HOT_BYTES, NIL, Probe, QUEUED, Seeds};
 use expiry::{Cursor, Timeouts};
+use grace::Readers;
 
 /// Why a new flow could not be tracked.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -119,6 +121,22 @@ struct Bucket {
     overflow: AtomicU64,
 }
 
+impl Bucket {
+    /// A snapshot of the bucket's words and the mask of those carrying `tag` (bit `i` for
+    /// word `i`). Computed without a branch per word: where in a bucket a key's word sits
+    /// is random, so a branch on each compare would be mispredicted on most lookups.
+    #[inline]
+    fn scan(&self, tag: u64) -> ([u64; WAYS], u32) {
+        // SeqCst (a plain load on x86): see `grace.rs` for why batch readers need it.
+        let words: [u64; WAYS] = std::array::from_fn(|i| self.words[i].load(Ordering::SeqCst));
+        let mut mask = 0;
+        for (i, w) in words.iter().enumerate() {
+            mask |= u32::from(w >> 32 == tag) << i;
+        }
+        (words, mask)
+    }
+}
+
 /// One shard: the index readers use, the slab, the shadow count, the writers' state.
 struct Shard {
     /// The table's hash keys (a copy: writers re-hash an entry to find its index word).
@@ -133,13 +151,29 @@ struct Shard {
     writer: Mutex<Writer>,
 }
 
+/// A FIFO of slot ids linked through [`Entry`]'s `link` (the slots are not live).
+#[derive(Debug, Clone, Copy)]
+struct SlotList {
+    head: u32,
+    tail: u32,
+    len: usize,
+}
+
+impl SlotList {
+    const EMPTY: SlotList = SlotList { head: NIL, tail: NIL, len: 0 };
+}
+
 /// What only the shard's writers touch.
 #[derive(Debug)]
 struct Writer {
-    /// Free slots, oldest freed first (linked through [`Entry`]'s `link`).
-    free_head: u32,
-    free_tail: u32,
-    free_len: usize,
+    /// Slots a new flow may take, oldest freed first.
+    free: SlotList,
+    /// Removed slots that a batch reader may still be looking at (see `grace.rs`): `open`
+    /// takes new ones; `closed`, stamped `closed_at`, joins `free` once the readers that
+    /// could have seen its slots have left.
+    open: SlotList,
+    closed: SlotList,
+    closed_at: u64,
     /// Slot ids of entries that were evictable when queued, oldest first.
     queue: VecDeque<u32>,
     /// Compact when the queue grows past this (keeps it O(live entries), amortised O(1)).
@@ -175,9 +209,10 @@ impl Shard {
             max_slots,
             len: AtomicUsize::new(0),
             writer: Mutex::new(Writer {
-                free_head: NIL,
-                free_tail: NIL,
-                free_len: 0,
+                free: SlotList::EMPTY,
+                open: SlotList::EMPTY,
+                closed: SlotList::EMPTY,
+                closed_at: 0,
                 queue: VecDeque::new(),
                 compact_at: 0,
             }),
@@ -215,25 +250,42 @@ impl Shard {
         let mut b = self.home(p.hash);
         for _ in 0..self.index.len() {
             let bucket = &self.index[b];
-            for w in &bucket.words {
-                let word = w.load(Ordering::Acquire);
-                if word >> 32 != tag {
-                    continue;
-                }
-                let id = word as u32;
-                let Some(e) = self.slot(id) else { continue };
-                if !e.pin() {
-                    continue;
-                }
-                let _pin = Unpin(e);
-                if let Some(side) = e.matches(p) {
-                    return Some(f(id, e, side));
-                }
+            let (words, mask) = bucket.scan(tag);
+            if let Some((id, held, side)) = self.examine(&words, mask, p, true) {
+                return Some(f(id, held.entry, side));
             }
             if bucket.overflow.load(Ordering::Acquire) == 0 {
                 return None;
             }
             b = self.next(b);
+        }
+        None
+    }
+
+    /// Tries the words of one bucket whose tag matched (`mask`, from [`Bucket::scan`]) in
+    /// order: the first slot that holds the probed key, with its id and the side. The slot
+    /// is pinned for as long as the [`Held`] lives, unless `pin` is false because the
+    /// caller is a batch reader inside a grace period (`grace.rs`), which keeps the slot
+    /// from being re-used without touching it.
+    #[inline]
+    fn examine(
+        &self,
+        words: &[u64; WAYS],
+        mut mask: u32,
+        p: &Probe,
+        pin: bool,
+    ) -> Option<(u32, Held<'_>, Side)> {
+        while mask != 0 {
+            let id = words[mask.trailing_zeros() as usize] as u32;
+            mask &= mask - 1;
+            let Some(e) = self.slot(id) else { continue };
+            if !(if pin { e.pin() } else { e.is_live() }) {
+                continue;
+            }
+            let held = Held { entry: e, pinned: pin };
+            if let Some(side) = e.matches(p) {
+                return Some((id, held, side));
+            }
         }
         None
     }
@@ -269,7 +321,8 @@ impl Shard {
         for _ in 0..self.index.len() {
             let bucket = &self.index[b];
             if let Some(w) = bucket.words.iter().find(|w| w.load(Ordering::Relaxed) == want) {
-                w.store(0, Ordering::Release);
+                // SeqCst: batch readers' grace periods are ordered against it (`grace.rs`).
+                w.store(0, Ordering::SeqCst);
                 let mut o = home;
                 while o != b {
                     self.index[o].overflow.fetch_sub(1, Ordering::Release);
@@ -281,17 +334,20 @@ impl Shard {
         }
     }
 
-    /// A slot for a new entry: the oldest free one that nobody pins, else a fresh one.
-    fn alloc(&self, w: &mut Writer) -> Option<u32> {
-        for _ in 0..w.free_len.min(FREE_TRIES) {
-            let id = w.free_head;
-            let e = self.slot(id)?;
-            w.free_head = e.next_free();
-            w.free_len -= 1;
-            if !e.is_pinned() {
-                return Some(id);
+    /// A slot for a new entry: the oldest free one that nobody pins (refilling the free
+    /// list from limbo when it runs dry), else a fresh one.
+    fn alloc(&self, w: &mut Writer, readers: &Readers) -> Option<u32> {
+        for round in 0..2 {
+            for _ in 0..w.free.len.min(FREE_TRIES) {
+                let id = self.pop(&mut w.free)?;
+                if !self.slot(id)?.is_pinned() {
+                    return Some(id);
+                }
+                self.push(&mut w.free, id);
             }
-            self.push_free(w, id);
+            if round == 0 && !self.reclaim(w, readers) {
+                break;
+            }
         }
         let high = self.high.load(Ordering::Relaxed);
         if high as usize >= self.max_slots {
@@ -304,23 +360,61 @@ impl Shard {
         Some(high)
     }
 
-    /// Marks slot `id` free and appends it to the free list.
-    fn push_free(&self, w: &mut Writer, id: u32) {
-        let Some(e) = self.slot(id) else { return };
-        e.free(NIL);
-        if w.free_len == 0 {
-            w.free_head = id;
-        } else if let Some(tail) = self.slot(w.free_tail) {
-            tail.free(id);
+    /// Moves limbo slots no batch reader can still see to the free list; closes the open
+    /// limbo list if none is closed. Returns whether any moved. Never waits.
+    fn reclaim(&self, w: &mut Writer, readers: &Readers) -> bool {
+        if w.closed.len == 0 && w.open.len != 0 {
+            w.closed = std::mem::replace(&mut w.open, SlotList::EMPTY);
+            w.closed_at = readers.stamp();
         }
-        w.free_tail = id;
-        w.free_len += 1;
+        if w.closed.len == 0 {
+            return false;
+        }
+        if readers.safe() <= w.closed_at {
+            // A reader from before the stamp is still inside a call: make sure the ones
+            // entering next do not hold the list back too.
+            readers.advance();
+            return false;
+        }
+        let closed = std::mem::replace(&mut w.closed, SlotList::EMPTY);
+        if w.free.len == 0 {
+            w.free = closed;
+        } else if let Some(tail) = self.slot(w.free.tail) {
+            tail.free(closed.head);
+            w.free.tail = closed.tail;
+            w.free.len += closed.len;
+        }
+        true
     }
 
-    /// Removes the live entry in slot `id` from the index and frees the slot.
+    /// Takes the first slot of `list`.
+    fn pop(&self, list: &mut SlotList) -> Option<u32> {
+        if list.len == 0 {
+            return None;
+        }
+        let id = list.head;
+        list.head = self.slot(id)?.next_free();
+        list.len -= 1;
+        Some(id)
+    }
+
+    /// Marks slot `id` not live and appends it to `list`.
+    fn push(&self, list: &mut SlotList, id: u32) {
+        let Some(e) = self.slot(id) else { return };
+        e.free(NIL);
+        if list.len == 0 {
+            list.head = id;
+        } else if let Some(tail) = self.slot(list.tail) {
+            tail.free(id);
+        }
+        list.tail = id;
+        list.len += 1;
+    }
+
+    /// Removes the live entry in slot `id` from the index and puts the slot in limbo.
     fn remove_slot(&self, w: &mut Writer, id: u32, e: &Entry) {
         self.unpublish(e.hash(&self.seeds), id);
-        self.push_free(w, id);
+        self.push(&mut w.open, id);
         self.len.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -377,11 +471,27 @@ fn prefetch_entry(e: &Entry) {
 }
 
 /// How many keys ahead of the one it examines [`Conntrack::lookup_many`] fetches entries
-/// (and twice that, index buckets): enough lookups' worth of work (~20 ns each) to cover
-/// a cache miss (~90 ns here), few enough that the lines are still in L1 when used.
+/// (and twice that, index buckets): enough lookups' worth of work to cover a cache miss,
+/// few enough that the lines are still in L1 when used.
 const AHEAD: usize = 6;
-/// Probes in flight in [`Conntrack::lookup_many`]'s pipeline (at least `2 · AHEAD + 1`).
+/// Lookups in flight in [`Conntrack::lookup_many`]'s pipeline (at least `2 · AHEAD + 1`).
 const RING: usize = 16;
+
+/// One key of [`Conntrack::lookup_many`]'s pipeline between its stages.
+#[derive(Clone, Copy)]
+struct Pending {
+    probe: Probe,
+    /// The home bucket's words when read, and which carry the key's tag.
+    words: [u64; WAYS],
+    mask: u32,
+    /// Whether the home bucket's overflow count was set: the key may live further on.
+    overflow: bool,
+}
+
+impl Pending {
+    const NONE: Pending =
+        Pending { probe: Probe::NONE, words: [0; WAYS], mask: 0, overflow: false };
+}
 
 /// Asks the CPU to start loading the cache line holding `p` (a hint; no effect on
 /// correctness, and nothing on targets without one).
@@ -409,6 +519,21 @@ struct Unpin<'a>(&'a Entry);
 impl Drop for Unpin<'_> {
     fn drop(&mut self) {
         self.0.unpin();
+    }
+}
+
+/// An entry a lookup found: pinned (dropping this unpins it), or held by the caller's
+/// grace period.
+struct Held<'a> {
+    entry: &'a Entry,
+    pinned: bool,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if self.pinned {
+            self.entry.unpin();
+        }
     }
 }
 
@@ -481,6 +606,8 @@ pub struct Conntrack {
     /// Shadow total (reserved before an insert, so it never exceeds the capacity).
     len: AtomicUsize,
     cursor: Mutex<Cursor>,
+    /// Batch readers' grace periods (`lookup_many`).
+    readers: Readers,
 }
 
 impl std::fmt::Debug for Conntrack {
@@ -514,6 +641,7 @@ impl Conntrack {
             stats: ConntrackStats::default(),
             len: AtomicUsize::new(0),
             cursor: Mutex::new(Cursor::default()),
+            readers: Readers::new(cfg.batch_readers),
         }
     }
 
@@ -573,7 +701,9 @@ impl Conntrack {
         if !self.make_room(si, &mut w) {
             return Err(self.refuse());
         }
-        let Some((id, e)) = shard.alloc(&mut w).and_then(|id| Some((id, shard.slot(id)?))) else {
+        let Some((id, e)) =
+            shard.alloc(&mut w, &self.readers).and_then(|id| Some((id, shard.slot(id)?)))
+        else {
             // Every spare slot is pinned by a handle of a removed flow: give the
             // reservation back and refuse.
             self.len.fetch_sub(1, Ordering::Relaxed);
@@ -581,7 +711,7 @@ impl Conntrack {
         };
         e.init(key, init, tcp, self.ms(now));
         if !shard.publish(probe.hash, id) {
-            shard.push_free(&mut w, id);
+            shard.push(&mut w.free, id);
             self.len.fetch_sub(1, Ordering::Relaxed);
             return Err(self.refuse());
         }
@@ -667,65 +797,77 @@ impl Conntrack {
     }
 
     /// The packet path's lookup for a received batch: looks up every key of `keys` and
-    /// calls `f(i, hit)` for each in order, `hit` being the entry (pinned for the call) and
-    /// the side, or `None`. Same semantics as [`Conntrack::lookup_with`] per key, but the
-    /// memory a lookup needs (its index bucket, then the entry it names) is fetched a few
-    /// keys ahead of the one being examined, so the cache misses of consecutive lookups
-    /// overlap instead of being paid one after another. At 1M flows a lookup is
-    /// bound by those misses (`lookup_miss` ≈ one miss, `lookup_with_hit` ≈ two), which is
-    /// what this hides. No lock, no allocation.
+    /// calls `f(i, hit)` for each in order, `hit` being the entry and the side, or `None`.
+    /// Same semantics as [`Conntrack::lookup_with`] per key, with two differences that make
+    /// it several times cheaper per key:
+    /// - it pins nothing: the call is one grace period (`grace.rs`), during which no entry
+    ///   it finds is handed to another flow. So `f` must not block, and a batch should be
+    ///   a burst (tens of keys), not a table scan. When more threads are inside this call
+    ///   than `batch_readers` allows, the extra ones pin each entry instead (counted);
+    /// - it is a software pipeline: key `i + 2·AHEAD` is hashed and its bucket prefetched,
+    ///   key `i + AHEAD`'s bucket (arrived by now) is read and the entry its matching word
+    ///   names is prefetched, key `i` is examined with both lines in cache. The cache
+    ///   misses of consecutive lookups overlap instead of being paid one after another, and
+    ///   no bucket is scanned twice.
+    ///
+    /// No lock, no allocation.
     pub fn lookup_many(&self, keys: &[FlowKey], mut f: impl FnMut(usize, Option<(&Entry, Side)>)) {
-        // A software pipeline over the keys: key `i + 2·AHEAD` is hashed and its bucket
-        // prefetched, key `i + AHEAD`'s bucket (arrived by now) names the entry to
-        // prefetch, key `i` is examined with both lines in cache.
+        let guard = self.readers.enter();
+        let pin = guard.is_none();
         let n = keys.len();
-        let mut ring = [Probe::NONE; RING];
-        let stage1 = |ring: &mut [Probe; RING], j: usize| {
-            let p = Probe::new(&keys[j], &self.seeds);
-            let shard = &self.shards[self.shard_index(p.hash)];
-            prefetch(&shard.index[shard.home(p.hash)]);
-            ring[j % RING] = p;
+        let mut ring = [Pending::NONE; RING];
+        let stage1 = |ring: &mut [Pending; RING], j: usize| {
+            let q = &mut ring[j % RING];
+            q.probe = Probe::new(&keys[j], &self.seeds);
+            let shard = &self.shards[self.shard_index(q.probe.hash)];
+            prefetch(&shard.index[shard.home(q.probe.hash)]);
         };
-        let stage2 = |p: &Probe| {
-            let shard = &self.shards[self.shard_index(p.hash)];
-            let tag = tag_of(p.hash);
-            for w in &shard.index[shard.home(p.hash)].words {
-                let word = w.load(Ordering::Relaxed);
-                if word >> 32 == tag {
-                    if let Some(e) = shard.slot(word as u32) {
-                        prefetch_entry(e);
-                    }
-                    break;
-                }
+        let stage2 = |q: &mut Pending| {
+            let shard = &self.shards[self.shard_index(q.probe.hash)];
+            let bucket = &shard.index[shard.home(q.probe.hash)];
+            (q.words, q.mask) = bucket.scan(tag_of(q.probe.hash));
+            q.overflow = bucket.overflow.load(Ordering::Acquire) != 0;
+            if q.mask != 0
+                && let Some(e) = shard.slot(q.words[q.mask.trailing_zeros() as usize] as u32)
+            {
+                prefetch_entry(e);
             }
         };
         for j in 0..n.min(2 * AHEAD) {
             stage1(&mut ring, j);
         }
         for j in 0..n.min(AHEAD) {
-            stage2(&ring[j % RING]);
+            stage2(&mut ring[j % RING]);
         }
         for i in 0..n {
             if i + 2 * AHEAD < n {
                 stage1(&mut ring, i + 2 * AHEAD);
             }
             if i + AHEAD < n {
-                stage2(&ring[(i + AHEAD) % RING]);
+                stage2(&mut ring[(i + AHEAD) % RING]);
             }
-            let p = &ring[i % RING];
-            let shard = &self.shards[self.shard_index(p.hash)];
-            let mut f = Some(&mut f);
-            let hit = shard.find(p, |_, e, side| {
-                if let Some(f) = f.take() {
-                    f(i, Some((e, side)));
-                }
-            });
-            if hit.is_none()
-                && let Some(f) = f.take()
-            {
+            let q = &ring[i % RING];
+            let shard = &self.shards[self.shard_index(q.probe.hash)];
+            if let Some((_, held, side)) = shard.examine(&q.words, q.mask, &q.probe, pin) {
+                f(i, Some((held.entry, side)));
+            } else if !q.overflow {
                 f(i, None);
+            } else {
+                // The key may live past its home bucket: the general (pinning) path.
+                let mut f = Some(&mut f);
+                let hit = shard.find(&q.probe, |_, e, side| {
+                    if let Some(f) = f.take() {
+                        f(i, Some((e, side)));
+                    }
+                });
+                if hit.is_none()
+                    && let Some(f) = f.take()
+                {
+                    f(i, None);
+                }
             }
         }
+        drop(guard);
     }
 
     /// Marks activity on an entry (the packet path calls this on every hit).
@@ -789,6 +931,12 @@ impl Conntrack {
 
     pub fn stats(&self) -> &ConntrackStats {
         &self.stats
+    }
+
+    /// Batch lookups that found every `batch_readers` slot taken and pinned each entry
+    /// instead (`flowgate_conntrack_batch_fallbacks_total`).
+    pub fn batch_fallbacks(&self) -> u64 {
+        self.readers.fallbacks.load(Ordering::Relaxed)
     }
 
     /// Milliseconds since the table was created, for `Entry::*_ms` comparisons.
