@@ -604,18 +604,23 @@ impl Entry {
         }
         let forward = match p.ends {
             Ends::V4 { lo, hi } => {
-                if self.v6_addrs().is_some() {
-                    return None;
-                }
-                let src = v4_end(Ipv4Addr::from_bits(self.src_ip.load(r)), self.src_port.load(r));
-                let dst = v4_end(Ipv4Addr::from_bits(self.dst_ip.load(r)), self.dst_port.load(r));
-                if src == lo && dst == hi {
+                let (src_ip, dst_ip) = (self.src_ip.load(r), self.dst_ip.load(r));
+                let src = v4_end(Ipv4Addr::from_bits(src_ip), self.src_port.load(r));
+                let dst = v4_end(Ipv4Addr::from_bits(dst_ip), self.dst_port.load(r));
+                let forward = if src == lo && dst == hi {
                     true
                 } else if src == hi && dst == lo {
                     false
                 } else {
                     return None;
+                };
+                // An IPv6 entry stores 0.0.0.0 for both IPv4 addresses, so only a probe
+                // for those can reach here with one; asking `ext` only then keeps the
+                // lookup off the entry's control-plane line (`HOT_BYTES`).
+                if src_ip == 0 && dst_ip == 0 && self.v6_addrs().is_some() {
+                    return None;
                 }
+                forward
             }
             Ends::V6 { .. } => {
                 let (ends, lo_is_src) = self.ends();
@@ -855,6 +860,15 @@ mod tests {
         let v6 = FlowKey::new(Proto::Udp, "[::1]:1".parse().unwrap(), "[::2]:2".parse().unwrap());
         let e = Entry::new(&v6, init(), None, 0);
         assert_eq!(e.side_of(&v4), None);
+        // An IPv6 entry's IPv4 fields are 0.0.0.0, so this probe passes the address and
+        // port compare: only the entry's family (in `ext`) tells them apart.
+        let zeros =
+            FlowKey::new(Proto::Udp, "0.0.0.0:1".parse().unwrap(), "0.0.0.0:2".parse().unwrap());
+        let unspecified =
+            FlowKey::new(Proto::Udp, "[::]:1".parse().unwrap(), "[::]:2".parse().unwrap());
+        let e = Entry::new(&unspecified, init(), None, 0);
+        assert_eq!(e.side_of(&zeros), None);
+        assert_eq!(Entry::new(&zeros, init(), None, 0).side_of(&zeros), Some(Side::Orig));
     }
 
     #[test]
