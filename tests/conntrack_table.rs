@@ -610,8 +610,8 @@ fn lookup_many_matches_single_lookups() {
         .map(|j| (j * 37) % 100)
         .map(|i| if i % 4 == 0 { key(Proto::Udp, i).reversed() } else { key(Proto::Udp, i) })
         .collect();
-    // Shorter than the prefetch distance, around it, and well past it.
-    for len in [0, 1, 5, 12, 13, 100] {
+    // Shorter than the prefetch distances, around them, and well past them.
+    for len in [0, 1, 5, 8, 9, 32, 33, 34, 100] {
         let mut seen = Vec::new();
         ct.lookup_many(&keys[..len], |idx, hit| {
             seen.push((idx, hit.map(|(e, side)| (e.key(), side))));
