@@ -9,8 +9,9 @@
 //! Layout: N shards picked by the key's keyed hash. Each shard has
 //! - a slab: entries stored in place in chunks of up to 1,024 that are allocated as the
 //!   shard first grows and then re-used through a free list, never freed: no allocation
-//!   per flow, and memory cannot run ahead of the live entries under a flood (nothing
-//!   waits for deferred reclamation);
+//!   per flow, and memory cannot run ahead of the live entries under a flood (a removed
+//!   slot waits in limbo only while a batch lookup that began before its removal is still
+//!   running, see below);
 //! - an index: a fixed array of 64-byte buckets of seven 8-byte words (a 31-bit hash tag
 //!   and a slot id) plus an overflow count, probed linearly from the key's home bucket.
 //!   A probe stops at the first bucket whose overflow count is 0, so a miss costs one
@@ -18,14 +19,16 @@
 //!   overflowed is removed), so probe lengths do not degrade under churn. Nothing moves once
 //!   published, so a reader never misses an entry that stays in the table;
 //! - a mutex taken only by writers of that shard (insert, remove, evict, the expiry sweep)
-//!   guarding the free list and the eviction queue.
+//!   guarding the free and limbo lists and the eviction queue.
 //!
 //! Lookups take no lock at all: they cannot wait for a writer. They read the index words,
 //! then *pin* the slot a word names (an atomic count on the entry itself) and check that
 //! it is live and holds the key. A writer never re-uses a pinned slot (the free list skips
-//! it), so a reader's `&Entry` is one flow's entry for as long as it holds it, without
-//! epochs or deferred frees. [`EntryRef`] is a pinned slot: what `insert` and `lookup`
-//! return and what proxied flows keep for their lifetime. The choice against
+//! it), so a reader's `&Entry` is one flow's entry for as long as it holds it.
+//! [`EntryRef`] is a pinned slot: what `insert` and `lookup` return and what proxied flows
+//! keep for their lifetime. The packet path's batch lookup ([`Conntrack::lookup_many`])
+//! pins nothing: each call is a grace period (`grace.rs`), and a removed slot is re-used
+//! only once every call that could have seen it has returned. The choice against
 //! `scc::HashIndex` of `Arc<Entry>` (the previous layout), dashmap and papaya was made by
 //! benchmark (`benches/conntrack.rs`, BENCHMARKS.md "Connection tracking").
 //!
@@ -194,7 +197,7 @@ fn tag_of(h: u64) -> u64 {
 
 impl Shard {
     /// A shard for `shard_cap` live entries, with `pin_slack` more slots for removed
-    /// entries still pinned by a handle (not re-used until released).
+    /// entries still pinned by a handle or in limbo (not re-used until released).
     fn new(shard_cap: usize, pin_slack: usize, seeds: Seeds) -> Shard {
         let buckets = (shard_cap * BUCKETS_NUM).div_ceil(BUCKETS_DEN).max(2);
         let max_slots = shard_cap + pin_slack;
