@@ -582,16 +582,11 @@ impl Entry {
         let r = Ordering::Relaxed;
         let (sp, dp) = (self.src_port.load(r), self.dst_port.load(r));
         match self.v6_addrs() {
-            Some((s, d)) => {
-                let (lo, hi, lo_is_src) = order((s, sp), (d, dp));
-                (Ends::V6 { lo, hi }, lo_is_src)
-            }
-            None => {
-                let s = v4_end(Ipv4Addr::from_bits(self.src_ip.load(r)), sp);
-                let d = v4_end(Ipv4Addr::from_bits(self.dst_ip.load(r)), dp);
-                let (lo, hi, lo_is_src) = order(s, d);
-                (Ends::V4 { lo, hi }, lo_is_src)
-            }
+            Some((s, d)) => Ends::v6((s, sp), (d, dp)),
+            None => Ends::v4(
+                v4_end(Ipv4Addr::from_bits(self.src_ip.load(r)), sp),
+                v4_end(Ipv4Addr::from_bits(self.dst_ip.load(r)), dp),
+            ),
         }
     }
 
@@ -672,6 +667,23 @@ enum Ends {
     V6 { lo: End6, hi: End6 },
 }
 
+impl Ends {
+    /// The ends of an IPv4 key from its source and destination (packed, [`v4_end`]), and
+    /// whether the source is the lower one.
+    #[inline]
+    fn v4(src: u64, dst: u64) -> (Ends, bool) {
+        let (lo, hi, lo_is_src) = order(src, dst);
+        (Ends::V4 { lo, hi }, lo_is_src)
+    }
+
+    /// The same for an IPv6 (or mixed-family) key.
+    #[inline]
+    fn v6(src: End6, dst: End6) -> (Ends, bool) {
+        let (lo, hi, lo_is_src) = order(src, dst);
+        (Ends::V6 { lo, hi }, lo_is_src)
+    }
+}
+
 #[inline]
 fn v4_end(ip: Ipv4Addr, port: u16) -> u64 {
     (u64::from(ip.to_bits()) << 16) | u64::from(port)
@@ -711,15 +723,9 @@ impl Probe {
         let proto = key.proto.number();
         let (ends, lo_is_src) = match (key.src, key.dst) {
             (SocketAddr::V4(s), SocketAddr::V4(d)) => {
-                let (lo, hi, lo_is_src) =
-                    order(v4_end(*s.ip(), s.port()), v4_end(*d.ip(), d.port()));
-                (Ends::V4 { lo, hi }, lo_is_src)
+                Ends::v4(v4_end(*s.ip(), s.port()), v4_end(*d.ip(), d.port()))
             }
-            (s, d) => {
-                let (lo, hi, lo_is_src) =
-                    order((v6_bits(s.ip()), s.port()), (v6_bits(d.ip()), d.port()));
-                (Ends::V6 { lo, hi }, lo_is_src)
-            }
+            (s, d) => Ends::v6((v6_bits(s.ip()), s.port()), (v6_bits(d.ip()), d.port())),
         };
         Probe { hash: 0, proto, lo_is_src, ends }
     }
@@ -789,25 +795,33 @@ mod tests {
     /// prefetches; what only the control plane reads comes after.
     #[test]
     fn the_packet_path_fields_come_first() {
-        use std::mem::offset_of;
-        for end in [
-            offset_of!(Entry, src_ip) + 4,
-            offset_of!(Entry, dst_ip) + 4,
-            offset_of!(Entry, src_port) + 2,
-            offset_of!(Entry, dst_port) + 2,
-            offset_of!(Entry, proto) + 1,
-            offset_of!(Entry, state) + 1,
-            offset_of!(Entry, link) + 4,
-            offset_of!(Entry, pins) + 4,
-            offset_of!(Entry, bytes_orig) + 8,
-            offset_of!(Entry, bytes_reply) + 8,
-            offset_of!(Entry, packets_orig) + 8,
-            offset_of!(Entry, packets_reply) + 8,
-            offset_of!(Entry, last_seen_ms) + 8,
-        ] {
-            assert!(end <= HOT_BYTES, "a packet-path field ends at {end}");
+        let e = Entry::empty();
+        // Where a field ends: its offset plus its own size.
+        macro_rules! ends {
+            ($($field:ident),+) => {
+                [$((stringify!($field),
+                    std::mem::offset_of!(Entry, $field) + std::mem::size_of_val(&e.$field))),+]
+            };
         }
-        assert!(offset_of!(Entry, ext) >= HOT_BYTES);
+        let hot = ends!(
+            src_ip,
+            dst_ip,
+            src_port,
+            dst_port,
+            proto,
+            state,
+            link,
+            pins,
+            bytes_orig,
+            bytes_reply,
+            packets_orig,
+            packets_reply,
+            last_seen_ms
+        );
+        for (field, end) in hot {
+            assert!(end <= HOT_BYTES, "{field} ends at {end}, past the prefetched bytes");
+        }
+        assert!(std::mem::offset_of!(Entry, ext) >= HOT_BYTES);
     }
 
     #[test]
