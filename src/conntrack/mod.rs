@@ -340,17 +340,13 @@ impl Shard {
     /// A slot for a new entry: the oldest free one that nobody pins (refilling the free
     /// list from limbo when it runs dry), else a fresh one.
     fn alloc(&self, w: &mut Writer, readers: &Readers) -> Option<u32> {
-        for round in 0..2 {
-            for _ in 0..w.free.len.min(FREE_TRIES) {
-                let id = self.pop(&mut w.free)?;
-                if !self.slot(id)?.is_pinned() {
-                    return Some(id);
-                }
-                self.push(&mut w.free, id);
-            }
-            if round == 0 && !self.reclaim(w, readers) {
-                break;
-            }
+        if let Some(id) = self.take_free(w) {
+            return Some(id);
+        }
+        if self.reclaim(w, readers)
+            && let Some(id) = self.take_free(w)
+        {
+            return Some(id);
         }
         let high = self.high.load(Ordering::Relaxed);
         if high as usize >= self.max_slots {
@@ -361,6 +357,19 @@ impl Shard {
         chunk.get_or_init(|| (0..1usize << self.chunk_bits).map(|_| Entry::empty()).collect());
         self.high.store(high + 1, Ordering::Release);
         Some(high)
+    }
+
+    /// The oldest free slot nobody pins, looking at no more than `FREE_TRIES` (pinned
+    /// ones go to the back).
+    fn take_free(&self, w: &mut Writer) -> Option<u32> {
+        for _ in 0..w.free.len.min(FREE_TRIES) {
+            let id = self.pop(&mut w.free)?;
+            if !self.slot(id)?.is_pinned() {
+                return Some(id);
+            }
+            self.push(&mut w.free, id);
+        }
+        None
     }
 
     /// Moves limbo slots no batch reader can still see to the free list; closes the open
