@@ -610,12 +610,14 @@ fn benches(c: &mut Criterion) {
 /// The memory floor under `lookup_many`, for the same run: the table's access pattern with
 /// nothing else. A 64-byte bucket array sized as the table's index, a slab of 88-byte
 /// entries, and per key one random bucket whose first word names a random entry (so the
-/// entry's address depends on the bucket's load, as in the table). The same software
-/// pipeline as `lookup_many` (buckets prefetched 12 keys ahead, entries 6 ahead, all three
-/// lines of an entry), the same three atomic read-modify-writes per hit (pin, counter,
-/// unpin), batches of 32; `floor_hit_unpinned` drops the pin and unpin. What
-/// `lookup_many_hit` costs above `floor_hit` is the table's own work per key (hashing, the
-/// bucket scan, the key compare), not memory.
+/// entry's address depends on the bucket's load, as in the table). A software pipeline
+/// (buckets prefetched 12 keys ahead, entries 6 ahead, all three lines of an entry: what
+/// `lookup_many` did until BENCHMARKS.md's "Fourth look") and the callback's counter, in
+/// batches of 32. `floor_hit` adds a pin and unpin per hit, as `lookup_many` did then;
+/// `floor_hit_unpinned` is today's comparison, since batch lookups no longer pin. What
+/// `lookup_many_hit` costs above the floor is the table's: BENCHMARKS.md ("Third look",
+/// "Fourth look") measures how much of it is work per key and how much is memory the
+/// table's stages do not overlap.
 fn bench_floor(c: &mut Criterion) {
     use std::sync::atomic::AtomicU64;
     const AHEAD: usize = 6;
