@@ -366,7 +366,7 @@ fn bench_table(c: &mut Criterion, k: &Keys) {
             b.iter_custom(|iters| {
                 timed(threads, iters, &|th, i| {
                     let hit = t.0.lookup_with(black_box(&k.hits[at(th, i)]), |e, _| {
-                        e.packets_orig.fetch_add(1, Ordering::Relaxed);
+                        e.packets_orig().fetch_add(1, Ordering::Relaxed);
                     });
                     assert!(hit.is_some());
                 })
@@ -379,7 +379,7 @@ fn bench_table(c: &mut Criterion, k: &Keys) {
                 timed(threads, iters, &|th, i| {
                     let key = &k.hits[at(th, i) % 4096];
                     let hit = t.0.lookup_with(black_box(key), |e, _| {
-                        e.packets_orig.fetch_add(1, Ordering::Relaxed);
+                        e.packets_orig().fetch_add(1, Ordering::Relaxed);
                     });
                     assert!(hit.is_some());
                 })
@@ -416,7 +416,7 @@ fn bench_table(c: &mut Criterion, k: &Keys) {
                         let mut found = 0;
                         t.0.lookup_many(black_box(&list[start..start + 32]), |_, hit| {
                             if let Some((e, _)) = hit {
-                                e.packets_orig.fetch_add(1, Ordering::Relaxed);
+                                e.packets_orig().fetch_add(1, Ordering::Relaxed);
                                 found += 1;
                             }
                         });

@@ -316,7 +316,7 @@ fn two_threads_insert_lookup_remove_and_expire() {
     let mut seen = 0usize;
     ct.for_each(|e| {
         seen += 1;
-        assert!(e.packets_reply.load(Ordering::Relaxed) >= 1);
+        assert!(e.packets_reply().load(Ordering::Relaxed) >= 1);
     });
     assert_eq!(seen, ct.len(), "shadow count matches the map");
     assert!(ct.len() <= capacity);
@@ -377,8 +377,8 @@ fn icmp_echo_and_udp_become_assured_on_reply() {
     assert_eq!(state, Some(FlowState::Assured));
     let e = ct.lookup(&echo).unwrap();
     assert!(!e.is_evictable());
-    assert_eq!(e.packets_reply.load(Ordering::Relaxed), 1);
-    assert_eq!(e.bytes_reply.load(Ordering::Relaxed), 84);
+    assert_eq!(e.packets_reply().load(Ordering::Relaxed), 1);
+    assert_eq!(e.bytes_reply().load(Ordering::Relaxed), 84);
     // A second identifier is another flow.
     let other = FlowKey::new(Proto::Icmp, "198.18.0.1:4661".parse().unwrap(), server);
     assert!(ct.lookup(&other).is_none());
@@ -488,29 +488,29 @@ fn a_batch_lookup_keeps_removed_slots_from_reuse_until_it_returns() {
         let now = Instant::now();
         let a = key(Proto::Udp, 1);
         ct.insert(a, init(FlowState::Unreplied), now).expect("room");
-        let (mut churned, mut slot_of_a) = (0, std::ptr::null());
+        let (mut churned, mut slot_of_a) = (0, 0);
         ct.lookup_many(&[a], |_, hit| {
             let (e, _) = hit.expect("a is tracked");
-            slot_of_a = std::ptr::from_ref(e);
+            slot_of_a = e.slot_id();
             e.count(Side::Orig, 7);
             assert!(ct.remove(&a));
             for i in 100..400 {
                 let k = key(Proto::Udp, i);
                 if let Ok(other) = ct.insert(k, init(FlowState::Unreplied), now) {
-                    assert!(!std::ptr::eq(&*other, e), "a new flow took a slot being read");
+                    assert_ne!(other.slot_id(), e.slot_id(), "a new flow took a slot being read");
                     churned += 1;
                     assert!(ct.remove(&k));
                 }
             }
             assert_eq!(e.key(), a);
-            assert_eq!(e.bytes_orig.load(Ordering::Relaxed), 7);
+            assert_eq!(e.bytes_orig().load(Ordering::Relaxed), 7);
         });
         assert!(churned > 0, "batch_readers {batch_readers}: flows came and went meanwhile");
         assert_eq!(ct.batch_fallbacks(), u64::from(batch_readers == 0));
         let reused = (400..500).any(|i| {
             let k = key(Proto::Udp, i);
             let e = ct.insert(k, init(FlowState::Unreplied), now).expect("room after the call");
-            let same = std::ptr::eq(&*e, slot_of_a);
+            let same = e.slot_id() == slot_of_a;
             drop(e);
             assert!(ct.remove(&k));
             same
@@ -558,7 +558,7 @@ fn a_held_handle_survives_removal_and_its_slot_is_reused_after() {
         assert!(ct.remove(&other));
     }
     assert_eq!(held.key(), k);
-    assert_eq!(held.bytes_orig.load(Ordering::Relaxed), 10);
+    assert_eq!(held.bytes_orig().load(Ordering::Relaxed), 10);
     let again = held.clone();
     drop(held);
     assert_eq!(again.key(), k, "a clone pins too");

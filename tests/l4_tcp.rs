@@ -27,7 +27,7 @@ async fn allowed_client_echoes_and_flow_is_tracked_then_removed() {
         assert_eq!(e.key().dst, up.addr);
         assert!(e.src_workload().is_some() && e.dst_workload().is_some());
         assert_eq!(e.generation().0, 1);
-        assert_eq!(get(&e.bytes_orig), data.len() as u64);
+        assert_eq!(get(e.bytes_orig()), data.len() as u64);
     });
     assert_eq!(seen, 1);
     drop(s);

@@ -45,8 +45,8 @@ async fn allowed_client_echoes_denied_client_is_dropped_and_logged_once() {
     assert_eq!(gw.rt.conntrack.len(), 1);
     gw.rt.conntrack.for_each(|e| {
         assert_eq!(e.state(), flowgate::conntrack::FlowState::Assured);
-        assert_eq!(get(&e.packets_orig), 5);
-        assert_eq!(get(&e.bytes_reply), 500);
+        assert_eq!(get(e.packets_orig()), 5);
+        assert_eq!(get(e.bytes_reply()), 500);
     });
 
     let bad = client(BAD, gw.addr("u")).await;

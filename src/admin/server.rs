@@ -267,8 +267,8 @@ fn flows(control: &ControlPlane, query: &str) -> Resp {
             "listener": e.listener(),
             "age_ms": now_ms.saturating_sub(e.created_ms()),
             "idle_ms": now_ms.saturating_sub(e.last_seen_ms()),
-            "bytes_orig": e.bytes_orig.load(Ordering::Relaxed),
-            "bytes_reply": e.bytes_reply.load(Ordering::Relaxed),
+            "bytes_orig": e.bytes_orig().load(Ordering::Relaxed),
+            "bytes_reply": e.bytes_reply().load(Ordering::Relaxed),
         }));
     });
     if matched > out.len() {

@@ -13,6 +13,7 @@
 
 use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ptr::NonNull;
 use std::sync::atomic::{
     AtomicBool, AtomicPtr, AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering,
 };
@@ -192,20 +193,53 @@ pub(crate) const LIVE: u32 = u32::MAX;
 /// End of a shard's free list.
 pub(crate) const NIL: u32 = u32::MAX - 1;
 
-/// One tracked flow, stored in place in its shard's slab (no allocation per flow). Every
-/// field is an atomic: the forwarding path bumps counters without a lock, readers
-/// (`/flows`, revalidation) see a recent value, and the table re-initialises a slot for a
-/// new flow while a late reader may still look at it (it then sees the slot is not live,
-/// or a key that does not match, and moves on).
+/// One tracked flow: a handle on its two parts in its shard's slab (no allocation per
+/// flow). What a packet touches ([`Hot`]) is one cache line by itself; what only the
+/// control plane reads ([`Cold`]) lives in a parallel array, so a batch lookup's hit costs
+/// two cache lines (the index bucket and the hot line), not three.
 ///
-/// Layout (88 bytes, `repr(C)`, checked by a test), in the order a packet needs it: first
-/// what a lookup compares (IPv4 addresses 8, ports 4, protocol 1, state 1, listener 2,
-/// link 4, pins 4), then what forwarding updates (counters 32, last seen 8): the first 64
-/// bytes, so a batch lookup prefetches at most two cache lines per entry, not three.
-/// Then what the control plane reads: ext 8, generation 4, created 4, workloads 8.
-#[derive(Debug)]
-#[repr(C)]
+/// The table hands out `&Entry` only while the slot's memory lives and the slot holds one
+/// flow (a pin, a batch reader's grace period, or the writer lock), which is why an
+/// `Entry` cannot be made, cloned or kept outside the table.
+///
+/// Every field of both parts is an atomic: the forwarding path bumps counters without a
+/// lock, readers (`/flows`, revalidation) see a recent value, and the table
+/// re-initialises a slot for a new flow while a late reader may still look at it (it then
+/// sees the slot is not live, or a key that does not match, and moves on).
 pub struct Entry {
+    hot: NonNull<Hot>,
+    cold: NonNull<Cold>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = Ordering::Relaxed;
+        f.debug_struct("Entry")
+            .field("key", &self.key())
+            .field("state", &self.state())
+            .field("tcp", &self.tcp_state())
+            .field("live", &self.is_live())
+            .field("generation", &self.generation())
+            .field("bytes", &(self.bytes_orig().load(r), self.bytes_reply().load(r)))
+            .field("packets", &(self.packets_orig().load(r), self.packets_reply().load(r)))
+            .field("last_seen_ms", &self.last_seen_ms())
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: an `Entry` is two pointers into a slab of atomics (`Sync`), valid for as long as
+// the `Entry` is (see `Entry::from_parts`): as shareable as `&Hot` and `&Cold`.
+unsafe impl Send for Entry {}
+// SAFETY: as above.
+unsafe impl Sync for Entry {}
+
+/// The part of an entry a packet touches, in the order it needs it: first what a lookup
+/// compares (IPv4 addresses 8, ports 4, protocol 1, state 1, listener 2, link 4, pins 4),
+/// then what forwarding updates (counters 32, last seen 8). Exactly one cache line and
+/// aligned to one (checked by a test), so a batch lookup prefetches one line per entry.
+#[derive(Debug)]
+#[repr(C, align(64))]
+pub(crate) struct Hot {
     src_ip: AtomicU32,
     dst_ip: AtomicU32,
     src_port: AtomicU16,
@@ -218,11 +252,18 @@ pub struct Entry {
     /// Readers and handles currently using this slot: a slot with pins is never re-used.
     pins: AtomicU32,
     /// Bytes and packets, originator → responder and back.
-    pub bytes_orig: AtomicU64,
-    pub bytes_reply: AtomicU64,
-    pub packets_orig: AtomicU64,
-    pub packets_reply: AtomicU64,
+    bytes_orig: AtomicU64,
+    bytes_reply: AtomicU64,
+    packets_orig: AtomicU64,
+    packets_reply: AtomicU64,
     last_seen_ms: AtomicU64,
+}
+
+/// The part of an entry only the control plane reads (24 bytes): revalidation, `/flows`,
+/// cutting a flow. Kept off the packet's cache line.
+#[derive(Debug)]
+#[repr(C)]
+pub(crate) struct Cold {
     /// `Box<EntryExt>` or null. Replaced only when the slot is re-used, which happens only
     /// while nobody holds a pin on it and no batch reader can still see it.
     ext: AtomicPtr<EntryExt>,
@@ -234,10 +275,7 @@ pub struct Entry {
     dst_wl: AtomicU32,
 }
 
-/// Bytes at the start of an [`Entry`] that the packet path touches (see its layout).
-pub(crate) const HOT_BYTES: usize = 64;
-
-impl Drop for Entry {
+impl Drop for Cold {
     fn drop(&mut self) {
         let p = *self.ext.get_mut();
         if !p.is_null() {
@@ -248,36 +286,103 @@ impl Drop for Entry {
     }
 }
 
-impl Entry {
-    /// A free slot.
-    pub(crate) fn empty() -> Entry {
-        Entry {
+impl Hot {
+    /// A free slot's hot part.
+    pub(crate) fn empty() -> Hot {
+        Hot {
+            src_ip: AtomicU32::new(0),
+            dst_ip: AtomicU32::new(0),
+            src_port: AtomicU16::new(0),
+            dst_port: AtomicU16::new(0),
+            proto: AtomicU8::new(0),
+            state: AtomicU8::new(0),
+            listener: AtomicU16::new(0),
+            link: AtomicU32::new(NIL),
+            pins: AtomicU32::new(0),
             bytes_orig: AtomicU64::new(0),
             bytes_reply: AtomicU64::new(0),
             packets_orig: AtomicU64::new(0),
             packets_reply: AtomicU64::new(0),
             last_seen_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Cold {
+    /// A free slot's cold part.
+    pub(crate) fn empty() -> Cold {
+        Cold {
             ext: AtomicPtr::new(std::ptr::null_mut()),
             generation: AtomicU32::new(0),
             created_s: AtomicU32::new(0),
-            src_ip: AtomicU32::new(0),
-            dst_ip: AtomicU32::new(0),
             src_wl: AtomicU32::new(NO_WORKLOAD),
             dst_wl: AtomicU32::new(NO_WORKLOAD),
-            src_port: AtomicU16::new(0),
-            dst_port: AtomicU16::new(0),
-            listener: AtomicU16::new(0),
-            proto: AtomicU8::new(0),
-            state: AtomicU8::new(0),
-            pins: AtomicU32::new(0),
-            link: AtomicU32::new(NIL),
         }
+    }
+}
+
+impl Entry {
+    /// The entry made of a slot's two parts.
+    ///
+    /// # Safety
+    /// Both must outlive the returned `Entry` and every reference to it: slab memory, which
+    /// the table frees only with the shard, or leaked test storage.
+    #[inline]
+    pub(crate) unsafe fn from_parts(hot: &Hot, cold: &Cold) -> Entry {
+        Entry { hot: NonNull::from(hot), cold: NonNull::from(cold) }
+    }
+
+    #[inline(always)]
+    fn hot(&self) -> &Hot {
+        // SAFETY: see `from_parts`: the slot outlives this `Entry`.
+        unsafe { self.hot.as_ref() }
+    }
+
+    #[inline(always)]
+    fn cold(&self) -> &Cold {
+        // SAFETY: as in `hot`.
+        unsafe { self.cold.as_ref() }
+    }
+
+    /// Another handle on the same slot.
+    ///
+    /// # Safety
+    /// As [`Entry::from_parts`]: the slot's memory must outlive the copy.
+    pub(crate) unsafe fn alias(&self) -> Entry {
+        Entry { hot: self.hot, cold: self.cold }
+    }
+
+    /// Which slot of the table this entry lives in, as a number (its address): equal for
+    /// two handles on the same slot, different for two slots live at once. A slot is
+    /// re-used for other flows over time, so this names a place, not a flow.
+    pub fn slot_id(&self) -> usize {
+        self.hot.as_ptr() as usize
+    }
+
+    /// Bytes and packets, originator → responder and back: the forwarding path adds to
+    /// them (relaxed), readers see a recent value.
+    pub fn bytes_orig(&self) -> &AtomicU64 {
+        &self.hot().bytes_orig
+    }
+
+    pub fn bytes_reply(&self) -> &AtomicU64 {
+        &self.hot().bytes_reply
+    }
+
+    pub fn packets_orig(&self) -> &AtomicU64 {
+        &self.hot().packets_orig
+    }
+
+    pub fn packets_reply(&self) -> &AtomicU64 {
+        &self.hot().packets_reply
     }
 
     /// A standalone live entry (unit tests).
     #[cfg(test)]
     pub(crate) fn new(key: &FlowKey, init: EntryInit, tcp: Option<TcpConn>, now_ms: u64) -> Entry {
-        let e = Entry::empty();
+        let (hot, cold) = (Box::leak(Box::new(Hot::empty())), Box::leak(Box::new(Cold::empty())));
+        // SAFETY: leaked storage lives for the rest of the test process.
+        let e = unsafe { Entry::from_parts(hot, cold) };
         e.init(key, init, tcp, now_ms);
         e
     }
@@ -296,7 +401,7 @@ impl Entry {
         } else {
             std::ptr::null_mut()
         };
-        let old = self.ext.swap(ext, Ordering::Relaxed);
+        let old = self.cold().ext.swap(ext, Ordering::Relaxed);
         if !old.is_null() {
             // SAFETY: `old` came from `Box::into_raw` above (an earlier flow in this slot);
             // the slot is free and unpinned, so no reader holds a reference into it.
@@ -308,24 +413,24 @@ impl Entry {
             state = (state & !FLOW_BITS) | conn.state().flow_state() as u8;
         }
         let r = Ordering::Relaxed;
-        self.bytes_orig.store(0, r);
-        self.bytes_reply.store(0, r);
-        self.packets_orig.store(0, r);
-        self.packets_reply.store(0, r);
-        self.last_seen_ms.store(now_ms, r);
-        self.generation.store(init.generation.0 as u32, r);
-        self.created_s.store(u32::try_from(now_ms / 1000).unwrap_or(u32::MAX), r);
-        self.src_ip.store(if v6 { 0 } else { src_bits as u32 }, r);
-        self.dst_ip.store(if v6 { 0 } else { dst_bits as u32 }, r);
-        self.src_wl.store(init.src_workload.map_or(NO_WORKLOAD, |w| w.0), r);
-        self.dst_wl.store(init.dst_workload.map_or(NO_WORKLOAD, |w| w.0), r);
-        self.src_port.store(key.src.port(), r);
-        self.dst_port.store(key.dst.port(), r);
-        self.listener.store(init.listener, r);
-        self.proto.store(key.proto.number(), r);
-        self.state.store(state, r);
+        self.hot().bytes_orig.store(0, r);
+        self.hot().bytes_reply.store(0, r);
+        self.hot().packets_orig.store(0, r);
+        self.hot().packets_reply.store(0, r);
+        self.hot().last_seen_ms.store(now_ms, r);
+        self.cold().generation.store(init.generation.0 as u32, r);
+        self.cold().created_s.store(u32::try_from(now_ms / 1000).unwrap_or(u32::MAX), r);
+        self.hot().src_ip.store(if v6 { 0 } else { src_bits as u32 }, r);
+        self.hot().dst_ip.store(if v6 { 0 } else { dst_bits as u32 }, r);
+        self.cold().src_wl.store(init.src_workload.map_or(NO_WORKLOAD, |w| w.0), r);
+        self.cold().dst_wl.store(init.dst_workload.map_or(NO_WORKLOAD, |w| w.0), r);
+        self.hot().src_port.store(key.src.port(), r);
+        self.hot().dst_port.store(key.dst.port(), r);
+        self.hot().listener.store(init.listener, r);
+        self.hot().proto.store(key.proto.number(), r);
+        self.hot().state.store(state, r);
         // Publishes every store above to a reader that sees `LIVE` (Acquire in `pin`).
-        self.link.store(LIVE, Ordering::Release);
+        self.hot().link.store(LIVE, Ordering::Release);
     }
 
     /// Takes a pin if the slot holds a live flow. A pinned slot is not re-used, so the
@@ -336,8 +441,8 @@ impl Entry {
     /// writer sees this pin and leaves the slot alone, or this sees the slot is not live.
     #[inline]
     pub(crate) fn pin(&self) -> bool {
-        self.pins.fetch_add(1, Ordering::SeqCst);
-        if self.link.load(Ordering::SeqCst) == LIVE {
+        self.hot().pins.fetch_add(1, Ordering::SeqCst);
+        if self.hot().link.load(Ordering::SeqCst) == LIVE {
             // Orders the field reads after the `Release` in `init`.
             std::sync::atomic::fence(Ordering::Acquire);
             true
@@ -350,37 +455,37 @@ impl Entry {
     /// Another pin on a slot already pinned by the caller (cloning a handle).
     #[inline]
     pub(crate) fn pin_again(&self) {
-        self.pins.fetch_add(1, Ordering::Relaxed);
+        self.hot().pins.fetch_add(1, Ordering::Relaxed);
     }
 
     #[inline]
     pub(crate) fn unpin(&self) {
-        self.pins.fetch_sub(1, Ordering::Release);
+        self.hot().pins.fetch_sub(1, Ordering::Release);
     }
 
     /// Whether some reader or handle holds this slot (the writer's side of `pin`).
     #[inline]
     pub(crate) fn is_pinned(&self) -> bool {
-        self.pins.load(Ordering::SeqCst) != 0
+        self.hot().pins.load(Ordering::SeqCst) != 0
     }
 
     #[inline]
     pub(crate) fn is_live(&self) -> bool {
-        self.link.load(Ordering::Acquire) == LIVE
+        self.hot().link.load(Ordering::Acquire) == LIVE
     }
 
     /// Marks the slot free; `next` is its free-list link.
     pub(crate) fn free(&self, next: u32) {
-        self.link.store(next, Ordering::SeqCst);
+        self.hot().link.store(next, Ordering::SeqCst);
     }
 
     pub(crate) fn next_free(&self) -> u32 {
-        self.link.load(Ordering::Relaxed)
+        self.hot().link.load(Ordering::Relaxed)
     }
 
     #[inline]
     fn ext(&self) -> Option<&EntryExt> {
-        let p = self.ext.load(Ordering::Relaxed);
+        let p = self.cold().ext.load(Ordering::Relaxed);
         // SAFETY: a non-null `ext` points to a box owned by this slot; it is replaced
         // (and the old one freed) only in `init`, which runs only while the slot is
         // unpinned — and every `&Entry` handed out is pinned (or is the writer's own).
@@ -396,34 +501,34 @@ impl Entry {
                 (IpAddr::V6(Ipv6Addr::from_bits(s)), IpAddr::V6(Ipv6Addr::from_bits(d)))
             }
             None => (
-                IpAddr::V4(Ipv4Addr::from_bits(self.src_ip.load(r))),
-                IpAddr::V4(Ipv4Addr::from_bits(self.dst_ip.load(r))),
+                IpAddr::V4(Ipv4Addr::from_bits(self.hot().src_ip.load(r))),
+                IpAddr::V4(Ipv4Addr::from_bits(self.hot().dst_ip.load(r))),
             ),
         };
         FlowKey::new(
-            Proto::from_number(self.proto.load(r)),
-            SocketAddr::new(src, self.src_port.load(r)),
-            SocketAddr::new(dst, self.dst_port.load(r)),
+            Proto::from_number(self.hot().proto.load(r)),
+            SocketAddr::new(src, self.hot().src_port.load(r)),
+            SocketAddr::new(dst, self.hot().dst_port.load(r)),
         )
     }
 
     pub fn proto(&self) -> Proto {
-        Proto::from_number(self.proto.load(Ordering::Relaxed))
+        Proto::from_number(self.hot().proto.load(Ordering::Relaxed))
     }
 
     pub fn src_workload(&self) -> Option<WorkloadId> {
-        let w = self.src_wl.load(Ordering::Relaxed);
+        let w = self.cold().src_wl.load(Ordering::Relaxed);
         (w != NO_WORKLOAD).then_some(WorkloadId(w))
     }
 
     pub fn dst_workload(&self) -> Option<WorkloadId> {
-        let w = self.dst_wl.load(Ordering::Relaxed);
+        let w = self.cold().dst_wl.load(Ordering::Relaxed);
         (w != NO_WORKLOAD).then_some(WorkloadId(w))
     }
 
     /// Index of the listener (or packet port) that admitted the flow.
     pub fn listener(&self) -> u16 {
-        self.listener.load(Ordering::Relaxed)
+        self.hot().listener.load(Ordering::Relaxed)
     }
 
     /// The cut handle of a proxied flow.
@@ -450,7 +555,7 @@ impl Entry {
     }
 
     pub fn state(&self) -> FlowState {
-        FlowState::from_bits(self.state.load(Ordering::Relaxed))
+        FlowState::from_bits(self.hot().state.load(Ordering::Relaxed))
     }
 
     pub fn set_state(&self, s: FlowState) {
@@ -463,7 +568,7 @@ impl Entry {
     }
 
     fn tcp_conn(&self) -> Option<TcpConn> {
-        tcp_conn_of(self.state.load(Ordering::Relaxed))
+        tcp_conn_of(self.hot().state.load(Ordering::Relaxed))
     }
 
     /// Feeds one TCP segment seen on `side` into the flow's state machine (packet dataplane).
@@ -474,15 +579,19 @@ impl Entry {
     /// handshake, SYN on an established flow, …) or the flow has no TCP machine; the state
     /// is left unchanged and the caller drops the packet.
     pub fn on_tcp_segment(&self, side: Side, flags: TcpFlags) -> Result<TcpState, TcpInvalid> {
-        let mut cur = self.state.load(Ordering::Relaxed);
+        let mut cur = self.hot().state.load(Ordering::Relaxed);
         loop {
             let conn = tcp_conn_of(cur).ok_or(TcpInvalid::NotTracked)?;
             let next = conn.on_segment(side, flags)?;
             let bits = (cur & !(TCP_BITS | CLOSER_REPLY | FLOW_BITS))
                 | conn_bits(next)
                 | next.state().flow_state() as u8;
-            match self.state.compare_exchange_weak(cur, bits, Ordering::Relaxed, Ordering::Relaxed)
-            {
+            match self.hot().state.compare_exchange_weak(
+                cur,
+                bits,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return Ok(next.state()),
                 Err(actual) => cur = actual,
             }
@@ -505,19 +614,23 @@ impl Entry {
     /// Counts one packet of `bytes` bytes travelling on `side`.
     pub fn count(&self, side: Side, bytes: u64) {
         let (b, p) = match side {
-            Side::Orig => (&self.bytes_orig, &self.packets_orig),
-            Side::Reply => (&self.bytes_reply, &self.packets_reply),
+            Side::Orig => (&self.hot().bytes_orig, &self.hot().packets_orig),
+            Side::Reply => (&self.hot().bytes_reply, &self.hot().packets_reply),
         };
         b.fetch_add(bytes, Ordering::Relaxed);
         p.fetch_add(1, Ordering::Relaxed);
     }
 
     fn update_state(&self, f: impl Fn(u8) -> u8) -> u8 {
-        let mut cur = self.state.load(Ordering::Relaxed);
+        let mut cur = self.hot().state.load(Ordering::Relaxed);
         loop {
             let next = f(cur);
-            match self.state.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
+            match self.hot().state.compare_exchange_weak(
+                cur,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return next,
                 Err(actual) => cur = actual,
             }
@@ -527,16 +640,16 @@ impl Entry {
     /// Sets or clears table bookkeeping bits; returns the previous byte.
     pub(crate) fn swap_flag(&self, flag: u8, on: bool) -> u8 {
         if on {
-            self.state.fetch_or(flag, Ordering::Relaxed)
+            self.hot().state.fetch_or(flag, Ordering::Relaxed)
         } else {
-            self.state.fetch_and(!flag, Ordering::Relaxed)
+            self.hot().state.fetch_and(!flag, Ordering::Relaxed)
         }
     }
 
     /// Whether the table may evict this flow to make room: the flow has not proven itself
     /// (UDP/ICMP unreplied, TCP not established) or is on its way out (closing).
     pub fn is_evictable(&self) -> bool {
-        let b = self.state.load(Ordering::Relaxed);
+        let b = self.hot().state.load(Ordering::Relaxed);
         match tcp_conn_of(b) {
             Some(c) => c.state() != TcpState::Established,
             None => matches!(FlowState::from_bits(b), FlowState::Unreplied | FlowState::Closing),
@@ -545,25 +658,25 @@ impl Entry {
 
     /// The policy generation that last allowed this flow.
     pub fn generation(&self) -> Generation {
-        Generation(u64::from(self.generation.load(Ordering::Relaxed)))
+        Generation(u64::from(self.cold().generation.load(Ordering::Relaxed)))
     }
 
     pub fn set_generation(&self, g: Generation) {
-        self.generation.store(g.0 as u32, Ordering::Relaxed);
+        self.cold().generation.store(g.0 as u32, Ordering::Relaxed);
     }
 
     /// Milliseconds since the table was created, when the entry was created (second
     /// resolution) / last used.
     pub fn created_ms(&self) -> u64 {
-        u64::from(self.created_s.load(Ordering::Relaxed)) * 1000
+        u64::from(self.cold().created_s.load(Ordering::Relaxed)) * 1000
     }
 
     pub fn last_seen_ms(&self) -> u64 {
-        self.last_seen_ms.load(Ordering::Relaxed)
+        self.hot().last_seen_ms.load(Ordering::Relaxed)
     }
 
     pub(crate) fn set_last_seen_ms(&self, ms: u64) {
-        self.last_seen_ms.store(ms, Ordering::Relaxed);
+        self.hot().last_seen_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Which side of this flow a packet with key `key` travels on, if it belongs to it.
@@ -574,18 +687,18 @@ impl Entry {
     /// The direction-independent keyed hash of this entry's key (same as its [`Probe`]'s):
     /// what the table's writers use to find the entry's index word.
     pub(crate) fn hash(&self, seeds: &Seeds) -> u64 {
-        seeds.hash(self.proto.load(Ordering::Relaxed), &self.ends().0)
+        seeds.hash(self.hot().proto.load(Ordering::Relaxed), &self.ends().0)
     }
 
     /// The entry's canonical ends and whether its source is the lower one.
     fn ends(&self) -> (Ends, bool) {
         let r = Ordering::Relaxed;
-        let (sp, dp) = (self.src_port.load(r), self.dst_port.load(r));
+        let (sp, dp) = (self.hot().src_port.load(r), self.hot().dst_port.load(r));
         match self.v6_addrs() {
             Some((s, d)) => Ends::v6((s, sp), (d, dp)),
             None => Ends::v4(
-                v4_end(Ipv4Addr::from_bits(self.src_ip.load(r)), sp),
-                v4_end(Ipv4Addr::from_bits(self.dst_ip.load(r)), dp),
+                v4_end(Ipv4Addr::from_bits(self.hot().src_ip.load(r)), sp),
+                v4_end(Ipv4Addr::from_bits(self.hot().dst_ip.load(r)), dp),
             ),
         }
     }
@@ -594,14 +707,14 @@ impl Entry {
     #[inline]
     pub(crate) fn matches(&self, p: &Probe) -> Option<Side> {
         let r = Ordering::Relaxed;
-        if self.proto.load(r) != p.proto {
+        if self.hot().proto.load(r) != p.proto {
             return None;
         }
         let forward = match p.ends {
             Ends::V4 { lo, hi } => {
-                let (src_ip, dst_ip) = (self.src_ip.load(r), self.dst_ip.load(r));
-                let src = v4_end(Ipv4Addr::from_bits(src_ip), self.src_port.load(r));
-                let dst = v4_end(Ipv4Addr::from_bits(dst_ip), self.dst_port.load(r));
+                let (src_ip, dst_ip) = (self.hot().src_ip.load(r), self.hot().dst_ip.load(r));
+                let src = v4_end(Ipv4Addr::from_bits(src_ip), self.hot().src_port.load(r));
+                let dst = v4_end(Ipv4Addr::from_bits(dst_ip), self.hot().dst_port.load(r));
                 let forward = if src == lo && dst == hi {
                     true
                 } else if src == hi && dst == lo {
@@ -611,7 +724,7 @@ impl Entry {
                 };
                 // An IPv6 entry stores 0.0.0.0 for both IPv4 addresses, so only a probe
                 // for those can reach here with one; asking `ext` only then keeps the
-                // lookup off the entry's control-plane line (`HOT_BYTES`).
+                // lookup off the entry's cold part.
                 if src_ip == 0 && dst_ip == 0 && self.v6_addrs().is_some() {
                     return None;
                 }
@@ -705,16 +818,18 @@ pub(crate) struct Probe {
 }
 
 impl Probe {
-    /// A placeholder (fills the unused part of a lookup batch; matches nothing).
-    pub(crate) const NONE: Probe =
-        Probe { hash: 0, proto: 0, lo_is_src: true, ends: Ends::V4 { lo: 0, hi: 0 } };
-
     /// `key` canonicalised and hashed with the table's `seeds`.
     #[inline]
     pub(crate) fn new(key: &FlowKey, seeds: &Seeds) -> Probe {
         let mut p = Probe::unhashed(key);
         p.hash = seeds.hash(p.proto, &p.ends);
         p
+    }
+
+    /// `key` canonicalised, with the hash [`Probe::new`] gave it earlier.
+    #[inline]
+    pub(crate) fn with_hash(key: &FlowKey, hash: u64) -> Probe {
+        Probe { hash, ..Probe::unhashed(key) }
     }
 
     /// `key` canonicalised, for comparing only (no hash).
@@ -728,6 +843,55 @@ impl Probe {
             (s, d) => Ends::v6((v6_bits(s.ip()), s.port()), (v6_bits(d.ip()), d.port())),
         };
         Probe { hash: 0, proto, lo_is_src, ends }
+    }
+}
+
+/// A [`Probe`] in 24 bytes, for a batch lookup to carry between its stages: IPv4 probes
+/// whole, others as their hash alone (the rare IPv6 key is canonicalised again from the
+/// key when compared), so the batch neither copies 96-byte probes nor canonicalises an
+/// IPv4 key twice.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PackedProbe {
+    pub(crate) hash: u64,
+    /// IPv4 ends (`lo`, `hi`) when `v4`.
+    lo: u64,
+    hi: u64,
+}
+
+/// Where a packed IPv4 probe keeps its protocol and side flag: `hi`'s top 16 bits, which
+/// an IPv4 end (address << 16 | port, 48 bits) never uses.
+const PACK_SHIFT: u32 = 48;
+const PACK_V4: u64 = 1 << 63;
+const PACK_LO_IS_SRC: u64 = 1 << 62;
+
+impl PackedProbe {
+    #[inline]
+    pub(crate) fn pack(p: &Probe) -> PackedProbe {
+        match p.ends {
+            Ends::V4 { lo, hi } => PackedProbe {
+                hash: p.hash,
+                lo,
+                hi: hi
+                    | u64::from(p.proto) << PACK_SHIFT
+                    | PACK_V4
+                    | if p.lo_is_src { PACK_LO_IS_SRC } else { 0 },
+            },
+            Ends::V6 { .. } => PackedProbe { hash: p.hash, lo: 0, hi: 0 },
+        }
+    }
+
+    /// The probe again; `key` is the key it was made from (used only for IPv6).
+    #[inline]
+    pub(crate) fn unpack(&self, key: &FlowKey) -> Probe {
+        if self.hi & PACK_V4 == 0 {
+            return Probe::with_hash(key, self.hash);
+        }
+        Probe {
+            hash: self.hash,
+            proto: (self.hi >> PACK_SHIFT) as u8,
+            lo_is_src: self.hi & PACK_LO_IS_SRC != 0,
+            ends: Ends::V4 { lo: self.lo, hi: self.hi & ((1 << PACK_SHIFT) - 1) },
+        }
     }
 }
 
@@ -786,42 +950,14 @@ mod tests {
         }
     }
 
+    /// What a packet touches is one aligned cache line; the rest (24 bytes) is apart.
+    /// Together 88 bytes a slot, which with the index keeps the table under 128 bytes an
+    /// entry at 1M (tests/conntrack_memory.rs).
     #[test]
-    fn entry_is_88_bytes() {
-        assert_eq!(std::mem::size_of::<Entry>(), 88);
-    }
-
-    /// What a packet touches lies in the first `HOT_BYTES`, which the batch lookup
-    /// prefetches; what only the control plane reads comes after.
-    #[test]
-    fn the_packet_path_fields_come_first() {
-        let e = Entry::empty();
-        // Where a field ends: its offset plus its own size.
-        macro_rules! ends {
-            ($($field:ident),+) => {
-                [$((stringify!($field),
-                    std::mem::offset_of!(Entry, $field) + std::mem::size_of_val(&e.$field))),+]
-            };
-        }
-        let hot = ends!(
-            src_ip,
-            dst_ip,
-            src_port,
-            dst_port,
-            proto,
-            state,
-            link,
-            pins,
-            bytes_orig,
-            bytes_reply,
-            packets_orig,
-            packets_reply,
-            last_seen_ms
-        );
-        for (field, end) in hot {
-            assert!(end <= HOT_BYTES, "{field} ends at {end}, past the prefetched bytes");
-        }
-        assert!(std::mem::offset_of!(Entry, ext) >= HOT_BYTES);
+    fn hot_part_is_one_cache_line() {
+        assert_eq!(std::mem::size_of::<Hot>(), 64);
+        assert_eq!(std::mem::align_of::<Hot>(), 64);
+        assert_eq!(std::mem::size_of::<Cold>(), 24);
     }
 
     #[test]

@@ -122,9 +122,9 @@ impl Conntrack {
                 if !e.is_live() {
                     continue;
                 }
-                if self.timeouts.is_expired(e, now_ms) {
+                if self.timeouts.is_expired(&e, now_ms) {
                     e.trigger_cut();
-                    shard.remove_slot(&mut w, id, e);
+                    shard.remove_slot(&mut w, id, &e);
                     self.len.fetch_sub(1, Ordering::Relaxed);
                     removed += 1;
                 } else if e.is_evictable() && e.swap_flag(QUEUED, true) & QUEUED == 0 {

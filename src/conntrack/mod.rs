@@ -7,11 +7,13 @@
 //! flow when a reload revokes it).
 //!
 //! Layout: N shards picked by the key's keyed hash. Each shard has
-//! - a slab: entries stored in place in chunks of up to 1,024 that are allocated as the
-//!   shard first grows and then re-used through a free list, never freed: no allocation
-//!   per flow, and memory cannot run ahead of the live entries under a flood (a removed
-//!   slot waits in limbo only while a batch lookup that began before its removal is still
-//!   running, see below);
+//! - a slab (`slab.rs`): entries stored in place in chunks of up to 1,024 that are
+//!   allocated as the shard first grows and then re-used through a free list, never freed:
+//!   no allocation per flow, and memory cannot run ahead of the live entries under a flood
+//!   (a removed slot waits in limbo only while a batch lookup that began before its removal
+//!   is still running, see below). Each entry is two parts: what a packet touches (key,
+//!   state, counters) in one aligned 64-byte line, and what only the control plane reads in
+//!   24 bytes of a parallel array, so a lookup's hit costs two cache lines, bucket and entry;
 //! - an index: a fixed array of 64-byte buckets of seven 8-byte words (a 31-bit hash tag
 //!   and a slot id) plus an overflow count, probed linearly from the key's home bucket.
 //!   A probe stops at the first bucket whose overflow count is 0, so a miss costs one
@@ -53,13 +55,13 @@ mod config;
 mod entry;
 mod expiry;
 mod grace;
+mod slab;
 pub mod tcp_state;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use thiserror::Error;
@@ -70,9 +72,10 @@ pub use config::{ConntrackConfig, ConntrackConfigError};
 pub use entry::{CutSignal, Entry, EntryInit, FlowState};
 pub use tcp_state::{Side, TcpConn, TcpFlags, TcpInvalid, TcpState};
 
-use entry::{HOT_BYTES, NIL, Probe, QUEUED, Seeds};
+use entry::{NIL, PackedProbe, Probe, QUEUED, Seeds};
 use expiry::{Cursor, Timeouts};
 use grace::Readers;
+use slab::Slab;
 
 /// Why a new flow could not be tracked.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -125,18 +128,17 @@ struct Bucket {
 }
 
 impl Bucket {
-    /// A snapshot of the bucket's words and the mask of those carrying `tag` (bit `i` for
-    /// word `i`). Computed without a branch per word: where in a bucket a key's word sits
-    /// is random, so a branch on each compare would be mispredicted on most lookups.
+    /// Which words carry `tag` (bit `i` for word `i`). Computed without a branch per
+    /// word: where in a bucket a key's word sits is random, so a branch on each compare
+    /// would be mispredicted on most lookups.
     #[inline]
-    fn scan(&self, tag: u64) -> ([u64; WAYS], u32) {
-        // SeqCst (a plain load on x86): see `grace.rs` for why batch readers need it.
-        let words: [u64; WAYS] = std::array::from_fn(|i| self.words[i].load(Ordering::SeqCst));
+    fn tagged(&self, tag: u64) -> u32 {
         let mut mask = 0;
-        for (i, w) in words.iter().enumerate() {
-            mask |= u32::from(w >> 32 == tag) << i;
+        for (i, w) in self.words.iter().enumerate() {
+            // SeqCst (a plain load on x86): see `grace.rs` for why batch readers need it.
+            mask |= u32::from(w.load(Ordering::SeqCst) >> 32 == tag) << i;
         }
-        (words, mask)
+        mask
     }
 }
 
@@ -145,9 +147,8 @@ struct Shard {
     /// The table's hash keys (a copy: writers re-hash an entry to find its index word).
     seeds: Seeds,
     index: Box<[Bucket]>,
-    chunks: Box<[OnceLock<Box<[Entry]>>]>,
-    chunk_bits: u32,
-    /// Slots handed out from the chunks so far (the sweep and `for_each` scan below it).
+    slab: Slab,
+    /// Slots handed out from the slab so far (the sweep and `for_each` scan below it).
     high: AtomicU32,
     max_slots: usize,
     len: AtomicUsize,
@@ -202,12 +203,10 @@ impl Shard {
         let buckets = (shard_cap * BUCKETS_NUM).div_ceil(BUCKETS_DEN).max(2);
         let max_slots = shard_cap + pin_slack;
         let chunk_bits = max_slots.next_power_of_two().trailing_zeros().min(MAX_CHUNK_BITS);
-        let chunks = max_slots.div_ceil(1 << chunk_bits);
         Shard {
             seeds,
             index: (0..buckets).map(|_| Bucket::default()).collect(),
-            chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
-            chunk_bits,
+            slab: Slab::new(max_slots, chunk_bits),
             high: AtomicU32::new(0),
             max_slots,
             len: AtomicUsize::new(0),
@@ -229,9 +228,8 @@ impl Shard {
     }
 
     #[inline]
-    fn slot(&self, id: u32) -> Option<&Entry> {
-        let chunk = self.chunks.get((id >> self.chunk_bits) as usize)?.get()?;
-        chunk.get((id & ((1 << self.chunk_bits) - 1)) as usize)
+    fn slot(&self, id: u32) -> Option<Entry> {
+        self.slab.get(id)
     }
 
     /// The key's home bucket: the top hash bits scaled to the bucket count.
@@ -253,9 +251,8 @@ impl Shard {
         let mut b = self.home(p.hash);
         for _ in 0..self.index.len() {
             let bucket = &self.index[b];
-            let (words, mask) = bucket.scan(tag);
-            if let Some((id, held, side)) = self.examine(&words, mask, p, true) {
-                return Some(f(id, held.entry, side));
+            if let Some((id, held, side)) = self.examine(bucket, bucket.tagged(tag), p, true) {
+                return Some(f(id, &held.entry, side));
             }
             if bucket.overflow.load(Ordering::Acquire) == 0 {
                 return None;
@@ -265,28 +262,35 @@ impl Shard {
         None
     }
 
-    /// Tries the words of one bucket whose tag matched (`mask`, from [`Bucket::scan`]) in
-    /// order: the first slot that holds the probed key, with its id and the side. The slot
-    /// is pinned for as long as the [`Held`] lives, unless `pin` is false because the
-    /// caller is a batch reader inside a grace period (`grace.rs`), which keeps the slot
-    /// from being re-used without touching it.
-    #[inline]
+    /// Tries the words of `bucket` that carried the probe's tag (`mask`, from
+    /// [`Bucket::tagged`]) in order: the first slot that holds the probed key, with its id
+    /// and the side. Each word is read again here and skipped if its tag changed meanwhile
+    /// (a word that gained the tag since is not looked at: that insert raced this lookup).
+    /// The slot is pinned for as long as the [`Held`] lives, unless `pin` is false because
+    /// the caller is a batch reader inside a grace period (`grace.rs`), which keeps the
+    /// slot from being re-used without touching it.
+    #[inline(always)]
     fn examine(
         &self,
-        words: &[u64; WAYS],
+        bucket: &Bucket,
         mut mask: u32,
         p: &Probe,
         pin: bool,
-    ) -> Option<(u32, Held<'_>, Side)> {
+    ) -> Option<(u32, Held, Side)> {
         while mask != 0 {
-            let id = words[mask.trailing_zeros() as usize] as u32;
+            // SeqCst as in `Bucket::scan`.
+            let word = bucket.words[mask.trailing_zeros() as usize].load(Ordering::SeqCst);
             mask &= mask - 1;
+            if word >> 32 != tag_of(p.hash) {
+                continue;
+            }
+            let id = word as u32;
             let Some(e) = self.slot(id) else { continue };
             if !(if pin { e.pin() } else { e.is_live() }) {
                 continue;
             }
             let held = Held { entry: e, pinned: pin };
-            if let Some(side) = e.matches(p) {
+            if let Some(side) = held.entry.matches(p) {
                 return Some((id, held, side));
             }
         }
@@ -352,9 +356,9 @@ impl Shard {
         if high as usize >= self.max_slots {
             return None;
         }
-        let chunk = self.chunks.get((high >> self.chunk_bits) as usize)?;
-        // The only allocation on the insert path: once per chunk, while the shard grows.
-        chunk.get_or_init(|| (0..1usize << self.chunk_bits).map(|_| Entry::empty()).collect());
+        if !self.slab.grow_to(high) {
+            return None;
+        }
         self.high.store(high + 1, Ordering::Release);
         Some(high)
     }
@@ -465,51 +469,38 @@ impl Shard {
             }
             // Cut before the slot can be re-used (its cut handle goes with the next flow).
             e.trigger_cut();
-            self.remove_slot(w, id, e);
+            self.remove_slot(w, id, &e);
             return true;
         }
         false
     }
 }
 
-/// Prefetches the cache lines of `e` a packet touches: its first [`HOT_BYTES`] bytes (the
-/// key, state and counters), one line or, for most slots, two (an entry is 88 bytes at an
-/// 88-byte stride, so it starts anywhere in a line).
-#[inline]
-fn prefetch_entry(e: &Entry) {
-    let p = std::ptr::from_ref(e).cast::<u8>();
-    prefetch_ptr(p);
-    prefetch_ptr(p.wrapping_add(HOT_BYTES - 1));
-}
-
 /// How many keys ahead of the one it examines [`Conntrack::lookup_many`] prefetches the
 /// entry: enough lookups' worth of work to cover a cache miss, few enough that the lines
-/// are still in L1 when used.
-const ENTRY_AHEAD: usize = 8;
+/// are still in L1 when used. 8 while a key took ~200 instructions; with ~110 since the
+/// pipeline was slimmed (BENCHMARKS.md, "Fifth look") an entry is asked for 16 keys ahead
+/// (8, 12, 16 and 20 measured within the machine's noise of each other).
+const ENTRY_AHEAD: usize = 16;
 /// How many keys before its entry is prefetched a key's bucket is: buckets depend on
 /// nothing, so a batch of 32 (a NIC burst) has every bucket requested at the start; a
 /// shorter distance (6 and 6, the first version) left the bucket reads waiting on memory
 /// (same-binary pairs: misses 0.73×, hits 0.87× with 24 and 8).
-const BUCKET_AHEAD: usize = 24;
-/// Lookups in flight in [`Conntrack::lookup_many`]'s pipeline (more than
-/// `BUCKET_AHEAD + ENTRY_AHEAD`).
-const RING: usize = 33;
-const _: () = assert!(RING > BUCKET_AHEAD + ENTRY_AHEAD, "a key's slot is re-filled before use");
+const BUCKET_AHEAD: usize = 16;
+/// Lookups in flight in [`Conntrack::lookup_many`]'s pipeline (at least
+/// `BUCKET_AHEAD + ENTRY_AHEAD`: a key's place is re-filled once it has been examined). A
+/// power of two, so finding a place is a mask, not a division.
+const RING: usize = 32;
+const _: () = assert!(RING >= BUCKET_AHEAD + ENTRY_AHEAD, "a key's slot is re-filled before use");
 
-/// One key of [`Conntrack::lookup_many`]'s pipeline between its stages.
+/// One key of [`Conntrack::lookup_many`]'s pipeline between its stages (48 bytes).
 #[derive(Clone, Copy)]
-struct Pending {
-    probe: Probe,
-    /// The home bucket's words when read, and which carry the key's tag.
-    words: [u64; WAYS],
+struct Pending<'a> {
+    probe: PackedProbe,
+    shard: &'a Shard,
+    bucket: &'a Bucket,
+    /// Which of the home bucket's words carried the key's tag when stage 2 read it.
     mask: u32,
-    /// Whether the home bucket's overflow count was set: the key may live further on.
-    overflow: bool,
-}
-
-impl Pending {
-    const NONE: Pending =
-        Pending { probe: Probe::NONE, words: [0; WAYS], mask: 0, overflow: false };
 }
 
 /// Asks the CPU to start loading the cache line holding `p` (a hint; no effect on
@@ -521,7 +512,7 @@ fn prefetch<T>(p: &T) {
 
 /// [`prefetch`] of an address (never dereferenced).
 #[inline]
-fn prefetch_ptr(p: *const u8) {
+pub(crate) fn prefetch_ptr(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: prefetching is a hint that never faults, whatever the address; SSE is part of
     // the x86_64 baseline.
@@ -543,12 +534,12 @@ impl Drop for Unpin<'_> {
 
 /// An entry a lookup found: pinned (dropping this unpins it), or held by the caller's
 /// grace period.
-struct Held<'a> {
-    entry: &'a Entry,
+struct Held {
+    entry: Entry,
     pinned: bool,
 }
 
-impl Drop for Held<'_> {
+impl Drop for Held {
     fn drop(&mut self) {
         if self.pinned {
             self.entry.unpin();
@@ -561,26 +552,20 @@ impl Drop for Held<'_> {
 /// outlives its map entry). Cloning takes another pin. Keeps its shard's memory alive.
 pub struct EntryRef {
     shard: Arc<Shard>,
-    entry: NonNull<Entry>,
+    entry: Entry,
 }
-
-// SAFETY: `entry` points into `shard`'s slab, which this handle keeps alive and which never
-// moves or frees a chunk before the shard is dropped; `Entry` is all atomics (`Sync`), so
-// the pointer is as shareable as `&Entry`.
-unsafe impl Send for EntryRef {}
-// SAFETY: as above.
-unsafe impl Sync for EntryRef {}
 
 impl EntryRef {
     /// Pins `e` (already pinned by the caller, or its shard's writer lock held).
     fn new(shard: &Arc<Shard>, e: &Entry) -> EntryRef {
         e.pin_again();
-        EntryRef { shard: shard.clone(), entry: NonNull::from(e) }
+        // SAFETY: the handle keeps the shard, and so the slot's memory, alive.
+        EntryRef { shard: shard.clone(), entry: unsafe { e.alias() } }
     }
 
     /// Whether both handles name the same slot.
     pub fn ptr_eq(a: &EntryRef, b: &EntryRef) -> bool {
-        a.entry == b.entry
+        a.entry.slot_id() == b.entry.slot_id()
     }
 }
 
@@ -588,9 +573,7 @@ impl std::ops::Deref for EntryRef {
     type Target = Entry;
 
     fn deref(&self) -> &Entry {
-        // SAFETY: see the `Send` impl: the slab outlives this handle, and the pin keeps
-        // the slot from being re-initialised for another flow.
-        unsafe { self.entry.as_ref() }
+        &self.entry
     }
 }
 
@@ -740,7 +723,7 @@ impl Conntrack {
             shard.enqueue(&mut w, id, self.shard_cap);
         }
         self.stats.inserted.fetch_add(1, Ordering::Relaxed);
-        Ok(EntryRef::new(shard, e))
+        Ok(EntryRef::new(shard, &e))
     }
 
     fn refuse(&self) -> InsertError {
@@ -824,57 +807,63 @@ impl Conntrack {
     ///   a burst (tens of keys), not a table scan. When more threads are inside this call
     ///   than `batch_readers` allows, the extra ones pin each entry instead (counted);
     /// - it is a software pipeline: key `i + BUCKET_AHEAD + ENTRY_AHEAD` is hashed and its
-    ///   bucket prefetched, key `i + ENTRY_AHEAD`'s bucket (arrived by now) is read and the
-    ///   entry its matching word names is prefetched, key `i` is examined with both lines
-    ///   in cache. The cache misses of consecutive lookups overlap instead of being paid one
-    ///   after another, and no bucket is scanned twice.
+    ///   bucket prefetched, key `i + ENTRY_AHEAD`'s bucket (arrived by now) is scanned for
+    ///   the key's tag and the entry its first matching word names is prefetched (its hot
+    ///   line), key `i` is examined with both lines in cache. The cache misses of
+    ///   consecutive lookups overlap instead of being paid one after another. A key carries
+    ///   48 bytes between the stages (its packed probe, shard, bucket and tag mask): the
+    ///   bucket is scanned once and an IPv4 key canonicalised once.
     ///
     /// No lock, no allocation.
     pub fn lookup_many(&self, keys: &[FlowKey], mut f: impl FnMut(usize, Option<(&Entry, Side)>)) {
         let guard = self.readers.enter();
         let pin = guard.is_none();
         let n = keys.len();
-        let mut ring = [Pending::NONE; RING];
-        let stage1 = |ring: &mut [Pending; RING], j: usize| {
-            let q = &mut ring[j % RING];
-            q.probe = Probe::new(&keys[j], &self.seeds);
-            let shard = &self.shards[self.shard_index(q.probe.hash)];
-            prefetch(&shard.index[shard.home(q.probe.hash)]);
+        // Small and cheap to set up: no copy of a 96-byte probe per key, no division by an
+        // odd ring size, and the shard and bucket found once.
+        let first = &*self.shards[0];
+        let mut ring = [Pending {
+            probe: PackedProbe::default(),
+            shard: first,
+            bucket: &first.index[0],
+            mask: 0,
+        }; RING];
+        let stage1 = |j: usize| {
+            let probe = Probe::new(&keys[j], &self.seeds);
+            let shard = &*self.shards[self.shard_index(probe.hash)];
+            let bucket = &shard.index[shard.home(probe.hash)];
+            prefetch(bucket);
+            Pending { probe: PackedProbe::pack(&probe), shard, bucket, mask: 0 }
         };
-        let stage2 = |q: &mut Pending| {
-            let shard = &self.shards[self.shard_index(q.probe.hash)];
-            let bucket = &shard.index[shard.home(q.probe.hash)];
-            (q.words, q.mask) = bucket.scan(tag_of(q.probe.hash));
-            q.overflow = bucket.overflow.load(Ordering::Acquire) != 0;
-            if q.mask != 0
-                && let Some(e) = shard.slot(q.words[q.mask.trailing_zeros() as usize] as u32)
-            {
-                prefetch_entry(e);
+        // Reads the bucket (arrived by now), keeps which words carry the key's tag and
+        // prefetches the first one's entry (almost always the key's).
+        let stage2 = |q: &mut Pending<'_>| {
+            q.mask = q.bucket.tagged(tag_of(q.probe.hash));
+            if q.mask != 0 {
+                let word = q.bucket.words[q.mask.trailing_zeros() as usize].load(Ordering::Relaxed);
+                q.shard.slab.prefetch(word as u32);
             }
         };
         for j in 0..n.min(BUCKET_AHEAD + ENTRY_AHEAD) {
-            stage1(&mut ring, j);
+            ring[j % RING] = stage1(j);
         }
         for j in 0..n.min(ENTRY_AHEAD) {
             stage2(&mut ring[j % RING]);
         }
         for i in 0..n {
-            if i + BUCKET_AHEAD + ENTRY_AHEAD < n {
-                stage1(&mut ring, i + BUCKET_AHEAD + ENTRY_AHEAD);
-            }
             if i + ENTRY_AHEAD < n {
                 stage2(&mut ring[(i + ENTRY_AHEAD) % RING]);
             }
             let q = &ring[i % RING];
-            let shard = &self.shards[self.shard_index(q.probe.hash)];
-            if let Some((_, held, side)) = shard.examine(&q.words, q.mask, &q.probe, pin) {
-                f(i, Some((held.entry, side)));
-            } else if !q.overflow {
+            let probe = q.probe.unpack(&keys[i]);
+            if let Some((_, held, side)) = q.shard.examine(q.bucket, q.mask, &probe, pin) {
+                f(i, Some((&held.entry, side)));
+            } else if q.bucket.overflow.load(Ordering::Acquire) == 0 {
                 f(i, None);
             } else {
                 // The key may live past its home bucket: the general (pinning) path.
                 let mut f = Some(&mut f);
-                let hit = shard.find(&q.probe, |_, e, side| {
+                let hit = q.shard.find(&probe, |_, e, side| {
                     if let Some(f) = f.take() {
                         f(i, Some((e, side)));
                     }
@@ -884,6 +873,11 @@ impl Conntrack {
                 {
                     f(i, None);
                 }
+            }
+            // Key `i` is done: its place in the ring takes the key furthest ahead.
+            if i + BUCKET_AHEAD + ENTRY_AHEAD < n {
+                let j = i + BUCKET_AHEAD + ENTRY_AHEAD;
+                ring[j % RING] = stage1(j);
             }
         }
         drop(guard);
@@ -905,7 +899,7 @@ impl Conntrack {
             return false;
         };
         let Some(e) = shard.slot(id) else { return false };
-        shard.remove_slot(&mut w, id, e);
+        shard.remove_slot(&mut w, id, &e);
         self.len.fetch_sub(1, Ordering::Relaxed);
         self.stats.removed.fetch_add(1, Ordering::Relaxed);
         true
@@ -924,8 +918,8 @@ impl Conntrack {
             for id in 0..high {
                 let Some(e) = shard.slot(id) else { continue };
                 if e.pin() {
-                    let _pin = Unpin(e);
-                    f(&EntryRef::new(shard, e));
+                    let _pin = Unpin(&e);
+                    f(&EntryRef::new(shard, &e));
                 }
             }
         }

@@ -163,7 +163,7 @@ impl EgressProxy {
             if !buf.is_empty() {
                 ready = upstream.write_all(&buf).await;
                 let n = buf.len() as u64;
-                admitted.entry.bytes_orig.fetch_add(n, Ordering::Relaxed);
+                admitted.entry.bytes_orig().fetch_add(n, Ordering::Relaxed);
                 counters.bytes_up.fetch_add(n, Ordering::Relaxed);
             }
         }

@@ -301,8 +301,8 @@ impl EgressProxy {
                     .map(|s| socket2::SockRef::from(s).send_to(h.payload, &key.dst.into()));
                 match sent {
                     Some(Ok(n)) => {
-                        admitted.entry.bytes_orig.fetch_add(n as u64, Ordering::Relaxed);
-                        admitted.entry.packets_orig.fetch_add(1, Ordering::Relaxed);
+                        admitted.entry.bytes_orig().fetch_add(n as u64, Ordering::Relaxed);
+                        admitted.entry.packets_orig().fetch_add(1, Ordering::Relaxed);
                         counters.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
                         self.rt.conntrack.touch(&admitted.entry, Instant::now());
                     }
@@ -338,8 +338,8 @@ impl EgressProxy {
         let dgram = &outbuf[start..MAX_UDP_HEADER + n];
         match socket2::SockRef::from(relay).send_to(dgram, &client.into()) {
             Ok(_) => {
-                admitted.entry.bytes_reply.fetch_add(n as u64, Ordering::Relaxed);
-                admitted.entry.packets_reply.fetch_add(1, Ordering::Relaxed);
+                admitted.entry.bytes_reply().fetch_add(n as u64, Ordering::Relaxed);
+                admitted.entry.packets_reply().fetch_add(1, Ordering::Relaxed);
                 counters.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
                 self.rt.conntrack.touch(&admitted.entry, Instant::now());
             }

@@ -123,14 +123,14 @@ impl Accounting<'_> {
         match side {
             Side::Up => self.add(
                 n,
-                &self.entry.bytes_orig,
-                &self.entry.packets_orig,
+                self.entry.bytes_orig(),
+                self.entry.packets_orig(),
                 &self.counters.bytes_up,
             ),
             Side::Down => self.add(
                 n,
-                &self.entry.bytes_reply,
-                &self.entry.packets_reply,
+                self.entry.bytes_reply(),
+                self.entry.packets_reply(),
                 &self.counters.bytes_down,
             ),
         }

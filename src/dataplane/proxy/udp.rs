@@ -172,8 +172,8 @@ impl UdpProxy {
                             if entry.state() == FlowState::Unreplied {
                                 entry.set_state(FlowState::Assured);
                             }
-                            entry.bytes_reply.fetch_add(n as u64, Ordering::Relaxed);
-                            entry.packets_reply.fetch_add(1, Ordering::Relaxed);
+                            entry.bytes_reply().fetch_add(n as u64, Ordering::Relaxed);
+                            entry.packets_reply().fetch_add(1, Ordering::Relaxed);
                             counters.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
                             ct.touch(&entry, Instant::now());
                             if send_now_to(&listener, &buf[..n], peer).is_err() {
@@ -204,8 +204,8 @@ impl UdpProxy {
 fn forward_up(rt: &Runtime, s: &Session, payload: &[u8], counters: &ListenerCounters) {
     match send_now(&s.upstream, payload) {
         Ok(n) => {
-            s.entry.bytes_orig.fetch_add(n as u64, Ordering::Relaxed);
-            s.entry.packets_orig.fetch_add(1, Ordering::Relaxed);
+            s.entry.bytes_orig().fetch_add(n as u64, Ordering::Relaxed);
+            s.entry.packets_orig().fetch_add(1, Ordering::Relaxed);
             counters.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
             rt.conntrack.touch(&s.entry, Instant::now());
         }
