@@ -608,20 +608,19 @@ fn benches(c: &mut Criterion) {
 }
 
 /// The memory floor under `lookup_many`, for the same run: the table's access pattern with
-/// nothing else. A 64-byte bucket array sized as the table's index, a slab of 88-byte
-/// entries, and per key one random bucket whose first word names a random entry (so the
-/// entry's address depends on the bucket's load, as in the table). A software pipeline
-/// (buckets prefetched 12 keys ahead, entries 6 ahead, all three lines of an entry: what
-/// `lookup_many` did until BENCHMARKS.md's "Fourth look") and the callback's counter, in
-/// batches of 32. `floor_hit` adds a pin and unpin per hit, as `lookup_many` did then;
-/// `floor_hit_unpinned` is today's comparison, since batch lookups no longer pin. What
-/// `lookup_many_hit` costs above the floor is the table's: BENCHMARKS.md ("Third look",
-/// "Fourth look") measures how much of it is work per key and how much is memory the
-/// table's stages do not overlap.
+/// nothing else. A 64-byte bucket array sized as the table's index, a slab of 64-byte
+/// aligned entries (the entries' hot parts), and per key one random bucket whose first word
+/// names a random entry (so the entry's address depends on the bucket's load, as in the
+/// table). The same software pipeline as `lookup_many` (buckets prefetched 32 keys ahead,
+/// entries 16 ahead, one line each) and the callback's counter, in batches of 32.
+/// `floor_hit` adds a pin and unpin per hit, as `lookup_many` did until the "Fourth look"
+/// (BENCHMARKS.md); `floor_hit_unpinned` is today's comparison, since batch lookups no
+/// longer pin. What `lookup_many_hit` costs above the floor is the table's own work per key
+/// ("Fifth look").
 fn bench_floor(c: &mut Criterion) {
     use std::sync::atomic::AtomicU64;
-    const AHEAD: usize = 6;
-    const WORDS: usize = 11; // 88 bytes
+    const AHEAD: usize = 16;
+    const WORDS: usize = 8; // 64 bytes, aligned: one line
     #[repr(align(64))]
     struct Bucket([AtomicU64; 8]);
     // The bench table's index: capacity 2M over 64 shards, 2/9 of a bucket per slot.
@@ -636,9 +635,10 @@ fn bench_floor(c: &mut Criterion) {
     let index: Vec<Bucket> = (0..buckets)
         .map(|_| Bucket(std::array::from_fn(|_| AtomicU64::new(rnd() % N as u64))))
         .collect();
-    let slab: Vec<AtomicU64> = (0..N * WORDS).map(|_| AtomicU64::new(1)).collect();
+    let slab: Vec<Bucket> =
+        (0..N).map(|_| Bucket(std::array::from_fn(|_| AtomicU64::new(1)))).collect();
     let order: Vec<u32> = (0..N).map(|_| (rnd() % buckets as u64) as u32).collect();
-    let entry = |b: u32| &slab[index[b as usize].0[0].load(Ordering::Relaxed) as usize * WORDS..];
+    let entry = |b: u32| &slab[index[b as usize].0[0].load(Ordering::Relaxed) as usize].0;
     let prefetch = |p: *const AtomicU64| {
         // SAFETY: a prefetch never faults; SSE is part of the x86_64 baseline.
         #[cfg(target_arch = "x86_64")]
@@ -656,10 +656,7 @@ fn bench_floor(c: &mut Criterion) {
                 prefetch(&index[keys[i + 2 * AHEAD] as usize].0[0]);
             }
             if hit && i + AHEAD < n {
-                let e = entry(keys[i + AHEAD]);
-                prefetch(&e[0]);
-                prefetch(&e[WORDS / 2]);
-                prefetch(&e[WORDS - 1]);
+                prefetch(&entry(keys[i + AHEAD])[0]);
             }
             if hit {
                 let e = entry(keys[i]);
