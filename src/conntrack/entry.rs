@@ -1,8 +1,10 @@
 //! One tracked flow, laid out to fit the memory budget (≤ 128 bytes per entry at 1M entries,
 //! table overhead included; see BENCHMARKS.md, "Connection tracking").
 //!
-//! An [`Entry`] is 88 bytes and lives in place in its shard's slab: the table allocates
-//! nothing per flow. The per-direction counters and last-seen time are atomics the
+//! An entry is 88 bytes in place in its shard's slab (the table allocates nothing per
+//! flow): a 64-byte [`Hot`] line with what a packet touches and a 24-byte [`Cold`] part
+//! with what only the control plane reads; an [`Entry`] is a handle on both. The
+//! per-direction counters and last-seen time are atomics the
 //! forwarding path bumps without a lock; the key is stored IPv4-compact (two `u32`s and two
 //! ports) with IPv6 addresses moved out to [`EntryExt`], which also holds the cut handle of
 //! proxied flows and the domain name an egress flow was admitted for (one allocation for
@@ -165,7 +167,7 @@ impl EntryInit {
     }
 }
 
-/// The parts of an entry that most flows do not need, kept off the 80-byte entry.
+/// The parts of an entry that most flows do not need, kept out of the slab.
 #[derive(Debug)]
 struct EntryExt {
     cut: Option<Arc<CutSignal>>,

@@ -278,7 +278,7 @@ impl Shard {
         pin: bool,
     ) -> Option<(u32, Held, Side)> {
         while mask != 0 {
-            // SeqCst as in `Bucket::scan`.
+            // SeqCst as in `Bucket::tagged`.
             let word = bucket.words[mask.trailing_zeros() as usize].load(Ordering::SeqCst);
             mask &= mask - 1;
             if word >> 32 != tag_of(p.hash) {
@@ -478,9 +478,9 @@ impl Shard {
 
 /// How many keys ahead of the one it examines [`Conntrack::lookup_many`] prefetches the
 /// entry: enough lookups' worth of work to cover a cache miss, few enough that the lines
-/// are still in L1 when used. 8 while a key took ~200 instructions; with ~110 since the
-/// pipeline was slimmed (BENCHMARKS.md, "Fifth look") an entry is asked for 16 keys ahead
-/// (8, 12, 16 and 20 measured within the machine's noise of each other).
+/// are still in L1 when used. 8 while each key's stages also stalled on copies of its
+/// state; with those gone (BENCHMARKS.md, "Fifth look") an entry is asked for 16 keys
+/// ahead (8, 12, 16 and 20 measured within the machine's noise of each other).
 const ENTRY_AHEAD: usize = 16;
 /// How many keys before its entry is prefetched a key's bucket is: buckets depend on
 /// nothing, so a batch of 32 (a NIC burst) has every bucket requested at the start; a
