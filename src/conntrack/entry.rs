@@ -393,6 +393,7 @@ impl Entry {
     /// caller (the shard's writer) guarantees no pin is held: nobody reads `ext` while it
     /// is replaced.
     pub(crate) fn init(&self, key: &FlowKey, init: EntryInit, tcp: Option<TcpConn>, now_ms: u64) {
+        let (h, c) = (self.hot(), self.cold());
         let (src_bits, dst_bits, v6) = addr_bits(key);
         let ext = if v6 || init.cut.is_some() || init.fqdn.is_some() {
             Box::into_raw(Box::new(EntryExt {
@@ -403,7 +404,7 @@ impl Entry {
         } else {
             std::ptr::null_mut()
         };
-        let old = self.cold().ext.swap(ext, Ordering::Relaxed);
+        let old = c.ext.swap(ext, Ordering::Relaxed);
         if !old.is_null() {
             // SAFETY: `old` came from `Box::into_raw` above (an earlier flow in this slot);
             // the slot is free and unpinned, so no reader holds a reference into it.
@@ -415,24 +416,24 @@ impl Entry {
             state = (state & !FLOW_BITS) | conn.state().flow_state() as u8;
         }
         let r = Ordering::Relaxed;
-        self.hot().bytes_orig.store(0, r);
-        self.hot().bytes_reply.store(0, r);
-        self.hot().packets_orig.store(0, r);
-        self.hot().packets_reply.store(0, r);
-        self.hot().last_seen_ms.store(now_ms, r);
-        self.cold().generation.store(init.generation.0 as u32, r);
-        self.cold().created_s.store(u32::try_from(now_ms / 1000).unwrap_or(u32::MAX), r);
-        self.hot().src_ip.store(if v6 { 0 } else { src_bits as u32 }, r);
-        self.hot().dst_ip.store(if v6 { 0 } else { dst_bits as u32 }, r);
-        self.cold().src_wl.store(init.src_workload.map_or(NO_WORKLOAD, |w| w.0), r);
-        self.cold().dst_wl.store(init.dst_workload.map_or(NO_WORKLOAD, |w| w.0), r);
-        self.hot().src_port.store(key.src.port(), r);
-        self.hot().dst_port.store(key.dst.port(), r);
-        self.hot().listener.store(init.listener, r);
-        self.hot().proto.store(key.proto.number(), r);
-        self.hot().state.store(state, r);
+        h.bytes_orig.store(0, r);
+        h.bytes_reply.store(0, r);
+        h.packets_orig.store(0, r);
+        h.packets_reply.store(0, r);
+        h.last_seen_ms.store(now_ms, r);
+        c.generation.store(init.generation.0 as u32, r);
+        c.created_s.store(u32::try_from(now_ms / 1000).unwrap_or(u32::MAX), r);
+        h.src_ip.store(if v6 { 0 } else { src_bits as u32 }, r);
+        h.dst_ip.store(if v6 { 0 } else { dst_bits as u32 }, r);
+        c.src_wl.store(init.src_workload.map_or(NO_WORKLOAD, |w| w.0), r);
+        c.dst_wl.store(init.dst_workload.map_or(NO_WORKLOAD, |w| w.0), r);
+        h.src_port.store(key.src.port(), r);
+        h.dst_port.store(key.dst.port(), r);
+        h.listener.store(init.listener, r);
+        h.proto.store(key.proto.number(), r);
+        h.state.store(state, r);
         // Publishes every store above to a reader that sees `LIVE` (Acquire in `pin`).
-        self.hot().link.store(LIVE, Ordering::Release);
+        h.link.store(LIVE, Ordering::Release);
     }
 
     /// Takes a pin if the slot holds a live flow. A pinned slot is not re-used, so the
@@ -497,20 +498,20 @@ impl Entry {
     /// The key as the originator sent it (not canonicalised). Mixed-family keys come back
     /// with the IPv4 side v4-mapped.
     pub fn key(&self) -> FlowKey {
-        let r = Ordering::Relaxed;
+        let (h, r) = (self.hot(), Ordering::Relaxed);
         let (src, dst) = match self.v6_addrs() {
             Some((s, d)) => {
                 (IpAddr::V6(Ipv6Addr::from_bits(s)), IpAddr::V6(Ipv6Addr::from_bits(d)))
             }
             None => (
-                IpAddr::V4(Ipv4Addr::from_bits(self.hot().src_ip.load(r))),
-                IpAddr::V4(Ipv4Addr::from_bits(self.hot().dst_ip.load(r))),
+                IpAddr::V4(Ipv4Addr::from_bits(h.src_ip.load(r))),
+                IpAddr::V4(Ipv4Addr::from_bits(h.dst_ip.load(r))),
             ),
         };
         FlowKey::new(
-            Proto::from_number(self.hot().proto.load(r)),
-            SocketAddr::new(src, self.hot().src_port.load(r)),
-            SocketAddr::new(dst, self.hot().dst_port.load(r)),
+            Proto::from_number(h.proto.load(r)),
+            SocketAddr::new(src, h.src_port.load(r)),
+            SocketAddr::new(dst, h.dst_port.load(r)),
         )
     }
 
@@ -615,9 +616,10 @@ impl Entry {
 
     /// Counts one packet of `bytes` bytes travelling on `side`.
     pub fn count(&self, side: Side, bytes: u64) {
+        let h = self.hot();
         let (b, p) = match side {
-            Side::Orig => (&self.hot().bytes_orig, &self.hot().packets_orig),
-            Side::Reply => (&self.hot().bytes_reply, &self.hot().packets_reply),
+            Side::Orig => (&h.bytes_orig, &h.packets_orig),
+            Side::Reply => (&h.bytes_reply, &h.packets_reply),
         };
         b.fetch_add(bytes, Ordering::Relaxed);
         p.fetch_add(1, Ordering::Relaxed);
@@ -694,13 +696,13 @@ impl Entry {
 
     /// The entry's canonical ends and whether its source is the lower one.
     fn ends(&self) -> (Ends, bool) {
-        let r = Ordering::Relaxed;
-        let (sp, dp) = (self.hot().src_port.load(r), self.hot().dst_port.load(r));
+        let (h, r) = (self.hot(), Ordering::Relaxed);
+        let (sp, dp) = (h.src_port.load(r), h.dst_port.load(r));
         match self.v6_addrs() {
             Some((s, d)) => Ends::v6((s, sp), (d, dp)),
             None => Ends::v4(
-                v4_end(Ipv4Addr::from_bits(self.hot().src_ip.load(r)), sp),
-                v4_end(Ipv4Addr::from_bits(self.hot().dst_ip.load(r)), dp),
+                v4_end(Ipv4Addr::from_bits(h.src_ip.load(r)), sp),
+                v4_end(Ipv4Addr::from_bits(h.dst_ip.load(r)), dp),
             ),
         }
     }
@@ -708,15 +710,15 @@ impl Entry {
     /// Which side of this flow a packet with probe `p` travels on, if it belongs to it.
     #[inline]
     pub(crate) fn matches(&self, p: &Probe) -> Option<Side> {
-        let r = Ordering::Relaxed;
-        if self.hot().proto.load(r) != p.proto {
+        let (h, r) = (self.hot(), Ordering::Relaxed);
+        if h.proto.load(r) != p.proto {
             return None;
         }
         let forward = match p.ends {
             Ends::V4 { lo, hi } => {
-                let (src_ip, dst_ip) = (self.hot().src_ip.load(r), self.hot().dst_ip.load(r));
-                let src = v4_end(Ipv4Addr::from_bits(src_ip), self.hot().src_port.load(r));
-                let dst = v4_end(Ipv4Addr::from_bits(dst_ip), self.hot().dst_port.load(r));
+                let (src_ip, dst_ip) = (h.src_ip.load(r), h.dst_ip.load(r));
+                let src = v4_end(Ipv4Addr::from_bits(src_ip), h.src_port.load(r));
+                let dst = v4_end(Ipv4Addr::from_bits(dst_ip), h.dst_port.load(r));
                 let forward = if src == lo && dst == hi {
                     true
                 } else if src == hi && dst == lo {
@@ -855,7 +857,8 @@ impl Probe {
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct PackedProbe {
     pub(crate) hash: u64,
-    /// IPv4 ends (`lo`, `hi`) when `v4`.
+    /// The IPv4 ends when `hi` carries `PACK_V4` (with the protocol and side flag in
+    /// `hi`'s top bits); both 0 for other probes.
     lo: u64,
     hi: u64,
 }
