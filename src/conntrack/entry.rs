@@ -987,6 +987,34 @@ mod tests {
         }
     }
 
+    /// A packed probe unpacks to the probe it was made from: IPv4 in both directions up to
+    /// the widest address and port (the protocol and flags share `hi` with them), any
+    /// protocol number, and IPv6, which is made again from the key.
+    #[test]
+    fn packed_probe_round_trips() {
+        let seeds = Seeds::random();
+        let cases = [
+            (Proto::Tcp, "198.18.0.1:4000", "198.18.0.2:443"),
+            (Proto::Udp, "255.255.255.255:65535", "0.0.0.0:0"),
+            (Proto::Unknown(255), "255.255.255.254:65535", "255.255.255.255:65534"),
+            (Proto::Icmp, "198.18.0.9:7", "198.18.0.1:0"),
+            (Proto::Udp, "[2001:db8::1]:4000", "[2001:db8::2]:53"),
+            (Proto::Tcp, "[::ffff:198.18.0.1]:1", "[2001:db8::2]:2"),
+        ];
+        for (proto, s, d) in cases {
+            let k = FlowKey::new(proto, s.parse().unwrap(), d.parse().unwrap());
+            for k in [k, k.reversed()] {
+                let p = Probe::new(&k, &seeds);
+                let u = PackedProbe::pack(&p).unpack(&k);
+                assert_eq!(
+                    (u.hash, u.proto, u.lo_is_src, u.ends),
+                    (p.hash, p.proto, p.lo_is_src, p.ends),
+                    "{k:?}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn fqdn_lives_in_the_side_allocation() {
         let k = FlowKey::new(
