@@ -623,8 +623,9 @@ fn bench_floor(c: &mut Criterion) {
     const WORDS: usize = 8; // 64 bytes, aligned: one line
     #[repr(align(64))]
     struct Bucket([AtomicU64; 8]);
-    // The bench table's index: capacity 2M over 64 shards, 2/9 of a bucket per slot.
-    let buckets = (2 * N + 2 * N / 4).div_ceil(9) * 2;
+    // The bench table's index: capacity 2M plus a quarter for imbalance, a bucket of
+    // fifteen 4-byte words per 12 slots (14 MB).
+    let buckets = (2 * N + 2 * N / 4).div_ceil(12);
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut rnd = move || {
         x ^= x << 13;

@@ -14,8 +14,11 @@
 //!   is still running, see below). Each entry is two parts: what a packet touches (key,
 //!   state, counters) in one aligned 64-byte line, and what only the control plane reads in
 //!   24 bytes of a parallel array, so a lookup's hit costs two cache lines, bucket and entry;
-//! - an index: a fixed array of 64-byte buckets of seven 8-byte words (a 31-bit hash tag
-//!   and a slot id) plus an overflow count, probed linearly from the key's home bucket.
+//! - an index: a fixed array of 64-byte buckets of fifteen 4-byte words (a hash tag in the
+//!   bits a slot id does not need, and the slot id) plus an overflow count, probed linearly
+//!   from the key's home bucket. 4-byte words keep the index small enough (about 5 bytes per
+//!   slot of capacity) to stay mostly in the last-level cache while the entries do not, so
+//!   a random hit usually pays one memory access, not two (BENCHMARKS.md, "Sixth look").
 //!   A probe stops at the first bucket whose overflow count is 0, so a miss costs one
 //!   cache line in the common case; the counts are exact (decremented when the entry that
 //!   overflowed is removed), so probe lengths do not degrade under churn. Nothing moves once
@@ -103,13 +106,14 @@ pub struct ConntrackStats {
 /// nothing evictable but the table as a whole is full.
 const NEIGHBOURS: usize = 4;
 
-/// Index words per bucket; the eighth word of the 64-byte bucket is its overflow count.
-const WAYS: usize = 7;
+/// Index words per bucket; the sixteenth word of the 64-byte bucket is its overflow count.
+const WAYS: usize = 15;
 
-/// Index buckets per slot of shard capacity (× 2 / 9): at most ~64% of the index words are
-/// used when a shard is at its cap, ~52% at its even share of the capacity.
-const BUCKETS_NUM: usize = 2;
-const BUCKETS_DEN: usize = 9;
+/// Slots of shard capacity per index bucket: at most 80% of the index words are used when
+/// a shard is at its cap, 64% at its even share of the capacity. Buckets of fifteen keep
+/// overflow rare at that load (bucketised linear probing), and every bucket fewer is index
+/// that stays in cache.
+const SLOTS_PER_BUCKET: usize = 12;
 
 /// Largest slab chunk, in entries (88 KiB).
 const MAX_CHUNK_BITS: u32 = 10;
@@ -118,28 +122,101 @@ const MAX_CHUNK_BITS: u32 = 10;
 /// takes a fresh one.
 const FREE_TRIES: usize = 4;
 
-/// One cache line of the index: seven (tag, slot id) words, 0 when empty, and the number
-/// of entries whose home bucket comes before this one but which live after it.
+/// One cache line of the index: fifteen words, each a tag and a slot id (see
+/// [`Shard::word`]) or 0 when empty, and the number of entries whose home bucket comes
+/// before this one but which live after it.
 #[repr(C, align(64))]
 #[derive(Default)]
 struct Bucket {
-    words: [AtomicU64; WAYS],
-    overflow: AtomicU64,
+    words: [AtomicU32; WAYS],
+    overflow: AtomicU32,
 }
 
 impl Bucket {
-    /// Which words carry `tag` (bit `i` for word `i`). Computed without a branch per
-    /// word: where in a bucket a key's word sits is random, so a branch on each compare
-    /// would be mispredicted on most lookups.
+    /// Which words carry `tag` (bit `i` for word `i`), `id_max` being the shard's id mask
+    /// (a word carries the tag when it differs from it only in the id bits). Computed
+    /// without a branch per word: where in a bucket a key's word sits is random, so a branch
+    /// on each compare would be mispredicted on most lookups.
+    ///
+    /// On x86_64 the line is read as four 16-byte vectors and compared four words at a
+    /// time: fifteen scalar compares cost more than the cache miss they follow (same-process
+    /// A/B, BENCHMARKS.md "Sixth look"). The words are read by an `asm!` load rather than
+    /// an intrinsic because they are atomics that writers store concurrently: the CPU reads
+    /// each aligned 4-byte word of a 16-byte aligned load whole (aligned 16-byte loads are
+    /// even atomic as a whole on CPUs with AVX), so each word is read as by a relaxed
+    /// atomic load, which an intrinsic's plain load would not be in Rust's memory model.
+    /// A plain x86 load is also what the SeqCst load of the portable version compiles to
+    /// (`grace.rs` says why batch readers need SeqCst), and the `asm!` block is a
+    /// compiler barrier for the atomics around it. The answer only picks which words
+    /// [`Shard::examine`] re-reads atomically and checks.
+    #[cfg(target_arch = "x86_64")]
     #[inline]
-    fn tagged(&self, tag: u64) -> u32 {
-        let mut mask = 0;
-        for (i, w) in self.words.iter().enumerate() {
-            // SeqCst (a plain load on x86): see `grace.rs` for why batch readers need it.
-            mask |= u32::from(w.load(Ordering::SeqCst) >> 32 == tag) << i;
+    fn tagged(&self, tag: u32, id_max: u32) -> u32 {
+        use std::arch::x86_64::{
+            __m128i, _mm_and_si128, _mm_castsi128_ps, _mm_cmpeq_epi32, _mm_movemask_ps,
+            _mm_set1_epi32,
+        };
+        // SAFETY: `self` is a live, 64-byte aligned bucket of sixteen 4-byte atomics, so the
+        // four aligned loads read exactly its 64 bytes; they write nothing and touch no
+        // stack or flags. The intrinsics need only SSE2, part of the x86_64 baseline.
+        unsafe {
+            let (w0, w1, w2, w3): (__m128i, __m128i, __m128i, __m128i);
+            std::arch::asm!(
+                "movdqa {w0}, xmmword ptr [{p}]",
+                "movdqa {w1}, xmmword ptr [{p} + 16]",
+                "movdqa {w2}, xmmword ptr [{p} + 32]",
+                "movdqa {w3}, xmmword ptr [{p} + 48]",
+                p = in(reg) self,
+                w0 = out(xmm_reg) w0,
+                w1 = out(xmm_reg) w1,
+                w2 = out(xmm_reg) w2,
+                w3 = out(xmm_reg) w3,
+                options(nostack, preserves_flags, readonly),
+            );
+            // Bit casts: the tag and the mask as the vector lanes' signed type.
+            let tag = _mm_set1_epi32(tag.cast_signed());
+            let hi = _mm_set1_epi32((!id_max).cast_signed());
+            let lanes = |w: __m128i| -> u32 {
+                let eq = _mm_cmpeq_epi32(_mm_and_si128(w, hi), tag);
+                _mm_movemask_ps(_mm_castsi128_ps(eq)).cast_unsigned()
+            };
+            // The sixteenth word is the overflow count, not a way.
+            (lanes(w0) | lanes(w1) << 4 | lanes(w2) << 8 | lanes(w3) << 12) & ((1 << WAYS) - 1)
         }
-        mask
     }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    #[inline]
+    fn tagged(&self, tag: u32, id_max: u32) -> u32 {
+        tagged_portable(self, tag, id_max)
+    }
+}
+
+/// Each shard's cap: its even share of `capacity` plus 25% for hash imbalance (the global
+/// count is the limit).
+fn shard_cap(capacity: usize, shards: usize) -> usize {
+    let share = capacity.div_ceil(shards);
+    share + share / 4 + 16
+}
+
+/// The low bits of a shard's index words that hold a slot id, for `max_slots` slots; the
+/// bits above are the tag. At most 30 bits, so that a tag keeps its top bit (a used word is
+/// never 0) and at least one hash bit; `ConntrackConfig::validate`'s limits need at most 29.
+fn id_mask(max_slots: usize) -> u32 {
+    let bits = max_slots.next_power_of_two().trailing_zeros().min(30);
+    (1 << bits) - 1
+}
+
+/// [`Bucket::tagged`] for any target: the same answer, one atomic load per word.
+#[cfg(any(test, not(target_arch = "x86_64")))]
+#[inline]
+fn tagged_portable(bucket: &Bucket, tag: u32, id_max: u32) -> u32 {
+    let mut mask = 0;
+    for (i, w) in bucket.words.iter().enumerate() {
+        // SeqCst (a plain load on x86): see `grace.rs` for why batch readers need it.
+        mask |= u32::from(w.load(Ordering::SeqCst) ^ tag <= id_max) << i;
+    }
+    mask
 }
 
 /// One shard: the index readers use, the slab, the shadow count, the writers' state.
@@ -147,6 +224,9 @@ struct Shard {
     /// The table's hash keys (a copy: writers re-hash an entry to find its index word).
     seeds: Seeds,
     index: Box<[Bucket]>,
+    /// The low bits of an index word that hold the slot id (all ids are below it + 1); the
+    /// bits above are the tag.
+    id_max: u32,
     slab: Slab,
     /// Slots handed out from the slab so far (the sweep and `for_each` scan below it).
     high: AtomicU32,
@@ -184,28 +264,20 @@ struct Writer {
     compact_at: usize,
 }
 
-/// The index word for slot `id` of an entry whose key hashes to `h`.
-#[inline]
-fn word_of(h: u64, id: u32) -> u64 {
-    (tag_of(h) << 32) | u64::from(id)
-}
-
-/// 31 hash bits with the top bit set, so a used word is never 0.
-#[inline]
-fn tag_of(h: u64) -> u64 {
-    u64::from((h >> 16) as u32 | 0x8000_0000)
-}
-
 impl Shard {
     /// A shard for `shard_cap` live entries, with `pin_slack` more slots for removed
     /// entries still pinned by a handle or in limbo (not re-used until released).
     fn new(shard_cap: usize, pin_slack: usize, seeds: Seeds) -> Shard {
-        let buckets = (shard_cap * BUCKETS_NUM).div_ceil(BUCKETS_DEN).max(2);
-        let max_slots = shard_cap + pin_slack;
+        let buckets = shard_cap.div_ceil(SLOTS_PER_BUCKET).max(2);
+        let id_max = id_mask(shard_cap + pin_slack);
+        // Only reachable without `ConntrackConfig::validate`: a shard too big for its ids
+        // refuses new flows past the last id rather than mixing ids into tags.
+        let max_slots = (shard_cap + pin_slack).min(id_max as usize + 1);
         let chunk_bits = max_slots.next_power_of_two().trailing_zeros().min(MAX_CHUNK_BITS);
         Shard {
             seeds,
             index: (0..buckets).map(|_| Bucket::default()).collect(),
+            id_max,
             slab: Slab::new(max_slots, chunk_bits),
             high: AtomicU32::new(0),
             max_slots,
@@ -225,6 +297,22 @@ impl Shard {
         // A panic while holding the lock leaves at worst a leaked slot or a stale queue
         // entry (both tolerated), so a poisoned lock is still usable.
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The tag of a key hashing to `h`: hash bits 16..48 (the home bucket comes from the
+    /// top bits, the shard from the bottom ones) above the id bits, with the top bit set so
+    /// that a used word is never 0. How many bits it has depends on the shard's size: 16 at
+    /// 2M entries with the automatic shard count, never fewer than 12 with it. A tag only
+    /// filters; a lookup always compares the entry's key.
+    #[inline]
+    fn tag(&self, h: u64) -> u32 {
+        ((h >> 16) as u32 | 0x8000_0000) & !self.id_max
+    }
+
+    /// The index word for slot `id` of an entry whose key hashes to `h`.
+    #[inline]
+    fn word(&self, h: u64, id: u32) -> u32 {
+        self.tag(h) | id
     }
 
     #[inline]
@@ -247,11 +335,12 @@ impl Shard {
     /// the slot pinned meanwhile. No lock; a writer cannot make it wait.
     #[inline]
     fn find<R>(&self, p: &Probe, f: impl FnOnce(u32, &Entry, Side) -> R) -> Option<R> {
-        let tag = tag_of(p.hash);
+        let tag = self.tag(p.hash);
         let mut b = self.home(p.hash);
         for _ in 0..self.index.len() {
             let bucket = &self.index[b];
-            if let Some((id, held, side)) = self.examine(bucket, bucket.tagged(tag), p, true) {
+            let mask = bucket.tagged(tag, self.id_max);
+            if let Some((id, held, side)) = self.examine(bucket, mask, tag, p, true) {
                 return Some(f(id, &held.entry, side));
             }
             if bucket.overflow.load(Ordering::Acquire) == 0 {
@@ -274,6 +363,7 @@ impl Shard {
         &self,
         bucket: &Bucket,
         mut mask: u32,
+        tag: u32,
         p: &Probe,
         pin: bool,
     ) -> Option<(u32, Held, Side)> {
@@ -281,10 +371,10 @@ impl Shard {
             // SeqCst as in `Bucket::tagged`.
             let word = bucket.words[mask.trailing_zeros() as usize].load(Ordering::SeqCst);
             mask &= mask - 1;
-            if word >> 32 != tag_of(p.hash) {
+            if word ^ tag > self.id_max {
                 continue;
             }
-            let id = word as u32;
+            let id = word & self.id_max;
             let Some(e) = self.slot(id) else { continue };
             if !(if pin { e.pin() } else { e.is_live() }) {
                 continue;
@@ -312,7 +402,7 @@ impl Shard {
                     self.index[o].overflow.fetch_add(1, Ordering::Release);
                     o = self.next(o);
                 }
-                w.store(word_of(h, id), Ordering::Release);
+                w.store(self.word(h, id), Ordering::Release);
                 return true;
             }
             b = self.next(b);
@@ -322,7 +412,7 @@ impl Shard {
 
     /// Removes slot `id`'s word (writer lock held).
     fn unpublish(&self, h: u64, id: u32) {
-        let want = word_of(h, id);
+        let want = self.word(h, id);
         let home = self.home(h);
         let mut b = home;
         for _ in 0..self.index.len() {
@@ -499,7 +589,9 @@ struct Pending<'a> {
     probe: PackedProbe,
     shard: &'a Shard,
     bucket: &'a Bucket,
-    /// Which of the home bucket's words carried the key's tag when stage 2 read it.
+    /// The key's tag in its shard's index.
+    tag: u32,
+    /// Which of the home bucket's words carried the tag when stage 2 read it.
     mask: u32,
 }
 
@@ -626,9 +718,7 @@ impl std::fmt::Debug for Conntrack {
 impl Conntrack {
     pub fn new(cfg: &ConntrackConfig) -> Conntrack {
         let n = cfg.effective_shards();
-        let share = cfg.capacity.div_ceil(n);
-        // Slack over the exact share absorbs hash imbalance; the global count is the limit.
-        let shard_cap = share + share / 4 + 16;
+        let shard_cap = shard_cap(cfg.capacity, n);
         let seeds = Seeds::random();
         let shards =
             (0..n).map(|_| Arc::new(Shard::new(shard_cap, cfg.pin_slack, seeds))).collect();
@@ -811,8 +901,8 @@ impl Conntrack {
     ///   the key's tag and the entry its first matching word names is prefetched (its hot
     ///   line), key `i` is examined with both lines in cache. The cache misses of
     ///   consecutive lookups overlap instead of being paid one after another. A key carries
-    ///   48 bytes between the stages (its packed probe, shard, bucket and tag mask): the
-    ///   bucket is scanned once and an IPv4 key canonicalised once.
+    ///   48 bytes between the stages (its packed probe, shard, bucket, tag and the words
+    ///   carrying it): the bucket is scanned once and an IPv4 key canonicalised once.
     ///
     /// No lock, no allocation.
     pub fn lookup_many(&self, keys: &[FlowKey], mut f: impl FnMut(usize, Option<(&Entry, Side)>)) {
@@ -826,6 +916,7 @@ impl Conntrack {
             probe: PackedProbe::default(),
             shard: first,
             bucket: &first.index[0],
+            tag: 0,
             mask: 0,
         }; RING];
         let stage1 = |j: usize| {
@@ -833,15 +924,16 @@ impl Conntrack {
             let shard = &*self.shards[self.shard_index(probe.hash)];
             let bucket = &shard.index[shard.home(probe.hash)];
             prefetch(bucket);
-            Pending { probe: PackedProbe::pack(&probe), shard, bucket, mask: 0 }
+            let tag = shard.tag(probe.hash);
+            Pending { probe: PackedProbe::pack(&probe), shard, bucket, tag, mask: 0 }
         };
         // Reads the bucket (arrived by now), keeps which words carry the key's tag and
         // prefetches the first one's entry (almost always the key's).
         let stage2 = |q: &mut Pending<'_>| {
-            q.mask = q.bucket.tagged(tag_of(q.probe.hash));
+            q.mask = q.bucket.tagged(q.tag, q.shard.id_max);
             if q.mask != 0 {
                 let word = q.bucket.words[q.mask.trailing_zeros() as usize].load(Ordering::Relaxed);
-                q.shard.slab.prefetch(word as u32);
+                q.shard.slab.prefetch(word & q.shard.id_max);
             }
         };
         for j in 0..n.min(BUCKET_AHEAD + ENTRY_AHEAD) {
@@ -856,7 +948,7 @@ impl Conntrack {
             }
             let q = &ring[i % RING];
             let probe = q.probe.unpack(&keys[i]);
-            if let Some((_, held, side)) = q.shard.examine(q.bucket, q.mask, &probe, pin) {
+            if let Some((_, held, side)) = q.shard.examine(q.bucket, q.mask, q.tag, &probe, pin) {
                 f(i, Some((&held.entry, side)));
             } else if q.bucket.overflow.load(Ordering::Acquire) == 0 {
                 f(i, None);
@@ -976,7 +1068,7 @@ mod tests {
     }
 
     /// Puts a word with `victim`'s tag but `decoy`'s slot in front of `victim`'s own word in
-    /// its home bucket: what a 31-bit tag collision looks like to a lookup.
+    /// its home bucket: what a tag collision looks like to a lookup.
     fn shadow(ct: &Conntrack, victim: &FlowKey, decoy: &FlowKey) {
         let (pv, pd) = (Probe::new(victim, &ct.seeds), Probe::new(decoy, &ct.seeds));
         let shard = &ct.shards[ct.shard_index(pv.hash)];
@@ -985,15 +1077,71 @@ mod tests {
         let victim_id = shard.find(&pv, |id, _, _| id).expect("victim tracked");
         let words = &shard.index[shard.home(pv.hash)].words;
         let own =
-            words.iter().position(|w| w.load(Ordering::Relaxed) == word_of(pv.hash, victim_id));
+            words.iter().position(|w| w.load(Ordering::Relaxed) == shard.word(pv.hash, victim_id));
         let own = own.expect("victim in its home bucket");
         let free = words.iter().skip(own).position(|w| w.load(Ordering::Relaxed) == 0);
         let free = own + free.expect("room after it");
-        words[free].store(word_of(pv.hash, victim_id), Ordering::Release);
-        words[own].store(word_of(pv.hash, decoy_id), Ordering::Release);
+        words[free].store(shard.word(pv.hash, victim_id), Ordering::Release);
+        words[own].store(shard.word(pv.hash, decoy_id), Ordering::Release);
     }
 
-    /// A 31-bit tag collision: the first word with the key's tag names another flow's slot
+    /// The largest table the config accepts, in one shard, still leaves its index words a
+    /// tag of the top bit and two hash bits, so no id bit is ever read as a tag.
+    #[test]
+    fn the_largest_shard_keeps_tag_bits() {
+        use config::{MAX_CAPACITY, MAX_PIN_SLACK};
+        let worst = id_mask(shard_cap(MAX_CAPACITY, 1) + MAX_PIN_SLACK);
+        assert!(worst < 1 << 29, "{worst:#x}");
+        assert_eq!(id_mask(shard_cap(2 << 20, 128) + 64), 0x7fff);
+        assert_eq!(id_mask(usize::MAX >> 1), (1 << 30) - 1);
+    }
+
+    /// The vector scan of a bucket answers as the portable one does, for tags at every
+    /// tag width, in buckets holding the tag in any subset of words, other tags, ids that
+    /// differ only in the id bits, and empty words.
+    #[test]
+    fn a_bucket_scan_finds_exactly_the_tagged_words() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for id_bits in [4u32, 15, 22, 29] {
+            let id_max = (1u32 << id_bits) - 1;
+            for _ in 0..2000 {
+                let tag = ((rnd() as u32) | 0x8000_0000) & !id_max;
+                let bucket = Bucket::default();
+                let mut want = 0;
+                for (i, w) in bucket.words.iter().enumerate() {
+                    let id = rnd() as u32 & id_max;
+                    let word = match rnd() % 4 {
+                        0 => 0,
+                        1 => {
+                            want |= 1 << i;
+                            tag | id
+                        }
+                        // Another tag: differs from ours in one random tag bit.
+                        2 => {
+                            (tag ^ (1 << (id_bits + (rnd() % u64::from(32 - id_bits)) as u32))) | id
+                        }
+                        _ => (rnd() as u32 | 0x8000_0000) & !id_max | id,
+                    };
+                    if word != 0 && word & !id_max == tag {
+                        want |= 1 << i;
+                    }
+                    w.store(word, Ordering::Relaxed);
+                }
+                // The overflow word never counts, whatever it holds.
+                bucket.overflow.store(tag | 1, Ordering::Relaxed);
+                assert_eq!(bucket.tagged(tag, id_max), want, "tag {tag:#x} id_max {id_max:#x}");
+                assert_eq!(tagged_portable(&bucket, tag, id_max), want);
+            }
+        }
+    }
+
+    /// A tag collision: the first word with the key's tag names another flow's slot
     /// (or a slot since freed). Both lookups must go past it to the key's own entry; tags
     /// collide too rarely for the other tests ever to meet one.
     #[test]
