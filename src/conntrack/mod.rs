@@ -16,10 +16,9 @@
 //!   24 bytes of a parallel array, so a lookup's hit costs two cache lines, bucket and entry;
 //! - an index: a fixed array of 64-byte buckets of fifteen 4-byte words (a hash tag in the
 //!   bits a slot id does not need, and the slot id) plus an overflow count, probed linearly
-//!   from the key's home bucket. 4-byte words keep the index small enough (about 5 bytes per
-//!   slot of capacity) to stay mostly in the last-level cache while the entries do not, so
-//!   a random hit usually pays one memory access, not two (BENCHMARKS.md, "Sixth look").
-//!   A probe stops at the first bucket whose overflow count is 0, so a miss costs one
+//!   from the key's home bucket: about 5 bytes per slot of capacity (14 with the 8-byte
+//!   words it had before; BENCHMARKS.md, "Sixth look"). A bucket is scanned four words at
+//!   a time. A probe stops at the first bucket whose overflow count is 0, so a miss costs one
 //!   cache line in the common case; the counts are exact (decremented when the entry that
 //!   overflowed is removed), so probe lengths do not degrade under churn. Nothing moves once
 //!   published, so a reader never misses an entry that stays in the table;
@@ -139,8 +138,8 @@ impl Bucket {
     /// on each compare would be mispredicted on most lookups.
     ///
     /// On x86_64 the line is read as four 16-byte vectors and compared four words at a
-    /// time: fifteen scalar compares cost more than the cache miss they follow (same-process
-    /// A/B, BENCHMARKS.md "Sixth look"). The words are read by an `asm!` load rather than
+    /// time: fifteen scalar compares made batch lookups slower than seven 8-byte ones had
+    /// been, four vector compares faster (same-process A/B, BENCHMARKS.md "Sixth look"). The words are read by an `asm!` load rather than
     /// an intrinsic because they are atomics that writers store concurrently: the CPU reads
     /// each aligned 4-byte word of a 16-byte aligned load whole (aligned 16-byte loads are
     /// even atomic as a whole on CPUs with AVX), so each word is read as by a relaxed
