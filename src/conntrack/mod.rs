@@ -139,15 +139,17 @@ impl Bucket {
     ///
     /// On x86_64 the line is read as four 16-byte vectors and compared four words at a
     /// time: fifteen scalar compares made batch lookups slower than seven 8-byte ones had
-    /// been, four vector compares faster (same-process A/B, BENCHMARKS.md "Sixth look"). The words are read by an `asm!` load rather than
-    /// an intrinsic because they are atomics that writers store concurrently: the CPU reads
-    /// each aligned 4-byte word of a 16-byte aligned load whole (aligned 16-byte loads are
-    /// even atomic as a whole on CPUs with AVX), so each word is read as by a relaxed
-    /// atomic load, which an intrinsic's plain load would not be in Rust's memory model.
-    /// A plain x86 load is also what the SeqCst load of the portable version compiles to
-    /// (`grace.rs` says why batch readers need SeqCst), and the `asm!` block is a
-    /// compiler barrier for the atomics around it. The answer only picks which words
-    /// [`Shard::examine`] re-reads atomically and checks.
+    /// been, four vector compares faster (same-process A/B, BENCHMARKS.md "Sixth look").
+    ///
+    /// The words are read by an `asm!` load rather than an intrinsic because they are
+    /// atomics that writers store concurrently: the CPU reads each aligned 4-byte word of
+    /// a 16-byte aligned load whole (aligned 16-byte loads are even atomic as a whole on
+    /// CPUs with AVX), so each word is read as by a relaxed atomic load, which an
+    /// intrinsic's plain load would not be in Rust's memory model. A plain x86 load is also
+    /// what the SeqCst load of the portable version compiles to (`grace.rs` says why batch
+    /// readers need SeqCst), and the `asm!` block is a compiler barrier for the atomics
+    /// around it. The answer only picks which words [`Shard::examine`] re-reads atomically
+    /// and checks.
     #[cfg(target_arch = "x86_64")]
     #[inline]
     fn tagged(&self, tag: u32, id_max: u32) -> u32 {
@@ -1095,9 +1097,9 @@ mod tests {
         assert_eq!(id_mask(usize::MAX >> 1), (1 << 30) - 1);
     }
 
-    /// The vector scan of a bucket answers as the portable one does, for tags at every
-    /// tag width, in buckets holding the tag in any subset of words, other tags, ids that
-    /// differ only in the id bits, and empty words.
+    /// The vector scan of a bucket answers as the portable one does, at four tag widths,
+    /// in buckets holding the tag in any subset of words, tags one bit away, other tags
+    /// and empty words, and with the overflow word carrying the tag.
     #[test]
     fn a_bucket_scan_finds_exactly_the_tagged_words() {
         let mut x = 0x2545_f491_4f6c_dd1du64;
