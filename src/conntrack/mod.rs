@@ -221,14 +221,20 @@ fn tagged_portable(bucket: &Bucket, tag: u32, id_max: u32) -> u32 {
 }
 
 /// One shard: the index readers use, the slab, the shadow count, the writers' state.
+///
+/// What a lookup reads (the index, the slab's chunk tables, the id mask) comes first, in
+/// one cache line of its own: left to the compiler, the fields sat on three lines, each a
+/// likely L1 miss per key with 128 shards (BENCHMARKS.md, "Sixth look"). Writers' fields
+/// come after, so an insert does not take the line from readers.
+#[repr(C, align(64))]
 struct Shard {
-    /// The table's hash keys (a copy: writers re-hash an entry to find its index word).
-    seeds: Seeds,
     index: Box<[Bucket]>,
+    slab: Slab,
     /// The low bits of an index word that hold the slot id (all ids are below it + 1); the
     /// bits above are the tag.
     id_max: u32,
-    slab: Slab,
+    /// The table's hash keys (a copy: writers re-hash an entry to find its index word).
+    seeds: Seeds,
     /// Slots handed out from the slab so far (the sweep and `for_each` scan below it).
     high: AtomicU32,
     max_slots: usize,
@@ -1084,6 +1090,16 @@ mod tests {
         let free = own + free.expect("room after it");
         words[free].store(shard.word(pv.hash, victim_id), Ordering::Release);
         words[own].store(shard.word(pv.hash, decoy_id), Ordering::Release);
+    }
+
+    /// What a lookup reads of its shard is one cache line (see [`Shard`]).
+    #[test]
+    fn a_shards_reader_fields_share_one_line() {
+        use std::mem::{align_of, offset_of, size_of};
+        assert_eq!(align_of::<Shard>(), 64);
+        assert_eq!(offset_of!(Shard, index), 0);
+        assert!(offset_of!(Shard, slab) + size_of::<Slab>() <= 64);
+        assert!(offset_of!(Shard, id_max) + size_of::<u32>() <= 64);
     }
 
     /// The largest table the config accepts, in one shard, still leaves its index words a
