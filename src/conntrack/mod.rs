@@ -1100,6 +1100,59 @@ mod tests {
         words[own].store(shard.word(pv.hash, decoy_id), Ordering::Release);
     }
 
+    /// A shard holding the table's whole capacity (one shard: 64 % of its index words) has
+    /// buckets that overflow into the next. Every flow is found from both directions by both
+    /// lookups; after every other flow is removed the rest still are and the removed are
+    /// not; once all are removed every word and overflow count is back to 0.
+    #[test]
+    fn a_full_shard_finds_every_flow_through_overflowing_buckets() {
+        let cap = 20_000;
+        let ct =
+            Conntrack::new(&ConntrackConfig { capacity: cap, shards: 1, ..Default::default() });
+        let now = Instant::now();
+        let at = |ip: u32, port| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from_bits(ip), port));
+        let keys: Vec<FlowKey> = (0..cap as u32)
+            .map(|i| {
+                FlowKey::new(
+                    Proto::Tcp,
+                    at(0x0a00_0000 | i >> 6, 1000 + (i & 63) as u16),
+                    at(0xc612_0001, 443),
+                )
+            })
+            .collect();
+        for k in &keys {
+            ct.insert(*k, EntryInit::plain(FlowState::Assured, Generation(1)), now).expect("room");
+        }
+        let shard = &ct.shards[0];
+        let overflowing =
+            shard.index.iter().filter(|b| b.overflow.load(Ordering::Relaxed) > 0).count();
+        assert!(overflowing > 0, "no bucket overflowed: the test would not cover the probe");
+        let check = |present: &dyn Fn(usize) -> bool| {
+            for (i, k) in keys.iter().enumerate() {
+                assert_eq!(ct.lookup_with(k, |e, _| e.key()), present(i).then_some(*k), "{i}");
+                assert_eq!(ct.lookup_with(&k.reversed(), |_, _| ()).is_some(), present(i));
+            }
+            for (c, chunk) in keys.chunks(32).enumerate() {
+                ct.lookup_many(chunk, |j, hit| {
+                    let i = c * 32 + j;
+                    assert_eq!(hit.map(|(e, _)| e.key()), present(i).then_some(keys[i]), "{i}");
+                });
+            }
+        };
+        check(&|_| true);
+        for k in keys.iter().step_by(2) {
+            assert!(ct.remove(k));
+        }
+        check(&|i| i % 2 == 1);
+        for k in keys.iter().skip(1).step_by(2) {
+            assert!(ct.remove(k));
+        }
+        for b in shard.index.iter() {
+            assert_eq!(b.overflow.load(Ordering::Relaxed), 0);
+            assert!(b.words.iter().all(|w| w.load(Ordering::Relaxed) == 0));
+        }
+    }
+
     /// What a lookup reads of its shard is one cache line (see [`Shard`]).
     #[test]
     fn a_shards_reader_fields_share_one_line() {
