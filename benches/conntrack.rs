@@ -237,6 +237,16 @@ fn at(t: usize, i: u64) -> usize {
     (i as usize * 2 + t) % N
 }
 
+/// Start of the `i`-th batch of 32 keys of thread `t` in a visiting list: threads take
+/// alternate batches, so two threads never look up the same flows at once (RSS gives each
+/// packet worker its own flows). `at(t, i * 32)` had thread 1's batch start one key after
+/// thread 0's, so 31 of its 32 keys were the ones thread 0 was looking up, and both
+/// threads' counter updates fought over the same entries' lines (BENCHMARKS.md, "Seventh
+/// look").
+fn batch_at(t: usize, i: u64) -> usize {
+    at(t, i) * 32 % (N - 32)
+}
+
 /// CPU time of the calling thread. The benchmark machine is shared (2 cores, several
 /// builds running), so wall time mostly measures the scheduler; a thread's own CPU time
 /// still includes its cache misses and any cache-line contention between the threads.
@@ -412,7 +422,7 @@ fn bench_table(c: &mut Criterion, k: &Keys) {
                 b.iter_custom(|iters| {
                     let batches = iters.div_ceil(32);
                     let per_batch = timed(threads, batches, &|th, i| {
-                        let start = at(th, i * 32) % (N - 32);
+                        let start = batch_at(th, i);
                         let mut found = 0;
                         t.0.lookup_many(black_box(&list[start..start + 32]), |_, hit| {
                             if let Some((e, _)) = hit {
@@ -685,7 +695,7 @@ fn bench_floor(c: &mut Criterion) {
                 b.iter_custom(|iters| {
                     let batches = iters.div_ceil(32);
                     let per_batch = timed(threads, batches, &|th, i| {
-                        let start = at(th, i * 32) % (N - 32);
+                        let start = batch_at(th, i);
                         batch(black_box(&order[start..start + 32]), hit, pins);
                     });
                     per_batch * u32::try_from(iters).unwrap_or(u32::MAX)
