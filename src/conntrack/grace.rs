@@ -93,7 +93,13 @@ impl Readers {
             if slot.load(Ordering::Relaxed) == 0
                 && slot.compare_exchange(0, epoch, Ordering::SeqCst, Ordering::Relaxed).is_ok()
             {
-                self.used.fetch_max(i + 1, Ordering::SeqCst);
+                // Only when it moves: `fetch_max` is a locked write even when it changes
+                // nothing, and every batch of every thread would take the line from the
+                // others. `used` only grows, so a value already high enough stays so, and a
+                // writer's later `SeqCst` load sees at least what this one saw.
+                if self.used.load(Ordering::SeqCst) <= i {
+                    self.used.fetch_max(i + 1, Ordering::SeqCst);
+                }
                 if k != 0 {
                     HINT.with(|h| h.set(i));
                 }
