@@ -507,11 +507,16 @@ fn bench_table(c: &mut Criterion, k: &Keys) {
 
 /// Heap bytes per entry at 1M entries, every candidate and the real table.
 fn memory(k: &Keys) {
-    fn measure<T>(name: &str, build: impl FnOnce() -> T) {
+    /// The table's own mappings (its index and hot entry parts, outside the allocator)
+    /// are added to both figures.
+    fn measure<T: 'static>(name: &str, build: impl FnOnce() -> T) {
         let (live0, glibc0) = (LIVE.load(Ordering::SeqCst), malloc_in_use());
         let m = build();
-        let live = LIVE.load(Ordering::SeqCst) - live0;
-        let glibc = malloc_in_use() as isize - glibc0 as isize;
+        let own = (&m as &dyn std::any::Any)
+            .downcast_ref::<Table>()
+            .map_or(0, |t| t.0.mapped_bytes() as isize);
+        let live = LIVE.load(Ordering::SeqCst) - live0 + own;
+        let glibc = malloc_in_use() as isize - glibc0 as isize + own;
         println!(
             "memory {name:<28} {:>7.1} B/entry requested  {:>7.1} B/entry glibc in-use",
             live as f64 / N as f64,
@@ -623,6 +628,7 @@ fn benches(c: &mut Criterion) {
 /// names a random entry (so the entry's address depends on the bucket's load, as in the
 /// table). The same software pipeline as `lookup_many` (buckets prefetched 32 keys ahead,
 /// entries 16 ahead, one line each) and the callback's counter, in batches of 32.
+/// Both arrays on huge pages, as the table's are.
 /// `floor_hit` adds a pin and unpin per hit, as `lookup_many` did until the "Fourth look"
 /// (BENCHMARKS.md); `floor_hit_unpinned` is today's comparison, since batch lookups no
 /// longer pin. What `lookup_many_hit` costs above the floor is the table's own work per key
@@ -643,11 +649,24 @@ fn bench_floor(c: &mut Criterion) {
         x ^= x << 17;
         x
     };
-    let index: Vec<Bucket> = (0..buckets)
-        .map(|_| Bucket(std::array::from_fn(|_| AtomicU64::new(rnd() % N as u64))))
-        .collect();
-    let slab: Vec<Bucket> =
-        (0..N).map(|_| Bucket(std::array::from_fn(|_| AtomicU64::new(1)))).collect();
+    // On huge pages where the machine has them, as the table's index and hot parts are
+    // (`conntrack/pages.rs`): the advice goes before the first write, which is when the
+    // kernel picks a page's size.
+    fn huge<T>(n: usize, f: impl FnMut() -> T) -> Vec<T> {
+        let mut v = Vec::with_capacity(n);
+        let (start, bytes) = (v.as_ptr() as usize, n * std::mem::size_of::<T>());
+        let first = start.next_multiple_of(2 << 20);
+        let len = (start + bytes).saturating_sub(first) / (2 << 20) * (2 << 20);
+        if len > 0 {
+            // SAFETY: whole huge pages inside the vector's own, not yet written, buffer.
+            unsafe { libc::madvise(first as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+        }
+        v.extend(std::iter::repeat_with(f).take(n));
+        v
+    }
+    let index: Vec<Bucket> =
+        huge(buckets, || Bucket(std::array::from_fn(|_| AtomicU64::new(rnd() % N as u64))));
+    let slab: Vec<Bucket> = huge(N, || Bucket(std::array::from_fn(|_| AtomicU64::new(1))));
     let order: Vec<u32> = (0..N).map(|_| (rnd() % buckets as u64) as u32).collect();
     let entry = |b: u32| &slab[index[b as usize].0[0].load(Ordering::Relaxed) as usize].0;
     let prefetch = |p: *const AtomicU64| {

@@ -22,6 +22,9 @@
 //!   cache line in the common case; the counts are exact (decremented when the entry that
 //!   overflowed is removed), so probe lengths do not degrade under churn. Nothing moves once
 //!   published, so a reader never misses an entry that stays in the table;
+//! - both the index and the slab's hot parts in the table's arena (`pages.rs`): blocks the
+//!   shards share, on 2 MiB huge pages where the kernel has them, so that a lookup's two
+//!   random lines do not also cost two page walks;
 //! - a mutex taken only by writers of that shard (insert, remove, evict, the expiry sweep)
 //!   guarding the free and limbo lists and the eviction queue.
 //!
@@ -57,11 +60,13 @@ mod config;
 mod entry;
 mod expiry;
 mod grace;
+mod pages;
 mod slab;
 pub mod tcp_state;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -77,6 +82,7 @@ pub use tcp_state::{Side, TcpConn, TcpFlags, TcpInvalid, TcpState};
 use entry::{NIL, PackedProbe, Probe, QUEUED, Seeds};
 use expiry::{Cursor, Timeouts};
 use grace::Readers;
+use pages::Arena;
 use slab::Slab;
 
 /// Why a new flow could not be tracked.
@@ -228,11 +234,14 @@ fn tagged_portable(bucket: &Bucket, tag: u32, id_max: u32) -> u32 {
 /// come after, so an insert does not take the line from readers.
 #[repr(C, align(64))]
 struct Shard {
-    index: Box<[Bucket]>,
+    index: Index,
     slab: Slab,
     /// The low bits of an index word that hold the slot id (all ids are below it + 1); the
     /// bits above are the tag.
     id_max: u32,
+    /// Where the index and the slab's hot parts live (shared by the table's shards): kept
+    /// here so that a shard an [`EntryRef`] holds keeps its memory.
+    arena: Arc<Arena>,
     /// The table's hash keys (a copy: writers re-hash an entry to find its index word).
     seeds: Seeds,
     /// Slots handed out from the slab so far (the sweep and `for_each` scan below it).
@@ -241,6 +250,38 @@ struct Shard {
     len: AtomicUsize,
     writer: Mutex<Writer>,
 }
+
+/// A shard's index: its buckets, in the table's arena (`pages.rs`), which the shard keeps
+/// alive. Reads as a slice.
+struct Index {
+    buckets: NonNull<Bucket>,
+    len: usize,
+}
+
+impl Index {
+    /// `len` empty buckets from `arena`.
+    fn new(arena: &Arena, len: usize) -> Index {
+        let buckets = arena.take(len * std::mem::size_of::<Bucket>()).cast();
+        Index { buckets, len }
+    }
+}
+
+impl std::ops::Deref for Index {
+    type Target = [Bucket];
+
+    fn deref(&self) -> &[Bucket] {
+        // SAFETY: the arena gave `len` buckets' worth of zeroed, line-aligned bytes, and a
+        // bucket of zeros is an empty bucket (all its fields are atomic integers). The
+        // memory stays in place while the arena lives, and the shard owning this index
+        // holds the arena.
+        unsafe { std::slice::from_raw_parts(self.buckets.as_ptr(), self.len) }
+    }
+}
+
+// SAFETY: an `Index` is a shared slice of buckets, which are atomics (`Sync`).
+unsafe impl Send for Index {}
+// SAFETY: as above.
+unsafe impl Sync for Index {}
 
 /// A FIFO of slot ids linked through [`Entry`]'s `link` (the slots are not live).
 #[derive(Debug, Clone, Copy)]
@@ -274,8 +315,8 @@ struct Writer {
 impl Shard {
     /// A shard for `shard_cap` live entries, with `pin_slack` more slots for removed
     /// entries still pinned by a handle or in limbo (not re-used until released).
-    fn new(shard_cap: usize, pin_slack: usize, seeds: Seeds) -> Shard {
-        let buckets = shard_cap.div_ceil(SLOTS_PER_BUCKET).max(2);
+    fn new(shard_cap: usize, pin_slack: usize, seeds: Seeds, arena: &Arc<Arena>) -> Shard {
+        let buckets = Shard::buckets(shard_cap);
         let id_max = id_mask(shard_cap + pin_slack);
         // Only reachable without `ConntrackConfig::validate`: a shard too big for its ids
         // refuses new flows past the last id rather than mixing ids into tags.
@@ -283,8 +324,9 @@ impl Shard {
         let chunk_bits = max_slots.next_power_of_two().trailing_zeros().min(MAX_CHUNK_BITS);
         Shard {
             seeds,
-            index: (0..buckets).map(|_| Bucket::default()).collect(),
+            index: Index::new(arena, buckets),
             id_max,
+            arena: arena.clone(),
             slab: Slab::new(max_slots, chunk_bits),
             high: AtomicU32::new(0),
             max_slots,
@@ -298,6 +340,11 @@ impl Shard {
                 compact_at: 0,
             }),
         }
+    }
+
+    /// Index buckets for a shard of `shard_cap` entries.
+    fn buckets(shard_cap: usize) -> usize {
+        shard_cap.div_ceil(SLOTS_PER_BUCKET).max(2)
     }
 
     fn lock(&self) -> MutexGuard<'_, Writer> {
@@ -453,7 +500,7 @@ impl Shard {
         if high as usize >= self.max_slots {
             return None;
         }
-        if !self.slab.grow_to(high) {
+        if !self.slab.grow_to(high, &self.arena) {
             return None;
         }
         self.high.store(high + 1, Ordering::Release);
@@ -709,6 +756,8 @@ pub struct Conntrack {
     cursor: Mutex<Cursor>,
     /// Batch readers' grace periods (`lookup_many`).
     readers: Readers,
+    /// The shards' index and hot entry parts (each shard holds it too).
+    arena: Arc<Arena>,
 }
 
 impl std::fmt::Debug for Conntrack {
@@ -727,8 +776,13 @@ impl Conntrack {
         let n = cfg.effective_shards();
         let shard_cap = shard_cap(cfg.capacity, n);
         let seeds = Seeds::random();
+        // Every shard's index and, at most, every slot's hot part.
+        let index = Shard::buckets(shard_cap) * std::mem::size_of::<Bucket>();
+        let hot = (shard_cap + cfg.pin_slack) * std::mem::size_of::<entry::Hot>();
+        let most = n * (index + hot);
+        let arena = Arc::new(Arena::new(most));
         let shards =
-            (0..n).map(|_| Arc::new(Shard::new(shard_cap, cfg.pin_slack, seeds))).collect();
+            (0..n).map(|_| Arc::new(Shard::new(shard_cap, cfg.pin_slack, seeds, &arena))).collect();
         Conntrack {
             shards,
             seeds,
@@ -741,7 +795,14 @@ impl Conntrack {
             len: AtomicUsize::new(0),
             cursor: Mutex::new(Cursor::default()),
             readers: Readers::new(cfg.batch_readers),
+            arena,
         }
+    }
+
+    /// Bytes the table has mapped itself, outside the global allocator: its index and the
+    /// hot parts of its entries (`pages.rs`). Pages are only resident once written.
+    pub fn mapped_bytes(&self) -> usize {
+        self.arena.mapped()
     }
 
     fn ms(&self, now: Instant) -> u64 {

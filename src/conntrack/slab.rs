@@ -3,7 +3,8 @@
 //! Slots come in chunks of `1 << bits`, allocated as the shard first grows and then kept
 //! until the shard is dropped: a slot never moves, so a reader holding a slot id (from an
 //! index word) can always turn it into the entry, with no lock. Each chunk is two arrays,
-//! the entries' hot parts (one cache line each) and their cold parts.
+//! the entries' hot parts (one cache line each), taken from the table's huge-page arena
+//! (`pages.rs`) because every lookup reads one, and their cold parts, boxed.
 //!
 //! Why by hand rather than `Vec`s behind `OnceLock`s: the batch lookup turns a slot id into
 //! an address for every key, so the chunk table is two flat arrays of pointers (8 bytes a
@@ -15,9 +16,14 @@ use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 use super::entry::{Cold, Entry, Hot};
+use super::pages::Arena;
+
+// Hot parts are never dropped in place: the arena frees their memory as a whole.
+const _: () = assert!(!std::mem::needs_drop::<Hot>());
 
 pub(super) struct Slab {
-    /// Chunk `c`'s hot parts, or null while it is not allocated. Published after `cold`.
+    /// Chunk `c`'s hot parts (in the table's arena, which outlives the slab), or null
+    /// while it is not allocated. Published after `cold`.
     hot: Box<[AtomicPtr<Hot>]>,
     cold: Box<[AtomicPtr<Cold>]>,
     bits: u32,
@@ -64,9 +70,10 @@ impl Slab {
         }
     }
 
-    /// Makes sure the chunk holding slot `id` exists (the shard's writer lock held, so no
-    /// other thread allocates it meanwhile). False if `id` is beyond the slab.
-    pub(super) fn grow_to(&self, id: u32) -> bool {
+    /// Makes sure the chunk holding slot `id` exists, its hot parts taken from `arena`
+    /// (the shard's writer lock held, so no other thread allocates it meanwhile). False if
+    /// `id` is beyond the slab.
+    pub(super) fn grow_to(&self, id: u32, arena: &Arena) -> bool {
         let c = (id >> self.bits) as usize;
         let (Some(hot), Some(cold)) = (self.hot.get(c), self.cold.get(c)) else {
             return false;
@@ -75,26 +82,28 @@ impl Slab {
             return true;
         }
         // The only allocation on the insert path: once per chunk, while the shard grows.
-        let h: Box<[Hot]> = (0..self.chunk_len()).map(|_| Hot::empty()).collect();
+        let h = arena.take(self.chunk_len() * std::mem::size_of::<Hot>()).cast::<Hot>();
+        for i in 0..self.chunk_len() {
+            // SAFETY: the arena handed out room for `chunk_len()` aligned hot parts at `h`
+            // (`Hot` is line-aligned and the arena's pieces are), used by nothing else.
+            unsafe { h.add(i).write(Hot::empty()) };
+        }
         let k: Box<[Cold]> = (0..self.chunk_len()).map(|_| Cold::empty()).collect();
         cold.store(Box::into_raw(k).cast(), Ordering::Relaxed);
-        hot.store(Box::into_raw(h).cast(), Ordering::Release);
+        hot.store(h.as_ptr(), Ordering::Release);
         true
     }
 }
 
 impl Drop for Slab {
     fn drop(&mut self) {
+        // Hot parts need no dropping (asserted above) and their memory is the arena's.
         let n = self.chunk_len();
-        for (hot, cold) in self.hot.iter_mut().zip(self.cold.iter_mut()) {
-            let (h, k) = (*hot.get_mut(), *cold.get_mut());
-            if !h.is_null() {
+        for cold in &mut self.cold {
+            let k = *cold.get_mut();
+            if !k.is_null() {
                 // SAFETY: a non-null pointer came from `Box::into_raw` of `n` parts in
                 // `grow_to`, and `&mut self` means no entry of this slab is in use.
-                drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(h, n)) });
-            }
-            if !k.is_null() {
-                // SAFETY: as above.
                 drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(k, n)) });
             }
         }
