@@ -995,14 +995,7 @@ impl Conntrack {
         // returned by value, the 48 bytes were written to a temporary with 8-byte stores
         // and copied with 16-byte loads, which the CPU cannot forward from those stores
         // (a quarter of the batch's samples sat on that copy, "Sixth look").
-        let stage1 = |q: &mut Pending<'t>, j: usize| {
-            let probe = Probe::new(&keys[j], &self.seeds);
-            let shard = &*self.shards[self.shard_index(probe.hash)];
-            let bucket = &shard.index[shard.home(probe.hash)];
-            prefetch(bucket);
-            let tag = shard.tag(probe.hash);
-            *q = Pending { probe: PackedProbe::pack(&probe), shard, bucket, tag, mask: 0 };
-        };
+        let stage1 = |q: &mut Pending<'t>, j: usize| self.stage1(q, &keys[j]);
         // Reads the bucket (arrived by now), keeps which words carry the key's tag and
         // prefetches the first one's entry (almost always the key's).
         let stage2 = |q: &mut Pending<'_>| {
@@ -1049,6 +1042,18 @@ impl Conntrack {
             }
         }
         drop(guard);
+    }
+
+    /// [`Conntrack::lookup_many`]'s first stage for `key`: hashes it, prefetches its bucket
+    /// and fills its place `q` in the ring.
+    #[inline(always)]
+    fn stage1<'t>(&'t self, q: &mut Pending<'t>, key: &FlowKey) {
+        let probe = Probe::new(key, &self.seeds);
+        let shard = &*self.shards[self.shard_index(probe.hash)];
+        let bucket = &shard.index[shard.home(probe.hash)];
+        prefetch(bucket);
+        let tag = shard.tag(probe.hash);
+        *q = Pending { probe: PackedProbe::pack(&probe), shard, bucket, tag, mask: 0 };
     }
 
     /// Marks activity on an entry (the packet path calls this on every hit).
