@@ -168,6 +168,25 @@ mod tests {
         assert_eq!(r.safe(), u64::MAX);
     }
 
+    /// Whichever slot a reader holds, a writer's scan sees it: `used` covers every slot
+    /// taken, although `enter` writes it only when it grows. The reader kept is the last
+    /// to enter, so no later reader can have moved `used` past it.
+    #[test]
+    fn the_last_reader_to_enter_holds_a_stamp_back() {
+        for count in 1..=3 {
+            let r = Readers::new(64);
+            let mut guards: Vec<ReadGuard<'_>> =
+                (0..count).map(|_| r.enter().expect("a free slot")).collect();
+            let last = guards.pop().expect("at least one reader");
+            drop(guards);
+            let stamp = r.stamp();
+            r.advance();
+            assert!(r.safe() <= stamp, "the last of {count} readers is not seen");
+            drop(last);
+            assert_eq!(r.safe(), u64::MAX);
+        }
+    }
+
     #[test]
     fn every_slot_busy_falls_back_and_counts() {
         let r = Readers::new(2);
