@@ -440,3 +440,45 @@ async fn explain_accepts_what_the_cli_accepts_and_agrees_with_it() {
         400
     );
 }
+
+/// A gateway with no token refuses every mutating call with a 401 that says so (and names
+/// the variable its `admin.token_env` reads), whatever token the client sends; one with a
+/// token says only that the token is missing or wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_says_whether_the_gateway_has_a_token_at_all() {
+    // token_env names a variable no process has: the gateway starts without a token.
+    let var = format!("FLOWGATE_TEST_UNSET_{}", std::process::id());
+    let fx = Fixture::new(&format!(
+        "[control]\nwatch = false\n[admin]\nbind = \"127.0.0.1:0\"\ntoken_env = \"{var}\"\n"
+    ));
+    let control = fx.control();
+    let tasks = control.start().await.expect("starts with token_env naming an unset variable");
+    for token in [None, Some(TOKEN.to_owned())] {
+        let c = AdminClient::new(tasks.admin_addr, token.clone());
+        for (path, body) in [
+            ("/reload", None),
+            ("/emergency", Some(r#"{"quarantine": "127.0.10.1", "ttl": "1h"}"#)),
+        ] {
+            let r = c.post(path, body.map(str::to_owned)).await.unwrap();
+            assert_eq!(r.status, 401, "{path} {token:?}: {}", r.body);
+            let u = r.unauthorized().expect("a flowgate 401 body");
+            assert!(!u.token_configured, "{}", r.body);
+            assert_eq!(u.token_env.as_deref(), Some(var.as_str()));
+            assert!(u.error.contains("has no admin token"), "{}", u.error);
+        }
+    }
+    assert_eq!(control.generation(), 1);
+    assert!(control.emergency_entries().is_empty());
+    assert_eq!(fx.metrics.control.admin_unauthorized.load(Ordering::Relaxed), 4);
+
+    let (_fx, _control, tasks) = setup().await;
+    for (token, needle) in [(None, "missing bearer token"), (Some("nope"), "wrong bearer token")] {
+        let c = AdminClient::new(tasks.admin_addr, token.map(str::to_owned));
+        let r = c.post("/reload", None).await.unwrap();
+        assert_eq!(r.status, 401);
+        let u = r.unauthorized().expect("a flowgate 401 body");
+        assert!(u.token_configured);
+        assert_eq!(u.token_env, None, "{}", r.body);
+        assert!(u.error.contains(needle), "{}", u.error);
+    }
+}

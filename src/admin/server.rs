@@ -87,14 +87,9 @@ pub async fn handle(control: &ControlPlane, req: Request<Incoming>) -> Resp {
         if method != Method::POST {
             return error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes POST"));
         }
-        if !auth::authorized(req.headers(), control.shared.token.as_deref()) {
+        if let Err(refusal) = auth::check(req.headers(), control.shared.token.as_deref()) {
             counters.admin_unauthorized.fetch_add(1, Ordering::Relaxed);
-            let mut r = error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token (Authorization: Bearer <admin token>)",
-            );
-            r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return r;
+            return unauthorized(refusal, control.config().admin.token_env.as_deref());
         }
     } else if method != Method::GET && method != Method::HEAD {
         return error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes GET"));
@@ -118,6 +113,14 @@ pub async fn handle(control: &ControlPlane, req: Request<Incoming>) -> Resp {
         counters.admin_bad_request.fetch_add(1, Ordering::Relaxed);
     }
     resp
+}
+
+/// 401 with the body that says whether any token could help ([`auth::Unauthorized`]).
+fn unauthorized(refusal: auth::Refusal, token_env: Option<&str>) -> Resp {
+    let body = serde_json::to_value(refusal.body(token_env)).unwrap_or(Value::Null);
+    let mut r = json_resp(StatusCode::UNAUTHORIZED, &body);
+    r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
 }
 
 fn readyz(control: &ControlPlane) -> Resp {
