@@ -292,3 +292,193 @@ async fn emergency_overlay_survives_reload_and_restart() {
     assert_eq!(restarted.emergency_entries().len(), 1);
     assert!(!allowed(&restarted, "127.0.10.1", "127.0.10.2", 5432));
 }
+
+/// An inventory where the port name `pg` means 5432 on `apps/db` and 6432 on `apps/pool`,
+/// `dns` is UDP only, and a policy that lets web reach `api.example.com` by name.
+const NAMED_INVENTORY: &str = "\
+namespaces:
+  - name: apps
+workloads:
+  - {name: web, namespace: apps, labels: {app: web}, ips: [127.0.10.1]}
+  - name: db
+    namespace: apps
+    labels: {app: db}
+    ips: [127.0.10.2]
+    ports: [{name: pg, port: 5432}, {name: dns, port: 53, protocol: UDP}]
+  - name: pool
+    namespace: apps
+    labels: {app: pool}
+    ips: [127.0.10.3]
+    ports: [{name: pg, port: 6432}]
+";
+
+const BY_NAME: &str = "\
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: web-to-api}
+spec:
+  priority: 20
+  subject:
+    pods:
+      namespaceSelector: {}
+      podSelector: {matchLabels: {app: web}}
+  egress:
+    - name: api-by-name
+      action: Allow
+      to:
+        - domainNames: [api.example.com]
+      ports:
+        - portNumber: {protocol: TCP, port: 443}
+";
+
+/// `flowgate explain --config CONFIG ARGS --json` → (exit code, stdout, stderr).
+async fn cli_explain(config: std::path::PathBuf, args: Vec<String>) -> (i32, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+            .arg("explain")
+            .arg("--config")
+            .arg(&config)
+            .args(&args)
+            .arg("--json")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// `/explain` takes what `flowgate explain` takes — named ports (resolved on the
+/// destination for the protocol) and domain names — and gives the same answer: the real
+/// binary on the same config is the reference, case by case, refusals included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_accepts_what_the_cli_accepts_and_agrees_with_it() {
+    let fx = Fixture::new(&format!("[control]\nwatch = false\n{}", admin_toml()));
+    std::fs::write(fx.path("inventory.yaml"), NAMED_INVENTORY).unwrap();
+    std::fs::write(fx.path("policies/by-name.yaml"), BY_NAME).unwrap();
+    let control = fx.control();
+    let tasks = control.start().await.expect("control plane starts");
+    let c = AdminClient::new(tasks.admin_addr, None);
+
+    // (from, to, port, protocol) → the port and FQDN the flow must have.
+    let cases = [
+        ("apps/web", "apps/db", "pg", "TCP", 5432, None),
+        ("apps/web", "apps/pool", "pg", "tcp", 6432, None),
+        ("apps/web", "127.0.10.2", "pg", "TCP", 5432, None),
+        ("apps/web", "apps/db", "dns", "UDP", 53, None),
+        ("apps/web", "API.Example.com.", "443", "TCP", 443, Some("api.example.com")),
+        ("127.0.10.1", "other.example.com", "443", "TCP", 443, Some("other.example.com")),
+        ("apps/web", "localhost", "8080", "TCP", 8080, Some("localhost")),
+    ];
+    for (from, to, port, proto, want_port, want_fqdn) in cases {
+        let url = format!("/explain?from={from}&to={to}&port={port}&protocol={proto}");
+        let api = c.get(&url).await.unwrap();
+        assert_eq!(api.status, 200, "{url}: {}", api.body);
+        let mut api = json(&api.body);
+        assert_eq!(api["generation"], 1);
+        api.as_object_mut().unwrap().remove("generation");
+        assert_eq!(api["port"], want_port, "{url}");
+        assert_eq!(api["fqdn"].as_str(), want_fqdn, "{url}");
+        if want_fqdn.is_some() {
+            assert_eq!(api["dst"]["ip"], "0.0.0.0", "{url}: a name is asked as 0.0.0.0");
+        }
+        let args = ["--from", from, "--to", to, "--port", port, "--protocol", proto];
+        let (code, out, err) =
+            cli_explain(fx.path("flowgate.toml"), args.map(String::from).to_vec()).await;
+        assert_eq!(code, 0, "{url}: {err}");
+        assert_eq!(api, json(&out), "{url}: /explain and flowgate explain disagree");
+    }
+    // The name decides: api.example.com is allowed by name, other.example.com is not.
+    let allowed_by_name =
+        json(&c.get("/explain?from=apps/web&to=api.example.com&port=443").await.unwrap().body);
+    assert_eq!(allowed_by_name["verdict"], "allow");
+    assert!(
+        allowed_by_name["policy"].as_str().is_some_and(|p| p.contains("web-to-api")),
+        "{allowed_by_name}"
+    );
+    let other =
+        json(&c.get("/explain?from=apps/web&to=other.example.com&port=443").await.unwrap().body);
+    assert_eq!(other["verdict"], "deny");
+
+    // What the CLI refuses, /explain refuses with the same reason.
+    for (to, port, proto, needle) in [
+        ("apps/db", "pg", "UDP", "has no UDP port named \"pg\""),
+        ("apps/db", "nope", "TCP", "has no TCP port named \"nope\""),
+        ("api.example.com", "pg", "TCP", "needs a workload destination"),
+        ("203.0.113.9", "pg", "TCP", "needs a workload destination"),
+        ("apps/db", "0", "TCP", "neither a number 1-65535 nor a port name"),
+        ("apps/db", "Bad_Name", "TCP", "neither a number 1-65535 nor a port name"),
+        ("apps/db", "5432", "ICMP", "unknown protocol"),
+        ("bad..name", "443", "TCP", "is not namespace/workload"),
+    ] {
+        let url = format!("/explain?from=apps/web&to={to}&port={port}&protocol={proto}");
+        let api = c.get(&url).await.unwrap();
+        assert_eq!(api.status, 400, "{url}: {}", api.body);
+        let reason = json(&api.body)["error"].as_str().unwrap().to_owned();
+        assert!(reason.contains(needle), "{url}: {reason}");
+        let args = ["--from", "apps/web", "--to", to, "--port", port, "--protocol", proto];
+        let (code, _, err) =
+            cli_explain(fx.path("flowgate.toml"), args.map(String::from).to_vec()).await;
+        assert_eq!(code, 1, "{url}: the CLI refuses too");
+        assert!(err.contains(needle), "{url}: {err}");
+    }
+    // `fqdn=` names the flow of an address destination (normalised like `to`).
+    let named = json(
+        &c.get("/explain?from=apps/web&to=203.0.113.9&port=443&fqdn=API.example.com.")
+            .await
+            .unwrap()
+            .body,
+    );
+    assert_eq!(named["fqdn"], "api.example.com");
+    assert_eq!(named["dst"]["ip"], "203.0.113.9");
+    assert_eq!(
+        c.get("/explain?from=apps/web&to=203.0.113.9&port=443&fqdn=a%20b").await.unwrap().status,
+        400
+    );
+}
+
+/// A gateway with no token refuses every mutating call with a 401 that says so (and names
+/// the variable its `admin.token_env` reads), whatever token the client sends; one with a
+/// token says only that the token is missing or wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_says_whether_the_gateway_has_a_token_at_all() {
+    // token_env names a variable no process has: the gateway starts without a token.
+    let var = format!("FLOWGATE_TEST_UNSET_{}", std::process::id());
+    let fx = Fixture::new(&format!(
+        "[control]\nwatch = false\n[admin]\nbind = \"127.0.0.1:0\"\ntoken_env = \"{var}\"\n"
+    ));
+    let control = fx.control();
+    let tasks = control.start().await.expect("starts with token_env naming an unset variable");
+    for token in [None, Some(TOKEN.to_owned())] {
+        let c = AdminClient::new(tasks.admin_addr, token.clone());
+        for (path, body) in [
+            ("/reload", None),
+            ("/emergency", Some(r#"{"quarantine": "127.0.10.1", "ttl": "1h"}"#)),
+        ] {
+            let r = c.post(path, body.map(str::to_owned)).await.unwrap();
+            assert_eq!(r.status, 401, "{path} {token:?}: {}", r.body);
+            let u = r.unauthorized().expect("a flowgate 401 body");
+            assert!(!u.token_configured, "{}", r.body);
+            assert_eq!(u.token_env.as_deref(), Some(var.as_str()));
+            assert!(u.error.contains("has no admin token"), "{}", u.error);
+        }
+    }
+    assert_eq!(control.generation(), 1);
+    assert!(control.emergency_entries().is_empty());
+    assert_eq!(fx.metrics.control.admin_unauthorized.load(Ordering::Relaxed), 4);
+
+    let (_fx, _control, tasks) = setup().await;
+    for (token, needle) in [(None, "missing bearer token"), (Some("nope"), "wrong bearer token")] {
+        let c = AdminClient::new(tasks.admin_addr, token.map(str::to_owned));
+        let r = c.post("/reload", None).await.unwrap();
+        assert_eq!(r.status, 401);
+        let u = r.unauthorized().expect("a flowgate 401 body");
+        assert!(u.token_configured);
+        assert_eq!(u.token_env, None, "{}", r.body);
+        assert!(u.error.contains(needle), "{}", u.error);
+    }
+}

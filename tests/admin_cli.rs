@@ -6,6 +6,7 @@ mod control_common;
 use std::process::Command;
 
 use control_common::*;
+use flowgate::admin::client::AdminClient;
 
 async fn flowgate(args: Vec<String>) -> (i32, String, String) {
     tokio::task::spawn_blocking(move || {
@@ -72,4 +73,256 @@ async fn status_reload_quarantine() {
     assert!(err.contains("no workload apps/ghost"), "{err}");
     let (_, out, _) = flowgate(with(&["status"], None)).await;
     assert!(out.contains("emergency q1: quarantine 127.0.10.1 until"), "{out}");
+}
+
+/// `flowgate run` as a child process with its environment under the test's control. Its
+/// stderr is collected line by line, so a start-up failure shows the real cause; killed
+/// (by its own pid) when dropped.
+struct Gateway {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Gateway {
+    /// Starts `flowgate run --config CONFIG` with `env` set (`None`: removed) and waits until
+    /// it is ready; returns it with its admin address.
+    fn start(config: &std::path::Path, env: &[(&str, Option<&str>)]) -> (Gateway, String) {
+        use std::io::BufRead;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowgate"));
+        cmd.arg("run").arg("--config").arg(config);
+        for (k, v) in env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let mut gw = Gateway { child, lines, seen: Vec::new() };
+        let admin = gw.wait_line("admin API on http://");
+        let admin = admin.rsplit("http://").next().unwrap().trim().to_owned();
+        gw.wait_line("ready:");
+        (gw, admin)
+    }
+
+    /// A stderr line containing `needle` that was already read (by [`Gateway::start`]).
+    fn said(&self, needle: &str) -> String {
+        let found = self.seen.iter().find(|l| l.contains(needle));
+        found
+            .unwrap_or_else(|| panic!("flowgate run did not say {needle:?}: {:#?}", self.seen))
+            .clone()
+    }
+
+    /// The next stderr line containing `needle`, within 30 s; fails with everything the
+    /// process said (and its exit status, if it exited) otherwise.
+    fn wait_line(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => {
+                    self.seen.push(l.clone());
+                    return l;
+                }
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!(
+                    "flowgate run never said {needle:?} (exit: {:?}); stderr: {:#?}",
+                    self.child.try_wait(),
+                    self.seen
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `flowgate ARGS` with `env` set (`None`: removed) → (exit code, stdout, stderr).
+async fn flowgate_env(
+    args: Vec<String>,
+    env: Vec<(&'static str, Option<String>)>,
+) -> (i32, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowgate"));
+        cmd.args(&args);
+        for (k, v) in env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+const VAR: &str = "FLOWGATE_ADMIN_TOKEN";
+
+/// The bundled config/flowgate.toml with its fixed ports made `:0` and its policy paths
+/// made absolute, in a temp dir; everything else (the `[admin]` section above all) as
+/// shipped. Each rewrite must find its text, so a change to the bundled file shows here.
+fn bundled_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut text = std::fs::read_to_string(root.join("flowgate.toml")).unwrap();
+    assert!(
+        text.lines().any(|l| l.trim() == format!("token_env = \"{VAR}\"")),
+        "the bundled config reads the admin token from {VAR}"
+    );
+    for (from, to) in [
+        ("bind = \"127.0.0.1:9901\"".to_owned(), "bind = \"127.0.0.1:0\"".to_owned()),
+        ("bind = \"127.0.0.1:8080\"".to_owned(), "bind = \"127.0.0.1:0\"".to_owned()),
+        ("bind = \"127.0.0.2:8081\"".to_owned(), "bind = \"127.0.0.2:0\"".to_owned()),
+        ("dir = \"policies\"".to_owned(), format!("dir = \"{}\"", root.join("policies").display())),
+        (
+            "inventory = \"inventory.yaml\"".to_owned(),
+            format!("inventory = \"{}\"", root.join("inventory.yaml").display()),
+        ),
+    ] {
+        assert!(text.contains(&from), "bundled config has no {from}");
+        text = text.replace(&from, &to);
+    }
+    let path = dir.join("flowgate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The README's path: the bundled config starts with FLOWGATE_ADMIN_TOKEN unset, and then
+/// `reload` and `quarantine` are refused the same way (exit 1, the same words) with a
+/// message that says the gateway has no token and how to give it one — not `--token`.
+/// Started with the variable set, the same commands from a shell with the same variable
+/// work; a shell without it, or with another value, is told exactly that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundled_config_token_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = bundled_config(dir.path());
+    let cmd = |words: &[&str], admin: &str| {
+        let mut v: Vec<String> = words.iter().map(|s| s.to_string()).collect();
+        v.extend(["--config".into(), config.display().to_string(), "--admin".into(), admin.into()]);
+        v
+    };
+    let reload = ["reload"];
+    let quarantine = ["quarantine", "127.0.0.3", "--ttl", "15m"];
+
+    // Unset: the gateway starts; both commands are refused alike, whatever this shell has.
+    let (gw, admin) = Gateway::start(&config, &[(VAR, None)]);
+    for shell in [None, Some("s3cret-from-this-shell".to_owned())] {
+        let env = vec![(VAR, shell.clone())];
+        let (rc, out, r_err) = flowgate_env(cmd(&reload, &admin), env.clone()).await;
+        assert_eq!(rc, 1, "{out}{r_err}");
+        let (qc, out, q_err) = flowgate_env(cmd(&quarantine, &admin), env).await;
+        assert_eq!(qc, 1, "{out}{q_err}");
+        assert_eq!(r_err, q_err, "reload and quarantine report a refusal the same way");
+        assert!(r_err.contains(&format!("the gateway at {admin} has no admin token")), "{r_err}");
+        assert!(r_err.contains("(401)"), "{r_err}");
+        assert!(r_err.contains(&format!("its admin.token_env names {VAR}, which was unset")));
+        assert!(r_err.contains(&format!("`export {VAR}=<a secret>`")), "{r_err}");
+        assert!(!r_err.contains("pass --token"), "--token cannot help here: {r_err}");
+    }
+    // Reading is open: status works without any token.
+    let (code, out, err) = flowgate_env(cmd(&["status"], &admin), vec![(VAR, None)]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    drop(gw);
+
+    // Set: the same commands from a shell with the same value work.
+    let token = Some("s3cret-4b8e".to_owned());
+    let (_gw, admin) = Gateway::start(&config, &[(VAR, token.as_deref())]);
+    let (code, out, err) = flowgate_env(cmd(&reload, &admin), vec![(VAR, token.clone())]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("unchanged: generation 1 is current"), "{out}");
+    let (code, out, err) = flowgate_env(cmd(&quarantine, &admin), vec![(VAR, token.clone())]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("quarantine 127.0.0.3 until "), "{out}");
+
+    // A shell without the variable, or with another value: refused alike, told which.
+    for (shell, needle) in [
+        (None, format!("needs its admin token and none was sent (401): {VAR} (admin.token_env")),
+        (Some("not-it".to_owned()), format!("refused the token in {VAR} (admin.token_env")),
+    ] {
+        let env = vec![(VAR, shell)];
+        let (rc, _, r_err) = flowgate_env(cmd(&reload, &admin), env.clone()).await;
+        let (qc, _, q_err) = flowgate_env(cmd(&quarantine, &admin), env).await;
+        assert_eq!((rc, qc), (1, 1), "{r_err}{q_err}");
+        assert_eq!(r_err, q_err);
+        assert!(r_err.contains(&needle), "{r_err}");
+    }
+}
+
+/// `/flows` names each flow's listener as the flow log does: a real gateway with two
+/// listeners, a connection held open through the second, and its `allow` event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_name_the_listener_like_the_flow_log() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The echo upstream is apps/db (127.0.10.2); apps/web (127.0.10.1) may reach it.
+    let upstream = tokio::net::TcpListener::bind("127.0.10.2:0").await.unwrap();
+    let up = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let listener = |name: &str| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nkind = \"tcp\"\nbind = \"127.0.0.1:0\"\nupstreams = [\"{up}\"]\n"
+        )
+    };
+    let fx = Fixture::new(&format!(
+        "[control]\nwatch = false\n[flowlog]\noutput = \"flow.log\"\nallow_sample = 1\n\
+         dedupe_window = \"10ms\"\n{}\n{}\n{}",
+        admin_toml(),
+        listener("first"),
+        listener("second")
+    ));
+    let (gw, admin) = Gateway::start(&fx.path("flowgate.toml"), &[]);
+    let line = gw.said("listener second ");
+    let second: std::net::SocketAddr = line.rsplit(' ').next().unwrap().parse().unwrap();
+
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.10.1:0".parse().unwrap()).unwrap();
+    let mut held = sock.connect(second).await.unwrap();
+    held.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    held.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+
+    let c = AdminClient::new(admin.parse().unwrap(), None);
+    let flows: serde_json::Value =
+        serde_json::from_str(&c.get("/flows?src=127.0.10.1").await.unwrap().body).unwrap();
+    assert_eq!(flows["matched"], 1, "{flows}");
+    let logged = wait_for_async(std::time::Duration::from_secs(10), || {
+        std::fs::read_to_string(fx.path("flow.log")).is_ok_and(|t| t.contains("\"allow\""))
+    })
+    .await;
+    assert!(logged, "the allow event reaches the flow log");
+    let log = std::fs::read_to_string(fx.path("flow.log")).unwrap();
+    let event: serde_json::Value = serde_json::from_str(
+        log.lines().find(|l| l.contains("\"allow\"") && l.contains("127.0.10.1:")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(event["listener"], "second");
+    assert_eq!(flows["flows"][0]["listener"], event["listener"], "{flows}");
 }

@@ -11,6 +11,8 @@ use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use thiserror::Error;
 
+pub use super::auth::Unauthorized;
+
 #[derive(Debug, Error)]
 pub enum ClientError {
     #[error("cannot connect to the admin API at {addr}: {source}")]
@@ -26,6 +28,18 @@ pub enum ClientError {
 pub struct Answer {
     pub status: u16,
     pub body: String,
+}
+
+impl Answer {
+    /// What a 401 says: whether the gateway has a token at all, and the variable it reads
+    /// it from. `None` for any other status, or a 401 without that body (not a flowgate
+    /// admin API, or an older one).
+    pub fn unauthorized(&self) -> Option<Unauthorized> {
+        if self.status != 401 {
+            return None;
+        }
+        serde_json::from_str(&self.body).ok()
+    }
 }
 
 /// Where the admin API is and how to authenticate.

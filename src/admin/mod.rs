@@ -4,8 +4,9 @@
 //!
 //! Read-only endpoints are open (as a Prometheus target must be); mutating ones
 //! (`POST /reload`, `POST /emergency`) need `Authorization: Bearer <token>` and get 401,
-//! with nothing changed, otherwise. With no token configured every mutating call is
-//! refused: fail closed.
+//! with nothing changed, otherwise. With no token configured (including `token_env`
+//! naming an unset variable) every mutating call is refused: fail closed, with a 401 body
+//! that says so ([`auth::Unauthorized`]).
 //!
 //! Layout: [`server`] (accept loop, routing, the handlers), [`auth`] (the bearer check),
 //! [`exposition`] (Prometheus text format), [`client`] (the tiny client the `flowgate
@@ -97,20 +98,26 @@ impl AdminConfig {
         Ok(())
     }
 
-    /// The token from `token`, else from the variable `token_env` names.
+    /// The token from `token`, else from the variable `token_env` names. A variable that
+    /// is not set means no token (`Ok(None)`): the gateway still starts, on loopback, and
+    /// refuses every mutating call with a 401 that says it has no token and names the
+    /// variable. That keeps the bundled config (which names `FLOWGATE_ADMIN_TOKEN`)
+    /// runnable before anyone has exported it. The same call gives `flowgate
+    /// reload`/`quarantine` the token to send.
     ///
     /// # Errors
-    /// [`ControlError::TokenEnv`] when `token_env` is set but the variable is not.
+    /// [`ControlError::TokenEnv`] when the variable is set but empty (or blank) or not
+    /// Unicode: a token that was meant to be there and is not is a mistake to report,
+    /// not to paper over.
     pub fn resolve_token(&self) -> Result<Option<String>, ControlError> {
         if let Some(t) = &self.token {
             return Ok(Some(t.clone()));
         }
-        match &self.token_env {
-            None => Ok(None),
-            Some(var) => match std::env::var(var) {
-                Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_owned())),
-                _ => Err(ControlError::TokenEnv { var: var.clone() }),
-            },
+        let Some(var) = &self.token_env else { return Ok(None) };
+        match std::env::var(var) {
+            Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_owned())),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            _ => Err(ControlError::TokenEnv { var: var.clone() }),
         }
     }
 }

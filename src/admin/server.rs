@@ -24,8 +24,7 @@ use super::{auth, exposition};
 use crate::control::audit::format_time;
 use crate::control::emergency::{EmergencyError, EmergencyRequest};
 use crate::control::{ControlPlane, ReloadResult, Trigger};
-use crate::flow::Proto;
-use crate::policy::FlowQuery;
+use crate::policy::simulate;
 
 type Resp = Response<Full<Bytes>>;
 
@@ -88,14 +87,9 @@ pub async fn handle(control: &ControlPlane, req: Request<Incoming>) -> Resp {
         if method != Method::POST {
             return error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes POST"));
         }
-        if !auth::authorized(req.headers(), control.shared.token.as_deref()) {
+        if let Err(refusal) = auth::check(req.headers(), control.shared.token.as_deref()) {
             counters.admin_unauthorized.fetch_add(1, Ordering::Relaxed);
-            let mut r = error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token (Authorization: Bearer <admin token>)",
-            );
-            r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return r;
+            return unauthorized(refusal, control.config().admin.token_env.as_deref());
         }
     } else if method != Method::GET && method != Method::HEAD {
         return error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes GET"));
@@ -119,6 +113,14 @@ pub async fn handle(control: &ControlPlane, req: Request<Incoming>) -> Resp {
         counters.admin_bad_request.fetch_add(1, Ordering::Relaxed);
     }
     resp
+}
+
+/// 401 with the body that says whether any token could help ([`auth::Unauthorized`]).
+fn unauthorized(refusal: auth::Refusal, token_env: Option<&str>) -> Resp {
+    let body = serde_json::to_value(refusal.body(token_env)).unwrap_or(Value::Null);
+    let mut r = json_resp(StatusCode::UNAUTHORIZED, &body);
+    r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
 }
 
 fn readyz(control: &ControlPlane) -> Resp {
@@ -204,7 +206,10 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// `/flows?src=IP&dst=IP&workload=ns/name&limit=N`: conntrack entries, newest first is not
-/// promised (the table has no order); at most `limit` (≤ `admin.flows_limit`).
+/// promised (the table has no order); at most `limit` (≤ `admin.flows_limit`). `listener`
+/// is the listener's name, as the flow log writes it (found the way `Runtime::revoke` finds
+/// it: an entry's listener id is its position in the metrics registry); `null` for an id
+/// no listener of this process has.
 fn flows(control: &ControlPlane, query: &str) -> Resp {
     let ps = params(query);
     let cap = control.config().admin.flows_limit;
@@ -234,6 +239,8 @@ fn flows(control: &ControlPlane, query: &str) -> Resp {
             .and_then(|id| snap.compiled.workload_name(id))
             .map(|n| n.to_string())
     };
+    let listeners = control.metrics().listeners();
+    let listener_name = |id: u16| listeners.get(usize::from(id)).map(|c| c.name.as_str());
     let ct = control.conntrack();
     let now_ms = ct.now_ms(std::time::Instant::now());
     let mut out = Vec::new();
@@ -264,7 +271,7 @@ fn flows(control: &ControlPlane, query: &str) -> Resp {
             "dst_workload": dw,
             "state": e.state().as_str(),
             "generation": e.generation().0,
-            "listener": e.listener(),
+            "listener": listener_name(e.listener()),
             "age_ms": now_ms.saturating_sub(e.created_ms()),
             "idle_ms": now_ms.saturating_sub(e.last_seen_ms()),
             "bytes_orig": e.bytes_orig().load(Ordering::Relaxed),
@@ -280,64 +287,48 @@ fn flows(control: &ControlPlane, query: &str) -> Resp {
     )
 }
 
-/// `/explain?from=X&to=Y&port=P[&protocol=TCP][&fqdn=name]`: `X`/`Y` are IP addresses or
-/// `namespace/workload` (its first address); `to` may also be a domain name, which then
-/// becomes the flow's FQDN with the unspecified address as destination. The answer is
+/// `/explain?from=X&to=Y&port=P[&protocol=TCP][&fqdn=name]`: what `flowgate explain`
+/// accepts, read by the same functions ([`simulate`]): `X`/`Y` are IP addresses or
+/// `namespace/workload` (its first address); `to` may also be a domain name (queried as
+/// `0.0.0.0` with the name, lower-cased and without its trailing dot, as the flow's FQDN);
+/// `P` is a number or a named port of the destination workload for the protocol. `fqdn`
+/// sets the flow's name for an address destination. The answer is
 /// [`CompiledPolicy::explain`](crate::policy::CompiledPolicy::explain) serialised, with the
 /// generation that gave it.
 fn explain(control: &ControlPlane, query: &str) -> Resp {
     let ps = params(query);
+    let field = |key: &'static str| {
+        param(&ps, key).filter(|v| !v.is_empty()).ok_or_else(|| format!("{key}: missing"))
+    };
+    let input = (|| {
+        let from =
+            simulate::parse_endpoint(field("from")?, false).map_err(|e| format!("from: {e}"))?;
+        let to = simulate::parse_endpoint(field("to")?, true).map_err(|e| format!("to: {e}"))?;
+        let port = simulate::parse_port(field("port")?).map_err(|e| format!("port: {e}"))?;
+        let proto = simulate::parse_protocol(param(&ps, "protocol").unwrap_or("TCP"))
+            .map_err(|e| format!("protocol: {e}"))?;
+        let fqdn = match param(&ps, "fqdn").filter(|f| !f.is_empty()) {
+            None => None,
+            Some(f) => Some(
+                simulate::normalise_domain(f)
+                    .ok_or_else(|| format!("fqdn: {f:?} is not a domain name"))?,
+            ),
+        };
+        Ok::<_, String>((from, to, port, proto, fqdn))
+    })();
+    let (from, to, port, proto, fqdn) = match input {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
     let snap = control.policy().load_full();
-    let compiled = &snap.compiled;
-    let resolve = |key: &str| -> Result<(IpAddr, Option<String>), String> {
-        let v = param(&ps, key).filter(|v| !v.is_empty()).ok_or(format!("{key}: missing"))?;
-        if let Ok(ip) = v.parse::<IpAddr>() {
-            return Ok((ip, None));
-        }
-        if let Some((ns, name)) = v.split_once('/') {
-            let id = compiled
-                .find_workload(ns, name)
-                .ok_or(format!("{key}: no workload {v} in the inventory"))?;
-            let ip = compiled
-                .workload_addr(id)
-                .ok_or(format!("{key}: workload {v} owns no address of its own"))?;
-            return Ok((ip, None));
-        }
-        if key == "to" && v.contains('.') {
-            return Ok((IpAddr::from([0, 0, 0, 0]), Some(v.trim_end_matches('.').to_lowercase())));
-        }
-        Err(format!("{key}: {v:?} is not an IP address, namespace/workload or domain name"))
+    let mut flow = match simulate::resolve(&snap.compiled, &from, &to, &port, proto) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let (src, _) = match resolve("from") {
-        Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let (dst, to_fqdn) = match resolve("to") {
-        Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let port = match param(&ps, "port").map(str::parse::<u16>) {
-        Some(Ok(p)) => p,
-        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "port: expected 0-65535"),
-        None => return error(StatusCode::BAD_REQUEST, "port: missing"),
-    };
-    let proto = match param(&ps, "protocol").unwrap_or("TCP").to_uppercase().as_str() {
-        "TCP" => Proto::Tcp,
-        "UDP" => Proto::Udp,
-        "SCTP" => Proto::Sctp,
-        other => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("protocol: {other:?}: expected TCP, UDP or SCTP"),
-            );
-        }
-    };
-    let fqdn = param(&ps, "fqdn")
-        .filter(|f| !f.is_empty())
-        .map(|f| f.trim_end_matches('.').to_lowercase())
-        .or(to_fqdn);
-    let q = FlowQuery { src, dst, dst_port: port, proto, fqdn: fqdn.as_deref() };
-    let ex = compiled.explain(&q);
+    if fqdn.is_some() {
+        flow.fqdn = fqdn;
+    }
+    let ex = snap.compiled.explain(&flow.query());
     let mut v = serde_json::to_value(&ex).unwrap_or(Value::Null);
     if let Value::Object(m) = &mut v {
         m.insert("generation".into(), json!(snap.generation.0));

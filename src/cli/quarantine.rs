@@ -1,13 +1,14 @@
 //! `flowgate quarantine TARGET --ttl 15m`: cut an address or `namespace/workload` off in
 //! both directions for a while (`POST /emergency`). Open flows are cut at once; the
-//! quarantine lifts itself when the TTL runs out, without any file change.
+//! quarantine lifts itself when the TTL runs out, without any file change. A refusal (a
+//! 401, an unknown workload …) is reported as by every admin command: `error: …` lines,
+//! exit 1 ([`super::admin_target`]).
 
 use std::process::ExitCode;
 
-use anyhow::Context;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::admin_target::{AdminArgs, block_on};
+use super::admin_target::AdminArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -21,15 +22,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let client = args.admin.client()?;
     let body = json!({ "quarantine": args.target, "ttl": args.ttl }).to_string();
-    let answer = block_on(client.post("/emergency", Some(body)))??;
-    let v: Value = serde_json::from_str(&answer.body)
-        .with_context(|| format!("admin API answered {}: {}", answer.status, answer.body.trim()))?;
-    if answer.status != 201 {
-        eprintln!("error: {} ({})", v["error"].as_str().unwrap_or("refused"), answer.status);
-        return Ok(ExitCode::from(1));
-    }
+    let v = match args.admin.target()?.post("/emergency", Some(body), &[201])? {
+        Ok(v) => v,
+        Err(code) => return Ok(code),
+    };
     println!(
         "{} until {} (id {}); generation {}, {} open flow(s) cut",
         v["what"].as_str().unwrap_or("quarantined"),

@@ -1,13 +1,11 @@
 //! `flowgate reload`: ask a running gateway to reload its policy now (`POST /reload`).
 //! Prints the new generation and what changed, or every error (exit 1; the old generation
-//! keeps serving).
+//! keeps serving). A refusal (a 401 …) is reported as by every admin command: `error: …`
+//! lines saying what to change, exit 1 ([`super::admin_target`]).
 
 use std::process::ExitCode;
 
-use anyhow::Context;
-use serde_json::Value;
-
-use super::admin_target::{AdminArgs, block_on};
+use super::admin_target::AdminArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -16,13 +14,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let client = args.admin.client()?;
-    let answer = block_on(client.post("/reload", None))??;
-    if answer.status == 401 {
-        anyhow::bail!("admin API refused the token (401): pass --token or set admin.token_env");
-    }
-    let v: Value = serde_json::from_str(&answer.body)
-        .with_context(|| format!("admin API answered {}: {}", answer.status, answer.body.trim()))?;
+    // 422 carries the rejected reload's errors; anything else not 200 is a refusal.
+    let v = match args.admin.target()?.post("/reload", None, &[200, 422])? {
+        Ok(v) => v,
+        Err(code) => return Ok(code),
+    };
     match v["result"].as_str() {
         Some("ok") => {
             let c = &v["changes"];

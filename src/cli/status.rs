@@ -20,7 +20,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let client = args.admin.client()?;
+    let client = args.admin.target()?.client;
     let answer = block_on(client.get("/policy"))??;
     if answer.status != 200 {
         anyhow::bail!("admin API answered {}: {}", answer.status, answer.body.trim());
