@@ -58,8 +58,9 @@ impl Flowgate {
         cmd
     }
 
-    /// Spawns `cmd` (a `flowgate run`, or a shell that execs one) with stderr piped and
-    /// read, and stdout piped and read unless the command already directs it.
+    /// Spawns `cmd` (a `flowgate run`, or a command that execs one: `sh -c 'ulimit …; exec
+    /// flowgate …'`, `ip netns exec`) with stdin closed and stdout and stderr piped, each
+    /// read by a thread.
     pub fn spawn(mut cmd: Command) -> Flowgate {
         cmd.stdin(Stdio::null()).stderr(Stdio::piped()).stdout(Stdio::piped());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
