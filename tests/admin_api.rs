@@ -4,25 +4,21 @@
 //! time without any file change. curl is used as the client where it is installed (a real,
 //! independent HTTP peer); the crate's own client otherwise and for the CLI paths.
 
-mod control_common;
+mod support;
 
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use control_common::*;
 use flowgate::admin::client::AdminClient;
 use flowgate::control::ControlError;
 use flowgate::flow::Proto;
 use flowgate::policy::FlowQuery;
 use serde_json::Value;
+use support::control::*;
 
 fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-}
-
-fn have_curl() -> bool {
-    Command::new("curl").arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
 /// `curl` → (status, body). Blocking, so run it off the runtime's threads.
@@ -135,9 +131,10 @@ async fn mutating_calls_need_the_token_and_change_nothing_without_it() {
     let quarantine = r#"{"quarantine": "127.0.10.1", "ttl": "1h"}"#.to_string();
 
     let attempts: Vec<Option<&str>> = vec![None, Some("wrong-token"), Some("")];
+    let have_curl = support::require::have(&support::require::Need::Bin("curl"));
     for token in attempts {
         for (url, body) in [(&reload_url, None), (&emergency_url, Some(quarantine.clone()))] {
-            let status = if have_curl() {
+            let status = if have_curl {
                 let mut args = vec!["-X".to_string(), "POST".to_string(), url.clone()];
                 if let Some(t) = token {
                     args.extend(["-H".to_string(), format!("Authorization: Bearer {t}")]);
@@ -255,13 +252,7 @@ async fn quarantine_cuts_and_expires_on_time() {
 #[test]
 fn refuses_a_non_loopback_bind_without_a_token() {
     let fx = Fixture::new("[control]\nwatch = false\n[admin]\nbind = \"0.0.0.0:0\"\n");
-    let err = flowgate::control::ControlPlane::new(
-        fx.cfg.clone(),
-        fx.conntrack.clone(),
-        fx.metrics.clone(),
-        std::sync::Arc::new(|_, _| {}),
-    )
-    .unwrap_err();
+    let err = fx.control_with(fx.cfg.clone(), std::sync::Arc::new(|_, _| {})).unwrap_err();
     assert!(matches!(err, ControlError::NoToken { .. }), "{err}");
 }
 

@@ -1,12 +1,12 @@
 //! `flowgate status`, `flowgate reload` and `flowgate quarantine` as real processes against
 //! a control plane serving the admin API on a loopback port.
 
-mod control_common;
+mod support;
 
 use std::process::Command;
 
-use control_common::*;
 use flowgate::admin::client::AdminClient;
+use support::control::*;
 
 async fn flowgate(args: Vec<String>) -> (i32, String, String) {
     tokio::task::spawn_blocking(move || {

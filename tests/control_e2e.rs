@@ -6,17 +6,19 @@
 //! Each test uses its own 127.0.x.y addresses, so the tests of this file can run side by
 //! side. Every wait is bounded; the child is killed when a test fails half-way.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream as StdTcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+
+mod support;
+use support::process::Flowgate;
 
 const TOKEN: &str = "e2e-token-5678";
 
@@ -115,9 +117,7 @@ fn replace_file(path: &Path, text: &str) {
 /// A running `flowgate run` over a temp config dir.
 struct Gate {
     dir: tempfile::TempDir,
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-    seen: Vec<String>,
+    fg: Flowgate,
     config: PathBuf,
     admin: SocketAddr,
     gw: SocketAddr,
@@ -151,58 +151,18 @@ impl Gate {
             ),
         )
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flowgate"))
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, stderr) = mpsc::channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
         let mut gate = Gate {
             dir,
-            child,
-            stderr,
-            seen: Vec::new(),
+            fg: Flowgate::run(&config),
             config,
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
             gw: SocketAddr::from(([0, 0, 0, 0], 0)),
         };
-        let line = gate.wait_stderr("listener gw ", Duration::from_secs(20));
-        gate.gw = line.rsplit(' ').next().unwrap().parse().unwrap();
-        let line = gate.wait_stderr("admin API on ", Duration::from_secs(10));
-        assert!(line.ends_with(&gate.admin.to_string()), "{line}");
-        gate.wait_stderr("ready", Duration::from_secs(10));
+        gate.gw = gate.fg.listener("gw");
+        assert_eq!(gate.fg.admin(), gate.admin);
+        gate.fg.wait_ready();
         assert_eq!(http(gate.admin, "GET", "/readyz", None, None).0, 200);
         gate
-    }
-
-    fn wait_stderr(&mut self, needle: &str, within: Duration) -> String {
-        // Start-up lines come in whatever order the gateway prints them: look at the ones
-        // already read before waiting for more.
-        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
-            return l.clone();
-        }
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stderr.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.contains(needle) {
-                        return l;
-                    }
-                }
-                Err(_) => panic!("no stderr line with {needle:?}; saw {:?}", self.seen),
-            }
-        }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -262,25 +222,10 @@ impl Gate {
 
     /// SIGTERM, a clean exit (which flushes the flow log), then the flow log.
     fn stop_and_flow_log(&mut self) -> Vec<serde_json::Value> {
-        let pid = i32::try_from(self.child.id()).unwrap();
-        // SAFETY: kill(2) on the pid of the child this test spawned.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                assert!(st.success(), "{st:?}");
-                return self.flow_log();
-            }
-            assert!(Instant::now() < deadline, "flowgate did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.fg.signal(libc::SIGTERM);
+        let st = self.fg.wait_exit(Duration::from_secs(10));
+        assert!(st.success(), "{st:?}");
+        self.flow_log()
     }
 }
 
@@ -416,7 +361,7 @@ async fn reload_storm_keeps_allowed_connections() {
         let allow = gate.path("policies/allow.yaml");
         let unrelated = gate.path("policies/unrelated.yaml");
         let audit = gate.path("audit.log");
-        let pid = i32::try_from(gate.child.id()).unwrap();
+        let pid = i32::try_from(gate.fg.pid()).unwrap();
         std::thread::spawn(move || {
             let count = || std::fs::read_to_string(&audit).unwrap_or_default().lines().count();
             let (mut renames, mut in_place, mut hups) = (0, 0, 0);
@@ -632,8 +577,8 @@ async fn broken_policy_keeps_last_good() {
     assert!(p["last_error"].is_null(), "{p}");
     roundtrip(&mut held, b"after the fix\n").await;
     short_exchange(net.client, gate.gw, 2).await.unwrap();
-    let pid = gate.child.id();
-    assert!(gate.child.try_wait().unwrap().is_none(), "flowgate {pid} still the same process");
+    let pid = gate.fg.pid();
+    assert!(gate.fg.child.try_wait().unwrap().is_none(), "flowgate {pid} still the same process");
     let log = gate.stop_and_flow_log();
     let client = format!("{}:", net.client);
     assert!(

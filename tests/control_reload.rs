@@ -3,12 +3,12 @@
 //! keeps serving; fixing the file recovers without a restart; the watcher follows
 //! rename-and-replace; a TTL'd policy expires on time. Real files, real inotify.
 
-mod control_common;
+mod support;
 
 use std::time::Duration;
 
-use control_common::*;
 use flowgate::control::{ReloadResult, Trigger};
+use support::control::*;
 
 const WEB: &str = "127.0.10.1";
 const DB: &str = "127.0.10.2";

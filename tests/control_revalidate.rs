@@ -3,13 +3,13 @@
 //! table) and reported; flows still allowed move to the new generation; `on_change = keep`
 //! leaves everything alone.
 
-mod control_common;
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use control_common::*;
 use flowgate::control::{ReloadResult, Trigger};
+use support::control::*;
 use tokio::io::AsyncReadExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,13 +63,8 @@ fn keep_leaves_established_flows_alone() {
     let fx = Fixture::new(&format!("[control]\nwatch = false\n{}", admin_toml()));
     let mut cfg = fx.cfg.clone();
     cfg.policy.on_change = flowgate::config::OnChange::Keep;
-    let control = flowgate::control::ControlPlane::new(
-        cfg,
-        fx.conntrack.clone(),
-        fx.metrics.clone(),
-        Arc::new(|_, _| panic!("nothing is revoked with keep")),
-    )
-    .unwrap();
+    let control =
+        fx.control_with(cfg, Arc::new(|_, _| panic!("nothing is revoked with keep"))).unwrap();
     let (entry, cut) = fx.track("127.0.10.1:40000", "127.0.10.2:5432", 1);
     std::fs::write(fx.path("policies/deny-db.yaml"), DENY_DB).unwrap();
     let report = control.reload_blocking(Trigger::Api);
@@ -148,19 +143,18 @@ fn flows_admitted_for_a_name_are_redecided_with_it() {
     std::fs::write(fx.path("policies/names.yaml"), NAMED_EGRESS).unwrap();
     let revoked: Arc<std::sync::Mutex<Vec<Revoked>>> = Arc::default();
     let seen = revoked.clone();
-    let control = flowgate::control::ControlPlane::new(
-        fx.cfg.clone(),
-        fx.conntrack.clone(),
-        fx.metrics.clone(),
-        Arc::new(move |e, d| {
-            assert!(!d.verdict.is_allow());
-            let k = e.key();
-            seen.lock()
-                .unwrap()
-                .push((format!("{}->{}", k.src, k.dst), e.fqdn().map(String::from)));
-        }),
-    )
-    .unwrap();
+    let control = fx
+        .control_with(
+            fx.cfg.clone(),
+            Arc::new(move |e, d| {
+                assert!(!d.verdict.is_allow());
+                let k = e.key();
+                seen.lock()
+                    .unwrap()
+                    .push((format!("{}->{}", k.src, k.dst), e.fqdn().map(String::from)));
+            }),
+        )
+        .unwrap();
     let generation = control.policy().load().generation.0;
 
     // The premise: the address alone is denied, the name allows it.

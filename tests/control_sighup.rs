@@ -1,12 +1,12 @@
 //! SIGHUP reloads. Its own test binary: the signal goes to this process, and only after
 //! the control plane's handler is installed (tokio keeps it installed for the process).
 
-mod control_common;
+mod support;
 
 use std::time::Duration;
 
-use control_common::*;
 use flowgate::control::Trigger;
+use support::control::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads() {

@@ -2,6 +2,8 @@
 //! send exactly the bad input the issue lists, and against curl as the real client for
 //! CONNECT, absolute-form and SOCKS5 (with and without credentials).
 
+mod support;
+
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command as Process;
 use std::time::Duration;
@@ -12,6 +14,7 @@ use flowgate::egress::handshake::socks5::{self as socks_hs, AuthPolicy, SocksReq
 use flowgate::egress::handshake::{HandshakeError, HandshakeLimits};
 use flowgate::wire::http_connect::{Limits, ParseError};
 use flowgate::wire::socks5::{self, Command, ReplyCode};
+use support::require::{Need, skip_unless};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -161,14 +164,6 @@ async fn client_closing_midway_is_not_answered() {
     assert!(matches!(task.await.expect("task"), Err(HandshakeError::Closed)));
 }
 
-fn curl_available() -> bool {
-    let ok = Process::new("curl").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("SKIP: curl not installed (scripts/setup.sh installs it)");
-    }
-    ok
-}
-
 /// Runs curl off the async runtime and returns (exit code, stdout).
 async fn curl(args: Vec<String>) -> (i32, String) {
     tokio::task::spawn_blocking(move || {
@@ -185,7 +180,7 @@ async fn curl(args: Vec<String>) -> (i32, String) {
 
 #[tokio::test]
 async fn curl_connect_and_absolute_form() {
-    if !curl_available() {
+    if skip_unless(&[Need::Bin("curl")]) {
         return;
     }
     let (addr, task) = http_server(limits(5_000)).await;
@@ -375,7 +370,7 @@ async fn socks_credentials_map_to_an_identity_and_wrong_ones_are_refused() {
 
 #[tokio::test]
 async fn curl_socks5_hostname_with_and_without_credentials() {
-    if !curl_available() {
+    if skip_unless(&[Need::Bin("curl")]) {
         return;
     }
     let (addr, task) = socks_server(5_000, false, ReplyCode::NotAllowed).await;

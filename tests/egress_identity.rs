@@ -19,13 +19,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use flowgate::config::Config;
-use flowgate::dataplane::build_snapshot;
-use flowgate::policy::Generation;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
-mod egress_common;
-use egress_common::*;
+mod support;
+use support::egress::*;
+use support::process::Flowgate;
+use support::require::{Need, skip_unless};
 
 const CALLER: &str = "127.0.0.10";
 const SHARED: &str = "127.0.0.12";
@@ -154,7 +154,7 @@ async fn udp_echo(ip: &str) -> (u16, Arc<AtomicUsize>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_name_the_workload_and_wrong_ones_are_refused() {
-    if !peers_present(&["curl", "python3", "openssl"]) {
+    if skip_unless(&[Need::Bin("curl"), Need::Bin("python3"), Need::Bin("openssl")]) {
         return;
     }
     let gate = start_gate("127.0.0.30:1".parse().unwrap()).await;
@@ -263,7 +263,7 @@ async fn credentials_name_the_workload_and_wrong_ones_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_sni_refuses_a_client_hello_for_another_host() {
-    if !peers_present(&["curl", "openssl"]) {
+    if skip_unless(&[Need::Bin("curl"), Need::Bin("openssl")]) {
         return;
     }
     let gate = start_gate("127.0.0.30:1".parse().unwrap()).await;
@@ -392,7 +392,7 @@ print(json.dumps(out))
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socks5_udp_associate_relays_allowed_datagrams_and_drops_the_rest() {
-    if !peers_present(&["python3"]) {
+    if skip_unless(&[Need::Bin("python3")]) {
         return;
     }
     let gate = start_gate("127.0.0.30:1".parse().unwrap()).await;
@@ -623,7 +623,7 @@ async fn ssrf_spellings_and_own_listeners_are_refused_through_both_listeners() {
 /// variable that is not set stops start-up with an error naming the credential.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flowgate_run_reads_passwords_from_the_environment() {
-    if !peers_present(&["curl"]) {
+    if skip_unless(&[Need::Bin("curl")]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -631,7 +631,6 @@ async fn flowgate_run_reads_passwords_from_the_environment() {
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     std::fs::write(dir.path().join("policies/anp.yaml"), POLICY).unwrap();
     let (port, accepted) = sink(SINK).await;
-    let socks_port = free_port("127.0.0.1");
     let text = format!(
         "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
          [admin]\nbind = \"127.0.0.1:0\"\n\
@@ -641,7 +640,7 @@ async fn flowgate_run_reads_passwords_from_the_environment() {
          [ssrf]\ntreat_as_external = [\"{SINK}/32\"]\n\
          [[credential]]\nusername = \"alice\"\npassword_env = \"FG_TEST_ALICE_PW\"\n\
          workload = \"fn/caller\"\n\
-         [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:{socks_port}\"\n\
+         [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
          credentials = \"required\"\n"
     );
     let path = dir.path().join("flowgate.toml");
@@ -661,22 +660,16 @@ async fn flowgate_run_reads_passwords_from_the_environment() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("alice") && err.contains("FG_TEST_ALICE_PW"), "{err}");
 
-    let child = std::process::Command::new(exe)
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
-        .env("FG_TEST_ALICE_PW", "from-env")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _fg = Server(child);
-    wait_listening(SocketAddr::new([127, 0, 0, 1].into(), socks_port)).await;
+    let mut cmd = Flowgate::command(&path);
+    cmd.env("FG_TEST_ALICE_PW", "from-env");
+    let mut fg = Flowgate::spawn(cmd);
+    let socks = fg.listener("socks");
+    fg.wait_ready();
     let url = format!("telnet://sink.test:{port}");
-    let proxy = format!("alice:from-env@127.0.0.1:{socks_port}");
+    let proxy = format!("alice:from-env@{socks}");
     let (code, body, err) = curl(&["--interface", SHARED, "--socks5-hostname", &proxy, &url]).await;
     assert_eq!((code, body.as_str()), (0, "ok"), "{err}");
-    let plain = format!("127.0.0.1:{socks_port}");
+    let plain = socks.to_string();
     let (code, _, err) = curl(&["--interface", CALLER, "--socks5-hostname", &plain, &url]).await;
     assert_eq!(code, 97, "required: no credentials, no tunnel: {err}");
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -713,8 +706,7 @@ async fn a_reload_re_decides_a_credentialed_tunnel_as_its_workload() {
 
     let cfg = Config::load(&gate.dir.path().join("flowgate.toml")).unwrap();
     let reload = |generation: u64| {
-        let snap = build_snapshot(&cfg.policy, Generation(generation)).unwrap();
-        gate.rt.swap_policy(snap);
+        support::gateway::swap_policy(&gate.rt, &cfg, generation);
         let now = gate.rt.policy.load_full();
         flowgate::control::revalidate::revalidate(&gate.rt.conntrack, &now, 64, &|_, _| {})
     };

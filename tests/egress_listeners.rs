@@ -13,7 +13,6 @@
 //! control connection, no malformed handshake may add to it. Every wait is bounded.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -21,8 +20,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-mod egress_common;
-use egress_common::*;
+mod support;
+use support::egress::*;
+use support::process::Flowgate;
+use support::require::{Need, skip_unless};
 
 const CALLER: &str = "127.0.0.10";
 const OTHER: &str = "127.0.0.11";
@@ -91,7 +92,7 @@ async fn wait_deny(gate: &Gate, fqdn: &str, src: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_reaches_allowed_names_and_is_refused_otherwise() {
-    if !peers_present(&["curl", "python3", "openssl"]) {
+    if skip_unless(&[Need::Bin("curl"), Need::Bin("python3"), Need::Bin("openssl")]) {
         return;
     }
     let gate = start_gate().await;
@@ -277,7 +278,7 @@ async fn bad_handshakes_get_their_error_and_never_reach_the_upstream() {
 /// allow is refused with 0x02 and logged with the name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flowgate_run_serves_socks5_from_its_config() {
-    if !peers_present(&["curl"]) {
+    if skip_unless(&[Need::Bin("curl")]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -285,28 +286,20 @@ async fn flowgate_run_serves_socks5_from_its_config() {
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     std::fs::write(dir.path().join("policies/anp.yaml"), POLICY).unwrap();
     let (port, accepted) = sink().await;
-    let socks_port = free_port("127.0.0.1");
     let text = format!(
         "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+         [admin]\nbind = \"127.0.0.1:0\"\n\
          [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
          [dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
          [dns.static]\n\"sink.test\" = [\"{SINK}\"]\n\"blocked.test\" = [\"{WEB}\"]\n\
          [ssrf]\ntreat_as_external = [\"{WEB}/32\", \"{SINK}/32\"]\n\
-         [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:{socks_port}\"\n"
+         [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n"
     );
     let path = dir.path().join("flowgate.toml");
     std::fs::write(&path, text).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_flowgate"))
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _fg = Server(child);
-    wait_listening(SocketAddr::new([127, 0, 0, 1].into(), socks_port)).await;
-    let socks = format!("127.0.0.1:{socks_port}");
+    let mut fg = Flowgate::run(&path);
+    let socks = fg.listener("socks").to_string();
+    fg.wait_ready();
 
     let url = format!("telnet://sink.test:{port}");
     let (code, body, err) = curl(&["--interface", CALLER, "--socks5-hostname", &socks, &url]).await;
@@ -380,34 +373,24 @@ async fn connect_tunnel_for_an_allowed_name_survives_a_reload() {
             });
         }
     });
-    let connect_port = free_port("127.0.0.1");
     let text = format!(
         "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
          default = \"deny\"\nunknown = \"deny\"\n\
          [control]\nwatch = false\n\
+         [admin]\nbind = \"127.0.0.1:0\"\n\
          [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
          [dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
          [dns.static]\n\"web.test\" = [\"{WEB}\"]\n\
          [ssrf]\ntreat_as_external = [\"{WEB}/32\"]\n\
          [[listener]]\nname = \"connect\"\nkind = \"http-connect\"\n\
-         bind = \"127.0.0.1:{connect_port}\"\n"
+         bind = \"127.0.0.1:0\"\n"
     );
     let path = dir.path().join("flowgate.toml");
     std::fs::write(&path, text).unwrap();
-    let out = dir.path().join("out.log");
-    let log = std::fs::File::create(&out).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_flowgate"))
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let _fg = Server(child);
-    let connect = SocketAddr::new([127, 0, 0, 1].into(), connect_port);
-    wait_listening(connect).await;
+    // The audit trail (one JSON line per reload) goes to flowgate's stderr.
+    let mut fg = Flowgate::run(&path);
+    let connect = fg.listener("connect");
+    fg.wait_ready();
 
     let mut tunnel = from_caller(connect).await;
     let target = format!("web.test:{echo_port}");
@@ -432,9 +415,11 @@ async fn connect_tunnel_for_an_allowed_name_survives_a_reload() {
     let other =
         POLICY.replace("caller-egress", "caller-egress-2").replace("priority: 10", "priority: 20");
     std::fs::write(dir.path().join("policies/other.yaml"), other).unwrap();
-    // SAFETY: signalling our own child by its pid.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
-    wait_line(&out, &["\"result\":\"ok\"", "\"generation\":2", "\"revalidated\":1"]).await;
+    fg.signal(libc::SIGHUP);
+    fg.wait_stderr_all(
+        &["\"result\":\"ok\"", "\"generation\":2", "\"revalidated\":1"],
+        Duration::from_secs(10),
+    );
     assert!(ping(&mut tunnel).await, "a reload that keeps the name rule keeps the tunnel");
 
     // Reload 2: the name rule goes (from both policies); the tunnel is cut.
@@ -444,9 +429,11 @@ async fn connect_tunnel_for_an_allowed_name_survives_a_reload() {
         .replace("caller-egress", "caller-egress-2")
         .replace("priority: 10", "priority: 20");
     std::fs::write(dir.path().join("policies/other.yaml"), other).unwrap();
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
-    wait_line(&out, &["\"result\":\"ok\"", "\"generation\":3", "\"revoked\":1"]).await;
+    fg.signal(libc::SIGHUP);
+    fg.wait_stderr_all(
+        &["\"result\":\"ok\"", "\"generation\":3", "\"revoked\":1"],
+        Duration::from_secs(10),
+    );
     let mut buf = [0u8; 16];
     let closed = tokio::time::timeout(Duration::from_secs(5), async {
         loop {

@@ -20,17 +20,18 @@
 //! first with the allowed address, then (after the test flips it) with 10.0.0.1. The
 //! first request reaches the allowed server; the second is refused.
 //!
-//! Needs root (namespaces); skips with a reason otherwise.
+//! Needs root (namespaces); skipped, saying so, otherwise (in CI: fails).
 
-mod egress_common;
-mod netns_common;
+mod support;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use netns_common::{Gate, Netns, can_run, counting_http, curl, get};
+use support::egress::{Gate, get};
+use support::netns::{Netns, counting_http, curl};
+use support::require::{Need, skip_unless};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -268,7 +269,7 @@ async fn socks_reply(proxy: SocketAddr, to: SocksAddr<'_>) -> Option<u8> {
 
 #[test]
 fn every_spelling_of_a_forbidden_address_is_refused_and_never_dialled() {
-    if !can_run(&["ip", "curl"]) {
+    if skip_unless(&[Need::Root, Need::Bin("ip"), Need::Bin("curl")]) {
         return;
     }
     let ns = Netns::new("ssrf");

@@ -23,10 +23,9 @@
 //! keep-alive server never sees a second request on a redirected connection (it could
 //! name a refused host served from the same address).
 //!
-//! Needs root, `ip`, `nft`, `curl`, `openssl`, `python3`; skips with a reason otherwise.
+//! Needs root, `ip`, `nft`, `curl`, `openssl`, `python3`; skipped, saying so, otherwise (in CI: fails).
 
-mod egress_common;
-mod netns_common;
+mod support;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -36,9 +35,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
-use netns_common::{
-    Child, Gate, Netns, can_run, counting_front, counting_http, curl, get, sh, wait_listening,
-};
+use support::egress::{Gate, Server as Child, get, wait_listening};
+use support::netns::{Netns, counting_front, counting_http, curl, sh};
+use support::process::Flowgate;
+use support::require::{Need, skip_unless};
 
 const CLIENT: &str = "198.18.1.2";
 const GW: &str = "198.18.1.1";
@@ -148,7 +148,14 @@ fn redirect(dir: &std::path::Path, vg: &str, port: u16) {
 
 #[test]
 fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
-    if !can_run(&["ip", "nft", "curl", "openssl", "python3"]) {
+    if skip_unless(&[
+        Need::Root,
+        Need::Bin("ip"),
+        Need::Bin("nft"),
+        Need::Bin("curl"),
+        Need::Bin("openssl"),
+        Need::Bin("python3"),
+    ]) {
         return;
     }
     let (gw, cl, vg) = topology('t');
@@ -379,7 +386,7 @@ async fn keep_alive_http(addr: SocketAddr) {
 /// requests on one redirected connection get one answer; the refused host alone is denied.
 #[test]
 fn a_second_request_on_a_redirected_connection_never_reaches_the_server() {
-    if !can_run(&["ip", "nft", "python3"]) {
+    if skip_unless(&[Need::Root, Need::Bin("ip"), Need::Bin("nft"), Need::Bin("python3")]) {
         return;
     }
     let (gw, cl, vg) = topology('k');
@@ -442,7 +449,13 @@ fn a_second_request_on_a_redirected_connection_never_reaches_the_server() {
 /// from its flow-log file.
 #[test]
 fn the_binary_in_a_namespace_serves_a_redirect() {
-    if !can_run(&["ip", "nft", "curl", "openssl"]) {
+    if skip_unless(&[
+        Need::Root,
+        Need::Bin("ip"),
+        Need::Bin("nft"),
+        Need::Bin("curl"),
+        Need::Bin("openssl"),
+    ]) {
         return;
     }
     let (gw, cl, vg) = topology('b');
@@ -469,29 +482,14 @@ fn the_binary_in_a_namespace_serves_a_redirect() {
         );
         let path = dir.join("flowgate.toml");
         std::fs::write(&path, config).unwrap();
-        let mut child = tokio::process::Command::new("ip")
-            .args(["netns", "exec", &gw.name, env!("CARGO_BIN_EXE_flowgate"), "run", "--config"])
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("flowgate runs");
-        // "flowgate: listener tp (transparent) on 0.0.0.0:PORT", within a bound.
-        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-        let port = tokio::time::timeout(std::time::Duration::from_secs(20), async {
-            while let Ok(Some(l)) = lines.next_line().await {
-                if let Some(a) = l.strip_prefix("flowgate: listener tp (transparent) on ") {
-                    return a.parse::<SocketAddr>().ok().map(|a| a.port());
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten()
-        .expect("flowgate announces its listener");
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &gw.name, env!("CARGO_BIN_EXE_flowgate"), "run", "--config"])
+            .arg(&path);
+        // Start-up only (a bounded wait for its printed port): nothing on this thread's
+        // runtime needs to run meanwhile.
+        let mut fg = Flowgate::spawn(cmd);
+        let port = fg.listener("tp").port();
+        fg.wait_ready();
         redirect(dir, &vg, port);
 
         let in_cl = ["ip", "netns", "exec", cl.name.as_str()];
@@ -519,8 +517,8 @@ fn the_binary_in_a_namespace_serves_a_redirect() {
             assert!(std::time::Instant::now() < deadline, "no name-mismatch event: {log}");
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        let _ = child.start_kill();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;
+        fg.assert_running();
+        drop(fg);
     });
     drop(cl);
     drop(gw);

@@ -4,17 +4,20 @@
 //! header carries (HAProxy itself connects from 127.0.0.1), forward only the allowed one, and
 //! log both with their real address and port.
 //!
-//! Skips, saying why, when `haproxy` is not installed (scripts/setup.sh installs it).
+//! Skipped, saying so, when `haproxy` is not installed (scripts/setup.sh installs it); in
+//! CI that fails the test instead.
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use support::process::Flowgate;
+use support::require::{Need, skip_unless};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -61,10 +64,6 @@ impl Drop for Proc {
     }
 }
 
-fn haproxy_available() -> bool {
-    Command::new("haproxy").arg("-v").output().is_ok_and(|o| o.status.success())
-}
-
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
     l.local_addr().expect("local addr").port()
@@ -72,7 +71,7 @@ fn free_port() -> u16 {
 
 /// Starts flowgate with a listener requiring a PROXY header from 127.0.0.1 (HAProxy), in
 /// front of `upstream`; returns the process and the listener's address (read from stderr).
-fn start_flowgate(dir: &Path, upstream: SocketAddr) -> (Proc, SocketAddr) {
+fn start_flowgate(dir: &Path, upstream: SocketAddr) -> (Flowgate, SocketAddr) {
     std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
     std::fs::write(dir.join("inventory.yaml"), INVENTORY).expect("write inventory");
     std::fs::write(dir.join("policies/hp.yaml"), POLICY).expect("write policy");
@@ -85,35 +84,10 @@ fn start_flowgate(dir: &Path, upstream: SocketAddr) -> (Proc, SocketAddr) {
     );
     let path = dir.join("flowgate.toml");
     std::fs::write(&path, cfg).expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flowgate"))
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn flowgate");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let proc = Proc(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut seen = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("flowgate did not report its listener: {seen:?}"));
-        if line.contains("listener behind-lb ") {
-            let addr = line.rsplit(' ').next().and_then(|a| a.parse().ok());
-            return (proc, addr.unwrap_or_else(|| panic!("no address in {line:?}")));
-        }
-        seen.push(line);
-    }
+    let mut fg = Flowgate::run(&path);
+    let addr = fg.listener("behind-lb");
+    fg.wait_ready();
+    (fg, addr)
 }
 
 /// Starts HAProxy with two TCP frontends: one sending PROXY v2, one v1, both to `flowgate`.
@@ -183,10 +157,7 @@ async fn wait_event(dir: &Path, event: &str, src: SocketAddr) -> serde_json::Val
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_send_proxy_v1_and_v2_give_flowgate_the_real_clients() {
-    if !haproxy_available() {
-        eprintln!(
-            "SKIP haproxy_send_proxy: `haproxy` is not installed (scripts/setup.sh installs it)"
-        );
+    if skip_unless(&[Need::Bin("haproxy")]) {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");

@@ -4,21 +4,17 @@
 //! in the compact table the entry's cold extension). Allocations are counted per thread, so
 //! the flow-log writer thread does not count.
 
-mod l4_harness;
+mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
 use flowgate::config::Config;
-use flowgate::conntrack::{Conntrack, FlowState};
-use flowgate::dataplane::{Admission, ListenerTag, Runtime, admit, build_snapshot, tcp_flow};
-use flowgate::policy::Generation;
-use flowgate::telemetry::flowlog::FlowLog;
-use flowgate::telemetry::metrics::Registry;
-use l4_harness::*;
+use flowgate::conntrack::FlowState;
+use flowgate::dataplane::{Admission, ListenerTag, admit, tcp_flow};
+use support::l4::*;
 
 struct Counting;
 
@@ -50,16 +46,12 @@ fn allocs() -> u64 {
 fn admit_allocates_nothing_on_deny_and_only_the_entry_on_allow() {
     let world = World::new();
     let cfg = Config::load(&world.write_config("")).unwrap();
-    let registry = Arc::new(Registry::default());
-    let (flowlog, writer) = FlowLog::start(&cfg.flowlog, registry.clone()).unwrap();
-    let rt = Runtime::new(
-        Arc::new(Conntrack::new(&cfg.conntrack)),
-        Arc::new(ArcSwap::from_pointee(build_snapshot(&cfg.policy, Generation(1)).unwrap())),
-        registry.clone(),
-        flowlog,
-    );
-    let tag =
-        ListenerTag { index: 0, name: Arc::from("gw"), counters: registry.listener("gw", "tcp") };
+    let (rt, writer) = support::gateway::runtime(&cfg);
+    let tag = ListenerTag {
+        index: 0,
+        name: Arc::from("gw"),
+        counters: rt.registry.listener("gw", "tcp"),
+    };
     let web = format!("{WEB}:80").parse().unwrap();
     let key = |src: &str, port: u16| tcp_flow(format!("{src}:{port}").parse().unwrap(), web);
 

@@ -4,13 +4,13 @@
 //! policy is asked; a listener that requires a header refuses a connection without one.
 //! (HAProxy itself in front of flowgate: tests/proxy_protocol_haproxy.rs on branch pp.)
 
-mod l4_harness;
+mod support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use l4_harness::*;
+use support::l4::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UdpSocket;
 

@@ -1,95 +1,21 @@
 //! `flowgate run` as a real process: the bundled config serves its demo out of the box,
 //! SIGTERM stops accepting and drains open connections, and the drain is bounded by
-//! `run.drain_timeout`. Every wait is bounded; the child is killed (by its pid) if a test
-//! fails half-way.
+//! `run.drain_timeout`. Every bind is port 0 (the bundled config runs from a copy with its
+//! ports moved), so these tests pass next to the README's own gateway. Every wait is
+//! bounded; the child is killed (by its pid) if a test fails half-way, and one that exits
+//! early fails the test with its exit status and stderr.
 
-mod l4_harness;
+mod support;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use l4_harness::*;
+use support::l4::*;
+use support::process::{BundledCopy, Flowgate};
+use support::require::{Need, skip_unless};
 
-struct Flowgate {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-    stdout: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Flowgate {
-    fn spawn(config: &std::path::Path) -> Flowgate {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flowgate"))
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = |r: Box<dyn std::io::Read + Send>| {
-            let (tx, rx) = mpsc::channel();
-            std::thread::spawn(move || {
-                for l in BufReader::new(r).lines().map_while(Result::ok) {
-                    let _ = tx.send(l);
-                }
-            });
-            rx
-        };
-        let stderr = lines(Box::new(child.stderr.take().unwrap()));
-        let stdout = lines(Box::new(child.stdout.take().unwrap()));
-        Flowgate { child, stderr, stdout, seen: Vec::new() }
-    }
-
-    /// The next stderr line containing `needle` (bounded).
-    fn wait_stderr(&mut self, needle: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stderr.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.contains(needle) {
-                        return l;
-                    }
-                }
-                Err(_) => panic!("no stderr line with {needle:?}; saw {:?}", self.seen),
-            }
-        }
-    }
-
-    fn listener_addr(&mut self, name: &str) -> SocketAddr {
-        let line = self.wait_stderr(&format!("listener {name} "), Duration::from_secs(20));
-        line.rsplit(' ').next().unwrap().parse().unwrap()
-    }
-
-    fn signal(&self, sig: i32) {
-        let pid = i32::try_from(self.child.id()).unwrap();
-        // SAFETY: kill(2) on the pid of the child this test spawned.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < deadline, "flowgate did not exit in {within:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Flowgate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// The admin token the bundled config's gateway gets (from `FLOWGATE_ADMIN_TOKEN`).
+const TOKEN: &str = "l4-run-token";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_accepting_drains_then_exits_zero() {
@@ -99,9 +25,9 @@ async fn sigterm_stops_accepting_drains_then_exits_zero() {
         "[run]\ndrain_timeout = \"20s\"\n\n{}",
         tcp_listener("gw", &[up.addr], "")
     ));
-    let mut fg = Flowgate::spawn(&cfg);
-    let addr = fg.listener_addr("gw");
-    fg.wait_stderr("ready", Duration::from_secs(10));
+    let mut fg = Flowgate::run(&cfg);
+    let addr = fg.listener("gw");
+    fg.wait_ready();
     let mut held = connect_from(OK, addr).await.unwrap();
     assert_eq!(roundtrip(&mut held, b"before").await, b"before");
 
@@ -133,9 +59,9 @@ async fn drain_is_bounded_by_drain_timeout() {
         "[run]\ndrain_timeout = \"300ms\"\n\n{}",
         tcp_listener("gw", &[up.addr], "")
     ));
-    let mut fg = Flowgate::spawn(&cfg);
-    let addr = fg.listener_addr("gw");
-    fg.wait_stderr("ready", Duration::from_secs(10));
+    let mut fg = Flowgate::run(&cfg);
+    let addr = fg.listener("gw");
+    fg.wait_ready();
     let mut held = connect_from(OK, addr).await.unwrap();
     assert_eq!(roundtrip(&mut held, b"x").await, b"x");
     fg.signal(libc::SIGINT);
@@ -149,10 +75,9 @@ async fn drain_is_bounded_by_drain_timeout() {
 /// and its denial is on stdout as a flow-log line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bundled_config_serves_the_demo() {
-    let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/flowgate.toml");
-    let mut fg = Flowgate::spawn(&cfg);
-    let addr = fg.listener_addr("demo");
-    fg.wait_stderr("ready", Duration::from_secs(10));
+    let bundled = BundledCopy::new();
+    let mut fg = bundled.run(TOKEN);
+    let addr = fg.listener("demo");
     let mut s = connect_from("127.0.0.1", addr).await.unwrap();
     assert_eq!(roundtrip(&mut s, b"hello flowgate\n").await, b"hello flowgate\n");
     drop(s);
@@ -160,7 +85,7 @@ async fn bundled_config_serves_the_demo() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let deny = loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = fg.stdout.recv_timeout(left).expect("a deny line on stdout");
+        let line = fg.next_stdout(left).expect("a deny line on stdout");
         let v: serde_json::Value = serde_json::from_str(&line).expect("stdout is JSON lines");
         if v["event"] == "deny" {
             break v;
@@ -168,7 +93,7 @@ async fn bundled_config_serves_the_demo() {
     };
     assert_eq!(deny["listener"], "demo");
     assert!(deny["src"].as_str().unwrap().starts_with("127.0.0.3:"));
-    assert_eq!(deny["dst"], "127.0.0.2:8081");
+    assert_eq!(deny["dst"], format!("127.0.0.2:{}", bundled.demo_web_port));
     assert_eq!(deny["dst_workload"], "edge/demo-web");
     fg.signal(libc::SIGTERM);
     assert!(fg.wait_exit(Duration::from_secs(10)).success());
@@ -180,7 +105,7 @@ fn no_huge_pages() -> Option<String> {
     let thp =
         std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
     (!thp.contains("[always]") && !thp.contains("[madvise]"))
-        .then(|| format!("transparent huge pages are off here ({:?})", thp.trim()))
+        .then(|| format!("they are off here ({:?})", thp.trim()))
 }
 
 /// The connection table's index and entries ask for huge pages (`conntrack/pages.rs`), and
@@ -190,14 +115,12 @@ fn no_huge_pages() -> Option<String> {
 /// nothing of it is written, so nothing of it is resident.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_table_gets_huge_pages() {
-    if let Some(why) = no_huge_pages() {
-        eprintln!("skipping the_connection_table_gets_huge_pages: {why}");
+    if skip_unless(&[Need::Machine { what: "transparent huge pages", missing: no_huge_pages() }]) {
         return;
     }
-    let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/flowgate.toml");
-    let mut fg = Flowgate::spawn(&cfg);
-    let addr = fg.listener_addr("demo");
-    fg.wait_stderr("ready", Duration::from_secs(10));
+    let bundled = BundledCopy::new();
+    let mut fg = bundled.run(TOKEN);
+    let addr = fg.listener("demo");
     let huge_kb = |pid: u32| -> u64 {
         let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
             .expect("the gateway's memory map");
@@ -207,10 +130,10 @@ async fn the_connection_table_gets_huge_pages() {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("an AnonHugePages line")
     };
-    let before = huge_kb(fg.child.id());
+    let before = huge_kb(fg.pid());
     let mut s = connect_from("127.0.0.1", addr).await.unwrap();
     assert_eq!(roundtrip(&mut s, b"tracked\n").await, b"tracked\n");
-    let after = huge_kb(fg.child.id());
+    let after = huge_kb(fg.pid());
     assert!(after >= before + 2048, "no huge page for the table: {before} kB, then {after} kB");
     drop(s);
     fg.signal(libc::SIGTERM);
@@ -228,27 +151,15 @@ async fn accept_loop_survives_running_out_of_descriptors() {
         "[run]\nworker_threads = 1\n\n{}",
         tcp_listener("gw", &[up.addr], "idle_timeout = \"2s\"")
     ));
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "ulimit -n 48 && exec {} run --config {}",
-            env!("CARGO_BIN_EXE_flowgate"),
-            cfg.display()
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let mut fg = Flowgate { child, stderr: rx, stdout: mpsc::channel().1, seen: Vec::new() };
-    let addr = fg.listener_addr("gw");
-    fg.wait_stderr("ready", Duration::from_secs(10));
+    let mut sh = Command::new("sh");
+    sh.arg("-c").arg(format!(
+        "ulimit -n 48 && exec {} run --config {}",
+        env!("CARGO_BIN_EXE_flowgate"),
+        cfg.display()
+    ));
+    let mut fg = Flowgate::spawn(sh);
+    let addr = fg.listener("gw");
+    fg.wait_ready();
     // Far more connections than 48 descriptors allow (each served one costs two).
     let mut held = Vec::new();
     for _ in 0..60 {
@@ -283,7 +194,32 @@ async fn accept_loop_survives_running_out_of_descriptors() {
         assert!(Instant::now() < deadline, "listener did not recover after EMFILE");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(fg.child.try_wait().unwrap().is_none(), "process died");
+    fg.assert_running();
     fg.signal(libc::SIGTERM);
     assert!(fg.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// The harness's promise: a gateway that dies at start-up (here its admin port is taken)
+/// fails the test with its exit status and its own error, not with a later "nothing
+/// listening".
+#[test]
+fn a_gateway_that_exits_early_is_reported_with_its_status_and_stderr() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let world = World::new();
+    let cfg = world.write_config("");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[admin]\nbind = \"127.0.0.1:0\"",
+        &format!("[admin]\nbind = \"{}\"", taken.local_addr().unwrap()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut fg = Flowgate::run(&cfg);
+    let failure = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fg.wait_ready()))
+        .expect_err("a gateway whose admin port is taken never gets ready");
+    let msg = failure
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| failure.downcast_ref::<&str>().map(|s| (*s).to_string()))
+        .unwrap_or_default();
+    assert!(msg.contains("flowgate exited early (exit status: "), "{msg}");
+    assert!(msg.contains("in use"), "the real cause is shown: {msg}");
 }

@@ -5,11 +5,11 @@
 //! read buffer) arrives whole, followed by EOF, while the client still has its write side
 //! open, and the flow ends cleanly (no reset: the close after the FIN finds nothing unread).
 
-mod l4_harness;
+mod support;
 
 use std::time::Duration;
 
-use l4_harness::*;
+use support::l4::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The upstream's answer to a request of `n` bytes: `n * 37` bytes of a known pattern

@@ -3,13 +3,13 @@
 //! upstream is ever contacted (and the flow-log line with every schema field), idle
 //! timeout, max-connections, upstream failover, conntrack full, and cutting a flow.
 
-mod l4_harness;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use l4_harness::*;
 use sha2::{Digest, Sha256};
+use support::l4::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,15 +306,14 @@ async fn revoking_a_flow_cuts_both_sides_and_logs_it() {
     // revalidate the way the control plane does.
     std::fs::write(
         gw.world.dir.path().join("policies/t.yaml"),
-        l4_harness::POLICY.replace(
+        support::l4::POLICY.replace(
             "from: [{podSelector: {matchLabels: {app: client-ok}}}]",
             "from: [{podSelector: {matchLabels: {app: nobody}}}]",
         ),
     )
     .unwrap();
     let cfg = flowgate::config::Config::load(&gw.world.dir.path().join("flowgate.toml")).unwrap();
-    let next = flowgate::dataplane::build_snapshot(&cfg.policy, flowgate::policy::Generation(2));
-    let old = gw.rt.swap_policy(next.unwrap());
+    let old = support::gateway::swap_policy(&gw.rt, &cfg, 2);
     assert_eq!(old.generation.0, 1);
     assert_eq!(gw.rt.generation().0, 2);
     let snap = gw.rt.policy.load_full();

@@ -1,12 +1,12 @@
 //! The UDP gateway with real sockets: echo through a session, denied datagrams dropped and
 //! logged (folded), session idle timeout, session limit.
 
-mod l4_harness;
+mod support;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use l4_harness::*;
+use support::l4::*;
 use tokio::net::UdpSocket;
 
 fn udp_listener(name: &str, upstream: SocketAddr, extra: &str) -> String {

@@ -2,21 +2,22 @@
 //! API for flowgate's metrics, and `promtool check metrics` lints the exposition.
 //!
 //! Needs the Debian package `prometheus` (scripts/setup.sh installs it); without
-//! `prometheus`/`promtool` on PATH the test prints why and skips.
+//! `prometheus`/`promtool` on PATH the test is skipped, saying so (and fails in CI).
 //!
 //! To check more metrics once the listeners are wired in, add `(query, expected)` pairs to
 //! `EXPECTED` (or query in the test body with `query_value`).
 
-mod control_common;
+mod support;
 
 use std::io::Write;
 use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use control_common::*;
 use flowgate::admin::client::AdminClient;
 use serde_json::Value;
+use support::control::*;
+use support::require::{Need, skip_unless};
 
 /// PromQL query → the value Prometheus must report (after the scrape).
 const EXPECTED: &[(&str, f64)] = &[
@@ -27,10 +28,6 @@ const EXPECTED: &[(&str, f64)] = &[
     ("flowgate_conntrack_capacity", 262144.0),
     ("flowgate_flowlog_dropped_total", 0.0),
 ];
-
-fn which(bin: &str) -> bool {
-    Command::new(bin).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
-}
 
 struct KillOnDrop(Child);
 
@@ -60,10 +57,7 @@ async fn query_value(prom: std::net::SocketAddr, q: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_flowgate() {
-    if !which("prometheus") || !which("promtool") {
-        eprintln!(
-            "SKIP prometheus_scrapes_flowgate: prometheus/promtool not installed (scripts/setup.sh)"
-        );
+    if skip_unless(&[Need::Bin("prometheus"), Need::Bin("promtool")]) {
         return;
     }
     let fx = Fixture::new(&format!("[control]\nwatch = false\n{}", admin_toml()));

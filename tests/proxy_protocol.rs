@@ -5,7 +5,7 @@
 //!
 //! The "load balancer" is 127.0.0.5 (in `trusted_proxies`); 127.0.0.6 is a stranger.
 
-mod l4_harness;
+mod support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use flowgate::telemetry::metrics::ListenerCounters;
 use flowgate::wire::proxy_protocol::{Addresses, Command, Transport, V2_SIGNATURE, encode_v2};
-use l4_harness::*;
+use support::l4::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LB: &str = "127.0.0.5";

@@ -1,11 +1,7 @@
-//! Helpers shared by the egress listener tests (tests/egress_listeners.rs,
-//! tests/egress_identity.rs, and through `netns_common` the namespace tests): flowgate
-//! started in-process from config text ([`Gate`]), real peers (python3's http.server,
-//! openssl s_server, curl) on fixed loopback addresses, and bounded waits.
-#![allow(dead_code)] // each test file uses a different part
-
-#[path = "../runtime_common/mod.rs"]
-mod runtime_common;
+//! The egress listener tests' helpers (tests/egress_listeners.rs, egress_identity.rs, and
+//! through [`super::netns`] the namespace tests): flowgate started in-process from config
+//! text ([`Gate`]), real peers (python3's http.server, openssl s_server, curl) on loopback
+//! addresses, and bounded waits.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -15,21 +11,18 @@ use std::time::{Duration, Instant};
 
 use flowgate::config::Config;
 use flowgate::dataplane::Runtime;
-use flowgate::dataplane::proxy::{self, EgressSettings, RunningListener};
-use flowgate::egress::Credentials;
-use flowgate::shutdown::Shutdown;
-use flowgate::telemetry::flowlog::FlowLogWriter;
 use flowgate::telemetry::metrics::ListenerCounters;
 use tokio::net::TcpStream;
+
+use super::gateway::{self, InProcess};
+pub use super::process::free_port;
 
 /// flowgate, in-process, built from config text the way `flowgate run` builds it, so a
 /// test can read its counters and flow log directly.
 pub struct Gate {
     pub dir: tempfile::TempDir,
     pub rt: Arc<Runtime>,
-    _shutdown: Shutdown,
-    pub listeners: Vec<RunningListener>,
-    _writer: FlowLogWriter,
+    pub running: InProcess,
 }
 
 impl Gate {
@@ -65,17 +58,12 @@ impl Gate {
         let path = dir.path().join("flowgate.toml");
         std::fs::write(&path, text).unwrap();
         let cfg = Config::load(&path).unwrap();
-        let (rt, writer) = runtime_common::runtime(&cfg);
-        let shutdown = Shutdown::new();
-        let egress = EgressSettings { dns: cfg.dns.clone(), ssrf: cfg.ssrf.clone(), other_own };
-        let creds = Arc::new(Credentials::from_config(&cfg.credential).unwrap());
-        let listeners =
-            proxy::start_with_credentials(&rt, &cfg.listener, &egress, creds, &shutdown).unwrap();
-        Gate { dir, rt, _shutdown: shutdown, listeners, _writer: writer }
+        let running = gateway::start(&cfg, other_own);
+        Gate { dir, rt: running.rt.clone(), running }
     }
 
     pub fn addr(&self, name: &str) -> SocketAddr {
-        self.listeners.iter().find(|l| l.name == name).unwrap().local_addr
+        self.running.listeners.iter().find(|l| l.name == name).unwrap().local_addr
     }
 
     pub fn counters(&self, name: &str) -> Arc<ListenerCounters> {
@@ -113,22 +101,6 @@ pub const WEB: &str = "127.0.0.21";
 /// The HTTPS server's address (`tls.test`).
 pub const TLS: &str = "127.0.0.22";
 
-/// Whether the real peers this file needs are installed; prints why a test skips if not.
-pub fn peers_present(bins: &[&str]) -> bool {
-    for b in bins {
-        let ok = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {b}"))
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            eprintln!("SKIP: {b} is not installed (scripts/setup.sh installs it)");
-            return false;
-        }
-    }
-    true
-}
-
 pub fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
@@ -141,11 +113,6 @@ pub async fn wait_count(c: &std::sync::atomic::AtomicU64, at_least: u64) {
         assert!(Instant::now() < deadline, "counter at {} < {at_least}", get(c));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// A free port on `ip` (bound and released; the servers bind it right after).
-pub fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
 }
 
 /// Polls until something accepts on `addr` (bounded).

@@ -1,16 +1,11 @@
-//! Shared harness for the L4 gateway tests: a policy world in a temp dir, an in-process
-//! gateway built from real config text, real upstream servers on loopback, clients bound to
-//! chosen loopback addresses (the address is the identity the policy sees).
+//! The L4 gateway tests' world: a policy in a temp dir, an in-process gateway built from
+//! real config text, real upstream servers on loopback, clients bound to chosen loopback
+//! addresses (the address is the identity the policy sees).
 //!
 //! Identities (inventory in the temp dir, `policy.default = deny`):
 //! - 127.0.0.10 `t/client-ok`: may reach `t/web` on any port (both sides allow it).
 //! - 127.0.0.11 `t/client-bad`: no policy admits it → denied (egress, default-deny).
 //! - 127.0.0.20 `t/web`: the upstreams listen here.
-#![allow(dead_code)]
-
-#[path = "../runtime_common/mod.rs"]
-mod runtime_common;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,12 +14,11 @@ use std::time::{Duration, Instant};
 
 use flowgate::config::Config;
 use flowgate::dataplane::Runtime;
-use flowgate::dataplane::proxy::{self, RunningListener};
-use flowgate::shutdown::Shutdown;
-use flowgate::telemetry::flowlog::FlowLogWriter;
 use flowgate::telemetry::metrics::ListenerCounters;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
+
+use super::gateway::{self, InProcess};
 
 pub const OK: &str = "127.0.0.10";
 pub const BAD: &str = "127.0.0.11";
@@ -132,24 +126,19 @@ impl World {
 pub struct Gateway {
     pub world: World,
     pub rt: Arc<Runtime>,
-    pub shutdown: Shutdown,
-    pub listeners: Vec<RunningListener>,
-    pub writer: Option<FlowLogWriter>,
+    pub running: InProcess,
 }
 
 impl Gateway {
     pub fn start(world: World, listeners_toml: &str) -> Gateway {
         let path = world.write_config(listeners_toml);
         let cfg = Config::load(&path).unwrap();
-        let (rt, writer) = runtime_common::runtime(&cfg);
-        let shutdown = Shutdown::new();
-        let listeners = proxy::start(&rt, &cfg.listener, &shutdown).unwrap();
-        assert!(rt.readiness.is_ready());
-        Gateway { world, rt, shutdown, listeners, writer: Some(writer) }
+        let running = gateway::start(&cfg, Vec::new());
+        Gateway { world, rt: running.rt.clone(), running }
     }
 
     pub fn addr(&self, name: &str) -> SocketAddr {
-        self.listeners.iter().find(|l| l.name == name).unwrap().local_addr
+        self.running.listeners.iter().find(|l| l.name == name).unwrap().local_addr
     }
 
     pub fn counters(&self, name: &str) -> Arc<ListenerCounters> {

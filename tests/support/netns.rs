@@ -7,45 +7,18 @@
 //! opens (listeners, dials, DNS queries) is created on that thread and so lives in the
 //! namespace, exactly as under `ip netns exec`, while the test can still read flowgate's
 //! counters and flow log directly. Child processes (curl, openssl, `ip`, `nft`) spawned
-//! from that thread inherit its namespace.
-
-#![allow(dead_code)] // each test file uses a different part
-
-/// The in-process gate and the counter read are the egress tests' own (the test file
-/// declares `mod egress_common;` next to this module).
-pub use crate::egress_common::{Gate, get};
+//! from that thread inherit its namespace. The in-process gate, the counter read, the
+//! child-process guard and the bounded listening wait are [`super::egress`]'s.
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// Whether this test can run here: root, and the tools it drives. Prints the reason when
-/// it cannot.
-pub fn can_run(tools: &[&str]) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: needs root (network namespaces, addresses on lo, nftables)");
-        return false;
-    }
-    for t in tools {
-        let ok = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {t}"))
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            eprintln!("SKIP: {t} is not installed (scripts/setup.sh installs it)");
-            return false;
-        }
-    }
-    true
-}
 
 /// Runs a command to completion (bounded by its own nature: `ip`, `nft`); panics with
 /// its stderr when it fails.
@@ -184,25 +157,6 @@ pub async fn counting_front(addr: SocketAddr, backend: SocketAddr) -> Arc<Atomic
         }
     });
     n
-}
-
-/// A child process killed (by its own pid) when dropped.
-pub struct Child(pub std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Polls until something accepts on `addr` (bounded).
-pub async fn wait_listening(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "nothing listening on {addr}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Runs curl (bounded by `--max-time`) with `prefix` in front (e.g. `ip netns exec X`);

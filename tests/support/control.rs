@@ -1,6 +1,6 @@
-//! Shared set-up for the control-plane and admin tests: a small policy directory and
-//! inventory in a temp dir, a config pointing at it, and a control plane over them.
-#![allow(dead_code)]
+//! The control-plane and admin tests' world: a small policy directory and inventory in a
+//! temp dir, a config pointing at it, and a control plane over them
+//! ([`Fixture::control_with`] is the only place the tests construct one).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use flowgate::config::Config;
 use flowgate::conntrack::{Conntrack, CutSignal, Entry, EntryInit, EntryRef, FlowState, tcp_key};
-use flowgate::control::{ControlPlane, RevokeFn};
+use flowgate::control::{ControlError, ControlPlane, RevokeFn};
 use flowgate::flow::Proto;
 use flowgate::policy::{Decision, FlowQuery, Generation};
 use flowgate::telemetry::metrics::Registry;
@@ -91,13 +91,23 @@ impl Fixture {
         self.dir.path().join(rel)
     }
 
+    /// A control plane over the fixture's config, recording revocations in `revoked`.
     pub fn control(&self) -> ControlPlane {
         let revoked = self.revoked.clone();
         let on_revoke: RevokeFn = Arc::new(move |e: &Entry, d: &Decision| {
             revoked.lock().unwrap().push((format!("{}->{}", e.key().src, e.key().dst), *d));
         });
-        ControlPlane::new(self.cfg.clone(), self.conntrack.clone(), self.metrics.clone(), on_revoke)
-            .expect("control plane starts on the fixture")
+        self.control_with(self.cfg.clone(), on_revoke).expect("control plane starts on the fixture")
+    }
+
+    /// A control plane over `cfg` (the fixture's, possibly changed) with the fixture's
+    /// conntrack table and metrics, calling `on_revoke` for each flow it cuts.
+    pub fn control_with(
+        &self,
+        cfg: Config,
+        on_revoke: RevokeFn,
+    ) -> Result<ControlPlane, ControlError> {
+        ControlPlane::new(cfg, self.conntrack.clone(), self.metrics.clone(), on_revoke)
     }
 
     /// Tracks a TCP flow as the proxy would, with a cut signal.
