@@ -29,6 +29,7 @@ use serde_norway::Value as Yaml;
 const ALERTS: &str = "config/prometheus/alerts.yaml";
 const ALERT_TESTS: &str = "config/prometheus/alerts_test.yaml";
 const DASHBOARD: &str = "config/grafana/flowgate.json";
+const PROVIDER: &str = "config/grafana/provisioning/flowgate.yaml";
 const RUNBOOKS: &str = "docs/runbooks.md";
 const TOKEN: &str = "ops-config-test-token";
 
@@ -616,6 +617,14 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
         .unwrap();
     let text = ok_output("promtool test rules", out);
     assert!(text.contains("SUCCESS"), "{text}");
+    // The example Prometheus configuration, and the rule file it loads.
+    let out = Command::new("promtool")
+        .args(["check", "config", "prometheus.yml"])
+        .current_dir(repo("config/prometheus"))
+        .output()
+        .unwrap();
+    let text = ok_output("promtool check config", out);
+    assert!(text.contains("1 rule files found"), "{text}");
 }
 
 #[test]
@@ -805,6 +814,15 @@ fn the_dashboard_is_provisioning_ready() {
             format!("a row repeats over ${repeat}, which is not a multi-value variable"),
         );
     }
+    // The provider file that provisions it.
+    let provider = yaml(PROVIDER);
+    let file_provider = provider["providers"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .any(|p| p["type"].as_str() == Some("file") && p["options"]["path"].as_str().is_some());
+    check(provider["apiVersion"].as_u64() == Some(1), format!("{PROVIDER}: apiVersion 1"));
+    check(file_provider, format!("{PROVIDER}: no file provider with options.path"));
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
