@@ -15,6 +15,8 @@
 //! (scripts/setup.sh); without them the tests that need them fail when `CI=true` and
 //! otherwise print why and return.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -24,6 +26,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
+use support::require::{Need, skip_unless};
 use serde_norway::Value as Yaml;
 
 const ALERTS: &str = "config/prometheus/alerts.yaml";
@@ -47,26 +50,11 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(repo(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
 }
 
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
-}
-
-/// True when every tool is on PATH. Otherwise fails under CI (CI=true) and returns false with
-/// the reason printed elsewhere.
-fn require(test: &str, tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| !have(t)).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let why = format!(
-        "{test}: {} not installed (Debian package `prometheus`; scripts/setup.sh installs it)",
-        missing.join(", ")
-    );
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{why}");
-    }
-    eprintln!("SKIP {why}");
-    false
+/// True when every tool is on PATH; otherwise the shared rule decides (fail in CI, a visible
+/// skip elsewhere).
+fn require(tools: &[&'static str]) -> bool {
+    let needs: Vec<Need> = tools.iter().map(|t| Need::Bin(t)).collect();
+    !skip_unless(&needs)
 }
 
 fn ok_output(what: &str, out: Output) -> String {
@@ -603,7 +591,7 @@ fn anchors(markdown: &str) -> BTreeSet<String> {
 
 #[test]
 fn alert_rules_pass_promtool_check_and_their_unit_tests() {
-    if !require("alert_rules_pass_promtool_check_and_their_unit_tests", &["promtool"]) {
+    if !require(&["promtool"]) {
         return;
     }
     let out = Command::new("promtool").args(["check", "rules"]).arg(repo(ALERTS)).output().unwrap();
@@ -900,7 +888,7 @@ fn dashboard_and_alerts_use_only_what_a_running_flowgate_exports() {
     }
 
     // Prometheus' own parser reads every dashboard query (Grafana variables substituted).
-    if require("dashboard queries through promtool", &["promtool"]) {
+    if require(&["promtool"]) {
         let dir = tempfile::tempdir().unwrap();
         let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
         for (n, (_, expr)) in queries.iter().enumerate() {
@@ -924,7 +912,7 @@ fn dashboard_and_alerts_use_only_what_a_running_flowgate_exports() {
 
 #[test]
 fn every_dashboard_query_returns_data_from_a_real_prometheus() {
-    if !require("every_dashboard_query_returns_data_from_a_real_prometheus", &["prometheus"]) {
+    if !require(&["prometheus"]) {
         return;
     }
     let gw = start_gateway();
