@@ -25,10 +25,25 @@
 //! - [`telemetry`]: the flow log and metrics.
 //! - [`control`]: loading, swapping and re-checking policy; emergency policies; audit.
 //! - [`admin`]: the admin HTTP API (health, metrics, policy, flows, reload).
-//! - [`config`]: the main configuration file.
+//! - [`config`]: the main configuration file, every section's types.
+//! - [`gateway`]: all of the above started, wired and stopped as one (`flowgate run`).
+//! - [`shutdown`]: the stop signal and the drain; [`human_duration`]: `30s`-style config
+//!   durations.
 //!
 //! Everything that is not on the per-flow path (loading, compiling, reloading, the admin
 //! API) is control plane and never blocks the data path.
+//!
+//! # Layers
+//!
+//! Imports between these modules point one way (`tests/layers.rs` fails on a cycle):
+//!
+//! ```text
+//!  gateway
+//!  admin ─► control ─► telemetry        dataplane ─► telemetry, egress
+//!  (admin, control, dataplane, telemetry) ─► config
+//!  config ─► policy, conntrack, egress, wire
+//!  policy, conntrack, egress, wire ─► flow;   everyone ─► human_duration, shutdown
+//! ```
 
 pub mod admin;
 pub mod config;
@@ -37,6 +52,8 @@ pub mod control;
 pub mod dataplane;
 pub mod egress;
 pub mod flow;
+pub mod gateway;
+pub mod human_duration;
 pub mod policy;
 pub mod shutdown;
 pub mod telemetry;

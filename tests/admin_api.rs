@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use control_common::*;
 use flowgate::admin::client::AdminClient;
-use flowgate::control::ControlError;
+use flowgate::admin::{AdminError, AdminState};
+use flowgate::dataplane::Readiness;
 use flowgate::flow::Proto;
 use flowgate::policy::FlowQuery;
 use serde_json::Value;
@@ -41,10 +42,10 @@ async fn curl(args: Vec<String>) -> (u16, String) {
     .unwrap()
 }
 
-async fn setup() -> (Fixture, flowgate::control::ControlPlane, flowgate::control::ControlTasks) {
+async fn setup() -> (Fixture, flowgate::control::ControlPlane, Started) {
     let fx = Fixture::new(&format!("[control]\nwatch = false\n{}", admin_toml()));
     let control = fx.control();
-    let tasks = control.start().await.expect("control plane starts");
+    let tasks = start(&control);
     (fx, control, tasks)
 }
 
@@ -56,8 +57,11 @@ async fn read_endpoints() {
     let h = c.get("/healthz").await.unwrap();
     assert_eq!((h.status, h.body.as_str()), (200, "ok\n"));
     assert_eq!(c.get("/readyz").await.unwrap().status, 503, "listeners not bound yet");
-    control.readiness().store(true, Ordering::Release);
+    tasks.readiness.set_ready();
     assert_eq!(c.get("/readyz").await.unwrap().status, 200);
+    tasks.readiness.set_draining();
+    let r = c.get("/readyz").await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (503, "draining\n"), "says so while draining");
 
     let p = json(&c.get("/policy").await.unwrap().body);
     assert_eq!(p["generation"], 1);
@@ -255,14 +259,8 @@ async fn quarantine_cuts_and_expires_on_time() {
 #[test]
 fn refuses_a_non_loopback_bind_without_a_token() {
     let fx = Fixture::new("[control]\nwatch = false\n[admin]\nbind = \"0.0.0.0:0\"\n");
-    let err = flowgate::control::ControlPlane::new(
-        fx.cfg.clone(),
-        fx.conntrack.clone(),
-        fx.metrics.clone(),
-        std::sync::Arc::new(|_, _| {}),
-    )
-    .unwrap_err();
-    assert!(matches!(err, ControlError::NoToken { .. }), "{err}");
+    let err = AdminState::new(fx.control(), Readiness::default()).unwrap_err();
+    assert!(matches!(err, AdminError::NoToken { .. }), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,7 +270,7 @@ async fn emergency_overlay_survives_reload_and_restart() {
         admin_toml()
     ));
     let control = fx.control();
-    let tasks = control.start().await.unwrap();
+    let tasks = start(&control);
     let c = AdminClient::new(tasks.admin_addr, Some(TOKEN.to_string()));
     let body = serde_json::json!({ "policy": DENY_DB, "ttl": "1h" }).to_string();
     let r = c.post("/emergency", Some(body)).await.unwrap();

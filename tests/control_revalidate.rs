@@ -67,7 +67,7 @@ fn keep_leaves_established_flows_alone() {
         cfg,
         fx.conntrack.clone(),
         fx.metrics.clone(),
-        Arc::new(|_, _| panic!("nothing is revoked with keep")),
+        Arc::new(|_, _, _| panic!("nothing is revoked with keep")),
     )
     .unwrap();
     let (entry, cut) = fx.track("127.0.10.1:40000", "127.0.10.2:5432", 1);
@@ -152,7 +152,7 @@ fn flows_admitted_for_a_name_are_redecided_with_it() {
         fx.cfg.clone(),
         fx.conntrack.clone(),
         fx.metrics.clone(),
-        Arc::new(move |e, d| {
+        Arc::new(move |e, d, _| {
             assert!(!d.verdict.is_allow());
             let k = e.key();
             seen.lock()

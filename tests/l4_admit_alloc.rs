@@ -11,11 +11,10 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
 use flowgate::config::Config;
 use flowgate::conntrack::{Conntrack, FlowState};
-use flowgate::dataplane::{Admission, ListenerTag, Runtime, admit, build_snapshot, tcp_flow};
-use flowgate::policy::Generation;
+use flowgate::control::ControlPlane;
+use flowgate::dataplane::{Admission, ListenerTag, Runtime, admit, tcp_flow};
 use flowgate::telemetry::flowlog::FlowLog;
 use flowgate::telemetry::metrics::Registry;
 use l4_harness::*;
@@ -52,12 +51,12 @@ fn admit_allocates_nothing_on_deny_and_only_the_entry_on_allow() {
     let cfg = Config::load(&world.write_config("")).unwrap();
     let registry = Arc::new(Registry::default());
     let (flowlog, writer) = FlowLog::start(&cfg.flowlog, registry.clone()).unwrap();
-    let rt = Runtime::new(
-        Arc::new(Conntrack::new(&cfg.conntrack)),
-        Arc::new(ArcSwap::from_pointee(build_snapshot(&cfg.policy, Generation(1)).unwrap())),
-        registry.clone(),
-        flowlog,
-    );
+    let conntrack = Arc::new(Conntrack::new(&cfg.conntrack));
+    // The policy at generation 1, loaded the one way there is: by the control plane.
+    let control =
+        ControlPlane::new(cfg.clone(), conntrack.clone(), registry.clone(), Arc::new(|_, _, _| {}))
+            .unwrap();
+    let rt = Runtime::new(conntrack, control.policy(), registry.clone(), flowlog);
     let tag =
         ListenerTag { index: 0, name: Arc::from("gw"), counters: registry.listener("gw", "tcp") };
     let web = format!("{WEB}:80").parse().unwrap();

@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use flowgate::config::Config;
+use flowgate::control::ControlPlane;
 use flowgate::dataplane::Runtime;
 use flowgate::dataplane::proxy::{self, EgressSettings, RunningListener};
 use flowgate::egress::Credentials;
@@ -27,6 +28,8 @@ use tokio::net::TcpStream;
 pub struct Gate {
     pub dir: tempfile::TempDir,
     pub rt: Arc<Runtime>,
+    /// The one writer of `rt.policy`: reload it to change the policy.
+    pub control: ControlPlane,
     _shutdown: Shutdown,
     pub listeners: Vec<RunningListener>,
     _writer: FlowLogWriter,
@@ -65,13 +68,13 @@ impl Gate {
         let path = dir.path().join("flowgate.toml");
         std::fs::write(&path, text).unwrap();
         let cfg = Config::load(&path).unwrap();
-        let (rt, writer) = runtime_common::runtime(&cfg);
+        let (rt, control, writer) = runtime_common::runtime(&cfg);
         let shutdown = Shutdown::new();
         let egress = EgressSettings { dns: cfg.dns.clone(), ssrf: cfg.ssrf.clone(), other_own };
         let creds = Arc::new(Credentials::from_config(&cfg.credential).unwrap());
         let listeners =
             proxy::start_with_credentials(&rt, &cfg.listener, &egress, creds, &shutdown).unwrap();
-        Gate { dir, rt, _shutdown: shutdown, listeners, _writer: writer }
+        Gate { dir, rt, control, _shutdown: shutdown, listeners, _writer: writer }
     }
 
     pub fn addr(&self, name: &str) -> SocketAddr {

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use flowgate::config::Config;
+use flowgate::control::ControlPlane;
 use flowgate::dataplane::Runtime;
 use flowgate::dataplane::proxy::{self, RunningListener};
 use flowgate::shutdown::Shutdown;
@@ -132,6 +133,8 @@ impl World {
 pub struct Gateway {
     pub world: World,
     pub rt: Arc<Runtime>,
+    /// The one writer of `rt.policy`: reload it to change the policy.
+    pub control: ControlPlane,
     pub shutdown: Shutdown,
     pub listeners: Vec<RunningListener>,
     pub writer: Option<FlowLogWriter>,
@@ -141,11 +144,11 @@ impl Gateway {
     pub fn start(world: World, listeners_toml: &str) -> Gateway {
         let path = world.write_config(listeners_toml);
         let cfg = Config::load(&path).unwrap();
-        let (rt, writer) = runtime_common::runtime(&cfg);
+        let (rt, control, writer) = runtime_common::runtime(&cfg);
         let shutdown = Shutdown::new();
         let listeners = proxy::start(&rt, &cfg.listener, &shutdown).unwrap();
         assert!(rt.readiness.is_ready());
-        Gateway { world, rt, shutdown, listeners, writer: Some(writer) }
+        Gateway { world, rt, control, shutdown, listeners, writer: Some(writer) }
     }
 
     pub fn addr(&self, name: &str) -> SocketAddr {

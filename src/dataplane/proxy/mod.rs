@@ -210,6 +210,6 @@ pub fn start_with_credentials(
         };
         running.push(RunningListener { name: cfg.name.clone(), kind: cfg.kind, local_addr, task });
     }
-    rt.readiness.set(true);
+    rt.readiness.set_ready();
     Ok(running)
 }

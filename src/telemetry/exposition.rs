@@ -1,0 +1,369 @@
+//! Prometheus text exposition (format 0.0.4) of every metric: the names DESIGN.md lists,
+//! plus reload, revalidation, emergency, flow-log and admin counters.
+//!
+//! Built on each scrape from the atomics and the merged decision histogram; nothing here
+//! runs on the data path. Every metric name is defined once, as a constant in [`names`]
+//! (dashboards and alerts rely on them: never rename one). What is rendered comes in a
+//! [`Scrape`] of plain values, so telemetry needs no control-plane type.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+
+use crate::conntrack::Conntrack;
+use crate::policy::PolicySnapshot;
+use crate::telemetry::metrics::Registry;
+
+/// Metric names (families), so code, tests and dashboards refer to one spelling.
+pub mod names {
+    pub const FLOWS_TOTAL: &str = "flowgate_flows_total";
+    pub const BYTES_TOTAL: &str = "flowgate_bytes_total";
+    pub const DECISION_SECONDS: &str = "flowgate_policy_decision_seconds";
+    pub const CONNTRACK_ENTRIES: &str = "flowgate_conntrack_entries";
+    pub const CONNTRACK_CAPACITY: &str = "flowgate_conntrack_capacity";
+    pub const CONNTRACK_EVICTIONS: &str = "flowgate_conntrack_evictions_total";
+    pub const POLICY_GENERATION: &str = "flowgate_policy_generation";
+    pub const RELOADS_TOTAL: &str = "flowgate_policy_reloads_total";
+    pub const RELOAD_SECONDS: &str = "flowgate_policy_reload_seconds";
+    pub const RELOAD_FAILING: &str = "flowgate_policy_reload_failing";
+    pub const REVOKED_TOTAL: &str = "flowgate_flows_revoked_total";
+    pub const FLOWLOG_DROPPED: &str = "flowgate_flowlog_dropped_total";
+    pub const CONNECTIONS_ACCEPTED: &str = "flowgate_connections_accepted_total";
+    pub const CONNECTIONS_ACTIVE: &str = "flowgate_connections_active";
+    pub const HANDSHAKE_ERRORS: &str = "flowgate_handshake_errors_total";
+    pub const LIMIT_REACHED: &str = "flowgate_limit_reached_total";
+    pub const UPSTREAM_FAILURES: &str = "flowgate_upstream_failures_total";
+    pub const DECISION_SAMPLES_DROPPED: &str = "flowgate_policy_decision_samples_dropped_total";
+    pub const CONNTRACK_INSERTED: &str = "flowgate_conntrack_inserted_total";
+    pub const CONNTRACK_REFUSED: &str = "flowgate_conntrack_refused_total";
+    pub const CONNTRACK_EXPIRED: &str = "flowgate_conntrack_expired_total";
+    pub const CONNTRACK_BATCH_FALLBACKS: &str = "flowgate_conntrack_batch_fallbacks_total";
+    pub const POLICY_POLICIES: &str = "flowgate_policy_policies";
+    pub const POLICY_WORKLOADS: &str = "flowgate_policy_workloads";
+    pub const POLICY_NEXT_EXPIRY: &str = "flowgate_policy_next_expiry_timestamp_seconds";
+    pub const LAST_RELOAD_SUCCESS: &str = "flowgate_policy_last_reload_success_timestamp_seconds";
+    pub const REVALIDATED_TOTAL: &str = "flowgate_flows_revalidated_total";
+    pub const EMERGENCY_ENTRIES: &str = "flowgate_emergency_entries";
+    pub const EMERGENCY_REQUESTS: &str = "flowgate_emergency_requests_total";
+    pub const WATCH_EVENTS: &str = "flowgate_policy_watch_events_total";
+    pub const AUDIT_WRITE_ERRORS: &str = "flowgate_audit_write_errors_total";
+    pub const FLOWLOG_FOLDED: &str = "flowgate_flowlog_folded_total";
+    pub const ADMIN_REQUESTS: &str = "flowgate_admin_requests_total";
+    pub const ADMIN_REJECTED: &str = "flowgate_admin_rejected_total";
+    pub const ADMIN_FLOWS_TRUNCATED: &str = "flowgate_admin_flows_truncated_total";
+}
+
+const QUANTILES: [f64; 5] = [0.5, 0.9, 0.99, 0.999, 1.0];
+
+struct Out {
+    text: String,
+}
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.text, "# HELP {name} {help}");
+        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            self.text.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.text.push(',');
+                }
+                let _ = write!(self.text, "{k}=\"");
+                escape(&mut self.text, v);
+                self.text.push('"');
+            }
+            self.text.push('}');
+        }
+        if value.is_finite() {
+            let _ = writeln!(self.text, " {value}");
+        } else {
+            let _ = writeln!(self.text, " NaN");
+        }
+    }
+
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: f64) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+
+    /// A summary from a histogram whose values are in `unit` seconds.
+    fn summary(&mut self, name: &str, help: &str, h: &Histogram<u64>, unit: f64, sum: f64) {
+        self.family(name, "summary", help);
+        for q in QUANTILES {
+            let v = if h.is_empty() { f64::NAN } else { h.value_at_quantile(q) as f64 * unit };
+            self.sample(name, &[("quantile", &q.to_string())], v);
+        }
+        self.sample(&format!("{name}_sum"), &[], sum);
+        self.sample(&format!("{name}_count"), &[], h.len() as f64);
+    }
+}
+
+fn escape(out: &mut String, v: &str) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+fn get(c: &AtomicU64) -> f64 {
+    c.load(Ordering::Relaxed) as f64
+}
+
+/// What one scrape renders: the metric sources, and the policy state the admin API reads
+/// from the control plane.
+#[derive(Clone, Copy)]
+pub struct Scrape<'a> {
+    pub registry: &'a Registry,
+    pub conntrack: &'a Conntrack,
+    /// The policy in force.
+    pub policy: &'a PolicySnapshot,
+    /// The earliest expiry of a policy or emergency entry, if any.
+    pub next_expiry: Option<SystemTime>,
+    /// Emergency policies and quarantines in force.
+    pub emergency_entries: usize,
+}
+
+/// The whole exposition.
+pub fn render(scrape: &Scrape<'_>) -> String {
+    let reg = scrape.registry;
+    let mut o = Out { text: String::with_capacity(8192) };
+    let listeners = reg.listeners();
+
+    o.family(names::FLOWS_TOTAL, "counter", "New flows decided, by listener and verdict.");
+    for l in &listeners {
+        o.sample(
+            names::FLOWS_TOTAL,
+            &[("listener", &l.name), ("verdict", "allow")],
+            get(&l.allowed),
+        );
+        o.sample(names::FLOWS_TOTAL, &[("listener", &l.name), ("verdict", "deny")], get(&l.denied));
+    }
+    o.family(names::CONNECTIONS_ACCEPTED, "counter", "Connections accepted.");
+    for l in &listeners {
+        let labels = [("listener", l.name.as_str()), ("kind", l.kind.as_str())];
+        o.sample(names::CONNECTIONS_ACCEPTED, &labels, get(&l.accepted));
+    }
+    o.family(names::CONNECTIONS_ACTIVE, "gauge", "Connections (or UDP sessions) open now.");
+    for l in &listeners {
+        o.sample(names::CONNECTIONS_ACTIVE, &[("listener", &l.name)], get(&l.active));
+    }
+    o.family(names::BYTES_TOTAL, "counter", "Bytes forwarded, by listener and direction.");
+    for l in &listeners {
+        o.sample(
+            names::BYTES_TOTAL,
+            &[("listener", &l.name), ("direction", "to_upstream")],
+            get(&l.bytes_up),
+        );
+        o.sample(
+            names::BYTES_TOTAL,
+            &[("listener", &l.name), ("direction", "to_client")],
+            get(&l.bytes_down),
+        );
+    }
+    o.family(
+        names::HANDSHAKE_ERRORS,
+        "counter",
+        "Handshakes (PROXY, CONNECT, SOCKS5) refused, by reason.",
+    );
+    for l in &listeners {
+        for (reason, c) in [
+            ("malformed", &l.handshake_malformed),
+            ("timeout", &l.handshake_timeout),
+            ("untrusted_proxy", &l.untrusted_proxy),
+            ("auth_failed", &l.auth_failed),
+            ("sni_mismatch", &l.sni_refused),
+        ] {
+            o.sample(names::HANDSHAKE_ERRORS, &[("listener", &l.name), ("reason", reason)], get(c));
+        }
+    }
+    o.family(
+        names::LIMIT_REACHED,
+        "counter",
+        "Times a limit bit: max_connections (accept paused), conntrack full (flow refused), \
+         max_handshakes (egress client refused at once), udp_max_associations (SOCKS5 UDP \
+         ASSOCIATE refused).",
+    );
+    for l in &listeners {
+        for (limit, c) in [
+            ("max_connections", &l.limit_reached),
+            ("conntrack", &l.conntrack_full),
+            ("max_handshakes", &l.handshakes_full),
+            ("udp_max_associations", &l.udp_associations_full),
+        ] {
+            o.sample(names::LIMIT_REACHED, &[("listener", &l.name), ("limit", limit)], get(c));
+        }
+    }
+    o.family(names::UPSTREAM_FAILURES, "counter", "Upstream connects that failed.");
+    for l in &listeners {
+        o.sample(names::UPSTREAM_FAILURES, &[("listener", &l.name)], get(&l.upstream_failed));
+    }
+
+    let lat = reg.decision.snapshot();
+    o.summary(
+        names::DECISION_SECONDS,
+        "Policy decision time per new flow (hdrhistogram per worker, merged at scrape).",
+        &lat.histogram,
+        1e-9,
+        lat.sum.as_secs_f64(),
+    );
+    o.single(
+        names::DECISION_SAMPLES_DROPPED,
+        "counter",
+        "Decision-time samples not recorded because every tried recorder slot was busy.",
+        lat.dropped as f64,
+    );
+
+    let ct = scrape.conntrack;
+    o.single(names::CONNTRACK_ENTRIES, "gauge", "Flows tracked now.", ct.len() as f64);
+    o.single(
+        names::CONNTRACK_CAPACITY,
+        "gauge",
+        "Most flows tracked at once.",
+        ct.capacity() as f64,
+    );
+    let stats = ct.stats();
+    o.single(
+        names::CONNTRACK_EVICTIONS,
+        "counter",
+        "Entries evicted to make room for a new flow.",
+        get(&stats.evicted),
+    );
+    o.single(names::CONNTRACK_INSERTED, "counter", "Flows tracked.", get(&stats.inserted));
+    o.single(
+        names::CONNTRACK_REFUSED,
+        "counter",
+        "New flows refused because the table was full.",
+        get(&stats.refused),
+    );
+    o.single(names::CONNTRACK_EXPIRED, "counter", "Idle entries expired.", get(&stats.expired));
+    o.single(
+        names::CONNTRACK_BATCH_FALLBACKS,
+        "counter",
+        "Batch lookups that pinned each entry because every batch reader slot was taken.",
+        ct.batch_fallbacks() as f64,
+    );
+
+    let snap = scrape.policy;
+    o.single(
+        names::POLICY_GENERATION,
+        "gauge",
+        "Policy generation in force.",
+        snap.generation.0 as f64,
+    );
+    o.single(
+        names::POLICY_POLICIES,
+        "gauge",
+        "Policies in force (not expired).",
+        snap.compiled.live_policy_count() as f64,
+    );
+    o.single(
+        names::POLICY_WORKLOADS,
+        "gauge",
+        "Inventory workloads.",
+        snap.compiled.workload_count() as f64,
+    );
+    if let Some(at) = scrape.next_expiry {
+        let secs = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        o.single(
+            names::POLICY_NEXT_EXPIRY,
+            "gauge",
+            "When the next TTL'd policy expires (Unix seconds).",
+            secs,
+        );
+    }
+    let c = &reg.control;
+    o.family(names::RELOADS_TOTAL, "counter", "Reload attempts by result.");
+    o.sample(names::RELOADS_TOTAL, &[("result", "ok")], get(&c.reloads_ok));
+    o.sample(names::RELOADS_TOTAL, &[("result", "unchanged")], get(&c.reloads_unchanged));
+    o.sample(names::RELOADS_TOTAL, &[("result", "error")], get(&c.reloads_error));
+    {
+        let h = c.reload_duration.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let sum = c.reload_seconds_sum_us.load(Ordering::Relaxed) as f64 * 1e-6;
+        o.summary(
+            names::RELOAD_SECONDS,
+            "Reload attempt duration (read, load, compile, swap).",
+            &h,
+            1e-6,
+            sum,
+        );
+    }
+    o.single(
+        names::RELOAD_FAILING,
+        "gauge",
+        "1 while the last reload was rejected and the previous generation is serving.",
+        get(&c.reload_failing),
+    );
+    o.single(
+        names::LAST_RELOAD_SUCCESS,
+        "gauge",
+        "When a reload last succeeded (Unix seconds).",
+        get(&c.last_success_unix),
+    );
+    o.single(
+        names::REVALIDATED_TOTAL,
+        "counter",
+        "Established flows re-checked after a policy change.",
+        get(&c.revalidated),
+    );
+    o.single(
+        names::REVOKED_TOTAL,
+        "counter",
+        "Established flows cut because a new policy generation denies them.",
+        get(&c.revoked),
+    );
+    o.single(
+        names::EMERGENCY_ENTRIES,
+        "gauge",
+        "Emergency policies and quarantines in force.",
+        scrape.emergency_entries as f64,
+    );
+    o.family(names::EMERGENCY_REQUESTS, "counter", "POST /emergency by result.");
+    o.sample(names::EMERGENCY_REQUESTS, &[("result", "accepted")], get(&c.emergency_accepted));
+    o.sample(names::EMERGENCY_REQUESTS, &[("result", "rejected")], get(&c.emergency_rejected));
+    o.single(
+        names::WATCH_EVENTS,
+        "counter",
+        "Debounced source changes seen by the watcher.",
+        get(&c.watch_events),
+    );
+    o.single(
+        names::AUDIT_WRITE_ERRORS,
+        "counter",
+        "Audit events that could not be written.",
+        get(&c.audit_write_errors),
+    );
+    o.single(
+        names::FLOWLOG_DROPPED,
+        "counter",
+        "Flow-log events dropped because the log channel was full.",
+        get(&reg.flowlog_dropped),
+    );
+    o.single(
+        names::FLOWLOG_FOLDED,
+        "counter",
+        "Flow-log events folded into an earlier identical one.",
+        get(&reg.flowlog_folded),
+    );
+    o.single(names::ADMIN_REQUESTS, "counter", "Admin API requests.", get(&c.admin_requests));
+    o.family(names::ADMIN_REJECTED, "counter", "Admin API requests refused, by reason.");
+    o.sample(names::ADMIN_REJECTED, &[("reason", "unauthorized")], get(&c.admin_unauthorized));
+    o.sample(names::ADMIN_REJECTED, &[("reason", "bad_request")], get(&c.admin_bad_request));
+    o.single(
+        names::ADMIN_FLOWS_TRUNCATED,
+        "counter",
+        "/flows answers cut short by admin.flows_limit.",
+        get(&c.admin_flows_truncated),
+    );
+    o.text
+}
