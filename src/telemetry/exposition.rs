@@ -367,3 +367,88 @@ pub fn render(scrape: &Scrape<'_>) -> String {
     );
     o.text
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::conntrack::ConntrackConfig;
+    use crate::policy::{CompileOptions, CompiledPolicy, DefaultAction, Generation, PolicySet};
+
+    /// Every family the exposition has ever had, spelled out: dashboards and alerts use
+    /// these names, so renaming one must fail here.
+    const FAMILIES: [&str; 35] = [
+        "flowgate_flows_total",
+        "flowgate_connections_accepted_total",
+        "flowgate_connections_active",
+        "flowgate_bytes_total",
+        "flowgate_handshake_errors_total",
+        "flowgate_limit_reached_total",
+        "flowgate_upstream_failures_total",
+        "flowgate_policy_decision_seconds",
+        "flowgate_policy_decision_samples_dropped_total",
+        "flowgate_conntrack_entries",
+        "flowgate_conntrack_capacity",
+        "flowgate_conntrack_evictions_total",
+        "flowgate_conntrack_inserted_total",
+        "flowgate_conntrack_refused_total",
+        "flowgate_conntrack_expired_total",
+        "flowgate_conntrack_batch_fallbacks_total",
+        "flowgate_policy_generation",
+        "flowgate_policy_policies",
+        "flowgate_policy_workloads",
+        "flowgate_policy_next_expiry_timestamp_seconds",
+        "flowgate_policy_reloads_total",
+        "flowgate_policy_reload_seconds",
+        "flowgate_policy_reload_failing",
+        "flowgate_policy_last_reload_success_timestamp_seconds",
+        "flowgate_flows_revalidated_total",
+        "flowgate_flows_revoked_total",
+        "flowgate_emergency_entries",
+        "flowgate_emergency_requests_total",
+        "flowgate_policy_watch_events_total",
+        "flowgate_audit_write_errors_total",
+        "flowgate_flowlog_dropped_total",
+        "flowgate_flowlog_folded_total",
+        "flowgate_admin_requests_total",
+        "flowgate_admin_rejected_total",
+        "flowgate_admin_flows_truncated_total",
+    ];
+
+    #[test]
+    fn every_family_is_rendered_once_under_its_old_name() {
+        let registry = Registry::default();
+        let listener = registry.listener("demo", "tcp");
+        listener.allowed.fetch_add(3, Ordering::Relaxed);
+        let conntrack = Conntrack::new(&ConntrackConfig::default());
+        let now = SystemTime::now();
+        let opts =
+            CompileOptions { default: DefaultAction::Deny, unknown: DefaultAction::Deny, now };
+        let policy = PolicySnapshot {
+            compiled: CompiledPolicy::compile(&PolicySet::default(), &opts).unwrap(),
+            generation: Generation(7),
+            content_hash: String::new(),
+            loaded_at: now,
+        };
+        let text = render(&Scrape {
+            registry: &registry,
+            conntrack: &conntrack,
+            policy: &policy,
+            next_expiry: Some(now),
+            emergency_entries: 2,
+        });
+        let typed: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let unique: BTreeSet<&str> = typed.iter().copied().collect();
+        assert_eq!(typed.len(), unique.len(), "a family rendered twice: {typed:?}");
+        assert_eq!(unique, FAMILIES.into_iter().collect(), "families changed");
+        assert!(text.contains("flowgate_flows_total{listener=\"demo\",verdict=\"allow\"} 3\n"));
+        assert!(text.contains("flowgate_policy_generation 7\n"));
+        assert!(text.contains("flowgate_emergency_entries 2\n"));
+    }
+}
