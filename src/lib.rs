@@ -35,14 +35,18 @@
 //!
 //! # Layers
 //!
-//! Imports between these modules point one way (`tests/layers.rs` fails on a cycle):
+//! A module imports only from the rows below its own (`tests/layers.rs` fails on an import
+//! cycle between top-level modules):
 //!
 //! ```text
-//!  gateway
-//!  admin ─► control ─► telemetry        dataplane ─► telemetry, egress
-//!  (admin, control, dataplane, telemetry) ─► config
-//!  config ─► policy, conntrack, egress, wire
-//!  policy, conntrack, egress, wire ─► flow;   everyone ─► human_duration, shutdown
+//!  gateway                       wires everything; nothing imports it
+//!  admin                         HTTP over the control plane and the runtime
+//!  control      dataplane        the policy's one writer | the proxies and the gate
+//!  telemetry                     flow log, metrics, Prometheus text
+//!  config                        every section's types
+//!  egress       conntrack
+//!  wire         policy
+//!  flow         human_duration   shutdown
 //! ```
 
 pub mod admin;

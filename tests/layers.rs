@@ -43,6 +43,40 @@ fn no_import_cycle_between_top_level_modules() {
     );
 }
 
+/// The rows of the map in `src/lib.rs`, top first: a module imports only from rows below
+/// its own. A module not listed here (a new one) is not checked by this test; add it.
+const LAYERS: &[&[&str]] = &[
+    &["gateway"],
+    &["admin"],
+    &["control", "dataplane"],
+    &["telemetry"],
+    &["config"],
+    &["egress", "conntrack"],
+    &["wire", "policy"],
+    &["flow", "human_duration", "shutdown"],
+];
+
+#[test]
+fn imports_point_down_the_documented_layers() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let row = |m: &str| LAYERS.iter().position(|r| r.contains(&m));
+    let mut upward = Vec::new();
+    for (from, targets) in &module_graph(&src) {
+        for (to, at) in targets {
+            if let (Some(a), Some(b)) = (row(from), row(to))
+                && b <= a
+            {
+                upward.push(format!("  {from} -> {to} ({at})"));
+            }
+        }
+    }
+    assert!(
+        upward.is_empty(),
+        "imports that do not point down the layers of src/lib.rs:\n{}",
+        upward.join("\n")
+    );
+}
+
 /// The checker itself finds a cycle and ignores tests and comments.
 #[test]
 fn the_checker_sees_a_cycle_and_only_real_imports() {
