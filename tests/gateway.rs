@@ -156,6 +156,17 @@ async fn a_start_error_names_the_step() {
     assert!(err.to_string().contains("without a token"), "{err}");
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = config(dir.path(), free_port());
+    cfg.admin.bind = taken.local_addr().unwrap();
+    let err = Gateway::start(cfg).expect_err("the admin port is taken");
+    let chain: Vec<String> =
+        std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source())
+            .map(|e| e.to_string())
+            .collect();
+    assert!(chain[0].starts_with("admin: cannot bind"), "{chain:?}");
+    assert!(chain.iter().any(|m| m.contains("in use")), "the cause is kept: {chain:?}");
+    assert!(!chain[0].contains("in use"), "and said once: {chain:?}");
+
     let port = taken.local_addr().unwrap().port();
     let err = Gateway::start(config(dir.path(), port)).expect_err("the echo port is taken");
     assert!(err.to_string().contains("listener echo: cannot bind"), "{err}");

@@ -34,7 +34,8 @@ use crate::dataplane::Readiness;
 /// Why the admin API could not start.
 #[derive(Debug, Error)]
 pub enum AdminError {
-    #[error("admin: cannot bind {addr}: {source}")]
+    /// The cause is the error's source (printed after it by `{:#}`), not repeated here.
+    #[error("admin: cannot bind {addr}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(
         "admin: refusing to listen on non-loopback {addr} without a token \
