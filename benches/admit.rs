@@ -8,12 +8,11 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
 use criterion::{Criterion, criterion_group, criterion_main};
 use flowgate::config::Config;
 use flowgate::conntrack::{Conntrack, FlowState};
-use flowgate::dataplane::{ListenerTag, Runtime, admit, build_snapshot, tcp_flow};
-use flowgate::policy::Generation;
+use flowgate::control::ControlPlane;
+use flowgate::dataplane::{ListenerTag, Runtime, admit, tcp_flow};
 use flowgate::telemetry::flowlog::{FlowLog, FlowLogConfig};
 use flowgate::telemetry::metrics::Registry;
 
@@ -27,12 +26,12 @@ fn bench(c: &mut Criterion) {
     };
     let registry = Arc::new(Registry::default());
     let (flowlog, writer) = FlowLog::start(&log_cfg, registry.clone()).unwrap();
-    let rt = Runtime::new(
-        Arc::new(Conntrack::new(&cfg.conntrack)),
-        Arc::new(ArcSwap::from_pointee(build_snapshot(&cfg.policy, Generation(1)).unwrap())),
-        registry.clone(),
-        flowlog,
-    );
+    let conntrack = Arc::new(Conntrack::new(&cfg.conntrack));
+    // The policy at generation 1, loaded the one way there is: by the control plane.
+    let control =
+        ControlPlane::new(cfg.clone(), conntrack.clone(), registry.clone(), Arc::new(|_, _, _| {}))
+            .unwrap();
+    let rt = Runtime::new(conntrack, control.policy(), registry.clone(), flowlog);
     let tag = ListenerTag {
         index: 0,
         name: Arc::from("demo"),

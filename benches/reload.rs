@@ -85,7 +85,7 @@ fn control(dir: &Path, watch: bool) -> ControlPlane {
     std::fs::write(dir.join("flowgate.toml"), toml).unwrap();
     let cfg = Config::load(&dir.join("flowgate.toml")).unwrap();
     let ct = Arc::new(Conntrack::new(&cfg.conntrack));
-    ControlPlane::new(cfg, ct, Arc::new(Registry::default()), Arc::new(|_, _| {})).unwrap()
+    ControlPlane::new(cfg, ct, Arc::new(Registry::default()), Arc::new(|_, _, _| {})).unwrap()
 }
 
 fn replace(path: &Path, text: &str) {
@@ -201,7 +201,10 @@ fn reload_benches(c: &mut Criterion) {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let control = control(dir.path(), true);
-    let tasks = rt.block_on(control.start()).unwrap();
+    let tasks = {
+        let _in_runtime = rt.enter();
+        control.start().unwrap()
+    };
     let handle = control.policy();
     let mut version = 1_000;
     group.bench_function(format!("watch_to_enforce_{}", scale()), |b| {

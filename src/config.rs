@@ -3,6 +3,14 @@
 //!
 //! Relative paths in the file are resolved against the directory the file is in, so the
 //! bundled config works from any working directory.
+//!
+//! Every section's types live here (one file per section: [`listener`], [`admin`],
+//! [`control`], [`flowlog`]), except those of the modules below this one (`[conntrack]`,
+//! `[dns]`, `[ssrf]`, `[[credential]]`, which their modules read themselves): config imports
+//! from `policy`, `conntrack`, `egress` and `wire`, and is imported by the modules that run
+//! what it describes (`telemetry`, `dataplane`, `control`, `admin`, `gateway`), never the
+//! other way round.
+#![forbid(unsafe_code)]
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -11,9 +19,17 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::dataplane::proxy::listener::{ListenerConfig, ListenerKind, ProxyProtocolMode};
 use crate::policy::DefaultAction;
-use crate::telemetry::flowlog::FlowLogConfig;
+
+pub mod admin;
+pub mod control;
+pub mod flowlog;
+pub mod listener;
+
+pub use admin::{AdminConfig, TokenEnvError};
+pub use control::ControlConfig;
+pub use flowlog::FlowLogConfig;
+pub use listener::{ListenerConfig, ListenerKind, ProxyHeaderConfig, ProxyProtocolMode, VerifySni};
 
 /// The default location of the config file, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "config/flowgate.toml";
@@ -48,10 +64,10 @@ pub struct Config {
     pub run: RunConfig,
     /// `[admin]`: the admin HTTP API (bind, bearer token).
     #[serde(default)]
-    pub admin: crate::admin::AdminConfig,
+    pub admin: AdminConfig,
     /// `[control]`: reload debounce, audit log, revalidation batches, emergency overlay.
     #[serde(default)]
-    pub control: crate::control::ControlConfig,
+    pub control: ControlConfig,
     /// `[dns]`: how the egress listeners resolve names.
     #[serde(default)]
     pub dns: crate::egress::DnsConfig,
@@ -117,12 +133,12 @@ pub enum OnChange {
 pub struct RunConfig {
     /// After SIGTERM/SIGINT: how long open connections may take to finish before the
     /// process exits anyway. Default 30s.
-    #[serde(with = "human_duration")]
+    #[serde(with = "crate::human_duration")]
     pub drain_timeout: Duration,
     /// Tokio worker threads; 0 (default) means one per CPU.
     pub worker_threads: usize,
     /// How often the conntrack expiry task runs. Default 1s.
-    #[serde(with = "human_duration")]
+    #[serde(with = "crate::human_duration")]
     pub expiry_interval: Duration,
     /// Entries the expiry task looks at per run (it never scans the whole table at once).
     /// Default 4,096.
@@ -137,18 +153,6 @@ impl Default for RunConfig {
             expiry_interval: Duration::from_secs(1),
             expiry_budget: 4096,
         }
-    }
-}
-
-/// Durations in the config are written the human way (`30s`, `5m`, `250ms`).
-pub mod human_duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -265,7 +269,7 @@ impl Config {
                     "required, but no [[credential]] is configured".into(),
                 ));
             }
-            if l.verify_sni != crate::dataplane::proxy::connect::VerifySni::Off
+            if l.verify_sni != VerifySni::Off
                 && (l.kind != ListenerKind::HttpConnect || l.sni_timeout.is_zero())
             {
                 return Err(invalid(

@@ -3,6 +3,7 @@
 //!
 //! Every dataplane turns what it receives (a proxied connection, a datagram, a packet)
 //! into a [`FlowKey`]; policy, conntrack and telemetry speak only these types.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};

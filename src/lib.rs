@@ -25,10 +25,29 @@
 //! - [`telemetry`]: the flow log and metrics.
 //! - [`control`]: loading, swapping and re-checking policy; emergency policies; audit.
 //! - [`admin`]: the admin HTTP API (health, metrics, policy, flows, reload).
-//! - [`config`]: the main configuration file.
+//! - [`config`]: the main configuration file, every section's types.
+//! - [`gateway`]: all of the above started, wired and stopped as one (`flowgate run`).
+//! - [`shutdown`]: the stop signal and the drain; [`human_duration`]: `30s`-style config
+//!   durations.
 //!
 //! Everything that is not on the per-flow path (loading, compiling, reloading, the admin
 //! API) is control plane and never blocks the data path.
+//!
+//! # Layers
+//!
+//! A module imports only from the rows below its own (`tests/layers.rs` fails on an import
+//! cycle between top-level modules):
+//!
+//! ```text
+//!  gateway                       wires everything; nothing imports it
+//!  admin                         HTTP over the control plane and the runtime
+//!  control      dataplane        the policy's one writer | the proxies and the gate
+//!  telemetry                     flow log, metrics, Prometheus text
+//!  config                        every section's types
+//!  egress       conntrack
+//!  wire         policy
+//!  flow         human_duration   shutdown
+//! ```
 
 pub mod admin;
 pub mod config;
@@ -37,6 +56,8 @@ pub mod control;
 pub mod dataplane;
 pub mod egress;
 pub mod flow;
+pub mod gateway;
+pub mod human_duration;
 pub mod policy;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,5 +1,6 @@
 //! The `flowgate` binary: parse the command line and hand over to `cli`. The only place
 //! where `anyhow` errors meet the user.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

@@ -6,6 +6,7 @@
 //! [`DrainGuard`]; [`Shutdown::drain`] completes when the last guard is dropped or the
 //! grace period ends, whichever is first (the mini-redis pattern: an mpsc whose senders are
 //! the guards, so "all dropped" is `recv() == None`).
+#![forbid(unsafe_code)]
 
 use std::time::Duration;
 

@@ -11,7 +11,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use flowgate::admin::client::AdminClient;
-use flowgate::control::ControlError;
+use flowgate::admin::{AdminError, AdminState};
+use flowgate::dataplane::Readiness;
 use flowgate::flow::Proto;
 use flowgate::policy::FlowQuery;
 use serde_json::Value;
@@ -37,10 +38,10 @@ async fn curl(args: Vec<String>) -> (u16, String) {
     .unwrap()
 }
 
-async fn setup() -> (Fixture, flowgate::control::ControlPlane, flowgate::control::ControlTasks) {
+async fn setup() -> (Fixture, flowgate::control::ControlPlane, Started) {
     let fx = Fixture::new(&format!("[control]\nwatch = false\n{}", admin_toml()));
     let control = fx.control();
-    let tasks = control.start().await.expect("control plane starts");
+    let tasks = start(&control);
     (fx, control, tasks)
 }
 
@@ -52,8 +53,11 @@ async fn read_endpoints() {
     let h = c.get("/healthz").await.unwrap();
     assert_eq!((h.status, h.body.as_str()), (200, "ok\n"));
     assert_eq!(c.get("/readyz").await.unwrap().status, 503, "listeners not bound yet");
-    control.readiness().store(true, Ordering::Release);
+    tasks.readiness.set_ready();
     assert_eq!(c.get("/readyz").await.unwrap().status, 200);
+    tasks.readiness.set_draining();
+    let r = c.get("/readyz").await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (503, "draining\n"), "says so while draining");
 
     let p = json(&c.get("/policy").await.unwrap().body);
     assert_eq!(p["generation"], 1);
@@ -252,8 +256,8 @@ async fn quarantine_cuts_and_expires_on_time() {
 #[test]
 fn refuses_a_non_loopback_bind_without_a_token() {
     let fx = Fixture::new("[control]\nwatch = false\n[admin]\nbind = \"0.0.0.0:0\"\n");
-    let err = fx.control_with(fx.cfg.clone(), std::sync::Arc::new(|_, _| {})).unwrap_err();
-    assert!(matches!(err, ControlError::NoToken { .. }), "{err}");
+    let err = AdminState::new(fx.control(), Readiness::default()).unwrap_err();
+    assert!(matches!(err, AdminError::NoToken { .. }), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,7 +267,7 @@ async fn emergency_overlay_survives_reload_and_restart() {
         admin_toml()
     ));
     let control = fx.control();
-    let tasks = control.start().await.unwrap();
+    let tasks = start(&control);
     let c = AdminClient::new(tasks.admin_addr, Some(TOKEN.to_string()));
     let body = serde_json::json!({ "policy": DENY_DB, "ttl": "1h" }).to_string();
     let r = c.post("/emergency", Some(body)).await.unwrap();
@@ -352,7 +356,7 @@ async fn explain_accepts_what_the_cli_accepts_and_agrees_with_it() {
     std::fs::write(fx.path("inventory.yaml"), NAMED_INVENTORY).unwrap();
     std::fs::write(fx.path("policies/by-name.yaml"), BY_NAME).unwrap();
     let control = fx.control();
-    let tasks = control.start().await.expect("control plane starts");
+    let tasks = start(&control);
     let c = AdminClient::new(tasks.admin_addr, None);
 
     // (from, to, port, protocol) → the port and FQDN the flow must have.
@@ -443,7 +447,8 @@ async fn a_401_says_whether_the_gateway_has_a_token_at_all() {
         "[control]\nwatch = false\n[admin]\nbind = \"127.0.0.1:0\"\ntoken_env = \"{var}\"\n"
     ));
     let control = fx.control();
-    let tasks = control.start().await.expect("starts with token_env naming an unset variable");
+    // Starts: token_env naming an unset variable is no token, not an error.
+    let tasks = start(&control);
     for token in [None, Some(TOKEN.to_owned())] {
         let c = AdminClient::new(tasks.admin_addr, token.clone());
         for (path, body) in [

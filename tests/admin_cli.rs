@@ -25,7 +25,7 @@ async fn flowgate(args: Vec<String>) -> (i32, String, String) {
 async fn status_reload_quarantine() {
     let fx = Fixture::new(&format!("[control]\nwatch = false\n{}", admin_toml()));
     let control = fx.control();
-    let tasks = control.start().await.unwrap();
+    let tasks = start(&control);
     let admin = tasks.admin_addr.to_string();
     let with = |cmd: &[&str], token: Option<&str>| {
         let mut v: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();

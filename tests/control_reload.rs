@@ -140,7 +140,7 @@ async fn watcher_follows_rename_and_replace_of_policies_and_inventory() {
         admin_toml()
     ));
     let control = fx.control();
-    let _tasks = control.start().await.expect("control plane starts");
+    let _tasks = control.start().expect("control plane starts");
 
     replace_file(&fx.path("policies/deny-db.yaml"), DENY_DB);
     let c = control.clone();
@@ -193,7 +193,7 @@ async fn ttl_policy_expires_on_time_without_a_file_change() {
     let control = fx.control();
     assert!(!allowed(&control, WEB, DB, 5432), "in force before its TTL");
     assert!(control.next_expiry().is_some());
-    let _tasks = control.start().await.expect("control plane starts");
+    let _tasks = control.start().expect("control plane starts");
     let c = control.clone();
     assert!(
         wait_for_async(Duration::from_secs(5), || c.generation() == 2).await,
@@ -217,7 +217,7 @@ async fn completed_files_reload_at_once_and_open_writes_wait() {
         admin_toml()
     ));
     let control = fx.control();
-    let _tasks = control.start().await.expect("control plane starts");
+    let _tasks = control.start().expect("control plane starts");
 
     replace_file(&fx.path("policies/deny-db.yaml"), DENY_DB);
     let c = control.clone();
@@ -272,7 +272,7 @@ async fn delete_and_recreate_is_one_reload_of_the_new_file() {
     let file = fx.path("policies/deny-db.yaml");
     std::fs::write(&file, DENY_DB).unwrap();
     let control = fx.control();
-    let _tasks = control.start().await.expect("control plane starts");
+    let _tasks = control.start().expect("control plane starts");
     assert!(!allowed(&control, WEB, DB, 5432));
 
     std::fs::remove_file(&file).unwrap();

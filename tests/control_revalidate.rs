@@ -64,7 +64,7 @@ fn keep_leaves_established_flows_alone() {
     let mut cfg = fx.cfg.clone();
     cfg.policy.on_change = flowgate::config::OnChange::Keep;
     let control =
-        fx.control_with(cfg, Arc::new(|_, _| panic!("nothing is revoked with keep"))).unwrap();
+        fx.control_with(cfg, Arc::new(|_, _, _| panic!("nothing is revoked with keep"))).unwrap();
     let (entry, cut) = fx.track("127.0.10.1:40000", "127.0.10.2:5432", 1);
     std::fs::write(fx.path("policies/deny-db.yaml"), DENY_DB).unwrap();
     let report = control.reload_blocking(Trigger::Api);
@@ -146,7 +146,7 @@ fn flows_admitted_for_a_name_are_redecided_with_it() {
     let control = fx
         .control_with(
             fx.cfg.clone(),
-            Arc::new(move |e, d| {
+            Arc::new(move |e, d, _| {
                 assert!(!d.verdict.is_allow());
                 let k = e.key();
                 seen.lock()

@@ -12,7 +12,7 @@ use support::control::*;
 async fn sighup_reloads() {
     let fx = Fixture::new(&format!("[control]\nwatch = false\n{}", admin_toml()));
     let control = fx.control();
-    let _tasks = control.start().await.expect("control plane starts");
+    let _tasks = control.start().expect("control plane starts");
     std::fs::write(fx.path("policies/deny-db.yaml"), DENY_DB).unwrap();
     // Safe: the handler `start` installed is in place, so SIGHUP no longer terminates.
     let rc = unsafe { libc::kill(libc::getpid(), libc::SIGHUP) };
@@ -44,7 +44,7 @@ async fn churn_never_denies_an_allowed_flow() {
 
     let fx = Fixture::new(&format!("[control]\ndebounce = \"5ms\"\n{}", admin_toml()));
     let control = fx.control();
-    let _tasks = control.start().await.expect("control plane starts");
+    let _tasks = control.start().expect("control plane starts");
     let (_, cut) = fx.track("127.0.10.1:40000", "127.0.10.2:5432", 1);
 
     let done = Arc::new(AtomicBool::new(false));

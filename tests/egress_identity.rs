@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use flowgate::config::Config;
+use flowgate::control::revalidate::RevalidateStats;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
@@ -704,13 +704,17 @@ async fn a_reload_re_decides_a_credentialed_tunnel_as_its_workload() {
     assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
     assert!(echo_ping(&mut t).await);
 
-    let cfg = Config::load(&gate.dir.path().join("flowgate.toml")).unwrap();
-    let reload = |generation: u64| {
-        support::gateway::swap_policy(&gate.rt, &cfg, generation);
-        let now = gate.rt.policy.load_full();
-        flowgate::control::revalidate::revalidate(&gate.rt.conntrack, &now, 64, &|_, _| {})
+    // Each reload goes through the control plane, the one writer of the policy: a changed
+    // source is a new generation, and the open tunnel is decided again under it.
+    let policy_file = gate.dir.path().join("policies/policy.yaml");
+    let reload = || async {
+        let report = gate.control.reload(flowgate::control::Trigger::Api).await;
+        assert_eq!(report.result, flowgate::control::ReloadResult::Ok, "{report:?}");
+        RevalidateStats { checked: report.revalidated, revoked: report.revoked }
     };
-    let stats = reload(2);
+    // The same policy, touched (a comment): generation 2 still lets alice's workload in.
+    std::fs::write(&policy_file, format!("{POLICY}\n# generation 2\n")).unwrap();
+    let stats = reload().await;
     assert_eq!((stats.checked, stats.revoked), (1, 0), "kept: alice's workload may");
     assert!(echo_ping(&mut t).await);
 
@@ -720,8 +724,8 @@ async fn a_reload_re_decides_a_credentialed_tunnel_as_its_workload() {
         "        - networks: [127.0.0.24/32]",
     );
     assert_ne!(narrowed, POLICY);
-    std::fs::write(gate.dir.path().join("policies/policy.yaml"), narrowed).unwrap();
-    let stats = reload(3);
+    std::fs::write(&policy_file, narrowed).unwrap();
+    let stats = reload().await;
     assert_eq!((stats.checked, stats.revoked), (1, 1), "cut: the rule is gone");
     // The cut is asynchronous: the tunnel's task closes the connection when it next runs,
     // so a ping sent at once may still make the round trip. Wait (bounded) for the close

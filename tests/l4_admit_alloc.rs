@@ -46,7 +46,7 @@ fn allocs() -> u64 {
 fn admit_allocates_nothing_on_deny_and_only_the_entry_on_allow() {
     let world = World::new();
     let cfg = Config::load(&world.write_config("")).unwrap();
-    let (rt, writer) = support::gateway::runtime(&cfg);
+    let (rt, _control, writer) = support::gateway::runtime(&cfg);
     let tag = ListenerTag {
         index: 0,
         name: Arc::from("gw"),

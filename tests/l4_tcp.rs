@@ -302,8 +302,8 @@ async fn revoking_a_flow_cuts_both_sides_and_logs_it() {
     let gw = Gateway::start(World::new(), &tcp_listener("gw", &[up.addr], ""));
     let mut s = connect_from(OK, gw.addr("gw")).await.unwrap();
     assert_eq!(roundtrip(&mut s, b"x").await, b"x");
-    // A new generation in which client-ok is no longer admitted by web: swap it in, then
-    // revalidate the way the control plane does.
+    // A new generation in which client-ok is no longer admitted by web: the control plane
+    // reloads it and revalidates the open flow.
     std::fs::write(
         gw.world.dir.path().join("policies/t.yaml"),
         support::l4::POLICY.replace(
@@ -312,23 +312,10 @@ async fn revoking_a_flow_cuts_both_sides_and_logs_it() {
         ),
     )
     .unwrap();
-    let cfg = flowgate::config::Config::load(&gw.world.dir.path().join("flowgate.toml")).unwrap();
-    let old = support::gateway::swap_policy(&gw.rt, &cfg, 2);
-    assert_eq!(old.generation.0, 1);
+    let report = gw.control.reload(flowgate::control::Trigger::Api).await;
+    assert_eq!(report.generation, 2, "{report:?}");
     assert_eq!(gw.rt.generation().0, 2);
-    let snap = gw.rt.policy.load_full();
-    gw.rt.conntrack.for_each(|e| {
-        let q = flowgate::policy::FlowQuery {
-            src: e.key().src.ip(),
-            dst: e.key().dst.ip(),
-            dst_port: e.key().dst.port(),
-            proto: e.key().proto,
-            fqdn: None,
-        };
-        let d = snap.compiled.decide(&q);
-        assert!(!d.verdict.is_allow(), "the new policy denies the open flow");
-        gw.rt.revoke(e, &snap, &d);
-    });
+    assert_eq!(report.revoked, 1, "the new policy denies the open flow");
     let mut b = [0u8; 1];
     let r = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await.unwrap();
     assert!(matches!(r, Ok(0) | Err(_)), "cut: {r:?}");

@@ -62,7 +62,7 @@ async fn prometheus_scrapes_flowgate() {
     }
     let fx = Fixture::new(&format!("[control]\nwatch = false\n{}", admin_toml()));
     let control = fx.control();
-    let tasks = control.start().await.expect("control plane starts");
+    let tasks = start(&control);
     // Counters as the listeners will bump them.
     let demo = fx.metrics.listener("demo", "tcp");
     for _ in 0..3 {

@@ -8,116 +8,100 @@
 //! naming an unset variable) every mutating call is refused: fail closed, with a 401 body
 //! that says so ([`auth::Unauthorized`]).
 //!
-//! Layout: [`server`] (accept loop, routing, the handlers), [`auth`] (the bearer check),
-//! [`exposition`] (Prometheus text format), [`client`] (the tiny client the `flowgate
-//! status|reload|quarantine` commands use).
+//! Layout: [`AdminServer`] (binding, the token, the task), [`server`] (accept loop,
+//! routing, the handlers), [`auth`] (the bearer check), [`client`] (the tiny client the
+//! `flowgate status|reload|quarantine` commands use).
 //!
-//! Not here: what a reload or an emergency entry does (`control`).
+//! Not here: what a reload or an emergency entry does (`control`), the Prometheus text
+//! (`telemetry::exposition`), and starting it next to the rest (`gateway`).
+#![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod client;
-pub mod exposition;
 pub mod server;
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
 
-use serde::Deserialize;
+use thiserror::Error;
+use tokio::task::JoinHandle;
 
 pub use server::serve;
 
-use crate::control::ControlError;
+use crate::config::TokenEnvError;
+use crate::control::ControlPlane;
+use crate::dataplane::Readiness;
 
-/// `[admin]` in the config file.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdminConfig {
-    /// Where the admin API listens. Default `127.0.0.1:9901`.
-    pub bind: SocketAddr,
-    /// The bearer token mutating calls need. Prefer `token_env` outside tests.
-    pub token: Option<String>,
-    /// Name of an environment variable holding the token (used when `token` is unset).
-    pub token_env: Option<String>,
-    /// Most entries one `/flows` answer lists. Default 1000.
-    pub flows_limit: usize,
-    /// Largest request body accepted (`POST /emergency`). Default 1 MiB.
-    pub max_body: usize,
-    /// Concurrent admin connections; more wait to be accepted. Default 64.
-    pub max_connections: usize,
-    /// Time allowed to send the request headers. Default `10s`.
-    #[serde(with = "duration_text")]
-    pub header_timeout: Duration,
+/// Why the admin API could not start.
+#[derive(Debug, Error)]
+pub enum AdminError {
+    /// The cause is the error's source (printed after it by `{:#}`), not repeated here.
+    #[error("admin: cannot bind {addr}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(
+        "admin: refusing to listen on non-loopback {addr} without a token \
+         (set admin.token or admin.token_env)"
+    )]
+    NoToken { addr: SocketAddr },
+    #[error(transparent)]
+    TokenEnv(#[from] TokenEnvError),
 }
 
-impl Default for AdminConfig {
-    fn default() -> Self {
-        AdminConfig {
-            bind: SocketAddr::from(([127, 0, 0, 1], 9901)),
-            token: None,
-            token_env: None,
-            flows_limit: 1000,
-            max_body: 1 << 20,
-            max_connections: 64,
-            header_timeout: Duration::from_secs(10),
-        }
-    }
+/// What the handlers serve from: the control plane (policy, reloads, emergency entries,
+/// conntrack, metrics), the gateway's readiness, and the token mutating calls need.
+#[derive(Clone, Debug)]
+pub struct AdminState {
+    pub control: ControlPlane,
+    pub readiness: Readiness,
+    pub(crate) token: Option<Arc<str>>,
 }
 
-mod duration_text {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-impl AdminConfig {
-    /// Field checks; `(field, message)` on error.
+impl AdminState {
+    /// Resolves the token from `[admin]` (`control.config().admin`).
     ///
     /// # Errors
-    /// The first field that is wrong.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        if self.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
-            return Err(("token".into(), "must not be empty (or leave it out)".into()));
+    /// [`AdminError::TokenEnv`] when `token_env` names a variable set to nothing;
+    /// [`AdminError::NoToken`] when `bind` is not loopback and there is no token.
+    pub fn new(control: ControlPlane, readiness: Readiness) -> Result<AdminState, AdminError> {
+        let cfg = &control.config().admin;
+        let token = cfg.resolve_token()?;
+        if token.is_none() && !cfg.bind.ip().is_loopback() {
+            return Err(AdminError::NoToken { addr: cfg.bind });
         }
-        if self.token_env.as_deref().is_some_and(|t| t.trim().is_empty()) {
-            return Err(("token_env".into(), "must name an environment variable".into()));
-        }
-        for (field, v) in [
-            ("flows_limit", self.flows_limit),
-            ("max_body", self.max_body),
-            ("max_connections", self.max_connections),
-        ] {
-            if v == 0 {
-                return Err((field.into(), "must be at least 1".into()));
-            }
-        }
-        Ok(())
+        Ok(AdminState { token: token.map(Arc::from), control, readiness })
     }
+}
 
-    /// The token from `token`, else from the variable `token_env` names. A variable that
-    /// is not set means no token (`Ok(None)`): the gateway still starts, on loopback, and
-    /// refuses every mutating call with a 401 that says it has no token and names the
-    /// variable. That keeps the bundled config (which names `FLOWGATE_ADMIN_TOKEN`)
-    /// runnable before anyone has exported it. The same call gives `flowgate
-    /// reload`/`quarantine` the token to send.
+/// The admin API, serving on its own task; stopped when dropped.
+#[derive(Debug)]
+pub struct AdminServer {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl AdminServer {
+    /// Binds `admin.bind` and serves `state` there. Must be called inside a tokio runtime.
     ///
     /// # Errors
-    /// [`ControlError::TokenEnv`] when the variable is set but empty (or blank) or not
-    /// Unicode: a token that was meant to be there and is not is a mistake to report,
-    /// not to paper over.
-    pub fn resolve_token(&self) -> Result<Option<String>, ControlError> {
-        if let Some(t) = &self.token {
-            return Ok(Some(t.clone()));
-        }
-        let Some(var) = &self.token_env else { return Ok(None) };
-        match std::env::var(var) {
-            Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_owned())),
-            Err(std::env::VarError::NotPresent) => Ok(None),
-            _ => Err(ControlError::TokenEnv { var: var.clone() }),
-        }
+    /// [`AdminError::Bind`] when the address cannot be bound.
+    pub fn start(state: AdminState) -> Result<AdminServer, AdminError> {
+        let bind = state.control.config().admin.bind;
+        let err = |source| AdminError::Bind { addr: bind, source };
+        let std = std::net::TcpListener::bind(bind).map_err(err)?;
+        std.set_nonblocking(true).map_err(err)?;
+        let listener = tokio::net::TcpListener::from_std(std).map_err(err)?;
+        let addr = listener.local_addr().map_err(err)?;
+        Ok(AdminServer { addr, task: tokio::spawn(serve(listener, state)) })
+    }
+
+    /// Where it listens (the real port when the config said `:0`).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -20,17 +20,20 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use super::{auth, exposition};
+use super::{AdminState, auth};
 use crate::control::audit::format_time;
 use crate::control::emergency::{EmergencyError, EmergencyRequest};
 use crate::control::{ControlPlane, ReloadResult, Trigger};
+use crate::dataplane::ReadyState;
 use crate::policy::simulate;
+use crate::telemetry::exposition::{self, Scrape};
 
 type Resp = Response<Full<Bytes>>;
 
 /// Serves the admin API on `listener` until the task is aborted.
-pub async fn serve(listener: TcpListener, control: ControlPlane) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(control.config().admin.max_connections));
+pub async fn serve(listener: TcpListener, state: AdminState) {
+    let state = Arc::new(state);
+    let limit = Arc::new(tokio::sync::Semaphore::new(state.control.config().admin.max_connections));
     loop {
         let Ok(permit) = limit.clone().acquire_owned().await else { return };
         let stream = match listener.accept().await {
@@ -41,13 +44,13 @@ pub async fn serve(listener: TcpListener, control: ControlPlane) {
                 continue;
             }
         };
-        let control = control.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let timeout = control.config().admin.header_timeout;
+            let timeout = state.control.config().admin.header_timeout;
             let svc = hyper::service::service_fn(move |req| {
-                let control = control.clone();
-                async move { Ok::<_, Infallible>(handle(&control, req).await) }
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -76,7 +79,8 @@ fn error(status: StatusCode, message: impl Into<String>) -> Resp {
 }
 
 /// One request. Every path returns a response; nothing here panics on input.
-pub async fn handle(control: &ControlPlane, req: Request<Incoming>) -> Resp {
+pub async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
+    let control = &state.control;
     let counters = &control.metrics().control;
     counters.admin_requests.fetch_add(1, Ordering::Relaxed);
     let path = req.uri().path().to_owned();
@@ -87,7 +91,7 @@ pub async fn handle(control: &ControlPlane, req: Request<Incoming>) -> Resp {
         if method != Method::POST {
             return error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes POST"));
         }
-        if let Err(refusal) = auth::check(req.headers(), control.shared.token.as_deref()) {
+        if let Err(refusal) = auth::check(req.headers(), state.token.as_deref()) {
             counters.admin_unauthorized.fetch_add(1, Ordering::Relaxed);
             return unauthorized(refusal, control.config().admin.token_env.as_deref());
         }
@@ -96,12 +100,8 @@ pub async fn handle(control: &ControlPlane, req: Request<Incoming>) -> Resp {
     }
     let resp = match path.as_str() {
         "/healthz" => respond(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
-        "/readyz" => readyz(control),
-        "/metrics" => respond(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            exposition::render(control),
-        ),
+        "/readyz" => readyz(state),
+        "/metrics" => metrics(control),
         "/policy" => json_resp(StatusCode::OK, &policy(control)),
         "/flows" => flows(control, &query),
         "/explain" => explain(control, &query),
@@ -123,16 +123,30 @@ fn unauthorized(refusal: auth::Refusal, token_env: Option<&str>) -> Resp {
     r
 }
 
-fn readyz(control: &ControlPlane) -> Resp {
-    if control.readiness().load(Ordering::Acquire) {
-        respond(StatusCode::OK, "text/plain; charset=utf-8", "ready\n")
-    } else {
-        respond(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain; charset=utf-8",
-            "not ready: listeners not bound yet\n",
-        )
-    }
+/// `/readyz`: 200 once every listener serves; 503 before, and again once draining (so a
+/// balancer stops sending new connections while open ones finish).
+fn readyz(state: &AdminState) -> Resp {
+    let (status, body) = match state.readiness.state() {
+        ReadyState::Ready => (StatusCode::OK, "ready\n"),
+        ReadyState::Starting => {
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready: listeners not bound yet\n")
+        }
+        ReadyState::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+    };
+    respond(status, "text/plain; charset=utf-8", body)
+}
+
+/// `/metrics`: the Prometheus exposition, from the control plane's view of now.
+fn metrics(control: &ControlPlane) -> Resp {
+    let snapshot = control.policy().load_full();
+    let text = exposition::render(&Scrape {
+        registry: control.metrics(),
+        conntrack: control.conntrack(),
+        policy: &snapshot,
+        next_expiry: control.next_expiry(),
+        emergency_entries: control.emergency_entries().len(),
+    });
+    respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text)
 }
 
 /// `/policy`: what is in force, where it came from, and how the last reloads went.

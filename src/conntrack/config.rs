@@ -1,5 +1,6 @@
 //! `[conntrack]` in the config file: table size, sharding and the idle timeouts per protocol
 //! and state. Defaults follow Linux nf_conntrack where it has an equivalent.
+#![forbid(unsafe_code)]
 
 use std::time::Duration;
 
@@ -30,43 +31,43 @@ pub struct ConntrackConfig {
     /// Default 64; 0 always pins. Costs 128 bytes each per table.
     pub batch_readers: usize,
     /// Proxied TCP connections and established packet-dataplane TCP flows. Default 5 days.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::human_duration")]
     pub tcp_established: Duration,
     /// Proxied connections that are closing (one side shut down). Default 2 min.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::human_duration")]
     pub tcp_transitory: Duration,
     /// Packet TCP: SYN seen, no answer yet. Default 2 min.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::human_duration")]
     pub tcp_syn_sent: Duration,
     /// Packet TCP: SYN+ACK seen. Default 60 s.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::human_duration")]
     pub tcp_syn_recv: Duration,
     /// Packet TCP: one FIN seen. Default 2 min.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::human_duration")]
     pub tcp_fin_wait: Duration,
     /// Packet TCP: the first FIN acknowledged. Default 60 s.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::human_duration")]
     pub tcp_close_wait: Duration,
     /// Packet TCP: both FINs seen. Default 30 s.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::human_duration")]
     pub tcp_last_ack: Duration,
     /// Packet TCP: the last FIN acknowledged. Default 2 min.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::human_duration")]
     pub tcp_time_wait: Duration,
     /// Packet TCP: reset. Default 10 s.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::human_duration")]
     pub tcp_close: Duration,
     /// UDP before a reply is seen. Default 30 s.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::human_duration")]
     pub udp_unreplied: Duration,
     /// UDP after a reply (and proxied UDP sessions). Default 180 s.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::human_duration")]
     pub udp_assured: Duration,
     /// ICMP / ICMPv6 echo. Default 30 s.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::human_duration")]
     pub icmp: Duration,
     /// Any other protocol (SCTP, unknown numbers). Default 10 min.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::human_duration")]
     pub other: Duration,
 }
 
@@ -188,18 +189,6 @@ impl ConntrackConfig {
             return self.shards.min(65_536);
         }
         (self.capacity / 16_384).next_power_of_two().clamp(4, 1024)
-    }
-}
-
-/// Durations in the config are written the human way (`30s`, `5m`).
-mod humantime_serde_compat {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
     }
 }
 

@@ -6,6 +6,7 @@
 //! [`SWEEP_BATCH`] slots. While it walks it also re-queues entries that became evictable
 //! after they were inserted (a closing flow) so eviction finds them. Slots do not move, so
 //! one rotation sees every entry that was live throughout it.
+#![forbid(unsafe_code)]
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;

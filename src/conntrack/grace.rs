@@ -32,6 +32,7 @@
 //! pinning each entry, which is correct and only slower, and is counted.
 //!
 //! [`ConntrackConfig::batch_readers`]: super::ConntrackConfig::batch_readers
+#![forbid(unsafe_code)]
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -83,7 +83,7 @@ use entry::{NIL, PackedProbe, Probe, QUEUED, Seeds};
 use expiry::{Cursor, Timeouts};
 use grace::Readers;
 use pages::Arena;
-use slab::Slab;
+use slab::{Slab, Slot};
 
 /// Why a new flow could not be tracked.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -370,7 +370,7 @@ impl Shard {
     }
 
     #[inline]
-    fn slot(&self, id: u32) -> Option<Entry> {
+    fn slot(&self, id: u32) -> Option<Slot<'_>> {
         self.slab.get(id)
     }
 
@@ -420,7 +420,7 @@ impl Shard {
         tag: u32,
         p: &Probe,
         pin: bool,
-    ) -> Option<(u32, Held, Side)> {
+    ) -> Option<(u32, Held<'_>, Side)> {
         while mask != 0 {
             // SeqCst as in `Bucket::tagged`.
             let word = bucket.words[mask.trailing_zeros() as usize].load(Ordering::SeqCst);
@@ -680,12 +680,12 @@ impl Drop for Unpin<'_> {
 
 /// An entry a lookup found: pinned (dropping this unpins it), or held by the caller's
 /// grace period.
-struct Held {
-    entry: Entry,
+struct Held<'a> {
+    entry: Slot<'a>,
     pinned: bool,
 }
 
-impl Drop for Held {
+impl Drop for Held<'_> {
     fn drop(&mut self) {
         if self.pinned {
             self.entry.unpin();

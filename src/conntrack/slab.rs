@@ -12,6 +12,8 @@
 //! no once-state to check and no length to compare (an id's offset in its chunk is in range
 //! by construction).
 
+use std::marker::PhantomData;
+use std::ops::Deref;
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicPtr, Ordering};
 
@@ -44,12 +46,12 @@ impl Slab {
         1 << self.bits
     }
 
-    /// The entry in slot `id`, if its chunk exists.
-    ///
-    /// The `Entry` may not outlive `self` (the caller's discipline: it is used within a
-    /// borrow of the shard, or kept by an `EntryRef` together with an `Arc` of the shard).
+    /// The entry in slot `id`, if its chunk exists, borrowed from the slab: the borrow
+    /// checker keeps it from outliving the slab's memory. A handle that must live longer
+    /// (an `EntryRef`, which keeps the shard alive) is made with the `unsafe`
+    /// [`Entry::alias`], whose caller says what keeps the memory alive.
     #[inline]
-    pub(super) fn get(&self, id: u32) -> Option<Entry> {
+    pub(super) fn get(&self, id: u32) -> Option<Slot<'_>> {
         let c = (id >> self.bits) as usize;
         let hot = NonNull::new(self.hot.get(c)?.load(Ordering::Acquire))?;
         // Stored before `hot` was published (Release above pairs with it).
@@ -57,7 +59,8 @@ impl Slab {
         let i = (id & ((1 << self.bits) - 1)) as usize;
         // SAFETY: both arrays of chunk `c` hold `chunk_len()` initialised parts, and `i` is
         // below it (masked); they stay allocated and in place until `self` is dropped.
-        unsafe { Some(Entry::from_parts(hot.add(i).as_ref(), cold.add(i).as_ref())) }
+        let entry = unsafe { Entry::from_parts(hot.add(i).as_ref(), cold.add(i).as_ref()) };
+        Some(Slot { entry, _slab: PhantomData })
     }
 
     /// Prefetches slot `id`'s hot part if its chunk exists (a hint: never faults).
@@ -92,6 +95,22 @@ impl Slab {
         cold.store(Box::into_raw(k).cast(), Ordering::Relaxed);
         hot.store(h.as_ptr(), Ordering::Release);
         true
+    }
+}
+
+/// A slot's entry for as long as the slab is borrowed: the rule that the parts outlive
+/// the entry (`Entry::from_parts`) held by a lifetime instead of by the callers.
+pub(super) struct Slot<'a> {
+    entry: Entry,
+    _slab: PhantomData<&'a Slab>,
+}
+
+impl Deref for Slot<'_> {
+    type Target = Entry;
+
+    #[inline(always)]
+    fn deref(&self) -> &Entry {
+        &self.entry
     }
 }
 

@@ -8,6 +8,7 @@
 //! a firewall that must resist in-window attacks would add window tracking on top.
 //!
 //! Fail closed: a flow can only be opened by a bare SYN from the originator.
+#![forbid(unsafe_code)]
 
 use thiserror::Error;
 

@@ -3,29 +3,18 @@
 //! [`ControlPlane`] owns the policy handle the data path reads and is the only writer of
 //! it. It loads generation 1 at start-up ([`ControlPlane::new`]), then reloads on file
 //! changes, SIGHUP, `POST /reload`, emergency requests and expiries ([`ControlPlane::start`]
-//! spawns those triggers and the admin API). Each reload is load → compile → swap
-//! ([`reload`]), serialised (one at a time, in a blocking thread), written to the audit
-//! trail ([`audit`]), counted in the metrics, and followed by a re-check of established
-//! flows ([`revalidate`]) when `policy.on_change = "revalidate"`. Emergency policies and
+//! spawns the triggers). Each reload is load → compile → swap ([`reload`]), serialised (one
+//! at a time, in a blocking thread), written to the audit trail ([`audit`]), counted in the
+//! metrics, and followed by a re-check of established flows ([`revalidate`]) when
+//! `policy.on_change = "revalidate"`: the re-check cuts each flow the new generation denies
+//! (once) and tells the caller's [`RevokeFn`], which logs it. Emergency policies and
 //! quarantines live in an overlay ([`emergency`]) that every reload lays over the files.
 //!
 //! Not here: deciding (`policy`), admitting flows (`dataplane`), HTTP (`admin`, which
-//! calls into this module), and writing the `revoked` flow-log event (the caller's
-//! callback does, so this module stays independent of the flow log).
-//!
-//! # Wiring (what `flowgate run` does)
-//!
-//! ```ignore
-//! let conntrack = Arc::new(Conntrack::new(&cfg.conntrack));
-//! let metrics = Arc::new(Registry::default());
-//! let on_revoke: RevokeFn = Arc::new(move |entry, decision| { /* flow log: revoked */ });
-//! let control = ControlPlane::new(cfg.clone(), conntrack.clone(), metrics.clone(), on_revoke)?;
-//! let policy = control.policy();      // PolicyHandle for dataplane::admit
-//! let tasks = control.start().await?; // admin API, watcher, SIGHUP, expiry timer
-//! // … bind every listener …
-//! control.readiness().store(true, Ordering::Release);
-//! // on shutdown: drop(tasks) (or tasks.shutdown())
-//! ```
+//! calls into this module; this module knows nothing of it), writing the `revoked`
+//! flow-log event (the caller's callback does, so this module stays independent of the flow
+//! log), and wiring it all together (`gateway`).
+#![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod emergency;
@@ -33,87 +22,20 @@ pub mod reload;
 pub mod revalidate;
 pub mod watch;
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use serde::Deserialize;
 use thiserror::Error;
 
 use crate::config::{Config, OnChange};
 use crate::conntrack::{Conntrack, Entry};
-use crate::policy::{Decision, PolicyHandle};
+use crate::policy::{Decision, PolicyHandle, PolicySnapshot};
 use crate::telemetry::metrics::Registry;
 
 pub use emergency::{EmergencyEntry, EmergencyError, EmergencyRequest, Overlay, OverlayLimits};
 pub use reload::{ReloadError, ReloadReport, ReloadResult, Reloader, Sources, Trigger};
-
-/// `[control]` in the config file.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ControlConfig {
-    /// Quiet time after a change that may leave a file incomplete (a create, a write still
-    /// open, a removal) before reloading. Default `50ms`.
-    #[serde(with = "duration_text")]
-    pub debounce: Duration,
-    /// Append audit events (one JSON line per reload attempt) to this file; default: stderr.
-    pub audit_log: Option<PathBuf>,
-    /// Entries re-checked between yields during revalidation. Default 4096.
-    pub revalidate_batch: usize,
-    /// Keep emergency policies in this JSON file so they survive a restart; default: none
-    /// (memory only).
-    pub emergency_state: Option<PathBuf>,
-    /// Most emergency entries active at once. Default 64.
-    pub emergency_max: usize,
-    /// Longest TTL an emergency entry may have. Default `24h`.
-    #[serde(with = "duration_text")]
-    pub emergency_max_ttl: Duration,
-    /// Watch the policy sources for changes. Default true.
-    pub watch: bool,
-    /// Quiet time after a change that leaves a policy file or the inventory whole (renamed
-    /// into place, written and closed) before reloading: gathers a machine-made burst into
-    /// one reload. Default `5ms`; set it to `debounce` to wait alike for every change.
-    #[serde(with = "duration_text")]
-    pub settle: Duration,
-}
-
-impl Default for ControlConfig {
-    fn default() -> Self {
-        ControlConfig {
-            debounce: Duration::from_millis(50),
-            audit_log: None,
-            revalidate_batch: 4096,
-            emergency_state: None,
-            emergency_max: 64,
-            emergency_max_ttl: Duration::from_secs(24 * 3600),
-            watch: true,
-            settle: Duration::from_millis(5),
-        }
-    }
-}
-
-impl ControlConfig {
-    /// Makes relative paths relative to the config file's directory.
-    pub fn resolve_paths(&mut self, base: &Path) {
-        for p in [&mut self.audit_log, &mut self.emergency_state].into_iter().flatten() {
-            *p = base.join(&*p);
-        }
-    }
-}
-
-/// Durations written the human way (`50ms`, `24h`).
-mod duration_text {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
-    }
-}
 
 /// Start-up and task errors of the control plane.
 #[derive(Debug, Error)]
@@ -124,24 +46,16 @@ pub enum ControlError {
     Emergency(#[from] EmergencyError),
     #[error("{}: cannot open audit log: {source}", path.display())]
     AuditLog { path: PathBuf, source: std::io::Error },
-    #[error("admin: cannot bind {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
-    #[error(
-        "admin: refusing to listen on non-loopback {addr} without a token \
-         (set admin.token or admin.token_env)"
-    )]
-    NoToken { addr: SocketAddr },
-    #[error("admin: environment variable {var} (admin.token_env) is not set or empty")]
-    TokenEnv { var: String },
     #[error("watching policy sources: {0}")]
     Watch(#[from] notify::Error),
     #[error("installing the SIGHUP handler: {0}")]
     Signal(#[source] std::io::Error),
 }
 
-/// Called once for every flow a reload cuts, with the entry and the new decision, so the
-/// caller can write the `revoked` flow-log event. Runs on the reload thread.
-pub type RevokeFn = Arc<dyn Fn(&Entry, &Decision) + Send + Sync>;
+/// Called once for every flow a reload cut (after the cut: the callback only reports it),
+/// with the entry, the new decision and the snapshot that gave it, so the caller can write
+/// the `revoked` flow-log event. Runs on the reload thread.
+pub type RevokeFn = Arc<dyn Fn(&Entry, &Decision, &Arc<PolicySnapshot>) + Send + Sync>;
 
 /// What `/policy` shows about recent reloads.
 #[derive(Clone, Debug, Default)]
@@ -157,8 +71,6 @@ pub(crate) struct Shared {
     pub(crate) handle: PolicyHandle,
     pub(crate) conntrack: Arc<Conntrack>,
     pub(crate) metrics: Arc<Registry>,
-    pub(crate) ready: Arc<AtomicBool>,
-    pub(crate) token: Option<String>,
     on_revoke: RevokeFn,
     /// Lock order: `reloader`, then `overlay`, then `status`.
     reloader: Mutex<Reloader>,
@@ -183,14 +95,12 @@ impl std::fmt::Debug for ControlPlane {
 /// The background tasks [`ControlPlane::start`] spawned; aborted on drop.
 #[derive(Debug)]
 pub struct ControlTasks {
-    /// Where the admin API listens (the real port when the config said `:0`).
-    pub admin_addr: SocketAddr,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     _watcher: Option<watch::SourceWatcher>,
 }
 
 impl ControlTasks {
-    /// Stops every task (admin API, watcher, signal handler, expiry timer).
+    /// Stops every task (watcher, signal handler, expiry timer).
     pub fn shutdown(self) {}
 }
 
@@ -204,12 +114,12 @@ impl Drop for ControlTasks {
 
 impl ControlPlane {
     /// Loads and compiles generation 1 (with the emergency overlay from
-    /// `control.emergency_state`, if any) and resolves the admin token.
+    /// `control.emergency_state`, if any).
     ///
     /// # Errors
     /// [`ControlError`]: the policy or inventory is bad (each problem names file, object
-    /// and field), the emergency state file is unreadable, the audit log cannot be opened,
-    /// or the admin token cannot be resolved / is required and missing.
+    /// and field), the emergency state file is unreadable, or the audit log cannot be
+    /// opened.
     pub fn new(
         cfg: Config,
         conntrack: Arc<Conntrack>,
@@ -217,10 +127,6 @@ impl ControlPlane {
         on_revoke: RevokeFn,
     ) -> Result<ControlPlane, ControlError> {
         let now = SystemTime::now();
-        let token = cfg.admin.resolve_token()?;
-        if token.is_none() && !cfg.admin.bind.ip().is_loopback() {
-            return Err(ControlError::NoToken { addr: cfg.admin.bind });
-        }
         let audit = audit::AuditLog::open(cfg.control.audit_log.as_deref()).map_err(|source| {
             ControlError::AuditLog {
                 path: cfg.control.audit_log.clone().unwrap_or_default(),
@@ -244,15 +150,13 @@ impl ControlPlane {
         let (reloader, report) =
             Reloader::initial(sources, &overlay, now).map_err(ControlError::InitialPolicy)?;
         let handle = reloader.handle().clone();
-        metrics.control.record_reload(&report);
+        metrics.control.record_reload(&report.sample());
         let _ = audit.write(&report);
         let shared = Shared {
             cfg,
             handle,
             conntrack,
             metrics,
-            ready: Arc::new(AtomicBool::new(false)),
-            token,
             on_revoke,
             reloader: Mutex::new(reloader),
             overlay: Mutex::new(overlay),
@@ -266,11 +170,6 @@ impl ControlPlane {
     /// The handle the data path reads (`handle.load()` once per new flow).
     pub fn policy(&self) -> PolicyHandle {
         self.shared.handle.clone()
-    }
-
-    /// Set to `true` by the caller once every listener is bound; `/readyz` needs it.
-    pub fn readiness(&self) -> Arc<AtomicBool> {
-        self.shared.ready.clone()
     }
 
     pub fn metrics(&self) -> &Arc<Registry> {
@@ -310,22 +209,15 @@ impl ControlPlane {
         }
     }
 
-    /// Starts the triggers and the admin API: binds `admin.bind`, watches the sources
-    /// (unless `control.watch = false`), installs the SIGHUP handler and the expiry timer.
-    /// Must be called inside a tokio runtime.
+    /// Starts the triggers: watches the sources (unless `control.watch = false`), installs
+    /// the SIGHUP handler and the expiry timer. Must be called inside a tokio runtime.
     ///
     /// # Errors
-    /// [`ControlError`] when the admin address cannot be bound, the watcher cannot start or
-    /// the signal handler cannot be installed; nothing is left running then.
-    pub async fn start(&self) -> Result<ControlTasks, ControlError> {
-        let bind = self.shared.cfg.admin.bind;
-        let listener = tokio::net::TcpListener::bind(bind)
-            .await
-            .map_err(|source| ControlError::Bind { addr: bind, source })?;
-        let admin_addr =
-            listener.local_addr().map_err(|source| ControlError::Bind { addr: bind, source })?;
-        let mut tasks = Vec::new();
-        let mut watcher = None;
+    /// [`ControlError`] when the watcher cannot start or the signal handler cannot be
+    /// installed; nothing is left running then.
+    pub fn start(&self) -> Result<ControlTasks, ControlError> {
+        // Built first, so an error below drops (aborts) whatever was already spawned.
+        let mut running = ControlTasks { tasks: Vec::new(), _watcher: None };
         if self.shared.cfg.control.watch {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             let timing = watch::WatchTiming {
@@ -333,18 +225,17 @@ impl ControlPlane {
                 settle: self.shared.cfg.control.settle,
                 last_complete: Arc::new(AtomicBool::new(false)),
             };
-            watcher = Some(watch::watch_sources(
+            running._watcher = Some(watch::watch_sources(
                 &self.shared.cfg.policy.dir,
                 &self.shared.cfg.policy.inventory,
                 tx,
                 &timing,
             )?);
-            tasks.push(tokio::spawn(watch::debounce_loop(self.clone(), rx, timing)));
+            running.tasks.push(tokio::spawn(watch::debounce_loop(self.clone(), rx, timing)));
         }
-        tasks.push(watch::spawn_sighup(self.clone()).map_err(ControlError::Signal)?);
-        tasks.push(tokio::spawn(watch::expiry_loop(self.clone())));
-        tasks.push(tokio::spawn(crate::admin::serve(listener, self.clone())));
-        Ok(ControlTasks { admin_addr, tasks, _watcher: watcher })
+        running.tasks.push(watch::spawn_sighup(self.clone()).map_err(ControlError::Signal)?);
+        running.tasks.push(tokio::spawn(watch::expiry_loop(self.clone())));
+        Ok(running)
     }
 
     /// One reload attempt, serialised with every other, in a blocking thread. Never fails:
@@ -406,12 +297,12 @@ impl ControlPlane {
                 &self.shared.conntrack,
                 &snapshot,
                 self.shared.cfg.control.revalidate_batch,
-                &|entry, decision| on_revoke(entry, decision),
+                &|entry, decision| on_revoke(entry, decision, &snapshot),
             );
             report.revalidated = stats.checked;
             report.revoked = stats.revoked;
         }
-        self.shared.metrics.control.record_reload(&report);
+        self.shared.metrics.control.record_reload(&report.sample());
         if self.shared.audit.write(&report).is_err() {
             self.shared.metrics.control.audit_write_errors.fetch_add(1, Ordering::Relaxed);
         }

@@ -34,6 +34,7 @@ use crate::policy::{
     CompileError, CompileOptions, CompiledPolicy, DefaultAction, Generation, LoadErrors,
     PolicyHandle, PolicySnapshot, load,
 };
+use crate::telemetry::metrics::{ReloadOutcome, ReloadSample};
 
 /// What asked for a reload; recorded in the audit trail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -288,6 +289,23 @@ pub struct ReloadReport {
     /// Where the time up to the swap went (not in the audit line: benchmarks read it).
     #[serde(skip)]
     pub phases: Phases,
+}
+
+impl ReloadReport {
+    /// This attempt as the metrics count it.
+    pub fn sample(&self) -> ReloadSample {
+        ReloadSample {
+            outcome: match self.result {
+                ReloadResult::Ok => ReloadOutcome::Ok,
+                ReloadResult::Unchanged => ReloadOutcome::Unchanged,
+                ReloadResult::Error => ReloadOutcome::Error,
+            },
+            time: self.time,
+            duration: self.duration,
+            revalidated: self.revalidated,
+            revoked: self.revoked,
+        }
+    }
 }
 
 /// The steps of one reload up to the swap, each timed on the reload thread.
@@ -877,14 +895,6 @@ fn combined_hash(disk: &str, overlay: &str) -> String {
 /// from scratch: every file read and hashed.
 pub fn hash_sources(dir: &Path, inventory: &Path) -> String {
     ParseCache::default().scan(dir, inventory).hash
-}
-
-/// The loader's rule for which files hold policy.
-pub(crate) fn is_policy_file(name: &str) -> bool {
-    !name.starts_with('.')
-        && !name.ends_with('~')
-        && !name.ends_with(".swp")
-        && (name.ends_with(".yaml") || name.ends_with(".yml"))
 }
 
 #[cfg(test)]

@@ -35,7 +35,8 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use super::ControlPlane;
-use super::reload::{Trigger, is_policy_file};
+use super::reload::Trigger;
+use crate::policy::load::is_policy_file;
 
 /// Keeps the notify watcher alive; dropping it stops watching.
 pub struct SourceWatcher {
@@ -102,9 +103,7 @@ pub fn watch_sources(
                 }
                 // A policy "directory" that is one file counts whatever its name.
                 let is_source = |p: &Path| {
-                    is_inventory(p)
-                        || (policy_is_file && p == watched_dir)
-                        || p.file_name().and_then(|n| n.to_str()).is_some_and(is_policy_file)
+                    is_inventory(p) || (policy_is_file && p == watched_dir) || is_policy_file(p)
                 };
                 last_complete.store(completes_a_source(&ev, &is_source), Ordering::Release);
                 let _ = tx.try_send(());

@@ -13,110 +13,26 @@
 //! name) to [`refuse`]: what happens on a decision — conntrack, counters, flow log — stays
 //! here, and each flow is decided once and logged once.
 //!
-//! [`Runtime`] holds what every dataplane and the control plane share: the conntrack
-//! table, the policy handle, the metrics registry, the flow log and readiness.
+//! [`Runtime`] (`runtime.rs`) holds what every dataplane and the control plane share: the
+//! conntrack table, the policy handle (read here, written only by the control plane), the
+//! metrics registry, the flow log and readiness.
 //!
 //! Not here: the policy itself (`policy`), reloading it (`control`), the proxy listeners'
 //! sockets (`proxy`).
 
 pub mod proxy;
+mod runtime;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
-use crate::conntrack::{Conntrack, CutSignal, Entry, EntryInit, EntryRef, FlowState, InsertError};
+use crate::conntrack::{CutSignal, EntryInit, EntryRef, FlowState, InsertError};
 use crate::flow::{FlowKey, Proto};
-use crate::policy::{
-    Decision, DenyReason, FlowQuery, Generation, PolicyHandle, PolicySnapshot, Verdict,
-};
-use crate::telemetry::flowlog::{Event, EventKind, FlowLog};
-use crate::telemetry::metrics::{ListenerCounters, Registry};
+use crate::policy::{Decision, DenyReason, FlowQuery, Generation, PolicySnapshot, Verdict};
+use crate::telemetry::flowlog::{Event, EventKind};
+use crate::telemetry::metrics::ListenerCounters;
 
-/// What the data path and the control plane share. Built once by `flowgate run` (or a
-/// test); every listener task holds an `Arc` of it.
-#[derive(Debug)]
-pub struct Runtime {
-    pub conntrack: Arc<Conntrack>,
-    pub policy: PolicyHandle,
-    pub registry: Arc<Registry>,
-    pub flowlog: FlowLog,
-    pub readiness: Readiness,
-}
-
-impl Runtime {
-    pub fn new(
-        conntrack: Arc<Conntrack>,
-        policy: PolicyHandle,
-        registry: Arc<Registry>,
-        flowlog: FlowLog,
-    ) -> Arc<Runtime> {
-        Arc::new(Runtime { conntrack, policy, registry, flowlog, readiness: Readiness::default() })
-    }
-
-    /// The generation of the policy in force.
-    pub fn generation(&self) -> Generation {
-        self.policy.load().generation
-    }
-
-    /// Swaps in a new policy (built and compiled off the data path). New flows see it at
-    /// once; established flows keep their entries until the caller revalidates them.
-    /// Returns the snapshot it replaced.
-    pub fn swap_policy(&self, snapshot: PolicySnapshot) -> Arc<PolicySnapshot> {
-        self.policy.swap(Arc::new(snapshot))
-    }
-
-    /// Cuts an established flow that `snapshot` (the new generation) no longer allows:
-    /// fires the entry's cut signal (its forwarding task resets both sides and removes the
-    /// entry) and logs a `revoked` event with the new decision's reason and policy. The
-    /// control plane's revalidation calls this for every entry whose re-decision
-    /// (`snapshot.compiled.decide(..)` on `entry.key` and `entry.fqdn`) is a denial; entries still allowed
-    /// just get `entry.set_generation(snapshot.generation)`. An entry without a cut handle
-    /// (a packet-dataplane flow) is not removed here: the caller removes it from conntrack.
-    pub fn revoke(&self, entry: &Entry, snapshot: &Arc<PolicySnapshot>, decision: &Decision) {
-        entry.trigger_cut();
-        let (direction, reason) = match decision.verdict {
-            Verdict::Deny(r) => (r.direction, r.cause.as_str()),
-            Verdict::Allow => (None, "revoked"),
-        };
-        let listener = self
-            .registry
-            .listeners()
-            .get(usize::from(entry.listener()))
-            .map_or_else(|| Arc::from("?"), |c| Arc::from(c.name.as_str()));
-        let key = entry.key();
-        self.flowlog.emit(Event {
-            ts: SystemTime::now(),
-            kind: EventKind::Revoked,
-            listener,
-            proto: key.proto,
-            src: key.src,
-            dst: key.dst,
-            fqdn: entry.fqdn().map(Arc::from),
-            src_workload: decision.src_workload,
-            dst_workload: decision.dst_workload,
-            direction,
-            reason,
-            policy: decision.policy,
-            snapshot: snapshot.clone(),
-        });
-    }
-}
-
-/// Whether every configured listener is bound and serving (for `/readyz`). Set by the
-/// proxy once all listeners are up, cleared when shutdown starts.
-#[derive(Clone, Debug, Default)]
-pub struct Readiness(Arc<AtomicBool>);
-
-impl Readiness {
-    pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
-    }
-}
+pub use runtime::{Readiness, ReadyState, Runtime, log_revoked};
 
 /// Which listener a flow came in on: its conntrack index, its name for the flow log and
 /// its counters. Built once per listener at start-up; cloned into its tasks.
@@ -391,60 +307,4 @@ fn replace_stale(rt: &Runtime, key: &FlowKey) -> bool {
 /// A TCP flow key (proxied TCP connections).
 pub const fn tcp_flow(src: std::net::SocketAddr, dst: std::net::SocketAddr) -> FlowKey {
     FlowKey::new(Proto::Tcp, src, dst)
-}
-
-/// Why the policy could not be turned into a snapshot at start-up.
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
-    #[error("{0}")]
-    Load(#[from] crate::policy::LoadErrors),
-    #[error("{0}")]
-    Compile(#[from] crate::policy::CompileError),
-}
-
-/// Loads and compiles the configured policy into a snapshot of `generation` (cold path;
-/// start-up uses generation 1). The content hash covers the inventory and every file
-/// under the policy directory, in path order.
-///
-/// # Errors
-/// Every load problem at once, or the compile error.
-pub fn build_snapshot(
-    cfg: &crate::config::PolicyConfig,
-    generation: Generation,
-) -> Result<PolicySnapshot, SnapshotError> {
-    use sha2::{Digest, Sha256};
-    let set = crate::policy::load::load(&cfg.dir, &cfg.inventory)?;
-    let now = SystemTime::now();
-    let opts = crate::policy::CompileOptions { default: cfg.default, unknown: cfg.unknown, now };
-    let compiled = crate::policy::CompiledPolicy::compile(&set, &opts)?;
-    let mut hasher = Sha256::new();
-    let mut files = vec![cfg.inventory.clone()];
-    collect_files(&cfg.dir, &mut files);
-    files[1..].sort();
-    for f in &files {
-        hasher.update(f.to_string_lossy().as_bytes());
-        hasher.update(std::fs::read(f).unwrap_or_default());
-    }
-    Ok(PolicySnapshot {
-        compiled,
-        generation,
-        content_hash: hex::encode(hasher.finalize()),
-        loaded_at: now,
-    })
-}
-
-fn collect_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
-    if dir.is_file() {
-        out.push(dir.to_owned());
-        return;
-    }
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            collect_files(&p, out);
-        } else {
-            out.push(p);
-        }
-    }
 }

@@ -10,6 +10,7 @@
 //! byte formats (`wire`), the policy itself (`policy`). Limits are counted by the caller:
 //! every handshake error and refusal has a stable label (`HandshakeError::as_str`,
 //! `Refusal::reason`) to count it under.
+#![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod check;

@@ -23,7 +23,7 @@ use hickory_resolver::config::{
     ResolverOpts,
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use thiserror::Error;
 
 use super::name::{DomainName, Target};
@@ -37,7 +37,7 @@ pub struct DnsConfig {
     #[serde(default)]
     pub servers: Vec<SocketAddr>,
     /// Time allowed for one resolution, all servers and retries included. Default `2s`.
-    #[serde(default = "default_timeout", deserialize_with = "de_duration")]
+    #[serde(default = "default_timeout", with = "crate::human_duration")]
     pub timeout: Duration,
     /// A hosts(5) file consulted after the static table and before DNS. Relative paths are
     /// relative to the config file. Default none (the system's `/etc/hosts` is not read).
@@ -78,11 +78,6 @@ fn default_max_addresses() -> usize {
 
 fn default_cache_size() -> u64 {
     8192
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
 /// Building the resolver failed: the configuration is wrong. Names the entry.

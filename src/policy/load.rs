@@ -180,7 +180,7 @@ impl<'a> Report<'a> {
 
 /// Files a policy directory walk picks up: `*.yaml`/`*.yml`, not hidden, not an editor
 /// leftover (`.#x.yaml` lock files, `x.yaml~` backups, `x.swp` swap files).
-fn is_policy_file(path: &Path) -> bool {
+pub(crate) fn is_policy_file(path: &Path) -> bool {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
         return false;
     };

@@ -12,6 +12,8 @@
 //!
 //! Not here: when policy is reloaded (`control`), what happens to a denied flow
 //! (`dataplane`), and how a denial is logged (`telemetry`).
+// The one `unsafe` under policy/ is a counting allocator in `decide/tests.rs`.
+#![cfg_attr(not(test), forbid(unsafe_code))]
 
 pub mod compile;
 pub mod decide;

@@ -1,13 +1,13 @@
 //! Metrics: counters the data path bumps with relaxed atomics (no lock, no allocation), and
 //! the decision-latency histogram, merged and rendered only when `/metrics` is scraped.
 //!
-//! Names are the ones DESIGN.md lists (`flowgate_flows_total{listener,verdict}`, …); the
-//! Prometheus rendering lives with the admin API (`admin::exposition`).
+//! Names are the ones DESIGN.md lists (`flowgate_flows_total{listener,verdict}`, …), defined
+//! once in [`super::exposition::names`], which renders these sources as Prometheus text.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use hdrhistogram::Histogram;
 
@@ -148,19 +148,42 @@ impl Default for ControlCounters {
     }
 }
 
+/// How a reload attempt ended, as the metrics count it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// A new generation is in force.
+    Ok,
+    /// The sources had not changed; nothing was swapped.
+    Unchanged,
+    /// Rejected; the previous generation keeps serving.
+    Error,
+}
+
+/// One reload attempt in the metrics' terms (the control plane makes one from its report).
+#[derive(Clone, Copy, Debug)]
+pub struct ReloadSample {
+    pub outcome: ReloadOutcome,
+    /// When the attempt was made.
+    pub time: SystemTime,
+    /// Load + compile + swap.
+    pub duration: Duration,
+    /// Established flows decided again, and those cut.
+    pub revalidated: usize,
+    pub revoked: usize,
+}
+
 impl ControlCounters {
     /// Counts one reload attempt.
-    pub fn record_reload(&self, report: &crate::control::ReloadReport) {
-        use crate::control::ReloadResult;
-        let counter = match report.result {
-            ReloadResult::Ok => &self.reloads_ok,
-            ReloadResult::Unchanged => &self.reloads_unchanged,
-            ReloadResult::Error => &self.reloads_error,
+    pub fn record_reload(&self, report: &ReloadSample) {
+        let counter = match report.outcome {
+            ReloadOutcome::Ok => &self.reloads_ok,
+            ReloadOutcome::Unchanged => &self.reloads_unchanged,
+            ReloadOutcome::Error => &self.reloads_error,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         self.reload_failing
-            .store(u64::from(report.result == ReloadResult::Error), Ordering::Relaxed);
-        if report.result == ReloadResult::Ok {
+            .store(u64::from(report.outcome == ReloadOutcome::Error), Ordering::Relaxed);
+        if report.outcome == ReloadOutcome::Ok {
             let unix =
                 report.time.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             self.last_success_unix.store(unix, Ordering::Relaxed);

@@ -4,6 +4,7 @@
 //! peer. A parser checks lengths before it reads, never panics, never allocates in
 //! proportion to what the peer claims, and keeps *need more bytes* (`Ok(None)`) apart
 //! from *malformed* (`Err`). Parsers do no I/O and read no clock; the dataplanes drive them.
+#![forbid(unsafe_code)]
 
 pub mod http_connect;
 pub mod proxy_protocol;

@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use flowgate::admin::{AdminServer, AdminState};
 use flowgate::config::Config;
 use flowgate::conntrack::{Conntrack, CutSignal, Entry, EntryInit, EntryRef, FlowState, tcp_key};
-use flowgate::control::{ControlError, ControlPlane, RevokeFn};
+use flowgate::control::{ControlError, ControlPlane, ControlTasks, RevokeFn};
+use flowgate::dataplane::Readiness;
 use flowgate::flow::Proto;
 use flowgate::policy::{Decision, FlowQuery, Generation};
 use flowgate::telemetry::metrics::Registry;
@@ -94,7 +96,7 @@ impl Fixture {
     /// A control plane over the fixture's config, recording revocations in `revoked`.
     pub fn control(&self) -> ControlPlane {
         let revoked = self.revoked.clone();
-        let on_revoke: RevokeFn = Arc::new(move |e: &Entry, d: &Decision| {
+        let on_revoke: RevokeFn = Arc::new(move |e: &Entry, d: &Decision, _| {
             revoked.lock().unwrap().push((format!("{}->{}", e.key().src, e.key().dst), *d));
         });
         self.control_with(self.cfg.clone(), on_revoke).expect("control plane starts on the fixture")
@@ -138,6 +140,24 @@ impl Fixture {
             .expect("insert");
         (entry, cut)
     }
+}
+
+/// A control plane serving: its triggers and the admin API over it, as the gateway starts
+/// them (readiness starts at `Starting`: no listener in these tests).
+pub struct Started {
+    pub admin_addr: SocketAddr,
+    pub readiness: Readiness,
+    _admin: AdminServer,
+    _triggers: ControlTasks,
+}
+
+/// Starts `control`'s triggers and an admin API over it (inside a tokio runtime).
+pub fn start(control: &ControlPlane) -> Started {
+    let readiness = Readiness::default();
+    let state = AdminState::new(control.clone(), readiness.clone()).expect("admin token");
+    let admin = AdminServer::start(state).expect("admin API binds");
+    let triggers = control.start().expect("control plane starts");
+    Started { admin_addr: admin.local_addr(), readiness, _admin: admin, _triggers: triggers }
 }
 
 /// Writes `text` to `path` the way editors do: a temp file, then rename over the target.

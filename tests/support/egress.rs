@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use flowgate::config::Config;
+use flowgate::control::ControlPlane;
 use flowgate::dataplane::Runtime;
 use flowgate::telemetry::metrics::ListenerCounters;
 use tokio::net::TcpStream;
@@ -22,6 +23,8 @@ pub use super::process::free_port;
 pub struct Gate {
     pub dir: tempfile::TempDir,
     pub rt: Arc<Runtime>,
+    /// The one writer of `rt.policy`: reload it to change the policy.
+    pub control: ControlPlane,
     pub running: InProcess,
 }
 
@@ -59,7 +62,7 @@ impl Gate {
         std::fs::write(&path, text).unwrap();
         let cfg = Config::load(&path).unwrap();
         let running = gateway::start(&cfg, other_own);
-        Gate { dir, rt: running.rt.clone(), running }
+        Gate { dir, rt: running.rt.clone(), control: running.control.clone(), running }
     }
 
     pub fn addr(&self, name: &str) -> SocketAddr {

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use flowgate::config::Config;
+use flowgate::control::ControlPlane;
 use flowgate::dataplane::Runtime;
 use flowgate::telemetry::metrics::ListenerCounters;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -126,6 +127,8 @@ impl World {
 pub struct Gateway {
     pub world: World,
     pub rt: Arc<Runtime>,
+    /// The one writer of `rt.policy`: reload it to change the policy.
+    pub control: ControlPlane,
     pub running: InProcess,
 }
 
@@ -134,7 +137,7 @@ impl Gateway {
         let path = world.write_config(listeners_toml);
         let cfg = Config::load(&path).unwrap();
         let running = gateway::start(&cfg, Vec::new());
-        Gateway { world, rt: running.rt.clone(), running }
+        Gateway { world, rt: running.rt.clone(), control: running.control.clone(), running }
     }
 
     pub fn addr(&self, name: &str) -> SocketAddr {

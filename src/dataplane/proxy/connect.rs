@@ -32,7 +32,6 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 
-use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -47,19 +46,7 @@ use crate::telemetry::metrics::ListenerCounters;
 use crate::wire::http_connect;
 use crate::wire::sni::MAX_RECORD;
 
-/// `verify_sni` on an `http-connect` listener.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VerifySni {
-    /// The tunnel's bytes are not looked at.
-    #[default]
-    Off,
-    /// A TLS ClientHello must name the CONNECT host; broken TLS is refused; a ClientHello
-    /// without SNI, bytes that are not TLS, or silence until `sni_timeout` pass.
-    On,
-    /// Only a ClientHello that names the CONNECT host passes.
-    Strict,
-}
+pub use crate::config::VerifySni;
 
 /// The longest first TLS record (header + body) `verify_sni` waits for.
 const SNI_PEEK_MAX: usize = MAX_RECORD + 5;

@@ -155,7 +155,7 @@ pub fn start_with_credentials(
     let mut running = Vec::with_capacity(listeners.len());
     for (cfg, b) in listeners.iter().zip(bound) {
         // A listener's id (in conntrack entries) is its position in the registry, whoever
-        // registered listeners before: `Runtime::revoke` finds its name that way.
+        // registered listeners before: `dataplane::log_revoked` finds its name that way.
         let index = rt.registry.listeners().len();
         let counters = rt.registry.listener(&cfg.name, cfg.kind.as_str());
         let tag = ListenerTag {
@@ -210,6 +210,6 @@ pub fn start_with_credentials(
         };
         running.push(RunningListener { name: cfg.name.clone(), kind: cfg.kind, local_addr, task });
     }
-    rt.readiness.set(true);
+    rt.readiness.set_ready();
     Ok(running)
 }

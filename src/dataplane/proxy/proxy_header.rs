@@ -16,12 +16,11 @@
 //! Parsing itself is [`crate::wire::proxy_protocol`]; this module is the I/O around it.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -30,139 +29,12 @@ use crate::flow::ClientAddr;
 use crate::telemetry::metrics::ListenerCounters;
 use crate::wire::proxy_protocol::{
     self, Command, DEFAULT_MAX_HEADER_LEN, Header, MIN_MAX_HEADER_LEN, ParseError, Transport,
-    V2_FIXED_LEN,
 };
 
-/// `proxy_protocol` on a listener: which header versions it requires.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProxyProtocolMode {
-    /// Require a v1 (text) header.
-    V1,
-    /// Require a v2 (binary) header. The only choice for UDP listeners.
-    V2,
-    /// Require a header of either version.
-    Any,
-    /// No header: the TCP peer is the client (default).
-    #[default]
-    Off,
-}
-
-impl ProxyProtocolMode {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            ProxyProtocolMode::V1 => "v1",
-            ProxyProtocolMode::V2 => "v2",
-            ProxyProtocolMode::Any => "any",
-            ProxyProtocolMode::Off => "off",
-        }
-    }
-}
-
-/// The default for `proxy_protocol_timeout`: 5 s for the whole header.
-pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The largest header the v2 length field can describe.
-const MAX_MAX_HEADER_LEN: usize = V2_FIXED_LEN + u16::MAX as usize;
-
-/// The PROXY protocol fields of a `[[listener]]` table. A listener config can hold this
-/// with `#[serde(flatten)]` or repeat the four fields with the same defaults.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub struct ProxyHeaderConfig {
-    /// `proxy_protocol = "v1" | "v2" | "any" | "off"`. Default `off`.
-    #[serde(default)]
-    pub proxy_protocol: ProxyProtocolMode,
-    /// CIDRs of the load balancers whose headers are believed. Default empty: nobody.
-    #[serde(default, deserialize_with = "deserialize_nets")]
-    pub trusted_proxies: Vec<IpNet>,
-    /// The whole header must arrive within this (`5s`, `500ms`). Default 5 s.
-    #[serde(default = "default_header_timeout", deserialize_with = "deserialize_duration")]
-    pub proxy_protocol_timeout: Duration,
-    /// The longest v2 header accepted, TLVs included. Default 1024, range 232..=65551.
-    #[serde(default = "default_max_header_len")]
-    pub proxy_protocol_max_len: usize,
-}
-
-impl Default for ProxyHeaderConfig {
-    fn default() -> Self {
-        ProxyHeaderConfig {
-            proxy_protocol: ProxyProtocolMode::Off,
-            trusted_proxies: Vec::new(),
-            proxy_protocol_timeout: DEFAULT_HEADER_TIMEOUT,
-            proxy_protocol_max_len: DEFAULT_MAX_HEADER_LEN,
-        }
-    }
-}
-
-/// serde default for `proxy_protocol_timeout`.
-pub fn default_header_timeout() -> Duration {
-    DEFAULT_HEADER_TIMEOUT
-}
-
-/// serde default for `proxy_protocol_max_len`.
-pub fn default_max_header_len() -> usize {
-    DEFAULT_MAX_HEADER_LEN
-}
-
-/// Reads a human duration (`5s`, `250ms`).
-pub fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(serde::de::Error::custom)
-}
-
-/// Reads a list of CIDRs; a bare address is taken as a single-host network.
-pub fn deserialize_nets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
-    let v = Vec::<String>::deserialize(d)?;
-    v.iter()
-        .map(|s| {
-            s.parse::<IpNet>()
-                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| serde::de::Error::custom(format!("`{s}` is not a CIDR or address")))
-        })
-        .collect()
-}
+use crate::config::listener::MAX_MAX_HEADER_LEN;
+pub use crate::config::listener::{DEFAULT_HEADER_TIMEOUT, ProxyHeaderConfig, ProxyProtocolMode};
 
 impl ProxyHeaderConfig {
-    /// Checks the fields for a listener; `datagram` for a UDP listener. Returns the field
-    /// name and a message, for `ConfigError::Invalid`.
-    ///
-    /// # Errors
-    /// `max_len` out of range; an empty `trusted_proxies` while a header is required (every
-    /// connection would be refused); `v1` on a UDP listener (v1 has no datagram form); a zero
-    /// timeout.
-    pub fn validate(&self, datagram: bool) -> Result<(), (&'static str, String)> {
-        if !(MIN_MAX_HEADER_LEN..=MAX_MAX_HEADER_LEN).contains(&self.proxy_protocol_max_len) {
-            return Err((
-                "proxy_protocol_max_len",
-                format!(
-                    "{} is outside {MIN_MAX_HEADER_LEN}..={MAX_MAX_HEADER_LEN}",
-                    self.proxy_protocol_max_len
-                ),
-            ));
-        }
-        if self.proxy_protocol == ProxyProtocolMode::Off {
-            return Ok(());
-        }
-        if self.trusted_proxies.is_empty() {
-            return Err((
-                "trusted_proxies",
-                "empty while proxy_protocol is on: every connection would be refused; list the \
-                 load balancers' addresses"
-                    .to_owned(),
-            ));
-        }
-        if datagram && self.proxy_protocol == ProxyProtocolMode::V1 {
-            return Err((
-                "proxy_protocol",
-                "v1 has no datagram form; use v2 (or any) on a udp listener".to_owned(),
-            ));
-        }
-        if self.proxy_protocol_timeout.is_zero() {
-            return Err(("proxy_protocol_timeout", "must be greater than zero".to_owned()));
-        }
-        Ok(())
-    }
-
     /// [`read_header`] with this config's fields.
     ///
     /// The reader's state (its header buffer) is boxed, and only for a listener that

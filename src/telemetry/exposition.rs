@@ -2,17 +2,21 @@
 //! plus reload, revalidation, emergency, flow-log and admin counters.
 //!
 //! Built on each scrape from the atomics and the merged decision histogram; nothing here
-//! runs on the data path. Metric names are defined once, as constants, in [`names`].
+//! runs on the data path. Every metric name is defined once, as a constant in [`names`]
+//! (dashboards and alerts rely on them: never rename one). What is rendered comes in a
+//! [`Scrape`] of plain values, so telemetry needs no control-plane type.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 
-use crate::control::ControlPlane;
+use crate::conntrack::Conntrack;
+use crate::policy::PolicySnapshot;
+use crate::telemetry::metrics::Registry;
 
-/// Metric names, so tests and dashboards refer to one spelling.
+/// Metric names (families), so code, tests and dashboards refer to one spelling.
 pub mod names {
     pub const FLOWS_TOTAL: &str = "flowgate_flows_total";
     pub const BYTES_TOTAL: &str = "flowgate_bytes_total";
@@ -26,6 +30,29 @@ pub mod names {
     pub const RELOAD_FAILING: &str = "flowgate_policy_reload_failing";
     pub const REVOKED_TOTAL: &str = "flowgate_flows_revoked_total";
     pub const FLOWLOG_DROPPED: &str = "flowgate_flowlog_dropped_total";
+    pub const CONNECTIONS_ACCEPTED: &str = "flowgate_connections_accepted_total";
+    pub const CONNECTIONS_ACTIVE: &str = "flowgate_connections_active";
+    pub const HANDSHAKE_ERRORS: &str = "flowgate_handshake_errors_total";
+    pub const LIMIT_REACHED: &str = "flowgate_limit_reached_total";
+    pub const UPSTREAM_FAILURES: &str = "flowgate_upstream_failures_total";
+    pub const DECISION_SAMPLES_DROPPED: &str = "flowgate_policy_decision_samples_dropped_total";
+    pub const CONNTRACK_INSERTED: &str = "flowgate_conntrack_inserted_total";
+    pub const CONNTRACK_REFUSED: &str = "flowgate_conntrack_refused_total";
+    pub const CONNTRACK_EXPIRED: &str = "flowgate_conntrack_expired_total";
+    pub const CONNTRACK_BATCH_FALLBACKS: &str = "flowgate_conntrack_batch_fallbacks_total";
+    pub const POLICY_POLICIES: &str = "flowgate_policy_policies";
+    pub const POLICY_WORKLOADS: &str = "flowgate_policy_workloads";
+    pub const POLICY_NEXT_EXPIRY: &str = "flowgate_policy_next_expiry_timestamp_seconds";
+    pub const LAST_RELOAD_SUCCESS: &str = "flowgate_policy_last_reload_success_timestamp_seconds";
+    pub const REVALIDATED_TOTAL: &str = "flowgate_flows_revalidated_total";
+    pub const EMERGENCY_ENTRIES: &str = "flowgate_emergency_entries";
+    pub const EMERGENCY_REQUESTS: &str = "flowgate_emergency_requests_total";
+    pub const WATCH_EVENTS: &str = "flowgate_policy_watch_events_total";
+    pub const AUDIT_WRITE_ERRORS: &str = "flowgate_audit_write_errors_total";
+    pub const FLOWLOG_FOLDED: &str = "flowgate_flowlog_folded_total";
+    pub const ADMIN_REQUESTS: &str = "flowgate_admin_requests_total";
+    pub const ADMIN_REJECTED: &str = "flowgate_admin_rejected_total";
+    pub const ADMIN_FLOWS_TRUNCATED: &str = "flowgate_admin_flows_truncated_total";
 }
 
 const QUANTILES: [f64; 5] = [0.5, 0.9, 0.99, 0.999, 1.0];
@@ -93,9 +120,23 @@ fn get(c: &AtomicU64) -> f64 {
     c.load(Ordering::Relaxed) as f64
 }
 
+/// What one scrape renders: the metric sources, and the policy state the admin API reads
+/// from the control plane.
+#[derive(Clone, Copy)]
+pub struct Scrape<'a> {
+    pub registry: &'a Registry,
+    pub conntrack: &'a Conntrack,
+    /// The policy in force.
+    pub policy: &'a PolicySnapshot,
+    /// The earliest expiry of a policy or emergency entry, if any.
+    pub next_expiry: Option<SystemTime>,
+    /// Emergency policies and quarantines in force.
+    pub emergency_entries: usize,
+}
+
 /// The whole exposition.
-pub fn render(control: &ControlPlane) -> String {
-    let reg = control.metrics();
+pub fn render(scrape: &Scrape<'_>) -> String {
+    let reg = scrape.registry;
     let mut o = Out { text: String::with_capacity(8192) };
     let listeners = reg.listeners();
 
@@ -108,14 +149,14 @@ pub fn render(control: &ControlPlane) -> String {
         );
         o.sample(names::FLOWS_TOTAL, &[("listener", &l.name), ("verdict", "deny")], get(&l.denied));
     }
-    o.family("flowgate_connections_accepted_total", "counter", "Connections accepted.");
+    o.family(names::CONNECTIONS_ACCEPTED, "counter", "Connections accepted.");
     for l in &listeners {
         let labels = [("listener", l.name.as_str()), ("kind", l.kind.as_str())];
-        o.sample("flowgate_connections_accepted_total", &labels, get(&l.accepted));
+        o.sample(names::CONNECTIONS_ACCEPTED, &labels, get(&l.accepted));
     }
-    o.family("flowgate_connections_active", "gauge", "Connections (or UDP sessions) open now.");
+    o.family(names::CONNECTIONS_ACTIVE, "gauge", "Connections (or UDP sessions) open now.");
     for l in &listeners {
-        o.sample("flowgate_connections_active", &[("listener", &l.name)], get(&l.active));
+        o.sample(names::CONNECTIONS_ACTIVE, &[("listener", &l.name)], get(&l.active));
     }
     o.family(names::BYTES_TOTAL, "counter", "Bytes forwarded, by listener and direction.");
     for l in &listeners {
@@ -131,7 +172,7 @@ pub fn render(control: &ControlPlane) -> String {
         );
     }
     o.family(
-        "flowgate_handshake_errors_total",
+        names::HANDSHAKE_ERRORS,
         "counter",
         "Handshakes (PROXY, CONNECT, SOCKS5) refused, by reason.",
     );
@@ -143,15 +184,11 @@ pub fn render(control: &ControlPlane) -> String {
             ("auth_failed", &l.auth_failed),
             ("sni_mismatch", &l.sni_refused),
         ] {
-            o.sample(
-                "flowgate_handshake_errors_total",
-                &[("listener", &l.name), ("reason", reason)],
-                get(c),
-            );
+            o.sample(names::HANDSHAKE_ERRORS, &[("listener", &l.name), ("reason", reason)], get(c));
         }
     }
     o.family(
-        "flowgate_limit_reached_total",
+        names::LIMIT_REACHED,
         "counter",
         "Times a limit bit: max_connections (accept paused), conntrack full (flow refused), \
          max_handshakes (egress client refused at once), udp_max_associations (SOCKS5 UDP \
@@ -164,20 +201,12 @@ pub fn render(control: &ControlPlane) -> String {
             ("max_handshakes", &l.handshakes_full),
             ("udp_max_associations", &l.udp_associations_full),
         ] {
-            o.sample(
-                "flowgate_limit_reached_total",
-                &[("listener", &l.name), ("limit", limit)],
-                get(c),
-            );
+            o.sample(names::LIMIT_REACHED, &[("listener", &l.name), ("limit", limit)], get(c));
         }
     }
-    o.family("flowgate_upstream_failures_total", "counter", "Upstream connects that failed.");
+    o.family(names::UPSTREAM_FAILURES, "counter", "Upstream connects that failed.");
     for l in &listeners {
-        o.sample(
-            "flowgate_upstream_failures_total",
-            &[("listener", &l.name)],
-            get(&l.upstream_failed),
-        );
+        o.sample(names::UPSTREAM_FAILURES, &[("listener", &l.name)], get(&l.upstream_failed));
     }
 
     let lat = reg.decision.snapshot();
@@ -189,13 +218,13 @@ pub fn render(control: &ControlPlane) -> String {
         lat.sum.as_secs_f64(),
     );
     o.single(
-        "flowgate_policy_decision_samples_dropped_total",
+        names::DECISION_SAMPLES_DROPPED,
         "counter",
         "Decision-time samples not recorded because every tried recorder slot was busy.",
         lat.dropped as f64,
     );
 
-    let ct = control.conntrack();
+    let ct = scrape.conntrack;
     o.single(names::CONNTRACK_ENTRIES, "gauge", "Flows tracked now.", ct.len() as f64);
     o.single(
         names::CONNTRACK_CAPACITY,
@@ -210,32 +239,22 @@ pub fn render(control: &ControlPlane) -> String {
         "Entries evicted to make room for a new flow.",
         get(&stats.evicted),
     );
+    o.single(names::CONNTRACK_INSERTED, "counter", "Flows tracked.", get(&stats.inserted));
     o.single(
-        "flowgate_conntrack_inserted_total",
-        "counter",
-        "Flows tracked.",
-        get(&stats.inserted),
-    );
-    o.single(
-        "flowgate_conntrack_refused_total",
+        names::CONNTRACK_REFUSED,
         "counter",
         "New flows refused because the table was full.",
         get(&stats.refused),
     );
+    o.single(names::CONNTRACK_EXPIRED, "counter", "Idle entries expired.", get(&stats.expired));
     o.single(
-        "flowgate_conntrack_expired_total",
-        "counter",
-        "Idle entries expired.",
-        get(&stats.expired),
-    );
-    o.single(
-        "flowgate_conntrack_batch_fallbacks_total",
+        names::CONNTRACK_BATCH_FALLBACKS,
         "counter",
         "Batch lookups that pinned each entry because every batch reader slot was taken.",
         ct.batch_fallbacks() as f64,
     );
 
-    let snap = control.policy().load_full();
+    let snap = scrape.policy;
     o.single(
         names::POLICY_GENERATION,
         "gauge",
@@ -243,21 +262,21 @@ pub fn render(control: &ControlPlane) -> String {
         snap.generation.0 as f64,
     );
     o.single(
-        "flowgate_policy_policies",
+        names::POLICY_POLICIES,
         "gauge",
         "Policies in force (not expired).",
         snap.compiled.live_policy_count() as f64,
     );
     o.single(
-        "flowgate_policy_workloads",
+        names::POLICY_WORKLOADS,
         "gauge",
         "Inventory workloads.",
         snap.compiled.workload_count() as f64,
     );
-    if let Some(at) = control.next_expiry() {
+    if let Some(at) = scrape.next_expiry {
         let secs = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         o.single(
-            "flowgate_policy_next_expiry_timestamp_seconds",
+            names::POLICY_NEXT_EXPIRY,
             "gauge",
             "When the next TTL'd policy expires (Unix seconds).",
             secs,
@@ -286,13 +305,13 @@ pub fn render(control: &ControlPlane) -> String {
         get(&c.reload_failing),
     );
     o.single(
-        "flowgate_policy_last_reload_success_timestamp_seconds",
+        names::LAST_RELOAD_SUCCESS,
         "gauge",
         "When a reload last succeeded (Unix seconds).",
         get(&c.last_success_unix),
     );
     o.single(
-        "flowgate_flows_revalidated_total",
+        names::REVALIDATED_TOTAL,
         "counter",
         "Established flows re-checked after a policy change.",
         get(&c.revalidated),
@@ -304,30 +323,22 @@ pub fn render(control: &ControlPlane) -> String {
         get(&c.revoked),
     );
     o.single(
-        "flowgate_emergency_entries",
+        names::EMERGENCY_ENTRIES,
         "gauge",
         "Emergency policies and quarantines in force.",
-        control.emergency_entries().len() as f64,
+        scrape.emergency_entries as f64,
     );
-    o.family("flowgate_emergency_requests_total", "counter", "POST /emergency by result.");
-    o.sample(
-        "flowgate_emergency_requests_total",
-        &[("result", "accepted")],
-        get(&c.emergency_accepted),
-    );
-    o.sample(
-        "flowgate_emergency_requests_total",
-        &[("result", "rejected")],
-        get(&c.emergency_rejected),
-    );
+    o.family(names::EMERGENCY_REQUESTS, "counter", "POST /emergency by result.");
+    o.sample(names::EMERGENCY_REQUESTS, &[("result", "accepted")], get(&c.emergency_accepted));
+    o.sample(names::EMERGENCY_REQUESTS, &[("result", "rejected")], get(&c.emergency_rejected));
     o.single(
-        "flowgate_policy_watch_events_total",
+        names::WATCH_EVENTS,
         "counter",
         "Debounced source changes seen by the watcher.",
         get(&c.watch_events),
     );
     o.single(
-        "flowgate_audit_write_errors_total",
+        names::AUDIT_WRITE_ERRORS,
         "counter",
         "Audit events that could not be written.",
         get(&c.audit_write_errors),
@@ -339,33 +350,105 @@ pub fn render(control: &ControlPlane) -> String {
         get(&reg.flowlog_dropped),
     );
     o.single(
-        "flowgate_flowlog_folded_total",
+        names::FLOWLOG_FOLDED,
         "counter",
         "Flow-log events folded into an earlier identical one.",
         get(&reg.flowlog_folded),
     );
+    o.single(names::ADMIN_REQUESTS, "counter", "Admin API requests.", get(&c.admin_requests));
+    o.family(names::ADMIN_REJECTED, "counter", "Admin API requests refused, by reason.");
+    o.sample(names::ADMIN_REJECTED, &[("reason", "unauthorized")], get(&c.admin_unauthorized));
+    o.sample(names::ADMIN_REJECTED, &[("reason", "bad_request")], get(&c.admin_bad_request));
     o.single(
-        "flowgate_admin_requests_total",
-        "counter",
-        "Admin API requests.",
-        get(&c.admin_requests),
-    );
-    o.family("flowgate_admin_rejected_total", "counter", "Admin API requests refused, by reason.");
-    o.sample(
-        "flowgate_admin_rejected_total",
-        &[("reason", "unauthorized")],
-        get(&c.admin_unauthorized),
-    );
-    o.sample(
-        "flowgate_admin_rejected_total",
-        &[("reason", "bad_request")],
-        get(&c.admin_bad_request),
-    );
-    o.single(
-        "flowgate_admin_flows_truncated_total",
+        names::ADMIN_FLOWS_TRUNCATED,
         "counter",
         "/flows answers cut short by admin.flows_limit.",
         get(&c.admin_flows_truncated),
     );
     o.text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::conntrack::ConntrackConfig;
+    use crate::policy::{CompileOptions, CompiledPolicy, DefaultAction, Generation, PolicySet};
+
+    /// Every family the exposition has ever had, spelled out: dashboards and alerts use
+    /// these names, so renaming one must fail here.
+    const FAMILIES: [&str; 35] = [
+        "flowgate_flows_total",
+        "flowgate_connections_accepted_total",
+        "flowgate_connections_active",
+        "flowgate_bytes_total",
+        "flowgate_handshake_errors_total",
+        "flowgate_limit_reached_total",
+        "flowgate_upstream_failures_total",
+        "flowgate_policy_decision_seconds",
+        "flowgate_policy_decision_samples_dropped_total",
+        "flowgate_conntrack_entries",
+        "flowgate_conntrack_capacity",
+        "flowgate_conntrack_evictions_total",
+        "flowgate_conntrack_inserted_total",
+        "flowgate_conntrack_refused_total",
+        "flowgate_conntrack_expired_total",
+        "flowgate_conntrack_batch_fallbacks_total",
+        "flowgate_policy_generation",
+        "flowgate_policy_policies",
+        "flowgate_policy_workloads",
+        "flowgate_policy_next_expiry_timestamp_seconds",
+        "flowgate_policy_reloads_total",
+        "flowgate_policy_reload_seconds",
+        "flowgate_policy_reload_failing",
+        "flowgate_policy_last_reload_success_timestamp_seconds",
+        "flowgate_flows_revalidated_total",
+        "flowgate_flows_revoked_total",
+        "flowgate_emergency_entries",
+        "flowgate_emergency_requests_total",
+        "flowgate_policy_watch_events_total",
+        "flowgate_audit_write_errors_total",
+        "flowgate_flowlog_dropped_total",
+        "flowgate_flowlog_folded_total",
+        "flowgate_admin_requests_total",
+        "flowgate_admin_rejected_total",
+        "flowgate_admin_flows_truncated_total",
+    ];
+
+    #[test]
+    fn every_family_is_rendered_once_under_its_old_name() {
+        let registry = Registry::default();
+        let listener = registry.listener("demo", "tcp");
+        listener.allowed.fetch_add(3, Ordering::Relaxed);
+        let conntrack = Conntrack::new(&ConntrackConfig::default());
+        let now = SystemTime::now();
+        let opts =
+            CompileOptions { default: DefaultAction::Deny, unknown: DefaultAction::Deny, now };
+        let policy = PolicySnapshot {
+            compiled: CompiledPolicy::compile(&PolicySet::default(), &opts).unwrap(),
+            generation: Generation(7),
+            content_hash: String::new(),
+            loaded_at: now,
+        };
+        let text = render(&Scrape {
+            registry: &registry,
+            conntrack: &conntrack,
+            policy: &policy,
+            next_expiry: Some(now),
+            emergency_entries: 2,
+        });
+        let typed: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let unique: BTreeSet<&str> = typed.iter().copied().collect();
+        assert_eq!(typed.len(), unique.len(), "a family rendered twice: {typed:?}");
+        assert_eq!(unique, FAMILIES.into_iter().collect(), "families changed");
+        assert!(text.contains("flowgate_flows_total{listener=\"demo\",verdict=\"allow\"} 3\n"));
+        assert!(text.contains("flowgate_policy_generation 7\n"));
+        assert!(text.contains("flowgate_emergency_entries 2\n"));
+    }
 }
