@@ -196,17 +196,22 @@ admin_rule!(k8s::AdminEgressRule, k8s::AdminEgressPeer, to, ports, admin_ports);
 admin_rule!(k8s::CnpIngressRule, k8s::AdminIngressPeer, from, protocols, cnp_protocols);
 admin_rule!(k8s::CnpEgressRule, k8s::AdminEgressPeer, to, protocols, cnp_protocols);
 
+/// What the peer checks need to know of their rule. `action` is `None` when the rule's
+/// action is invalid (already reported); `named_port`: the rule selects a named port.
+#[derive(Clone, Copy)]
+struct RuleContext {
+    action: Option<Action>,
+    named_port: bool,
+    flavor: Flavor,
+}
+
 /// A peer list of one direction: `from` ([`ingress_peers`]) or `to` ([`egress_peers`]).
 trait AdminPeer: Sized {
-    /// `action` is `None` when the rule's action is invalid (already reported);
-    /// `named_port`: the rule selects a named port.
     fn read(
         r: &mut Report<'_>,
         path: &str,
         list: Option<&[Self]>,
-        action: Option<Action>,
-        named_port: bool,
-        flavor: Flavor,
+        rule: RuleContext,
     ) -> Option<Peers>;
 }
 
@@ -215,11 +220,9 @@ impl AdminPeer for k8s::AdminIngressPeer {
         r: &mut Report<'_>,
         path: &str,
         list: Option<&[Self]>,
-        _: Option<Action>,
-        _: bool,
-        flavor: Flavor,
+        rule: RuleContext,
     ) -> Option<Peers> {
-        ingress_peers(r, path, list, flavor)
+        ingress_peers(r, path, list, rule.flavor)
     }
 }
 
@@ -228,11 +231,9 @@ impl AdminPeer for k8s::AdminEgressPeer {
         r: &mut Report<'_>,
         path: &str,
         list: Option<&[Self]>,
-        action: Option<Action>,
-        named_port: bool,
-        flavor: Flavor,
+        rule: RuleContext,
     ) -> Option<Peers> {
-        egress_peers(r, path, list, action?, named_port, flavor)
+        egress_peers(r, path, list, rule.action?, rule.named_port, rule.flavor)
     }
 }
 
@@ -253,7 +254,8 @@ fn rules<R: AdminRule>(
         rule_name(r, &path, name);
         let ports = rule.ports(r, &path);
         let named = ports.iter().flatten().any(|p| matches!(p, PortMatch::Named { .. }));
-        let peers = R::Peer::read(r, &path, peers, action, named, flavor);
+        let context = RuleContext { action, named_port: named, flavor };
+        let peers = R::Peer::read(r, &path, peers, context);
         Some(Rule { name: name.map(str::to_owned), action: action?, peers: peers?, ports })
     });
     Some(rules.collect())
@@ -385,15 +387,7 @@ fn egress_peers(
                 "nodes peers are not supported: flowgate has no nodes (use networks with the node CIDRs)",
             );
         } else if let Some(nets) = &p.networks {
-            if nets.is_empty() {
-                r.error(&format!("{pp}.networks"), "at least one CIDR is required");
-            }
-            if named_port {
-                r.error(
-                    &format!("{pp}.networks"),
-                    "a networks peer cannot be used with a named port",
-                );
-            }
+            address_peer(r, &pp, "networks", "CIDR", nets.is_empty(), named_port);
             for (j, n) in nets.iter().enumerate() {
                 if let Some(net) = validate::cidr(r, &format!("{pp}.networks[{j}]"), n) {
                     peers.push(Peer::Cidr { net, except: Vec::new() });
@@ -407,15 +401,7 @@ fn egress_peers(
                 );
                 continue;
             }
-            if names.is_empty() {
-                r.error(&format!("{pp}.domainNames"), "at least one domain name is required");
-            }
-            if named_port {
-                r.error(
-                    &format!("{pp}.domainNames"),
-                    "a domainNames peer cannot be used with a named port",
-                );
-            }
+            address_peer(r, &pp, "domainNames", "domain name", names.is_empty(), named_port);
             for (j, n) in names.iter().enumerate() {
                 match domain(n) {
                     Ok(d) => peers.push(Peer::Domain(d)),
@@ -425,6 +411,25 @@ fn egress_peers(
         }
     }
     Some(Peers::List(peers))
+}
+
+/// A `networks` or `domainNames` peer (`key`) lists at least one `item`, and cannot go
+/// with a named port: neither an address range nor a name has ports by name.
+fn address_peer(
+    r: &mut Report<'_>,
+    peer_path: &str,
+    key: &str,
+    item: &str,
+    empty: bool,
+    named_port: bool,
+) {
+    let field = format!("{peer_path}.{key}");
+    if empty {
+        r.error(&field, format!("at least one {item} is required"));
+    }
+    if named_port {
+        r.error(&field, format!("a {key} peer cannot be used with a named port"));
+    }
 }
 
 /// Normalises and checks a `domainNames` entry: lower case, trailing dot dropped, `*`
