@@ -164,37 +164,39 @@ fn admin_rules(
     (ingress, rules(r, "egress", spec.egress.as_deref(), flavor))
 }
 
-/// One rule of any of the three kinds, as far as they agree: a name, an action and a
-/// peer list. The port spelling is what differs (`ports` in v1alpha1, `protocols` in
-/// v1alpha2), so each rule type reads its own.
+/// One rule of any of the three kinds, as far as they agree: a name, an action, and a
+/// peer list and port clauses each kind spells its own way (`from`/`to`; `ports` in
+/// v1alpha1, `protocols` in v1alpha2).
 trait AdminRule {
-    type Peer: AdminPeer;
-    /// `(name, action, from | to)`.
-    fn parts(&self) -> (Option<&str>, &str, Option<&[Self::Peer]>);
+    /// `(name, action)`.
+    fn parts(&self) -> (Option<&str>, &str);
     /// The rule's port clauses; `path` is the rule's field path.
     fn ports(&self, r: &mut Report<'_>, path: &str) -> Option<Vec<PortMatch>>;
+    /// The rule's peers ([`ingress_peers`] or [`egress_peers`]).
+    fn peers(&self, r: &mut Report<'_>, path: &str, rule: RuleContext) -> Option<Peers>;
 }
 
-/// The four rule types differ only in their peer type, their peer field and how they
-/// spell ports.
+/// The four rule types differ only in their peer field and how they spell ports.
 macro_rules! admin_rule {
-    ($rule:ty, $peer:ty, $peers:ident, $ports:ident, $read_ports:ident) => {
+    ($rule:ty, $peers:ident, $read_peers:ident, $ports:ident, $read_ports:ident) => {
         impl AdminRule for $rule {
-            type Peer = $peer;
-            fn parts(&self) -> (Option<&str>, &str, Option<&[$peer]>) {
-                (self.name.as_deref(), &self.action, self.$peers.as_deref())
+            fn parts(&self) -> (Option<&str>, &str) {
+                (self.name.as_deref(), &self.action)
             }
             fn ports(&self, r: &mut Report<'_>, path: &str) -> Option<Vec<PortMatch>> {
                 $read_ports(r, path, self.$ports.as_deref())
+            }
+            fn peers(&self, r: &mut Report<'_>, path: &str, rule: RuleContext) -> Option<Peers> {
+                $read_peers(r, path, self.$peers.as_deref(), rule)
             }
         }
     };
 }
 
-admin_rule!(k8s::AdminIngressRule, k8s::AdminIngressPeer, from, ports, admin_ports);
-admin_rule!(k8s::AdminEgressRule, k8s::AdminEgressPeer, to, ports, admin_ports);
-admin_rule!(k8s::CnpIngressRule, k8s::AdminIngressPeer, from, protocols, cnp_protocols);
-admin_rule!(k8s::CnpEgressRule, k8s::AdminEgressPeer, to, protocols, cnp_protocols);
+admin_rule!(k8s::AdminIngressRule, from, ingress_peers, ports, admin_ports);
+admin_rule!(k8s::AdminEgressRule, to, egress_peers, ports, admin_ports);
+admin_rule!(k8s::CnpIngressRule, from, ingress_peers, protocols, cnp_protocols);
+admin_rule!(k8s::CnpEgressRule, to, egress_peers, protocols, cnp_protocols);
 
 /// What the peer checks need to know of their rule. `action` is `None` when the rule's
 /// action is invalid (already reported); `named_port`: the rule selects a named port.
@@ -203,38 +205,6 @@ struct RuleContext {
     action: Option<Action>,
     named_port: bool,
     flavor: Flavor,
-}
-
-/// A peer list of one direction: `from` ([`ingress_peers`]) or `to` ([`egress_peers`]).
-trait AdminPeer: Sized {
-    fn read(
-        r: &mut Report<'_>,
-        path: &str,
-        list: Option<&[Self]>,
-        rule: RuleContext,
-    ) -> Option<Peers>;
-}
-
-impl AdminPeer for k8s::AdminIngressPeer {
-    fn read(
-        r: &mut Report<'_>,
-        path: &str,
-        list: Option<&[Self]>,
-        rule: RuleContext,
-    ) -> Option<Peers> {
-        ingress_peers(r, path, list, rule.flavor)
-    }
-}
-
-impl AdminPeer for k8s::AdminEgressPeer {
-    fn read(
-        r: &mut Report<'_>,
-        path: &str,
-        list: Option<&[Self]>,
-        rule: RuleContext,
-    ) -> Option<Peers> {
-        egress_peers(r, path, list, rule.action?, rule.named_port, rule.flavor)
-    }
 }
 
 /// `spec.ingress` or `spec.egress` (`dir`) of any of the three kinds; absent → `None`.
@@ -249,13 +219,12 @@ fn rules<R: AdminRule>(
     limit(r, &format!("spec.{dir}"), rules.len());
     let rules = rules.iter().enumerate().filter_map(|(i, rule)| {
         let path = format!("spec.{dir}[{i}]");
-        let (name, action_text, peers) = rule.parts();
+        let (name, action_text) = rule.parts();
         let action = action(r, &format!("{path}.action"), action_text, flavor);
         rule_name(r, &path, name);
         let ports = rule.ports(r, &path);
         let named = ports.iter().flatten().any(|p| matches!(p, PortMatch::Named { .. }));
-        let context = RuleContext { action, named_port: named, flavor };
-        let peers = R::Peer::read(r, &path, peers, context);
+        let peers = rule.peers(r, &path, RuleContext { action, named_port: named, flavor });
         Some(Rule { name: name.map(str::to_owned), action: action?, peers: peers?, ports })
     });
     Some(rules.collect())
@@ -325,8 +294,9 @@ fn ingress_peers(
     r: &mut Report<'_>,
     path: &str,
     from: Option<&[k8s::AdminIngressPeer]>,
-    flavor: Flavor,
+    rule: RuleContext,
 ) -> Option<Peers> {
+    let flavor = rule.flavor;
     let from = at_least_one_peer(r, &format!("{path}.from"), from)?;
     let mut peers = Vec::new();
     for (i, p) in from.iter().enumerate() {
@@ -358,10 +328,10 @@ fn egress_peers(
     r: &mut Report<'_>,
     path: &str,
     to: Option<&[k8s::AdminEgressPeer]>,
-    action: Action,
-    named_port: bool,
-    flavor: Flavor,
+    rule: RuleContext,
 ) -> Option<Peers> {
+    let RuleContext { action, named_port, flavor } = rule;
+    let action = action?;
     let to = at_least_one_peer(r, &format!("{path}.to"), to)?;
     let mut peers = Vec::new();
     for (i, p) in to.iter().enumerate() {
