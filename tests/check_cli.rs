@@ -150,3 +150,50 @@ fn policies_and_inventory_go_together() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Issue 27: `policyTypes: []` looks like "no direction" and is read as `[Ingress]`; the
+/// check loads it (it is valid Kubernetes) and says how it is read, so a reviewer sees
+/// that it isolates the whole namespace.
+#[test]
+fn empty_policy_types_is_a_warning_saying_how_it_is_read() {
+    let (code, stdout, stderr) = check_fixture("issue27");
+    assert_eq!(code, 0, "{stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(
+        warnings,
+        ["warning: policies/deny-all.yaml: NetworkPolicy x/deny-all: spec.policyTypes: \
+             empty policyTypes is read as [Ingress], exactly as if it were absent (Kubernetes \
+             defaults an empty list): this policy isolates the selected pods for ingress"],
+        "{stderr}"
+    );
+    assert!(stdout.contains("1 warning(s)"), "{stdout}");
+}
+
+/// With egress rules the same spelling is read as `[Ingress, Egress]`, and the warning
+/// says so; a list that is not empty is read as written and draws no warning.
+#[test]
+fn empty_policy_types_with_egress_rules_is_read_as_both_directions() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(tmp.path().join("policies")).expect("mkdir");
+    std::fs::copy(fixture("issue27").join("inventory.yaml"), tmp.path().join("inventory.yaml"))
+        .expect("copy inventory");
+    let np = |name: &str, types: &str| {
+        format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  podSelector: {{}}\n  policyTypes: {types}\n  egress: [{{to: [{{namespaceSelector: {{}}}}]}}]\n"
+        )
+    };
+    let text = format!("{}{}", np("both", "[]"), np("written", "[Ingress, Egress]"));
+    std::fs::write(tmp.path().join("policies/p.yaml"), text).expect("write");
+    let out = check(&["--policies", "policies", "--inventory", "inventory.yaml"], tmp.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains(
+            "NetworkPolicy x/both: spec.policyTypes: empty policyTypes is read as [Ingress, Egress]"
+        ),
+        "{stderr}"
+    );
+    assert!(warnings[0].ends_with("for ingress and egress"), "{stderr}");
+}

@@ -308,3 +308,45 @@ fn bad_input_exits_1_with_a_clear_error() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("nothing loaded"), "{err}");
 }
+
+/// `explain` on the issue-27 fixture (a deny-all written with `policyTypes: []`).
+fn issue27(args: &[&str]) -> (i32, String, String) {
+    let mut all = args.to_vec();
+    all.extend([
+        "--policies",
+        "tests/fixtures/issue27/policies",
+        "--inventory",
+        "tests/fixtures/issue27/inventory.yaml",
+        "--default",
+        "allow",
+    ]);
+    explain(&all)
+}
+
+/// Issue 27: `policyTypes: []` is read as `[Ingress]`, so every pod in `x` is isolated
+/// for ingress by `x/deny-all` and nothing admits; egress out of `x` is not isolated.
+#[test]
+fn empty_policy_types_deny_all_isolates_every_pod_for_ingress() {
+    for (from, to) in [("y/c", "x/a"), ("x/b", "x/a"), ("y/c", "x/b"), ("203.0.113.9", "x/b")] {
+        let (code, out, err) = issue27(&["--from", from, "--to", to, "--port", "8080", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(v["verdict"], "deny", "{from} -> {to}: {v}");
+        assert_eq!(v["direction"], "ingress", "{v}");
+        assert_eq!(v["reason"], "not-admitted", "{v}");
+        assert_eq!(v["ingress"]["decided_by"], "networkpolicy", "{v}");
+        assert_eq!(v["ingress"]["isolated_by"][0], "NetworkPolicy x/deny-all", "{v}");
+        assert_eq!(v["ingress"]["admitted_by"], Value::Null, "{v}");
+    }
+    // The human output says the same.
+    let (code, out, err) = issue27(&["--from", "y/c", "--to", "x/a", "--port", "http"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("verdict: DENY (ingress side, not-admitted)"), "{out}");
+    assert!(out.contains("isolated by NetworkPolicy x/deny-all; no rule admits the flow"), "{out}");
+    // Egress is not in the defaulted policyTypes: x/a reaches y/c.
+    let (code, out, err) = issue27(&["--from", "x/a", "--to", "y/c", "--port", "80", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["verdict"], "allow", "{v}");
+    assert_eq!(v["egress"]["isolated_by"].as_array().map(Vec::len), Some(0), "{v}");
+}

@@ -156,3 +156,31 @@ fn bad_case_files_name_the_case_and_run_nothing() {
     assert_eq!(code, 1);
     assert!(err.contains("/nonexistent/cases.yaml"), "{err}");
 }
+
+/// Issue 27: the deny-all written with `policyTypes: []` isolates every pod in `x` for
+/// ingress (and nothing else). `--default allow`, so only the policy can deny.
+#[test]
+fn empty_policy_types_deny_all_isolates_the_namespace() {
+    let args = [
+        "tests/fixtures/issue27/cases.yaml",
+        "--json",
+        "--default",
+        "allow",
+        "--policies",
+        "tests/fixtures/issue27/policies",
+        "--inventory",
+        "tests/fixtures/issue27/inventory.yaml",
+    ];
+    let (code, out, err) = flowgate_test(&args);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["failed"], 0, "{v}");
+    let cases = v["cases"].as_array().expect("cases");
+    assert_eq!(cases.len(), 5, "{v}");
+    for case in &cases[..4] {
+        assert_eq!(case["got"], "deny", "{case}");
+        assert_eq!(case["reason"], "not-admitted", "{case}");
+        assert_eq!(case["direction"], "ingress", "{case}");
+    }
+    assert_eq!(cases[4]["got"], "allow", "egress from x is untouched: {}", cases[4]);
+}

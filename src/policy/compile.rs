@@ -29,7 +29,6 @@ use super::ir::{
     Action, DomainPattern, Labels, Mode, NAMESPACE_NAME_LABEL, NamespaceMatch, Peer, Peers,
     PolicyKind, PolicySet, PortMatch, Rule, SelectorOp, Tier, WorkloadSelector,
 };
-use super::reference::{expires_at, is_live};
 use super::{DefaultAction, PolicyId, WorkloadId};
 use crate::flow::{Direction, Proto};
 
@@ -1299,14 +1298,14 @@ impl<'a> Builder<'a> {
             let names = |rules: &Option<Vec<Rule>>| {
                 rules.iter().flatten().map(|r| r.name.clone()).collect::<Vec<_>>()
             };
-            let is_live = is_live(p, now);
+            let is_live = p.is_live(now);
             self.out.policies.push(PolicyMeta {
                 name: p.display_name(),
                 kind: p.kind,
                 ingress_names: names(&p.ingress),
                 egress_names: names(&p.egress),
             });
-            if let Some(at) = expires_at(p, now).filter(|at| *at > now) {
+            if let Some(at) = p.expires_at(now).filter(|at| *at > now) {
                 self.out.next_expiry = Some(self.out.next_expiry.map_or(at, |e| e.min(at)));
             }
             if !is_live {

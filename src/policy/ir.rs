@@ -178,6 +178,23 @@ impl Policy {
             None => self.name.clone(),
         }
     }
+
+    /// When this policy stops being enforced, or `None` if never. A TTL counts from
+    /// `created_at`, or from `now` when the policy carries no creation time (see
+    /// [`Expiry::Ttl`]). The compiler and the reference evaluator both read expiry
+    /// through this, so the two cannot disagree on what an annotation means.
+    pub fn expires_at(&self, now: SystemTime) -> Option<SystemTime> {
+        match self.expiry? {
+            Expiry::At(at) => Some(at),
+            Expiry::Ttl(ttl) => self.created_at.unwrap_or(now).checked_add(ttl),
+        }
+    }
+
+    /// Whether this policy is still in force at `now`: an expiry at or before `now`
+    /// removes it.
+    pub fn is_live(&self, now: SystemTime) -> bool {
+        self.expires_at(now).is_none_or(|at| at > now)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

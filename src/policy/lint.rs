@@ -17,17 +17,26 @@
 //!   undefined; flowgate orders them by name);
 //! - an expired policy, a TTL over 24 h (an emergency rule that lives for days is a
 //!   permanent rule in disguise), a BaselineAdminNetworkPolicy not named `default`
-//!   (Kubernetes only accepts that one).
+//!   (Kubernetes only accepts that one);
+//! - a NetworkPolicy spelling that the API server reads differently from how it looks
+//!   ([`load::spellings`]): `policyTypes: []` (read as `[Ingress]`, or `[Ingress, Egress]`
+//!   with egress rules), `egress: []` without `Egress` in `policyTypes` (no egress
+//!   isolation), `from: []` / `to: []` (every peer, not none).
+//!
+//! The IR keeps what a policy means, not how it was written, so the spelling checks read
+//! the policy files again (each once; [`lint`] reads the disk, [`lint_with`] takes the
+//! text from its caller). A file that can no longer be read only loses those warnings.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use super::ir::{
     Action, Expiry, LabelSelector, NamespaceMatch, Peer, Peers, Policy, PolicyKind, PolicySet,
     PortMatch, Rule, Tier, WorkloadSelector,
 };
+use super::load::{self, Spelling};
 
 /// TTLs longer than this get a warning.
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -52,9 +61,21 @@ impl fmt::Display for Warning {
     }
 }
 
-/// All warnings for `set`, in policy order. `now` decides what has expired.
+/// All warnings for `set`, in policy order. `now` decides what has expired. The policy
+/// files are read again for the spelling checks (see the module doc).
 pub fn lint(set: &PolicySet, now: SystemTime) -> Vec<Warning> {
+    lint_with(set, now, |file| std::fs::read_to_string(file).ok())
+}
+
+/// [`lint`], with the text of each policy file given by `read` (`None`: no spelling
+/// warnings for that file).
+pub fn lint_with(
+    set: &PolicySet,
+    now: SystemTime,
+    read: impl Fn(&Path) -> Option<String>,
+) -> Vec<Warning> {
     let mut out = Vec::new();
+    let mut spellings = spellings_by_object(set, read);
     let namespaces: BTreeMap<&str, _> =
         set.inventory.namespaces.iter().map(|n| (n.name.as_str(), n)).collect();
     let selects_any = |sel: &WorkloadSelector| {
@@ -78,6 +99,13 @@ pub fn lint(set: &PolicySet, now: SystemTime) -> Vec<Warning> {
                 _ => "spec.subject",
             };
             warn(Some(field.into()), "selects no workload in the inventory".into());
+        }
+
+        if p.kind == PolicyKind::NetworkPolicy {
+            let key = (p.source.as_path(), object(p));
+            for s in spellings.remove(&key).unwrap_or_default() {
+                warn(Some(s.field), s.message);
+            }
         }
 
         for (dir, peer_field, rules) in
@@ -208,6 +236,27 @@ pub fn lint(set: &PolicySet, now: SystemTime) -> Vec<Warning> {
                     names.join(", ")
                 ),
             });
+        }
+    }
+    out
+}
+
+/// The spellings of every NetworkPolicy's file, by file and object label. Each file is
+/// read once, however many policies it holds.
+fn spellings_by_object(
+    set: &PolicySet,
+    read: impl Fn(&Path) -> Option<String>,
+) -> BTreeMap<(&Path, String), Vec<Spelling>> {
+    let files: BTreeSet<&Path> = set
+        .policies
+        .iter()
+        .filter(|p| p.kind == PolicyKind::NetworkPolicy)
+        .map(|p| p.source.as_path())
+        .collect();
+    let mut out: BTreeMap<(&Path, String), Vec<Spelling>> = BTreeMap::new();
+    for file in files {
+        for s in read(file).as_deref().map(load::spellings).unwrap_or_default() {
+            out.entry((file, s.object.clone())).or_default().push(s);
         }
     }
     out
@@ -419,6 +468,49 @@ workloads:
             "{ws:?}"
         );
         assert!(has(&ws, "by name"), "{ws:?}");
+    }
+
+    /// Issue 27: spellings that the API server reads differently from how they look are
+    /// warnings saying how they are read.
+    #[test]
+    fn spellings_that_differ_from_their_meaning() {
+        let yaml = np(
+            "open",
+            "{podSelector: {matchLabels: {app: db}}, policyTypes: [], ingress: [{from: []}]}",
+        );
+        let text = |file: &Path| (file == Path::new("p.yaml")).then(|| yaml.clone());
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        let ws: Vec<String> =
+            lint_with(&set(&yaml), now, text).iter().map(ToString::to_string).collect();
+        assert!(
+            has(
+                &ws,
+                "p.yaml: NetworkPolicy shop/open: spec.policyTypes: empty policyTypes is read as [Ingress],"
+            ),
+            "{ws:?}"
+        );
+        assert!(has(&ws, "spec.ingress[0].from: empty from is read as no from"), "{ws:?}");
+        assert_eq!(ws.len(), 2, "{ws:?}");
+        // Without the text of the file there is nothing to read the spelling from.
+        let none = lint_with(&set(&yaml), now, |_| None);
+        assert!(none.is_empty(), "{none:?}");
+    }
+
+    /// `lint` reads each NetworkPolicy's file from the disk.
+    #[test]
+    fn lint_reads_the_policy_files_for_spellings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("deny-all.yaml");
+        let yaml = np("deny-all", "{podSelector: {}, policyTypes: [], egress: [{}]}");
+        std::fs::write(&file, &yaml).expect("write");
+        let inventory = parse_inventory(INV, Path::new("inv.yaml")).expect("inventory");
+        let policies = parse_policies(&yaml, &file).expect("policies");
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        let ws = lint(&PolicySet::new(inventory, policies), now);
+        assert_eq!(ws.len(), 1, "{ws:?}");
+        assert_eq!(ws[0].file, file);
+        assert_eq!(ws[0].field.as_deref(), Some("spec.policyTypes"));
+        assert!(ws[0].message.contains("read as [Ingress, Egress]"), "{ws:?}");
     }
 
     #[test]

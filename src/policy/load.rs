@@ -396,16 +396,73 @@ fn list(
     };
     let file = r.file.to_owned();
     let errors = &mut *r.errors;
-    for (i, mut item) in items.into_iter().enumerate() {
-        if let (Some(k), Value::Mapping(m)) = (implied, &mut item) {
-            if !m.contains_key("kind") {
-                m.insert(Value::from("kind"), Value::from(k));
-            }
-            if !m.contains_key("apiVersion") {
-                m.insert(Value::from("apiVersion"), Value::from(api_version));
+    for (i, item) in items.into_iter().enumerate() {
+        let item = list_item(item, implied, api_version);
+        object(item, &file, &format!("{place} items[{i}]"), errors, out);
+    }
+}
+
+/// An item of a List as an object: the items of a typed `XList` (`implied`: `X`) may
+/// leave out `kind` and `apiVersion`, which are the list's.
+fn list_item(mut item: Value, implied: Option<&str>, api_version: &str) -> Value {
+    if let (Some(k), Value::Mapping(m)) = (implied, &mut item) {
+        if !m.contains_key("kind") {
+            m.insert(Value::from("kind"), Value::from(k));
+        }
+        if !m.contains_key("apiVersion") {
+            m.insert(Value::from("apiVersion"), Value::from(api_version));
+        }
+    }
+    item
+}
+
+/// A spelling the API server reads differently from how it looks: `policyTypes: []`
+/// looks like "no direction" and is read as `[Ingress]`. `flowgate check` warns about
+/// these so a reviewer sees what the cluster will enforce; they never fail a load.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spelling {
+    /// `Kind ns/name`, as in [`LoadError::object`].
+    pub object: String,
+    /// The field path, e.g. `spec.policyTypes`.
+    pub field: String,
+    pub message: String,
+}
+
+/// Every [`Spelling`] in one policy file's text, in document order. Documents that do
+/// not load are skipped here: [`load`] reports them.
+pub fn spellings(text: &str) -> Vec<Spelling> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        match Value::deserialize(doc) {
+            Ok(value) => spellings_of(value, &format!("document {}", i + 1), &mut out),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// [`spellings`] of one object, or of each item of a List.
+fn spellings_of(value: Value, place: &str, out: &mut Vec<Spelling>) {
+    let kind = value.get("kind").and_then(Value::as_str).map(str::to_owned);
+    match kind.as_deref() {
+        Some("NetworkPolicy") => {
+            let value = with_default_namespace(value);
+            let object = object_label(&value, kind.as_deref(), place);
+            for (field, message) in netpol::spellings(value) {
+                out.push(Spelling { object: object.clone(), field, message });
             }
         }
-        object(item, &file, &format!("{place} items[{i}]"), errors, out);
+        Some(list) if list.ends_with("List") => {
+            let implied = list.strip_suffix("List").filter(|k| !k.is_empty());
+            let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
+            if let Some(Value::Sequence(items)) = value.get("items") {
+                for (i, item) in items.iter().enumerate() {
+                    let item = list_item(item.clone(), implied, api_version);
+                    spellings_of(item, &format!("{place} items[{i}]"), out);
+                }
+            }
+        }
+        _ => {}
     }
 }
 

@@ -17,31 +17,60 @@
 //!   Baseline tier (first matching Allow/Deny), then `policy.default`;
 //! - expired policies (expiry ≤ `now`) do not exist; audit-mode policies do not change
 //!   the verdict, they only fill `would_deny` (see [`decide`]).
+//!
+//! One reading happens before the IR and is the oracle's too: which directions a
+//! NetworkPolicy covers. [`network_policy_directions`] reads it from the API reference
+//! text of `policyTypes`, independently of the loader, so a test can hold the loader's
+//! reading of every spelling (absent, `[]`, each list) against it.
 
 use std::cmp::Ordering;
 use std::net::IpAddr;
-use std::time::SystemTime;
 
 use super::compile::CompileOptions;
 use super::ir::{
-    Action, Expiry, Labels, Mode, NAMESPACE_NAME_LABEL, Namespace, Peer, Peers, Policy, PolicySet,
+    Action, Labels, Mode, NAMESPACE_NAME_LABEL, Namespace, Peer, Peers, Policy, PolicySet,
     PortMatch, Rule, Tier, Workload,
 };
 use super::{Cause, Decision, DefaultAction, DenyReason, FlowQuery, PolicyId, Verdict, WorkloadId};
 use crate::flow::Direction;
 
-/// When `policy` stops being enforced, or `None` if never. A TTL counts from
-/// `created_at`, or from `now` when the policy carries no creation time.
-pub fn expires_at(policy: &Policy, now: SystemTime) -> Option<SystemTime> {
-    match policy.expiry? {
-        Expiry::At(at) => Some(at),
-        Expiry::Ttl(ttl) => policy.created_at.unwrap_or(now).checked_add(ttl),
-    }
+/// A NetworkPolicy's direction fields as written in YAML, before the API server's
+/// defaulting. `None`: the key is absent (or null).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WrittenDirections<'a> {
+    pub policy_types: Option<&'a [&'a str]>,
+    pub ingress: Option<&'a [Rule]>,
+    pub egress: Option<&'a [Rule]>,
 }
 
-/// Whether `policy` is still in force at `now`: an expiry at or before `now` removes it.
-pub fn is_live(policy: &Policy, now: SystemTime) -> bool {
-    expires_at(policy, now).is_none_or(|at| at > now)
+/// The IR's `(ingress, egress)` for a NetworkPolicy written as `w`, read from the API
+/// reference of `NetworkPolicySpec` (k8s.io/api `networking/v1/types.go`):
+///
+/// > policyTypes is a list of rule types that the NetworkPolicy relates to. Valid
+/// > options are ["Ingress"], ["Egress"], or ["Ingress", "Egress"]. If this field is not
+/// > specified, it will default based on the existence of ingress or egress rules;
+/// > policies that contain an egress section are assumed to affect egress, and all
+/// > policies (whether or not they contain an ingress section) are assumed to affect
+/// > ingress.
+///
+/// "Not specified" and "existence" are the API server's `len(...) == 0` tests
+/// (`SetDefaults_NetworkPolicy`, kubernetes `pkg/apis/networking/v1/defaults.go`): an
+/// empty `policyTypes` is not specified, an empty `egress` is no egress section.
+/// A direction the policy affects with no rules admits nothing:
+///
+/// > If this field is empty then this NetworkPolicy does not allow any traffic (and
+/// > serves solely to ensure that the pods it selects are isolated by default)
+pub fn network_policy_directions(
+    w: WrittenDirections<'_>,
+) -> (Option<Vec<Rule>>, Option<Vec<Rule>>) {
+    let specified = w.policy_types.filter(|types| !types.is_empty());
+    let has_egress_section = w.egress.is_some_and(|rules| !rules.is_empty());
+    let affects = |ty: &str| match specified {
+        Some(types) => types.contains(&ty),
+        None => ty == "Ingress" || (ty == "Egress" && has_egress_section),
+    };
+    let rules = |written: Option<&[Rule]>| written.unwrap_or_default().to_vec();
+    (affects("Ingress").then(|| rules(w.ingress)), affects("Egress").then(|| rules(w.egress)))
 }
 
 /// The workload owning `ip`: longest prefix over every workload's addresses, ties to
@@ -106,7 +135,7 @@ pub fn decide(set: &PolicySet, opts: &CompileOptions, q: &FlowQuery<'_>) -> Deci
     let src = End { ip: q.src, workload: workload_of(set, q.src).map(|w| w.0 as usize) };
     let dst = End { ip: q.dst, workload: workload_of(set, q.dst).map(|w| w.0 as usize) };
     let real = evaluate(set, opts, q, src, dst, Enforce::WithoutAudit);
-    let any_audit = set.policies.iter().any(|p| p.mode == Mode::Audit && is_live(p, opts.now));
+    let any_audit = set.policies.iter().any(|p| p.mode == Mode::Audit && p.is_live(opts.now));
     let mut decision = real;
     if any_audit && real.verdict.is_allow() {
         let all = evaluate(set, opts, q, src, dst, Enforce::All);
@@ -164,7 +193,7 @@ fn active<'a>(
     enforce: Enforce,
 ) -> impl Iterator<Item = (usize, &'a Policy)> + 'a {
     set.policies.iter().map(|p| &**p).enumerate().filter(move |(_, p)| {
-        is_live(p, opts.now) && (enforce == Enforce::All || p.mode == Mode::Enforce)
+        p.is_live(opts.now) && (enforce == Enforce::All || p.mode == Mode::Enforce)
     })
 }
 
@@ -307,5 +336,120 @@ fn port_matches(set: &PolicySet, q: &FlowQuery<'_>, port: &PortMatch, dst: End) 
                     && np.port == q.dst_port
             })
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::flow::Proto;
+    use crate::policy::ir::{
+        Inventory, LabelSelector, NamespaceMatch, PolicyKind, Workload, WorkloadSelector,
+    };
+
+    fn deny_all_in_x(written: WrittenDirections<'_>) -> Policy {
+        let (ingress, egress) = network_policy_directions(written);
+        Policy {
+            kind: PolicyKind::NetworkPolicy,
+            name: "deny-all".into(),
+            namespace: Some("x".into()),
+            source: Default::default(),
+            tier: Tier::Namespaced,
+            subject: WorkloadSelector {
+                namespaces: NamespaceMatch::Named("x".into()),
+                pods: LabelSelector::default(),
+            },
+            ingress,
+            egress,
+            mode: Mode::Enforce,
+            expiry: None,
+            created_at: None,
+        }
+    }
+
+    fn workload(name: &str, ns: &str, ip: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: ns.into(),
+            labels: Labels::new(),
+            addrs: vec![ip.parse().unwrap()],
+            ports: vec![],
+        }
+    }
+
+    fn verdict(set: &PolicySet, src: &str, dst: &str) -> Verdict {
+        let opts = CompileOptions {
+            default: DefaultAction::Allow,
+            unknown: DefaultAction::Allow,
+            now: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
+        };
+        let q = FlowQuery {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            dst_port: 80,
+            proto: Proto::Tcp,
+            fqdn: None,
+        };
+        decide(set, &opts, &q).verdict
+    }
+
+    /// Issue 27: `policyTypes: []` with no rules is the deny-all-ingress of every cluster,
+    /// not a policy that applies to no direction.
+    #[test]
+    fn empty_policy_types_is_read_as_absent() {
+        let empty = WrittenDirections { policy_types: Some(&[]), ..Default::default() };
+        let absent = WrittenDirections::default();
+        assert_eq!(network_policy_directions(empty), (Some(vec![]), None));
+        assert_eq!(network_policy_directions(empty), network_policy_directions(absent));
+
+        let inventory = Inventory {
+            namespaces: vec![],
+            workloads: vec![
+                workload("a", "x", "198.18.0.1/32"),
+                workload("b", "x", "198.18.0.2/32"),
+                workload("c", "y", "198.18.0.3/32"),
+            ],
+        };
+        let set = PolicySet::new(inventory, vec![deny_all_in_x(empty)]);
+        let not_admitted = Verdict::Deny(DenyReason {
+            direction: Some(Direction::Ingress),
+            cause: Cause::NotAdmitted,
+        });
+        assert_eq!(verdict(&set, "198.18.0.3", "198.18.0.1"), not_admitted, "y -> x");
+        assert_eq!(verdict(&set, "198.18.0.2", "198.18.0.1"), not_admitted, "x -> x");
+        assert_eq!(verdict(&set, "203.0.113.9", "198.18.0.2"), not_admitted, "outside -> x");
+        assert_eq!(verdict(&set, "198.18.0.1", "198.18.0.3"), Verdict::Allow, "egress untouched");
+    }
+
+    /// The reverse case of issue 27: `policyTypes: []` with `ingress: [{}]` admits.
+    #[test]
+    fn empty_policy_types_with_an_open_rule_admits() {
+        let open = [Rule { name: None, action: Action::Allow, peers: Peers::Any, ports: None }];
+        let w = WrittenDirections { policy_types: Some(&[]), ingress: Some(&open), egress: None };
+        assert_eq!(network_policy_directions(w), (Some(open.to_vec()), None));
+    }
+
+    #[test]
+    fn egress_is_affected_by_an_egress_section_or_by_being_listed() {
+        let open = [Rule { name: None, action: Action::Allow, peers: Peers::Any, ports: None }];
+        /// `policyTypes`, `egress`, then whether ingress and egress are affected.
+        type Case<'a> = (Option<&'a [&'a str]>, Option<&'a [Rule]>, bool, bool);
+        let cases: [Case<'_>; 8] = [
+            (None, Some(&open), true, true),
+            (Some(&[]), Some(&open), true, true),
+            (None, Some(&[]), true, false),
+            (Some(&[]), Some(&[]), true, false),
+            (Some(&["Egress"]), None, false, true),
+            (Some(&["Ingress"]), Some(&open), true, false),
+            (Some(&["Egress", "Ingress"]), None, true, true),
+            (Some(&["Ingress", "Egress"]), None, true, true),
+        ];
+        for (policy_types, egress, ingress_on, egress_on) in cases {
+            let w = WrittenDirections { policy_types, ingress: None, egress };
+            let (i, e) = network_policy_directions(w);
+            assert_eq!((i.is_some(), e.is_some()), (ingress_on, egress_on), "{w:?}");
+        }
     }
 }

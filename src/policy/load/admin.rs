@@ -49,7 +49,7 @@ pub fn convert_anp(value: Value, r: &mut Report<'_>) -> Option<Policy> {
         Some(p) => priority(r, p),
     };
     let (ingress, egress) = admin_rules(r, &obj.spec, Flavor::Anp);
-    let subject = subject(r, &obj.spec.subject);
+    let subject = subject(r, &obj.spec.subject, Flavor::Anp);
     let tier = Tier::Admin { priority: priority? };
     build(PolicyKind::AdminNetworkPolicy, meta?, r, tier, subject?, ingress, egress)
 }
@@ -61,7 +61,7 @@ pub fn convert_banp(value: Value, r: &mut Report<'_>) -> Option<Policy> {
         r.error("spec.priority", "a BaselineAdminNetworkPolicy has no priority");
     }
     let (ingress, egress) = admin_rules(r, &obj.spec, Flavor::Banp);
-    let subject = subject(r, &obj.spec.subject);
+    let subject = subject(r, &obj.spec.subject, Flavor::Banp);
     let tier = Tier::Baseline { priority: 0 };
     build(PolicyKind::BaselineAdminNetworkPolicy, meta?, r, tier, subject?, ingress, egress)
 }
@@ -79,36 +79,9 @@ pub fn convert_cnp(value: Value, r: &mut Report<'_>) -> Option<Policy> {
             None
         }
     };
-    let ingress = spec.ingress.as_ref().map(|rules| {
-        limit(r, "spec.ingress", rules.len());
-        let rules = rules.iter().enumerate();
-        rules
-            .filter_map(|(i, rule)| {
-                let path = format!("spec.ingress[{i}]");
-                let action = action(r, &format!("{path}.action"), &rule.action, Flavor::Cnp);
-                rule_name(r, &path, rule.name.as_deref());
-                let peers = ingress_peers(r, &path, rule.from.as_deref());
-                let ports = cnp_protocols(r, &path, rule.protocols.as_deref());
-                Some(Rule { name: rule.name.clone(), action: action?, peers: peers?, ports })
-            })
-            .collect()
-    });
-    let egress = spec.egress.as_ref().map(|rules| {
-        limit(r, "spec.egress", rules.len());
-        let rules = rules.iter().enumerate();
-        rules
-            .filter_map(|(i, rule)| {
-                let path = format!("spec.egress[{i}]");
-                let action = action(r, &format!("{path}.action"), &rule.action, Flavor::Cnp);
-                rule_name(r, &path, rule.name.as_deref());
-                let ports = cnp_protocols(r, &path, rule.protocols.as_deref());
-                let named = ports.iter().flatten().any(|p| matches!(p, PortMatch::Named { .. }));
-                let peers = egress_peers(r, &path, rule.to.as_deref(), action?, named);
-                Some(Rule { name: rule.name.clone(), action: action?, peers: peers?, ports })
-            })
-            .collect()
-    });
-    let subject = subject(r, &spec.subject);
+    let ingress = rules(r, "ingress", spec.ingress.as_deref(), Flavor::Cnp);
+    let egress = rules(r, "egress", spec.egress.as_deref(), Flavor::Cnp);
+    let subject = subject(r, &spec.subject, Flavor::Cnp);
     build(PolicyKind::ClusterNetworkPolicy, meta?, r, tier?, subject?, ingress, egress)
 }
 
@@ -187,42 +160,80 @@ fn admin_rules(
     spec: &k8s::AdminSpec,
     flavor: Flavor,
 ) -> (Option<Vec<Rule>>, Option<Vec<Rule>>) {
-    let ingress = spec.ingress.as_ref().map(|rules| {
-        limit(r, "spec.ingress", rules.len());
-        let rules = rules.iter().enumerate();
-        rules
-            .filter_map(|(i, rule)| {
-                let path = format!("spec.ingress[{i}]");
-                let action = action(r, &format!("{path}.action"), &rule.action, flavor);
-                rule_name(r, &path, rule.name.as_deref());
-                let peers = ingress_peers(r, &path, rule.from.as_deref());
-                let ports = admin_ports(r, &path, rule.ports.as_deref());
-                Some(Rule { name: rule.name.clone(), action: action?, peers: peers?, ports })
-            })
-            .collect()
-    });
-    let egress = spec.egress.as_ref().map(|rules| {
-        limit(r, "spec.egress", rules.len());
-        let rules = rules.iter().enumerate();
-        rules
-            .filter_map(|(i, rule)| {
-                let path = format!("spec.egress[{i}]");
-                let action = action(r, &format!("{path}.action"), &rule.action, flavor);
-                rule_name(r, &path, rule.name.as_deref());
-                let ports = admin_ports(r, &path, rule.ports.as_deref());
-                let named = ports.iter().flatten().any(|p| matches!(p, PortMatch::Named { .. }));
-                let peers = egress_peers(r, &path, rule.to.as_deref(), action?, named);
-                Some(Rule { name: rule.name.clone(), action: action?, peers: peers?, ports })
-            })
-            .collect()
-    });
-    (ingress, egress)
+    let ingress = rules(r, "ingress", spec.ingress.as_deref(), flavor);
+    (ingress, rules(r, "egress", spec.egress.as_deref(), flavor))
 }
 
-fn subject(r: &mut Report<'_>, s: &k8s::Subject) -> Option<WorkloadSelector> {
+/// One rule of any of the three kinds, as far as they agree: a name, an action, and a
+/// peer list and port clauses each kind spells its own way (`from`/`to`; `ports` in
+/// v1alpha1, `protocols` in v1alpha2).
+trait AdminRule {
+    /// `(name, action)`.
+    fn parts(&self) -> (Option<&str>, &str);
+    /// The rule's port clauses; `path` is the rule's field path.
+    fn ports(&self, r: &mut Report<'_>, path: &str) -> Option<Vec<PortMatch>>;
+    /// The rule's peers ([`ingress_peers`] or [`egress_peers`]).
+    fn peers(&self, r: &mut Report<'_>, path: &str, rule: RuleContext) -> Option<Peers>;
+}
+
+/// The four rule types differ only in their peer field and how they spell ports.
+macro_rules! admin_rule {
+    ($rule:ty, $peers:ident, $read_peers:ident, $ports:ident, $read_ports:ident) => {
+        impl AdminRule for $rule {
+            fn parts(&self) -> (Option<&str>, &str) {
+                (self.name.as_deref(), &self.action)
+            }
+            fn ports(&self, r: &mut Report<'_>, path: &str) -> Option<Vec<PortMatch>> {
+                $read_ports(r, path, self.$ports.as_deref())
+            }
+            fn peers(&self, r: &mut Report<'_>, path: &str, rule: RuleContext) -> Option<Peers> {
+                $read_peers(r, path, self.$peers.as_deref(), rule)
+            }
+        }
+    };
+}
+
+admin_rule!(k8s::AdminIngressRule, from, ingress_peers, ports, admin_ports);
+admin_rule!(k8s::AdminEgressRule, to, egress_peers, ports, admin_ports);
+admin_rule!(k8s::CnpIngressRule, from, ingress_peers, protocols, cnp_protocols);
+admin_rule!(k8s::CnpEgressRule, to, egress_peers, protocols, cnp_protocols);
+
+/// What the peer checks need to know of their rule. `action` is `None` when the rule's
+/// action is invalid (already reported); `named_port`: the rule selects a named port.
+#[derive(Clone, Copy)]
+struct RuleContext {
+    action: Option<Action>,
+    named_port: bool,
+    flavor: Flavor,
+}
+
+/// `spec.ingress` or `spec.egress` (`dir`) of any of the three kinds; absent → `None`.
+/// Ports are read before peers: a named port rules out networks and domain peers.
+fn rules<R: AdminRule>(
+    r: &mut Report<'_>,
+    dir: &str,
+    rules: Option<&[R]>,
+    flavor: Flavor,
+) -> Option<Vec<Rule>> {
+    let rules = rules?;
+    limit(r, &format!("spec.{dir}"), rules.len());
+    let rules = rules.iter().enumerate().filter_map(|(i, rule)| {
+        let path = format!("spec.{dir}[{i}]");
+        let (name, action_text) = rule.parts();
+        let action = action(r, &format!("{path}.action"), action_text, flavor);
+        rule_name(r, &path, name);
+        let ports = rule.ports(r, &path);
+        let named = ports.iter().flatten().any(|p| matches!(p, PortMatch::Named { .. }));
+        let peers = rule.peers(r, &path, RuleContext { action, named_port: named, flavor });
+        Some(Rule { name: name.map(str::to_owned), action: action?, peers: peers?, ports })
+    });
+    Some(rules.collect())
+}
+
+fn subject(r: &mut Report<'_>, s: &k8s::Subject, flavor: Flavor) -> Option<WorkloadSelector> {
     match (&s.namespaces, &s.pods) {
         (Some(ns), None) => Some(namespaces_peer(r, "spec.subject.namespaces", ns)),
-        (None, Some(pods)) => Some(pods_peer(r, "spec.subject.pods", pods)),
+        (None, Some(pods)) => pods_peer(r, "spec.subject.pods", pods, flavor),
         _ => {
             r.error("spec.subject", "set exactly one of namespaces or pods");
             None
@@ -237,10 +248,45 @@ fn namespaces_peer(r: &mut Report<'_>, path: &str, sel: &k8s::LabelSelector) -> 
     }
 }
 
-fn pods_peer(r: &mut Report<'_>, path: &str, pods: &k8s::NamespacedPod) -> WorkloadSelector {
-    let ns = validate::selector(r, &format!("{path}.namespaceSelector"), &pods.namespace_selector);
+/// `pods: {namespaceSelector, podSelector}`: those pods in those namespaces.
+///
+/// `namespaceSelector` is required in v1alpha1 (AdminNetworkPolicy and
+/// BaselineAdminNetworkPolicy: `NamespacedPod.NamespaceSelector` carries no `+optional`
+/// under the package's `+kubebuilder:validation:Required`, kubernetes-sigs/network-policy-api
+/// `apis/v1alpha1/shared_types.go`). In v1alpha2 (ClusterNetworkPolicy) it is `+optional`
+/// and only `podSelector` is required (`apis/v1alpha2/clusternetworkpolicy_types.go`, and
+/// the CRD's `required: [podSelector]`): absent, the Go value is the empty selector, which
+/// "selects all Namespaces".
+fn pods_peer(
+    r: &mut Report<'_>,
+    path: &str,
+    pods: &k8s::NamespacedPod,
+    flavor: Flavor,
+) -> Option<WorkloadSelector> {
+    let ns_path = format!("{path}.namespaceSelector");
+    let ns = match (&pods.namespace_selector, flavor) {
+        (Some(sel), _) => Some(validate::selector(r, &ns_path, sel)),
+        (None, Flavor::Cnp) => Some(LabelSelector::default()),
+        (None, Flavor::Anp | Flavor::Banp) => {
+            r.error(&ns_path, "missing (use {} to select every namespace)");
+            None
+        }
+    };
     let pods = validate::selector(r, &format!("{path}.podSelector"), &pods.pod_selector);
-    WorkloadSelector { namespaces: NamespaceMatch::Selector(ns), pods }
+    Some(WorkloadSelector { namespaces: NamespaceMatch::Selector(ns?), pods })
+}
+
+/// `from` and `to` are required and list at least one peer (`MinItems=1`).
+fn at_least_one_peer<'a, T>(
+    r: &mut Report<'_>,
+    field: &str,
+    peers: Option<&'a [T]>,
+) -> Option<&'a [T]> {
+    if peers.is_none_or(<[T]>::is_empty) {
+        r.error(field, "at least one peer is required");
+        return None;
+    }
+    peers
 }
 
 /// `from` must list at least one peer; each peer sets exactly one field.
@@ -248,14 +294,10 @@ fn ingress_peers(
     r: &mut Report<'_>,
     path: &str,
     from: Option<&[k8s::AdminIngressPeer]>,
+    rule: RuleContext,
 ) -> Option<Peers> {
-    let from = match from {
-        None | Some([]) => {
-            r.error(&format!("{path}.from"), "at least one peer is required");
-            return None;
-        }
-        Some(f) => f,
-    };
+    let flavor = rule.flavor;
+    let from = at_least_one_peer(r, &format!("{path}.from"), from)?;
     let mut peers = Vec::new();
     for (i, p) in from.iter().enumerate() {
         let pp = format!("{path}.from[{i}]");
@@ -272,7 +314,7 @@ fn ingress_peers(
                 peers.push(Peer::Workloads(namespaces_peer(r, &format!("{pp}.namespaces"), ns)))
             }
             (None, Some(pods)) => {
-                peers.push(Peer::Workloads(pods_peer(r, &format!("{pp}.pods"), pods)))
+                peers.extend(pods_peer(r, &format!("{pp}.pods"), pods, flavor).map(Peer::Workloads))
             }
             _ => r.error(&pp, "set exactly one of namespaces or pods"),
         }
@@ -286,16 +328,11 @@ fn egress_peers(
     r: &mut Report<'_>,
     path: &str,
     to: Option<&[k8s::AdminEgressPeer]>,
-    action: Action,
-    named_port: bool,
+    rule: RuleContext,
 ) -> Option<Peers> {
-    let to = match to {
-        None | Some([]) => {
-            r.error(&format!("{path}.to"), "at least one peer is required");
-            return None;
-        }
-        Some(t) => t,
-    };
+    let RuleContext { action, named_port, flavor } = rule;
+    let action = action?;
+    let to = at_least_one_peer(r, &format!("{path}.to"), to)?;
     let mut peers = Vec::new();
     for (i, p) in to.iter().enumerate() {
         let pp = format!("{path}.to[{i}]");
@@ -313,22 +350,14 @@ fn egress_peers(
         if let Some(ns) = &p.namespaces {
             peers.push(Peer::Workloads(namespaces_peer(r, &format!("{pp}.namespaces"), ns)));
         } else if let Some(pods) = &p.pods {
-            peers.push(Peer::Workloads(pods_peer(r, &format!("{pp}.pods"), pods)));
+            peers.extend(pods_peer(r, &format!("{pp}.pods"), pods, flavor).map(Peer::Workloads));
         } else if p.nodes.is_some() {
             r.error(
                 &format!("{pp}.nodes"),
                 "nodes peers are not supported: flowgate has no nodes (use networks with the node CIDRs)",
             );
         } else if let Some(nets) = &p.networks {
-            if nets.is_empty() {
-                r.error(&format!("{pp}.networks"), "at least one CIDR is required");
-            }
-            if named_port {
-                r.error(
-                    &format!("{pp}.networks"),
-                    "a networks peer cannot be used with a named port",
-                );
-            }
+            address_peer(r, &pp, "networks", "CIDR", nets.is_empty(), named_port);
             for (j, n) in nets.iter().enumerate() {
                 if let Some(net) = validate::cidr(r, &format!("{pp}.networks[{j}]"), n) {
                     peers.push(Peer::Cidr { net, except: Vec::new() });
@@ -342,15 +371,7 @@ fn egress_peers(
                 );
                 continue;
             }
-            if names.is_empty() {
-                r.error(&format!("{pp}.domainNames"), "at least one domain name is required");
-            }
-            if named_port {
-                r.error(
-                    &format!("{pp}.domainNames"),
-                    "a domainNames peer cannot be used with a named port",
-                );
-            }
+            address_peer(r, &pp, "domainNames", "domain name", names.is_empty(), named_port);
             for (j, n) in names.iter().enumerate() {
                 match domain(n) {
                     Ok(d) => peers.push(Peer::Domain(d)),
@@ -360,6 +381,25 @@ fn egress_peers(
         }
     }
     Some(Peers::List(peers))
+}
+
+/// A `networks` or `domainNames` peer (`key`) lists at least one `item`, and cannot go
+/// with a named port: neither an address range nor a name has ports by name.
+fn address_peer(
+    r: &mut Report<'_>,
+    peer_path: &str,
+    key: &str,
+    item: &str,
+    empty: bool,
+    named_port: bool,
+) {
+    let field = format!("{peer_path}.{key}");
+    if empty {
+        r.error(&field, format!("at least one {item} is required"));
+    }
+    if named_port {
+        r.error(&field, format!("a {key} peer cannot be used with a named port"));
+    }
 }
 
 /// Normalises and checks a `domainNames` entry: lower case, trailing dot dropped, `*`

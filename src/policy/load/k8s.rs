@@ -168,10 +168,12 @@ pub struct Subject {
     pub pods: Option<NamespacedPod>,
 }
 
+/// `namespaceSelector` is required in v1alpha1 (ANP/BANP) and optional in v1alpha2 (CNP);
+/// `admin::pods_peer` applies the difference.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NamespacedPod {
-    pub namespace_selector: LabelSelector,
+    pub namespace_selector: Option<LabelSelector>,
     pub pod_selector: LabelSelector,
 }
 

@@ -1,9 +1,11 @@
 //! networking.k8s.io/v1 NetworkPolicy → IR, with exactly Kubernetes' semantics. The
 //! points where a naive mapping goes wrong, each covered by a test:
 //!
-//! - `policyTypes` defaulting: absent → `Ingress` always, `Egress` iff there are egress
-//!   rules (Kubernetes' `len(spec.egress) > 0`: on the wire `egress: []` and no `egress`
-//!   are the same thing). When given, it alone decides which directions are covered.
+//! - `policyTypes` defaulting ([`policy_types`]): absent *or empty* → `Ingress` always,
+//!   `Egress` iff there are egress rules (Kubernetes tests `len(...) == 0` on both lists,
+//!   so on the wire `policyTypes: []` is no `policyTypes` and `egress: []` is no
+//!   `egress`). When given non-empty, it alone decides which directions are covered.
+//! - port `protocol` defaulting: absent → `TCP` ([`validate::protocol`]).
 //! - A covered direction with no rules isolates and admits nothing (`Some(vec![])`);
 //!   `ingress: [{}]` is one rule admitting everything.
 //! - A rule with no `from`/`to` (or an empty list) admits every peer.
@@ -32,19 +34,15 @@ pub fn convert(value: Value, r: &mut Report<'_>) -> Option<Policy> {
         None => LabelSelector::default(),
     };
 
-    let (mut ingress_covered, mut egress_covered) =
-        (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty()));
-    if let Some(types) = &spec.policy_types {
-        (ingress_covered, egress_covered) = (false, false);
-        for (i, t) in types.iter().enumerate() {
-            match t.as_str() {
-                "Ingress" => ingress_covered = true,
-                "Egress" => egress_covered = true,
-                other => r.error(
-                    &format!("spec.policyTypes[{i}]"),
-                    format!("unknown policy type {other:?} (expected Ingress or Egress)"),
-                ),
-            }
+    let (mut ingress_covered, mut egress_covered) = (false, false);
+    for (i, t) in policy_types(spec).into_iter().enumerate() {
+        match t {
+            INGRESS => ingress_covered = true,
+            EGRESS => egress_covered = true,
+            other => r.error(
+                &format!("spec.policyTypes[{i}]"),
+                format!("unknown policy type {other:?} (expected {INGRESS} or {EGRESS})"),
+            ),
         }
     }
 
@@ -80,6 +78,85 @@ pub fn convert(value: Value, r: &mut Report<'_>) -> Option<Policy> {
         expiry: meta.expiry,
         created_at: meta.created_at,
     })
+}
+
+/// The fields of one NetworkPolicy document whose spelling differs from what the API
+/// server makes of it, as `(field, message)`; see [`super::Spelling`]. A document that
+/// does not deserialise has none (the load reports it).
+pub(super) fn spellings(value: Value) -> Vec<(String, String)> {
+    let Ok(obj) = serde_norway::from_value::<k8s::Object<k8s::NetworkPolicySpec>>(value) else {
+        return Vec::new();
+    };
+    let spec = &obj.spec;
+    let mut out = Vec::new();
+    let types = policy_types(spec);
+    if spec.policy_types.as_ref().is_some_and(Vec::is_empty) {
+        let (read, isolated) = if types.contains(&EGRESS) {
+            ("[Ingress, Egress]", "ingress and egress")
+        } else {
+            ("[Ingress]", "ingress")
+        };
+        out.push((
+            "spec.policyTypes".to_owned(),
+            format!(
+                "empty policyTypes is read as {read}, exactly as if it were absent (Kubernetes \
+                 defaults an empty list): this policy isolates the selected pods for {isolated}"
+            ),
+        ));
+    }
+    let egress_listed = spec.policy_types.as_ref().is_some_and(|t| t.iter().any(|t| t == EGRESS));
+    if spec.egress.as_ref().is_some_and(Vec::is_empty) && !egress_listed {
+        out.push((
+            "spec.egress".to_owned(),
+            "empty egress without Egress in policyTypes is read as no egress section: egress \
+             is not isolated (list Egress in policyTypes to deny all egress)"
+                .to_owned(),
+        ));
+    }
+    let from = spec.ingress.iter().flatten().map(|r| r.from.as_ref());
+    let to = spec.egress.iter().flatten().map(|r| r.to.as_ref());
+    let rules = (from.enumerate().map(|(i, p)| ("ingress", "from", "source", i, p)))
+        .chain(to.enumerate().map(|(i, p)| ("egress", "to", "destination", i, p)));
+    for (dir, peer_field, who, i, peers) in rules {
+        if peers.is_some_and(Vec::is_empty) {
+            out.push((
+                format!("spec.{dir}[{i}].{peer_field}"),
+                format!(
+                    "empty {peer_field} is read as no {peer_field}: this rule admits every {who} \
+                     (not none)"
+                ),
+            ));
+        }
+    }
+    out
+}
+
+const INGRESS: &str = "Ingress";
+const EGRESS: &str = "Egress";
+
+/// `spec.policyTypes` as the API server stores it, after `SetDefaults_NetworkPolicy`
+/// (kubernetes `pkg/apis/networking/v1/defaults.go`):
+///
+/// ```go
+/// if len(obj.Spec.PolicyTypes) == 0 {
+///     // Any policy that does not specify policyTypes implies at least "Ingress".
+///     obj.Spec.PolicyTypes = []networkingv1.PolicyType{networkingv1.PolicyTypeIngress}
+///     if len(obj.Spec.Egress) != 0 {
+///         obj.Spec.PolicyTypes = append(obj.Spec.PolicyTypes, networkingv1.PolicyTypeEgress)
+///     }
+/// }
+/// ```
+///
+/// Go's `len` is 0 for a nil and for an empty list alike, so `policyTypes: []` (and
+/// `policyTypes: null`) is read exactly as an absent `policyTypes`, and `egress: []`
+/// exactly as an absent `egress`. A non-empty list is kept as written (values are
+/// checked by the caller).
+pub(super) fn policy_types(spec: &k8s::NetworkPolicySpec) -> Vec<&str> {
+    match spec.policy_types.as_deref() {
+        Some(types) if !types.is_empty() => types.iter().map(String::as_str).collect(),
+        _ if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) => vec![INGRESS, EGRESS],
+        _ => vec![INGRESS],
+    }
 }
 
 /// One ingress or egress rule; `peer_field` is `from` or `to`.

@@ -804,6 +804,176 @@ fn admin_peer_and_port_shape_errors() {
     error_at(&anp("priority: 1\nsubject: {}"), "spec.subject", "exactly one");
 }
 
+// ---------- API server defaulting: one test per rule, each citing it ----------
+//
+// flowgate reads each object as the API server stores it after defaulting, so that a
+// policy means in flowgate what it means in a cluster. The rules, and where they are:
+// - NetworkPolicy `policyTypes`: `SetDefaults_NetworkPolicy`, kubernetes
+//   `pkg/apis/networking/v1/defaults.go` (`if len(obj.Spec.PolicyTypes) == 0 { [Ingress]
+//   + Egress if len(obj.Spec.Egress) != 0 }`);
+// - NetworkPolicy port `protocol`: `SetDefaults_NetworkPolicyPort`, same file ("Default
+//   any undefined Protocol fields to TCP");
+// - AdminNetworkPolicy / BaselineAdminNetworkPolicy `portNumber.protocol` and
+//   `portRange.protocol`: `+kubebuilder:default=TCP`, kubernetes-sigs/network-policy-api
+//   `apis/v1alpha1/shared_types.go` (`Port`, `PortRange`);
+// - ClusterNetworkPolicy `pods.namespaceSelector`: `+optional` (the CRD requires only
+//   `podSelector`), the Go zero value being the empty selector that "selects all
+//   Namespaces", network-policy-api `apis/v1alpha2/clusternetworkpolicy_types.go`
+//   (`NamespacedPod`); in v1alpha1 it is required.
+
+/// `SetDefaults_NetworkPolicy`: `len(PolicyTypes) == 0` holds for `[]` and `null` as for
+/// an absent key, so all three get `[Ingress]` (issue 27: `[]` used to cover nothing).
+#[test]
+fn default_np_empty_policy_types_is_absent_policy_types() {
+    let absent = one(&np("podSelector: {}"));
+    assert_eq!((absent.ingress.clone(), absent.egress.clone()), (Some(vec![]), None));
+    for spelling in ["policyTypes: []", "policyTypes: null", "policyTypes:"] {
+        let p = one(&np(&format!("podSelector: {{}}\n{spelling}")));
+        assert_eq!((&p.ingress, &p.egress), (&absent.ingress, &absent.egress), "{spelling}");
+    }
+    // ... and the reverse case of the issue: `[]` with an open rule admits.
+    let allow_all = Rule { name: None, action: Action::Allow, peers: Peers::Any, ports: None };
+    let p = one(&np("podSelector: {}\npolicyTypes: []\ningress: [{}]"));
+    assert_eq!((p.ingress, p.egress), (Some(vec![allow_all]), None));
+}
+
+/// `SetDefaults_NetworkPolicy`: with `len(Egress) != 0` the default is `[Ingress,
+/// Egress]`, for an empty `policyTypes` exactly as for an absent one; `egress: []` has
+/// length 0 and adds nothing.
+#[test]
+fn default_np_empty_policy_types_adds_egress_iff_egress_rules() {
+    let p = one(&np("podSelector: {}\npolicyTypes: []\negress: [{}]"));
+    assert_eq!(p.ingress, Some(vec![]));
+    assert_eq!(p.egress.as_ref().map(Vec::len), Some(1));
+    let p = one(&np("podSelector: {}\npolicyTypes: []\negress: []"));
+    assert_eq!((p.ingress, p.egress), (Some(vec![]), None));
+    // A non-empty list is not defaulted: it alone decides.
+    let p = one(&np("podSelector: {}\npolicyTypes: [Ingress]\negress: [{}]"));
+    assert_eq!((p.ingress, p.egress), (Some(vec![]), None));
+}
+
+/// `SetDefaults_NetworkPolicyPort`: `if obj.Protocol == nil { TCP }`, for a numbered,
+/// a ranged, a named and a port-less entry alike.
+#[test]
+fn default_np_port_protocol_is_tcp() {
+    let p = one(&np(
+        "podSelector: {}\ningress:\n- ports: [{port: 80}, {port: 90, endPort: 99}, {port: http}, {}]",
+    ));
+    assert_eq!(
+        p.ingress.unwrap()[0].ports,
+        Some(vec![
+            PortMatch::Range { protocol: Proto::Tcp, first: 80, last: 80 },
+            PortMatch::Range { protocol: Proto::Tcp, first: 90, last: 99 },
+            PortMatch::Named { protocol: Some(Proto::Tcp), name: "http".into() },
+            PortMatch::Range { protocol: Proto::Tcp, first: 0, last: 65535 },
+        ])
+    );
+}
+
+/// network-policy-api v1alpha1 `Port.Protocol` and `PortRange.Protocol`:
+/// `+kubebuilder:default=TCP`, in AdminNetworkPolicy and BaselineAdminNetworkPolicy.
+#[test]
+fn default_admin_port_protocol_is_tcp() {
+    let rule = "ingress:\n- action: Deny\n  from: [{namespaces: {}}]\n  ports: [{portNumber: {port: 80}}, {portRange: {start: 1000, end: 2000}}]";
+    let expect = Some(vec![
+        PortMatch::Range { protocol: Proto::Tcp, first: 80, last: 80 },
+        PortMatch::Range { protocol: Proto::Tcp, first: 1000, last: 2000 },
+    ]);
+    let p = one(&anp(&format!("priority: 1\nsubject: {{namespaces: {{}}}}\n{rule}")));
+    assert_eq!(p.ingress.unwrap()[0].ports, expect, "AdminNetworkPolicy");
+    let p = one(&banp(&format!("subject: {{namespaces: {{}}}}\n{rule}")));
+    assert_eq!(p.ingress.unwrap()[0].ports, expect, "BaselineAdminNetworkPolicy");
+}
+
+/// network-policy-api v1alpha2 `NamespacedPod.NamespaceSelector` is `+optional` (CRD:
+/// `required: [podSelector]`); absent it is the empty selector, "selects all
+/// Namespaces". In v1alpha1 the field is required, and flowgate says so.
+#[test]
+fn default_cnp_pods_namespace_selector_is_every_namespace() {
+    let p = one(&cnp("tier: Admin
+priority: 1
+subject: {pods: {podSelector: {matchLabels: {app: web}}}}
+ingress:
+- action: Deny
+  from: [{pods: {podSelector: {matchLabels: {app: db}}}}]
+egress:
+- action: Deny
+  to: [{pods: {podSelector: {}}}]"));
+    let every_ns = |pods| WorkloadSelector {
+        namespaces: NamespaceMatch::Selector(LabelSelector::default()),
+        pods,
+    };
+    assert_eq!(p.subject, every_ns(sel(&[("app", "web")])));
+    let peers = |rules: Option<Vec<Rule>>| rules.unwrap().remove(0).peers;
+    assert_eq!(
+        peers(p.ingress),
+        Peers::List(vec![Peer::Workloads(every_ns(sel(&[("app", "db")])))])
+    );
+    assert_eq!(peers(p.egress), Peers::List(vec![Peer::Workloads(every_ns(sel(&[])))]));
+
+    error_at(
+        &anp("priority: 1\nsubject: {pods: {podSelector: {}}}"),
+        "spec.subject.pods.namespaceSelector",
+        "missing",
+    );
+    error_at(
+        &banp(
+            "subject: {namespaces: {}}\negress: [{action: Deny, to: [{pods: {podSelector: {}}}]}]",
+        ),
+        "spec.egress[0].to[0].pods.namespaceSelector",
+        "missing",
+    );
+}
+
+// ---------- spellings that differ from their meaning (for `flowgate check`) ----------
+
+fn spelled(yaml: &str) -> Vec<(String, String, String)> {
+    spellings(yaml).into_iter().map(|s| (s.object, s.field, s.message)).collect()
+}
+
+#[test]
+fn spelling_empty_policy_types_says_how_it_is_read() {
+    let s = spelled(&np("podSelector: {}\npolicyTypes: []"));
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert_eq!((s[0].0.as_str(), s[0].1.as_str()), ("NetworkPolicy ns/p", "spec.policyTypes"));
+    assert!(s[0].2.contains("read as [Ingress]"), "{s:?}");
+    let s = spelled(&np("podSelector: {}\npolicyTypes: []\negress: [{}]"));
+    assert!(s[0].2.contains("read as [Ingress, Egress]"), "{s:?}");
+    // Absent, or any non-empty list, reads as it looks.
+    for spec in [
+        "podSelector: {}",
+        "podSelector: {}\npolicyTypes: [Egress]",
+        "podSelector: {}\npolicyTypes: [Ingress, Egress]\negress: []",
+    ] {
+        assert_eq!(spelled(&np(spec)), vec![], "{spec}");
+    }
+}
+
+#[test]
+fn spelling_empty_egress_and_empty_peer_lists() {
+    let s = spelled(&np("podSelector: {}\negress: []"));
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert_eq!(s[0].1, "spec.egress");
+    assert!(s[0].2.contains("egress is not isolated"), "{s:?}");
+    let s = spelled(&np("podSelector: {}\ningress: [{}, {from: []}]\negress: [{to: []}]"));
+    let fields: Vec<&str> = s.iter().map(|s| s.1.as_str()).collect();
+    assert_eq!(fields, ["spec.ingress[1].from", "spec.egress[0].to"], "{s:?}");
+    assert!(s[0].2.contains("admits every source"), "{s:?}");
+    assert!(s[1].2.contains("admits every destination"), "{s:?}");
+}
+
+#[test]
+fn spellings_are_found_in_lists_and_skip_what_does_not_load() {
+    let list = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: networking.k8s.io/v1\n  kind: NetworkPolicy\n  metadata: {name: d}\n  spec: {podSelector: {}, policyTypes: []}\n";
+    let s = spelled(list);
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert_eq!(s[0].0, "NetworkPolicy default/d", "namespace defaulted as the load does");
+    let typed = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicyList\nitems:\n- metadata: {name: t, namespace: q}\n  spec: {podSelector: {}, policyTypes: []}\n";
+    assert_eq!(spelled(typed)[0].0, "NetworkPolicy q/t");
+    assert_eq!(spelled(&np("podSelector: {}\npolicyTypes: []\nbogus: 1")), vec![]);
+    assert_eq!(spelled("{[: not yaml"), vec![]);
+}
+
 // ---------- inventory ----------
 
 fn inventory(yaml: &str) -> Result<Inventory, Vec<LoadError>> {

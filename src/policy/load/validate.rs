@@ -181,6 +181,18 @@ fn network(r: &mut Report<'_>, path: &str, text: &str) -> Option<IpNet> {
 }
 
 /// `TCP` (the default when absent), `UDP` or `SCTP`, case-sensitive like the API.
+///
+/// The default is the API server's, for every kind whose port carries a protocol:
+/// - NetworkPolicy `ports[].protocol`: `SetDefaults_NetworkPolicyPort` (kubernetes
+///   `pkg/apis/networking/v1/defaults.go`: "Default any undefined Protocol fields to
+///   TCP", `if obj.Protocol == nil { proto := v1.ProtocolTCP ... }`);
+/// - AdminNetworkPolicy / BaselineAdminNetworkPolicy `ports[].portNumber.protocol` and
+///   `ports[].portRange.protocol`: `+kubebuilder:default=TCP` on `Port.Protocol` and
+///   `PortRange.Protocol` (kubernetes-sigs/network-policy-api
+///   `apis/v1alpha1/shared_types.go`), which the CRD's structural schema applies.
+///
+/// ClusterNetworkPolicy names the protocol by key (`tcp:`/`udp:`/`sctp:`) and has none
+/// to default.
 pub fn protocol(r: &mut Report<'_>, path: &str, text: Option<&str>) -> Option<Proto> {
     match text {
         None => Some(Proto::Tcp),
