@@ -10,12 +10,12 @@
 //! The reason in the flow log tells the readings apart: were `policyTypes: []` to cover no
 //! direction, `x/a` would not be isolated and the refusal would be `default-deny`.
 
-mod l4_harness;
+mod support;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use l4_harness::*;
+use support::l4::*;
 
 const INVENTORY: &str = r#"
 namespaces:
