@@ -31,8 +31,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::config::human_duration;
-use crate::flow::{Direction, Proto};
-use crate::policy::{PolicyId, PolicySnapshot, WorkloadId};
+use crate::flow::{Direction, FlowKey, Proto};
+use crate::policy::{Decision, PolicyId, PolicySnapshot, Verdict, WorkloadId};
 use crate::telemetry::metrics::Registry;
 
 /// `[flowlog]` in the config file.
@@ -114,6 +114,136 @@ pub struct Event {
     pub policy: Option<PolicyId>,
     /// The policy generation that decided; also resolves the ids above.
     pub snapshot: Arc<PolicySnapshot>,
+}
+
+/// Why a flow was refused, for a `deny` event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Denied {
+    /// A policy decision that denies the flow: its cause, side, policy and workloads.
+    Policy(Decision),
+    /// Refused by the data path, before policy (SSRF guard, a bad or unresolved name,
+    /// flowgate's own listener) or after it (conntrack full): `reason`, and the workloads
+    /// known at the time. No side and no policy.
+    DataPath {
+        reason: &'static str,
+        src_workload: Option<WorkloadId>,
+        dst_workload: Option<WorkloadId>,
+    },
+}
+
+impl Denied {
+    /// The flow log's `reason`: the policy's cause, or the data path's reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Denied::Policy(d) => match d.verdict {
+                Verdict::Deny(r) => r.cause.as_str(),
+                Verdict::Allow => "policy",
+            },
+            Denied::DataPath { reason, .. } => reason,
+        }
+    }
+}
+
+/// One constructor per kind: what each kind carries is decided here, once, and every
+/// caller on the data path and in the control plane builds its events through them.
+/// Each takes the listener's name (an `Arc` clone), the flow, the name it was asked for
+/// and the snapshot that decided; none allocates.
+impl Event {
+    /// `deny`: a new flow refused (see [`Denied`]).
+    pub fn deny(
+        listener: Arc<str>,
+        key: &FlowKey,
+        fqdn: Option<Arc<str>>,
+        why: Denied,
+        snapshot: Arc<PolicySnapshot>,
+    ) -> Event {
+        let base = Event::of(EventKind::Deny, listener, key, fqdn, snapshot);
+        let reason = why.reason();
+        match why {
+            Denied::Policy(d) => {
+                let direction = match d.verdict {
+                    Verdict::Deny(r) => r.direction,
+                    Verdict::Allow => None,
+                };
+                Event { reason, direction, policy: d.policy, ..base.decided_by(&d) }
+            }
+            Denied::DataPath { reason, src_workload, dst_workload } => {
+                Event { reason, src_workload, dst_workload, ..base }
+            }
+        }
+    }
+
+    /// `would-deny`: an allowed flow that an audit-mode policy (`decision.would_deny`)
+    /// would have refused.
+    pub fn would_deny(
+        listener: Arc<str>,
+        key: &FlowKey,
+        fqdn: Option<Arc<str>>,
+        decision: &Decision,
+        snapshot: Arc<PolicySnapshot>,
+    ) -> Event {
+        let base = Event::of(EventKind::WouldDeny, listener, key, fqdn, snapshot);
+        Event { reason: "audit", policy: decision.would_deny, ..base.decided_by(decision) }
+    }
+
+    /// `allow`: an admitted flow (sampled, `allow_sample`).
+    pub fn allow(
+        listener: Arc<str>,
+        key: &FlowKey,
+        fqdn: Option<Arc<str>>,
+        decision: &Decision,
+        snapshot: Arc<PolicySnapshot>,
+    ) -> Event {
+        let base = Event::of(EventKind::Allow, listener, key, fqdn, snapshot);
+        Event { reason: "allowed", policy: decision.policy, ..base.decided_by(decision) }
+    }
+
+    /// `revoked`: an established flow cut because `decision` (of the new generation,
+    /// `snapshot`) denies it: its cause and side, or `revoked` when it names none.
+    pub fn revoked(
+        listener: Arc<str>,
+        key: &FlowKey,
+        fqdn: Option<Arc<str>>,
+        decision: &Decision,
+        snapshot: Arc<PolicySnapshot>,
+    ) -> Event {
+        let (reason, direction) = match decision.verdict {
+            Verdict::Deny(r) => (r.cause.as_str(), r.direction),
+            Verdict::Allow => ("revoked", None),
+        };
+        let base = Event::of(EventKind::Revoked, listener, key, fqdn, snapshot);
+        Event { reason, direction, policy: decision.policy, ..base.decided_by(decision) }
+    }
+
+    /// The parts every kind has; the constructors fill in the rest.
+    fn of(
+        kind: EventKind,
+        listener: Arc<str>,
+        key: &FlowKey,
+        fqdn: Option<Arc<str>>,
+        snapshot: Arc<PolicySnapshot>,
+    ) -> Event {
+        Event {
+            ts: SystemTime::now(),
+            kind,
+            listener,
+            proto: key.proto,
+            src: key.src,
+            dst: key.dst,
+            fqdn,
+            src_workload: None,
+            dst_workload: None,
+            direction: None,
+            reason: "",
+            policy: None,
+            snapshot,
+        }
+    }
+
+    /// With the workloads `decision` found at both ends.
+    fn decided_by(self, decision: &Decision) -> Event {
+        Event { src_workload: decision.src_workload, dst_workload: decision.dst_workload, ..self }
+    }
 }
 
 /// The handle the data path logs through. Cheap to clone; `emit` never blocks.
