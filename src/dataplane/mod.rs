@@ -35,7 +35,7 @@ use crate::conntrack::{Conntrack, CutSignal, Entry, EntryInit, EntryRef, FlowSta
 use crate::egress::{Checker, CredentialId, Credentials};
 use crate::flow::{FlowKey, Proto};
 use crate::policy::{Decision, FlowQuery, Generation, PolicyHandle, PolicySnapshot, WorkloadId};
-use crate::telemetry::flowlog::{Denied, Event, FlowLog};
+use crate::telemetry::flowlog::{Denied, Event, Flow, FlowLog};
 use crate::telemetry::metrics::{ListenerCounters, Registry};
 
 /// What the data path and the control plane share. Built once by `flowgate run` (or a
@@ -85,9 +85,10 @@ impl Runtime {
             .listeners()
             .get(usize::from(entry.listener()))
             .map_or_else(|| Arc::from("?"), |c| Arc::from(c.name.as_str()));
+        let key = entry.key();
         let fqdn = entry.fqdn().map(Arc::from);
-        let event = Event::revoked(listener, &entry.key(), fqdn, decision, snapshot.clone());
-        self.flowlog.emit(event);
+        let flow = Flow { listener, key: &key, fqdn, snapshot: snapshot.clone() };
+        self.flowlog.emit(Event::revoked(flow, decision));
     }
 }
 
@@ -113,6 +114,23 @@ pub struct ListenerTag {
     pub index: u16,
     pub name: Arc<str>,
     pub counters: Arc<ListenerCounters>,
+}
+
+impl ListenerTag {
+    /// A flow on this listener, as its flow-log events name it.
+    fn flow<'k>(
+        &self,
+        key: &'k FlowKey,
+        fqdn: Option<&str>,
+        snapshot: &Arc<PolicySnapshot>,
+    ) -> Flow<'k> {
+        Flow {
+            listener: self.name.clone(),
+            key,
+            fqdn: fqdn.map(Arc::from),
+            snapshot: snapshot.clone(),
+        }
+    }
 }
 
 /// A flow the gate let through: its key (for a forward proxy, the candidate admitted:
@@ -388,7 +406,7 @@ fn deny(
     snapshot: &Arc<PolicySnapshot>,
 ) {
     ListenerCounters::inc(&tag.counters.denied);
-    rt.flowlog.emit(Event::deny(tag.name.clone(), key, fqdn.map(Arc::from), why, snapshot.clone()));
+    rt.flowlog.emit(Event::deny(tag.flow(key, fqdn, snapshot), why));
 }
 
 /// Acts on an allowing decision: the flow tracked, or refused when conntrack cannot take
@@ -458,13 +476,11 @@ fn settle(
         entry.set_generation(current.generation);
     }
     ListenerCounters::inc(&tag.counters.allowed);
-    let fqdn = || req.fqdn.map(Arc::from);
     if decision.would_deny.is_some() {
-        let e = Event::would_deny(tag.name.clone(), &key, fqdn(), &decision, snapshot.clone());
-        rt.flowlog.emit(e);
+        rt.flowlog.emit(Event::would_deny(tag.flow(&key, req.fqdn, snapshot), &decision));
     }
     if rt.flowlog.sample_allow() {
-        rt.flowlog.emit(Event::allow(tag.name.clone(), &key, fqdn(), &decision, snapshot.clone()));
+        rt.flowlog.emit(Event::allow(tag.flow(&key, req.fqdn, snapshot), &decision));
     }
     Admission::Allow(Admitted { key, entry, cut, generation: snapshot.generation })
 }

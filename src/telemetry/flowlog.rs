@@ -144,105 +144,82 @@ impl Denied {
     }
 }
 
+/// Which flow an event is about, as every kind names it: the listener's name (an `Arc`
+/// clone), the flow, the name it was asked for and the snapshot that decided (which also
+/// resolves the event's ids to names).
+#[derive(Clone, Debug)]
+pub struct Flow<'a> {
+    pub listener: Arc<str>,
+    pub key: &'a FlowKey,
+    pub fqdn: Option<Arc<str>>,
+    pub snapshot: Arc<PolicySnapshot>,
+}
+
 /// One constructor per kind: what each kind carries is decided here, once, and every
 /// caller on the data path and in the control plane builds its events through them.
-/// Each takes the listener's name (an `Arc` clone), the flow, the name it was asked for
-/// and the snapshot that decided; none allocates.
+/// None allocates.
 impl Event {
     /// `deny`: a new flow refused (see [`Denied`]).
-    pub fn deny(
-        listener: Arc<str>,
-        key: &FlowKey,
-        fqdn: Option<Arc<str>>,
-        why: Denied,
-        snapshot: Arc<PolicySnapshot>,
-    ) -> Event {
-        let base = Event::of(EventKind::Deny, listener, key, fqdn, snapshot);
+    pub fn deny(flow: Flow<'_>, why: Denied) -> Event {
         let reason = why.reason();
         match why {
             Denied::Policy(d) => {
-                let direction = match d.verdict {
-                    Verdict::Deny(r) => r.direction,
-                    Verdict::Allow => None,
-                };
-                Event { reason, direction, policy: d.policy, ..base.decided_by(&d) }
+                Event { reason, ..Event::decided(EventKind::Deny, flow, Some(&d)) }
             }
-            Denied::DataPath { reason, src_workload, dst_workload } => {
-                Event { reason, src_workload, dst_workload, ..base }
-            }
+            Denied::DataPath { src_workload, dst_workload, .. } => Event {
+                reason,
+                src_workload,
+                dst_workload,
+                ..Event::decided(EventKind::Deny, flow, None)
+            },
         }
     }
 
     /// `would-deny`: an allowed flow that an audit-mode policy (`decision.would_deny`)
     /// would have refused.
-    pub fn would_deny(
-        listener: Arc<str>,
-        key: &FlowKey,
-        fqdn: Option<Arc<str>>,
-        decision: &Decision,
-        snapshot: Arc<PolicySnapshot>,
-    ) -> Event {
-        let base = Event::of(EventKind::WouldDeny, listener, key, fqdn, snapshot);
-        Event { reason: "audit", policy: decision.would_deny, ..base.decided_by(decision) }
+    pub fn would_deny(flow: Flow<'_>, decision: &Decision) -> Event {
+        let e = Event::decided(EventKind::WouldDeny, flow, Some(decision));
+        Event { reason: "audit", policy: decision.would_deny, ..e }
     }
 
     /// `allow`: an admitted flow (sampled, `allow_sample`).
-    pub fn allow(
-        listener: Arc<str>,
-        key: &FlowKey,
-        fqdn: Option<Arc<str>>,
-        decision: &Decision,
-        snapshot: Arc<PolicySnapshot>,
-    ) -> Event {
-        let base = Event::of(EventKind::Allow, listener, key, fqdn, snapshot);
-        Event { reason: "allowed", policy: decision.policy, ..base.decided_by(decision) }
+    pub fn allow(flow: Flow<'_>, decision: &Decision) -> Event {
+        Event { reason: "allowed", ..Event::decided(EventKind::Allow, flow, Some(decision)) }
     }
 
     /// `revoked`: an established flow cut because `decision` (of the new generation,
-    /// `snapshot`) denies it: its cause and side, or `revoked` when it names none.
-    pub fn revoked(
-        listener: Arc<str>,
-        key: &FlowKey,
-        fqdn: Option<Arc<str>>,
-        decision: &Decision,
-        snapshot: Arc<PolicySnapshot>,
-    ) -> Event {
-        let (reason, direction) = match decision.verdict {
-            Verdict::Deny(r) => (r.cause.as_str(), r.direction),
-            Verdict::Allow => ("revoked", None),
+    /// the flow's snapshot) denies it: its cause and side, or `revoked` when it names
+    /// none.
+    pub fn revoked(flow: Flow<'_>, decision: &Decision) -> Event {
+        let reason = match decision.verdict {
+            Verdict::Deny(r) => r.cause.as_str(),
+            Verdict::Allow => "revoked",
         };
-        let base = Event::of(EventKind::Revoked, listener, key, fqdn, snapshot);
-        Event { reason, direction, policy: decision.policy, ..base.decided_by(decision) }
+        Event { reason, ..Event::decided(EventKind::Revoked, flow, Some(decision)) }
     }
 
-    /// The parts every kind has; the constructors fill in the rest.
-    fn of(
-        kind: EventKind,
-        listener: Arc<str>,
-        key: &FlowKey,
-        fqdn: Option<Arc<str>>,
-        snapshot: Arc<PolicySnapshot>,
-    ) -> Event {
+    /// The parts every kind has, with `decision`'s workloads, policy and (for a denial)
+    /// side when there is one; the constructors set the reason and what differs.
+    fn decided(kind: EventKind, flow: Flow<'_>, decision: Option<&Decision>) -> Event {
+        let direction = match decision.map(|d| d.verdict) {
+            Some(Verdict::Deny(r)) => r.direction,
+            _ => None,
+        };
         Event {
             ts: SystemTime::now(),
             kind,
-            listener,
-            proto: key.proto,
-            src: key.src,
-            dst: key.dst,
-            fqdn,
-            src_workload: None,
-            dst_workload: None,
-            direction: None,
+            listener: flow.listener,
+            proto: flow.key.proto,
+            src: flow.key.src,
+            dst: flow.key.dst,
+            fqdn: flow.fqdn,
+            src_workload: decision.and_then(|d| d.src_workload),
+            dst_workload: decision.and_then(|d| d.dst_workload),
+            direction,
             reason: "",
-            policy: None,
-            snapshot,
+            policy: decision.and_then(|d| d.policy),
+            snapshot: flow.snapshot,
         }
-    }
-
-    /// With the workloads `decision` found at both ends.
-    fn decided_by(self, decision: &Decision) -> Event {
-        Event { src_workload: decision.src_workload, dst_workload: decision.dst_workload, ..self }
     }
 }
 

@@ -232,6 +232,8 @@ impl ForwardProxy {
     ///
     /// # Errors
     /// As [`ForwardProxy::decide`].
+    // `Failure` carries the name inline (see its note): once per request, no box.
+    #[allow(clippy::result_large_err)]
     pub fn admit(
         &self,
         client: SocketAddr,
