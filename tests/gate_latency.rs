@@ -191,10 +191,16 @@ fn a_transparent_flow_is_timed_by_the_gate() {
         let port = gate.addr("fwd").port();
         // Only the client's own connections are redirected: flowgate's dial to the server
         // leaves from another source address and must not come back to it.
-        sh(&format!(
-            "nft 'table ip fglat {{ chain out {{ type nat hook output priority -100; \
-             ip saddr {CLIENT} tcp dport 80 redirect to :{port}; }} }}'"
-        ));
+        let rules = gate.dir.path().join("redirect.nft");
+        std::fs::write(
+            &rules,
+            format!(
+                "table ip fglat {{\n  chain out {{\n    type nat hook output priority -100;\n    \
+                 ip saddr {CLIENT} tcp dport 80 redirect to :{port}\n  }}\n}}\n"
+            ),
+        )
+        .unwrap();
+        sh(&format!("nft -f {}", rules.display()));
         let c = gate.counters("fwd");
         let before = timed(&gate);
 
