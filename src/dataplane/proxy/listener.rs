@@ -339,7 +339,7 @@ pub async fn serve(
         let slot = Slot { counters: counters.clone(), _permit: permit, _guard: guard.clone() };
         // One spawn per kind, so that a task is the size of its own kind's future: behind
         // a single `match` every plain TCP connection's task would be as large as the
-        // largest egress handshake, and that state is moved on every spawn.
+        // largest forward-proxy handshake, and that state is moved on every spawn.
         match &handler {
             Handler::Proxy(p) => {
                 let p = p.clone();
