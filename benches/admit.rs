@@ -12,7 +12,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use flowgate::config::Config;
 use flowgate::conntrack::{Conntrack, FlowState};
 use flowgate::control::ControlPlane;
-use flowgate::dataplane::{ListenerTag, Runtime, admit, tcp_flow};
+use flowgate::dataplane::{FlowRequest, ListenerTag, Runtime, admit, tcp_flow};
 use flowgate::telemetry::flowlog::{FlowLog, FlowLogConfig};
 use flowgate::telemetry::metrics::Registry;
 
@@ -42,7 +42,12 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("admit");
     g.bench_function("deny", |b| {
         b.iter(|| {
-            black_box(admit(&rt, &tag, black_box(denied), None, FlowState::Open, Instant::now()))
+            black_box(admit(
+                &rt,
+                &tag,
+                &FlowRequest::to(black_box(denied), FlowState::Open),
+                Instant::now(),
+            ))
         })
     });
     let mut port = 0u16;
@@ -50,7 +55,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             port = port.wrapping_add(1).max(1);
             let k = tcp_flow(std::net::SocketAddr::from(([127, 0, 0, 1], port)), web);
-            let a = admit(&rt, &tag, k, None, FlowState::Open, Instant::now());
+            let a = admit(&rt, &tag, &FlowRequest::to(k, FlowState::Open), Instant::now());
             rt.conntrack.remove(&k);
             black_box(a)
         })

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use flowgate::config::Config;
 use flowgate::conntrack::FlowState;
-use flowgate::dataplane::{Admission, ListenerTag, admit, tcp_flow};
+use flowgate::dataplane::{Admission, FlowRequest, ListenerTag, admit, tcp_flow};
 use support::l4::*;
 
 struct Counting;
@@ -59,17 +59,17 @@ fn admit_allocates_nothing_on_deny_and_only_the_entry_on_allow() {
     for port in 1..200 {
         let k = key(OK, port);
         assert!(matches!(
-            admit(&rt, &tag, k, None, FlowState::Open, Instant::now()),
+            admit(&rt, &tag, &FlowRequest::to(k, FlowState::Open), Instant::now()),
             Admission::Allow(_)
         ));
         rt.conntrack.remove(&k);
-        let _ = admit(&rt, &tag, key(BAD, port), None, FlowState::Open, Instant::now());
+        let _ = admit(&rt, &tag, &FlowRequest::to(key(BAD, port), FlowState::Open), Instant::now());
     }
 
     let denied: Vec<_> = (1000..1100).map(|port| key(BAD, port)).collect();
     let before = allocs();
     for &k in &denied {
-        let r = admit(&rt, &tag, k, None, FlowState::Open, Instant::now());
+        let r = admit(&rt, &tag, &FlowRequest::to(k, FlowState::Open), Instant::now());
         assert!(matches!(r, Admission::Deny(_)));
     }
     assert_eq!(allocs() - before, 0, "deny path allocated");
@@ -78,7 +78,7 @@ fn admit_allocates_nothing_on_deny_and_only_the_entry_on_allow() {
     let allowed: Vec<_> = (2000..2100).map(|port| key(OK, port)).collect();
     for &k in &allowed {
         let before = allocs();
-        let r = admit(&rt, &tag, k, None, FlowState::Open, Instant::now());
+        let r = admit(&rt, &tag, &FlowRequest::to(k, FlowState::Open), Instant::now());
         worst = worst.max(allocs() - before);
         assert!(matches!(r, Admission::Allow(_)));
         drop(r);

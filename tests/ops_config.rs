@@ -26,8 +26,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
-use support::require::{Need, skip_unless};
 use serde_norway::Value as Yaml;
+use support::require::{Need, skip_unless};
 
 const ALERTS: &str = "config/prometheus/alerts.yaml";
 const ALERT_TESTS: &str = "config/prometheus/alerts_test.yaml";

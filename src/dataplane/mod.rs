@@ -1,35 +1,42 @@
 //! Dataplanes: turning connections and packets into flows, admitting each new flow through
 //! the one gate ([`admit`]), and forwarding what is allowed.
 //!
-//! [`admit`] is the only place on the data path that asks the policy. It loads the current
-//! snapshot once, decides, times the decision, and then either tracks the flow in conntrack
-//! (allow: generation, both workloads and a cut signal the control plane can fire) or
-//! refuses it (deny: counted and sent to the flow log). Dataplanes build a [`FlowKey`] their
-//! own way, call [`admit`], and act on the [`Admission`]; none of them decides on its own.
-//! The one exception is the forward proxies (`http-connect`, `socks5`): a name resolves to
-//! several addresses and the first that policy allows is dialled, so they decide each
-//! candidate through `egress::Checker::choose` and hand the chosen decision (or the policy
-//! denial) to [`admit_decided`], and refusals before policy (SSRF guard, bad or unresolved
-//! name) to [`refuse`]: what happens on a decision — conntrack, counters, flow log — stays
-//! here, and each flow is decided once and logged once.
+//! [`admit`] is the only place on the data path that asks the policy (through
+//! [`decide`], which nothing else calls). Every listener kind describes a new flow the same
+//! way, as a [`FlowRequest`]: who is asking ([`Source`]: the address, or the workload a
+//! proxy credential names), the name it asked for if any, and where it may go
+//! ([`Destination`]: one address the dataplane chose, or a forward proxy's candidate
+//! addresses for a name). The gate loads the policy snapshot once, decides — for
+//! candidates, in order: the first that passes the forward proxy's screen (SSRF guard,
+//! flowgate's own listeners) and policy is the flow, and the address that is dialled —
+//! times the decision, and then either tracks the flow in conntrack (allow: generation,
+//! both workloads and a cut signal the control plane can fire) or refuses it (deny:
+//! counted and sent to the flow log). A refusal before any decision could apply (a bad or
+//! unresolvable name, a name that does not cover the address dialled, failed
+//! credentials) goes through [`refuse`], which shares the gate's one refusal path. So
+//! every flow of every listener kind is counted, timed and logged by the same code, and
+//! decided and logged once.
 //!
 //! [`Runtime`] (`runtime.rs`) holds what every dataplane and the control plane share: the
 //! conntrack table, the policy handle (read here, written only by the control plane), the
 //! metrics registry, the flow log and readiness.
 //!
-//! Not here: the policy itself (`policy`), reloading it (`control`), the proxy listeners'
-//! sockets (`proxy`).
+//! Not here: the policy itself (`policy`), reloading it (`control`), the listeners'
+//! sockets and protocols (`proxy`), turning a destination name into candidates
+//! (`egress`).
 
 pub mod proxy;
 mod runtime;
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use crate::conntrack::{CutSignal, EntryInit, EntryRef, FlowState, InsertError};
+use crate::egress::{Checker, CredentialId, Credentials};
 use crate::flow::{FlowKey, Proto};
-use crate::policy::{Decision, DenyReason, FlowQuery, Generation, PolicySnapshot, Verdict};
-use crate::telemetry::flowlog::{Event, EventKind};
+use crate::policy::{Decision, FlowQuery, Generation, PolicySnapshot, WorkloadId};
+use crate::telemetry::flowlog::{Denied, Event, Flow};
 use crate::telemetry::metrics::ListenerCounters;
 
 pub use runtime::{Readiness, ReadyState, Runtime, log_revoked};
@@ -43,245 +50,373 @@ pub struct ListenerTag {
     pub counters: Arc<ListenerCounters>,
 }
 
-/// A flow the gate let through: its conntrack entry and the signal that cuts it.
+impl ListenerTag {
+    /// A flow on this listener, as its flow-log events name it.
+    fn flow<'k>(
+        &self,
+        key: &'k FlowKey,
+        fqdn: Option<&str>,
+        snapshot: &Arc<PolicySnapshot>,
+    ) -> Flow<'k> {
+        Flow {
+            listener: self.name.clone(),
+            key,
+            fqdn: fqdn.map(Arc::from),
+            snapshot: snapshot.clone(),
+        }
+    }
+}
+
+/// A flow the gate let through: its key (for a forward proxy, the candidate admitted:
+/// the one address to dial), its conntrack entry and the signal that cuts it.
 #[derive(Debug)]
 pub struct Admitted {
+    pub key: FlowKey,
     pub entry: EntryRef,
     pub cut: Arc<CutSignal>,
     pub generation: Generation,
+}
+
+/// A refused flow (already counted and logged): where it was going and the flow log's
+/// reason (a policy cause, `ssrf`, `own-listener`, `no-address`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Denial {
+    pub dst: SocketAddr,
+    pub reason: &'static str,
 }
 
 /// The gate's answer.
 #[derive(Debug)]
 pub enum Admission {
     Allow(Admitted),
-    /// The policy refused the flow (already counted and logged).
-    Deny(DenyReason),
+    /// Refused by policy, or every candidate refused (already counted and logged).
+    Deny(Denial),
     /// The policy allowed it but conntrack could not track it (table full, or the same
     /// 5-tuple is already open); refused, counted and logged. Fail closed.
     Untracked(InsertError),
+    /// Allowed, to an address the caller already has a flow to ([`Candidates::tracked`]):
+    /// nothing new is tracked, counted or logged.
+    Tracked(SocketAddr),
+}
+
+/// Who is asking for a flow: what the policy takes as its source workload.
+#[derive(Clone, Copy, Debug)]
+pub enum Source<'a> {
+    /// The workload the inventory places at the flow's source address, if any.
+    Addr,
+    /// The workload a proxy credential names (`egress::auth`; functions that share NAT
+    /// addresses): decided with `decide_as`, logged with it, and kept on the flow's cut
+    /// signal so a reload re-decides the flow as that workload too. A workload the
+    /// inventory does not know is nobody's — never the source address's.
+    Credential(&'a Credentials, CredentialId),
+}
+
+impl Source<'_> {
+    /// The source workload to decide as in `snapshot` (`None`: by address).
+    fn workload(self, snapshot: &PolicySnapshot) -> Option<WorkloadId> {
+        match self {
+            Source::Addr => None,
+            Source::Credential(creds, id) => Some(
+                creds
+                    .workload(id, &snapshot.compiled, snapshot.generation)
+                    .unwrap_or(WorkloadId(u32::MAX)),
+            ),
+        }
+    }
+}
+
+/// Where a new flow may go.
+#[derive(Clone, Copy)]
+pub enum Destination<'a> {
+    /// The one address the dataplane chose (an L4 upstream).
+    Addr(SocketAddr),
+    /// A forward proxy's candidates for a name or address.
+    Candidates(Candidates<'a>),
+}
+
+/// A forward proxy's destination: every address the name resolved to, in order (an
+/// address is its own one candidate). Each is made canonical (IPv4-mapped → IPv4) and
+/// screened ([`Checker::screen`]: flowgate's own listeners, the SSRF guard), then decided;
+/// the first that passes both is admitted, and it is the only address the caller dials —
+/// never resolving again, so a DNS answer that changes between check and connect
+/// (rebinding) cannot redirect the flow. When every candidate is refused, the first one's
+/// refusal is the flow's.
+#[derive(Clone, Copy)]
+pub struct Candidates<'a> {
+    pub addrs: &'a [IpAddr],
+    pub port: u16,
+    pub checker: &'a Checker,
+    /// Addresses the caller already has a flow to (a SOCKS5 UDP association that reached
+    /// one under another spelling): allowed, they come back as [`Admission::Tracked`].
+    pub tracked: Option<&'a (dyn Fn(SocketAddr) -> bool + Sync)>,
+}
+
+/// A new flow, as every listener kind asks the gate about it.
+#[derive(Clone, Copy)]
+pub struct FlowRequest<'a> {
+    pub proto: Proto,
+    /// The client (the peer, or a trusted PROXY header's source).
+    pub src: SocketAddr,
+    pub dst: Destination<'a>,
+    /// The destination's name where the listener knows it (CONNECT, SOCKS5, SNI, Host),
+    /// normalised; kept on the entry so a reload re-decides the flow with it.
+    pub fqdn: Option<&'a str>,
+    pub source: Source<'a>,
+    /// The conntrack state the flow starts in.
+    pub state: FlowState,
+}
+
+impl FlowRequest<'static> {
+    /// A flow to one address, decided by its addresses alone (the L4 listeners).
+    pub const fn to(key: FlowKey, state: FlowState) -> FlowRequest<'static> {
+        FlowRequest {
+            proto: key.proto,
+            src: key.src,
+            dst: Destination::Addr(key.dst),
+            fqdn: None,
+            source: Source::Addr,
+            state,
+        }
+    }
+}
+
+impl FlowRequest<'_> {
+    /// The flow's key when its destination is known; a forward proxy's flow that has none
+    /// yet (refused before any candidate) has the unspecified address and the port asked
+    /// for.
+    pub fn key(&self) -> FlowKey {
+        let dst = match self.dst {
+            Destination::Addr(a) => a,
+            Destination::Candidates(c) => {
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), c.port)
+            }
+        };
+        FlowKey::new(self.proto, self.src, dst)
+    }
 }
 
 /// The one gate: decide a new flow and act on the decision.
 ///
-/// - allow → a conntrack entry (state `state`, the generation and both workloads, a fresh
-///   cut signal); `allowed` counted; an `allow` event if sampled and a `would-deny` event
-///   if an audit-mode policy objects.
+/// - allow → a conntrack entry (state `req.state`, the generation and both workloads, a
+///   fresh cut signal carrying a credential's workload); `allowed` counted; an `allow`
+///   event if sampled and a `would-deny` event if an audit-mode policy objects.
 /// - deny → `denied` counted and a `deny` event; nothing is tracked.
 ///
-/// The policy snapshot is loaded once; the decision is timed into `Registry::decision`.
-/// Besides the two objects that outlive the call on allow (the conntrack entry and its
-/// cut signal), nothing is allocated on allow; on deny the event holds only `Arc` clones.
-pub fn admit(
-    rt: &Runtime,
-    tag: &ListenerTag,
-    key: FlowKey,
-    fqdn: Option<&Arc<str>>,
-    state: FlowState,
-    now: Instant,
-) -> Admission {
+/// The policy snapshot is loaded once; the decision (for candidates, the walk over them)
+/// is timed into `Registry::decision`, once per flow. Besides the two objects that
+/// outlive the call on allow (the conntrack entry and its cut signal) and the name kept
+/// with the entry, nothing is allocated on allow; on deny the event holds only `Arc`
+/// clones (and the name).
+pub fn admit(rt: &Runtime, tag: &ListenerTag, req: &FlowRequest<'_>, now: Instant) -> Admission {
     let snapshot = rt.policy.load();
-    let query = FlowQuery {
-        src: key.src.ip(),
-        dst: key.dst.ip(),
-        dst_port: key.dst.port(),
-        proto: key.proto,
-        fqdn: fqdn.map(|f| &**f),
-    };
     let t0 = Instant::now();
-    let decision = snapshot.compiled.decide(&query);
+    let source = req.source.workload(&snapshot);
+    let chosen = match req.dst {
+        Destination::Addr(dst) => {
+            let key = FlowKey::new(req.proto, req.src, dst);
+            let decision = decide(&snapshot, &key, req.fqdn, source);
+            if decision.verdict.is_allow() {
+                Chosen::Allowed(key, decision)
+            } else {
+                Chosen::Refused(key, Refused::Policy(decision))
+            }
+        }
+        Destination::Candidates(c) => choose(&snapshot, req, &c, source),
+    };
     rt.registry.decision.record(t0.elapsed());
-    settle(rt, tag, key, fqdn.map(|f| &**f), || fqdn.cloned(), &snapshot, decision, state, now)
+    match chosen {
+        Chosen::Allowed(key, decision) => settle(rt, tag, req, key, &snapshot, decision, now),
+        Chosen::Tracked(addr) => Admission::Tracked(addr),
+        Chosen::Refused(key, why) => {
+            let denied = match why {
+                Refused::Policy(d) => Denied::Policy(d),
+                Refused::Screen(reason) => {
+                    let src_workload = logged_source(&snapshot, &key, source);
+                    Denied::DataPath { reason, src_workload, dst_workload: None }
+                }
+            };
+            deny(rt, tag, &key, req.fqdn, denied, &snapshot);
+            Admission::Deny(Denial { dst: key.dst, reason: denied.reason() })
+        }
+    }
 }
 
-/// The gate for a flow whose decision was already made against `snapshot` by a caller
-/// that had to choose among candidate destinations first (the egress listeners: a name
-/// resolves to several addresses, each decided with the name as `fqdn`, and the first
-/// that passes is dialled — `egress::Checker::choose`). It acts on that decision exactly
-/// as [`admit`] does (conntrack entry, counters, `deny` / `would-deny` / sampled `allow`
-/// events), so the flow is decided once and logged once, in this one place.
-///
-/// `decision` must come from `snapshot.compiled.decide` for `key` (with `fqdn`); the
-/// name is turned into an `Arc` when the flow is tracked (the entry keeps it for
-/// revalidation) or an event is written.
-#[allow(clippy::too_many_arguments)]
-pub fn admit_decided(
-    rt: &Runtime,
-    tag: &ListenerTag,
-    key: FlowKey,
-    fqdn: Option<&str>,
-    snapshot: &Arc<PolicySnapshot>,
-    decision: Decision,
-    state: FlowState,
-    now: Instant,
-) -> Admission {
-    settle(rt, tag, key, fqdn, || fqdn.map(Arc::from), snapshot, decision, state, now)
-}
-
-/// A flow refused before any policy decision could apply to it: the egress listeners'
-/// SSRF guard, an invalid or unresolvable name, flowgate's own listener as destination.
-/// Counted as `denied` and logged as a `deny` event with `reason` and the name; no
-/// workload is named for the destination (`dst` may be unknown: port only).
-pub fn refuse(
-    rt: &Runtime,
-    tag: &ListenerTag,
-    key: FlowKey,
-    fqdn: Option<&str>,
-    reason: &'static str,
-) {
+/// A flow refused before any policy decision could apply to it (a forward proxy's bad,
+/// unresolvable or mismatched name, its client's failed credentials, a redirected
+/// connection without an original destination): through the gate's refusal path —
+/// counted as `denied`, logged as a `deny` event with `reason`, the name and the source
+/// workload; no destination workload (`req.key()` may have the port only).
+pub fn refuse(rt: &Runtime, tag: &ListenerTag, req: &FlowRequest<'_>, reason: &'static str) {
     let snapshot = rt.policy.load();
-    let src_workload = snapshot.compiled.workload_of(key.src.ip());
-    ListenerCounters::inc(&tag.counters.denied);
-    rt.flowlog.emit(Event {
-        ts: SystemTime::now(),
-        kind: EventKind::Deny,
-        listener: tag.name.clone(),
-        proto: key.proto,
-        src: key.src,
-        dst: key.dst,
-        fqdn: fqdn.map(Arc::from),
-        src_workload,
-        dst_workload: None,
-        direction: None,
-        reason,
-        policy: None,
-        snapshot: Arc::clone(&snapshot),
-    });
+    let key = req.key();
+    let src_workload = logged_source(&snapshot, &key, req.source.workload(&snapshot));
+    let why = Denied::DataPath { reason, src_workload, dst_workload: None };
+    deny(rt, tag, &key, req.fqdn, why, &snapshot);
 }
 
-/// Acts on a decision: the shared second half of [`admit`] and [`admit_decided`].
-#[allow(clippy::too_many_arguments)]
+/// What the gate chose for a flow.
+enum Chosen {
+    Allowed(FlowKey, Decision),
+    Tracked(SocketAddr),
+    Refused(FlowKey, Refused),
+}
+
+/// Why a candidate was refused.
+#[derive(Clone, Copy)]
+enum Refused {
+    Policy(Decision),
+    /// By the forward proxy's screen, before policy.
+    Screen(&'static str),
+}
+
+/// The first of `c`'s candidates that passes the screen and policy, or the first
+/// candidate's refusal (`no-address` when there is none).
+fn choose(
+    snapshot: &PolicySnapshot,
+    req: &FlowRequest<'_>,
+    c: &Candidates<'_>,
+    source: Option<WorkloadId>,
+) -> Chosen {
+    let mut first = None;
+    for &raw in c.addrs {
+        let key = FlowKey::new(req.proto, req.src, SocketAddr::new(raw.to_canonical(), c.port));
+        let refused = match c.checker.screen(key.dst) {
+            Err(r) => Refused::Screen(r.reason()),
+            Ok(()) => {
+                let decision = decide(snapshot, &key, req.fqdn, source);
+                if decision.verdict.is_allow() {
+                    return match c.tracked {
+                        Some(tracked) if tracked(key.dst) => Chosen::Tracked(key.dst),
+                        _ => Chosen::Allowed(key, decision),
+                    };
+                }
+                Refused::Policy(decision)
+            }
+        };
+        first.get_or_insert((key, refused));
+    }
+    match first {
+        Some((key, why)) => Chosen::Refused(key, why),
+        None => Chosen::Refused(req.key(), Refused::Screen("no-address")),
+    }
+}
+
+/// The one call into the policy on the data path: `decide`, or `decide_as` when a
+/// credential named the source workload.
+#[inline]
+fn decide(
+    snapshot: &PolicySnapshot,
+    key: &FlowKey,
+    fqdn: Option<&str>,
+    source: Option<WorkloadId>,
+) -> Decision {
+    let query = FlowQuery::from_key(key, fqdn);
+    match source {
+        Some(w) => snapshot.compiled.decide_as(&query, w),
+        None => snapshot.compiled.decide(&query),
+    }
+}
+
+/// The source workload a refusal is logged with: the credential's (when the inventory
+/// knows it), else the one at the source address.
+fn logged_source(
+    snapshot: &PolicySnapshot,
+    key: &FlowKey,
+    source: Option<WorkloadId>,
+) -> Option<WorkloadId> {
+    match source {
+        Some(w) => Some(w).filter(|w| snapshot.compiled.workload_name(*w).is_some()),
+        None => snapshot.compiled.workload_of(key.src.ip()),
+    }
+}
+
+/// The gate's one refusal path: `denied` counted, a `deny` event emitted.
+fn deny(
+    rt: &Runtime,
+    tag: &ListenerTag,
+    key: &FlowKey,
+    fqdn: Option<&str>,
+    why: Denied,
+    snapshot: &Arc<PolicySnapshot>,
+) {
+    ListenerCounters::inc(&tag.counters.denied);
+    rt.flowlog.emit(Event::deny(tag.flow(key, fqdn, snapshot), why));
+}
+
+/// Acts on an allowing decision: the flow tracked, or refused when conntrack cannot take
+/// it or the generation that replaced `snapshot` meanwhile denies it.
 fn settle(
     rt: &Runtime,
     tag: &ListenerTag,
+    req: &FlowRequest<'_>,
     key: FlowKey,
-    name: Option<&str>,
-    fqdn: impl Fn() -> Option<Arc<str>>,
     snapshot: &Arc<PolicySnapshot>,
     decision: Decision,
-    state: FlowState,
     now: Instant,
 ) -> Admission {
-    let event = |kind: EventKind,
-                 reason: &'static str,
-                 direction,
-                 policy,
-                 snapshot: &Arc<PolicySnapshot>| Event {
-        ts: SystemTime::now(),
-        kind,
-        listener: tag.name.clone(),
-        proto: key.proto,
-        src: key.src,
-        dst: key.dst,
-        fqdn: fqdn(),
+    let cut = Arc::new(CutSignal::default());
+    if let Source::Credential(creds, id) = req.source
+        && let Some(workload) = creds.source(id)
+    {
+        cut.set_source(workload);
+    }
+    let init = || EntryInit {
+        state: req.state,
+        generation: snapshot.generation,
         src_workload: decision.src_workload,
         dst_workload: decision.dst_workload,
-        direction,
-        reason,
-        policy,
-        snapshot: snapshot.clone(),
+        listener: tag.index,
+        cut: Some(cut.clone()),
+        // Kept with the entry so a reload re-decides the flow with the name it was
+        // admitted for (a `domainNames` rule may be all that allows it).
+        fqdn: req.fqdn.map(Arc::from),
     };
-    match decision.verdict {
-        Verdict::Deny(reason) => {
-            ListenerCounters::inc(&tag.counters.denied);
-            rt.flowlog.emit(event(
-                EventKind::Deny,
-                reason.cause.as_str(),
-                reason.direction,
-                decision.policy,
-                snapshot,
-            ));
-            Admission::Deny(reason)
-        }
-        Verdict::Allow => {
-            let cut = Arc::new(CutSignal::default());
-            let init = || EntryInit {
-                state,
-                generation: snapshot.generation,
+    let mut inserted = rt.conntrack.insert(key, init(), now);
+    if matches!(inserted, Err(InsertError::Exists)) && replace_stale(rt, &key) {
+        inserted = rt.conntrack.insert(key, init(), now);
+    }
+    let entry = match inserted {
+        Ok(entry) => entry,
+        Err(err) => {
+            let reason = match err {
+                InsertError::Full { .. } => {
+                    ListenerCounters::inc(&tag.counters.conntrack_full);
+                    "conntrack-full"
+                }
+                InsertError::Exists => "duplicate-flow",
+            };
+            let why = Denied::DataPath {
+                reason,
                 src_workload: decision.src_workload,
                 dst_workload: decision.dst_workload,
-                listener: tag.index,
-                cut: Some(cut.clone()),
-                // Kept with the entry so a reload re-decides the flow with the name it was
-                // admitted for (a `domainNames` rule may be all that allows it).
-                fqdn: fqdn(),
             };
-            let mut inserted = rt.conntrack.insert(key, init(), now);
-            if matches!(inserted, Err(InsertError::Exists)) && replace_stale(rt, &key) {
-                inserted = rt.conntrack.insert(key, init(), now);
-            }
-            match inserted {
-                Ok(entry) => {
-                    // A reload may have swapped in a new generation between the decision
-                    // and the insert; its revalidation pass may already have walked the
-                    // table without this entry. Decide again on the generation now in
-                    // force (one extra snapshot load, no allocation), so no flow is ever
-                    // tracked under a generation that denies it.
-                    let current = rt.policy.load();
-                    if current.generation != snapshot.generation {
-                        let query = FlowQuery {
-                            src: key.src.ip(),
-                            dst: key.dst.ip(),
-                            dst_port: key.dst.port(),
-                            proto: key.proto,
-                            fqdn: name,
-                        };
-                        let again = current.compiled.decide(&query);
-                        if let Verdict::Deny(reason) = again.verdict {
-                            rt.conntrack.remove(&key);
-                            ListenerCounters::inc(&tag.counters.denied);
-                            let current = Arc::clone(&current);
-                            rt.flowlog.emit(Event {
-                                src_workload: again.src_workload,
-                                dst_workload: again.dst_workload,
-                                ..event(
-                                    EventKind::Deny,
-                                    reason.cause.as_str(),
-                                    reason.direction,
-                                    again.policy,
-                                    &current,
-                                )
-                            });
-                            return Admission::Deny(reason);
-                        }
-                        entry.set_generation(current.generation);
-                    }
-                    ListenerCounters::inc(&tag.counters.allowed);
-                    if decision.would_deny.is_some() {
-                        rt.flowlog.emit(event(
-                            EventKind::WouldDeny,
-                            "audit",
-                            None,
-                            decision.would_deny,
-                            snapshot,
-                        ));
-                    }
-                    if rt.flowlog.sample_allow() {
-                        rt.flowlog.emit(event(
-                            EventKind::Allow,
-                            "allowed",
-                            None,
-                            decision.policy,
-                            snapshot,
-                        ));
-                    }
-                    Admission::Allow(Admitted { entry, cut, generation: snapshot.generation })
-                }
-                Err(err) => {
-                    let reason = match err {
-                        InsertError::Full { .. } => {
-                            ListenerCounters::inc(&tag.counters.conntrack_full);
-                            "conntrack-full"
-                        }
-                        InsertError::Exists => "duplicate-flow",
-                    };
-                    ListenerCounters::inc(&tag.counters.denied);
-                    rt.flowlog.emit(event(EventKind::Deny, reason, None, None, snapshot));
-                    Admission::Untracked(err)
-                }
-            }
+            deny(rt, tag, &key, req.fqdn, why, snapshot);
+            return Admission::Untracked(err);
         }
+    };
+    // A reload may have swapped in a new generation between the decision and the
+    // insert; its revalidation pass may already have walked the table without this
+    // entry. Decide again on the generation now in force (one extra snapshot load, no
+    // allocation), so no flow is ever tracked under a generation that denies it.
+    let current = rt.policy.load();
+    if current.generation != snapshot.generation {
+        let again = decide(&current, &key, req.fqdn, req.source.workload(&current));
+        if !again.verdict.is_allow() {
+            rt.conntrack.remove(&key);
+            let why = Denied::Policy(again);
+            deny(rt, tag, &key, req.fqdn, why, &current);
+            return Admission::Deny(Denial { dst: key.dst, reason: why.reason() });
+        }
+        entry.set_generation(current.generation);
     }
+    ListenerCounters::inc(&tag.counters.allowed);
+    if decision.would_deny.is_some() {
+        rt.flowlog.emit(Event::would_deny(tag.flow(&key, req.fqdn, snapshot), &decision));
+    }
+    if rt.flowlog.sample_allow() {
+        rt.flowlog.emit(Event::allow(tag.flow(&key, req.fqdn, snapshot), &decision));
+    }
+    Admission::Allow(Admitted { key, entry, cut, generation: snapshot.generation })
 }
 
 /// A new TCP connection whose 4-tuple is still tracked: when the client's port is

@@ -8,11 +8,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::SystemTime;
 
 use crate::conntrack::{Conntrack, Entry};
-use crate::policy::{Decision, Generation, PolicyHandle, PolicySnapshot, Verdict};
-use crate::telemetry::flowlog::{Event, EventKind, FlowLog};
+use crate::policy::{Decision, Generation, PolicyHandle, PolicySnapshot};
+use crate::telemetry::flowlog::{Event, Flow, FlowLog};
 use crate::telemetry::metrics::Registry;
 
 /// What the data path and the control plane share. Built once by the gateway (or a test);
@@ -56,30 +55,14 @@ pub fn log_revoked(
     decision: &Decision,
     snapshot: &Arc<PolicySnapshot>,
 ) {
-    let (direction, reason) = match decision.verdict {
-        Verdict::Deny(r) => (r.direction, r.cause.as_str()),
-        Verdict::Allow => (None, "revoked"),
-    };
     let listener = registry
         .listeners()
         .get(usize::from(entry.listener()))
         .map_or_else(|| Arc::from("?"), |c| Arc::from(c.name.as_str()));
     let key = entry.key();
-    flowlog.emit(Event {
-        ts: SystemTime::now(),
-        kind: EventKind::Revoked,
-        listener,
-        proto: key.proto,
-        src: key.src,
-        dst: key.dst,
-        fqdn: entry.fqdn().map(Arc::from),
-        src_workload: decision.src_workload,
-        dst_workload: decision.dst_workload,
-        direction,
-        reason,
-        policy: decision.policy,
-        snapshot: snapshot.clone(),
-    });
+    let fqdn = entry.fqdn().map(Arc::from);
+    let flow = Flow { listener, key: &key, fqdn, snapshot: snapshot.clone() };
+    flowlog.emit(Event::revoked(flow, decision));
 }
 
 /// Where the gateway is in its life, as `/readyz` reports it.

@@ -1,25 +1,27 @@
-//! The egress decision, independent of sockets: "client C asks for host H port P" → the
-//! one address to dial, or a typed refusal the listener turns into its protocol's answer
-//! and a flow-log `deny` event.
+//! Where a forward-proxy request may go, independent of sockets and of policy: "client C
+//! asks for host H port P" → the candidate addresses the gate decides among
+//! (`dataplane::admit`), or a typed refusal before any decision could apply, which the
+//! listener turns into its protocol's answer and a flow-log `deny` event.
 //!
 //! The sequence, in one place so every listener gets it the same:
 //! 1. the host is parsed and normalised ([`Target`]); a name that spells an address is
 //!    that address;
-//! 2. a name is resolved once, to every candidate address ([`Resolver`]); an address is
-//!    its own single candidate;
-//! 3. each candidate, in order, is made canonical (IPv4-mapped → IPv4), refused if it is
-//!    one of flowgate's own listeners, checked by the SSRF guard, then by policy
-//!    (`CompiledPolicy::decide` with the name as `fqdn`);
+//! 2. a name is resolved once, to every candidate address ([`Checker::resolve`]); an
+//!    address is its own single candidate. In transparent mode the candidate is the
+//!    address the client dialled, once the name its first bytes carried is known to
+//!    resolve to it ([`Checker::transparent_candidates`]);
+//! 3. the gate walks the candidates in order: each is made canonical (IPv4-mapped →
+//!    IPv4), screened here ([`Checker::screen`]: one of flowgate's own listeners, the
+//!    SSRF guard), then decided by policy with the name as `fqdn`;
 //! 4. the first candidate that passes everything is the address to dial — and the only
-//!    one: the caller dials exactly [`Admitted::addr`], never resolving again, so a DNS
+//!    one: the caller dials exactly the admitted address, never resolving again, so a DNS
 //!    answer that changes between check and connect (rebinding) cannot redirect the flow.
 //!
-//! Resolution (async) and choosing (sync, pure) are separate steps so the listener can
-//! load the policy snapshot *after* the await and never hold it across one:
-//! [`Checker::resolve`] then [`Checker::choose`]; [`Checker::check`] does both.
+//! Resolution (async) happens here, before the gate loads the policy snapshot, so no
+//! snapshot is ever held across an await.
 
-// `Refusal` and `Admitted` carry the name inline (no allocation per flow), which makes
-// them a few hundred bytes: a copy that costs less than the allocation it replaces.
+// `Refusal` carries the name inline (no allocation per flow), which makes it a few
+// hundred bytes: a copy that costs less than the allocation it replaces.
 #![allow(clippy::result_large_err)]
 
 use std::net::{IpAddr, SocketAddr};
@@ -30,8 +32,6 @@ use super::auth::Credentials;
 use super::name::{DomainName, NameError, Target};
 use super::resolve::{ResolveError, Resolver};
 use super::ssrf::{Guard, SsrfRefusal};
-use crate::flow::Proto;
-use crate::policy::{CompiledPolicy, Decision, FlowQuery, WorkloadId};
 use crate::wire::socks5::ReplyCode;
 
 /// The candidates for one request: the normalised name (if any) and its addresses.
@@ -41,23 +41,25 @@ pub struct Candidates {
     pub addrs: std::sync::Arc<[IpAddr]>,
 }
 
-/// A request that may proceed: dial `addr`, log with `fqdn` and `decision`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Admitted {
-    pub addr: SocketAddr,
-    pub fqdn: Option<DomainName>,
-    pub decision: Decision,
-}
-
-/// Why a candidate address was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Why a candidate address is refused before policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
 pub enum AddrRefusal {
     /// The SSRF guard matched a special range.
+    #[error("ssrf guard: {0}")]
     Ssrf(SsrfRefusal),
-    /// Policy denied the flow; the decision says who and why.
-    Policy(Decision),
     /// The address and port are one of flowgate's own listeners (admin, proxy).
+    #[error("flowgate's own listener")]
     OwnListener,
+}
+
+impl AddrRefusal {
+    /// The flow log's `reason`.
+    pub const fn reason(&self) -> &'static str {
+        match self {
+            AddrRefusal::Ssrf(_) => "ssrf",
+            AddrRefusal::OwnListener => "own-listener",
+        }
+    }
 }
 
 /// A refused request. A value for the flow log and the protocol's answer, not a failure
@@ -77,21 +79,10 @@ pub enum Refusal {
     /// empty list; kept so a hand-built [`Candidates`] fails closed).
     #[error("no candidate address")]
     NoAddress { fqdn: Option<DomainName> },
-    /// Every candidate was refused; `first` is the first candidate and why (the one the
-    /// flow log reports), `candidates` how many there were.
-    #[error("{}: {}", first.0, describe(&first.1))]
-    Denied { fqdn: Option<DomainName>, first: (SocketAddr, AddrRefusal), candidates: usize },
-}
-
-fn describe(r: &AddrRefusal) -> String {
-    match r {
-        AddrRefusal::Ssrf(s) => format!("ssrf guard: {s}"),
-        AddrRefusal::Policy(d) => match d.verdict {
-            crate::policy::Verdict::Deny(reason) => format!("policy: {}", reason.cause.as_str()),
-            crate::policy::Verdict::Allow => "policy".to_owned(),
-        },
-        AddrRefusal::OwnListener => "flowgate's own listener".to_owned(),
-    }
+    /// The gate refused every candidate: `reason` is the first candidate's (a policy
+    /// cause, `ssrf`, `own-listener`), as the flow log has it.
+    #[error("refused: {reason}")]
+    Denied { fqdn: Option<DomainName>, reason: &'static str },
 }
 
 impl Refusal {
@@ -102,12 +93,7 @@ impl Refusal {
             Refusal::NoAddress { .. } => "no-address",
             Refusal::NameMismatch { .. } => "name-mismatch",
             Refusal::Resolve { error, .. } => error.as_str(),
-            Refusal::Denied { first: (_, AddrRefusal::Ssrf(_)), .. } => "ssrf",
-            Refusal::Denied { first: (_, AddrRefusal::OwnListener), .. } => "own-listener",
-            Refusal::Denied { first: (_, AddrRefusal::Policy(d)), .. } => match d.verdict {
-                crate::policy::Verdict::Deny(r) => r.cause.as_str(),
-                crate::policy::Verdict::Allow => "policy",
-            },
+            Refusal::Denied { reason, .. } => reason,
         }
     }
 
@@ -205,84 +191,16 @@ impl Checker {
         }
     }
 
-    /// Steps 3–4: the first candidate that passes, under `policy`. Pure: no I/O, no clock.
+    /// Step 3's screen for one candidate (canonical already): flowgate's own listeners,
+    /// then the SSRF guard. Pure: no I/O, no clock, no policy.
     ///
     /// # Errors
-    /// [`Refusal::Denied`] when no candidate passes (or there are none).
-    pub fn choose(
-        &self,
-        policy: &CompiledPolicy,
-        client: IpAddr,
-        cands: &Candidates,
-        port: u16,
-        proto: Proto,
-    ) -> Result<Admitted, Refusal> {
-        self.choose_as(policy, client, None, cands, port, proto)
-    }
-
-    /// [`Checker::choose`] with the source workload given (`Some`: proxy credentials
-    /// named it) instead of looked up from `client`'s address.
-    ///
-    /// # Errors
-    /// As [`Checker::choose`].
-    pub fn choose_as(
-        &self,
-        policy: &CompiledPolicy,
-        client: IpAddr,
-        source: Option<WorkloadId>,
-        cands: &Candidates,
-        port: u16,
-        proto: Proto,
-    ) -> Result<Admitted, Refusal> {
-        let fqdn = cands.fqdn.as_ref().map(DomainName::as_str);
-        let mut first = None;
-        for &raw in cands.addrs.iter() {
-            let ip = raw.to_canonical();
-            let addr = SocketAddr::new(ip, port);
-            let refusal = if self.is_own(addr) {
-                Some(AddrRefusal::OwnListener)
-            } else if let Err(s) = self.guard.check(ip) {
-                Some(AddrRefusal::Ssrf(s))
-            } else {
-                let q =
-                    FlowQuery { src: client.to_canonical(), dst: ip, dst_port: port, proto, fqdn };
-                let decision = match source {
-                    Some(w) => policy.decide_as(&q, w),
-                    None => policy.decide(&q),
-                };
-                if decision.verdict.is_allow() {
-                    return Ok(Admitted { addr, fqdn: cands.fqdn, decision });
-                }
-                Some(AddrRefusal::Policy(decision))
-            };
-            if first.is_none() {
-                first = refusal.map(|r| (addr, r));
-            }
+    /// [`AddrRefusal`].
+    pub fn screen(&self, addr: SocketAddr) -> Result<(), AddrRefusal> {
+        if self.is_own(addr) {
+            return Err(AddrRefusal::OwnListener);
         }
-        let Some(first) = first else {
-            return Err(Refusal::NoAddress { fqdn: cands.fqdn });
-        };
-        Err(Refusal::Denied { fqdn: cands.fqdn, first, candidates: cands.addrs.len() })
-    }
-
-    /// The whole pipeline for a raw host as the client wrote it.
-    ///
-    /// The policy is borrowed across the resolution's await; a listener that holds its
-    /// policy in an `ArcSwap` should call [`Checker::resolve`], load the snapshot, then
-    /// [`Checker::choose`].
-    ///
-    /// # Errors
-    /// [`Refusal`].
-    pub async fn check(
-        &self,
-        policy: &CompiledPolicy,
-        client: IpAddr,
-        target: Target,
-        port: u16,
-        proto: Proto,
-    ) -> Result<Admitted, Refusal> {
-        let cands = self.resolve(target).await?;
-        self.choose(policy, client, &cands, port, proto)
+        self.guard.check(addr.ip()).map_err(AddrRefusal::Ssrf)
     }
 
     /// Transparent mode: the client dialled `orig_dst` itself (SO_ORIGINAL_DST) and its
@@ -290,27 +208,8 @@ impl Checker {
     ///
     /// With a name, `orig_dst` must be one of the addresses the name resolves to —
     /// otherwise an allowed SNI could carry a connection to any address (SNI spoofing) —
-    /// and the flow is then decided for `orig_dst` with the name as `fqdn`. Without one it
-    /// is decided on the address alone.
-    ///
-    /// # Errors
-    /// [`Refusal`]; [`Refusal::NameMismatch`] when the name does not cover `orig_dst`.
-    pub async fn check_transparent(
-        &self,
-        policy: &CompiledPolicy,
-        client: IpAddr,
-        orig_dst: SocketAddr,
-        name: Option<&str>,
-        proto: Proto,
-    ) -> Result<Admitted, Refusal> {
-        let cands = self.transparent_candidates(orig_dst, name).await?;
-        self.choose(policy, client, &cands, orig_dst.port(), proto)
-    }
-
-    /// The resolving half of [`Checker::check_transparent`]: the single candidate
-    /// `orig_dst` (with the name as `fqdn`), once the name is known to cover it. A listener
-    /// that holds its policy in an `ArcSwap` awaits this, then loads the snapshot and
-    /// calls [`Checker::choose`], so no snapshot is held across the resolution.
+    /// and the one candidate is then `orig_dst` with the name as `fqdn`. Without one it
+    /// is `orig_dst` alone, decided on the address.
     ///
     /// # Errors
     /// [`Refusal::BadName`], [`Refusal::Resolve`], [`Refusal::NameMismatch`].

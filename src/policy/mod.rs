@@ -32,7 +32,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
-use crate::flow::{Direction, Proto};
+use crate::flow::{Direction, FlowKey, Proto};
 
 pub use compile::{CompileError, CompileOptions, CompiledPolicy, WorkloadName};
 pub use ir::PolicySet;
@@ -70,6 +70,20 @@ pub struct FlowQuery<'a> {
     /// The destination's name where the dataplane knows it (CONNECT, SOCKS5, SNI, Host),
     /// normalised: lower case, no trailing dot. Domain rules only match when it is set.
     pub fqdn: Option<&'a str>,
+}
+
+impl<'a> FlowQuery<'a> {
+    /// The question for a flow as the dataplanes key it, with the name it was asked for.
+    #[inline]
+    pub const fn from_key(key: &FlowKey, fqdn: Option<&'a str>) -> FlowQuery<'a> {
+        FlowQuery {
+            src: key.src.ip(),
+            dst: key.dst.ip(),
+            dst_port: key.dst.port(),
+            proto: key.proto,
+            fqdn,
+        }
+    }
 }
 
 /// Why a flow was refused.

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant, SystemTime};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 
-use crate::flow::{Direction, Proto};
-use crate::policy::{PolicyId, PolicySnapshot, WorkloadId};
+use crate::flow::{Direction, FlowKey, Proto};
+use crate::policy::{Decision, PolicyId, PolicySnapshot, Verdict, WorkloadId};
 use crate::telemetry::metrics::Registry;
 
 pub use crate::config::FlowLogConfig;
@@ -82,6 +82,113 @@ pub struct Event {
     pub policy: Option<PolicyId>,
     /// The policy generation that decided; also resolves the ids above.
     pub snapshot: Arc<PolicySnapshot>,
+}
+
+/// Why a flow was refused, for a `deny` event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Denied {
+    /// A policy decision that denies the flow: its cause, side, policy and workloads.
+    Policy(Decision),
+    /// Refused by the data path, before policy (SSRF guard, a bad or unresolved name,
+    /// flowgate's own listener) or after it (conntrack full): `reason`, and the workloads
+    /// known at the time. No side and no policy.
+    DataPath {
+        reason: &'static str,
+        src_workload: Option<WorkloadId>,
+        dst_workload: Option<WorkloadId>,
+    },
+}
+
+impl Denied {
+    /// The flow log's `reason`: the policy's cause, or the data path's reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Denied::Policy(d) => match d.verdict {
+                Verdict::Deny(r) => r.cause.as_str(),
+                Verdict::Allow => "policy",
+            },
+            Denied::DataPath { reason, .. } => reason,
+        }
+    }
+}
+
+/// Which flow an event is about, as every kind names it: the listener's name (an `Arc`
+/// clone), the flow, the name it was asked for and the snapshot that decided (which also
+/// resolves the event's ids to names).
+#[derive(Clone, Debug)]
+pub struct Flow<'a> {
+    pub listener: Arc<str>,
+    pub key: &'a FlowKey,
+    pub fqdn: Option<Arc<str>>,
+    pub snapshot: Arc<PolicySnapshot>,
+}
+
+/// One constructor per kind: what each kind carries is decided here, once, and every
+/// caller on the data path and in the control plane builds its events through them.
+/// None allocates.
+impl Event {
+    /// `deny`: a new flow refused (see [`Denied`]).
+    pub fn deny(flow: Flow<'_>, why: Denied) -> Event {
+        let reason = why.reason();
+        match why {
+            Denied::Policy(d) => {
+                Event { reason, ..Event::decided(EventKind::Deny, flow, Some(&d)) }
+            }
+            Denied::DataPath { src_workload, dst_workload, .. } => Event {
+                reason,
+                src_workload,
+                dst_workload,
+                ..Event::decided(EventKind::Deny, flow, None)
+            },
+        }
+    }
+
+    /// `would-deny`: an allowed flow that an audit-mode policy (`decision.would_deny`)
+    /// would have refused.
+    pub fn would_deny(flow: Flow<'_>, decision: &Decision) -> Event {
+        let e = Event::decided(EventKind::WouldDeny, flow, Some(decision));
+        Event { reason: "audit", policy: decision.would_deny, ..e }
+    }
+
+    /// `allow`: an admitted flow (sampled, `allow_sample`).
+    pub fn allow(flow: Flow<'_>, decision: &Decision) -> Event {
+        Event { reason: "allowed", ..Event::decided(EventKind::Allow, flow, Some(decision)) }
+    }
+
+    /// `revoked`: an established flow cut because `decision` (of the new generation,
+    /// the flow's snapshot) denies it: its cause and side, or `revoked` when it names
+    /// none.
+    pub fn revoked(flow: Flow<'_>, decision: &Decision) -> Event {
+        let reason = match decision.verdict {
+            Verdict::Deny(r) => r.cause.as_str(),
+            Verdict::Allow => "revoked",
+        };
+        Event { reason, ..Event::decided(EventKind::Revoked, flow, Some(decision)) }
+    }
+
+    /// The parts every kind has, with `decision`'s workloads, policy and (for a denial)
+    /// side when there is one; the constructors set the reason and what differs.
+    fn decided(kind: EventKind, flow: Flow<'_>, decision: Option<&Decision>) -> Event {
+        let direction = match decision.map(|d| d.verdict) {
+            Some(Verdict::Deny(r)) => r.direction,
+            _ => None,
+        };
+        Event {
+            ts: SystemTime::now(),
+            kind,
+            listener: flow.listener,
+            proto: flow.key.proto,
+            src: flow.key.src,
+            dst: flow.key.dst,
+            fqdn: flow.fqdn,
+            src_workload: decision.and_then(|d| d.src_workload),
+            dst_workload: decision.and_then(|d| d.dst_workload),
+            direction,
+            reason: "",
+            policy: decision.and_then(|d| d.policy),
+            snapshot: flow.snapshot,
+        }
+    }
 }
 
 /// The handle the data path logs through. Cheap to clone; `emit` never blocks.

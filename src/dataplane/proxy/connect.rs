@@ -4,7 +4,7 @@
 //! head read under the listener's size limits and one whole-handshake timeout
 //! (`egress::handshake::http`: `400` malformed, `408` too slow, and `400` for bytes sent
 //! after a CONNECT head before the `200`); the destination decided and dialled
-//! ([`EgressProxy::open`]); then
+//! ([`ForwardProxy::open`]); then
 //! - `CONNECT host:port` → `200 Connection established` and the bytes spliced both ways;
 //! - absolute-form `GET http://host/path` → the head rewritten in origin form (hop-by-hop
 //!   and proxy headers dropped, `Connection: close`) and sent upstream with any body
@@ -29,15 +29,15 @@
 //! another host resets the tunnel, counted in `sni_refused` and logged as a `deny`
 //! with the CONNECT name.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::egress::{EgressProxy, Failure, Tunnel};
+use super::forward::{Failure, ForwardProxy, Tunnel, unknown};
 use super::tcp::reset;
-use crate::dataplane::{refuse, tcp_flow};
+use crate::dataplane::tcp_flow;
 use crate::egress::handshake::http::{
     ProxyRequest, RequestForm, read_request, reply_established, reply_refusal, reply_status,
 };
@@ -51,165 +51,158 @@ pub use crate::config::VerifySni;
 /// The longest first TLS record (header + body) `verify_sni` waits for.
 const SNI_PEEK_MAX: usize = MAX_RECORD + 5;
 
-impl EgressProxy {
-    /// One `http-connect` connection, start to end.
-    pub async fn http_connection(&self, mut stream: TcpStream, peer: SocketAddr) {
-        let counters = &self.tag.counters;
-        let Some(slot) = self.handshake_slot() else {
-            let _ = reply_status(&mut stream, 503, "too many handshakes in progress").await;
+/// One `http-connect` connection, start to end.
+pub async fn connection(p: &ForwardProxy, mut stream: TcpStream, peer: SocketAddr) {
+    let counters = &p.tag.counters;
+    let Some(slot) = p.handshake_slot() else {
+        let _ = reply_status(&mut stream, 503, "too many handshakes in progress").await;
+        return;
+    };
+    let Some(client) = p.header.client(&mut stream, peer, counters).await else { return };
+    let mut buf = Vec::new();
+    let req = match read_request(&mut stream, &p.limits, &mut buf).await {
+        Ok(r) => r,
+        Err(e) => {
+            p.count_handshake_error(&e);
             return;
-        };
-        let client = match self.header.read(&mut stream, peer).await {
-            Ok(p) => p.client.0,
-            Err(e) => {
-                ListenerCounters::inc(e.counter(counters));
-                reset(stream);
-                return;
-            }
-        };
-        let mut buf = Vec::new();
-        let req = match read_request(&mut stream, &self.limits, &mut buf).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.count_handshake_error(&e);
-                return;
-            }
-        };
-        let who = match self.authenticate_http(&req) {
-            Ok(who) => who,
-            Err(reason) => {
-                drop(slot);
-                ListenerCounters::inc(&counters.auth_failed);
-                let unknown = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), req.port);
-                refuse(&self.rt, &self.tag, tcp_flow(client, unknown), req.target.name(), reason);
-                let text = if reason == "auth-required" {
-                    "proxy credentials required"
-                } else {
-                    "refused: wrong proxy credentials"
-                };
-                let _ = reply_status(&mut stream, 407, text).await;
-                let _ = stream.shutdown().await;
-                return;
-            }
-        };
-        let target = req.target;
-        let Tunnel { key, admitted, mut upstream } =
-            match self.open_as(client, who, req.target, req.port).await {
-                Ok(t) => t,
-                Err(f) => {
-                    drop(slot);
-                    let _ = match &f {
-                        Failure::Refused(r) => reply_refusal(&mut stream, r).await,
-                        Failure::Untracked => {
-                            reply_status(&mut stream, 503, "refused: conntrack-full").await
-                        }
-                        Failure::UpstreamTimeout => {
-                            reply_status(&mut stream, 504, "upstream timed out").await
-                        }
-                        Failure::UpstreamError(_) => {
-                            reply_status(&mut stream, 502, "upstream unreachable").await
-                        }
-                        Failure::Cut => reply_status(&mut stream, 403, "refused: revoked").await,
-                    };
-                    let _ = stream.shutdown().await;
-                    return;
-                }
+        }
+    };
+    let who = match authenticate(p, &req) {
+        Ok(who) => who,
+        Err(reason) => {
+            drop(slot);
+            ListenerCounters::inc(&counters.auth_failed);
+            p.refuse(tcp_flow(client, unknown(req.port)), None, req.target.name(), reason);
+            let text = if reason == "auth-required" {
+                "proxy credentials required"
+            } else {
+                "refused: wrong proxy credentials"
             };
-        drop(slot);
-        if req.form == RequestForm::Connect && sent_early(&stream) {
-            // Bytes that arrived while the destination was being decided and dialled:
-            // the client did not wait for the 200, refuse as the driver does when they
-            // come with the head.
-            ListenerCounters::inc(&counters.handshake_malformed);
-            self.rt.conntrack.remove(&key);
-            reset(upstream);
-            let _ =
-                reply_status(&mut stream, 400, "data sent before the tunnel was established").await;
+            let _ = reply_status(&mut stream, 407, text).await;
             let _ = stream.shutdown().await;
             return;
         }
-        let mut ready = match req.form {
-            RequestForm::Connect => reply_established(&mut stream).await,
-            RequestForm::Absolute => {
-                forward_head(&buf, req.head_len, &self.limits.head, &mut upstream).await
-            }
-        };
-        if ready.is_ok()
-            && req.form == RequestForm::Connect
-            && self.cfg.verify_sni != VerifySni::Off
-        {
-            buf.clear();
-            if !self.sni_agrees(&mut stream, &target, &mut buf).await {
-                ListenerCounters::inc(&counters.sni_refused);
-                self.rt.conntrack.remove(&key);
-                self.refuse_as(who, key, target.name(), "sni-mismatch");
-                reset(upstream);
-                reset(stream);
-                return;
-            }
-            if !buf.is_empty() {
-                ready = upstream.write_all(&buf).await;
-                let n = buf.len() as u64;
-                admitted.entry.bytes_orig().fetch_add(n, Ordering::Relaxed);
-                counters.bytes_up.fetch_add(n, Ordering::Relaxed);
-            }
-        }
-        // The head (and any ClientHello) has gone upstream: free it rather than keep it for
-        // the tunnel's lifetime.
-        drop(buf);
-        self.relay(stream, upstream, &key, &admitted, ready).await;
-    }
-
-    /// Who the request's proxy credentials name, under the listener's `credentials`
-    /// mode: `Ok(None)` for "the client address"; `Err(reason)` to refuse with `407`.
-    fn authenticate_http(&self, req: &ProxyRequest) -> Result<Option<CredentialId>, &'static str> {
-        let mode = self.cfg.credentials;
-        if mode == CredentialMode::Off {
-            return Ok(None);
-        }
-        let Some(value) = &req.proxy_authorization else {
-            return match mode {
-                CredentialMode::Required => Err("auth-required"),
-                _ => Ok(None),
+    };
+    let target = req.target;
+    let Tunnel { admitted, mut upstream } = match p.open(client, who, req.target, req.port).await {
+        Ok(t) => t,
+        Err(f) => {
+            drop(slot);
+            let _ = match &f {
+                Failure::Refused(r) => reply_refusal(&mut stream, r).await,
+                Failure::Untracked => {
+                    reply_status(&mut stream, 503, "refused: conntrack-full").await
+                }
+                Failure::UpstreamTimeout => {
+                    reply_status(&mut stream, 504, "upstream timed out").await
+                }
+                Failure::UpstreamError(_) => {
+                    reply_status(&mut stream, 502, "upstream unreachable").await
+                }
+                Failure::Cut => reply_status(&mut stream, 403, "refused: revoked").await,
             };
-        };
-        // RFC 1929's limits (255 + 255) bound what any client can use for both listeners.
-        let mut out = [0u8; 512];
-        http_connect::basic_credentials(value, &mut out)
-            .and_then(|(user, pw)| self.checker.credentials().verify(user, pw))
-            .map(Some)
-            .ok_or("auth-failed")
-    }
-
-    /// Reads the client's first bytes into `buf` (bounded by one TLS record and
-    /// `sni_timeout`) and says whether the tunnel may carry them (see [`VerifySni`]).
-    async fn sni_agrees(&self, stream: &mut TcpStream, target: &Target, buf: &mut Vec<u8>) -> bool {
-        let strict = self.cfg.verify_sni == VerifySni::Strict;
-        let read = async {
-            let mut chunk = [0u8; 4096];
-            loop {
-                match verify_sni(buf, target) {
-                    SniVerdict::NeedMore if buf.len() < SNI_PEEK_MAX => {}
-                    SniVerdict::NeedMore | SniVerdict::Malformed | SniVerdict::Disagrees => {
-                        return false;
-                    }
-                    SniVerdict::Agrees => return true,
-                    SniVerdict::NoSni | SniVerdict::NotTls => return !strict,
-                }
-                let room = (SNI_PEEK_MAX - buf.len()).min(chunk.len());
-                match stream.read(&mut chunk[..room]).await {
-                    // The client closed (or failed) before a verdict: nothing to carry,
-                    // unless `on` lets non-TLS bytes through.
-                    Ok(0) | Err(_) => return !strict && buf.is_empty(),
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-        };
-        match tokio::time::timeout(self.cfg.sni_timeout, read).await {
-            Ok(v) => v,
-            // Silence (a server-speaks-first protocol) or a stalled partial record.
-            Err(_) => !strict && buf.is_empty(),
+            let _ = stream.shutdown().await;
+            return;
         }
+    };
+    drop(slot);
+    if req.form == RequestForm::Connect && sent_early(&stream) {
+        // Bytes that arrived while the destination was being decided and dialled:
+        // the client did not wait for the 200, refuse as the driver does when they
+        // come with the head.
+        ListenerCounters::inc(&counters.handshake_malformed);
+        p.rt.conntrack.remove(&admitted.key);
+        reset(upstream);
+        let _ = reply_status(&mut stream, 400, "data sent before the tunnel was established").await;
+        let _ = stream.shutdown().await;
+        return;
+    }
+    let mut ready = match req.form {
+        RequestForm::Connect => reply_established(&mut stream).await,
+        RequestForm::Absolute => {
+            forward_head(&buf, req.head_len, &p.limits.head, &mut upstream).await
+        }
+    };
+    if ready.is_ok() && req.form == RequestForm::Connect && p.cfg.verify_sni != VerifySni::Off {
+        buf.clear();
+        if !sni_agrees(p, &mut stream, &target, &mut buf).await {
+            ListenerCounters::inc(&counters.sni_refused);
+            p.rt.conntrack.remove(&admitted.key);
+            p.refuse(admitted.key, who, target.name(), "sni-mismatch");
+            reset(upstream);
+            reset(stream);
+            return;
+        }
+        if !buf.is_empty() {
+            ready = upstream.write_all(&buf).await;
+            let n = buf.len() as u64;
+            admitted.entry.bytes_orig().fetch_add(n, Ordering::Relaxed);
+            counters.bytes_up.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+    // The head (and any ClientHello) has gone upstream: free it rather than keep it for
+    // the tunnel's lifetime.
+    drop(buf);
+    p.relay(stream, upstream, &admitted, ready).await;
+}
+
+/// Who the request's proxy credentials name, under the listener's `credentials`
+/// mode: `Ok(None)` for "the client address"; `Err(reason)` to refuse with `407`.
+fn authenticate(
+    p: &ForwardProxy,
+    req: &ProxyRequest,
+) -> Result<Option<CredentialId>, &'static str> {
+    let mode = p.cfg.credentials;
+    if mode == CredentialMode::Off {
+        return Ok(None);
+    }
+    let Some(value) = &req.proxy_authorization else {
+        return match mode {
+            CredentialMode::Required => Err("auth-required"),
+            _ => Ok(None),
+        };
+    };
+    // RFC 1929's limits (255 + 255) bound what any client can use for both listeners.
+    let mut out = [0u8; 512];
+    http_connect::basic_credentials(value, &mut out)
+        .and_then(|(user, pw)| p.checker.credentials().verify(user, pw))
+        .map(Some)
+        .ok_or("auth-failed")
+}
+
+/// Reads the client's first bytes into `buf` (bounded by one TLS record and
+/// `sni_timeout`) and says whether the tunnel may carry them (see [`VerifySni`]).
+async fn sni_agrees(
+    p: &ForwardProxy,
+    stream: &mut TcpStream,
+    target: &Target,
+    buf: &mut Vec<u8>,
+) -> bool {
+    let strict = p.cfg.verify_sni == VerifySni::Strict;
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match verify_sni(buf, target) {
+                SniVerdict::NeedMore if buf.len() < SNI_PEEK_MAX => {}
+                SniVerdict::NeedMore | SniVerdict::Malformed | SniVerdict::Disagrees => {
+                    return false;
+                }
+                SniVerdict::Agrees => return true,
+                SniVerdict::NoSni | SniVerdict::NotTls => return !strict,
+            }
+            let room = (SNI_PEEK_MAX - buf.len()).min(chunk.len());
+            match stream.read(&mut chunk[..room]).await {
+                // The client closed (or failed) before a verdict: nothing to carry,
+                // unless `on` lets non-TLS bytes through.
+                Ok(0) | Err(_) => return !strict && buf.is_empty(),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    match tokio::time::timeout(p.cfg.sni_timeout, read).await {
+        Ok(v) => v,
+        // Silence (a server-speaks-first protocol) or a stalled partial record.
+        Err(_) => !strict && buf.is_empty(),
     }
 }
 

@@ -1,10 +1,29 @@
-//! `[[listener]]`: binding one data port's socket. Its config types live in
-//! [`crate::config::listener`].
+//! `[[listener]]`: binding one data port's socket (its config types live in
+//! [`crate::config::listener`]), and the accept loop every TCP listener kind runs
+//! ([`serve`]), which hands each connection to its kind's task: L4 ([`super::tcp`]), the
+//! forward proxies ([`super::connect`], [`super::socks5`], [`super::transparent`]) or the
+//! echo upstream.
+//!
+//! The accept loop never dies on a transient error (EMFILE and friends: pause and retry)
+//! and never accepts more than `max_connections` at once (a semaphore in front of
+//! `accept`: at the limit, accepting pauses and `limit_reached` counts it). On shutdown it
+//! stops accepting and drops the listening socket; open connections keep their drain
+//! guard until they finish.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::forward::ForwardProxy;
+use super::tcp::TcpProxy;
+use crate::shutdown::{DrainGuard, Signal};
+use crate::telemetry::metrics::ListenerCounters;
 
 pub use crate::config::{ListenerConfig, ListenerKind, ProxyProtocolMode};
 
@@ -46,6 +65,136 @@ pub(crate) fn bind_socket(
         sock.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     }
     Ok(sock)
+}
+
+// The accept loop: every TCP listener kind's connections start here.
+
+/// What a TCP listener does with an accepted connection.
+#[derive(Debug)]
+pub enum Handler {
+    /// Gate and forward to the upstreams.
+    Proxy(Arc<TcpProxy>),
+    /// The built-in echo upstream (demo and tests): no policy, writes back what it reads.
+    Echo { idle: Duration },
+    /// `http-connect`: a forward proxy for CONNECT and absolute-form requests.
+    HttpConnect(Arc<ForwardProxy>),
+    /// `socks5`: a SOCKS5 CONNECT proxy.
+    Socks5(Arc<ForwardProxy>),
+    /// `transparent`: NAT-redirected connections to their original destination.
+    Transparent(Arc<ForwardProxy>),
+}
+
+/// Accepts until shutdown. Holds `guard` while running; each connection holds a clone.
+pub async fn serve(
+    listener: TcpListener,
+    handler: Handler,
+    counters: Arc<ListenerCounters>,
+    max_connections: usize,
+    mut signal: Signal,
+    guard: DrainGuard,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    // One shutdown future for the listener's lifetime: it registers its waker once, not
+    // on every accept.
+    let mut stop = std::pin::pin!(signal.recv());
+    loop {
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                ListenerCounters::inc(&counters.limit_reached);
+                tokio::select! {
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break, // never closed; leave rather than spin
+                    },
+                    () = &mut stop => break,
+                }
+            }
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut stop => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    ListenerCounters::inc(&counters.accept_errors);
+                    pause_on_accept_error(&e).await;
+                    continue;
+                }
+            },
+        };
+        ListenerCounters::inc(&counters.accepted);
+        counters.active.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot { counters: counters.clone(), _permit: permit, _guard: guard.clone() };
+        // One spawn per kind, so that a task is the size of its own kind's future: behind
+        // a single `match` every plain TCP connection's task would be as large as the
+        // largest forward-proxy handshake, and that state is moved on every spawn.
+        match &handler {
+            Handler::Proxy(p) => {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    p.connection(stream, peer).await;
+                    drop(slot);
+                });
+            }
+            Handler::Echo { idle } => {
+                let idle = *idle;
+                tokio::spawn(async move {
+                    super::tcp::echo(stream, idle).await;
+                    drop(slot);
+                });
+            }
+            Handler::HttpConnect(p) => {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    super::connect::connection(&p, stream, peer).await;
+                    drop(slot);
+                });
+            }
+            Handler::Socks5(p) => {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    super::socks5::connection(&p, stream, peer).await;
+                    drop(slot);
+                });
+            }
+            Handler::Transparent(p) => {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    super::transparent::connection(&p, stream, peer).await;
+                    drop(slot);
+                });
+            }
+        }
+    }
+}
+
+/// What a connection's task holds until it ends: its `max_connections` permit, the drain
+/// guard, and its place in the `active` gauge. Released on drop, so also when the task
+/// panics or is dropped at runtime shutdown.
+struct Slot {
+    counters: Arc<ListenerCounters>,
+    _permit: OwnedSemaphorePermit,
+    _guard: DrainGuard,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.counters.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Out of file descriptors or memory: the condition lasts, so wait before the next
+/// accept instead of spinning. Other errors (a connection aborted before accept) concern
+/// one connection only.
+async fn pause_on_accept_error(e: &io::Error) {
+    let resource = matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    );
+    if resource {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[cfg(test)]

@@ -35,6 +35,25 @@ use crate::config::listener::MAX_MAX_HEADER_LEN;
 pub use crate::config::listener::{DEFAULT_HEADER_TIMEOUT, ProxyHeaderConfig, ProxyProtocolMode};
 
 impl ProxyHeaderConfig {
+    /// The client of a new TCP connection ([`ProxyHeaderConfig::read`]), or `None`
+    /// when its header is refused: the error is counted under its counter and the
+    /// connection is set to close with a reset (SO_LINGER 0) when the caller drops it.
+    pub async fn client(
+        &self,
+        stream: &mut TcpStream,
+        peer: SocketAddr,
+        counters: &ListenerCounters,
+    ) -> Option<SocketAddr> {
+        match self.read(stream, peer).await {
+            Ok(p) => Some(p.client.0),
+            Err(e) => {
+                ListenerCounters::inc(e.counter(counters));
+                super::tcp::reset_on_drop(stream);
+                None
+            }
+        }
+    }
+
     /// [`read_header`] with this config's fields.
     ///
     /// The reader's state (its header buffer) is boxed, and only for a listener that

@@ -232,7 +232,17 @@ impl Half {
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
+                Err(e) => {
+                    if self.last {
+                        // The peer's last bytes went out with MSG_MORE, held for a FIN
+                        // that will not come: the relay ends in an error and the caller
+                        // resets `w`, which would discard them. Push them first, so the
+                        // other side receives what this one sent before it failed (as it
+                        // would without a proxy in between), and only then the reset.
+                        let _ = socket2::SockRef::from(w).set_tcp_cork(false);
+                    }
+                    return Poll::Ready(Err(e));
+                }
             }
         }
     }
@@ -329,7 +339,47 @@ pub(crate) async fn idle_timer(idle: Duration, conntrack: &Conntrack, entry: &En
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
     use super::*;
+    use crate::conntrack::{ConntrackConfig, EntryInit};
+    use crate::flow::{FlowKey, Proto};
+    use crate::policy::Generation;
+
+    /// A client, the proxy's two sides (from the client, to the upstream) and the
+    /// upstream, connected on loopback.
+    async fn sockets() -> [TcpStream; 4] {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = l.local_addr().unwrap();
+        let client = TcpStream::connect(to).await.unwrap();
+        let (proxy_in, _) = l.accept().await.unwrap();
+        let proxy_out = TcpStream::connect(to).await.unwrap();
+        let (upstream, _) = l.accept().await.unwrap();
+        [client, proxy_in, proxy_out, upstream]
+    }
+
+    /// What a relay accounts to: a table, the client's entry, a listener's counters.
+    struct Flow {
+        conntrack: Conntrack,
+        entry: Entry,
+        counters: ListenerCounters,
+    }
+
+    impl Flow {
+        fn new(client: &TcpStream) -> Flow {
+            let conntrack = Conntrack::new(&ConntrackConfig { capacity: 64, ..Default::default() });
+            let key =
+                FlowKey::new(Proto::Tcp, client.local_addr().unwrap(), client.peer_addr().unwrap());
+            let init = EntryInit::plain(FlowState::Open, Generation(1));
+            let entry = Entry::new(&key, init, None, 0);
+            Flow { conntrack, entry, counters: ListenerCounters::default() }
+        }
+
+        fn accounting(&self) -> Accounting<'_> {
+            Accounting { conntrack: &self.conntrack, entry: &self.entry, counters: &self.counters }
+        }
+    }
 
     fn pooled() -> usize {
         POOL.with(|p| p.borrow().len())
@@ -339,26 +389,10 @@ mod tests {
     /// thread's pool while they wait, and take one again when bytes come.
     #[tokio::test(flavor = "current_thread")]
     async fn an_idle_relay_holds_no_buffer() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        use tokio::net::TcpListener;
-
-        use crate::conntrack::{ConntrackConfig, EntryInit};
-        use crate::flow::{FlowKey, Proto};
-        use crate::policy::Generation;
-
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let to = l.local_addr().unwrap();
-        let mut client = TcpStream::connect(to).await.unwrap();
-        let (mut proxy_in, _) = l.accept().await.unwrap();
-        let mut proxy_out = TcpStream::connect(to).await.unwrap();
-        let (mut upstream, _) = l.accept().await.unwrap();
-
-        let conntrack = Conntrack::new(&ConntrackConfig::default());
-        let key = FlowKey::new(Proto::Tcp, client.local_addr().unwrap(), to);
-        let entry = Entry::new(&key, EntryInit::plain(FlowState::Open, Generation(1)), None, 0);
-        let counters = ListenerCounters::default();
-        let acct = Accounting { conntrack: &conntrack, entry: &entry, counters: &counters };
-        let cut = CutSignal::default();
+        let [mut client, mut proxy_in, mut proxy_out, mut upstream] = sockets().await;
+        let flow = Flow::new(&client);
+        let (acct, cut) = (flow.accounting(), CutSignal::default());
+        let counters = &flow.counters;
         POOL.with(|p| p.borrow_mut().clear());
 
         let relay = splice(&mut proxy_in, &mut proxy_out, Duration::from_secs(60), &cut, &acct);
@@ -381,6 +415,36 @@ mod tests {
         }
         assert_eq!(counters.bytes_up.load(Ordering::Relaxed), 4);
         assert_eq!(counters.bytes_down.load(Ordering::Relaxed), 4);
+    }
+
+    /// An upstream that answers and then resets (it closed with the client's bytes
+    /// unread): its answer reaches the client before the reset does. The answer is the
+    /// upstream's last bytes, relayed with MSG_MORE; the reset that follows must not
+    /// discard them.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_answer_before_an_upstream_reset_reaches_the_client() {
+        let [mut client, mut proxy_in, mut proxy_out, mut upstream] = sockets().await;
+
+        // The client's bytes reach the upstream, which answers and closes without reading
+        // them: the kernel sends its answer, then a reset. Both are waiting at the proxy
+        // before the relay starts.
+        proxy_out.write_all(b"hello").await.unwrap();
+        let mut peek = [0u8; 5];
+        while upstream.peek(&mut peek).await.unwrap() < 5 {}
+        upstream.write_all(b"ok").await.unwrap();
+        drop(upstream);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let flow = Flow::new(&client);
+        let (acct, cut) = (flow.accounting(), CutSignal::default());
+        let end = splice(&mut proxy_in, &mut proxy_out, Duration::from_secs(5), &cut, &acct).await;
+        assert!(matches!(end, SpliceEnd::Error(_)), "{end:?}");
+        // What the proxy does on an error: reset both sides.
+        let _ = socket2::SockRef::from(&proxy_in).set_linger(Some(Duration::ZERO));
+        drop(proxy_in);
+        let mut ok = [0u8; 2];
+        client.read_exact(&mut ok).await.expect("the answer, before the reset");
+        assert_eq!(&ok, b"ok");
     }
 
     #[test]

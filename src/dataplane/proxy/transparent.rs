@@ -17,14 +17,14 @@
 //!    before the timeout (server-speaks-first protocols) is decided on the address alone;
 //!    a client that stops in the middle of a ClientHello or head is cut
 //!    (`handshake_timeout`);
-//! 3. [`crate::egress::Checker::check_transparent`] (its two halves, the policy loaded
-//!    after the resolution): with a name, the original destination must be one
-//!    of the addresses the name resolves to (else `name-mismatch`: SNI/Host spoofing —
-//!    an allowed name cannot carry a connection to another address); then the SSRF guard
-//!    and policy for that address, with the name as `fqdn`;
-//! 4. through the gate once (conntrack entry, counters, `allow`/`deny` event with the
-//!    name), dial the original destination, replay the first bytes, and the shared relay
-//!    ([`EgressProxy::relay`]).
+//! 3. [`crate::egress::Checker::transparent_candidates`]: with a name, the original
+//!    destination must be one of the addresses the name resolves to (else
+//!    `name-mismatch`: SNI/Host spoofing — an allowed name cannot carry a connection to
+//!    another address); the original destination is then the one candidate;
+//! 4. through the gate once ([`ForwardProxy::admit`]: own listener, SSRF guard and policy
+//!    for that address with the name as `fqdn`; conntrack entry, counters, `allow`/`deny`
+//!    event with the name), dial the original destination, replay the first bytes, and
+//!    the shared relay ([`ForwardProxy::relay`]).
 //!
 //! Only the first request of a plain HTTP connection is read, so it is made the only one
 //! ([`only_request`]): its head goes upstream with `Connection: close` in place of the
@@ -49,16 +49,14 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
-use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::egress::EgressProxy;
+use super::forward::{Chosen, ForwardProxy};
 use super::tcp::reset;
-use crate::conntrack::FlowState;
-use crate::dataplane::{Admission, admit_decided, refuse, tcp_flow};
-use crate::egress::check::{AddrRefusal, Refusal};
+use crate::dataplane::tcp_flow;
+use crate::egress::check::Refusal;
 use crate::flow::Proto;
 use crate::telemetry::metrics::ListenerCounters;
 use crate::wire::http_connect::{Host, ParseError};
@@ -193,164 +191,99 @@ fn only_request(buf: &[u8], limits: &crate::wire::http_connect::Limits) -> Optio
     Some(out)
 }
 
-impl EgressProxy {
-    /// One `transparent` connection, start to end.
-    pub async fn transparent_connection(&self, mut stream: TcpStream, peer: SocketAddr) {
-        let counters = &self.tag.counters;
-        let Some(slot) = self.handshake_slot() else {
-            reset(stream);
-            return;
-        };
-        let client = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        let local = stream.local_addr().ok();
-        let orig = match original_dst(&stream) {
-            Ok(o) => SocketAddr::new(o.ip().to_canonical(), o.port()),
-            Err(_) => {
-                // No NAT entry: the client reached the listener directly.
-                let dst = local.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
-                refuse(&self.rt, &self.tag, tcp_flow(client, dst), None, "no-original-dst");
-                reset(stream);
-                return;
-            }
-        };
-        if local.is_some_and(|l| SocketAddr::new(l.ip().to_canonical(), l.port()) == orig) {
-            refuse(&self.rt, &self.tag, tcp_flow(client, orig), None, "own-listener");
-            reset(stream);
-            return;
+/// One `transparent` connection, start to end.
+pub async fn connection(p: &ForwardProxy, mut stream: TcpStream, peer: SocketAddr) {
+    let counters = &p.tag.counters;
+    let Some(slot) = p.handshake_slot() else {
+        reset(stream);
+        return;
+    };
+    let client = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let local = stream.local_addr().ok();
+    let refuse = |stream: TcpStream, dst: SocketAddr, fqdn: Option<&str>, reason| {
+        p.refuse(tcp_flow(client, dst), None, fqdn, reason);
+        reset(stream);
+    };
+    let orig = match original_dst(&stream) {
+        Ok(o) => SocketAddr::new(o.ip().to_canonical(), o.port()),
+        Err(_) => {
+            // No NAT entry: the client reached the listener directly.
+            let dst = local.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+            return refuse(stream, dst, None, "no-original-dst");
         }
-
-        // The first bytes, read (and later replayed upstream) until they name the
-        // destination or show they cannot.
-        let head = &self.limits.head;
-        let cap = (TLS_RECORD_HEADER + MAX_RECORD).max(head.max_head);
-        let mut buf = Vec::with_capacity(cap.min(4096));
-        let deadline = tokio::time::Instant::now() + self.limits.timeout;
-        let peeked = loop {
-            let p = classify(&buf, head);
-            if p != Peeked::NeedMore {
-                break p;
-            }
-            if buf.len() >= cap {
-                break Peeked::Malformed;
-            }
-            let room = cap - buf.len();
-            let mut limited = (&mut stream).take(room as u64);
-            let read = tokio::time::timeout_at(deadline, limited.read_buf(&mut buf)).await;
-            match read {
-                Ok(Ok(0)) | Ok(Err(_)) => return, // the client left
-                Ok(Ok(_)) => {}
-                Err(_) if buf.is_empty() => break Peeked::NoName,
-                Err(_) => {
-                    ListenerCounters::inc(&counters.handshake_timeout);
-                    refuse(&self.rt, &self.tag, tcp_flow(client, orig), None, "handshake-timeout");
-                    reset(stream);
-                    return;
-                }
-            }
-        };
-        let name = match peeked {
-            Peeked::Name(n) => Some(n),
-            Peeked::NoName => None,
-            Peeked::V6(v6) if IpAddr::V6(v6).to_canonical() == orig.ip() => None,
-            Peeked::V6(_) => {
-                let r = Refusal::NameMismatch { fqdn: None, addr: orig };
-                refuse(&self.rt, &self.tag, tcp_flow(client, orig), None, r.reason());
-                reset(stream);
-                return;
-            }
-            Peeked::Malformed | Peeked::NeedMore => {
-                ListenerCounters::inc(&counters.handshake_malformed);
-                refuse(&self.rt, &self.tag, tcp_flow(client, orig), None, "malformed-first-bytes");
-                reset(stream);
-                return;
-            }
-        };
-
-        // The decision, once (`Checker::check_transparent` in two halves): the name is
-        // resolved and must cover the original destination; only then is the policy
-        // snapshot loaded, so none is held across the resolution and the decision and the
-        // gate use the generation in force when the flow is admitted.
-        let cands = self.checker.transparent_candidates(orig, name).await;
-        let snapshot = self.rt.policy.load_full();
-        let checked = match cands {
-            Ok(c) => {
-                self.checker.choose(&snapshot.compiled, client.ip(), &c, orig.port(), Proto::Tcp)
-            }
-            Err(r) => Err(r),
-        };
-        let now = Instant::now();
-        let chosen = match checked {
-            Ok(a) => a,
-            Err(r) => {
-                let fqdn = r.fqdn().map(|n| n.as_str());
-                match &r {
-                    Refusal::Denied { first: (addr, AddrRefusal::Policy(decision)), .. } => {
-                        let _ = admit_decided(
-                            &self.rt,
-                            &self.tag,
-                            tcp_flow(client, *addr),
-                            fqdn,
-                            &snapshot,
-                            *decision,
-                            FlowState::Open,
-                            now,
-                        );
-                    }
-                    Refusal::BadName(_) => {
-                        // The name in the first bytes is not a host name: refuse, with
-                        // the raw name out of the log (it is the client's, unchecked).
-                        ListenerCounters::inc(&counters.handshake_malformed);
-                        refuse(&self.rt, &self.tag, tcp_flow(client, orig), None, r.reason());
-                    }
-                    _ => refuse(&self.rt, &self.tag, tcp_flow(client, orig), fqdn, r.reason()),
-                }
-                reset(stream);
-                return;
-            }
-        };
-        let fqdn = chosen.fqdn.as_ref().map(|n| n.as_str());
-        let key = tcp_flow(client, chosen.addr);
-        let admitted = match admit_decided(
-            &self.rt,
-            &self.tag,
-            key,
-            fqdn,
-            &snapshot,
-            chosen.decision,
-            FlowState::Open,
-            now,
-        ) {
-            Admission::Allow(a) => a,
-            Admission::Deny(_) | Admission::Untracked(_) => {
-                reset(stream);
-                return;
-            }
-        };
-        drop(snapshot);
-        drop(slot);
-
-        let connect =
-            tokio::time::timeout(self.cfg.connect_timeout, super::upstream::connect(chosen.addr));
-        let upstream = tokio::select! {
-            r = connect => match r {
-                Ok(Ok(s)) => Some(s),
-                Ok(Err(_)) | Err(_) => {
-                    ListenerCounters::inc(&counters.upstream_failed);
-                    None
-                }
-            },
-            () = admitted.cut.cut() => None,
-        };
-        let Some(mut upstream) = upstream else {
-            self.rt.conntrack.remove(&key);
-            reset(stream);
-            return;
-        };
-        let first = only_request(&buf, head).unwrap_or(buf);
-        let ready = upstream.write_all(&first).await;
-        drop(first);
-        self.relay(stream, upstream, &key, &admitted, ready).await;
+    };
+    if local.is_some_and(|l| SocketAddr::new(l.ip().to_canonical(), l.port()) == orig) {
+        return refuse(stream, orig, None, "own-listener");
     }
+
+    // The first bytes, read (and later replayed upstream) until they name the
+    // destination or show they cannot.
+    let head = &p.limits.head;
+    let cap = (TLS_RECORD_HEADER + MAX_RECORD).max(head.max_head);
+    let mut buf = Vec::with_capacity(cap.min(4096));
+    let deadline = tokio::time::Instant::now() + p.limits.timeout;
+    let peeked = loop {
+        let peeked = classify(&buf, head);
+        if peeked != Peeked::NeedMore {
+            break peeked;
+        }
+        if buf.len() >= cap {
+            break Peeked::Malformed;
+        }
+        let room = cap - buf.len();
+        let mut limited = (&mut stream).take(room as u64);
+        let read = tokio::time::timeout_at(deadline, limited.read_buf(&mut buf)).await;
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) => return, // the client left
+            Ok(Ok(_)) => {}
+            Err(_) if buf.is_empty() => break Peeked::NoName,
+            Err(_) => {
+                ListenerCounters::inc(&counters.handshake_timeout);
+                return refuse(stream, orig, None, "handshake-timeout");
+            }
+        }
+    };
+    let name = match peeked {
+        Peeked::Name(n) => Some(n),
+        Peeked::NoName => None,
+        Peeked::V6(v6) if IpAddr::V6(v6).to_canonical() == orig.ip() => None,
+        Peeked::V6(_) => {
+            let r = Refusal::NameMismatch { fqdn: None, addr: orig };
+            return refuse(stream, orig, None, r.reason());
+        }
+        Peeked::Malformed | Peeked::NeedMore => {
+            ListenerCounters::inc(&counters.handshake_malformed);
+            return refuse(stream, orig, None, "malformed-first-bytes");
+        }
+    };
+
+    // The decision, once: the name is resolved and must cover the original destination;
+    // only then does the gate load the policy snapshot, so none is held across the
+    // resolution.
+    let chosen = match p.checker.transparent_candidates(orig, name).await {
+        Ok(cands) => p.admit(client, None, &cands, orig.port(), Proto::Tcp, None),
+        Err(r @ Refusal::BadName(_)) => {
+            // The name in the first bytes is not a host name: refuse, with the raw name
+            // out of the log (it is the client's, unchecked).
+            ListenerCounters::inc(&counters.handshake_malformed);
+            return refuse(stream, orig, None, r.reason());
+        }
+        Err(r) => Err(p.refused(client, None, orig, Proto::Tcp, r)),
+    };
+    let Ok(Chosen::Admitted(admitted)) = chosen else {
+        reset(stream);
+        return;
+    };
+    drop(slot);
+    // A failed dial is counted (`upstream_failed`) and its entry removed by `dial`.
+    let Ok(mut upstream) = p.dial(&admitted).await else {
+        reset(stream);
+        return;
+    };
+    let first = only_request(&buf, head).unwrap_or(buf);
+    let ready = upstream.write_all(&first).await;
+    drop(first);
+    p.relay(stream, upstream, &admitted, ready).await;
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! UDP listeners: one session per client address.
+//! The L4 UDP listener (`udp`): one session per client address.
 //!
 //! The listener task owns the session map (no lock: nothing else touches it). The first
 //! datagram from a new client goes through [`admit`]: denied → dropped, counted and logged
@@ -28,7 +28,7 @@ use super::proxy_header::ProxyHeaderConfig;
 use super::splice::idle_timer;
 use super::upstream::Upstreams;
 use crate::conntrack::{EntryRef, FlowState};
-use crate::dataplane::{Admission, Admitted, ListenerTag, Runtime, admit};
+use crate::dataplane::{Admission, Admitted, FlowRequest, ListenerTag, Runtime, admit};
 use crate::flow::{FlowKey, Proto};
 use crate::shutdown::{DrainGuard, Signal};
 use crate::telemetry::metrics::ListenerCounters;
@@ -135,11 +135,11 @@ impl UdpProxy {
     ) -> Option<Session> {
         let (i, up) = self.upstreams.pick(Instant::now())?;
         let key = FlowKey::new(Proto::Udp, client, up);
-        let Admitted { entry, cut, .. } =
-            match admit(&self.rt, &self.tag, key, None, FlowState::Unreplied, Instant::now()) {
-                Admission::Allow(a) => a,
-                Admission::Deny(_) | Admission::Untracked(_) => return None,
-            };
+        let req = FlowRequest::to(key, FlowState::Unreplied);
+        let Admitted { entry, cut, .. } = match admit(&self.rt, &self.tag, &req, Instant::now()) {
+            Admission::Allow(a) => a,
+            Admission::Deny(_) | Admission::Untracked(_) | Admission::Tracked(_) => return None,
+        };
         let local: SocketAddr = match up.ip() {
             IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
             IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),

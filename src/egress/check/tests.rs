@@ -1,14 +1,22 @@
 //! The pipeline against a real compiled policy (YAML → loader → compiler) and a real
-//! resolver (static table; a DNS server address where nothing answers, for failures).
+//! resolver (static table; a DNS server address where nothing answers, for failures):
+//! candidates from here, decided by the gate (`dataplane::admit`), as a forward-proxy
+//! listener does it.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use super::*;
+use crate::conntrack::{Conntrack, ConntrackConfig, FlowState};
+use crate::dataplane::{self, Admission, Destination, FlowRequest, ListenerTag, Runtime};
 use crate::egress::resolve::DnsConfig;
 use crate::egress::ssrf::SsrfConfig;
-use crate::policy::{Cause, CompileOptions, DefaultAction, Verdict};
+use crate::flow::Proto;
+use crate::policy::{CompileOptions, CompiledPolicy, DefaultAction, Generation, PolicySnapshot};
+use crate::telemetry::flowlog::FlowLog;
+use crate::telemetry::metrics::Registry;
 
 const INVENTORY: &str = "
 namespaces:
@@ -46,7 +54,62 @@ spec:
 
 const CLIENT: &str = "198.18.20.10";
 
-fn compiled() -> CompiledPolicy {
+/// The gate over the test policy: a runtime with its own conntrack table.
+struct Gate {
+    rt: Arc<Runtime>,
+    tag: ListenerTag,
+}
+
+fn compiled() -> Gate {
+    let registry = Arc::new(Registry::default());
+    let snapshot = PolicySnapshot {
+        compiled: compile(),
+        generation: Generation(1),
+        content_hash: String::new(),
+        loaded_at: SystemTime::now(),
+    };
+    let rt = Runtime::new(
+        Arc::new(Conntrack::new(&ConntrackConfig { capacity: 1024, ..Default::default() })),
+        Arc::new(arc_swap::ArcSwap::from_pointee(snapshot)),
+        registry.clone(),
+        FlowLog::disabled(registry.clone()),
+    );
+    let tag = ListenerTag {
+        index: 0,
+        name: Arc::from("egress"),
+        counters: registry.listener("egress", "http-connect"),
+    };
+    Gate { rt, tag }
+}
+
+/// What the gate made of a request: the address to dial and the name, or the refusal.
+type Outcome = Result<(SocketAddr, Option<DomainName>), Refusal>;
+
+/// The gate's decision among `cands` for `port` (the entry it tracks is forgotten).
+fn decide(g: &Gate, c: &Checker, cands: &Candidates, port: u16) -> Outcome {
+    if cands.addrs.is_empty() {
+        return Err(Refusal::NoAddress { fqdn: cands.fqdn });
+    }
+    let dst = dataplane::Candidates { addrs: &cands.addrs, port, checker: c, tracked: None };
+    let req = FlowRequest {
+        proto: Proto::Tcp,
+        src: SocketAddr::new(ip(CLIENT), 40000),
+        dst: Destination::Candidates(dst),
+        fqdn: cands.fqdn.as_ref().map(DomainName::as_str),
+        source: dataplane::Source::Addr,
+        state: FlowState::Open,
+    };
+    match dataplane::admit(&g.rt, &g.tag, &req, Instant::now()) {
+        Admission::Allow(a) => {
+            g.rt.conntrack.remove(&a.key);
+            Ok((a.key.dst, cands.fqdn))
+        }
+        Admission::Deny(d) => Err(Refusal::Denied { fqdn: cands.fqdn, reason: d.reason }),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn compile() -> CompiledPolicy {
     let dir = tempfile::tempdir().expect("tempdir");
     let pol = dir.path().join("policies");
     std::fs::create_dir(&pol).expect("mkdir");
@@ -88,37 +151,40 @@ fn checker(table: &[(&str, &[&str])]) -> Checker {
     Checker::new(guard, Resolver::new(&dns).expect("resolver"))
 }
 
-async fn run(c: &Checker, p: &CompiledPolicy, host: &str, port: u16) -> Result<Admitted, Refusal> {
-    let target = Target::parse(host)?;
-    c.check(p, ip(CLIENT), target, port, Proto::Tcp).await
+async fn run(c: &Checker, g: &Gate, host: &str, port: u16) -> Outcome {
+    let cands = c.resolve(Target::parse(host)?).await?;
+    decide(g, c, &cands, port)
 }
 
-fn denied(r: Result<Admitted, Refusal>) -> (SocketAddr, AddrRefusal) {
+/// The flow log's reason for a request every candidate of which was refused.
+fn denied(r: Outcome) -> &'static str {
     match r {
-        Err(Refusal::Denied { first, .. }) => first,
+        Err(Refusal::Denied { reason, .. }) => reason,
         other => panic!("expected a denial, got {other:?}"),
     }
+}
+
+async fn transparent(c: &Checker, g: &Gate, orig: SocketAddr, name: Option<&str>) -> Outcome {
+    let cands = c.transparent_candidates(orig, name).await?;
+    decide(g, c, &cands, orig.port())
 }
 
 #[tokio::test]
 async fn allowed_name_dials_its_checked_address() {
     let p = compiled();
     let c = checker(&[("api.example.com", &["127.0.0.2"]), ("x.allowed.example", &["127.0.0.2"])]);
-    let a = run(&c, &p, "API.Example.com.", 443).await.expect("allowed");
-    assert_eq!(a.addr, "127.0.0.2:443".parse().expect("addr"));
-    assert_eq!(a.fqdn.map(|n| n.to_string()), Some("api.example.com".to_owned()));
-    assert!(a.decision.verdict.is_allow());
+    let (addr, fqdn) = run(&c, &p, "API.Example.com.", 443).await.expect("allowed");
+    assert_eq!(addr, "127.0.0.2:443".parse().expect("addr"));
+    assert_eq!(fqdn.map(|n| n.to_string()), Some("api.example.com".to_owned()));
     assert!(run(&c, &p, "x.allowed.example", 443).await.is_ok());
+    assert_eq!(get(&p.tag.counters.allowed), 2);
 }
 
 #[tokio::test]
 async fn policy_denies_other_names_and_ports() {
     let p = compiled();
     let c = checker(&[("api.example.com", &["127.0.0.2"]), ("evil.example", &["127.0.0.2"])]);
-    let (addr, why) = denied(run(&c, &p, "evil.example", 443).await);
-    assert_eq!(addr, "127.0.0.2:443".parse().expect("addr"));
-    let AddrRefusal::Policy(d) = why else { panic!("{why:?}") };
-    assert!(matches!(d.verdict, Verdict::Deny(r) if r.cause == Cause::DefaultDeny), "{d:?}");
+    assert_eq!(denied(run(&c, &p, "evil.example", 443).await), "default-deny");
     let err = run(&c, &p, "evil.example", 443).await.unwrap_err();
     assert_eq!(
         (err.http_status(), err.socks_reply(), err.reason()),
@@ -126,10 +192,11 @@ async fn policy_denies_other_names_and_ports() {
     );
     assert_eq!(err.fqdn().map(|n| n.as_str()), Some("evil.example"));
     // The right name on the wrong port.
-    assert!(matches!(denied(run(&c, &p, "api.example.com", 80).await).1, AddrRefusal::Policy(_)));
+    assert_eq!(denied(run(&c, &p, "api.example.com", 80).await), "default-deny");
     // The bare parent of a wildcard is not matched by it.
     let c = checker(&[("allowed.example", &["127.0.0.2"])]);
-    assert!(matches!(denied(run(&c, &p, "allowed.example", 443).await).1, AddrRefusal::Policy(_)));
+    assert_eq!(denied(run(&c, &p, "allowed.example", 443).await), "default-deny");
+    assert_eq!(get(&p.tag.counters.denied), 4);
 }
 
 #[tokio::test]
@@ -139,16 +206,18 @@ async fn ssrf_guard_refuses_what_policy_allows() {
     // guard still refuses both, and says which range.
     let c = checker(&[("api.example.com", &["10.0.0.1"])]);
     let err = run(&c, &p, "api.example.com", 443).await.unwrap_err();
-    let Refusal::Denied { first: (addr, AddrRefusal::Ssrf(s)), .. } = err else {
-        panic!("{err:?}")
-    };
-    assert_eq!((addr, s.range.name), ("10.0.0.1:443".parse().expect("addr"), "private"));
     assert_eq!((err.reason(), err.http_status()), ("ssrf", 403));
+    let Err(AddrRefusal::Ssrf(s)) = c.screen("10.0.0.1:443".parse().expect("addr")) else {
+        panic!("the guard lets 10.0.0.1 through")
+    };
+    assert_eq!(s.range.name, "private");
     for host in ["10.0.0.1", "012.1", "167772161", "[::ffff:10.0.0.1]"] {
-        let (_, why) = denied(run(&c, &p, host, 8080).await);
+        assert_eq!(denied(run(&c, &p, host, 8080).await), "ssrf", "{host}");
+        let cands = c.resolve(Target::parse(host).expect("addr")).await.expect("an address");
+        let addr = SocketAddr::new(cands.addrs[0].to_canonical(), 8080);
         assert!(
-            matches!(why, AddrRefusal::Ssrf(s) if s.range.name == "private"),
-            "{host}: {why:?}"
+            matches!(c.screen(addr), Err(AddrRefusal::Ssrf(s)) if s.range.name == "private"),
+            "{host}"
         );
     }
     for host in [
@@ -159,8 +228,9 @@ async fn ssrf_guard_refuses_what_policy_allows() {
         "169.254.169.254.",
         "[fd00:ec2::254]",
     ] {
-        assert!(matches!(denied(run(&c, &p, host, 443).await).1, AddrRefusal::Ssrf(_)), "{host}");
+        assert_eq!(denied(run(&c, &p, host, 443).await), "ssrf", "{host}");
     }
+    assert_eq!(get(&p.tag.counters.allowed), 0);
 }
 
 #[tokio::test]
@@ -168,30 +238,29 @@ async fn addresses_however_spelled_meet_ip_rules() {
     let p = compiled();
     let c = checker(&[]);
     for host in ["127.0.0.3", "0x7f.3", "127.3", "2130706435", "[::ffff:127.0.0.3]"] {
-        let a = run(&c, &p, host, 8080).await.unwrap_or_else(|e| panic!("{host}: {e}"));
+        let (addr, fqdn) = run(&c, &p, host, 8080).await.unwrap_or_else(|e| panic!("{host}: {e}"));
         assert_eq!(
-            a.addr,
+            addr,
             "127.0.0.3:8080".parse().expect("addr"),
             "{host}: mapped form dialled as IPv4"
         );
-        assert_eq!(a.fqdn, None);
+        assert_eq!(fqdn, None);
     }
     // Lifted from the guard but not allowed by policy: lifting is not allowing.
-    assert!(matches!(denied(run(&c, &p, "127.0.0.2", 8080).await).1, AddrRefusal::Policy(_)));
+    assert_eq!(denied(run(&c, &p, "127.0.0.2", 8080).await), "default-deny");
 }
 
 #[tokio::test]
 async fn only_a_candidate_that_passed_is_dialled() {
     let p = compiled();
     let c = checker(&[("api.example.com", &["169.254.169.254", "10.0.0.1", "127.0.0.2"])]);
-    let a = run(&c, &p, "api.example.com", 443).await.expect("one candidate passes");
-    assert_eq!(a.addr, "127.0.0.2:443".parse().expect("addr"));
+    let (addr, _) = run(&c, &p, "api.example.com", 443).await.expect("one candidate passes");
+    assert_eq!(addr, "127.0.0.2:443".parse().expect("addr"));
+    // Every candidate refused: the first one's refusal is the flow's.
     let c = checker(&[("api.example.com", &["169.254.169.254", "10.0.0.1"])]);
-    let err = run(&c, &p, "api.example.com", 443).await.unwrap_err();
-    let Refusal::Denied { first: (addr, AddrRefusal::Ssrf(s)), candidates, .. } = err else {
-        panic!("{err:?}")
-    };
-    assert_eq!((addr.ip(), s.range.name, candidates), (ip("169.254.169.254"), "cloud-metadata", 2));
+    assert_eq!(denied(run(&c, &p, "api.example.com", 443).await), "ssrf");
+    let c = checker(&[("api.example.com", &["127.0.0.2", "10.0.0.1"])]);
+    assert_eq!(denied(run(&c, &p, "api.example.com", 8080).await), "default-deny");
 }
 
 #[tokio::test]
@@ -202,28 +271,34 @@ async fn rebinding_between_requests_is_caught_on_the_second() {
     let mut t = BTreeMap::new();
     t.insert("api.example.com".to_owned(), vec![ip("10.0.0.1")]);
     c.resolver().replace_static(&t).expect("replace");
-    let (addr, why) = denied(run(&c, &p, "api.example.com", 443).await);
-    assert_eq!(addr.ip(), ip("10.0.0.1"));
-    assert!(matches!(why, AddrRefusal::Ssrf(_)));
+    assert_eq!(denied(run(&c, &p, "api.example.com", 443).await), "ssrf");
 }
 
 #[tokio::test]
-async fn resolve_then_choose_dials_what_was_resolved() {
+async fn resolve_then_admit_dials_what_was_resolved() {
     // The listener's two-step form: candidates fixed at resolution; a later change of the
-    // record does not change what `choose` returns for them.
+    // record does not change what the gate admits for them.
     let p = compiled();
     let c = checker(&[("api.example.com", &["127.0.0.2"])]);
     let cands = c.resolve(Target::parse("api.example.com").expect("name")).await.expect("resolves");
     let mut t = BTreeMap::new();
     t.insert("api.example.com".to_owned(), vec![ip("10.0.0.1")]);
     c.resolver().replace_static(&t).expect("replace");
-    let a = c.choose(&p, ip(CLIENT), &cands, 443, Proto::Tcp).expect("allowed");
-    assert_eq!(a.addr.ip(), ip("127.0.0.2"));
-    let empty = Candidates { fqdn: None, addrs: std::sync::Arc::new([]) };
-    assert!(matches!(
-        c.choose(&p, ip(CLIENT), &empty, 443, Proto::Tcp),
-        Err(Refusal::NoAddress { .. })
-    ));
+    let (addr, _) = decide(&p, &c, &cands, 443).expect("allowed");
+    assert_eq!(addr.ip(), ip("127.0.0.2"));
+    // No candidate at all: the gate refuses (fails closed), nothing is admitted.
+    let empty: &[IpAddr] = &[];
+    let dst = dataplane::Candidates { addrs: empty, port: 443, checker: &c, tracked: None };
+    let req = FlowRequest {
+        proto: Proto::Tcp,
+        src: SocketAddr::new(ip(CLIENT), 40001),
+        dst: Destination::Candidates(dst),
+        fqdn: None,
+        source: dataplane::Source::Addr,
+        state: FlowState::Open,
+    };
+    let got = dataplane::admit(&p.rt, &p.tag, &req, Instant::now());
+    assert!(matches!(got, Admission::Deny(d) if d.reason == "no-address"), "{got:?}");
 }
 
 #[tokio::test]
@@ -263,35 +338,30 @@ async fn transparent_name_must_cover_the_original_destination() {
         ("evil.example", &["127.0.0.2"]),
     ]);
     let orig: SocketAddr = "127.0.0.2:443".parse().expect("addr");
-    let cl = ip(CLIENT);
-    let a = c
-        .check_transparent(&p, cl, orig, Some("API.example.com"), Proto::Tcp)
-        .await
-        .expect("allowed");
-    assert_eq!((a.addr, a.fqdn.map(|n| n.to_string())), (orig, Some("api.example.com".to_owned())));
+    let (addr, fqdn) = transparent(&c, &p, orig, Some("API.example.com")).await.expect("allowed");
+    assert_eq!((addr, fqdn.map(|n| n.to_string())), (orig, Some("api.example.com".to_owned())));
     // SNI names an allowed host, but the client dialled an address the name does not
     // resolve to: spoofed.
     let spoof: SocketAddr = "127.0.0.3:443".parse().expect("addr");
-    let err =
-        c.check_transparent(&p, cl, spoof, Some("api.example.com"), Proto::Tcp).await.unwrap_err();
+    let err = transparent(&c, &p, spoof, Some("api.example.com")).await.unwrap_err();
     assert_eq!((err.reason(), err.http_status()), ("name-mismatch", 403));
     assert_eq!(err.fqdn().map(|n| n.as_str()), Some("api.example.com"));
     // An honest name that policy does not allow.
-    let err =
-        c.check_transparent(&p, cl, orig, Some("evil.example"), Proto::Tcp).await.unwrap_err();
+    let err = transparent(&c, &p, orig, Some("evil.example")).await.unwrap_err();
     assert_eq!(err.reason(), "default-deny");
     // No name: decided on the address (allowed by the networks rule on 8080).
     let svc: SocketAddr = "127.0.0.3:8080".parse().expect("addr");
-    assert!(c.check_transparent(&p, cl, svc, None, Proto::Tcp).await.is_ok());
-    assert!(c.check_transparent(&p, cl, svc, Some("127.0.0.3"), Proto::Tcp).await.is_ok());
-    let err = c.check_transparent(&p, cl, svc, Some("127.0.0.9"), Proto::Tcp).await.unwrap_err();
+    assert!(transparent(&c, &p, svc, None).await.is_ok());
+    assert!(transparent(&c, &p, svc, Some("127.0.0.3")).await.is_ok());
+    let err = transparent(&c, &p, svc, Some("127.0.0.9")).await.unwrap_err();
     assert_eq!(err.reason(), "name-mismatch");
     // The guard still applies to what was dialled.
     let meta: SocketAddr = "169.254.169.254:80".parse().expect("addr");
-    assert_eq!(
-        c.check_transparent(&p, cl, meta, None, Proto::Tcp).await.unwrap_err().reason(),
-        "ssrf"
-    );
+    assert_eq!(transparent(&c, &p, meta, None).await.unwrap_err().reason(), "ssrf");
+}
+
+fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
+    c.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[test]

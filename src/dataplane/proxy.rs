@@ -1,24 +1,26 @@
 //! The proxy dataplane (tokio): listeners that accept connections or datagrams, learn the
 //! client (peer or PROXY header), pass each new flow through [`crate::dataplane::admit`]
-//! and forward what is allowed.
+//! and forward what is allowed. One file per listener kind:
 //!
-//! - [`listener`]: the `[[listener]]` config types and socket binding.
-//! - [`proxy_header`]: the PROXY protocol header in front of a connection or datagram.
-//! - [`tcp`]: accept loop and per-connection task; [`splice`] moves the bytes.
-//! - [`udp`]: per-client sessions.
-//! - [`upstream`]: round robin with cool-down.
-//! - [`connect`] (`http-connect`) and [`socks5`]: the forward-proxy kinds, which read a
-//!   handshake naming the destination and share [`egress`] for deciding and dialling it;
-//!   [`transparent`] takes NAT-redirected connections and shares the same pipeline.
+//! - [`listener`]: the `[[listener]]` config types, socket binding, and the accept loop
+//!   every TCP kind runs;
+//! - L4: [`tcp`] (and the `echo` upstream) and [`udp`] (per-client sessions), to
+//!   configured upstreams ([`upstream`]: round robin with cool-down);
+//! - the forward proxies, where the client names the destination: [`connect`]
+//!   (`http-connect`), [`socks5`] (CONNECT and UDP ASSOCIATE) and [`transparent`]
+//!   (NAT-redirected connections), which share [`forward`]: their listener state, how a
+//!   destination reaches the gate, the dial and the relay;
+//! - shared by all: [`proxy_header`] (the PROXY protocol header in front of a connection
+//!   or datagram) and [`splice`] (moving the bytes).
 //!
 //! [`start`] binds every configured listener first (so a bad address fails start-up
 //! before anything is served), then spawns them and marks the runtime ready.
 //!
-//! Not here: the decision (`dataplane::admit`, `policy`), the egress pipeline and
-//! handshake parsing (`crate::egress`), packets (`dataplane::packet`).
+//! Not here: the decision (`dataplane::admit`, `policy`), destination names, resolution,
+//! the SSRF guard and handshake parsing (`crate::egress`), packets.
 
 pub mod connect;
-pub mod egress;
+pub mod forward;
 pub mod listener;
 pub mod proxy_header;
 pub mod socks5;
@@ -35,9 +37,9 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use self::egress::EgressProxy;
-use self::listener::{ListenerConfig, ListenerKind, bind_socket};
-use self::tcp::{Handler, TcpProxy};
+use self::forward::ForwardProxy;
+use self::listener::{Handler, ListenerConfig, ListenerKind, bind_socket};
+use self::tcp::TcpProxy;
 use self::udp::UdpProxy;
 use self::upstream::Upstreams;
 use super::{ListenerTag, Runtime};
@@ -169,8 +171,8 @@ pub fn start_with_credentials(
         let (local_addr, task) = match b {
             Bound::Tcp(l) => {
                 let local = l.local_addr().unwrap_or(cfg.bind);
-                let egress_proxy = || {
-                    Arc::new(EgressProxy {
+                let forward_proxy = || {
+                    Arc::new(ForwardProxy {
                         rt: rt.clone(),
                         tag: tag.clone(),
                         cfg: cfg.clone(),
@@ -186,9 +188,9 @@ pub fn start_with_credentials(
                 };
                 let handler = match cfg.kind {
                     ListenerKind::Echo => Handler::Echo { idle: cfg.idle_timeout },
-                    ListenerKind::HttpConnect => Handler::HttpConnect(egress_proxy()),
-                    ListenerKind::Socks5 => Handler::Socks5(egress_proxy()),
-                    ListenerKind::Transparent => Handler::Transparent(egress_proxy()),
+                    ListenerKind::HttpConnect => Handler::HttpConnect(forward_proxy()),
+                    ListenerKind::Socks5 => Handler::Socks5(forward_proxy()),
+                    ListenerKind::Transparent => Handler::Transparent(forward_proxy()),
                     _ => Handler::Proxy(Arc::new(TcpProxy {
                         rt: rt.clone(),
                         tag,
@@ -198,7 +200,7 @@ pub fn start_with_credentials(
                     })),
                 };
                 let max = cfg.max_connections;
-                (local, tokio::spawn(tcp::serve(l, handler, counters, max, signal, guard)))
+                (local, tokio::spawn(listener::serve(l, handler, counters, max, signal, guard)))
             }
             Bound::Udp(s) => {
                 let local = s.local_addr().unwrap_or(cfg.bind);
