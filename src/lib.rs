@@ -9,11 +9,11 @@
 //!  bytes/packets in ──► flow key ──► conntrack lookup ──hit──► forward (counters, state)
 //!  (dataplane, wire)    (flow)       (conntrack)    │ miss
 //!                                                   ▼
-//!                         policy.load().decide(&flow)          (policy: decide)
+//!                   dataplane::admit: policy.load().decide  (the one gate)
 //!                           │ allow                 │ deny
 //!                           ▼                       ▼
 //!                 insert conntrack entry      drop / refuse + flow log event
-//!                 forward (dataplane)         + counters (telemetry)
+//!                 forward (dataplane::proxy)  + counters (telemetry)
 //! ```
 //!
 //! - [`flow`]: the shared vocabulary (`FlowKey`, `Proto`, `Direction`, address newtypes).
@@ -21,7 +21,8 @@
 //! - [`wire`]: untrusted bytes (PROXY protocol, SOCKS5, CONNECT, SNI), parsed in place.
 //! - [`conntrack`]: the sharded, bounded connection-tracking table.
 //! - [`dataplane`]: `admit`, the one gate every new flow passes, and the proxy listeners.
-//! - [`egress`]: names, the SSRF guard and resolution for the forward-proxy listeners.
+//! - [`egress`]: names, resolution, the SSRF guard, proxy credentials and handshakes for the
+//!   forward-proxy listeners.
 //! - [`telemetry`]: the flow log and metrics.
 //! - [`control`]: loading, swapping and re-checking policy; emergency policies; audit.
 //! - [`admin`]: the admin HTTP API (health, metrics, policy, flows, reload).
@@ -35,8 +36,8 @@
 //!
 //! # Layers
 //!
-//! A module imports only from the rows below its own (`tests/layers.rs` fails on an import
-//! cycle between top-level modules):
+//! A module imports only from the rows below its own (`tests/layers.rs` holds every import
+//! between top-level modules to these rows, and fails on an import cycle):
 //!
 //! ```text
 //!  gateway                       wires everything; nothing imports it

@@ -1,6 +1,6 @@
 //! Issue 27 on a running gateway: a NetworkPolicy written with `policyTypes: []` is read
 //! as the API server defaults it (`[Ingress]`, plus `Egress` with egress rules), by the
-//! in-process L4 listener built from config text by `l4_harness`.
+//! in-process L4 listener built from config text by `tests/support/l4.rs`.
 //!
 //! Identities (this file's inventory, `policy.default = deny`):
 //! - 127.0.0.10 (`OK`) is `y/c`; a NetworkPolicy in `y` admits all of its egress, so only

@@ -2,7 +2,7 @@
 //! "load balancer" on 127.0.0.5 (the trusted proxy): the header's source is the identity the
 //! policy sees and the flow log shows; a header from an untrusted peer is refused before the
 //! policy is asked; a listener that requires a header refuses a connection without one.
-//! (HAProxy itself in front of flowgate: tests/proxy_protocol_haproxy.rs on branch pp.)
+//! (HAProxy itself in front of flowgate: tests/haproxy.rs.)
 
 mod support;
 

@@ -221,9 +221,9 @@ fn percent_decode(s: &str) -> String {
 
 /// `/flows?src=IP&dst=IP&workload=ns/name&limit=N`: conntrack entries, newest first is not
 /// promised (the table has no order); at most `limit` (≤ `admin.flows_limit`). `listener`
-/// is the listener's name, as the flow log writes it (found the way `Runtime::revoke` finds
-/// it: an entry's listener id is its position in the metrics registry); `null` for an id
-/// no listener of this process has.
+/// is the listener's name, as the flow log writes it (found the way
+/// `dataplane::log_revoked` finds it: an entry's listener id is its position in the metrics
+/// registry); `null` for an id no listener of this process has.
 fn flows(control: &ControlPlane, query: &str) -> Resp {
     let ps = params(query);
     let cap = control.config().admin.flows_limit;

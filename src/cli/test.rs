@@ -13,7 +13,7 @@ use super::check::Source;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The case file (YAML, `cases:` list; see DESIGN.md).
+    /// The case file (YAML, `cases:` list; see docs/DESIGN.md).
     pub file: PathBuf,
     /// Print per-case results as one JSON object.
     #[arg(long)]

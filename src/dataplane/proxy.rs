@@ -2,8 +2,8 @@
 //! client (peer or PROXY header), pass each new flow through [`crate::dataplane::admit`]
 //! and forward what is allowed. One file per listener kind:
 //!
-//! - [`listener`]: the `[[listener]]` config types, socket binding, and the accept loop
-//!   every TCP kind runs;
+//! - [`listener`]: socket binding and the accept loop every TCP kind runs (the
+//!   `[[listener]]` config types live in [`crate::config::listener`]);
 //! - L4: [`tcp`] (and the `echo` upstream) and [`udp`] (per-client sessions), to
 //!   configured upstreams ([`upstream`]: round robin with cool-down);
 //! - the forward proxies, where the client names the destination: [`connect`]

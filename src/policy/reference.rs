@@ -5,7 +5,7 @@
 //! precomputes nothing and shares no code with `compile`/`decide` except the IR's own
 //! matchers ([`WorkloadSelector::matches`], [`DomainPattern::matches`]). If the two
 //! engines disagree, read this file first: it is meant to be checkable against the
-//! semantics in `DESIGN.md` line by line.
+//! semantics in `docs/DESIGN.md` line by line.
 //!
 //! The semantics, for a flow S → D:
 //! - identity: longest-prefix match of each address over every workload's `addrs`; on a

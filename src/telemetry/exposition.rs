@@ -1,4 +1,4 @@
-//! Prometheus text exposition (format 0.0.4) of every metric: the names DESIGN.md lists,
+//! Prometheus text exposition (format 0.0.4) of every metric: the names docs/DESIGN.md lists,
 //! plus reload, revalidation, emergency, flow-log and admin counters.
 //!
 //! Built on each scrape from the atomics and the merged decision histogram; nothing here

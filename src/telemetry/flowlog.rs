@@ -12,7 +12,7 @@
 //! hammering a denied service with new connections is one line per window, not thousands.
 //! The line carries the first event's timestamp and source address.
 //!
-//! Schema (DESIGN.md): `ts` (RFC 3339, ms, UTC), `event`, `listener`, `proto`, `src`,
+//! Schema (docs/DESIGN.md §5.1): `ts` (RFC 3339, ms, UTC), `event`, `listener`, `proto`, `src`,
 //! `dst` (ip:port), `fqdn`, `src_workload`, `dst_workload` (`ns/name` or null),
 //! `direction`, `reason`, `policy`, `generation`, `count`.
 
@@ -410,7 +410,7 @@ impl Writer {
     }
 }
 
-/// One line of the flow log, exactly the DESIGN.md fields in order.
+/// One line of the flow log, exactly the docs/DESIGN.md fields in order.
 #[derive(Debug, Serialize)]
 pub struct Line<'a> {
     pub ts: String,

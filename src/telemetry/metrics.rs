@@ -1,7 +1,7 @@
 //! Metrics: counters the data path bumps with relaxed atomics (no lock, no allocation), and
 //! the decision-latency histogram, merged and rendered only when `/metrics` is scraped.
 //!
-//! Names are the ones DESIGN.md lists (`flowgate_flows_total{listener,verdict}`, …), defined
+//! Names are the ones docs/DESIGN.md lists (`flowgate_flows_total{listener,verdict}`, …), defined
 //! once in [`super::exposition::names`], which renders these sources as Prometheus text.
 
 use std::cell::Cell;
