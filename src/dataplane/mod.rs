@@ -20,6 +20,7 @@
 //! sockets (`proxy`).
 
 pub mod proxy;
+pub mod tun;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
