@@ -42,7 +42,11 @@ fn ping_and_tcp_pass_through_the_tun_as_gso_super_packets() {
 
     assert_eq!(topology::ping(&topo.client, SERVER, 5), 5, "echo through the TUN");
     let seen = fwd.seen.clone();
-    assert!(Seen::get(&seen.echo_requests) >= 5, "requests seen: {}", Seen::get(&seen.echo_requests));
+    assert!(
+        Seen::get(&seen.echo_requests) >= 5,
+        "requests seen: {}",
+        Seen::get(&seen.echo_requests)
+    );
     assert!(Seen::get(&seen.echo_replies) >= 5, "replies seen: {}", Seen::get(&seen.echo_replies));
 
     const BYTES: u64 = 64 << 20;
@@ -72,7 +76,10 @@ fn ping_and_tcp_pass_through_the_tun_as_gso_super_packets() {
     // IPv4 (20) + TCP (20 + options) headers; segments no larger than the veth MTU allows.
     assert!((40..=120).contains(&hdr.hdr_len), "{hdr:?}");
     assert!(hdr.gso_size > 0 && usize::from(hdr.gso_size) <= 1500 - 40, "{hdr:?}");
-    assert!(len > usize::from(hdr.gso_size), "a super-packet holds several segments: {len}, {hdr:?}");
+    assert!(
+        len > usize::from(hdr.gso_size),
+        "a super-packet holds several segments: {len}, {hdr:?}"
+    );
     assert_eq!(usize::from(hdr.csum_start), 20, "TCP checksum starts after the IPv4 header");
     assert_eq!(hdr.csum_offset, 16, "TCP checksum field offset");
 }

@@ -37,10 +37,12 @@
 //! A packet written back into the TUN arrives with `iif fg0`, matches neither rule and is
 //! routed on by the main table, out of the interface its destination is on. Replies come
 //! in on the other veth and enter the TUN by the other rule, so both directions of a flow
-//! pass the filter. Traffic to the gateway's own addresses is also caught by the rules;
-//! exclude it with `ip rule add iif veth-c to <gateway address> lookup main pref 99` if the
-//! gateway must stay reachable. `rp_filter` must be off (or loose) on the TUN: its source
-//! addresses are other hosts'. The same recipe with `ip -6` and `net.ipv6` applies to
+//! pass the filter. Traffic to the gateway's own addresses never enters the TUN: the
+//! `local` table's rule (preference 0) is looked up before these, so it is delivered
+//! locally, unfiltered — protect the gateway itself by other means. `rp_filter` must be off
+//! (or loose) on the TUN: the sources of what it writes back are other hosts', reached
+//! through the veths. `tests/support/topology.rs` (`Topology::route_through`) runs this
+//! recipe. The same recipe with `ip -6` and `net.ipv6` applies to
 //! IPv6.
 //!
 //! # Wire format
@@ -439,20 +441,22 @@ impl Queue {
             return Err(self.sys(Step::SetVnetLe, io::Error::last_os_error()));
         }
         let base = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN;
-        let uso = libc::TUN_F_USO4 | libc::TUN_F_USO6;
-        for (flags, with_uso) in [(base | uso, true), (base, false)] {
+        let with_uso = base | libc::TUN_F_USO4 | libc::TUN_F_USO6;
+        let set_offload = |flags: libc::c_uint| {
             // SAFETY: `fd` is an attached TUN queue; TUNSETOFFLOAD takes its argument by
             // value (an unsigned long of TUN_F_* bits), no pointer is passed.
             let rc = unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
-            if rc == 0 {
-                return Ok(OffloadSet { vnet_hdr: true, flags, uso: with_uso });
-            }
-            let err = io::Error::last_os_error();
-            if !(with_uso && err.raw_os_error() == Some(libc::EINVAL)) {
-                return Err(self.sys(Step::SetOffload, err));
-            }
+            if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        };
+        match set_offload(with_uso) {
+            Ok(()) => Ok(OffloadSet { vnet_hdr: true, flags: with_uso, uso: true }),
+            // A kernel older than 6.2 does not know TUN_F_USO* and refuses the whole set.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => match set_offload(base) {
+                Ok(()) => Ok(OffloadSet { vnet_hdr: true, flags: base, uso: false }),
+                Err(e) => Err(self.sys(Step::SetOffload, e)),
+            },
+            Err(e) => Err(self.sys(Step::SetOffload, e)),
         }
-        unreachable!("the loop returns on its second (USO-less) attempt")
     }
 
     /// The device's name.

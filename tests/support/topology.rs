@@ -171,10 +171,8 @@ impl Seen {
         if ip.len() > 1500 {
             self.over_mtu.fetch_add(1, Ordering::Relaxed);
         }
-        if vnet.is_gso() {
-            if self.gso_frames.fetch_add(1, Ordering::Relaxed) == 0 {
-                *self.first_gso.lock().unwrap() = Some((vnet, ip.len()));
-            }
+        if vnet.is_gso() && self.gso_frames.fetch_add(1, Ordering::Relaxed) == 0 {
+            *self.first_gso.lock().unwrap() = Some((vnet, ip.len()));
         }
         // IPv4, protocol ICMP: count echo requests client→server and replies back.
         if ip.len() >= 28 && ip[0] >> 4 == 4 && ip[9] == 1 {
