@@ -477,7 +477,8 @@ impl Queue {
     /// Reads frames into `batch` until the queue is empty (`EAGAIN`) or the batch is full —
     /// a bounded burst per wake-up, since TUN has no `recvmmsg`. The batch is cleared
     /// first; returns how many frames it now holds. A frame that filled its slot (larger
-    /// than [`MAX_PACKET`]) is dropped and counted in [`Batch::truncated`].
+    /// than [`MAX_PACKET`]) or holds no packet after its header is dropped and counted in
+    /// [`Batch::dropped`].
     ///
     /// # Errors
     /// [`TunError::Sys`] (step `Read`) when the first read fails with anything but
@@ -486,8 +487,14 @@ impl Queue {
     pub fn recv_batch(&self, batch: &mut Batch) -> Result<usize, TunError> {
         batch.clear(self.hdr_len);
         let fd = self.fd.as_raw_fd();
+        let cap = batch.slots.len();
         let mut retries = 0;
-        while batch.len < batch.slots.len() {
+        // Bounded work per wake-up even when reads do not fill slots (dropped frames,
+        // signals): at most two reads per slot.
+        for _ in 0..cap * 2 {
+            if batch.len == cap {
+                break;
+            }
             let slot = &mut batch.slots[batch.len];
             // SAFETY: `slot` is a live, exclusively borrowed buffer of `slot.len()` bytes;
             // read writes at most that many bytes into it.
@@ -506,8 +513,8 @@ impl Queue {
             }
             // n >= 0 here, and at most slot.len().
             let n = n.unsigned_abs();
-            if n >= slot.len() {
-                batch.truncated += 1;
+            if n >= slot.len() || n <= self.hdr_len {
+                batch.dropped += 1;
                 continue;
             }
             batch.lens[batch.len] = n;
@@ -619,7 +626,7 @@ pub struct Batch {
     keep: Box<[bool]>,
     len: usize,
     hdr_len: usize,
-    truncated: u64,
+    dropped: u64,
 }
 
 impl fmt::Debug for Batch {
@@ -627,7 +634,7 @@ impl fmt::Debug for Batch {
         f.debug_struct("Batch")
             .field("capacity", &self.slots.len())
             .field("len", &self.len)
-            .field("truncated", &self.truncated)
+            .field("dropped", &self.dropped)
             .finish_non_exhaustive()
     }
 }
@@ -643,7 +650,7 @@ impl Batch {
             keep: vec![false; capacity].into_boxed_slice(),
             len: 0,
             hdr_len: 0,
-            truncated: 0,
+            dropped: 0,
         }
     }
 
@@ -665,9 +672,10 @@ impl Batch {
         self.slots.len()
     }
 
-    /// Frames dropped because they did not fit a slot, since the batch was made.
-    pub fn truncated(&self) -> u64 {
-        self.truncated
+    /// Frames read but not lent, since the batch was made: larger than a slot, or with
+    /// no packet after the header.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 
     /// Frame `i`: its parsed header and the IP packet after it. `None` past [`Batch::len`].
@@ -679,8 +687,8 @@ impl Batch {
         let (vnet, bytes) = if self.hdr_len == 0 {
             (VnetHdr::NONE, frame)
         } else {
-            // A frame shorter than its header cannot come from the kernel; treat it as an
-            // empty, ordinary packet so the classifier drops it.
+            // recv_batch lends no frame without a packet after its header; should one
+            // appear, it is an empty, ordinary packet, which the classifier drops.
             match (VnetHdr::parse(frame), frame.get(self.hdr_len..)) {
                 (Ok(h), Some(rest)) => (h, rest),
                 _ => (VnetHdr::NONE, &[][..]),

@@ -387,9 +387,12 @@ pub fn iperf3(topo: &Topology, secs: u32) -> f64 {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("iperf3 -s starts");
-    // Bounded wait for the server to listen: the client retries its connect.
+    // The server needs a moment to listen: retry a refused connect for up to 10 s. A run
+    // that fails after connecting (it took longer than a refusal) is not retried.
+    let start = Instant::now();
     let mut out = None;
-    for _ in 0..50 {
+    while start.elapsed() < Duration::from_secs(10) {
+        let t0 = Instant::now();
         let o = output_in(
             &topo.client,
             &format!("timeout {} iperf3 -J -c {SERVER} -t {secs}", secs + 10),
@@ -398,6 +401,11 @@ pub fn iperf3(topo: &Topology, secs: u32) -> f64 {
             out = Some(o);
             break;
         }
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "iperf3 -c failed: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let _ = server.kill();
