@@ -8,12 +8,14 @@
 //!
 //! ```text
 //! sudo cargo bench --bench tun_forward              # 5 s per case; needs root and iperf3
-//! TF_SECS=10 sudo cargo bench --bench tun_forward
+//! TF_SECS=10 TF_ROUNDS=5 sudo cargo bench --bench tun_forward   # default 5 s, 3 rounds
 //! ```
 //!
-//! Prints the three rates and the TUN/kernel ratios. Each case builds its own namespaces
-//! (tests/support/topology.rs) and deletes them; every wait is bounded. Not a test: the
-//! numbers depend on the machine and on what else runs on it.
+//! Prints each round's rates, each case's median and the TUN/kernel ratios. Each case
+//! builds its own namespaces (tests/support/topology.rs) and deletes them; every wait is
+//! bounded. Not a test: the numbers depend on the machine and on what else runs on it
+//! (on a shared 2-core machine one round's kernel rate varied 4.5–7.5 Gbit/s, hence the
+//! interleaved rounds and medians).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -65,18 +67,35 @@ fn main() {
     }
     let secs: u32 = std::env::var("TF_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let secs = secs.clamp(1, 60);
+    let rounds: usize = std::env::var("TF_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let rounds = rounds.clamp(1, 10);
     let cases = [
         ("kernel forwarding", Case::Kernel),
         ("TUN, offloads on", Case::Tun(Offloads::On)),
         ("TUN, offloads off", Case::Tun(Offloads::Off)),
     ];
-    let mut rates = Vec::new();
-    for (name, case) in cases {
-        let bps = run(case, secs);
-        println!("{name:<20} {:>8.2} Gbit/s  (iperf3 -t {secs}, one stream)", bps / 1e9);
-        rates.push(bps);
+    // Rounds interleave the cases, so a neighbour's burst of load on a shared machine
+    // lands on all three alike; each case reports its median.
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for round in 1..=rounds {
+        for ((name, case), r) in cases.iter().zip(&mut rates) {
+            let bps = run(*case, secs);
+            println!("round {round}: {name:<20} {:>6.2} Gbit/s", bps / 1e9);
+            r.push(bps);
+        }
     }
-    println!("TUN offloads on  / kernel: {:.2}×", rates[1] / rates[0]);
-    println!("TUN offloads off / kernel: {:.3}×", rates[2] / rates[0]);
-    println!("offloads on / off:         {:.1}×", rates[1] / rates[2]);
+    let median: Vec<f64> = rates
+        .iter_mut()
+        .map(|r| {
+            r.sort_by(f64::total_cmp);
+            r[r.len() / 2]
+        })
+        .collect();
+    println!("median of {rounds} (iperf3 -t {secs}, one stream):");
+    for ((name, _), bps) in cases.iter().zip(&median) {
+        println!("  {name:<20} {:>6.2} Gbit/s", bps / 1e9);
+    }
+    println!("TUN offloads on  / kernel: {:.2}×", median[1] / median[0]);
+    println!("TUN offloads off / kernel: {:.3}×", median[2] / median[0]);
+    println!("offloads on / off:         {:.1}×", median[1] / median[2]);
 }

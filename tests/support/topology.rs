@@ -390,27 +390,23 @@ pub fn iperf3(topo: &Topology, secs: u32) -> f64 {
     // The server needs a moment to listen: retry a refused connect for up to 10 s. A run
     // that fails after connecting (it took longer than a refusal) is not retried.
     let start = Instant::now();
-    let mut out = None;
-    while start.elapsed() < Duration::from_secs(10) {
+    let mut rate = None;
+    let mut last = String::new();
+    while rate.is_none() && start.elapsed() < Duration::from_secs(10) {
         let t0 = Instant::now();
         let o = output_in(
             &topo.client,
             &format!("timeout {} iperf3 -J -c {SERVER} -t {secs}", secs + 10),
         );
-        if o.status.success() {
-            out = Some(o);
-            break;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        rate = v["end"]["sum_received"]["bits_per_second"].as_f64().filter(|_| o.status.success());
+        last = format!("{} {}", o.status, v["error"]);
+        if rate.is_none() {
+            assert!(t0.elapsed() < Duration::from_secs(2), "iperf3 -c failed: {last}");
+            std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(2),
-            "iperf3 -c failed: {}",
-            String::from_utf8_lossy(&o.stdout)
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
     let _ = server.kill();
     let _ = server.wait();
-    let out = out.expect("iperf3 client ran");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 -J output");
-    v["end"]["sum_received"]["bits_per_second"].as_f64().expect("bits_per_second")
+    rate.unwrap_or_else(|| panic!("iperf3 -c never ran: {last}"))
 }
