@@ -26,6 +26,7 @@
 //! (`egress`).
 
 pub mod proxy;
+pub mod tun;
 mod runtime;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -19,3 +19,4 @@ pub mod l4;
 pub mod netns;
 pub mod process;
 pub mod require;
+pub mod topology;
