@@ -31,14 +31,7 @@ pub struct RevalidateStats {
 /// The question `decide` is asked for an established flow: its addresses, port and
 /// protocol, and the name it was admitted for, if any.
 pub fn query_of(entry: &Entry) -> FlowQuery<'_> {
-    let key = entry.key();
-    FlowQuery {
-        src: key.src.ip(),
-        dst: key.dst.ip(),
-        dst_port: key.dst.port(),
-        proto: key.proto,
-        fqdn: entry.fqdn(),
-    }
+    FlowQuery::from_key(&entry.key(), entry.fqdn())
 }
 
 /// Decides an established flow again: as the workload its proxy credentials named when
