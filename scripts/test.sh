@@ -13,9 +13,6 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 
-# Unit tests (library, binary) and every tests/*.rs.
-cargo test --locked --lib --bins --tests "$@"
-
 # Benchmarks and load programs: built, so they keep compiling, but not run. Run in test
 # mode (`cargo test --all-targets`, which selects benches by `bench = true` and ignores
 # `test = false`) they take minutes: the load programs (loadtest/) drive real traffic for
@@ -23,3 +20,7 @@ cargo test --locked --lib --bins --tests "$@"
 # their single test-mode iteration (conntrack ~60 s, reload ~40 s, decide ~14 s here).
 # Run them with `cargo bench --bench NAME` (BENCHMARKS.md).
 cargo test --locked --benches --no-run
+
+# Unit tests (library, binary) and every tests/*.rs — last, so the run closes on their
+# summary.
+cargo test --locked --lib --bins --tests "$@"
