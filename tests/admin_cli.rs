@@ -7,6 +7,7 @@ use std::process::Command;
 
 use flowgate::admin::client::AdminClient;
 use support::control::*;
+use support::process::Flowgate;
 
 async fn flowgate(args: Vec<String>) -> (i32, String, String) {
     tokio::task::spawn_blocking(move || {
@@ -75,82 +76,13 @@ async fn status_reload_quarantine() {
     assert!(out.contains("emergency q1: quarantine 127.0.10.1 until"), "{out}");
 }
 
-/// `flowgate run` as a child process with its environment under the test's control. Its
-/// stderr is collected line by line, so a start-up failure shows the real cause; killed
-/// (by its own pid) when dropped.
-struct Gateway {
-    child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Gateway {
-    /// Starts `flowgate run --config CONFIG` with `env` set (`None`: removed) and waits until
-    /// it is ready; returns it with its admin address.
-    fn start(config: &std::path::Path, env: &[(&str, Option<&str>)]) -> (Gateway, String) {
-        use std::io::BufRead;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowgate"));
-        cmd.arg("run").arg("--config").arg(config);
-        for (k, v) in env {
-            match v {
-                Some(v) => cmd.env(k, v),
-                None => cmd.env_remove(k),
-            };
-        }
-        let mut child = cmd
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        let mut gw = Gateway { child, lines, seen: Vec::new() };
-        let admin = gw.wait_line("admin API on http://");
-        let admin = admin.rsplit("http://").next().unwrap().trim().to_owned();
-        gw.wait_line("ready:");
-        (gw, admin)
-    }
-
-    /// A stderr line containing `needle` that was already read (by [`Gateway::start`]).
-    fn said(&self, needle: &str) -> String {
-        let found = self.seen.iter().find(|l| l.contains(needle));
-        found
-            .unwrap_or_else(|| panic!("flowgate run did not say {needle:?}: {:#?}", self.seen))
-            .clone()
-    }
-
-    /// The next stderr line containing `needle`, within 30 s; fails with everything the
-    /// process said (and its exit status, if it exited) otherwise.
-    fn wait_line(&mut self, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => {
-                    self.seen.push(l.clone());
-                    return l;
-                }
-                Ok(l) => self.seen.push(l),
-                Err(_) => panic!(
-                    "flowgate run never said {needle:?} (exit: {:?}); stderr: {:#?}",
-                    self.child.try_wait(),
-                    self.seen
-                ),
-            }
-        }
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `flowgate run --config CONFIG` with `env` set (`None`: removed), ready; returns it with
+/// its admin address.
+fn run_gateway(config: &std::path::Path, env: &[(&str, Option<&str>)]) -> (Flowgate, String) {
+    let mut gw = Flowgate::run_with_env(config, env);
+    gw.wait_ready();
+    let admin = gw.admin().to_string();
+    (gw, admin)
 }
 
 /// `flowgate ARGS` with `env` set (`None`: removed) → (exit code, stdout, stderr).
@@ -226,7 +158,7 @@ async fn bundled_config_token_from_the_environment() {
     let quarantine = ["quarantine", "127.0.0.3", "--ttl", "15m"];
 
     // Unset: the gateway starts; both commands are refused alike, whatever this shell has.
-    let (gw, admin) = Gateway::start(&config, &[(VAR, None)]);
+    let (gw, admin) = run_gateway(&config, &[(VAR, None)]);
     for shell in [None, Some("s3cret-from-this-shell".to_owned())] {
         let env = vec![(VAR, shell.clone())];
         let (rc, out, r_err) = flowgate_env(cmd(&reload, &admin), env.clone()).await;
@@ -247,7 +179,7 @@ async fn bundled_config_token_from_the_environment() {
 
     // Set: the same commands from a shell with the same value work.
     let token = Some("s3cret-4b8e".to_owned());
-    let (_gw, admin) = Gateway::start(&config, &[(VAR, token.as_deref())]);
+    let (_gw, admin) = run_gateway(&config, &[(VAR, token.as_deref())]);
     let (code, out, err) = flowgate_env(cmd(&reload, &admin), vec![(VAR, token.clone())]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("unchanged: generation 1 is current"), "{out}");
@@ -297,9 +229,8 @@ async fn flows_name_the_listener_like_the_flow_log() {
         listener("first"),
         listener("second")
     ));
-    let (gw, admin) = Gateway::start(&fx.path("flowgate.toml"), &[]);
-    let line = gw.said("listener second ");
-    let second: std::net::SocketAddr = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let (mut gw, admin) = run_gateway(&fx.path("flowgate.toml"), &[]);
+    let second = gw.listener("second");
 
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind("127.0.10.1:0".parse().unwrap()).unwrap();

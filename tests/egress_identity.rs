@@ -70,9 +70,10 @@ spec:
         - networks: [127.0.0.23/32, 127.0.0.24/32, 127.0.0.30/32, 127.0.0.1/32, '::1/128']
 ";
 
-/// flowgate with every egress listener these tests use; `admin` stands in for the admin
-/// API's address (one of flowgate's own).
-async fn start_gate(admin: SocketAddr) -> Gate {
+/// flowgate with every egress listener these tests use, its admin API on [`ADMIN`] (an
+/// address the policy allows and `[ssrf]` lifts, so only the own-listener guard keeps the
+/// proxies from dialling it).
+async fn start_gate() -> Gate {
     let config = format!(
         "[dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\nhosts_file = \"hosts\"\n\
          [dns.static]\n\"web.test\" = [\"{WEB}\"]\n\"tls.test\" = [\"{TLS}\"]\n\
@@ -102,7 +103,7 @@ async fn start_gate(admin: SocketAddr) -> Gate {
          bind = \"127.0.0.1:0\"\nverify_sni = \"strict\"\nsni_timeout = \"1s\"\n"
     );
     let hosts = ("hosts", "127.0.0.1 localhost\n::1 localhost\n");
-    Gate::start_with(INVENTORY, POLICY, &config, &[hosts], vec![admin]).await
+    Gate::start_with(INVENTORY, POLICY, &config, &[hosts], &format!("{ADMIN}:0")).await
 }
 
 /// Waits (bounded) for a `deny` event on `listener` matching `pred`; returns it.
@@ -157,7 +158,7 @@ async fn credentials_name_the_workload_and_wrong_ones_are_refused() {
     if skip_unless(&[Need::Bin("curl"), Need::Bin("python3"), Need::Bin("openssl")]) {
         return;
     }
-    let gate = start_gate("127.0.0.30:1".parse().unwrap()).await;
+    let gate = start_gate().await;
     let (_web, web_port) = http_server(gate.dir.path()).await;
     let (_tls, tls_port) = https_server(gate.dir.path()).await;
     let (sink_port, accepted) = sink(SINK).await;
@@ -266,7 +267,7 @@ async fn verify_sni_refuses_a_client_hello_for_another_host() {
     if skip_unless(&[Need::Bin("curl"), Need::Bin("openssl")]) {
         return;
     }
-    let gate = start_gate("127.0.0.30:1".parse().unwrap()).await;
+    let gate = start_gate().await;
     let (_tls, tls_port) = https_server(gate.dir.path()).await;
     let ca = format!("http://alice:pw-a@{}", gate.addr("connect-auth"));
     let c = gate.counters("connect-auth");
@@ -395,7 +396,7 @@ async fn socks5_udp_associate_relays_allowed_datagrams_and_drops_the_rest() {
     if skip_unless(&[Need::Bin("python3")]) {
         return;
     }
-    let gate = start_gate("127.0.0.30:1".parse().unwrap()).await;
+    let gate = start_gate().await;
     let (echo_port, echoed) = udp_echo(UDP_OK).await;
     let (no_port, no_count) = udp_echo(UDP_NO).await;
     let (ssrf_port, ssrf_count) = udp_echo("127.0.0.1").await;
@@ -462,7 +463,7 @@ async fn associate(to: SocketAddr) -> (TcpStream, u8) {
 /// general failure and counted, and the place is free again once a control connection ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socks5_udp_associations_are_bounded_and_counted() {
-    let gate = start_gate("127.0.0.30:1".parse().unwrap()).await;
+    let gate = start_gate().await;
     let socks = gate.addr("socks-one");
     let c = gate.counters("socks-one");
     let (first, code) = associate(socks).await;
@@ -488,7 +489,7 @@ async fn socks5_udp_associations_are_bounded_and_counted() {
 /// the slow client goes away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_connect_handshakes_are_bounded_and_counted() {
-    let gate = start_gate("127.0.0.30:1".parse().unwrap()).await;
+    let gate = start_gate().await;
     let to = gate.addr("connect-one");
     let c = gate.counters("connect-one");
     // A slow client: half a request line, then nothing; it holds the only slot.
@@ -543,21 +544,54 @@ async fn raw_exchange(to: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Every spelling of a loopback address, and flowgate's own listeners, refused through
-/// both listeners with 403 / 0x02 even though the policy allows 127.0.0.1, ::1 and the
-/// stand-in admin address: the counting servers see no connection.
+/// Sends `first` to the proxy at `to` (from [`CALLER`]); if the proxy's reply is whole
+/// (`replied`) and the connection still open — a tunnel — sends `then` through it. Returns
+/// everything the proxy sent back, once it closed (bounded).
+async fn exchange_then(
+    to: SocketAddr,
+    first: &[u8],
+    replied: impl Fn(&[u8]) -> bool,
+    then: &[u8],
+) -> Vec<u8> {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(format!("{CALLER}:0").parse().unwrap()).unwrap();
+    let mut s = s.connect(to).await.unwrap();
+    s.write_all(first).await.unwrap();
+    let mut out = Vec::new();
+    let mut sent_then = false;
+    let r = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+            if !sent_then && replied(&out) {
+                sent_then = true;
+                if s.write_all(then).await.is_err() {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "proxy did not close within the bound after {first:?}");
+    out
+}
+
+/// Every spelling of a loopback address, and flowgate's own listeners (its admin API
+/// among them), refused through both listeners with 403 / 0x02 even though the policy
+/// allows 127.0.0.1, ::1 and the admin API's address: the counting servers see no
+/// connection, and the admin API no request (every attempt sends one through the tunnel,
+/// should the proxy open one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssrf_spellings_and_own_listeners_are_refused_through_both_listeners() {
-    let admin = TcpListener::bind((ADMIN, 0)).await.unwrap();
-    let admin_addr = admin.local_addr().unwrap();
-    let admin_hits = Arc::new(AtomicUsize::new(0));
-    let hits = admin_hits.clone();
-    tokio::spawn(async move {
-        while admin.accept().await.is_ok() {
-            hits.fetch_add(1, Ordering::SeqCst);
-        }
-    });
-    let gate = start_gate(admin_addr).await;
+    let gate = start_gate().await;
+    let admin_addr = gate.running.admin();
+    assert_eq!(admin_addr.ip().to_string(), ADMIN);
+    let admin_requests = || get(&gate.rt.registry.control.admin_requests);
+    // What a client would send the admin API through an opened tunnel.
+    let admin_request = b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n";
     let (port, v4_hits) = sink("127.0.0.1").await;
     let v6 = TcpListener::bind(("::1", port)).await.unwrap();
     let v6_hits = Arc::new(AtomicUsize::new(0));
@@ -582,9 +616,12 @@ async fn ssrf_spellings_and_own_listeners_are_refused_through_both_listeners() {
         (gate.addr("connect").to_string(), "own-listener"),
     ];
     let connect = gate.addr("connect");
+    let requests = admin_requests();
     for (host, reason) in &hosts {
         let req = format!("CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n");
-        let reply = raw_exchange(connect, req.as_bytes()).await;
+        let head_done = |r: &[u8]| r.windows(4).any(|w| w == b"\r\n\r\n");
+        let reply = exchange_then(connect, req.as_bytes(), head_done, admin_request).await;
+        assert_eq!(admin_requests(), requests, "{host}: the proxy reached its own admin API");
         let text = String::from_utf8_lossy(&reply);
         assert!(text.starts_with("HTTP/1.1 403"), "{host}: {text}");
         assert!(text.contains(reason), "{host}: {text}");
@@ -598,7 +635,9 @@ async fn ssrf_spellings_and_own_listeners_are_refused_through_both_listeners() {
         let mut msg = vec![5, 1, 0, 5, 1, 0, 3, h.len() as u8];
         msg.extend_from_slice(h.as_bytes());
         msg.extend_from_slice(&p.to_be_bytes());
-        let r = raw_exchange(socks, &msg).await;
+        // The method reply, then a reply with an IPv4 bound address.
+        let r = exchange_then(socks, &msg, |r: &[u8]| r.len() >= 12, admin_request).await;
+        assert_eq!(admin_requests(), requests, "{host}: the proxy reached its own admin API");
         assert_eq!(r.get(..4), Some(&[5, 0, 5, 2][..]), "{host}: {r:?}");
     }
     // The same through IPv4/IPv6 address types.
@@ -611,7 +650,7 @@ async fn ssrf_spellings_and_own_listeners_are_refused_through_both_listeners() {
     assert_eq!(raw_exchange(socks, &msg).await.get(..4), Some(&[5, 0, 5, 2][..]));
     assert_eq!(v4_hits.load(Ordering::SeqCst), 0);
     assert_eq!(v6_hits.load(Ordering::SeqCst), 0);
-    assert_eq!(admin_hits.load(Ordering::SeqCst), 0);
+    assert_eq!(admin_requests(), requests);
     let n = hosts.len() as u64;
     assert_eq!(get(&gate.counters("connect").denied), n);
     assert_eq!(get(&gate.counters("socks").denied), n + 2);
@@ -680,7 +719,7 @@ async fn flowgate_run_reads_passwords_from_the_environment() {
 /// rule keeps the tunnel; one that drops the rule cuts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_re_decides_a_credentialed_tunnel_as_its_workload() {
-    let gate = start_gate("127.0.0.30:1".parse().unwrap()).await;
+    let gate = start_gate().await;
     let echo = TcpListener::bind((SINK, 0)).await.unwrap();
     let port = echo.local_addr().unwrap().port();
     tokio::spawn(async move {

@@ -29,21 +29,22 @@ pub struct Gate {
 }
 
 impl Gate {
-    /// `config` is everything after the `[policy]`, `[flowlog]` and `[admin]` sections
-    /// (which point at `inventory` and the one policy file written here).
+    /// `config` is everything after the `[policy]`, `[flowlog]`, `[admin]` and `[control]`
+    /// sections (which point at `inventory` and the one policy file written here; no
+    /// source watcher: the tests reload through the control plane).
     pub async fn start(inventory: &str, policy: &str, config: &str) -> Gate {
-        Gate::start_with(inventory, policy, config, &[], vec![]).await
+        Gate::start_with(inventory, policy, config, &[], "127.0.0.1:0").await
     }
 
     /// [`Gate::start`], with `files` (name, contents) written next to the config first (a
-    /// hosts file), its `[[credential]]` table in force, and `other_own` treated as
-    /// flowgate's own addresses besides its listeners (the admin API's).
+    /// hosts file), its `[[credential]]` table in force, and the admin API bound on
+    /// `admin_bind` (`HOST:0`).
     pub async fn start_with(
         inventory: &str,
         policy: &str,
         config: &str,
         files: &[(&str, &str)],
-        other_own: Vec<SocketAddr>,
+        admin_bind: &str,
     ) -> Gate {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("inventory.yaml"), inventory).unwrap();
@@ -56,17 +57,17 @@ impl Gate {
             "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
              default = \"deny\"\nunknown = \"deny\"\n\
              [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
-             [admin]\nbind = \"127.0.0.1:0\"\n{config}"
+             [admin]\nbind = \"{admin_bind}\"\n[control]\nwatch = false\n{config}"
         );
         let path = dir.path().join("flowgate.toml");
         std::fs::write(&path, text).unwrap();
         let cfg = Config::load(&path).unwrap();
-        let running = gateway::start(&cfg, other_own);
+        let running = gateway::start(&cfg);
         Gate { dir, rt: running.rt.clone(), control: running.control.clone(), running }
     }
 
     pub fn addr(&self, name: &str) -> SocketAddr {
-        self.running.listeners.iter().find(|l| l.name == name).unwrap().local_addr
+        self.running.addr(name)
     }
 
     pub fn counters(&self, name: &str) -> Arc<ListenerCounters> {

@@ -1,66 +1,74 @@
-//! flowgate built in-process from a loaded config, the way [`flowgate::gateway::Gateway`]
-//! builds it minus the admin API and the control plane's triggers, so a test can read its
-//! runtime (counters, conntrack, flow log) directly and reload through its control plane.
+//! flowgate built in-process from a loaded config with [`flowgate::gateway::Gateway::start`],
+//! the one library entry `flowgate run` uses too, so a test can read its runtime (counters,
+//! conntrack, flow log) directly and reload through its control plane.
 //!
-//! This file is the only place the tests wire the library's data-path pieces together
-//! (`ControlPlane::new`, `Runtime::new`, `proxy::start_with_credentials`): when that API
-//! changes, only these functions change.
+//! The admin API binds the config's host on port 0 (never a fixed port); its real address
+//! is one of the gateway's own, which the forward proxies refuse to dial.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use flowgate::config::Config;
-use flowgate::conntrack::Conntrack;
-use flowgate::control::{ControlPlane, RevokeFn};
-use flowgate::dataplane::proxy::{self, EgressSettings, RunningListener};
-use flowgate::dataplane::{ReadyState, Runtime, log_revoked};
-use flowgate::egress::Credentials;
-use flowgate::shutdown::Shutdown;
-use flowgate::telemetry::flowlog::{FlowLog, FlowLogWriter};
-use flowgate::telemetry::metrics::Registry;
+use flowgate::control::ControlPlane;
+use flowgate::dataplane::{ReadyState, Runtime};
+use flowgate::gateway::Gateway;
 
 /// A gateway running in this process.
 pub struct InProcess {
     pub rt: Arc<Runtime>,
     /// The one writer of `rt.policy`: reload it to change the policy.
     pub control: ControlPlane,
-    pub shutdown: Shutdown,
-    pub listeners: Vec<RunningListener>,
-    /// The flow-log writer: dropped (or finished) with the gateway.
-    pub writer: FlowLogWriter,
+    pub gateway: Gateway,
 }
 
-/// Starts every listener of `cfg` in-process (on the current tokio runtime), with the
-/// config's `[dns]`, `[ssrf]` and `[[credential]]`; `other_own` is treated as flowgate's
-/// own addresses besides its listeners (as the gateway does with the admin API's).
+impl InProcess {
+    /// The bound address of the listener called `name`.
+    ///
+    /// # Panics
+    /// When the config has no such listener.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.gateway.listener_addr(name).unwrap_or_else(|| panic!("no listener {name}"))
+    }
+
+    /// Where the gateway's own admin API listens.
+    pub fn admin(&self) -> SocketAddr {
+        self.gateway.admin_addr()
+    }
+}
+
+/// Starts the gateway `cfg` describes in-process (on the current tokio runtime): its admin
+/// API on the config's host, port 0, and every listener with the config's `[dns]`, `[ssrf]`
+/// and `[[credential]]`.
 ///
 /// # Panics
-/// When the config's policy does not load or a listener cannot start.
-pub fn start(cfg: &Config, other_own: Vec<SocketAddr>) -> InProcess {
-    let (rt, control, writer) = runtime(cfg);
-    let shutdown = Shutdown::new();
-    let egress = EgressSettings { dns: cfg.dns.clone(), ssrf: cfg.ssrf.clone(), other_own };
-    let creds = Arc::new(Credentials::from_config(&cfg.credential).unwrap());
-    let listeners =
-        proxy::start_with_credentials(&rt, &cfg.listener, &egress, creds, &shutdown).unwrap();
-    assert_eq!(rt.readiness.state(), ReadyState::Ready);
-    InProcess { rt, control, shutdown, listeners, writer }
+/// When the gateway does not start (the config's policy does not load, a listener cannot
+/// bind…).
+pub fn start(cfg: &Config) -> InProcess {
+    let mut cfg = cfg.clone();
+    cfg.admin.bind.set_port(0);
+    let gateway = Gateway::start(cfg).unwrap_or_else(|e| panic!("gateway start: {e:?}"));
+    assert_eq!(gateway.readiness().state(), ReadyState::Ready);
+    InProcess { rt: gateway.runtime().clone(), control: gateway.control().clone(), gateway }
 }
 
-/// The data-path runtime alone (no listener): the conntrack table, the control plane
-/// (policy generation 1; reload it to change the policy), the metrics registry and the
-/// flow log — for tests that call the gate directly. Keep the writer alive as long as the
-/// runtime runs.
-pub fn runtime(cfg: &Config) -> (Arc<Runtime>, ControlPlane, FlowLogWriter) {
-    let registry = Arc::new(Registry::default());
-    let (flowlog, writer) = FlowLog::start(&cfg.flowlog, registry.clone()).unwrap();
-    let conntrack = Arc::new(Conntrack::new(&cfg.conntrack));
-    let on_revoke: RevokeFn = {
-        let (flowlog, registry) = (flowlog.clone(), registry.clone());
-        Arc::new(move |e, d, s| log_revoked(&flowlog, &registry, e, d, s))
+/// A gateway with its own (multi-threaded) tokio runtime, for tests that call the gate
+/// directly from a plain `#[test]` thread: the gateway's tasks run on the runtime's
+/// workers, never on the test's thread.
+pub struct Standalone {
+    // Declared first: the gateway is dropped while its runtime still exists.
+    pub gateway: InProcess,
+    _tokio: tokio::runtime::Runtime,
+}
+
+/// [`start`] on a tokio runtime of its own: the data-path runtime (conntrack, policy
+/// generation 1, metrics, flow log) and the control plane of a gateway with the config's
+/// listeners (none, for a config without `[[listener]]`).
+pub fn runtime(cfg: &Config) -> Standalone {
+    let tokio =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let gateway = {
+        let _in = tokio.enter();
+        start(cfg)
     };
-    let control =
-        ControlPlane::new(cfg.clone(), conntrack.clone(), registry.clone(), on_revoke).unwrap();
-    let rt = Runtime::new(conntrack, control.policy(), registry, flowlog);
-    (rt, control, writer)
+    Standalone { gateway, _tokio: tokio }
 }

@@ -81,13 +81,15 @@ impl World {
         self.dir.path().join("flow.log")
     }
 
-    /// A full config file text: the policy section, a file flow log, and `extra`
-    /// (listeners, conntrack…).
+    /// A full config file text: the policy section, a file flow log, the admin API on
+    /// port 0, no source watcher (the tests reload through the control plane when they
+    /// change a policy file), and `extra` (listeners, conntrack…).
     pub fn config_text(&self, extra: &str) -> String {
         format!(
             "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\ndefault = \"deny\"\n\n\
              [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"150ms\"\n\n\
-             [admin]\nbind = \"127.0.0.1:0\"\n\n{extra}\n"
+             [admin]\nbind = \"127.0.0.1:0\"\n\n\
+             [control]\nwatch = false\n\n{extra}\n"
         )
     }
 
@@ -136,12 +138,12 @@ impl Gateway {
     pub fn start(world: World, listeners_toml: &str) -> Gateway {
         let path = world.write_config(listeners_toml);
         let cfg = Config::load(&path).unwrap();
-        let running = gateway::start(&cfg, Vec::new());
+        let running = gateway::start(&cfg);
         Gateway { world, rt: running.rt.clone(), control: running.control.clone(), running }
     }
 
     pub fn addr(&self, name: &str) -> SocketAddr {
-        self.running.listeners.iter().find(|l| l.name == name).unwrap().local_addr
+        self.running.addr(name)
     }
 
     pub fn counters(&self, name: &str) -> Arc<ListenerCounters> {

@@ -6,8 +6,8 @@
 //! - [`process`]: `flowgate run` as a child process, started on a config with port-0
 //!   binds, its printed addresses read back, its exit status and stderr shown when it dies
 //!   early; a copy of the bundled config with no fixed port.
-//! - [`gateway`]: flowgate built in-process — the only place the tests wire the library's
-//!   runtime, policy snapshot and listeners together.
+//! - [`gateway`]: flowgate built in-process with `flowgate::gateway::Gateway::start`, the
+//!   one library entry `flowgate run` uses, its runtime and control plane at hand.
 //! - [`l4`], [`egress`], [`control`], [`netns`]: each area's world (inventory, policy,
 //!   config text, peers) and bounded waits.
 #![allow(dead_code)] // each test binary uses a different part

@@ -50,6 +50,18 @@ impl Flowgate {
         Flowgate::spawn(Flowgate::command(config))
     }
 
+    /// [`Flowgate::run`] with `env` set (`None`: removed from what the test inherited).
+    pub fn run_with_env(config: &Path, env: &[(&str, Option<&str>)]) -> Flowgate {
+        let mut cmd = Flowgate::command(config);
+        for (k, v) in env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        Flowgate::spawn(cmd)
+    }
+
     /// The command [`Flowgate::run`] spawns, to adjust (environment) before
     /// [`Flowgate::spawn`].
     pub fn command(config: &Path) -> Command {
