@@ -19,6 +19,7 @@
 //! Not here: the policy itself (`policy`), reloading it (`control`), the proxy listeners'
 //! sockets (`proxy`).
 
+pub mod packet;
 pub mod proxy;
 
 use std::sync::Arc;
