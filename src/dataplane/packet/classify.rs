@@ -39,8 +39,9 @@
 //! - ICMP errors ([`Kind::Related`]): the key of the flow the error's *quoted* header
 //!   belongs to, reversed (the error travels back towards the quoted packet's sender), so
 //!   the caller looks it up like a reply and passes the error only for a tracked flow.
-//! - Later fragments ([`Kind::Fragment`]): ports 0 and a [`FragmentKey`], which the first
-//!   fragment (offset 0) also carries, so the caller applies the first fragment's verdict.
+//! - Later fragments ([`Kind::Fragment`]): ports 0 and a [`FragmentId`]; the first
+//!   fragment (offset 0) carries the same, and [`Classified::fragment_key`] turns either
+//!   into the [`FragmentKey`] the caller applies the first fragment's verdict by.
 
 #[cfg(test)]
 mod tests;
@@ -176,19 +177,37 @@ pub struct Classified {
     pub ip_len: usize,
 }
 
+impl Classified {
+    /// The key of the caller's fragment table, for a first fragment and a later one alike
+    /// (`None` for a packet that is not a fragment).
+    pub fn fragment_key(&self) -> Option<FragmentKey> {
+        let id = match self.kind {
+            Kind::Flow { first_fragment: Some(id), .. } | Kind::Fragment { id, .. } => id,
+            _ => return None,
+        };
+        Some(FragmentKey {
+            src: self.key.src.ip(),
+            dst: self.key.dst.ip(),
+            proto: id.proto,
+            id: id.id,
+        })
+    }
+}
+
 /// What a classified packet is to its flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// A packet of flow `key` itself. `first_fragment` is set on the first fragment
     /// (offset 0, more to come) of a fragmented packet: the caller records this packet's
     /// verdict under it for the [`Kind::Fragment`]s that follow.
-    Flow { l4: L4, first_fragment: Option<FragmentKey> },
+    Flow { l4: L4, first_fragment: Option<FragmentId> },
     /// An ICMP/ICMPv6 error about flow `key` (the quoted packet's flow, reversed). The
     /// caller passes it only when `key` is a tracked flow, and never opens a flow for it.
     Related { error: IcmpError, reporter: IpAddr },
     /// A fragment after the first: no L4 header, so `key` has ports 0. The caller applies
-    /// the verdict the first fragment with the same [`FragmentKey`] got, or drops it.
-    Fragment { fragment: FragmentKey, offset: u16, more: bool },
+    /// the verdict the first fragment with the same [`Classified::fragment_key`] got, or
+    /// drops it. `offset` is in bytes.
+    Fragment { id: FragmentId, offset: u16, more: bool },
 }
 
 /// The L4 facts of a packet that conntrack reads after the key.
@@ -243,6 +262,14 @@ pub enum IcmpErrorKind {
     PacketTooBig,
     TimeExceeded,
     ParamProblem,
+}
+
+/// The part of a [`FragmentKey`] that is not in the flow key: kept small so a
+/// [`Classified`] stays cheap to return (benches/classify.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragmentId {
+    pub id: u32,
+    pub proto: u8,
 }
 
 /// Identifies the fragments of one IP packet: every fragment carries the same (RFC 791:
@@ -304,12 +331,12 @@ pub fn classify_with(buf: &[u8], limits: &Limits) -> Result<Classified, DropReas
 
     let mut first_fragment = None;
     if let Some(frag) = ip.fragment {
-        let fragment = FragmentKey { src: ip.src, dst: ip.dst, proto: frag.proto, id: frag.id };
+        let fragment = FragmentId { id: frag.id, proto: frag.proto };
         if frag.offset != 0 {
             if ip.v4 && frag.offset == 8 && ip.proto == PROTO_TCP {
                 return Err(DropReason::TinyFragment);
             }
-            let kind = Kind::Fragment { fragment, offset: frag.offset, more: frag.more };
+            let kind = Kind::Fragment { id: fragment, offset: frag.offset, more: frag.more };
             return Ok(Classified { key: addr(0, 0), kind, l4_offset, ip_len });
         }
         first_fragment = Some(fragment);
@@ -369,6 +396,7 @@ struct IpHeader {
 }
 
 impl IpHeader {
+    #[inline(always)]
     fn parse(buf: &[u8], limits: &Limits, framing: Framing) -> Result<IpHeader, DropReason> {
         match buf.first().map(|b| b >> 4) {
             None => Err(DropReason::Truncated),
@@ -378,6 +406,7 @@ impl IpHeader {
         }
     }
 
+    #[inline(always)]
     fn parse_v4(buf: &[u8], framing: Framing) -> Result<IpHeader, DropReason> {
         if buf.len() < IPV4_HEADER {
             return Err(DropReason::Truncated);
@@ -418,6 +447,7 @@ impl IpHeader {
         })
     }
 
+    #[inline(always)]
     fn parse_v6(buf: &[u8], limits: &Limits, framing: Framing) -> Result<IpHeader, DropReason> {
         if buf.len() < IPV6_HEADER {
             return Err(DropReason::Truncated);
@@ -501,6 +531,7 @@ impl IpHeader {
 }
 
 /// Ports and L4 facts of TCP, UDP, SCTP or a protocol without ports.
+#[inline(always)]
 fn transport(proto: u8, l4: &[u8]) -> Result<(u16, u16, L4), DropReason> {
     match proto {
         PROTO_TCP => {
@@ -552,6 +583,7 @@ fn transport(proto: u8, l4: &[u8]) -> Result<(u16, u16, L4), DropReason> {
 ///
 /// # Errors
 /// [`DropReason::Truncated`] below the 8 bytes every ICMP message starts with.
+#[inline(always)]
 fn icmp_error(v4: bool, l4: &[u8]) -> Result<Option<IcmpError>, DropReason> {
     let Some(&[ty, code, ..]) = l4.get(..L4_MIN) else {
         return Err(DropReason::Truncated);
@@ -568,6 +600,7 @@ fn icmp_error(v4: bool, l4: &[u8]) -> Result<Option<IcmpError>, DropReason> {
 
 /// Ports and L4 facts of an ICMP/ICMPv6 informational message (see the module doc for
 /// how an echo's identifier becomes a port).
+#[inline(always)]
 fn icmp_info(v4: bool, l4: &[u8]) -> Result<(u16, u16, L4), DropReason> {
     if l4.len() < L4_MIN {
         return Err(DropReason::Truncated);

@@ -329,15 +329,19 @@ fn fragments_first_carries_ports_later_ones_the_fragment_key() {
     let first = v4_frag(17, A4, B4, 0x77, 0, true, &udp(5353, 53, &[0; 32]));
     let later = v4_frag(17, A4, B4, 0x77, 40, false, &[0; 16]);
     let fk = FragmentKey { src: a4().into(), dst: b4().into(), proto: 17, id: 0x77 };
+    let id = FragmentId { id: 0x77, proto: 17 };
 
     let c = classify(&first).unwrap();
     assert_eq!(c.key, FlowKey::new(Proto::Udp, sa(a4(), 5353), sa(b4(), 53)));
-    assert_eq!(c.kind, Kind::Flow { l4: L4::Udp, first_fragment: Some(fk) });
+    assert_eq!(c.kind, Kind::Flow { l4: L4::Udp, first_fragment: Some(id) });
+    assert_eq!(c.fragment_key(), Some(fk));
 
     let c = classify(&later).unwrap();
     assert_eq!(c.key, FlowKey::new(Proto::Udp, sa(a4(), 0), sa(b4(), 0)));
-    assert_eq!(c.kind, Kind::Fragment { fragment: fk, offset: 40, more: false });
+    assert_eq!(c.kind, Kind::Fragment { id, offset: 40, more: false });
+    assert_eq!(c.fragment_key(), Some(fk));
     assert_eq!(c.l4_offset, 20);
+    assert_eq!(classify(&v4(17, A4, B4, &udp(1, 2, b""))).unwrap().fragment_key(), None);
 }
 
 #[test]
@@ -347,12 +351,17 @@ fn ipv6_fragments_and_atomic_fragments() {
     let c = classify(&v6(44, A6, B6, &first)).unwrap();
     let fk = FragmentKey { src: a6().into(), dst: b6().into(), proto: 6, id: 0xabcd };
     assert_eq!(c.key, FlowKey::new(Proto::Tcp, sa(a6(), 1000), sa(b6(), 80)));
-    assert!(matches!(c.kind, Kind::Flow { first_fragment: Some(f), .. } if f == fk));
+    assert!(matches!(c.kind, Kind::Flow { first_fragment: Some(_), .. }));
+    assert_eq!(c.fragment_key(), Some(fk));
 
     let mut later = frag6(6, 64, false, 0xabcd).to_vec();
     later.extend_from_slice(&[0; 24]);
     let c = classify(&v6(44, A6, B6, &later)).unwrap();
-    assert_eq!(c.kind, Kind::Fragment { fragment: fk, offset: 64, more: false });
+    assert_eq!(
+        c.kind,
+        Kind::Fragment { id: FragmentId { id: 0xabcd, proto: 6 }, offset: 64, more: false }
+    );
+    assert_eq!(c.fragment_key(), Some(fk));
     assert_eq!((c.key.src.port(), c.l4_offset), (0, 48));
 
     // Offset 0 and no more fragments: a whole packet (RFC 6946).
