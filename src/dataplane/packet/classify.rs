@@ -5,8 +5,9 @@
 //! # Safety contract
 //! The input is untrusted bytes straight off a TUN queue or an AF_PACKET ring. Every length
 //! is checked once, before the fields behind it are read, and then the fields are read in
-//! place through `smoltcp::wire` views (`new_unchecked` after our own check, so a failure
-//! names *which* check failed: smoltcp's `check_len` only says "no"). [`classify`] never
+//! place through `pnet_packet` views (whose constructors check only a fixed minimum size;
+//! the variable lengths are checked here, so a failure names *which* check failed).
+//! [`classify`] never
 //! panics and never reads past `buf`; what it returns lies inside `buf` (the fuzz target
 //! `fuzz/fuzz_targets/packet_classify.rs` asserts it). A packet that cannot be classified is
 //! a [`DropReason`], a small `Copy` value the caller counts; nothing is logged here.
@@ -48,10 +49,16 @@ mod tests;
 
 use std::net::{IpAddr, SocketAddr};
 
-use smoltcp::wire::{
-    Icmpv4Packet, Icmpv6Packet, Ipv4Packet, Ipv6ExtHeader, Ipv6FragmentHeader, Ipv6Packet,
-    TcpPacket, UdpPacket,
-};
+// pnet_packet rather than smoltcp::wire: on this walk pnet's views cost what hand-written
+// reads cost, smoltcp's up to 1.5x more (it converts every protocol and ICMP type byte into
+// an enum and back); numbers in benches/classify.rs.
+// ICMP echo request and reply share one layout, so the request view reads both.
+use pnet_packet::icmp::echo_request::EchoRequestPacket as Icmpv4Echo;
+use pnet_packet::icmpv6::echo_request::EchoRequestPacket as Icmpv6Echo;
+use pnet_packet::ipv4::Ipv4Packet;
+use pnet_packet::ipv6::{ExtensionPacket, FragmentPacket, Ipv6Packet};
+use pnet_packet::tcp::TcpPacket;
+use pnet_packet::udp::UdpPacket;
 use thiserror::Error;
 
 use crate::conntrack::TcpFlags;
@@ -408,11 +415,9 @@ impl IpHeader {
 
     #[inline(always)]
     fn parse_v4(buf: &[u8], framing: Framing) -> Result<IpHeader, DropReason> {
-        if buf.len() < IPV4_HEADER {
-            return Err(DropReason::Truncated);
-        }
-        let p = Ipv4Packet::new_unchecked(buf);
-        let header_len = usize::from(p.header_len());
+        // `new` is `None` below the 20-byte fixed header.
+        let p = Ipv4Packet::new(buf).ok_or(DropReason::Truncated)?;
+        let header_len = usize::from(p.get_header_length()) * 4;
         if header_len < IPV4_HEADER {
             return Err(DropReason::BadIhl);
         }
@@ -422,24 +427,28 @@ impl IpHeader {
         let end = match framing {
             Framing::Quote => buf.len(),
             Framing::Packet => {
-                let total = usize::from(p.total_len());
+                let total = usize::from(p.get_total_length());
                 if total < header_len || total > buf.len() {
                     return Err(DropReason::BadLength);
                 }
                 total
             }
         };
-        let proto = u8::from(p.next_header());
-        let fragment = (p.more_frags() || p.frag_offset() != 0).then(|| Fragment {
-            id: u32::from(p.ident()),
-            offset: p.frag_offset(),
-            more: p.more_frags(),
+        let proto = p.get_next_level_protocol().0;
+        // Flags are (reserved, don't fragment, more fragments); the offset counts 8 bytes
+        // (13 bits, so at most 65,528 bytes).
+        let more = p.get_flags() & 0b001 != 0;
+        let offset = p.get_fragment_offset() * 8;
+        let fragment = (more || offset != 0).then(|| Fragment {
+            id: u32::from(p.get_identification()),
+            offset,
+            more,
             proto,
         });
         Ok(IpHeader {
             v4: true,
-            src: IpAddr::V4(p.src_addr()),
-            dst: IpAddr::V4(p.dst_addr()),
+            src: IpAddr::V4(p.get_source()),
+            dst: IpAddr::V4(p.get_destination()),
             proto,
             l4_offset: header_len,
             end,
@@ -449,14 +458,12 @@ impl IpHeader {
 
     #[inline(always)]
     fn parse_v6(buf: &[u8], limits: &Limits, framing: Framing) -> Result<IpHeader, DropReason> {
-        if buf.len() < IPV6_HEADER {
-            return Err(DropReason::Truncated);
-        }
-        let p = Ipv6Packet::new_unchecked(buf);
+        // `new` is `None` below the 40-byte header.
+        let p = Ipv6Packet::new(buf).ok_or(DropReason::Truncated)?;
         let end = match framing {
             Framing::Quote => buf.len(),
             Framing::Packet => {
-                let total = IPV6_HEADER + usize::from(p.payload_len());
+                let total = IPV6_HEADER + usize::from(p.get_payload_length());
                 if total > buf.len() {
                     return Err(DropReason::BadLength);
                 }
@@ -465,9 +472,9 @@ impl IpHeader {
         };
         let mut ip = IpHeader {
             v4: false,
-            src: IpAddr::V6(p.src_addr()),
-            dst: IpAddr::V6(p.dst_addr()),
-            proto: u8::from(p.next_header()),
+            src: IpAddr::V6(p.get_source()),
+            dst: IpAddr::V6(p.get_destination()),
+            proto: p.get_next_header().0,
             l4_offset: IPV6_HEADER,
             end,
             fragment: None,
@@ -494,20 +501,23 @@ impl IpHeader {
             if rest.len() < 8 {
                 return Err(DropReason::Truncated);
             }
-            let ext = Ipv6ExtHeader::new_unchecked(rest);
+            let ext = ExtensionPacket::new(rest).ok_or(DropReason::Truncated)?;
             let len = match ip.proto {
                 EXT_FRAGMENT => {
                     if ip.fragment.is_some() {
                         return Err(DropReason::BadExtChain);
                     }
-                    // The fields after (next header, reserved).
-                    let frag = Ipv6FragmentHeader::new_unchecked(&rest[2..8]);
-                    let (offset, more) = (frag.frag_offset() << 3, frag.more_frags());
-                    let next = u8::from(ext.next_header());
+                    let frag = FragmentPacket::new(rest).ok_or(DropReason::Truncated)?;
+                    // Offset (13 bits, in 8-byte units, so already bytes once the low 3
+                    // bits are cleared), 2 reserved bits, M. pnet's `get_fragment_offset`
+                    // keeps one reserved bit, so mask here.
+                    let field = frag.get_fragment_offset_with_flags();
+                    let (offset, more) = (field & !0b111, field & 1 != 0);
+                    let next = frag.get_next_header().0;
                     // An atomic fragment (offset 0, no more) is a whole packet (RFC 6946).
                     if offset != 0 || more {
                         ip.fragment =
-                            Some(Fragment { id: frag.ident(), offset, more, proto: next });
+                            Some(Fragment { id: frag.get_id(), offset, more, proto: next });
                     }
                     if offset != 0 {
                         ip.l4_offset += 8;
@@ -517,13 +527,13 @@ impl IpHeader {
                     8
                 }
                 // AH counts 4-byte units minus 2 (RFC 4302), the others 8-byte units minus 1.
-                EXT_AH => (usize::from(ext.header_len()) + 2) * 4,
-                _ => (usize::from(ext.header_len()) + 1) * 8,
+                EXT_AH => (usize::from(ext.get_hdr_ext_len()) + 2) * 4,
+                _ => (usize::from(ext.get_hdr_ext_len()) + 1) * 8,
             };
             if rest.len() < len {
                 return Err(DropReason::Truncated);
             }
-            ip.proto = u8::from(ext.next_header());
+            ip.proto = ext.get_next_header().0;
             ip.l4_offset += len;
         }
         Err(DropReason::ExtChainTooLong)
@@ -535,34 +545,29 @@ impl IpHeader {
 fn transport(proto: u8, l4: &[u8]) -> Result<(u16, u16, L4), DropReason> {
     match proto {
         PROTO_TCP => {
-            if l4.len() < TCP_HEADER {
-                return Err(DropReason::Truncated);
-            }
-            let t = TcpPacket::new_unchecked(l4);
-            let header_len = usize::from(t.header_len());
+            // `new` is `None` below the 20-byte fixed header.
+            let t = TcpPacket::new(l4).ok_or(DropReason::Truncated)?;
+            let header_len = usize::from(t.get_data_offset()) * 4;
             if header_len < TCP_HEADER {
                 return Err(DropReason::BadTcpOffset);
             }
             let payload_len = l4.len().checked_sub(header_len).ok_or(DropReason::Truncated)?;
             let segment = TcpSegment {
-                flags: TcpFlags(l4[13]),
-                seq: t.seq_number().0 as u32,
-                ack: t.ack_number().0 as u32,
-                window: t.window_len(),
+                flags: TcpFlags(t.get_flags()),
+                seq: t.get_sequence(),
+                ack: t.get_acknowledgement(),
+                window: t.get_window(),
                 // At most 64 KiB - 20: an IP length field is 16 bits.
                 payload_len: u32::try_from(payload_len).unwrap_or(u32::MAX),
             };
-            Ok((t.src_port(), t.dst_port(), L4::Tcp(segment)))
+            Ok((t.get_source(), t.get_destination(), L4::Tcp(segment)))
         }
         PROTO_UDP => {
-            if l4.len() < L4_MIN {
-                return Err(DropReason::Truncated);
-            }
-            let u = UdpPacket::new_unchecked(l4);
-            Ok((u.src_port(), u.dst_port(), L4::Udp))
+            let u = UdpPacket::new(l4).ok_or(DropReason::Truncated)?;
+            Ok((u.get_source(), u.get_destination(), L4::Udp))
         }
         PROTO_SCTP => {
-            // smoltcp has no SCTP: the common header is source port, destination port,
+            // pnet has no SCTP: the common header is source port, destination port,
             // verification tag, checksum (RFC 9260 §3.1).
             let h: &[u8; SCTP_HEADER] = l4
                 .get(..SCTP_HEADER)
@@ -602,15 +607,13 @@ fn icmp_error(v4: bool, l4: &[u8]) -> Result<Option<IcmpError>, DropReason> {
 /// how an echo's identifier becomes a port).
 #[inline(always)]
 fn icmp_info(v4: bool, l4: &[u8]) -> Result<(u16, u16, L4), DropReason> {
-    if l4.len() < L4_MIN {
-        return Err(DropReason::Truncated);
-    }
+    // `new` is `None` below the 8 bytes of (type, code, checksum, identifier, sequence).
     let (ty, code, id, seq) = if v4 {
-        let i = Icmpv4Packet::new_unchecked(l4);
-        (u8::from(i.msg_type()), i.msg_code(), i.echo_ident(), i.echo_seq_no())
+        let i = Icmpv4Echo::new(l4).ok_or(DropReason::Truncated)?;
+        (i.get_icmp_type().0, i.get_icmp_code().0, i.get_identifier(), i.get_sequence_number())
     } else {
-        let i = Icmpv6Packet::new_unchecked(l4);
-        (u8::from(i.msg_type()), i.msg_code(), i.echo_ident(), i.echo_seq_no())
+        let i = Icmpv6Echo::new(l4).ok_or(DropReason::Truncated)?;
+        (i.get_icmpv6_type().0, i.get_icmpv6_code().0, i.get_identifier(), i.get_sequence_number())
     };
     Ok(match (v4, ty) {
         (true, 8) | (false, 128) => (id, 0, L4::Echo { id, seq, reply: false }),
