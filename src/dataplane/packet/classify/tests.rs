@@ -364,6 +364,12 @@ fn ipv6_fragments_and_atomic_fragments() {
     assert_eq!(c.fragment_key(), Some(fk));
     assert_eq!((c.key.src.port(), c.l4_offset), (0, 48));
 
+    // A reserved bit set between offset and M changes neither.
+    let mut first_res = frag6(6, 0b100, true, 0xabcd).to_vec();
+    first_res.extend_from_slice(&tcp(1000, 80, 0x02, &[0; 16]));
+    let c = classify(&v6(44, A6, B6, &first_res)).unwrap();
+    assert!(matches!(c.kind, Kind::Flow { first_fragment: Some(_), .. }));
+
     // Offset 0 and no more fragments: a whole packet (RFC 6946).
     let mut atomic = frag6(17, 0, false, 1).to_vec();
     atomic.extend_from_slice(&udp(1, 2, b""));
