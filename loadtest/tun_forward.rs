@@ -3,7 +3,7 @@
 //!
 //! 1. forwards in the kernel (the reference),
 //! 2. routes everything through a TUN with offloads (virtio-net header, TSO/USO) and a
-//!    trivial forwarder on `flowgate::dataplane::tun` that writes each frame back as read,
+//!    trivial forwarder on `flowgate::dataplane::packet::tun` that writes each frame back as read,
 //! 3. the same through a plain TUN (no header, no offloads: one MTU-sized packet per read).
 //!
 //! ```text
@@ -22,7 +22,7 @@ mod support;
 
 use std::time::Duration;
 
-use flowgate::dataplane::tun::Offloads;
+use flowgate::dataplane::packet::tun::Offloads;
 use support::topology::{self, Forwarder, Seen, Topology};
 
 #[derive(Clone, Copy)]

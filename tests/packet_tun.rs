@@ -1,6 +1,6 @@
 //! The TUN front end's device layer end to end: a client — gateway — server topology in
 //! network namespaces whose gateway routes everything it forwards into a multi-queue TUN
-//! with offloads, and a trivial forwarder on `flowgate::dataplane::tun` (read a batch,
+//! with offloads, and a trivial forwarder on `flowgate::dataplane::packet::tun` (read a batch,
 //! write every frame back unchanged) as the only way across.
 //!
 //! - ICMP echo from the client reaches the server and comes back, and the forwarder saw
@@ -18,7 +18,7 @@ mod support;
 
 use std::time::Duration;
 
-use flowgate::dataplane::tun::{
+use flowgate::dataplane::packet::tun::{
     GsoType, Offloads, Tun, TunError, VNET_F_NEEDS_CSUM, VNET_HDR_LEN, VnetHdr,
 };
 use support::require::{Need, skip_unless};

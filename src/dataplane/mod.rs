@@ -25,8 +25,8 @@
 //! sockets and protocols (`proxy`), turning a destination name into candidates
 //! (`egress`).
 
+pub mod packet;
 pub mod proxy;
-pub mod tun;
 mod runtime;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

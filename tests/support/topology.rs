@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use flowgate::dataplane::tun::{Batch, Offloads, Queue, Tun, TunError, VnetHdr};
+use flowgate::dataplane::packet::tun::{Batch, Offloads, Queue, Tun, TunError, VnetHdr};
 
 use super::netns::{Netns, sh};
 use super::require::Need;

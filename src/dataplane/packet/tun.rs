@@ -13,7 +13,7 @@
 //! Without `IFF_VNET_HDR` + `TUNSETOFFLOAD` the kernel segments every TCP super-packet to
 //! MTU-sized packets before it reaches the TUN, and the loop pays two syscalls per 1500
 //! bytes (≈0.07× the kernel's forwarding rate on the development machine; with offloads
-//! ≈0.7× — `benches/tun_forward.rs` measures both). With offloads the kernel hands over
+//! ≈0.7× — `loadtest/tun_forward.rs` measures both). With offloads the kernel hands over
 //! the super-packet as the sender's TCP stack built it, with a header saying how to segment
 //! it and where its checksum goes. A verdict is per flow, so every segment of a
 //! super-packet shares it: an allowed super-packet is written back unchanged — same header,

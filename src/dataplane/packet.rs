@@ -1,0 +1,17 @@
+//! The packet dataplane: flowgate as a stateful packet filter. Packets arrive from a TUN
+//! device (routed) or an AF_PACKET pair (bump in the wire); each is classified into the
+//! flow it belongs to ([`classify`]), matched against conntrack, and a new flow is admitted
+//! through the one gate (`dataplane::admit`) like every proxied flow; allowed packets are
+//! written back out, the rest dropped or rejected and counted.
+//!
+//! Not here: the policy decision (`policy`, reached only through `dataplane::admit`), the
+//! flow table and the TCP state machine (`conntrack`), the proxy dataplane (`proxy`), which
+//! sees connections, not packets.
+//!
+//! For now this holds two foundation pieces: the classifier ([`classify`], pure header
+//! parsing, no I/O) and the TUN front end's device layer ([`tun`]: multi-queue, virtio-net
+//! header offloads, batched I/O). The worker loop that joins them to conntrack and the
+//! gate, the AF_PACKET front end and the reject path are still to come (issue 21).
+
+pub mod classify;
+pub mod tun;
