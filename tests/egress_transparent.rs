@@ -28,14 +28,13 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::atomic::Ordering;
 
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
-use support::egress::{Gate, Server as Child, get, wait_listening};
+use support::egress::{Gate, get, tls_server_on};
 use support::netns::{Netns, counting_front, counting_http, curl, sh};
 use support::process::Flowgate;
 use support::require::{Need, skip_unless};
@@ -75,38 +74,6 @@ spec:
       to:
         - domainNames: [tls.test, web.test]
 ";
-
-/// A self-signed certificate and an `openssl s_server -www` on `addr`.
-async fn tls_backend(dir: &std::path::Path, addr: SocketAddr) -> Child {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let st = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj"])
-        .arg("/CN=tls.test")
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl runs");
-    assert!(st.success());
-    let child = std::process::Command::new("openssl")
-        .args(["s_server", "-quiet", "-www", "-accept"])
-        .arg(addr.to_string())
-        .arg("-cert")
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("openssl s_server runs");
-    let c = Child(child);
-    wait_listening(addr).await;
-    c
-}
 
 /// The client and gateway namespaces, joined by a veth pair, addressed as the module doc
 /// says; `tag` keeps the names of two tests in one process apart. Returns the gateway
@@ -163,7 +130,7 @@ fn redirected_connections_pass_by_sni_or_host_and_spoofed_names_are_refused() {
     gw.run(|| async {
         let tmp = tempfile::tempdir().unwrap();
         let backend: SocketAddr = "127.0.0.1:4433".parse().unwrap();
-        let _tls = tls_backend(tmp.path(), backend).await;
+        let _tls = tls_server_on(tmp.path(), backend).await;
         let tls10 = counting_front(SocketAddr::new(SERVER.parse().unwrap(), 443), backend).await;
         let tls11 = counting_front(SocketAddr::new(DECOY.parse().unwrap(), 443), backend).await;
         let web10 = counting_http(SocketAddr::new(SERVER.parse().unwrap(), 80), "web 10\n").await;
@@ -462,7 +429,7 @@ fn the_binary_in_a_namespace_serves_a_redirect() {
     gw.run(|| async {
         let tmp = tempfile::tempdir().unwrap();
         let backend: SocketAddr = "127.0.0.1:4433".parse().unwrap();
-        let _tls = tls_backend(tmp.path(), backend).await;
+        let _tls = tls_server_on(tmp.path(), backend).await;
         let tls10 = counting_front(SocketAddr::new(SERVER.parse().unwrap(), 443), backend).await;
         let tls11 = counting_front(SocketAddr::new(DECOY.parse().unwrap(), 443), backend).await;
         let dir = tmp.path();

@@ -154,6 +154,14 @@ pub async fn http_server(root: &std::path::Path) -> (Server, u16) {
 }
 
 pub async fn https_server(dir: &std::path::Path) -> (Server, u16) {
+    let port = free_port(TLS);
+    let s = tls_server_on(dir, SocketAddr::new(TLS.parse().unwrap(), port)).await;
+    (s, port)
+}
+
+/// A self-signed certificate for `tls.test` in `dir` and an `openssl s_server -www` on
+/// `addr`, listening when this returns.
+pub async fn tls_server_on(dir: &std::path::Path, addr: SocketAddr) -> Server {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let st = std::process::Command::new("openssl")
         .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj"])
@@ -167,10 +175,9 @@ pub async fn https_server(dir: &std::path::Path) -> (Server, u16) {
         .status()
         .expect("openssl runs");
     assert!(st.success());
-    let port = free_port(TLS);
     let child = std::process::Command::new("openssl")
         .args(["s_server", "-quiet", "-www", "-accept"])
-        .arg(format!("{TLS}:{port}"))
+        .arg(addr.to_string())
         .arg("-cert")
         .arg(&cert)
         .arg("-key")
@@ -181,8 +188,8 @@ pub async fn https_server(dir: &std::path::Path) -> (Server, u16) {
         .spawn()
         .expect("openssl s_server runs");
     let s = Server(child);
-    wait_listening(SocketAddr::new(TLS.parse().unwrap(), port)).await;
-    (s, port)
+    wait_listening(addr).await;
+    s
 }
 
 /// Runs curl (bounded by `--max-time`); returns exit code, stdout, stderr.
