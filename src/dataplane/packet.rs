@@ -8,10 +8,11 @@
 //! flow table and the TCP state machine (`conntrack`), the proxy dataplane (`proxy`), which
 //! sees connections, not packets.
 //!
-//! For now this holds two foundation pieces: the classifier ([`classify`], pure header
-//! parsing, no I/O) and the TUN front end's device layer ([`tun`]: multi-queue, virtio-net
-//! header offloads, batched I/O). The worker loop that joins them to conntrack and the
-//! gate, the AF_PACKET front end and the reject path are still to come (issue 21).
+//! - [`classify`]: pure header parsing, no I/O.
+//! - [`filter`]: a worker's verdicts for a burst, front-end independent.
+//! - [`tun`]: the TUN front end's device layer (multi-queue, virtio-net header offloads,
+//!   batched I/O).
 
 pub mod classify;
+pub mod filter;
 pub mod tun;
