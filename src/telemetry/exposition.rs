@@ -55,6 +55,47 @@ pub mod names {
     pub const ADMIN_FLOWS_TRUNCATED: &str = "flowgate_admin_flows_truncated_total";
 }
 
+/// Every family's type and help text, one row each, beside the names (so `render` says
+/// only what is sampled). A family rendered without a row here fails the tests.
+#[rustfmt::skip]
+const FAMILIES: &[(&str, &str, &str)] = &[
+    (names::FLOWS_TOTAL, "counter", "New flows decided, by listener and verdict."),
+    (names::CONNECTIONS_ACCEPTED, "counter", "Connections accepted."),
+    (names::CONNECTIONS_ACTIVE, "gauge", "Connections (or UDP sessions) open now."),
+    (names::BYTES_TOTAL, "counter", "Bytes forwarded, by listener and direction."),
+    (names::HANDSHAKE_ERRORS, "counter", "Handshakes (PROXY, CONNECT, SOCKS5) refused, by reason."),
+    (names::LIMIT_REACHED, "counter", "Times a limit bit: max_connections (accept paused), conntrack full (flow refused), max_handshakes (egress client refused at once), udp_max_associations (SOCKS5 UDP ASSOCIATE refused)."),
+    (names::UPSTREAM_FAILURES, "counter", "Upstream connects that failed."),
+    (names::DECISION_SECONDS, "summary", "Policy decision time per new flow (hdrhistogram per worker, merged at scrape)."),
+    (names::DECISION_SAMPLES_DROPPED, "counter", "Decision-time samples not recorded because every tried recorder slot was busy."),
+    (names::CONNTRACK_ENTRIES, "gauge", "Flows tracked now."),
+    (names::CONNTRACK_CAPACITY, "gauge", "Most flows tracked at once."),
+    (names::CONNTRACK_EVICTIONS, "counter", "Entries evicted to make room for a new flow."),
+    (names::CONNTRACK_INSERTED, "counter", "Flows tracked."),
+    (names::CONNTRACK_REFUSED, "counter", "New flows refused because the table was full."),
+    (names::CONNTRACK_EXPIRED, "counter", "Idle entries expired."),
+    (names::CONNTRACK_BATCH_FALLBACKS, "counter", "Batch lookups that pinned each entry because every batch reader slot was taken."),
+    (names::POLICY_GENERATION, "gauge", "Policy generation in force."),
+    (names::POLICY_POLICIES, "gauge", "Policies in force (not expired)."),
+    (names::POLICY_WORKLOADS, "gauge", "Inventory workloads."),
+    (names::POLICY_NEXT_EXPIRY, "gauge", "When the next TTL'd policy expires (Unix seconds)."),
+    (names::RELOADS_TOTAL, "counter", "Reload attempts by result."),
+    (names::RELOAD_SECONDS, "summary", "Reload attempt duration (read, load, compile, swap)."),
+    (names::RELOAD_FAILING, "gauge", "1 while the last reload was rejected and the previous generation is serving."),
+    (names::LAST_RELOAD_SUCCESS, "gauge", "When a reload last succeeded (Unix seconds)."),
+    (names::REVALIDATED_TOTAL, "counter", "Established flows re-checked after a policy change."),
+    (names::REVOKED_TOTAL, "counter", "Established flows cut because a new policy generation denies them."),
+    (names::EMERGENCY_ENTRIES, "gauge", "Emergency policies and quarantines in force."),
+    (names::EMERGENCY_REQUESTS, "counter", "POST /emergency by result."),
+    (names::WATCH_EVENTS, "counter", "Debounced source changes seen by the watcher."),
+    (names::AUDIT_WRITE_ERRORS, "counter", "Audit events that could not be written."),
+    (names::FLOWLOG_DROPPED, "counter", "Flow-log events dropped because the log channel was full."),
+    (names::FLOWLOG_FOLDED, "counter", "Flow-log events folded into an earlier identical one."),
+    (names::ADMIN_REQUESTS, "counter", "Admin API requests."),
+    (names::ADMIN_REJECTED, "counter", "Admin API requests refused, by reason."),
+    (names::ADMIN_FLOWS_TRUNCATED, "counter", "/flows answers cut short by admin.flows_limit."),
+];
+
 const QUANTILES: [f64; 5] = [0.5, 0.9, 0.99, 0.999, 1.0];
 
 struct Out {
@@ -62,7 +103,9 @@ struct Out {
 }
 
 impl Out {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
+    /// The `# HELP` and `# TYPE` lines of family `name`, from [`FAMILIES`].
+    fn family(&mut self, name: &str) {
+        let (kind, help) = family_meta(name);
         let _ = writeln!(self.text, "# HELP {name} {help}");
         let _ = writeln!(self.text, "# TYPE {name} {kind}");
     }
@@ -88,14 +131,14 @@ impl Out {
         }
     }
 
-    fn single(&mut self, name: &str, kind: &str, help: &str, value: f64) {
-        self.family(name, kind, help);
+    fn single(&mut self, name: &str, value: f64) {
+        self.family(name);
         self.sample(name, &[], value);
     }
 
     /// A summary from a histogram whose values are in `unit` seconds.
-    fn summary(&mut self, name: &str, help: &str, h: &Histogram<u64>, unit: f64, sum: f64) {
-        self.family(name, "summary", help);
+    fn summary(&mut self, name: &str, h: &Histogram<u64>, unit: f64, sum: f64) {
+        self.family(name);
         for q in QUANTILES {
             let v = if h.is_empty() { f64::NAN } else { h.value_at_quantile(q) as f64 * unit };
             self.sample(name, &[("quantile", &q.to_string())], v);
@@ -103,6 +146,12 @@ impl Out {
         self.sample(&format!("{name}_sum"), &[], sum);
         self.sample(&format!("{name}_count"), &[], h.len() as f64);
     }
+}
+
+/// A family's type and help; `untyped` and an empty help for a name missing from
+/// [`FAMILIES`] (a test makes sure none is).
+fn family_meta(name: &str) -> (&'static str, &'static str) {
+    FAMILIES.iter().find(|(n, _, _)| *n == name).map_or(("untyped", ""), |&(_, k, h)| (k, h))
 }
 
 fn escape(out: &mut String, v: &str) {
@@ -140,7 +189,7 @@ pub fn render(scrape: &Scrape<'_>) -> String {
     let mut o = Out { text: String::with_capacity(8192) };
     let listeners = reg.listeners();
 
-    o.family(names::FLOWS_TOTAL, "counter", "New flows decided, by listener and verdict.");
+    o.family(names::FLOWS_TOTAL);
     for l in &listeners {
         o.sample(
             names::FLOWS_TOTAL,
@@ -149,16 +198,16 @@ pub fn render(scrape: &Scrape<'_>) -> String {
         );
         o.sample(names::FLOWS_TOTAL, &[("listener", &l.name), ("verdict", "deny")], get(&l.denied));
     }
-    o.family(names::CONNECTIONS_ACCEPTED, "counter", "Connections accepted.");
+    o.family(names::CONNECTIONS_ACCEPTED);
     for l in &listeners {
         let labels = [("listener", l.name.as_str()), ("kind", l.kind.as_str())];
         o.sample(names::CONNECTIONS_ACCEPTED, &labels, get(&l.accepted));
     }
-    o.family(names::CONNECTIONS_ACTIVE, "gauge", "Connections (or UDP sessions) open now.");
+    o.family(names::CONNECTIONS_ACTIVE);
     for l in &listeners {
         o.sample(names::CONNECTIONS_ACTIVE, &[("listener", &l.name)], get(&l.active));
     }
-    o.family(names::BYTES_TOTAL, "counter", "Bytes forwarded, by listener and direction.");
+    o.family(names::BYTES_TOTAL);
     for l in &listeners {
         o.sample(
             names::BYTES_TOTAL,
@@ -171,11 +220,7 @@ pub fn render(scrape: &Scrape<'_>) -> String {
             get(&l.bytes_down),
         );
     }
-    o.family(
-        names::HANDSHAKE_ERRORS,
-        "counter",
-        "Handshakes (PROXY, CONNECT, SOCKS5) refused, by reason.",
-    );
+    o.family(names::HANDSHAKE_ERRORS);
     for l in &listeners {
         for (reason, c) in [
             ("malformed", &l.handshake_malformed),
@@ -187,13 +232,7 @@ pub fn render(scrape: &Scrape<'_>) -> String {
             o.sample(names::HANDSHAKE_ERRORS, &[("listener", &l.name), ("reason", reason)], get(c));
         }
     }
-    o.family(
-        names::LIMIT_REACHED,
-        "counter",
-        "Times a limit bit: max_connections (accept paused), conntrack full (flow refused), \
-         max_handshakes (egress client refused at once), udp_max_associations (SOCKS5 UDP \
-         ASSOCIATE refused).",
-    );
+    o.family(names::LIMIT_REACHED);
     for l in &listeners {
         for (limit, c) in [
             ("max_connections", &l.limit_reached),
@@ -204,167 +243,60 @@ pub fn render(scrape: &Scrape<'_>) -> String {
             o.sample(names::LIMIT_REACHED, &[("listener", &l.name), ("limit", limit)], get(c));
         }
     }
-    o.family(names::UPSTREAM_FAILURES, "counter", "Upstream connects that failed.");
+    o.family(names::UPSTREAM_FAILURES);
     for l in &listeners {
         o.sample(names::UPSTREAM_FAILURES, &[("listener", &l.name)], get(&l.upstream_failed));
     }
 
     let lat = reg.decision.snapshot();
-    o.summary(
-        names::DECISION_SECONDS,
-        "Policy decision time per new flow (hdrhistogram per worker, merged at scrape).",
-        &lat.histogram,
-        1e-9,
-        lat.sum.as_secs_f64(),
-    );
-    o.single(
-        names::DECISION_SAMPLES_DROPPED,
-        "counter",
-        "Decision-time samples not recorded because every tried recorder slot was busy.",
-        lat.dropped as f64,
-    );
+    o.summary(names::DECISION_SECONDS, &lat.histogram, 1e-9, lat.sum.as_secs_f64());
+    o.single(names::DECISION_SAMPLES_DROPPED, lat.dropped as f64);
 
     let ct = scrape.conntrack;
-    o.single(names::CONNTRACK_ENTRIES, "gauge", "Flows tracked now.", ct.len() as f64);
-    o.single(
-        names::CONNTRACK_CAPACITY,
-        "gauge",
-        "Most flows tracked at once.",
-        ct.capacity() as f64,
-    );
+    o.single(names::CONNTRACK_ENTRIES, ct.len() as f64);
+    o.single(names::CONNTRACK_CAPACITY, ct.capacity() as f64);
     let stats = ct.stats();
-    o.single(
-        names::CONNTRACK_EVICTIONS,
-        "counter",
-        "Entries evicted to make room for a new flow.",
-        get(&stats.evicted),
-    );
-    o.single(names::CONNTRACK_INSERTED, "counter", "Flows tracked.", get(&stats.inserted));
-    o.single(
-        names::CONNTRACK_REFUSED,
-        "counter",
-        "New flows refused because the table was full.",
-        get(&stats.refused),
-    );
-    o.single(names::CONNTRACK_EXPIRED, "counter", "Idle entries expired.", get(&stats.expired));
-    o.single(
-        names::CONNTRACK_BATCH_FALLBACKS,
-        "counter",
-        "Batch lookups that pinned each entry because every batch reader slot was taken.",
-        ct.batch_fallbacks() as f64,
-    );
+    o.single(names::CONNTRACK_EVICTIONS, get(&stats.evicted));
+    o.single(names::CONNTRACK_INSERTED, get(&stats.inserted));
+    o.single(names::CONNTRACK_REFUSED, get(&stats.refused));
+    o.single(names::CONNTRACK_EXPIRED, get(&stats.expired));
+    o.single(names::CONNTRACK_BATCH_FALLBACKS, ct.batch_fallbacks() as f64);
 
     let snap = scrape.policy;
-    o.single(
-        names::POLICY_GENERATION,
-        "gauge",
-        "Policy generation in force.",
-        snap.generation.0 as f64,
-    );
-    o.single(
-        names::POLICY_POLICIES,
-        "gauge",
-        "Policies in force (not expired).",
-        snap.compiled.live_policy_count() as f64,
-    );
-    o.single(
-        names::POLICY_WORKLOADS,
-        "gauge",
-        "Inventory workloads.",
-        snap.compiled.workload_count() as f64,
-    );
+    o.single(names::POLICY_GENERATION, snap.generation.0 as f64);
+    o.single(names::POLICY_POLICIES, snap.compiled.live_policy_count() as f64);
+    o.single(names::POLICY_WORKLOADS, snap.compiled.workload_count() as f64);
     if let Some(at) = scrape.next_expiry {
         let secs = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-        o.single(
-            names::POLICY_NEXT_EXPIRY,
-            "gauge",
-            "When the next TTL'd policy expires (Unix seconds).",
-            secs,
-        );
+        o.single(names::POLICY_NEXT_EXPIRY, secs);
     }
     let c = &reg.control;
-    o.family(names::RELOADS_TOTAL, "counter", "Reload attempts by result.");
+    o.family(names::RELOADS_TOTAL);
     o.sample(names::RELOADS_TOTAL, &[("result", "ok")], get(&c.reloads_ok));
     o.sample(names::RELOADS_TOTAL, &[("result", "unchanged")], get(&c.reloads_unchanged));
     o.sample(names::RELOADS_TOTAL, &[("result", "error")], get(&c.reloads_error));
     {
         let h = c.reload_duration.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let sum = c.reload_seconds_sum_us.load(Ordering::Relaxed) as f64 * 1e-6;
-        o.summary(
-            names::RELOAD_SECONDS,
-            "Reload attempt duration (read, load, compile, swap).",
-            &h,
-            1e-6,
-            sum,
-        );
+        o.summary(names::RELOAD_SECONDS, &h, 1e-6, sum);
     }
-    o.single(
-        names::RELOAD_FAILING,
-        "gauge",
-        "1 while the last reload was rejected and the previous generation is serving.",
-        get(&c.reload_failing),
-    );
-    o.single(
-        names::LAST_RELOAD_SUCCESS,
-        "gauge",
-        "When a reload last succeeded (Unix seconds).",
-        get(&c.last_success_unix),
-    );
-    o.single(
-        names::REVALIDATED_TOTAL,
-        "counter",
-        "Established flows re-checked after a policy change.",
-        get(&c.revalidated),
-    );
-    o.single(
-        names::REVOKED_TOTAL,
-        "counter",
-        "Established flows cut because a new policy generation denies them.",
-        get(&c.revoked),
-    );
-    o.single(
-        names::EMERGENCY_ENTRIES,
-        "gauge",
-        "Emergency policies and quarantines in force.",
-        scrape.emergency_entries as f64,
-    );
-    o.family(names::EMERGENCY_REQUESTS, "counter", "POST /emergency by result.");
+    o.single(names::RELOAD_FAILING, get(&c.reload_failing));
+    o.single(names::LAST_RELOAD_SUCCESS, get(&c.last_success_unix));
+    o.single(names::REVALIDATED_TOTAL, get(&c.revalidated));
+    o.single(names::REVOKED_TOTAL, get(&c.revoked));
+    o.single(names::EMERGENCY_ENTRIES, scrape.emergency_entries as f64);
+    o.family(names::EMERGENCY_REQUESTS);
     o.sample(names::EMERGENCY_REQUESTS, &[("result", "accepted")], get(&c.emergency_accepted));
     o.sample(names::EMERGENCY_REQUESTS, &[("result", "rejected")], get(&c.emergency_rejected));
-    o.single(
-        names::WATCH_EVENTS,
-        "counter",
-        "Debounced source changes seen by the watcher.",
-        get(&c.watch_events),
-    );
-    o.single(
-        names::AUDIT_WRITE_ERRORS,
-        "counter",
-        "Audit events that could not be written.",
-        get(&c.audit_write_errors),
-    );
-    o.single(
-        names::FLOWLOG_DROPPED,
-        "counter",
-        "Flow-log events dropped because the log channel was full.",
-        get(&reg.flowlog_dropped),
-    );
-    o.single(
-        names::FLOWLOG_FOLDED,
-        "counter",
-        "Flow-log events folded into an earlier identical one.",
-        get(&reg.flowlog_folded),
-    );
-    o.single(names::ADMIN_REQUESTS, "counter", "Admin API requests.", get(&c.admin_requests));
-    o.family(names::ADMIN_REJECTED, "counter", "Admin API requests refused, by reason.");
+    o.single(names::WATCH_EVENTS, get(&c.watch_events));
+    o.single(names::AUDIT_WRITE_ERRORS, get(&c.audit_write_errors));
+    o.single(names::FLOWLOG_DROPPED, get(&reg.flowlog_dropped));
+    o.single(names::FLOWLOG_FOLDED, get(&reg.flowlog_folded));
+    o.single(names::ADMIN_REQUESTS, get(&c.admin_requests));
+    o.family(names::ADMIN_REJECTED);
     o.sample(names::ADMIN_REJECTED, &[("reason", "unauthorized")], get(&c.admin_unauthorized));
     o.sample(names::ADMIN_REJECTED, &[("reason", "bad_request")], get(&c.admin_bad_request));
-    o.single(
-        names::ADMIN_FLOWS_TRUNCATED,
-        "counter",
-        "/flows answers cut short by admin.flows_limit.",
-        get(&c.admin_flows_truncated),
-    );
+    o.single(names::ADMIN_FLOWS_TRUNCATED, get(&c.admin_flows_truncated));
     o.text
 }
 
@@ -379,7 +311,7 @@ mod tests {
 
     /// Every family the exposition has ever had, spelled out: dashboards and alerts use
     /// these names, so renaming one must fail here.
-    const FAMILIES: [&str; 35] = [
+    const KNOWN: [&str; 35] = [
         "flowgate_flows_total",
         "flowgate_connections_accepted_total",
         "flowgate_connections_active",
@@ -446,7 +378,12 @@ mod tests {
             .collect();
         let unique: BTreeSet<&str> = typed.iter().copied().collect();
         assert_eq!(typed.len(), unique.len(), "a family rendered twice: {typed:?}");
-        assert_eq!(unique, FAMILIES.into_iter().collect(), "families changed");
+        assert_eq!(unique, KNOWN.into_iter().collect(), "families changed");
+        assert!(!text.contains(" untyped\n"), "a family without a FAMILIES row:\n{text}");
+        let helpless: Vec<&str> =
+            text.lines().filter(|l| l.starts_with("# HELP ") && l.ends_with(' ')).collect();
+        assert!(helpless.is_empty(), "families without help: {helpless:?}");
+        assert_eq!(FAMILIES.len(), KNOWN.len(), "a FAMILIES row that is never rendered");
         assert!(text.contains("flowgate_flows_total{listener=\"demo\",verdict=\"allow\"} 3\n"));
         assert!(text.contains("flowgate_policy_generation 7\n"));
         assert!(text.contains("flowgate_emergency_entries 2\n"));
