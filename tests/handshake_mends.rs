@@ -218,7 +218,8 @@ async fn optimistic_connect_carries_a_real_tls_handshake() {
     let (_tls, tls_port) = https_server(gate.dir.path()).await;
     let target = format!("tls.test:{tls_port}");
 
-    let (status, out) = optimistic_s_client(gate.addr("connect"), CALLER, &target, "tls.test").await;
+    let (status, out) =
+        optimistic_s_client(gate.addr("connect"), CALLER, &target, "tls.test").await;
     assert!(status.starts_with("HTTP/1.1 200 "), "the tunnel opens: {status}");
     assert!(out.contains("s_server"), "the TLS exchange completed through the tunnel: {out:?}");
     let c = gate.counters("connect");
@@ -332,7 +333,9 @@ async fn send_and_wait_close(from: &str, to: SocketAddr, bytes: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_handshakes_are_flow_log_events() {
-    let pp = format!("upstreams = [\"127.0.0.1:9\"]\nproxy_protocol = \"v1\"\ntrusted_proxies = [\"{LB}/32\"]");
+    let pp = format!(
+        "upstreams = [\"127.0.0.1:9\"]\nproxy_protocol = \"v1\"\ntrusted_proxies = [\"{LB}/32\"]"
+    );
     let udp_pp = format!(
         "upstreams = [\"127.0.0.1:9\"]\nproxy_protocol = \"v2\"\ntrusted_proxies = [\"{LB}/32\"]"
     );
@@ -419,7 +422,8 @@ async fn udp_roundtrip(u: &UdpSocket, relay: SocketAddr, to: SocketAddr, payload
 /// control connection and counted; traffic keeps it open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_udp_association_is_closed_with_its_control_connection() {
-    let gate = start_gate(&listener("socks", "socks5", "udp_associate_idle_timeout = \"1s\"")).await;
+    let gate =
+        start_gate(&listener("socks", "socks5", "udp_associate_idle_timeout = \"1s\"")).await;
     let echo = udp_echo(SINK).await;
     let (mut ctl, code, relay) = associate(gate.addr("socks")).await;
     assert_eq!(code, 0, "UDP ASSOCIATE is on by default");

@@ -35,6 +35,7 @@ pub mod names {
     pub const HANDSHAKE_ERRORS: &str = "flowgate_handshake_errors_total";
     pub const LIMIT_REACHED: &str = "flowgate_limit_reached_total";
     pub const UPSTREAM_FAILURES: &str = "flowgate_upstream_failures_total";
+    pub const UDP_ASSOCIATIONS_IDLE: &str = "flowgate_udp_associations_idle_closed_total";
     pub const DECISION_SAMPLES_DROPPED: &str = "flowgate_policy_decision_samples_dropped_total";
     pub const CONNTRACK_INSERTED: &str = "flowgate_conntrack_inserted_total";
     pub const CONNTRACK_REFUSED: &str = "flowgate_conntrack_refused_total";
@@ -203,6 +204,15 @@ pub fn render(scrape: &Scrape<'_>) -> String {
         ] {
             o.sample(names::LIMIT_REACHED, &[("listener", &l.name), ("limit", limit)], get(c));
         }
+    }
+    o.family(
+        names::UDP_ASSOCIATIONS_IDLE,
+        "counter",
+        "SOCKS5 UDP associations closed after udp_associate_idle_timeout without a datagram.",
+    );
+    for l in &listeners {
+        let c = get(&l.udp_associations_idle);
+        o.sample(names::UDP_ASSOCIATIONS_IDLE, &[("listener", &l.name)], c);
     }
     o.family(names::UPSTREAM_FAILURES, "counter", "Upstream connects that failed.");
     for l in &listeners {
