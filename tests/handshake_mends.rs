@@ -89,9 +89,13 @@ fn listener(name: &str, kind: &str, extra: &str) -> String {
 }
 
 async fn connect_from(ip: &str, to: SocketAddr) -> TcpStream {
+    try_connect_from(ip, to).await.unwrap()
+}
+
+async fn try_connect_from(ip: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
     let s = TcpSocket::new_v4().unwrap();
     s.bind(SocketAddr::new(ip.parse().unwrap(), 0)).unwrap();
-    s.connect(to).await.unwrap()
+    s.connect(to).await
 }
 
 /// A TCP echo server on `ip` that counts the connections it accepts.
@@ -324,8 +328,10 @@ async fn wait_malformed(
     e
 }
 
+/// Sends `bytes` and waits for the close. A listener that refuses the peer before reading
+/// (an untrusted PROXY peer) may reset the connection before `connect` has returned.
 async fn send_and_wait_close(from: &str, to: SocketAddr, bytes: &[u8]) {
-    let mut s = connect_from(from, to).await;
+    let Ok(mut s) = try_connect_from(from, to).await else { return };
     let _ = s.write_all(bytes).await;
     let mut sink = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;

@@ -389,7 +389,7 @@ mod tests {
 
     /// Every family the exposition has ever had, spelled out: dashboards and alerts use
     /// these names, so renaming one must fail here.
-    const FAMILIES: [&str; 35] = [
+    const FAMILIES: [&str; 36] = [
         "flowgate_flows_total",
         "flowgate_connections_accepted_total",
         "flowgate_connections_active",
@@ -397,6 +397,7 @@ mod tests {
         "flowgate_handshake_errors_total",
         "flowgate_limit_reached_total",
         "flowgate_upstream_failures_total",
+        "flowgate_udp_associations_idle_closed_total",
         "flowgate_policy_decision_seconds",
         "flowgate_policy_decision_samples_dropped_total",
         "flowgate_conntrack_entries",

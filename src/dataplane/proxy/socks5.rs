@@ -156,8 +156,8 @@ fn auth_refused(p: &ForwardProxy, client: SocketAddr, reason: &'static str) {
 ///
 /// Ends when the control connection closes (or fails), or after
 /// `udp_associate_idle_timeout` without a datagram relayed either way (counted in
-/// `udp_associations_idle`; the control connection is then closed): the relay socket and
-/// every flow of the association go with it.
+/// `flowgate_udp_associations_idle_closed_total`; the control connection is then
+/// closed): the relay socket and every flow of the association go with it.
 pub async fn udp_associate(
     p: &ForwardProxy,
     mut stream: TcpStream,
@@ -198,9 +198,11 @@ pub async fn udp_associate(
     let mut out6 = vec![0u8; MAX_DATAGRAM + MAX_UDP_HEADER];
     let mut ctl = [0u8; 64];
     // The idle timer: one deadline, moved on only when it fires (a datagram just records
-    // the time, no timer operation per datagram).
+    // the time, no timer operation per datagram). Off for `0s`, or for a timeout too far
+    // out to be a point in time.
     let idle_after = p.cfg.udp_associate_idle_timeout;
     let mut last = tokio::time::Instant::now();
+    let mut idle_on = !idle_after.is_zero() && last.checked_add(idle_after).is_some();
     let idle = tokio::time::sleep(idle_after);
     tokio::pin!(idle);
     loop {
@@ -211,14 +213,14 @@ pub async fn udp_associate(
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             },
-            () = &mut idle, if !idle_after.is_zero() => {
-                let due = last + idle_after;
-                if due <= tokio::time::Instant::now() {
+            () = &mut idle, if idle_on => match last.checked_add(idle_after) {
+                Some(due) if due <= tokio::time::Instant::now() => {
                     ListenerCounters::inc(&counters.udp_associations_idle);
                     break;
                 }
-                idle.as_mut().reset(due);
-            }
+                Some(due) => idle.as_mut().reset(due),
+                None => idle_on = false,
+            },
             r = relay.recv_from(&mut inbuf) => {
                 let Ok((n, from)) = r else { continue };
                 let from = SocketAddr::new(from.ip().to_canonical(), from.port());
