@@ -238,7 +238,6 @@ async fn bad_handshakes_get_their_error_and_never_reach_the_upstream() {
         (format!("GET http://sink.test:{port}/ HTTP/1.1\r\nHost: web.test\r\n\r\n"), "400"),
         (long_line, "400"),
         (many_headers, "400"),
-        (format!("CONNECT sink.test:{port} HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n"), "400"),
         // Slowloris: half a request line, then nothing: 408 after the 1s handshake timeout.
         ("CONNECT sink.te".into(), "408"),
     ];
@@ -248,7 +247,15 @@ async fn bad_handshakes_get_their_error_and_never_reach_the_upstream() {
     }
     let c = gate.counters("connect");
     wait_count(&c.handshake_timeout, 1).await;
-    wait_count(&c.handshake_malformed, 8).await;
+    wait_count(&c.handshake_malformed, 7).await;
+
+    // Bytes glued behind a CONNECT head belong to the tunnel (an optimistic client, issue
+    // 22): it is opened and they go through; this is the one more connection the sink sees.
+    let glued = format!("CONNECT sink.test:{port} HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n");
+    let reply = exchange(connect, glued.as_bytes(), false).await;
+    assert!(status(&reply).contains("200"), "{}", String::from_utf8_lossy(&reply));
+    assert!(reply.ends_with(b"ok"));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 
     // SOCKS5. Zero methods: "no acceptable method" (0xff), close.
     assert_eq!(exchange(socks, &[5, 0], false).await, vec![5, 0xff]);
@@ -270,7 +277,11 @@ async fn bad_handshakes_get_their_error_and_never_reach_the_upstream() {
     let r = exchange(socks, &[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 23, p[0], p[1]], false).await;
     assert_eq!(r.get(..4), Some(&[5, 0, 5, 0][..]), "{r:?}");
     assert!(r.ends_with(b"ok"));
-    assert_eq!(accepted.load(Ordering::SeqCst), 2, "only the two controls reached the sink");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        3,
+        "only the two controls and the optimistic tunnel reached the sink"
+    );
 }
 
 /// `flowgate run` as a process builds the resolver and guard from `[dns]`/`[ssrf]`: the

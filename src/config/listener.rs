@@ -151,6 +151,18 @@ pub struct ListenerConfig {
     /// Default 128.
     #[serde(default = "default_udp_max_associations")]
     pub udp_max_associations: usize,
+    /// `socks5`: whether UDP ASSOCIATE is carried. `false` answers it `0x07` (command not
+    /// supported), like BIND, for a listener that should only do CONNECT; counted in
+    /// `handshake_malformed` and logged as a `malformed` event. Default true.
+    #[serde(default = "default_true")]
+    pub udp_associate: bool,
+    /// `socks5` UDP ASSOCIATE: an association with no datagram relayed either way for this
+    /// long is closed, with its TCP control connection (which may otherwise idle forever);
+    /// counted in `flowgate_udp_associations_idle_closed_total`.
+    /// `"0s"` turns it off (the association then lives as long as its control
+    /// connection). Default 5m.
+    #[serde(default = "default_idle_timeout", with = "crate::human_duration")]
+    pub udp_associate_idle_timeout: Duration,
     /// Egress kinds: handshakes in progress at once; beyond it a new client is refused at
     /// once (`503` / SOCKS5 general failure) and `handshakes_full` counts it. Default 1024.
     #[serde(default = "default_max_handshakes")]

@@ -51,8 +51,6 @@ pub enum HandshakeError {
     Io(#[from] io::Error),
     #[error("malformed HTTP request: {0}")]
     Http(wire::http_connect::ParseError),
-    #[error("client sent data before the tunnel was established")]
-    EarlyData,
     #[error("Host header names another host than the request target")]
     HostMismatch,
     #[error("invalid destination: {0}")]
@@ -78,7 +76,6 @@ impl HandshakeError {
             HandshakeError::Http(P::HeadTooLarge | P::RequestLineTooLong) => "too-large",
             HandshakeError::Http(P::TooManyHeaders) => "too-many-headers",
             HandshakeError::Http(_) => "malformed",
-            HandshakeError::EarlyData => "early-data",
             HandshakeError::HostMismatch => "host-mismatch",
             HandshakeError::BadName(_) => "bad-name",
             HandshakeError::Socks(_) => "malformed",

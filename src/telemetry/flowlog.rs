@@ -1,5 +1,5 @@
-//! The flow log: `deny`, `would-deny`, `revoked` and (sampled, off by default) `allow`
-//! events as JSON lines, to a file or stdout.
+//! The flow log: `deny`, `would-deny`, `revoked`, `malformed` and (sampled, off by
+//! default) `allow` events as JSON lines, to a file or stdout.
 //!
 //! The data path never writes: it builds an [`Event`] (plain values and `Arc` clones, no
 //! allocation) and hands it to [`FlowLog::emit`], a `try_send` into a bounded channel. A
@@ -45,6 +45,10 @@ pub enum EventKind {
     WouldDeny,
     /// An established flow cut because a new policy generation denies it.
     Revoked,
+    /// A connection (or datagram) refused before any flow could be named: its handshake
+    /// (PROXY header, CONNECT head, SOCKS5 message) was broken or came from an
+    /// untrusted peer. The reason is a [`Malformed`] label.
+    Malformed,
 }
 
 impl EventKind {
@@ -54,8 +58,81 @@ impl EventKind {
             EventKind::Deny => "deny",
             EventKind::WouldDeny => "would-deny",
             EventKind::Revoked => "revoked",
+            EventKind::Malformed => "malformed",
         }
     }
+}
+
+/// Why a handshake was refused as malformed: the closed set of `reason`s a `malformed`
+/// event carries (docs/DESIGN.md §5.1). Timeouts and clients that close mid-handshake are
+/// counted, not logged: a port scanner or a health check is not an attack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Malformed {
+    /// A PROXY header that does not parse (or no header where one is required).
+    ProxyHeader,
+    /// A PROXY header from a peer outside `trusted_proxies`.
+    ProxyUntrusted,
+    /// A valid PROXY header for the other transport (DGRAM on TCP, STREAM on UDP).
+    ProxyTransport,
+    /// An HTTP proxy request head that does not parse.
+    HttpHead,
+    /// An HTTP request head over `max_header_bytes` / `max_request_line`.
+    HttpTooLarge,
+    /// More header fields than `max_headers`.
+    HttpTooManyHeaders,
+    /// An absolute-form request whose `Host` names another host.
+    HttpHostMismatch,
+    /// A destination that cannot be a host name or address.
+    BadName,
+    /// A SOCKS5 greeting, authentication or request message that does not parse.
+    Socks5Message,
+    /// A SOCKS5 greeting offering no method the listener accepts.
+    Socks5NoMethod,
+    /// A SOCKS5 command the listener does not carry (BIND; UDP ASSOCIATE where
+    /// `udp_associate = false`).
+    Socks5Command,
+    /// A SOCKS5 address type other than IPv4, IPv6 and domain name.
+    Socks5AddrType,
+    /// A SOCKS5 CONNECT to port 0.
+    Socks5PortZero,
+}
+
+impl Malformed {
+    /// The flow log's `reason` for this refusal.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Malformed::ProxyHeader => "proxy-header",
+            Malformed::ProxyUntrusted => "proxy-untrusted",
+            Malformed::ProxyTransport => "proxy-transport",
+            Malformed::HttpHead => "http-malformed",
+            Malformed::HttpTooLarge => "http-too-large",
+            Malformed::HttpTooManyHeaders => "http-too-many-headers",
+            Malformed::HttpHostMismatch => "http-host-mismatch",
+            Malformed::BadName => "bad-name",
+            Malformed::Socks5Message => "socks5-malformed",
+            Malformed::Socks5NoMethod => "socks5-no-method",
+            Malformed::Socks5Command => "socks5-command",
+            Malformed::Socks5AddrType => "socks5-address-type",
+            Malformed::Socks5PortZero => "socks5-port-zero",
+        }
+    }
+
+    /// Every label, in declaration order (for docs and tests).
+    pub const ALL: [Malformed; 13] = [
+        Malformed::ProxyHeader,
+        Malformed::ProxyUntrusted,
+        Malformed::ProxyTransport,
+        Malformed::HttpHead,
+        Malformed::HttpTooLarge,
+        Malformed::HttpTooManyHeaders,
+        Malformed::HttpHostMismatch,
+        Malformed::BadName,
+        Malformed::Socks5Message,
+        Malformed::Socks5NoMethod,
+        Malformed::Socks5Command,
+        Malformed::Socks5AddrType,
+        Malformed::Socks5PortZero,
+    ];
 }
 
 /// One event as the data path builds it: no strings are formatted here, ids are resolved
@@ -153,6 +230,19 @@ impl Event {
     /// `allow`: an admitted flow (sampled, `allow_sample`).
     pub fn allow(flow: Flow<'_>, decision: &Decision) -> Event {
         Event { reason: "allowed", ..Event::decided(EventKind::Allow, flow, Some(decision)) }
+    }
+
+    /// `malformed`: a handshake refused before any flow was named. `flow.key`'s `src` is
+    /// the peer that sent it (the PROXY header's client once a trusted header named one),
+    /// its `dst` the listener's address; the source workload is the one at that address.
+    /// No name, destination workload, side or policy.
+    pub fn malformed(flow: Flow<'_>, why: Malformed) -> Event {
+        let src_workload = flow.snapshot.compiled.workload_of(flow.key.src.ip());
+        Event {
+            reason: why.as_str(),
+            src_workload,
+            ..Event::decided(EventKind::Malformed, flow, None)
+        }
     }
 
     /// `revoked`: an established flow cut because `decision` (of the new generation,
@@ -538,6 +628,55 @@ mod tests {
         assert_eq!(first["proto"], "udp");
         assert_eq!(reg.flowlog_folded.load(Ordering::Relaxed), 9);
         assert_eq!(reg.flowlog_dropped.load(Ordering::Relaxed), 0);
+    }
+
+    /// `malformed` events fold like denials: one line per peer address, reason and
+    /// listener within the window, with the count.
+    #[test]
+    fn malformed_events_fold_per_peer_and_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let cfg = FlowLogConfig {
+            output: path.to_string_lossy().into_owned(),
+            dedupe_window: Duration::from_secs(60),
+            ..FlowLogConfig::default()
+        };
+        let (log, writer) = FlowLog::start(&cfg, Arc::new(Registry::default())).unwrap();
+        let snap = snapshot();
+        let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let emit = |src: &str, why: Malformed| {
+            let key = FlowKey::new(Proto::Tcp, src.parse().unwrap(), local);
+            let flow = Flow {
+                listener: Arc::from("connect"),
+                key: &key,
+                fqdn: None,
+                snapshot: snap.clone(),
+            };
+            log.emit(Event::malformed(flow, why));
+        };
+        for port in 1000..1005 {
+            emit(&format!("198.18.0.9:{port}"), Malformed::HttpHead);
+        }
+        emit("198.18.0.9:2000", Malformed::HttpTooLarge);
+        emit("198.18.0.10:1000", Malformed::HttpHead);
+        writer.finish();
+        let got = lines(&path);
+        assert_eq!(got.len(), 3, "{got:?}");
+        let first = got.iter().find(|l| l["src"] == "198.18.0.9:1000").unwrap();
+        assert_eq!(first["event"], "malformed");
+        assert_eq!(first["reason"], "http-malformed");
+        assert_eq!(first["dst"], "127.0.0.1:8080");
+        assert_eq!(first["listener"], "connect");
+        assert_eq!(first["count"], 5);
+        assert!(got.iter().any(|l| l["reason"] == "http-too-large" && l["count"] == 1));
+    }
+
+    #[test]
+    fn malformed_reasons_are_distinct_short_labels() {
+        let labels: std::collections::HashSet<_> =
+            Malformed::ALL.iter().map(|m| m.as_str()).collect();
+        assert_eq!(labels.len(), Malformed::ALL.len());
+        assert!(labels.iter().all(|l| l.len() <= 24 && !l.contains(' ')));
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct ListenerCounters {
     pub handshakes_full: AtomicU64,
     /// SOCKS5 UDP ASSOCIATE requests refused because `udp_max_associations` were open.
     pub udp_associations_full: AtomicU64,
+    /// SOCKS5 UDP associations closed after `udp_associate_idle_timeout` without a datagram.
+    pub udp_associations_idle: AtomicU64,
     /// Upstream connects that failed.
     pub upstream_failed: AtomicU64,
     /// New flows refused because the conntrack table was full.

@@ -2,10 +2,13 @@
 //!
 //! Per connection: the client (peer, or a trusted PROXY header's source); one request
 //! head read under the listener's size limits and one whole-handshake timeout
-//! (`egress::handshake::http`: `400` malformed, `408` too slow, and `400` for bytes sent
-//! after a CONNECT head before the `200`); the destination decided and dialled
+//! (`egress::handshake::http`: `400` malformed, `408` too slow; a malformed head is also
+//! a `malformed` flow-log event); the destination decided and dialled
 //! ([`ForwardProxy::open`]); then
-//! - `CONNECT host:port` → `200 Connection established` and the bytes spliced both ways;
+//! - `CONNECT host:port` → `200 Connection established`, the tunnel's first bytes if the
+//!   client sent them with the head (an optimistic client's ClientHello: they belong to
+//!   the tunnel, as in Squid and HAProxy) forwarded, and the bytes spliced both ways. A
+//!   refused tunnel forwards none of them;
 //! - absolute-form `GET http://host/path` → the head rewritten in origin form (hop-by-hop
 //!   and proxy headers dropped, `Connection: close`) and sent upstream with any body
 //!   bytes already read, then spliced: one request per upstream connection, so each
@@ -23,8 +26,9 @@
 //! logged as a `deny` — never ignored. Without credentials the identity is the client
 //! address.
 //!
-//! `verify_sni` (domain fronting): after the `200`, the client's first bytes are read
-//! (at most one TLS record, within `sni_timeout`) and compared with the CONNECT host
+//! `verify_sni` (domain fronting): after the `200`, the client's first bytes — those that
+//! came with the head, then as many more as needed, at most one TLS record, within
+//! `sni_timeout` — are compared with the CONNECT host
 //! ([`crate::egress::verify_sni`]) before any of them go upstream; a ClientHello for
 //! another host resets the tunnel, counted in `sni_refused` and logged as a `deny`
 //! with the CONNECT name.
@@ -36,10 +40,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::forward::{Failure, ForwardProxy, Tunnel, unknown};
+use super::listener::local_of;
 use super::tcp::reset;
 use crate::dataplane::tcp_flow;
 use crate::egress::handshake::http::{
-    ProxyRequest, RequestForm, read_request, reply_established, reply_refusal, reply_status,
+    ProxyRequest, RequestForm, linger, read_request, reply_established, reply_refusal, reply_status,
 };
 use crate::egress::{CredentialId, CredentialMode, SniVerdict, Target, verify_sni};
 use crate::telemetry::metrics::ListenerCounters;
@@ -58,12 +63,12 @@ pub async fn connection(p: &ForwardProxy, mut stream: TcpStream, peer: SocketAdd
         let _ = reply_status(&mut stream, 503, "too many handshakes in progress").await;
         return;
     };
-    let Some(client) = p.header.client(&mut stream, peer, counters).await else { return };
+    let Some(client) = p.header.client(&mut stream, peer, &p.rt, &p.tag).await else { return };
     let mut buf = Vec::new();
     let req = match read_request(&mut stream, &p.limits, &mut buf).await {
         Ok(r) => r,
         Err(e) => {
-            p.count_handshake_error(&e);
+            p.handshake_failed(&e, client, local_of(&stream));
             return;
         }
     };
@@ -79,7 +84,7 @@ pub async fn connection(p: &ForwardProxy, mut stream: TcpStream, peer: SocketAdd
                 "refused: wrong proxy credentials"
             };
             let _ = reply_status(&mut stream, 407, text).await;
-            let _ = stream.shutdown().await;
+            close_refused(&mut stream, buf.len() > req.head_len).await;
             return;
         }
     };
@@ -101,31 +106,24 @@ pub async fn connection(p: &ForwardProxy, mut stream: TcpStream, peer: SocketAdd
                 }
                 Failure::Cut => reply_status(&mut stream, 403, "refused: revoked").await,
             };
-            let _ = stream.shutdown().await;
+            close_refused(&mut stream, buf.len() > req.head_len).await;
             return;
         }
     };
     drop(slot);
-    if req.form == RequestForm::Connect && sent_early(&stream) {
-        // Bytes that arrived while the destination was being decided and dialled:
-        // the client did not wait for the 200, refuse as the driver does when they
-        // come with the head.
-        ListenerCounters::inc(&counters.handshake_malformed);
-        p.rt.conntrack.remove(&admitted.key);
-        reset(upstream);
-        let _ = reply_status(&mut stream, 400, "data sent before the tunnel was established").await;
-        let _ = stream.shutdown().await;
-        return;
-    }
     let mut ready = match req.form {
         RequestForm::Connect => reply_established(&mut stream).await,
         RequestForm::Absolute => {
             forward_head(&buf, req.head_len, &p.limits.head, &mut upstream).await
         }
     };
-    if ready.is_ok() && req.form == RequestForm::Connect && p.cfg.verify_sni != VerifySni::Off {
-        buf.clear();
-        if !sni_agrees(p, &mut stream, &target, &mut buf).await {
+    if ready.is_ok() && req.form == RequestForm::Connect {
+        // What follows the head is the tunnel's: the client's first bytes, sent without
+        // waiting for the 200. With `verify_sni` they start the ClientHello checked.
+        buf.drain(..req.head_len);
+        if p.cfg.verify_sni != VerifySni::Off
+            && !sni_agrees(p, &mut stream, &target, &mut buf).await
+        {
             ListenerCounters::inc(&counters.sni_refused);
             p.rt.conntrack.remove(&admitted.key);
             p.refuse(admitted.key, who, target.name(), "sni-mismatch");
@@ -170,7 +168,7 @@ fn authenticate(
         .ok_or("auth-failed")
 }
 
-/// Reads the client's first bytes into `buf` (bounded by one TLS record and
+/// Reads the client's first bytes into `buf`, after those it already holds (bounded by one TLS record and
 /// `sni_timeout`) and says whether the tunnel may carry them (see [`VerifySni`]).
 async fn sni_agrees(
     p: &ForwardProxy,
@@ -206,11 +204,16 @@ async fn sni_agrees(
     }
 }
 
-/// Whether the client has sent anything since its CONNECT head (without blocking: only
-/// bytes already in the socket buffer count). End of stream is not data.
-fn sent_early(stream: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(stream.try_read(&mut probe), Ok(n) if n > 0)
+/// Closes a refused client's connection after its reply. `sending`: it sent bytes behind
+/// its head (an optimistic client's tunnel bytes, never forwarded) and may still be
+/// sending; they are drained briefly so that closing on unread data does not reset the
+/// connection and destroy the reply.
+async fn close_refused(stream: &mut TcpStream, sending: bool) {
+    if sending {
+        linger(stream).await;
+    } else {
+        let _ = stream.shutdown().await;
+    }
 }
 
 /// Sends an absolute-form request upstream: its head in origin form, then the body bytes

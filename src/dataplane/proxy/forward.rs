@@ -31,7 +31,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::listener::ListenerConfig;
+use super::listener::{ListenerConfig, log_malformed};
 use super::proxy_header::ProxyHeaderConfig;
 use super::splice::{Accounting, SpliceEnd, splice};
 use super::tcp::reset;
@@ -44,6 +44,7 @@ use crate::egress::check::Refusal;
 use crate::egress::handshake::{HandshakeError, HandshakeLimits};
 use crate::egress::{Checker, CredentialId, DomainName, Target};
 use crate::flow::{FlowKey, Proto};
+use crate::telemetry::flowlog::Malformed;
 use crate::telemetry::metrics::ListenerCounters;
 
 /// A forward-proxy listener's state, shared by its connection tasks.
@@ -143,15 +144,28 @@ impl ForwardProxy {
         }
     }
 
-    /// Counts a failed handshake under the counter its kind belongs to. A client that
-    /// closed or whose connection failed is not the proxy's concern and not counted.
-    pub fn count_handshake_error(&self, e: &HandshakeError) {
+    /// Counts a failed handshake under the counter its kind belongs to and logs a
+    /// malformed one as a `malformed` event from `client` to `local` (the listener's
+    /// address). A client that closed or whose connection failed is not the proxy's
+    /// concern and not counted; a timeout is counted, not logged; refused credentials are
+    /// the caller's (a `deny`).
+    pub fn handshake_failed(&self, e: &HandshakeError, client: SocketAddr, local: SocketAddr) {
         let c = &self.tag.counters;
         match e {
             HandshakeError::Timeout => ListenerCounters::inc(&c.handshake_timeout),
             HandshakeError::Closed | HandshakeError::Io(_) => {}
             _ => ListenerCounters::inc(&c.handshake_malformed),
         }
+        if let Some(why) = malformed_reason(e) {
+            log_malformed(&self.rt, &self.tag, Proto::Tcp, client, local, why);
+        }
+    }
+
+    /// A handshake refused as malformed that the driver did not see (a command or port
+    /// the listener does not carry): counted in `handshake_malformed` and logged.
+    pub fn refused_handshake(&self, why: Malformed, client: SocketAddr, local: SocketAddr) {
+        ListenerCounters::inc(&self.tag.counters.handshake_malformed);
+        log_malformed(&self.rt, &self.tag, Proto::Tcp, client, local, why);
     }
 
     /// Decides `target:port` for `client` (speaking as `who`, when credentials named a
@@ -308,6 +322,30 @@ impl ForwardProxy {
             None => Source::Addr,
         }
     }
+}
+
+/// The `malformed` reason of a failed handshake; `None` for those that are not logged as
+/// one (timeout, close, I/O error, refused credentials).
+pub fn malformed_reason(e: &HandshakeError) -> Option<Malformed> {
+    use crate::wire::http_connect::ParseError as Http;
+    use crate::wire::socks5::ParseError as Socks;
+    Some(match e {
+        HandshakeError::Timeout
+        | HandshakeError::Closed
+        | HandshakeError::Io(_)
+        | HandshakeError::AuthFailed => return None,
+        HandshakeError::Http(Http::HeadTooLarge | Http::RequestLineTooLong) => {
+            Malformed::HttpTooLarge
+        }
+        HandshakeError::Http(Http::TooManyHeaders) => Malformed::HttpTooManyHeaders,
+        HandshakeError::Http(_) => Malformed::HttpHead,
+        HandshakeError::HostMismatch => Malformed::HttpHostMismatch,
+        HandshakeError::BadName(_) => Malformed::BadName,
+        HandshakeError::Socks(Socks::AddrTypeNotSupported(_)) => Malformed::Socks5AddrType,
+        HandshakeError::Socks(_) => Malformed::Socks5Message,
+        HandshakeError::NoAcceptableMethod => Malformed::Socks5NoMethod,
+        HandshakeError::CommandNotSupported(_) => Malformed::Socks5Command,
+    })
 }
 
 /// A destination not known yet (refused before any candidate): the port only.

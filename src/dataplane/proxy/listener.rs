@@ -9,6 +9,10 @@
 //! `accept`: at the limit, accepting pauses and `limit_reached` counts it). On shutdown it
 //! stops accepting and drops the listening socket; open connections keep their drain
 //! guard until they finish.
+//!
+//! Also the one way a listener logs a handshake it refused as malformed
+//! ([`log_malformed`]): every kind's broken PROXY headers, CONNECT heads and SOCKS5
+//! messages become the same `malformed` flow-log event.
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,7 +26,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::forward::ForwardProxy;
 use super::tcp::TcpProxy;
+use crate::dataplane::{ListenerTag, Runtime};
+use crate::flow::{FlowKey, Proto};
 use crate::shutdown::{DrainGuard, Signal};
+use crate::telemetry::flowlog::{Event, Flow, Malformed};
 use crate::telemetry::metrics::ListenerCounters;
 
 pub use crate::config::{ListenerConfig, ListenerKind, ProxyProtocolMode};
@@ -39,6 +46,32 @@ impl ListenerConfig {
             timeout: self.handshake_timeout,
         }
     }
+}
+
+/// Logs a handshake refused as malformed (the caller has counted it): a `malformed`
+/// flow-log event from `src` (the peer, or the client a trusted PROXY header named) to
+/// `local` (the listener's address the bytes came in on), folded with its repeats like a
+/// denial. Never blocks (see [`crate::telemetry::flowlog::FlowLog::emit`]).
+pub fn log_malformed(
+    rt: &Runtime,
+    tag: &ListenerTag,
+    proto: Proto,
+    src: SocketAddr,
+    local: SocketAddr,
+    why: Malformed,
+) {
+    let key = FlowKey::new(proto, src, local);
+    let flow =
+        Flow { listener: tag.name.clone(), key: &key, fqdn: None, snapshot: rt.policy.load_full() };
+    rt.flowlog.emit(Event::malformed(flow, why));
+}
+
+/// The local address of an accepted connection, for [`log_malformed`]; unspecified if
+/// the socket cannot say (it has failed already).
+pub fn local_of(stream: &tokio::net::TcpStream) -> SocketAddr {
+    stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0))
 }
 
 /// Makes the listening socket: SO_REUSEADDR, optionally SO_REUSEPORT, non-blocking; for

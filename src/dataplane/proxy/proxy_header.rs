@@ -25,7 +25,9 @@ use thiserror::Error;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use crate::flow::ClientAddr;
+use crate::dataplane::{ListenerTag, Runtime};
+use crate::flow::{ClientAddr, Proto};
+use crate::telemetry::flowlog::Malformed;
 use crate::telemetry::metrics::ListenerCounters;
 use crate::wire::proxy_protocol::{
     self, Command, DEFAULT_MAX_HEADER_LEN, Header, MIN_MAX_HEADER_LEN, ParseError, Transport,
@@ -36,18 +38,24 @@ pub use crate::config::listener::{DEFAULT_HEADER_TIMEOUT, ProxyHeaderConfig, Pro
 
 impl ProxyHeaderConfig {
     /// The client of a new TCP connection ([`ProxyHeaderConfig::read`]), or `None`
-    /// when its header is refused: the error is counted under its counter and the
+    /// when its header is refused: the error is counted under its counter (on `tag`),
+    /// logged as a `malformed` event when it is one ([`HeaderError::malformed`]), and the
     /// connection is set to close with a reset (SO_LINGER 0) when the caller drops it.
     pub async fn client(
         &self,
         stream: &mut TcpStream,
         peer: SocketAddr,
-        counters: &ListenerCounters,
+        rt: &Runtime,
+        tag: &ListenerTag,
     ) -> Option<SocketAddr> {
         match self.read(stream, peer).await {
             Ok(p) => Some(p.client.0),
             Err(e) => {
-                ListenerCounters::inc(e.counter(counters));
+                ListenerCounters::inc(e.counter(&tag.counters));
+                if let Some(why) = e.malformed() {
+                    let local = super::listener::local_of(stream);
+                    super::listener::log_malformed(rt, tag, Proto::Tcp, peer, local, why);
+                }
                 super::tcp::reset_on_drop(stream);
                 None
             }
@@ -146,6 +154,18 @@ impl HeaderError {
             HeaderError::Untrusted { .. } => &counters.untrusted_proxy,
             HeaderError::Timeout(_) => &counters.handshake_timeout,
             _ => &counters.handshake_malformed,
+        }
+    }
+
+    /// The `malformed` flow-log reason of this refusal: a header that does not parse,
+    /// comes from an untrusted peer or names the wrong transport. `None` for a timeout, a
+    /// peer that closed or an I/O error (counted, not logged).
+    pub fn malformed(&self) -> Option<Malformed> {
+        match self {
+            HeaderError::Untrusted { .. } => Some(Malformed::ProxyUntrusted),
+            HeaderError::Malformed(_) | HeaderError::Truncated => Some(Malformed::ProxyHeader),
+            HeaderError::WrongTransport { .. } => Some(Malformed::ProxyTransport),
+            HeaderError::Timeout(_) | HeaderError::Closed { .. } | HeaderError::Io(_) => None,
         }
     }
 }

@@ -8,14 +8,23 @@
 //! - CONNECT: the destination decided and dialled ([`ForwardProxy::open`]); success
 //!   reply with the address flowgate dialled from; then any bytes the client sent early,
 //!   and the splice;
-//! - UDP ASSOCIATE: a relay socket bound for this association only, on the listener's
-//!   address; it lives exactly as long as the TCP control connection (see
-//!   [`udp_associate`]).
+//! - UDP ASSOCIATE (unless the listener says `udp_associate = false`: then `0x07`, like
+//!   BIND): a relay socket bound for this association only, on the listener's address;
+//!   it lives as long as the TCP control connection, and no longer than
+//!   `udp_associate_idle_timeout` without a datagram either way (see [`udp_associate`]).
 //!
 //! Replies: `0x02` not allowed (policy, SSRF guard, own listener), `0x04` host
 //! unreachable (name invalid or unresolved, upstream unreachable or timed out), `0x05`
-//! connection refused (upstream refused), `0x07` for BIND, `0x08` unknown address type,
-//! `0x01` for anything else (port 0, handshake limit, full conntrack).
+//! connection refused (upstream refused), `0x07` for BIND (and UDP ASSOCIATE where it is
+//! off), `0x08` unknown address type, `0x01` for anything else (port 0, handshake limit,
+//! full conntrack). A malformed greeting or request, an unacceptable method offered
+//! without credentials being required, an unsupported command or port 0 is also a
+//! `malformed` flow-log event.
+//!
+//! Pipelining: a client may send its greeting, authentication and request (and the
+//! first tunnel bytes) without waiting for the replies (RFC 1928 clients commonly send
+//! greeting and request in one segment); each message is taken from what has arrived, and
+//! bytes after the request are forwarded once the tunnel is up.
 //!
 //! Credentials (listener `credentials`): `off` offers only "no authentication";
 //! `optional` offers username/password and no authentication; `required` only
@@ -33,11 +42,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
 use super::forward::{Chosen, Failure, ForwardProxy, Tunnel, unknown};
+use super::listener::local_of;
 use crate::dataplane::Admitted;
 use crate::egress::handshake::HandshakeError;
 use crate::egress::handshake::socks5::{AuthPolicy, SocksRequest, VerifyFn, read_request, reply};
 use crate::egress::{CredentialId, CredentialMode, Target};
 use crate::flow::{FlowKey, Proto};
+use crate::telemetry::flowlog::Malformed;
 use crate::telemetry::metrics::ListenerCounters;
 use crate::wire::socks5::{Addr, Command, ReplyCode, UdpHeader};
 
@@ -47,12 +58,11 @@ const MAX_UDP_HEADER: usize = 262;
 
 /// One `socks5` connection, start to end.
 pub async fn connection(p: &ForwardProxy, mut stream: TcpStream, peer: SocketAddr) {
-    let counters = &p.tag.counters;
     let Some(slot) = p.handshake_slot() else {
         // Not even the greeting is read: a reply would be out of turn. Close.
         return;
     };
-    let Some(client) = p.header.client(&mut stream, peer, counters).await else { return };
+    let Some(client) = p.header.client(&mut stream, peer, &p.rt, &p.tag).await else { return };
     let creds = p.checker.shared_credentials();
     let verify = move |u: &[u8], p: &[u8]| creds.verify(u, p);
     let verify: &VerifyFn<CredentialId> = &verify;
@@ -69,24 +79,26 @@ pub async fn connection(p: &ForwardProxy, mut stream: TcpStream, peer: SocketAdd
                 HandshakeError::NoAcceptableMethod if mode == CredentialMode::Required => {
                     auth_refused(p, client, "auth-required");
                 }
-                _ => p.count_handshake_error(&e),
+                _ => p.handshake_failed(&e, client, local_of(&stream)),
             }
             let _ = stream.shutdown().await;
             return;
         }
     };
-    if req.command == Command::UdpAssociate {
+    if req.command == Command::UdpAssociate && p.cfg.udp_associate {
         drop(slot);
         udp_associate(p, stream, client, peer, req).await;
         return;
     }
     if req.command != Command::Connect {
-        ListenerCounters::inc(&counters.handshake_malformed);
+        // BIND, or UDP ASSOCIATE on a listener that only does CONNECT.
+        p.refused_handshake(Malformed::Socks5Command, client, local_of(&stream));
         let _ = reply(&mut stream, ReplyCode::CommandNotSupported, None).await;
+        let _ = stream.shutdown().await;
         return;
     }
     if req.port == 0 {
-        ListenerCounters::inc(&counters.handshake_malformed);
+        p.refused_handshake(Malformed::Socks5PortZero, client, local_of(&stream));
         let _ = reply(&mut stream, ReplyCode::GeneralFailure, None).await;
         return;
     }
@@ -142,8 +154,10 @@ fn auth_refused(p: &ForwardProxy, client: SocketAddr, reason: &'static str) {
 /// headers are dropped and counted in `datagrams_dropped`. Answers come back only
 /// from allowed destinations, wrapped with their source address.
 ///
-/// Ends when the control connection closes (or fails); the relay socket and every
-/// flow of the association go with it.
+/// Ends when the control connection closes (or fails), or after
+/// `udp_associate_idle_timeout` without a datagram relayed either way (counted in
+/// `flowgate_udp_associations_idle_closed_total`; the control connection is then
+/// closed): the relay socket and every flow of the association go with it.
 pub async fn udp_associate(
     p: &ForwardProxy,
     mut stream: TcpStream,
@@ -183,6 +197,14 @@ pub async fn udp_associate(
     let mut out4 = vec![0u8; MAX_DATAGRAM + MAX_UDP_HEADER];
     let mut out6 = vec![0u8; MAX_DATAGRAM + MAX_UDP_HEADER];
     let mut ctl = [0u8; 64];
+    // The idle timer: one deadline, moved on only when it fires (a datagram just records
+    // the time, no timer operation per datagram). Off for `0s`, or for a timeout too far
+    // out to be a point in time.
+    let idle_after = p.cfg.udp_associate_idle_timeout;
+    let mut last = tokio::time::Instant::now();
+    let mut idle_on = !idle_after.is_zero() && last.checked_add(idle_after).is_some();
+    let idle = tokio::time::sleep(idle_after);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
             r = stream.read(&mut ctl) => match r {
@@ -190,6 +212,14 @@ pub async fn udp_associate(
                 // its end ends the association.
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
+            },
+            () = &mut idle, if idle_on => match last.checked_add(idle_after) {
+                Some(due) if due <= tokio::time::Instant::now() => {
+                    ListenerCounters::inc(&counters.udp_associations_idle);
+                    break;
+                }
+                Some(due) => idle.as_mut().reset(due),
+                None => idle_on = false,
             },
             r = relay.recv_from(&mut inbuf) => {
                 let Ok((n, from)) = r else { continue };
@@ -203,13 +233,18 @@ pub async fn udp_associate(
                     continue;
                 }
                 assoc.client_udp = Some(from);
+                last = tokio::time::Instant::now();
                 udp_up(p, &mut assoc, client, req.identity, &inbuf[..n], [&up4, &up6]).await;
             }
             r = recv_opt(&up4, &mut out4[MAX_UDP_HEADER..]) => {
-                udp_down(p, &assoc, &relay, &mut out4, r);
+                if udp_down(p, &assoc, &relay, &mut out4, r) {
+                    last = tokio::time::Instant::now();
+                }
             }
             r = recv_opt(&up6, &mut out6[MAX_UDP_HEADER..]) => {
-                udp_down(p, &assoc, &relay, &mut out6, r);
+                if udp_down(p, &assoc, &relay, &mut out6, r) {
+                    last = tokio::time::Instant::now();
+                }
             }
         }
     }
@@ -304,25 +339,28 @@ async fn udp_up(
 }
 
 /// One answer from upstream: only from an allowed destination of this association,
-/// wrapped in the SOCKS UDP header (its source address) and sent to the client.
+/// wrapped in the SOCKS UDP header (its source address) and sent to the client. Whether
+/// it was relayed.
 fn udp_down(
     p: &ForwardProxy,
     assoc: &Association,
     relay: &UdpSocket,
     outbuf: &mut [u8],
     r: std::io::Result<(usize, SocketAddr)>,
-) {
+) -> bool {
     let counters = &p.tag.counters;
-    let Ok((n, from)) = r else { return };
+    let Ok((n, from)) = r else { return false };
     let from = SocketAddr::new(from.ip().to_canonical(), from.port());
     let (Some(client), Some(Dest::Allowed { admitted, .. })) =
         (assoc.client_udp, assoc.by_addr.get(&from).and_then(|k| assoc.dests.get(k)))
     else {
         ListenerCounters::inc(&counters.datagrams_dropped);
-        return;
+        return false;
     };
     let mut head = [0u8; MAX_UDP_HEADER];
-    let Ok(hl) = UdpHeader::encode(Addr::from(from), from.port(), &mut head) else { return };
+    let Ok(hl) = UdpHeader::encode(Addr::from(from), from.port(), &mut head) else {
+        return false;
+    };
     let start = MAX_UDP_HEADER - hl;
     outbuf[start..MAX_UDP_HEADER].copy_from_slice(&head[..hl]);
     let dgram = &outbuf[start..MAX_UDP_HEADER + n];
@@ -332,8 +370,12 @@ fn udp_down(
             admitted.entry.packets_reply().fetch_add(1, Ordering::Relaxed);
             counters.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
             p.rt.conntrack.touch(&admitted.entry, Instant::now());
+            true
         }
-        Err(_) => ListenerCounters::inc(&counters.datagrams_dropped),
+        Err(_) => {
+            ListenerCounters::inc(&counters.datagrams_dropped);
+            false
+        }
     }
 }
 

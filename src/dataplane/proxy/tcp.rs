@@ -50,7 +50,7 @@ impl TcpProxy {
         let counters = &self.tag.counters;
         // The client: the peer, or the source of a trusted proxy's PROXY header. The
         // reader consumes exactly the header, so the stream is untouched payload after it.
-        let Some(client) = self.header.client(&mut stream, peer, counters).await else {
+        let Some(client) = self.header.client(&mut stream, peer, &self.rt, &self.tag).await else {
             return;
         };
         // One try per upstream at most: each goes through the gate, since another

@@ -23,7 +23,7 @@ use std::time::Instant;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use super::listener::ListenerConfig;
+use super::listener::{ListenerConfig, log_malformed};
 use super::proxy_header::ProxyHeaderConfig;
 use super::splice::idle_timer;
 use super::upstream::Upstreams;
@@ -67,6 +67,8 @@ impl UdpProxy {
         let mut next_id = 0u64;
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let counters = self.tag.counters.clone();
+        // Where refused datagrams came in, for their `malformed` events.
+        let local = socket.local_addr().unwrap_or_else(|_| self.cfg.bind);
         loop {
             let (n, peer) = tokio::select! {
                 r = socket.recv_from(&mut buf) => match r {
@@ -82,7 +84,7 @@ impl UdpProxy {
                 }
                 () = signal.recv() => break,
             };
-            let Some((client, payload)) = self.client_of(peer, &buf[..n]) else {
+            let Some((client, payload)) = self.client_of(peer, local, &buf[..n]) else {
                 ListenerCounters::inc(&counters.datagrams_dropped);
                 continue;
             };
@@ -108,16 +110,21 @@ impl UdpProxy {
     }
 
     /// The client a datagram is from and its payload: the peer itself, or (behind a
-    /// trusted proxy) what the PROXY v2 header says. `None` drops the datagram.
+    /// trusted proxy) what the PROXY v2 header says. `None` drops the datagram: counted,
+    /// and a refused header logged as `malformed` (folded per peer like a denial).
     fn client_of<'a>(
         &self,
         peer: SocketAddr,
+        local: SocketAddr,
         datagram: &'a [u8],
     ) -> Option<(SocketAddr, &'a [u8])> {
         match self.header.datagram(datagram, peer) {
             Ok((p, payload)) => Some((p.client.0, payload)),
             Err(e) => {
                 ListenerCounters::inc(e.counter(&self.tag.counters));
+                if let Some(why) = e.malformed() {
+                    log_malformed(&self.rt, &self.tag, Proto::Udp, peer, local, why);
+                }
                 None
             }
         }

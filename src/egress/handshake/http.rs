@@ -1,8 +1,8 @@
 //! The HTTP forward-proxy handshake: read one request head (CONNECT or absolute-form
 //! `http://`), validate it, answer errors with a status line.
 //!
-//! Statuses: `400` malformed head, invalid host, Host mismatch (absolute form), data sent
-//! before the tunnel was established; `408` handshake timeout; and, from the caller via
+//! Statuses: `400` malformed head, invalid host, Host mismatch (absolute form); `408`
+//! handshake timeout; and, from the caller via
 //! [`reply_refusal`], `403` refused, `502` name did not resolve or upstream failed, `504`
 //! resolution or upstream timed out. Every error reply closes the connection.
 
@@ -24,7 +24,10 @@ const LINGER_BYTES: usize = 64 * 1024;
 /// Which request form arrived.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestForm {
-    /// Open a tunnel; answer [`reply_established`] after dialling.
+    /// Open a tunnel; answer [`reply_established`] after dialling. `buf[head_len..]`
+    /// holds the tunnel's first bytes when the client sent them with the head (an
+    /// optimistic client's TLS ClientHello): the caller forwards them once the tunnel is
+    /// allowed, and drops them otherwise.
     Connect,
     /// Forward one request. The head is `buf[..head_len]` (re-parse it with
     /// [`http_connect::parse_request`] to rewrite it in origin form); `buf[head_len..]`
@@ -78,10 +81,11 @@ where
     Err(err)
 }
 
-/// After an error reply to a client that may still be sending: send FIN, then read and
+/// After an error reply to a client that may still be sending (a malformed head, or an
+/// optimistic client's refused tunnel bytes): send FIN, then read and
 /// discard briefly, so closing with unread data does not reset the connection and
 /// destroy the reply before the client reads it. Bounded in time and bytes.
-async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
+pub async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
     let _ = io.shutdown().await;
     let mut sink = [0u8; 4096];
     let _ = tokio::time::timeout(LINGER_TIME, async {
@@ -107,7 +111,6 @@ async fn read_and_validate<S: AsyncRead + Unpin>(
         if let Some(r) = http_connect::parse_request(buf, limits).map_err(HandshakeError::Http)? {
             let head_len = r.head.head_len;
             let form = match r.form {
-                Form::Connect if buf.len() > head_len => return Err(HandshakeError::EarlyData),
                 Form::Connect => RequestForm::Connect,
                 Form::Absolute { .. } if r.host_mismatch() => {
                     return Err(HandshakeError::HostMismatch);
