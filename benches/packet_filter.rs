@@ -46,7 +46,16 @@ fn ip4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sp: u16, dp: u16, flags: u8, seq: u32, ack: u32, data: usize) -> Vec<u8> {
+fn tcp(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sp: u16,
+    dp: u16,
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    data: usize,
+) -> Vec<u8> {
     let mut t = vec![0u8; 20 + data];
     t[0..2].copy_from_slice(&sp.to_be_bytes());
     t[2..4].copy_from_slice(&dp.to_be_bytes());
@@ -95,12 +104,8 @@ fn bench(c: &mut Criterion) {
         name: Arc::from("packet"),
         counters: registry.listener("packet", "packet"),
     };
-    let mut f = Filter::new(
-        rt.clone(),
-        tag,
-        FilterConfig::default(),
-        Arc::new(PacketCounters::default()),
-    );
+    let mut f =
+        Filter::new(rt.clone(), tag, FilterConfig::default(), Arc::new(PacketCounters::default()));
 
     // FLOWS established TCP flows and as many assured UDP flows.
     let ports = || (0..FLOWS).map(|i| 10_000 + i);
@@ -115,9 +120,8 @@ fn bench(c: &mut Criterion) {
         .collect();
     // Not in one burst: a flow's three segments must come in order across bursts too.
     run_all(&mut f, &handshake);
-    let udp_flows: Vec<Vec<u8>> = ports()
-        .flat_map(|p| [udp(CLIENT, DNS, p, 53), udp(DNS, CLIENT, 53, p)])
-        .collect();
+    let udp_flows: Vec<Vec<u8>> =
+        ports().flat_map(|p| [udp(CLIENT, DNS, p, 53), udp(DNS, CLIENT, 53, p)]).collect();
     run_all(&mut f, &udp_flows);
 
     // Data segments that stay inside the window however often they are replayed (the same

@@ -62,7 +62,16 @@ fn ip4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn tcp(s: Ipv4Addr, d: Ipv4Addr, sp: u16, dp: u16, flags: u8, seq: u32, ack: u32, n: usize) -> Vec<u8> {
+fn tcp(
+    s: Ipv4Addr,
+    d: Ipv4Addr,
+    sp: u16,
+    dp: u16,
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    n: usize,
+) -> Vec<u8> {
     let mut t = vec![0u8; 20 + n];
     t[0..2].copy_from_slice(&sp.to_be_bytes());
     t[2..4].copy_from_slice(&dp.to_be_bytes());
@@ -109,7 +118,9 @@ fn the_hit_path_allocates_nothing() {
     for (flags, from_client) in [(0x02, true), (0x12, false), (0x10, true)] {
         let step: Vec<_> = ports()
             .map(|p| match from_client {
-                true => tcp(OK, WEB, p, 80, flags, if flags == 0x02 { 1000 } else { 1001 }, 5001, 0),
+                true => {
+                    tcp(OK, WEB, p, 80, flags, if flags == 0x02 { 1000 } else { 1001 }, 5001, 0)
+                }
                 false => tcp(WEB, OK, 80, p, flags, 5000, 1001, 0),
             })
             .collect();
@@ -138,7 +149,8 @@ fn the_hit_path_allocates_nothing() {
     assert!(v.iter().all(|v| *v == Verdict::Pass), "{v:?}");
 
     // Denied SYNs (the gate's deny path) and malformed packets allocate nothing either.
-    let denied: Vec<Vec<u8>> = (0..MAX_BURST as u16).map(|i| tcp(BAD, WEB, 40_000 + i, 80, 0x02, 1, 0, 0)).collect();
+    let denied: Vec<Vec<u8>> =
+        (0..MAX_BURST as u16).map(|i| tcp(BAD, WEB, 40_000 + i, 80, 0x02, 1, 0, 0)).collect();
     let denied_refs: Vec<&[u8]> = denied.iter().map(|p| p.as_slice()).collect();
     f.run(&denied_refs, &mut v, Instant::now());
     let junk: Vec<&[u8]> = vec![&[0x45, 0, 0]; MAX_BURST];
