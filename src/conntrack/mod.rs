@@ -1001,22 +1001,27 @@ impl Conntrack {
         let stage1 = |q: &mut Pending<'t>, j: usize| self.stage1(q, &keys[j]);
         // Reads the bucket (arrived by now), keeps which words carry the key's tag and
         // prefetches the first one's entry (almost always the key's).
-        let stage2 = |q: &mut Pending<'_>| {
+        let stage2 = |q: &mut Pending<'_>, key: &FlowKey| {
             q.mask = q.bucket.tagged(q.tag, q.shard.id_max);
             if q.mask != 0 {
                 let word = q.bucket.words[q.mask.trailing_zeros() as usize].load(Ordering::Relaxed);
                 q.shard.slab.prefetch(word & q.shard.id_max);
+                // A packet TCP flow's hit reads its window bounds through the cold part's
+                // side allocation (benches/packet_filter.rs, hit/tcp).
+                if key.proto == Proto::Tcp {
+                    q.shard.slab.prefetch_cold(word & q.shard.id_max);
+                }
             }
         };
         for j in 0..n.min(BUCKET_AHEAD + ENTRY_AHEAD) {
             stage1(&mut ring[j % RING], j);
         }
         for j in 0..n.min(ENTRY_AHEAD) {
-            stage2(&mut ring[j % RING]);
+            stage2(&mut ring[j % RING], &keys[j]);
         }
         for i in 0..n {
             if i + ENTRY_AHEAD < n {
-                stage2(&mut ring[(i + ENTRY_AHEAD) % RING]);
+                stage2(&mut ring[(i + ENTRY_AHEAD) % RING], &keys[i + ENTRY_AHEAD]);
             }
             let q = &ring[i % RING];
             let probe = q.probe.unpack(&keys[i]);
