@@ -50,8 +50,9 @@
 //! source port and 0 in the destination port, so an echo reply is the reverse key.
 //!
 //! Per new flow the table allocates nothing once a shard's slab has grown to its
-//! high-water mark (a chunk per 1,024 slots before that); proxied and IPv6 flows add one
-//! small side allocation (cut handle, name, IPv6 addresses). Lookups and per-packet
+//! high-water mark (a chunk per 1,024 slots before that); proxied, packet and IPv6 flows
+//! add one small side allocation (cut handle, name, IPv6 addresses, a packet TCP flow's
+//! window bounds). Lookups and per-packet
 //! updates allocate nothing.
 //!
 //! Not here: deciding (`policy`), forwarding (`dataplane`), logging (`telemetry`).
@@ -63,6 +64,7 @@ mod grace;
 mod pages;
 mod slab;
 pub mod tcp_state;
+pub mod tcp_window;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -78,6 +80,7 @@ use crate::flow::{FlowKey, Proto};
 pub use config::{ConntrackConfig, ConntrackConfigError};
 pub use entry::{CutSignal, Entry, EntryInit, FlowState};
 pub use tcp_state::{Side, TcpConn, TcpFlags, TcpInvalid, TcpState};
+pub use tcp_window::{OutOfWindow, Segment as TcpSegmentNumbers, TcpWindow};
 
 use entry::{NIL, PackedProbe, Probe, QUEUED, Seeds};
 use expiry::{Cursor, Timeouts};
@@ -998,22 +1001,27 @@ impl Conntrack {
         let stage1 = |q: &mut Pending<'t>, j: usize| self.stage1(q, &keys[j]);
         // Reads the bucket (arrived by now), keeps which words carry the key's tag and
         // prefetches the first one's entry (almost always the key's).
-        let stage2 = |q: &mut Pending<'_>| {
+        let stage2 = |q: &mut Pending<'_>, key: &FlowKey| {
             q.mask = q.bucket.tagged(q.tag, q.shard.id_max);
             if q.mask != 0 {
                 let word = q.bucket.words[q.mask.trailing_zeros() as usize].load(Ordering::Relaxed);
                 q.shard.slab.prefetch(word & q.shard.id_max);
+                // A packet TCP flow's hit reads its window bounds through the cold part's
+                // side allocation (benches/packet_filter.rs, hit/tcp).
+                if key.proto == Proto::Tcp {
+                    q.shard.slab.prefetch_cold(word & q.shard.id_max);
+                }
             }
         };
         for j in 0..n.min(BUCKET_AHEAD + ENTRY_AHEAD) {
             stage1(&mut ring[j % RING], j);
         }
         for j in 0..n.min(ENTRY_AHEAD) {
-            stage2(&mut ring[j % RING]);
+            stage2(&mut ring[j % RING], &keys[j]);
         }
         for i in 0..n {
             if i + ENTRY_AHEAD < n {
-                stage2(&mut ring[(i + ENTRY_AHEAD) % RING]);
+                stage2(&mut ring[(i + ENTRY_AHEAD) % RING], &keys[i + ENTRY_AHEAD]);
             }
             let q = &ring[i % RING];
             let probe = q.probe.unpack(&keys[i]);
@@ -1059,6 +1067,13 @@ impl Conntrack {
     /// Marks activity on an entry (the packet path calls this on every hit).
     pub fn touch(&self, entry: &Entry, now: Instant) {
         entry.set_last_seen_ms(self.ms(now));
+    }
+
+    /// [`Conntrack::touch`] with the time already converted ([`Conntrack::now_ms`]): a
+    /// burst converts its one `now` once.
+    #[inline]
+    pub fn touch_ms(&self, entry: &Entry, now_ms: u64) {
+        entry.set_last_seen_ms(now_ms);
     }
 
     /// Forgets a flow (closed connection). Returns whether it was tracked. Does not cut it:

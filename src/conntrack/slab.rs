@@ -73,6 +73,16 @@ impl Slab {
         }
     }
 
+    /// Prefetches slot `id`'s cold part too (a packet TCP flow's window bounds hang off it).
+    #[inline]
+    pub(super) fn prefetch_cold(&self, id: u32) {
+        let c = (id >> self.bits) as usize;
+        if let Some(cold) = self.cold.get(c) {
+            let i = (id & ((1 << self.bits) - 1)) as usize;
+            super::prefetch_ptr(cold.load(Ordering::Relaxed).wrapping_add(i).cast());
+        }
+    }
+
     /// Makes sure the chunk holding slot `id` exists, its hot parts taken from `arena`
     /// (the shard's writer lock held, so no other thread allocates it meanwhile). False if
     /// `id` is beyond the slab.
