@@ -12,7 +12,9 @@
 //! - [`filter`]: a worker's verdicts for a burst, front-end independent.
 //! - [`tun`]: the TUN front end's device layer (multi-queue, virtio-net header offloads,
 //!   batched I/O).
+//! - [`worker`]: the worker threads that run a front end through the filter.
 
 pub mod classify;
 pub mod filter;
 pub mod tun;
+pub mod worker;
