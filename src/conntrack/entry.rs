@@ -25,6 +25,7 @@ use crate::flow::{FlowKey, Proto};
 use crate::policy::{Generation, WorkloadId};
 
 use super::tcp_state::{Side, TcpConn, TcpFlags, TcpInvalid, TcpState};
+use super::tcp_window::TcpWindow;
 
 /// Lifecycle of a tracked flow, as the proxy dataplane and `/flows` see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,11 +62,16 @@ impl FlowState {
 }
 
 /// Tells a forwarding task that its flow has been cut (revoked by a reload, quarantined,
-/// evicted or expired). Proxied connections `select!` on [`CutSignal::cut`]; packet flows
-/// simply lose their entry.
+/// evicted or expired). Proxied connections `select!` on [`CutSignal::cut`]. A packet flow
+/// has no task to tell: its signal is made with [`CutSignal::packet`], and revalidation
+/// then leaves the entry in the table marked revoked ([`Entry::revoke`]) until it expires,
+/// so the flow's later packets are dropped as revoked (not re-decided, and not logged
+/// again).
 #[derive(Debug, Default)]
 pub struct CutSignal {
     cut: AtomicBool,
+    /// A packet flow's: revocation keeps the entry as a marker ([`CutSignal::packet`]).
+    packet: bool,
     notify: tokio::sync::Notify,
     /// The workload (`namespace/name`) the flow's client proved to be with proxy
     /// credentials (egress listeners), which its address does not say: a reload
@@ -75,6 +81,16 @@ pub struct CutSignal {
 }
 
 impl CutSignal {
+    /// A packet flow's signal: on revocation its entry stays, marked revoked.
+    pub fn packet() -> CutSignal {
+        CutSignal { packet: true, ..CutSignal::default() }
+    }
+
+    /// Whether this is a packet flow's signal ([`CutSignal::packet`]).
+    pub fn is_packet(&self) -> bool {
+        self.packet
+    }
+
     /// Marks the flow as cut and wakes its task. Idempotent.
     pub fn trigger(&self) {
         self.cut.store(true, Ordering::Release);
@@ -175,12 +191,18 @@ struct EntryExt {
     v6: Option<(u128, u128)>,
     /// The domain name the flow was admitted for (egress listeners).
     fqdn: Option<Arc<str>>,
+    /// Sequence-space bounds of a packet TCP flow (`insert_tcp`).
+    window: Option<TcpWindow>,
 }
 
 /// `state` byte layout: which bits hold what.
 const FLOW_BITS: u8 = 0b0000_0011;
 const TCP_SHIFT: u8 = 2;
 const TCP_BITS: u8 = 0b0011_1100;
+/// The value of the TCP bits (for any protocol) of a flow revalidation revoked: no TCP
+/// state is 15, so the machine stops, and the flow state is `Closing` (short timeout,
+/// evictable).
+const REVOKED: u8 = 0b0011_1100;
 /// Set when the first FIN came from the reply side (meaningful in closing TCP states).
 const CLOSER_REPLY: u8 = 0b0100_0000;
 /// Set while the entry's slot id sits in its shard's eviction queue (table bookkeeping).
@@ -395,11 +417,12 @@ impl Entry {
     pub(crate) fn init(&self, key: &FlowKey, init: EntryInit, tcp: Option<TcpConn>, now_ms: u64) {
         let (h, c) = (self.hot(), self.cold());
         let (src_bits, dst_bits, v6) = addr_bits(key);
-        let ext = if v6 || init.cut.is_some() || init.fqdn.is_some() {
+        let ext = if v6 || init.cut.is_some() || init.fqdn.is_some() || tcp.is_some() {
             Box::into_raw(Box::new(EntryExt {
                 cut: init.cut,
                 v6: v6.then_some((src_bits, dst_bits)),
                 fqdn: init.fqdn,
+                window: tcp.map(|_| TcpWindow::new()),
             }))
         } else {
             std::ptr::null_mut()
@@ -543,6 +566,26 @@ impl Entry {
     /// listener that was given one (revalidation re-decides with it).
     pub fn fqdn(&self) -> Option<&str> {
         self.ext().and_then(|x| x.fqdn.as_deref())
+    }
+
+    /// A packet TCP flow's window tracker (entries made by `insert_tcp`).
+    pub fn tcp_window(&self) -> Option<&TcpWindow> {
+        self.ext().and_then(|x| x.window.as_ref())
+    }
+
+    /// Marks the flow revoked (revalidation, for a packet flow): its TCP machine stops, its
+    /// state is `Closing`, and [`Entry::is_revoked`] says so to the packets that follow,
+    /// until the entry expires or is evicted.
+    pub fn revoke(&self) {
+        self.update_state(|b| {
+            (b & !(TCP_BITS | CLOSER_REPLY | FLOW_BITS)) | REVOKED | FlowState::Closing as u8
+        });
+    }
+
+    /// Whether [`Entry::revoke`] marked the flow (read from the packet's own cache line).
+    #[inline]
+    pub fn is_revoked(&self) -> bool {
+        self.hot().state.load(Ordering::Relaxed) & TCP_BITS == REVOKED
     }
 
     /// Cuts the flow if it has a handle (eviction, expiry, revocation).

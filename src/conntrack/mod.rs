@@ -63,6 +63,7 @@ mod grace;
 mod pages;
 mod slab;
 pub mod tcp_state;
+pub mod tcp_window;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -78,6 +79,7 @@ use crate::flow::{FlowKey, Proto};
 pub use config::{ConntrackConfig, ConntrackConfigError};
 pub use entry::{CutSignal, Entry, EntryInit, FlowState};
 pub use tcp_state::{Side, TcpConn, TcpFlags, TcpInvalid, TcpState};
+pub use tcp_window::{OutOfWindow, Segment as TcpSegmentNumbers, TcpWindow};
 
 use entry::{NIL, PackedProbe, Probe, QUEUED, Seeds};
 use expiry::{Cursor, Timeouts};

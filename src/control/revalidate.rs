@@ -3,8 +3,10 @@
 //! After a swap, every conntrack entry admitted by an older generation is decided again
 //! with the new tables. Still allowed: its generation is moved forward. Now denied: its
 //! [`CutSignal`](crate::conntrack::CutSignal) is triggered (the proxy task closes both
-//! sockets), the entry is removed (a packet flow's next packet is decided afresh and
-//! dropped), and the caller's callback hears about it so it can log `revoked`.
+//! sockets) and the entry removed — except a packet flow's, which stays marked revoked
+//! ([`Entry::revoke`]) until it expires, so the packet filter drops its next packets as
+//! revoked — and the caller's callback hears about it so it can log `revoked`, once: a
+//! revoked entry is never decided again.
 //!
 //! Bounded and off the hot path: entries are collected first (a clone of each `Arc`,
 //! holding each table shard only for that), then decided in batches of
@@ -73,10 +75,21 @@ pub fn revalidate(
                 } else {
                     // Mark it first, so a concurrent pass never reports it twice.
                     entry.set_generation(generation);
-                    if let Some(cut) = entry.cut() {
-                        cut.trigger();
+                    match entry.cut() {
+                        // A packet flow has no task to close: its entry stays, marked, so
+                        // its next packets are dropped as revoked until it expires (and a
+                        // later revalidation skips it: one `revoked` event per flow).
+                        Some(cut) if cut.is_packet() => {
+                            entry.revoke();
+                            cut.trigger();
+                        }
+                        cut => {
+                            if let Some(cut) = cut {
+                                cut.trigger();
+                            }
+                            conntrack.remove(&entry.key());
+                        }
                     }
-                    conntrack.remove(&entry.key());
                     stats.revoked += 1;
                     on_revoke(entry, &decision);
                 }
@@ -90,7 +103,7 @@ pub fn revalidate(
 fn collect_stale(conntrack: &Conntrack, generation: Generation) -> Vec<EntryRef> {
     let mut stale = Vec::new();
     conntrack.for_each(|e| {
-        if e.generation() < generation {
+        if e.generation() < generation && !e.is_revoked() {
             stale.push(e.clone());
         }
     });

@@ -33,7 +33,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::conntrack::{CutSignal, EntryInit, EntryRef, FlowState, InsertError};
+use crate::conntrack::{CutSignal, EntryInit, EntryRef, FlowState, InsertError, TcpConn};
 use crate::egress::{Checker, CredentialId, Credentials};
 use crate::flow::{FlowKey, Proto};
 use crate::policy::{Decision, FlowQuery, Generation, PolicySnapshot, WorkloadId};
@@ -209,6 +209,45 @@ impl FlowRequest<'_> {
 /// with the entry, nothing is allocated on allow; on deny the event holds only `Arc`
 /// clones (and the name).
 pub fn admit(rt: &Runtime, tag: &ListenerTag, req: &FlowRequest<'_>, now: Instant) -> Admission {
+    gate(rt, tag, req, Tracking::Proxied, now)
+}
+
+/// How the gate tracks a flow it allows.
+#[derive(Clone, Copy, Debug)]
+enum Tracking {
+    /// A connection a proxy task holds: its cut signal closes it, revalidation removes it.
+    Proxied,
+    /// A packet flow (`packet::filter`): the entry is all there is. Its cut signal is
+    /// [`CutSignal::packet`] (revalidation leaves the entry marked revoked, so its next
+    /// packets are dropped as such); a TCP flow gets its state machine, started by the SYN
+    /// that opened it, and window tracking (`insert_tcp`).
+    Packet(Option<TcpConn>),
+}
+
+/// [`admit`] for the packet dataplane: the same gate (decision, counters, latency, flow
+/// log), tracking the flow as a packet flow. `tcp` is the state machine the flow's first
+/// segment opened (`TcpConn::open` of a bare SYN), `None` for other protocols.
+/// `req.state` is the flow state a non-TCP flow starts in (`Unreplied`). On allow it
+/// allocates what [`admit`] does (the entry's side allocation, which also holds a TCP
+/// flow's window bounds, and the cut signal); on deny nothing.
+pub fn admit_packet(
+    rt: &Runtime,
+    tag: &ListenerTag,
+    req: &FlowRequest<'_>,
+    tcp: Option<TcpConn>,
+    now: Instant,
+) -> Admission {
+    gate(rt, tag, req, Tracking::Packet(tcp), now)
+}
+
+/// The one gate's body ([`admit`], [`admit_packet`]).
+fn gate(
+    rt: &Runtime,
+    tag: &ListenerTag,
+    req: &FlowRequest<'_>,
+    tracking: Tracking,
+    now: Instant,
+) -> Admission {
     let snapshot = rt.policy.load();
     let t0 = Instant::now();
     let source = req.source.workload(&snapshot);
@@ -226,7 +265,9 @@ pub fn admit(rt: &Runtime, tag: &ListenerTag, req: &FlowRequest<'_>, now: Instan
     };
     rt.registry.decision.record(t0.elapsed());
     match chosen {
-        Chosen::Allowed(key, decision) => settle(rt, tag, req, key, &snapshot, decision, now),
+        Chosen::Allowed(key, decision) => {
+            settle(rt, tag, req, key, &snapshot, decision, tracking, now)
+        }
         Chosen::Tracked(addr) => Admission::Tracked(addr),
         Chosen::Refused(key, why) => {
             let denied = match why {
@@ -346,6 +387,7 @@ fn deny(
 
 /// Acts on an allowing decision: the flow tracked, or refused when conntrack cannot take
 /// it or the generation that replaced `snapshot` meanwhile denies it.
+#[allow(clippy::too_many_arguments)]
 fn settle(
     rt: &Runtime,
     tag: &ListenerTag,
@@ -353,9 +395,13 @@ fn settle(
     key: FlowKey,
     snapshot: &Arc<PolicySnapshot>,
     decision: Decision,
+    tracking: Tracking,
     now: Instant,
 ) -> Admission {
-    let cut = Arc::new(CutSignal::default());
+    let cut = Arc::new(match tracking {
+        Tracking::Proxied => CutSignal::default(),
+        Tracking::Packet(_) => CutSignal::packet(),
+    });
     if let Source::Credential(creds, id) = req.source
         && let Some(workload) = creds.source(id)
     {
@@ -372,12 +418,24 @@ fn settle(
         // admitted for (a `domainNames` rule may be all that allows it).
         fqdn: req.fqdn.map(Arc::from),
     };
-    let mut inserted = rt.conntrack.insert(key, init(), now);
-    if matches!(inserted, Err(InsertError::Exists)) && replace_stale(rt, &key) {
-        inserted = rt.conntrack.insert(key, init(), now);
-    }
+    let inserted = match tracking {
+        Tracking::Proxied => {
+            let mut inserted = rt.conntrack.insert(key, init(), now);
+            if matches!(inserted, Err(InsertError::Exists)) && replace_stale(rt, &key) {
+                inserted = rt.conntrack.insert(key, init(), now);
+            }
+            inserted
+        }
+        Tracking::Packet(Some(conn)) => rt.conntrack.insert_tcp(key, init(), conn, now),
+        Tracking::Packet(None) => rt.conntrack.insert(key, init(), now),
+    };
     let entry = match inserted {
         Ok(entry) => entry,
+        // A packet flow another packet (another worker's, the same burst's) has just
+        // opened: not a refusal; the filter looks it up again and follows that entry.
+        Err(InsertError::Exists) if matches!(tracking, Tracking::Packet(_)) => {
+            return Admission::Untracked(InsertError::Exists);
+        }
         Err(err) => {
             let reason = match err {
                 InsertError::Full { .. } => {

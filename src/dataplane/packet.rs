@@ -9,12 +9,17 @@
 //! sees connections, not packets.
 //!
 //! - [`classify`]: pure header parsing, no I/O.
-//! - [`filter`]: a worker's verdicts for a burst, front-end independent.
+//! - [`filter`]: a worker's verdicts for a burst, front-end independent: conntrack batch
+//!   lookup, TCP state and window, the one gate for new flows, revoked flows.
+//! - [`fragments`]: a worker's bounded table of first-fragment verdicts.
+//! - [`reject`]: TCP RST / ICMP "administratively prohibited" replies and their rate limit.
 //! - [`tun`]: the TUN front end's device layer (multi-queue, virtio-net header offloads,
 //!   batched I/O).
 //! - [`worker`]: the worker threads that run a front end through the filter.
 
 pub mod classify;
 pub mod filter;
+pub mod fragments;
+pub mod reject;
 pub mod tun;
 pub mod worker;

@@ -1,14 +1,35 @@
 //! The packet filter: one worker's verdicts for a burst of IP packets, independent of the
 //! front end that read them (TUN or AF_PACKET).
 //!
-//! A burst is classified packet by packet ([`classify`](super::classify)), its flows are
-//! looked up in conntrack in one batch, and each packet gets a [`Verdict`]: packets of a
-//! tracked flow pass through the flow's state machine, a packet that may open a flow is
-//! admitted through the one gate (`dataplane::admit`), everything else is dropped (or, when
-//! denied by policy and `on_deny = "reject"`, answered by [`Filter::reject_reply`]).
+//! A burst goes through three steps:
+//! 1. each packet is classified ([`classify`](super::classify)); a malformed one is
+//!    dropped by the classifier's reason, a later fragment follows its first fragment's
+//!    verdict ([`fragments`](super::fragments)) or is dropped;
+//! 2. the flows of the rest are looked up in conntrack in one batch
+//!    ([`Conntrack::lookup_many`]). A hit passes through the flow's state: a TCP segment
+//!    through window tracking (`conntrack::tcp_window`, unless `tcp_liberal`) and the
+//!    state machine (`conntrack::tcp_state`) — refused → [`DropCause::Invalid`]; a reply
+//!    of a UDP/ICMP/other flow makes it assured; an ICMP error quoting the flow passes; a
+//!    flow the control plane revoked after a policy change → [`DropCause::Revoked`]. The
+//!    entry's counters and last-seen time are updated;
+//! 3. a miss that may open a flow (a bare TCP SYN, UDP, SCTP, an ICMP echo request, other
+//!    protocols) is admitted through the one gate (`dataplane::admit_packet`, which counts,
+//!    times and logs it like any flow): allowed → tracked and passed; denied →
+//!    [`DropCause::Policy`] ([`Verdict::Reject`] with `on_deny = "reject"`); allowed but
+//!    the table is full → [`DropCause::TableFull`]. Any other miss (a TCP segment that is
+//!    not a SYN, an echo reply, an ICMP error about an untracked flow) →
+//!    [`DropCause::Untracked`].
+//!
+//! The deny flow-log events are the gate's, deduplicated by the flow log (a retried SYN
+//! within the dedupe window adds to one line's count). A revoked flow's `revoked` event is
+//! the control plane's, once per flow: revalidation marks a packet flow's entry revoked
+//! instead of removing it, and never decides a revoked entry again.
 //!
 //! The front end owns the buffers and the I/O; this module owns no socket and makes no
 //! syscall, so the same code filters both front ends and runs in benches and the fuzzer.
+//! Per packet of a tracked flow: no allocation, no lock, no syscall (the batch lookup
+//! takes none; tests/packet_filter_alloc.rs counts allocations, benches/packet_filter.rs
+//! measures the cost). A new flow allocates what the gate does on allow.
 //!
 //! Counters are per worker ([`PacketCounters`], one `Arc` each, summed when the metrics are
 //! scraped), so the per-packet path never writes a cache line another core writes.
@@ -17,8 +38,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::classify::{self, DropReason, Limits};
-use crate::dataplane::{ListenerTag, Runtime};
+use super::classify::{self, Classified, DropReason, Kind, L4, Limits};
+use super::fragments::{Follow, Fragments};
+use super::reject::{self, RateLimit};
+use crate::conntrack::{Entry, FlowState, InsertError, Side, TcpConn, TcpFlags, TcpSegmentNumbers};
+use crate::dataplane::{Admission, FlowRequest, ListenerTag, Runtime, admit_packet};
+use crate::flow::{FlowKey, Proto};
 
 /// Most packets in one burst ([`Filter::run`]).
 pub const MAX_BURST: usize = 64;
@@ -145,6 +170,12 @@ pub struct PacketCounters {
     /// Reject replies sent, and those not sent because of `reject_per_second`.
     pub rejects_sent: AtomicU64,
     pub rejects_limited: AtomicU64,
+    /// First fragments whose verdict could not be remembered: the fragment table was full
+    /// (their later fragments are then dropped as [`DropCause::Fragment`]).
+    pub fragments_table_full: AtomicU64,
+    /// Later fragments dropped because they overlap their first fragment (a subset of the
+    /// `fragment` drops).
+    pub fragments_overlapping: AtomicU64,
 }
 
 impl PacketCounters {
@@ -176,18 +207,53 @@ pub struct Filter {
     tag: ListenerTag,
     cfg: FilterConfig,
     counters: Arc<PacketCounters>,
+    fragments: Fragments,
+    rejects: RateLimit,
+    /// The burst's classified packets and the keys looked up (by position in the burst),
+    /// kept here so a burst allocates nothing.
+    burst: Box<Burst>,
+}
+
+/// Per-burst scratch space.
+#[derive(Debug)]
+struct Burst {
+    classified: [Option<Classified>; MAX_BURST],
+    keys: [FlowKey; MAX_BURST],
+    /// `keys[j]` belongs to packet `at[j]`.
+    at: [u8; MAX_BURST],
+}
+
+impl Burst {
+    fn new() -> Box<Burst> {
+        let none = FlowKey::new(
+            Proto::Udp,
+            std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        );
+        Box::new(Burst { classified: [None; MAX_BURST], keys: [none; MAX_BURST], at: [0; MAX_BURST] })
+    }
+}
+
+/// A hit's answer before any admission: the packet's verdict, or "treat it as a miss"
+/// (a revoked TCP flow whose originator opens it again with a SYN).
+enum Hit {
+    Verdict(Verdict),
+    Reopen,
 }
 
 impl Filter {
     /// A filter for one worker; `tag` names the packet front end in the flow log and
-    /// metrics, `counters` is this worker's own.
+    /// metrics, `counters` is this worker's own. Allocates the worker's fragment table and
+    /// burst space once.
     pub fn new(
         rt: Arc<Runtime>,
         tag: ListenerTag,
         cfg: FilterConfig,
         counters: Arc<PacketCounters>,
     ) -> Filter {
-        Filter { rt, tag, cfg, counters }
+        let fragments = Fragments::new(cfg.max_fragments, cfg.fragment_timeout, Instant::now());
+        let rejects = RateLimit::new(cfg.reject_per_second);
+        Filter { rt, tag, cfg, counters, fragments, rejects, burst: Burst::new() }
     }
 
     /// This worker's counters.
@@ -196,25 +262,271 @@ impl Filter {
     }
 
     /// Decides a burst: `verdicts[i]` for `packets[i]` (each one IP packet, a GSO
-    /// super-packet counting as one). At most [`MAX_BURST`] packets; `verdicts` at least as
-    /// long as `packets`. No allocation, no lock, no syscall on a hit.
+    /// super-packet counting as one). At most [`MAX_BURST`] packets are decided (the rest
+    /// of a longer slice are left as they are: the caller keeps bursts within it);
+    /// `verdicts` at least as long as `packets`. No allocation, no lock, no syscall on a
+    /// hit.
     pub fn run(&mut self, packets: &[&[u8]], verdicts: &mut [Verdict], now: Instant) {
-        let _ = (&self.rt, &self.tag, now);
-        for (packet, verdict) in packets.iter().zip(verdicts.iter_mut()) {
-            *verdict = match classify::classify_with(packet, &self.cfg.limits) {
-                Ok(_) => Verdict::Pass,
+        let n = packets.len().min(verdicts.len()).min(MAX_BURST);
+        let (packets, verdicts) = (&packets[..n], &mut verdicts[..n]);
+        let b = &mut *self.burst;
+        let mut m = 0;
+        // 1. Classify.
+        for (i, packet) in packets.iter().enumerate() {
+            b.classified[i] = None;
+            verdicts[i] = match classify::classify_with(packet, &self.cfg.limits) {
                 Err(reason) => Verdict::Drop(DropCause::Malformed(reason)),
+                Ok(c) => match c.kind {
+                    Kind::Fragment { offset, .. } => {
+                        follow(&self.fragments, &self.counters, &c, offset, now)
+                    }
+                    _ => {
+                        b.classified[i] = Some(c);
+                        b.keys[m] = c.key;
+                        b.at[m] = i as u8;
+                        m += 1;
+                        Verdict::Pass
+                    }
+                },
             };
-            self.counters.count(*verdict, packet.len());
+        }
+        // 2. One batch lookup; hits decided in place, misses marked.
+        let mut misses: u64 = 0;
+        if m > 0 {
+            let (ct, cfg) = (&*self.rt.conntrack, &self.cfg);
+            let (classified, at) = (&b.classified, &b.at);
+            ct.lookup_many(&b.keys[..m], |j, hit| {
+                let i = usize::from(at[j]);
+                let Some(c) = classified[i] else { return };
+                match hit.map(|(e, side)| on_hit(ct, cfg, e, side, &c, packets[i], now)) {
+                    Some(Hit::Verdict(v)) => verdicts[i] = v,
+                    Some(Hit::Reopen) | None => misses |= 1 << i,
+                }
+            });
+        }
+        // 3. Misses, in order: an earlier packet of the burst may have opened the flow.
+        while misses != 0 {
+            let i = misses.trailing_zeros() as usize;
+            misses &= misses - 1;
+            if let Some(c) = self.burst.classified[i] {
+                verdicts[i] = self.on_miss(&c, packets[i], now);
+            }
+        }
+        // First fragments' verdicts for their later fragments; the counters.
+        for (i, packet) in packets.iter().enumerate() {
+            if let Some(c) = &self.burst.classified[i]
+                && let Some(key) = c.fragment_key()
+            {
+                let first_len = u32::try_from(c.ip_len - c.l4_offset).unwrap_or(u32::MAX);
+                let pass = verdicts[i] == Verdict::Pass;
+                if !self.fragments.first(key, pass, first_len, now) {
+                    self.counters.fragments_table_full.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            self.counters.count(verdicts[i], packet.len());
+        }
+    }
+
+    /// A packet whose flow the batch did not find: looked up once more (an earlier packet
+    /// of this burst, or another worker, may have opened it since), else admitted if it
+    /// may open a flow.
+    fn on_miss(&mut self, c: &Classified, packet: &[u8], now: Instant) -> Verdict {
+        let (ct, cfg) = (&*self.rt.conntrack, &self.cfg);
+        let again = ct.lookup_with(&c.key, |e, side| on_hit(ct, cfg, e, side, c, packet, now));
+        match again {
+            Some(Hit::Verdict(v)) => return v,
+            Some(Hit::Reopen) => {
+                ct.remove(&c.key);
+            }
+            None => {}
+        }
+        let Kind::Flow { l4, .. } = c.kind else {
+            // An ICMP error about a flow that is not tracked.
+            return Verdict::Drop(DropCause::Untracked);
+        };
+        let (tcp, state) = match l4 {
+            L4::Tcp(seg) => match TcpConn::open(seg.flags) {
+                Ok(conn) => (Some(conn), FlowState::Unreplied),
+                Err(_) => return Verdict::Drop(DropCause::Untracked),
+            },
+            L4::Echo { reply: true, .. } => return Verdict::Drop(DropCause::Untracked),
+            _ => (None, FlowState::Unreplied),
+        };
+        let req = FlowRequest::to(c.key, state);
+        match admit_packet(&self.rt, &self.tag, &req, tcp, now) {
+            Admission::Allow(a) => {
+                let side = a.entry.side_of(&c.key).unwrap_or(Side::Orig);
+                if let (L4::Tcp(seg), Some(w)) = (l4, a.entry.tcp_window()) {
+                    // The SYN that opened the flow: its numbers and window scale.
+                    let _ = w.on_segment(side, &numbers(&seg, packet, c), true);
+                }
+                a.entry.count(side, packet.len() as u64);
+                Verdict::Pass
+            }
+            Admission::Tracked(_) => Verdict::Pass,
+            Admission::Deny(_) => match cfg.on_deny {
+                OnDeny::Drop => Verdict::Drop(DropCause::Policy),
+                OnDeny::Reject => Verdict::Reject(DropCause::Policy),
+            },
+            Admission::Untracked(InsertError::Full { .. }) => Verdict::Drop(DropCause::TableFull),
+            // Opened meanwhile by another worker: follow its entry.
+            Admission::Untracked(InsertError::Exists) => {
+                match ct.lookup_with(&c.key, |e, side| on_hit(ct, cfg, e, side, c, packet, now)) {
+                    Some(Hit::Verdict(v)) => v,
+                    _ => Verdict::Drop(DropCause::Untracked),
+                }
+            }
         }
     }
 
     /// The reply to a packet given [`Verdict::Reject`]: a TCP RST, or an ICMP/ICMPv6
-    /// "administratively prohibited" error quoting it, written into `out` (an IP packet;
-    /// `out` of at least 1280 bytes). `None` when the rate limit says no (counted) or the
-    /// packet does not warrant one.
+    /// "administratively prohibited" error quoting it (`reject.rs`), written into `out`
+    /// (an IP packet; `out` of at least 1280 bytes for a full ICMPv6 quote). `None` when
+    /// the rate limit (`reject_per_second` per worker) says no (counted in
+    /// `rejects_limited`) or the packet warrants none (a RST, an ICMP error, a later
+    /// fragment, a malformed packet, a source that is not one host). Counted in
+    /// `rejects_sent` when written.
     pub fn reject_reply(&mut self, packet: &[u8], out: &mut [u8], now: Instant) -> Option<usize> {
-        let _ = (packet, out, now);
-        None
+        let c = classify::classify_with(packet, &self.cfg.limits).ok()?;
+        if let Kind::Flow { l4: L4::Tcp(seg), .. } = c.kind
+            && seg.flags.contains(TcpFlags::RST)
+        {
+            return None;
+        }
+        if matches!(c.kind, Kind::Related { .. } | Kind::Fragment { .. }) {
+            return None;
+        }
+        if !self.rejects.allow(now) {
+            self.counters.rejects_limited.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let n = reject::write(packet, &c, out)?;
+        self.counters.rejects_sent.fetch_add(1, Ordering::Relaxed);
+        Some(n)
+    }
+}
+
+/// A later fragment's verdict.
+fn follow(
+    fragments: &Fragments,
+    counters: &PacketCounters,
+    c: &Classified,
+    offset: u16,
+    now: Instant,
+) -> Verdict {
+    let Some(key) = c.fragment_key() else { return Verdict::Drop(DropCause::Fragment) };
+    match fragments.later(&key, u32::from(offset), now) {
+        Follow::Pass => Verdict::Pass,
+        Follow::Unknown => Verdict::Drop(DropCause::Fragment),
+        Follow::Overlap => {
+            counters.fragments_overlapping.fetch_add(1, Ordering::Relaxed);
+            Verdict::Drop(DropCause::Fragment)
+        }
+    }
+}
+
+/// A packet of a tracked flow (`e`, the packet travelling on `side`).
+#[inline]
+fn on_hit(
+    ct: &crate::conntrack::Conntrack,
+    cfg: &FilterConfig,
+    e: &Entry,
+    side: Side,
+    c: &Classified,
+    packet: &[u8],
+    now: Instant,
+) -> Hit {
+    if e.is_revoked() {
+        // A new connection on the same ports after the revocation is a new flow, decided
+        // afresh (a SYN from the originator); anything else of the flow is dropped.
+        if let Kind::Flow { l4: L4::Tcp(seg), .. } = c.kind
+            && side == Side::Orig
+            && TcpConn::open(seg.flags).is_ok()
+        {
+            return Hit::Reopen;
+        }
+        return Hit::Verdict(Verdict::Drop(DropCause::Revoked));
+    }
+    match c.kind {
+        Kind::Flow { l4: L4::Tcp(seg), .. } => {
+            if let Some(w) = e.tcp_window() {
+                let nums = numbers(&seg, packet, c);
+                if w.on_segment(side, &nums, cfg.tcp_liberal).is_err() {
+                    return Hit::Verdict(Verdict::Drop(DropCause::Invalid));
+                }
+            }
+            if e.on_tcp_segment(side, seg.flags).is_err() {
+                return Hit::Verdict(Verdict::Drop(DropCause::Invalid));
+            }
+        }
+        Kind::Flow { .. } => {
+            if side == Side::Reply {
+                e.mark_reply();
+            }
+        }
+        // An ICMP error about this flow: passes, changes nothing.
+        Kind::Related { .. } | Kind::Fragment { .. } => {}
+    }
+    e.count(side, packet.len() as u64);
+    ct.touch(e, now);
+    Hit::Verdict(Verdict::Pass)
+}
+
+/// What window tracking reads of a TCP segment (the window-scale option only on a SYN).
+#[inline]
+fn numbers(seg: &classify::TcpSegment, packet: &[u8], c: &Classified) -> TcpSegmentNumbers {
+    let wscale =
+        if seg.flags.contains(TcpFlags::SYN) { window_scale(packet, c.l4_offset) } else { None };
+    TcpSegmentNumbers {
+        flags: seg.flags,
+        seq: seg.seq,
+        ack: seg.ack,
+        window: seg.window,
+        payload_len: seg.payload_len,
+        wscale,
+    }
+}
+
+/// The window-scale option (kind 3, RFC 7323) of the TCP header at `l4`, if present and
+/// well formed. A malformed option list ends the walk: the option is then absent.
+fn window_scale(packet: &[u8], l4: usize) -> Option<u8> {
+    let header = packet.get(l4..)?;
+    let len = usize::from(*header.get(12)? >> 4) * 4;
+    let mut opts = header.get(20..len)?;
+    while let [kind, rest @ ..] = opts {
+        match *kind {
+            0 => return None,
+            1 => opts = rest,
+            _ => {
+                let n = usize::from(*rest.first()?);
+                if n < 2 || n > opts.len() {
+                    return None;
+                }
+                if *kind == 3 && n == 3 {
+                    return Some(opts[2]);
+                }
+                opts = &opts[n..];
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_scale_is_read_from_the_options() {
+        // IPv4 header (20) then a TCP header of 32 bytes: MSS, NOP, WS 7, NOP, NOP, SACKOK... 
+        let mut p = vec![0u8; 20 + 32];
+        p[20 + 12] = 8 << 4;
+        p[40..52].copy_from_slice(&[2, 4, 5, 0xb4, 1, 3, 3, 7, 1, 1, 4, 2]);
+        assert_eq!(window_scale(&p, 20), Some(7));
+        p[45] = 0; // the option's length 0: malformed, absent
+        assert_eq!(window_scale(&p, 20), None);
+        p[20 + 12] = 5 << 4;
+        assert_eq!(window_scale(&p, 20), None);
+        assert_eq!(window_scale(&p[..30], 20), None);
     }
 }
