@@ -443,7 +443,8 @@ fn malformed_packets_are_dropped_and_counted_by_reason() {
 #[test]
 fn reject_answers_a_denied_syn_with_a_rst_and_udp_with_icmp_within_the_rate() {
     let b = Bench::new();
-    let cfg = FilterConfig { on_deny: OnDeny::Reject, reject_per_second: 2, ..FilterConfig::default() };
+    let cfg =
+        FilterConfig { on_deny: OnDeny::Reject, reject_per_second: 2, ..FilterConfig::default() };
     let mut f = b.filter(cfg);
     let now = Instant::now();
     let syn = tcp4(BAD, WEB, seg(40_006, 80, SYN, 1000, 0, 0));
@@ -485,7 +486,10 @@ fn reject_answers_a_denied_syn_with_a_rst_and_udp_with_icmp_within_the_rate() {
     assert_eq!(f.reject_reply(&rst, &mut out, later), None);
 
     // IPv6 (no policy knows it: denied): ICMPv6 type 1 code 1 within 1280 bytes.
-    let (a, z) = (Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2));
+    let (a, z) = (
+        Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
+        Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2),
+    );
     let big = ip6(a, z, 17, &udp_bytes(5000, 53, 1400));
     assert_eq!(one(&mut f, &big), Verdict::Reject(DropCause::Policy));
     let n = f.reject_reply(&big, &mut out, later).expect("an ICMPv6 error");

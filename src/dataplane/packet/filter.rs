@@ -230,7 +230,11 @@ impl Burst {
             std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
             std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
         );
-        Box::new(Burst { classified: [None; MAX_BURST], keys: [none; MAX_BURST], at: [0; MAX_BURST] })
+        Box::new(Burst {
+            classified: [None; MAX_BURST],
+            keys: [none; MAX_BURST],
+            at: [0; MAX_BURST],
+        })
     }
 }
 
@@ -518,7 +522,7 @@ mod tests {
 
     #[test]
     fn window_scale_is_read_from_the_options() {
-        // IPv4 header (20) then a TCP header of 32 bytes: MSS, NOP, WS 7, NOP, NOP, SACKOK... 
+        // IPv4 header (20) then a TCP header of 32 bytes: MSS, NOP, WS 7, NOP, NOP, SACKOK...
         let mut p = vec![0u8; 20 + 32];
         p[20 + 12] = 8 << 4;
         p[40..52].copy_from_slice(&[2, 4, 5, 0xb4, 1, 3, 3, 7, 1, 1, 4, 2]);

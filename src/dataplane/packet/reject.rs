@@ -182,11 +182,8 @@ pub struct RateLimit {
 impl RateLimit {
     /// `per_second` 0 allows nothing.
     pub fn new(per_second: u32) -> RateLimit {
-        let interval = if per_second == 0 {
-            Duration::MAX
-        } else {
-            Duration::from_secs(1) / per_second
-        };
+        let interval =
+            if per_second == 0 { Duration::MAX } else { Duration::from_secs(1) / per_second };
         RateLimit { interval, burst: Duration::from_secs(1), tat: None }
     }
 
