@@ -131,6 +131,7 @@ grep "flowgate: " "$WORK/flowgate.err" | sed 's/^/   /'
 
 echo "== policy routing in $G: forwarded traffic into $TUN, what flowgate writes back on"
 ip netns exec "$G" sh -ec "
+    ip link set $TUN addrgenmode none   # no link-local address: no RS/MLD of its own
     ip link set $TUN up
     sysctl -qw net.ipv4.conf.$TUN.rp_filter=0
     ip route add default dev $TUN table 100

@@ -489,6 +489,12 @@ fn reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited() {
     assert!(sample(&m, "flowgate_packet_rejects_total{result=\"sent\"}") >= 2.0, "{m}");
     assert_eq!(w.curl(CLIENT, 10).0, 0, "allowed curl");
     w.fg.assert_running();
+    // SIGTERM stops the workers and exits 0; the TUN device goes with its last queue.
+    w.fg.signal(libc::SIGTERM);
+    let status = w.fg.wait_exit(WAIT);
+    assert!(status.success(), "{status}: {}", w.fg.seen.join("\n"));
+    let link = output_in(&w.topo.gateway, &format!("ip link show {TUN}"));
+    assert!(!link.status.success(), "{TUN} still exists after exit");
 }
 
 /// What the injector writes into the TUN: each packet as hex, by name.
@@ -538,6 +544,8 @@ fn malformed_packets(
         // A TCP fragment at offset 8 bytes, overlapping the first fragment's TCP header
         // (RFC 1858).
         ("overlapping_fragment", v4(6, 36, 5, 1, &[0; 16])),
+        // A last fragment (offset 800 bytes) whose first fragment never came.
+        ("orphan_fragment", v4(17, 36, 5, 100, &[0; 16])),
     ];
     if let Some((client, server)) = established {
         // A segment of an established flow, 2^31 bytes off its window.
@@ -612,6 +620,7 @@ fn malformed_packets_are_dropped_and_counted_and_forwarding_goes_on() {
         ("flowgate_packet_malformed_total{reason=\"tiny_fragment\"}", 1.0),
         ("flowgate_packet_dropped_total{frontend=\"tun\",reason=\"malformed\"}", 7.0),
         ("flowgate_packet_dropped_total{frontend=\"tun\",reason=\"invalid\"}", 1.0),
+        ("flowgate_packet_dropped_total{frontend=\"tun\",reason=\"fragment\"}", 1.0),
     ];
     loop {
         let m = w.metrics();
