@@ -7,8 +7,8 @@
 //! flow log; the data path's [`Runtime`] over the control plane's policy handle (the control
 //! plane stays its one writer); the admin API (first, so the forward proxies know its real
 //! address and never dial it); the control plane's triggers (source watcher, SIGHUP,
-//! expiry timer); the packet filter's workers when `[packet]` is configured; every
-//! listener; and the conntrack expiry task. Readiness moves
+//! expiry timer); every listener; the packet filter's workers when `[packet]` is
+//! configured; and the conntrack expiry task. Readiness moves
 //! `Starting` → `Ready` once the listeners serve, and to `Draining` when
 //! [`Gateway::stop_accepting`] or [`Gateway::drain`] begins.
 //!
@@ -119,12 +119,6 @@ impl Gateway {
             ssrf: cfg.ssrf.clone(),
             other_own: vec![admin.local_addr()],
         };
-        let packet = cfg
-            .packet
-            .as_ref()
-            .map(|p| PacketWorkers::start(&runtime, p))
-            .transpose()
-            .map_err(StartError::Packet)?;
         let listeners = proxy::start_with_credentials(
             &runtime,
             &cfg.listener,
@@ -132,6 +126,20 @@ impl Gateway {
             Arc::new(credentials),
             &shutdown,
         )?;
+        // After the listeners, so a listener's conntrack id stays its config index.
+        let packet = match cfg.packet.as_ref().map(|p| PacketWorkers::start(&runtime, p)) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => {
+                // The listeners already serve: stop them again.
+                runtime.readiness.set_draining();
+                shutdown.trigger();
+                for l in &listeners {
+                    l.task.abort();
+                }
+                return Err(StartError::Packet(e));
+            }
+        };
         let expiry = spawn_expiry(&runtime.conntrack, &cfg, &shutdown);
         Ok(Gateway {
             runtime,
