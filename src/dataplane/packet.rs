@@ -8,11 +8,14 @@
 //! flow table and the TCP state machine (`conntrack`), the proxy dataplane (`proxy`), which
 //! sees connections, not packets.
 //!
+//! - [`afpacket`]: the AF_PACKET front end's device layer (bump in the wire between two
+//!   interfaces, TPACKET_V3 rings, fanout, batched send).
 //! - [`classify`]: pure header parsing, no I/O.
 //! - [`filter`]: a worker's verdicts for a burst, front-end independent.
 //! - [`tun`]: the TUN front end's device layer (multi-queue, virtio-net header offloads,
 //!   batched I/O).
 
+pub mod afpacket;
 pub mod classify;
 pub mod filter;
 pub mod tun;
