@@ -15,6 +15,9 @@
 //!   gateway namespace) are dropped and counted by reason; flowgate keeps running and an
 //!   allowed flow still works.
 //! - A device that cannot be opened stops start-up with an error naming it.
+//! - The AF_PACKET front end, as a bump in the wire between two address-less interfaces
+//!   (`support::bump`): an allowed curl crosses (ARP too), a denied one never reaches the
+//!   server and is logged.
 //!
 //! Needs root, /dev/net/tun, curl, python3 and nft; skipped, saying so, otherwise (in CI:
 //! fails).
@@ -29,6 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use support::bump::{self, Bump};
 use support::netns::Netns;
 use support::process::Flowgate;
 use support::require::{Need, skip_unless};
@@ -226,12 +230,16 @@ fn sample(metrics: &str, series: &str) -> f64 {
 /// An nftables counter in the server namespace of every packet from the intruder: what
 /// reaches the server, counted on the server.
 fn count_intruder_on_server(server: &Netns) {
+    count_source_on_server(server, INTRUDER);
+}
+
+fn count_source_on_server(server: &Netns, src: Ipv4Addr) {
     let out = output_in(
         server,
         &format!(
             "nft add table inet fgtest && \
              nft add chain inet fgtest input '{{ type filter hook input priority 0; }}' && \
-             nft add rule inet fgtest input ip saddr {INTRUDER} counter"
+             nft add rule inet fgtest input ip saddr {src} counter"
         ),
     );
     assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
@@ -677,4 +685,103 @@ fn a_device_that_cannot_be_opened_stops_start_up_naming_it() {
     assert_eq!(status.code(), Some(2), "{status}");
     let line = fg.wait_stderr("flowgate: error", WAIT);
     assert!(line.contains(TUN) && line.contains("TUNSETIFF"), "{line}");
+}
+
+/// The AF_PACKET front end as a bump in the wire: client and server on one subnet, the
+/// bump's two interfaces without addresses, flowgate the only way across (ARP included).
+#[test]
+fn afpacket_bump_in_the_wire_passes_allowed_flows_and_drops_denied_ones() {
+    if needs() {
+        return;
+    }
+    let b = Bump::new();
+    let intruder = Ipv4Addr::new(198, 18, 3, 3);
+    b.client.exec(&format!("ip addr add {intruder}/24 dev eth0"));
+    count_source_on_server(&b.server, intruder);
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = INVENTORY
+        .replace("198.18.1.2", &bump::CLIENT.to_string())
+        .replace("198.18.1.3", &intruder.to_string())
+        .replace("198.18.2.2", &bump::SERVER.to_string());
+    std::fs::write(dir.path().join("inventory.yaml"), inventory).unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/lab.yaml"), POLICY).unwrap();
+    std::fs::create_dir(dir.path().join("www")).unwrap();
+    std::fs::write(dir.path().join("www/index.html"), "hello across the bump\n").unwrap();
+    let config = dir.path().join("flowgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+             [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
+             [admin]\nbind = \"127.0.0.1:0\"\n[control]\nwatch = false\n\
+             [packet]\nfrontend = \"afpacket\"\nworkers = 2\n\
+             [packet.afpacket]\ninside = \"{}\"\noutside = \"{}\"\n",
+            bump::INSIDE,
+            bump::OUTSIDE
+        ),
+    )
+    .unwrap();
+    let mut fg = Flowgate::spawn(in_netns(&b.bump, &config));
+    fg.wait_stderr("flowgate: packet filter packet (afpacket) on in0+out0", WAIT);
+    fg.wait_ready();
+    let admin = fg.admin();
+    let _http = KillOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", &b.server.name, "python3", "-m", "http.server"])
+            .arg(HTTP_PORT.to_string())
+            .args(["--bind", &bump::SERVER.to_string(), "--directory"])
+            .arg(dir.path().join("www"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m http.server starts"),
+    );
+    wait_listening(&b.server, SocketAddr::from((bump::SERVER, HTTP_PORT)));
+    let curl = |src: Ipv4Addr, max_time: u32| {
+        let out = output_in(
+            &b.client,
+            &format!(
+                "curl -sS --max-time {max_time} --interface {src} http://{}:{HTTP_PORT}/",
+                bump::SERVER
+            ),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let (code, body) = curl(bump::CLIENT, 10);
+    assert_eq!(code, 0, "allowed curl across the bump (ARP and TCP): {body}");
+    assert!(body.contains("hello across the bump"), "{body}");
+    let (code, body) = curl(intruder, 3);
+    assert_ne!(code, 0, "denied curl succeeded: {body}");
+    let log = dir.path().join("flow.log");
+    let end = Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let hit = text.lines().any(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("flow-log JSON");
+            v["event"] == "deny"
+                && v["listener"] == "packet"
+                && v["src"].as_str().is_some_and(|s| s.starts_with(&format!("{intruder}:")))
+        });
+        if hit {
+            break;
+        }
+        assert!(Instant::now() < end, "no deny line for the intruder:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(intruder_packets_at_server(&b.server), 0, "a denied packet crossed the bump");
+    let out = output_in(&b.bump, &format!("curl -sS --max-time 5 http://{admin}/metrics"));
+    let m = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        sample(&m, "flowgate_packet_packets_total{frontend=\"afpacket\",verdict=\"pass\"}") > 0.0,
+        "{m}"
+    );
+    assert!(
+        sample(&m, "flowgate_packet_dropped_total{frontend=\"afpacket\",reason=\"policy\"}") >= 1.0,
+        "{m}"
+    );
+    fg.assert_running();
 }

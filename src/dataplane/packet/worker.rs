@@ -18,7 +18,8 @@
 //! A front end is a [`FrontEnd`]: it lends a burst of IP packets from buffers it owns,
 //! forgets the ones the filter refused, writes the rest on, and sends reply frames built
 //! in the headroom it asked for. `PacketWorkers::start` opens its devices and spawns one
-//! [`run_worker`] per worker; the AF_PACKET front end (`afpacket`) plugs in there.
+//! [`run_worker`] per worker. Two do so: [`TunFront`] (a TUN queue) and [`AfPacketFront`]
+//! (a worker's share of two interfaces' rings, which also passes ARP itself).
 
 use std::io;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use super::afpacket::{self, AfPacket, AfPacketError, FrameBatch, FrameKind};
 use super::classify::{DropReason, Limits};
 use super::filter::{self, DropCause, Filter, FilterConfig, MAX_BURST, PacketCounters, Verdict};
 use super::tun::{Batch, Offloads, Queue, Tun, TunError, VnetHdr};
@@ -77,7 +79,9 @@ pub trait FrontEnd {
     fn wait(&mut self, timeout: Duration) -> Result<bool, Self::Error>;
 
     /// Reads a burst (at most the `burst` the front end was made with); returns how many
-    /// packets it holds. Every packet starts out kept.
+    /// IP packets it holds for the filter. Every packet starts out kept. Frames that are
+    /// not IP (ARP on a bridge) are the front end's own business: passed or dropped by
+    /// it, never counted here.
     fn recv(&mut self) -> Result<usize, Self::Error>;
 
     /// Packet `i` of the burst: one IP packet (a GSO super-packet counts as one). Empty
@@ -91,7 +95,7 @@ pub trait FrontEnd {
     /// Forgets packet `i`: it is not written on.
     fn drop_packet(&mut self, i: usize);
 
-    /// Writes on every packet of the burst still kept.
+    /// Writes on every packet (and frame) of the burst still kept; nothing when none is.
     fn forward(&mut self) -> Result<(), Self::Error>;
 
     /// Frames the device layer itself dropped since the last call (too large, empty).
@@ -156,16 +160,34 @@ pub fn run_burst<F: FrontEnd>(
             return;
         }
     };
-    if n == 0 {
-        return;
+    if n > 0 {
+        decide(front, filter, device, &mut verdicts[..n], reply);
     }
+    // Also with no IP packet: a front end may hold frames it passes itself (ARP).
+    if front.forward().is_err() {
+        // The write stops at the failing frame; what was not written is lost, as the
+        // kernel would drop it.
+        device.errors.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Decides the `verdicts.len()` packets the front end holds, answers rejects and forgets
+/// every packet not passed.
+fn decide<F: FrontEnd>(
+    front: &mut F,
+    filter: &mut Filter,
+    device: &DeviceCounters,
+    verdicts: &mut [Verdict],
+    reply: &mut [u8; REPLY_BUF],
+) {
+    let n = verdicts.len();
     let now = Instant::now();
     {
         let mut burst: [&[u8]; MAX_BURST] = [&[]; MAX_BURST];
         for (i, slot) in burst[..n].iter_mut().enumerate() {
             *slot = front.packet(i);
         }
-        filter.run(&burst[..n], &mut verdicts[..n], now);
+        filter.run(&burst[..n], verdicts, now);
         let head = front.reply_headroom().min(REPLY_BUF);
         for i in 0..n {
             if !matches!(verdicts[i], Verdict::Reject(_)) {
@@ -179,18 +201,10 @@ pub fn run_burst<F: FrontEnd>(
             }
         }
     }
-    let mut kept = 0u64;
-    for (i, v) in verdicts[..n].iter().enumerate() {
-        if *v == Verdict::Pass {
-            kept += 1;
-        } else {
+    for (i, v) in verdicts.iter().enumerate() {
+        if *v != Verdict::Pass {
             front.drop_packet(i);
         }
-    }
-    if kept > 0 && front.forward().is_err() {
-        // The write stops at the failing frame; a full backlog (EAGAIN) is the usual
-        // cause, and what was not written is lost, as the kernel would drop it.
-        device.errors.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -249,6 +263,99 @@ impl FrontEnd for TunFront {
         let now = self.batch.dropped();
         let new = now.saturating_sub(self.dropped_seen);
         self.dropped_seen = now;
+        new
+    }
+}
+
+/// The AF_PACKET front end for one worker: its share of both interfaces and a
+/// [`FrameBatch`] lent from their rings. IP frames go to the filter (the `ip` index maps a
+/// burst position to its frame); ARP and other untagged non-IP frames are passed as they
+/// are; VLAN-tagged frames are dropped (fail closed: the filter does not look inside a tag)
+/// and counted as device drops.
+#[derive(Debug)]
+pub struct AfPacketFront {
+    queue: afpacket::Queue,
+    batch: FrameBatch,
+    /// Frame index of each IP packet of the burst.
+    ip: [u16; MAX_BURST],
+    /// Device drops not reported yet: tagged frames and frames a send refused.
+    pending_drops: u64,
+    dropped_seen: u64,
+}
+
+impl AfPacketFront {
+    /// A front end over `queue`, reading bursts of up to `burst` frames.
+    pub fn new(queue: afpacket::Queue, burst: usize) -> AfPacketFront {
+        AfPacketFront {
+            queue,
+            batch: FrameBatch::new(burst.clamp(1, MAX_BURST)),
+            ip: [0; MAX_BURST],
+            pending_drops: 0,
+            dropped_seen: 0,
+        }
+    }
+
+    fn frame_of(&self, i: usize) -> usize {
+        self.ip.get(i).map_or(usize::MAX, |f| usize::from(*f))
+    }
+}
+
+impl FrontEnd for AfPacketFront {
+    type Error = AfPacketError;
+
+    fn reply_headroom(&self) -> usize {
+        // `Queue::reply` writes the Ethernet header itself.
+        0
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<bool, AfPacketError> {
+        self.queue.wait_readable(timeout)
+    }
+
+    fn recv(&mut self) -> Result<usize, AfPacketError> {
+        let frames = self.queue.recv_batch(&mut self.batch).min(MAX_BURST);
+        let mut n = 0;
+        for f in 0..frames {
+            match self.batch.frame(f).map(|fr| fr.kind) {
+                Some(FrameKind::Ip) => {
+                    // f < MAX_BURST (64): fits.
+                    self.ip[n] = f as u16;
+                    n += 1;
+                }
+                Some(FrameKind::Other) => {}
+                Some(FrameKind::Tagged) | None => {
+                    self.batch.drop_frame(f);
+                    self.pending_drops += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn packet(&self, i: usize) -> &[u8] {
+        self.batch.frame(self.frame_of(i)).map_or(&[], |f| f.ip)
+    }
+
+    fn send_reply(&self, to: usize, frame: &mut [u8]) -> Result<(), AfPacketError> {
+        self.queue.reply(&self.batch, self.frame_of(to), frame).map(|_| ())
+    }
+
+    fn drop_packet(&mut self, i: usize) {
+        let f = self.frame_of(i);
+        self.batch.drop_frame(f);
+    }
+
+    fn forward(&mut self) -> Result<(), AfPacketError> {
+        let sent = self.queue.forward(&self.batch)?;
+        self.pending_drops += sent.failed as u64;
+        Ok(())
+    }
+
+    fn take_device_drops(&mut self) -> u64 {
+        let now = self.batch.dropped();
+        let new = now.saturating_sub(self.dropped_seen) + self.pending_drops;
+        self.dropped_seen = now;
+        self.pending_drops = 0;
         new
     }
 }
@@ -312,9 +419,19 @@ pub enum PacketError {
         #[source]
         source: TunError,
     },
-    /// The front end is not built into this binary yet.
-    #[error("[packet] {name}: frontend \"{frontend}\" is not available in this build")]
-    Unavailable { name: String, frontend: &'static str },
+    /// The AF_PACKET sockets could not be opened (the source names the interface, the
+    /// worker, the step and the OS error).
+    #[error("[packet] {name}: cannot open AF_PACKET on {inside:?} and {outside:?}")]
+    AfPacket {
+        name: String,
+        inside: String,
+        outside: String,
+        #[source]
+        source: AfPacketError,
+    },
+    /// `frontend = "afpacket"` without `[packet.afpacket]` (validation refuses it first).
+    #[error("[packet] {name}: frontend \"afpacket\" needs [packet.afpacket]")]
+    NoInterfaces { name: String },
     /// A worker thread could not be started.
     #[error("[packet] {name}: cannot start worker thread {worker}")]
     Spawn {
@@ -349,7 +466,7 @@ impl PacketWorkers {
     /// stopped again).
     pub fn start(rt: &Arc<Runtime>, cfg: &PacketConfig) -> Result<PacketWorkers, PacketError> {
         let workers = cfg.worker_count();
-        let (device, fronts) = match cfg.frontend {
+        match cfg.frontend {
             Frontend::Tun => {
                 let device = cfg.tun().device;
                 let tun = Tun::open(&device, workers, Offloads::On).map_err(|source| {
@@ -357,20 +474,33 @@ impl PacketWorkers {
                 })?;
                 let fronts: Vec<TunFront> =
                     tun.into_queues().into_iter().map(|q| TunFront::new(q, cfg.burst)).collect();
-                (device, fronts)
+                let mut running = PacketWorkers::register(rt, cfg, device, fronts.len());
+                running.spawn_all(rt, cfg, fronts)?;
+                Ok(running)
             }
-            // The AF_PACKET front end (`afpacket.rs`) plugs in here: open the two
-            // interfaces' rings, one `FrontEnd` per fanout worker, spawned like the TUN's.
             Frontend::Afpacket => {
-                return Err(PacketError::Unavailable {
-                    name: cfg.name.clone(),
-                    frontend: Frontend::Afpacket.as_str(),
-                });
+                let Some(af) = &cfg.afpacket else {
+                    return Err(PacketError::NoInterfaces { name: cfg.name.clone() });
+                };
+                let open = AfPacket::open(&af.inside, &af.outside, workers).map_err(|source| {
+                    PacketError::AfPacket {
+                        name: cfg.name.clone(),
+                        inside: af.inside.clone(),
+                        outside: af.outside.clone(),
+                        source,
+                    }
+                })?;
+                let fronts: Vec<AfPacketFront> = open
+                    .into_queues()
+                    .into_iter()
+                    .map(|q| AfPacketFront::new(q, cfg.burst))
+                    .collect();
+                let device = format!("{}+{}", af.inside, af.outside);
+                let mut running = PacketWorkers::register(rt, cfg, device, fronts.len());
+                running.spawn_all(rt, cfg, fronts)?;
+                Ok(running)
             }
-        };
-        let mut running = PacketWorkers::register(rt, cfg, device, fronts.len());
-        running.spawn_all(rt, cfg, fronts)?;
-        Ok(running)
+        }
     }
 
     /// The listener tag and the counters, before any worker runs.
@@ -437,7 +567,7 @@ impl PacketWorkers {
         self.frontend
     }
 
-    /// The device read: the TUN device's name.
+    /// The device read: the TUN device's name, or `inside+outside`.
     pub fn device(&self) -> &str {
         &self.device
     }
