@@ -117,7 +117,7 @@ pub struct DeviceCounters {
 pub const DEVICE_DROP_LABEL: &str = "device";
 
 /// The worker loop: until `stop` is set, wait (at most [`WAKE_INTERVAL`]), then
-/// [`run_burst`]. Device errors are counted in `device` and the loop goes on.
+/// `run_burst`. Device errors are counted in `device` and the loop goes on.
 pub fn run_worker<F: FrontEnd>(
     front: &mut F,
     filter: &mut Filter,
@@ -127,8 +127,14 @@ pub fn run_worker<F: FrontEnd>(
     let mut verdicts = [Verdict::Pass; MAX_BURST];
     let mut reply = [0u8; REPLY_BUF];
     while !stop.load(Ordering::Relaxed) {
+        let waited = Instant::now();
         match front.wait(WAKE_INTERVAL) {
             Ok(true) => run_burst(front, filter, device, &mut verdicts, &mut reply),
+            // Nothing to read, but the wait did not wait (a device gone away reports an
+            // error condition at once, every time): pause rather than spin.
+            Ok(false) if waited.elapsed() < WAKE_INTERVAL / 2 => {
+                std::thread::sleep(ERROR_PAUSE);
+            }
             Ok(false) => {}
             Err(_) => {
                 device.errors.fetch_add(1, Ordering::Relaxed);
@@ -141,7 +147,7 @@ pub fn run_worker<F: FrontEnd>(
 /// One burst: read, decide (one clock read for the burst), answer rejects, forget what is
 /// not passed, write the rest on. No allocation: the burst is a stack array of borrowed
 /// slices into the front end's buffers.
-pub fn run_burst<F: FrontEnd>(
+fn run_burst<F: FrontEnd>(
     front: &mut F,
     filter: &mut Filter,
     device: &DeviceCounters,
