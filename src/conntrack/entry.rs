@@ -7,8 +7,10 @@
 //! per-direction counters and last-seen time are atomics the
 //! forwarding path bumps without a lock; the key is stored IPv4-compact (two `u32`s and two
 //! ports) with IPv6 addresses moved out to [`EntryExt`], which also holds the cut handle of
-//! proxied flows and the domain name an egress flow was admitted for (one allocation for
-//! those flows only). Mutable flow state lives in one byte (`state`), updated with
+//! proxied and packet flows, the domain name an egress flow was admitted for and a packet
+//! TCP flow's window bounds (`tcp_window.rs`) (one allocation for those flows only). A
+//! packet flow that revalidation revoked stays marked in its state byte
+//! ([`Entry::revoke`]) until it expires. Mutable flow state lives in one byte (`state`), updated with
 //! compare-and-swap so the TCP state machine, the flow state and the table's bookkeeping
 //! bits never tear. Two words belong to the table: `pins` (who is using the slot) and
 //! `link` (live, or the free-list link).
@@ -632,6 +634,11 @@ impl Entry {
             let bits = (cur & !(TCP_BITS | CLOSER_REPLY | FLOW_BITS))
                 | conn_bits(next)
                 | next.state().flow_state() as u8;
+            // Most segments (data, ACKs of an established flow) change nothing: no write,
+            // so the packet's cache line stays shared with the other direction's worker.
+            if bits == cur {
+                return Ok(next.state());
+            }
             match self.hot().state.compare_exchange_weak(
                 cur,
                 bits,

@@ -50,8 +50,9 @@
 //! source port and 0 in the destination port, so an echo reply is the reverse key.
 //!
 //! Per new flow the table allocates nothing once a shard's slab has grown to its
-//! high-water mark (a chunk per 1,024 slots before that); proxied and IPv6 flows add one
-//! small side allocation (cut handle, name, IPv6 addresses). Lookups and per-packet
+//! high-water mark (a chunk per 1,024 slots before that); proxied, packet and IPv6 flows
+//! add one small side allocation (cut handle, name, IPv6 addresses, a packet TCP flow's
+//! window bounds). Lookups and per-packet
 //! updates allocate nothing.
 //!
 //! Not here: deciding (`policy`), forwarding (`dataplane`), logging (`telemetry`).
@@ -1061,6 +1062,13 @@ impl Conntrack {
     /// Marks activity on an entry (the packet path calls this on every hit).
     pub fn touch(&self, entry: &Entry, now: Instant) {
         entry.set_last_seen_ms(self.ms(now));
+    }
+
+    /// [`Conntrack::touch`] with the time already converted ([`Conntrack::now_ms`]): a
+    /// burst converts its one `now` once.
+    #[inline]
+    pub fn touch_ms(&self, entry: &Entry, now_ms: u64) {
+        entry.set_last_seen_ms(now_ms);
     }
 
     /// Forgets a flow (closed connection). Returns whether it was tracked. Does not cut it:

@@ -3,9 +3,10 @@
 //! [`TcpInvalid`], in which case the state is unchanged and the caller drops the segment.
 //!
 //! The states are the familiar conntrack ones (SYN_SENT … TIME_WAIT, CLOSE). Sequence
-//! numbers are not tracked: this machine decides which segments make sense in which state
-//! (no data before the handshake, no SYN on an established flow) and which timeout applies;
-//! a firewall that must resist in-window attacks would add window tracking on top.
+//! numbers are not read here: this machine decides which segments make sense in which
+//! state (no data before the handshake, no SYN on an established flow) and which timeout
+//! applies; the packet filter asks window tracking (`tcp_window.rs`) about the numbers
+//! first.
 //!
 //! Fail closed: a flow can only be opened by a bare SYN from the originator.
 #![forbid(unsafe_code)]

@@ -178,24 +178,53 @@ pub struct PacketCounters {
     pub fragments_overlapping: AtomicU64,
 }
 
-impl PacketCounters {
-    fn count(&self, verdict: Verdict, bytes: usize) {
+/// A burst's counts, added to the worker's [`PacketCounters`] once per burst rather than
+/// per packet (an atomic add each is a good part of a hit's cost).
+#[derive(Default)]
+struct Tally {
+    passed_packets: u64,
+    passed_bytes: u64,
+    dropped_packets: u64,
+    dropped_bytes: u64,
+}
+
+impl Tally {
+    #[inline]
+    fn count(&mut self, counters: &PacketCounters, verdict: Verdict, bytes: usize) {
         let bytes = bytes as u64;
         match verdict {
             Verdict::Pass => {
-                self.passed_packets.fetch_add(1, Ordering::Relaxed);
-                self.passed_bytes.fetch_add(bytes, Ordering::Relaxed);
+                self.passed_packets += 1;
+                self.passed_bytes += bytes;
             }
             Verdict::Drop(cause) | Verdict::Reject(cause) => {
-                self.dropped_packets.fetch_add(1, Ordering::Relaxed);
-                self.dropped_bytes.fetch_add(bytes, Ordering::Relaxed);
-                self.dropped[cause.index()].fetch_add(1, Ordering::Relaxed);
-                if let DropCause::Malformed(reason) = cause
-                    && let Some(i) = DropReason::ALL.iter().position(|r| *r == reason)
-                {
-                    self.malformed[i].fetch_add(1, Ordering::Relaxed);
-                }
+                self.dropped_packets += 1;
+                self.dropped_bytes += bytes;
+                counters.count_cause(cause);
             }
+        }
+    }
+
+    fn add_to(&self, c: &PacketCounters) {
+        let r = Ordering::Relaxed;
+        if self.passed_packets != 0 {
+            c.passed_packets.fetch_add(self.passed_packets, r);
+            c.passed_bytes.fetch_add(self.passed_bytes, r);
+        }
+        if self.dropped_packets != 0 {
+            c.dropped_packets.fetch_add(self.dropped_packets, r);
+            c.dropped_bytes.fetch_add(self.dropped_bytes, r);
+        }
+    }
+}
+
+impl PacketCounters {
+    fn count_cause(&self, cause: DropCause) {
+        self.dropped[cause.index()].fetch_add(1, Ordering::Relaxed);
+        if let DropCause::Malformed(reason) = cause
+            && let Some(i) = DropReason::ALL.iter().position(|r| *r == reason)
+        {
+            self.malformed[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -299,10 +328,11 @@ impl Filter {
         if m > 0 {
             let (ct, cfg) = (&*self.rt.conntrack, &self.cfg);
             let (classified, at) = (&b.classified, &b.at);
+            let ms = ct.now_ms(now);
             ct.lookup_many(&b.keys[..m], |j, hit| {
                 let i = usize::from(at[j]);
                 let Some(c) = classified[i] else { return };
-                match hit.map(|(e, side)| on_hit(ct, cfg, e, side, &c, packets[i], now)) {
+                match hit.map(|(e, side)| on_hit(ct, cfg, e, side, &c, packets[i], ms)) {
                     Some(Hit::Verdict(v)) => verdicts[i] = v,
                     Some(Hit::Reopen) | None => misses |= 1 << i,
                 }
@@ -317,6 +347,7 @@ impl Filter {
             }
         }
         // First fragments' verdicts for their later fragments; the counters.
+        let mut tally = Tally::default();
         for (i, packet) in packets.iter().enumerate() {
             if let Some(c) = &self.burst.classified[i]
                 && let Some(key) = c.fragment_key()
@@ -327,8 +358,9 @@ impl Filter {
                     self.counters.fragments_table_full.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            self.counters.count(verdicts[i], packet.len());
+            tally.count(&self.counters, verdicts[i], packet.len());
         }
+        tally.add_to(&self.counters);
     }
 
     /// A packet whose flow the batch did not find: looked up once more (an earlier packet
@@ -336,7 +368,8 @@ impl Filter {
     /// may open a flow.
     fn on_miss(&mut self, c: &Classified, packet: &[u8], now: Instant) -> Verdict {
         let (ct, cfg) = (&*self.rt.conntrack, &self.cfg);
-        let again = ct.lookup_with(&c.key, |e, side| on_hit(ct, cfg, e, side, c, packet, now));
+        let ms = ct.now_ms(now);
+        let again = ct.lookup_with(&c.key, |e, side| on_hit(ct, cfg, e, side, c, packet, ms));
         match again {
             Some(Hit::Verdict(v)) => return v,
             Some(Hit::Reopen) => {
@@ -375,7 +408,7 @@ impl Filter {
             Admission::Untracked(InsertError::Full { .. }) => Verdict::Drop(DropCause::TableFull),
             // Opened meanwhile by another worker: follow its entry.
             Admission::Untracked(InsertError::Exists) => {
-                match ct.lookup_with(&c.key, |e, side| on_hit(ct, cfg, e, side, c, packet, now)) {
+                match ct.lookup_with(&c.key, |e, side| on_hit(ct, cfg, e, side, c, packet, ms)) {
                     Some(Hit::Verdict(v)) => v,
                     _ => Verdict::Drop(DropCause::Untracked),
                 }
@@ -438,7 +471,7 @@ fn on_hit(
     side: Side,
     c: &Classified,
     packet: &[u8],
-    now: Instant,
+    now_ms: u64,
 ) -> Hit {
     if e.is_revoked() {
         // A new connection on the same ports after the revocation is a new flow, decided
@@ -472,7 +505,7 @@ fn on_hit(
         Kind::Related { .. } | Kind::Fragment { .. } => {}
     }
     e.count(side, packet.len() as u64);
-    ct.touch(e, now);
+    ct.touch_ms(e, now_ms);
     Hit::Verdict(Verdict::Pass)
 }
 
