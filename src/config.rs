@@ -5,7 +5,7 @@
 //! bundled config works from any working directory.
 //!
 //! Every section's types live here (one file per section: [`listener`], [`admin`],
-//! [`control`], [`flowlog`]), except those of the modules below this one (`[conntrack]`,
+//! [`control`], [`flowlog`], [`packet`]), except those of the modules below this one (`[conntrack]`,
 //! `[dns]`, `[ssrf]`, `[[credential]]`, which their modules read themselves): config imports
 //! from `policy`, `conntrack`, `egress` and `wire`, and is imported by the modules that run
 //! what it describes (`telemetry`, `dataplane`, `control`, `admin`, `gateway`), never the
@@ -25,11 +25,13 @@ pub mod admin;
 pub mod control;
 pub mod flowlog;
 pub mod listener;
+pub mod packet;
 
 pub use admin::{AdminConfig, TokenEnvError};
 pub use control::ControlConfig;
 pub use flowlog::FlowLogConfig;
 pub use listener::{ListenerConfig, ListenerKind, ProxyHeaderConfig, ProxyProtocolMode, VerifySni};
+pub use packet::PacketConfig;
 
 /// The default location of the config file, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "config/flowgate.toml";
@@ -78,6 +80,9 @@ pub struct Config {
     /// whose `credentials` is `optional` or `required`.
     #[serde(default)]
     pub credential: Vec<crate::egress::CredentialConfig>,
+    /// `[packet]`: the packet filter (TUN or AF_PACKET front end); absent: off.
+    #[serde(default)]
+    pub packet: Option<PacketConfig>,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -311,6 +316,15 @@ impl Config {
             field: format!("admin.{field}"),
             message,
         })?;
+        if let Some(p) = &self.packet {
+            p.validate().map_err(|(f, message)| invalid(format!("packet.{f}"), message))?;
+            if self.listener.iter().any(|l| l.name == p.name) {
+                return Err(invalid(
+                    "packet.name".into(),
+                    format!("{:?} is also a [[listener]]'s name", p.name),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -437,6 +451,18 @@ mod tests {
             validated("[[credential]]\nusername = \"a\"\npassword = \"p\"\nworkload = \"a\"\n")
                 .unwrap_err();
         assert!(err.contains("namespace/name"), "{err}");
+    }
+
+    #[test]
+    fn packet_section_is_optional_and_validated_with_the_rest() {
+        assert!(validated("").unwrap().packet.is_none());
+        let cfg = validated("[packet]\nworkers = 1\n").unwrap();
+        assert_eq!(cfg.packet.unwrap().worker_count(), 1);
+        let err = validated("[packet]\nburst = 0\n").unwrap_err();
+        assert!(err.contains("packet.burst"), "{err}");
+        let clash = "[packet]\nname = \"e\"\n[[listener]]\nname = \"e\"\nkind = \"echo\"\n\
+                     bind = \"127.0.0.1:1\"\n";
+        assert!(validated(clash).unwrap_err().contains("packet.name"));
     }
 
     #[test]

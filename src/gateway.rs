@@ -7,7 +7,8 @@
 //! flow log; the data path's [`Runtime`] over the control plane's policy handle (the control
 //! plane stays its one writer); the admin API (first, so the forward proxies know its real
 //! address and never dial it); the control plane's triggers (source watcher, SIGHUP,
-//! expiry timer); every listener; and the conntrack expiry task. Readiness moves
+//! expiry timer); every listener; the packet filter's workers when `[packet]` is
+//! configured; and the conntrack expiry task. Readiness moves
 //! `Starting` → `Ready` once the listeners serve, and to `Draining` when
 //! [`Gateway::stop_accepting`] or [`Gateway::drain`] begins.
 //!
@@ -26,6 +27,7 @@ use crate::admin::{AdminError, AdminServer, AdminState};
 use crate::config::Config;
 use crate::conntrack::Conntrack;
 use crate::control::{ControlError, ControlPlane, ControlTasks, RevokeFn};
+use crate::dataplane::packet::worker::{PacketError, PacketWorkers};
 use crate::dataplane::proxy::{self, EgressSettings, ProxyError, RunningListener};
 use crate::dataplane::{Readiness, Runtime, log_revoked};
 use crate::egress::Credentials;
@@ -52,6 +54,8 @@ pub enum StartError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     Listeners(#[from] ProxyError),
+    #[error("packet filter")]
+    Packet(#[source] PacketError),
 }
 
 /// A running gateway. Dropping it without [`Gateway::drain`] stops its tasks at once.
@@ -60,6 +64,8 @@ pub struct Gateway {
     runtime: Arc<Runtime>,
     control: ControlPlane,
     listeners: Vec<RunningListener>,
+    /// The packet filter's worker threads (`[packet]`); stopped at the end of a drain.
+    packet: Option<PacketWorkers>,
     shutdown: Shutdown,
     expiry: Option<JoinHandle<()>>,
     flowlog: Option<FlowLogWriter>,
@@ -85,7 +91,8 @@ impl Gateway {
     /// [`StartError`] naming the step that failed: the flow-log output cannot be opened,
     /// a `[[credential]]` is wrong, the policy is rejected (or the control plane's audit log,
     /// emergency state, watcher or SIGHUP handler cannot be set up), the admin API cannot
-    /// bind or has no token on a non-loopback address, or a listener cannot bind.
+    /// bind or has no token on a non-loopback address, the packet filter's device cannot be
+    /// opened, or a listener cannot bind.
     pub fn start(cfg: Config) -> Result<Gateway, StartError> {
         let registry = Arc::new(Registry::default());
         let (flowlog, writer) = FlowLog::start(&cfg.flowlog, registry.clone())
@@ -119,11 +126,26 @@ impl Gateway {
             Arc::new(credentials),
             &shutdown,
         )?;
+        // After the listeners, so a listener's conntrack id stays its config index.
+        let packet = match cfg.packet.as_ref().map(|p| PacketWorkers::start(&runtime, p)) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => {
+                // The listeners already serve: stop them again.
+                runtime.readiness.set_draining();
+                shutdown.trigger();
+                for l in &listeners {
+                    l.task.abort();
+                }
+                return Err(StartError::Packet(e));
+            }
+        };
         let expiry = spawn_expiry(&runtime.conntrack, &cfg, &shutdown);
         Ok(Gateway {
             runtime,
             control,
             listeners,
+            packet,
             shutdown,
             expiry: Some(expiry),
             flowlog: Some(writer),
@@ -145,6 +167,11 @@ impl Gateway {
     /// The bound address of the listener called `name`.
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
         self.listeners.iter().find(|l| l.name == name).map(|l| l.local_addr)
+    }
+
+    /// The packet filter, when `[packet]` is configured.
+    pub fn packet(&self) -> Option<&PacketWorkers> {
+        self.packet.as_ref()
     }
 
     /// What the data path shares: conntrack, the policy handle, metrics, the flow log.
@@ -186,6 +213,10 @@ impl Gateway {
         }
         for l in &self.listeners {
             l.task.abort();
+        }
+        if let Some(packet) = self.packet.take() {
+            // Joining waits up to one wake interval per worker: off the async workers.
+            let _ = tokio::task::spawn_blocking(move || packet.stop()).await;
         }
         if let Some(writer) = self.flowlog.take() {
             writer.finish();

@@ -42,6 +42,15 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
     for l in gateway.listeners() {
         eprintln!("flowgate: listener {} ({}) on {}", l.name, l.kind.as_str(), l.local_addr);
     }
+    if let Some(p) = gateway.packet() {
+        eprintln!(
+            "flowgate: packet filter {} ({}) on {}, {} worker(s)",
+            p.name(),
+            p.frontend().as_str(),
+            p.device(),
+            p.workers()
+        );
+    }
     let snap = gateway.runtime().policy.load();
     eprintln!(
         "flowgate: ready: {} listener(s), policy generation {} ({} policies, {} workloads)",

@@ -8,6 +8,8 @@
 //! flow table and the TCP state machine (`conntrack`), the proxy dataplane (`proxy`), which
 //! sees connections, not packets.
 //!
+//! - [`afpacket`]: the AF_PACKET front end's device layer (bump in the wire between two
+//!   interfaces, TPACKET_V3 rings, fanout, batched send).
 //! - [`classify`]: pure header parsing, no I/O.
 //! - [`filter`]: a worker's verdicts for a burst, front-end independent: conntrack batch
 //!   lookup, TCP state and window, the one gate for new flows, revoked flows.
@@ -15,9 +17,12 @@
 //! - [`reject`]: TCP RST / ICMP "administratively prohibited" replies and their rate limit.
 //! - [`tun`]: the TUN front end's device layer (multi-queue, virtio-net header offloads,
 //!   batched I/O).
+//! - [`worker`]: the worker threads that run a front end through the filter.
 
+pub mod afpacket;
 pub mod classify;
 pub mod filter;
 pub mod fragments;
 pub mod reject;
 pub mod tun;
+pub mod worker;

@@ -14,7 +14,7 @@ use hdrhistogram::Histogram;
 
 use crate::conntrack::Conntrack;
 use crate::policy::PolicySnapshot;
-use crate::telemetry::metrics::Registry;
+use crate::telemetry::metrics::{PacketTotals, Registry};
 
 /// Metric names (families), so code, tests and dashboards refer to one spelling.
 pub mod names {
@@ -54,6 +54,14 @@ pub mod names {
     pub const ADMIN_REQUESTS: &str = "flowgate_admin_requests_total";
     pub const ADMIN_REJECTED: &str = "flowgate_admin_rejected_total";
     pub const ADMIN_FLOWS_TRUNCATED: &str = "flowgate_admin_flows_truncated_total";
+
+    // The packet filter (`[packet]`): rendered only when it runs.
+    pub const PACKET_PACKETS: &str = "flowgate_packet_packets_total";
+    pub const PACKET_BYTES: &str = "flowgate_packet_bytes_total";
+    pub const PACKET_DROPPED: &str = "flowgate_packet_dropped_total";
+    pub const PACKET_MALFORMED: &str = "flowgate_packet_malformed_total";
+    pub const PACKET_REJECTS: &str = "flowgate_packet_rejects_total";
+    pub const PACKET_DEVICE_ERRORS: &str = "flowgate_packet_device_errors_total";
 }
 
 /// Every family's type and help text, one row each, beside the names (so `render` says
@@ -96,6 +104,12 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     (names::ADMIN_REQUESTS, "counter", "Admin API requests."),
     (names::ADMIN_REJECTED, "counter", "Admin API requests refused, by reason."),
     (names::ADMIN_FLOWS_TRUNCATED, "counter", "/flows answers cut short by admin.flows_limit."),
+    (names::PACKET_PACKETS, "counter", "Packets filtered, by front end and verdict."),
+    (names::PACKET_BYTES, "counter", "IP bytes filtered, by front end and verdict."),
+    (names::PACKET_DROPPED, "counter", "Packets not forwarded, by front end and reason."),
+    (names::PACKET_MALFORMED, "counter", "Packets dropped as malformed, by what was wrong with them."),
+    (names::PACKET_REJECTS, "counter", "Reject replies (TCP RST, ICMP prohibited) sent, and not sent because of the rate limit."),
+    (names::PACKET_DEVICE_ERRORS, "counter", "Device reads, writes and polls that failed (TUN queue, AF_PACKET ring)."),
 ];
 
 const QUANTILES: [f64; 5] = [0.5, 0.9, 0.99, 0.999, 1.0];
@@ -304,7 +318,73 @@ pub fn render(scrape: &Scrape<'_>) -> String {
     o.sample(names::ADMIN_REJECTED, &[("reason", "unauthorized")], get(&c.admin_unauthorized));
     o.sample(names::ADMIN_REJECTED, &[("reason", "bad_request")], get(&c.admin_bad_request));
     o.single(names::ADMIN_FLOWS_TRUNCATED, get(&c.admin_flows_truncated));
+    render_packet(&mut o, &reg.packet_totals());
     o.text
+}
+
+/// The packet filter's families, when a front end runs (`[packet]`); nothing otherwise.
+fn render_packet(o: &mut Out, fronts: &[PacketTotals]) {
+    if fronts.is_empty() {
+        return;
+    }
+    o.family(names::PACKET_PACKETS);
+    for t in fronts {
+        let f = t.frontend;
+        o.sample(
+            names::PACKET_PACKETS,
+            &[("frontend", f), ("verdict", "pass")],
+            t.passed_packets as f64,
+        );
+        o.sample(
+            names::PACKET_PACKETS,
+            &[("frontend", f), ("verdict", "drop")],
+            t.dropped_packets as f64,
+        );
+    }
+    o.family(names::PACKET_BYTES);
+    for t in fronts {
+        let f = t.frontend;
+        o.sample(
+            names::PACKET_BYTES,
+            &[("frontend", f), ("verdict", "pass")],
+            t.passed_bytes as f64,
+        );
+        o.sample(
+            names::PACKET_BYTES,
+            &[("frontend", f), ("verdict", "drop")],
+            t.dropped_bytes as f64,
+        );
+    }
+    o.family(names::PACKET_DROPPED);
+    for t in fronts {
+        for (reason, n) in &t.dropped {
+            o.sample(
+                names::PACKET_DROPPED,
+                &[("frontend", t.frontend), ("reason", reason)],
+                *n as f64,
+            );
+        }
+    }
+    o.family(names::PACKET_MALFORMED);
+    let mut malformed: Vec<(&str, u64)> = Vec::new();
+    for (reason, n) in fronts.iter().flat_map(|t| t.malformed.iter()) {
+        match malformed.iter_mut().find(|(r, _)| r == reason) {
+            Some((_, sum)) => *sum += n,
+            None => malformed.push((reason, *n)),
+        }
+    }
+    for (reason, n) in malformed {
+        o.sample(names::PACKET_MALFORMED, &[("reason", reason)], n as f64);
+    }
+    o.family(names::PACKET_REJECTS);
+    let sent: u64 = fronts.iter().map(|t| t.rejects_sent).sum();
+    let limited: u64 = fronts.iter().map(|t| t.rejects_limited).sum();
+    o.sample(names::PACKET_REJECTS, &[("result", "sent")], sent as f64);
+    o.sample(names::PACKET_REJECTS, &[("result", "limited")], limited as f64);
+    o.family(names::PACKET_DEVICE_ERRORS);
+    for t in fronts {
+        o.sample(names::PACKET_DEVICE_ERRORS, &[("frontend", t.frontend)], t.device_errors as f64);
+    }
 }
 
 #[cfg(test)]
@@ -391,9 +471,69 @@ mod tests {
         let helpless: Vec<&str> =
             text.lines().filter(|l| l.starts_with("# HELP ") && l.ends_with(' ')).collect();
         assert!(helpless.is_empty(), "families without help: {helpless:?}");
-        assert_eq!(FAMILIES.len(), KNOWN.len(), "a FAMILIES row that is never rendered");
+        // The packet families render only with `[packet]` (tested with it in `packet_*`).
+        let unrendered: Vec<&str> = FAMILIES
+            .iter()
+            .map(|(n, _, _)| *n)
+            .filter(|n| !KNOWN.contains(n) && !n.starts_with("flowgate_packet_"))
+            .collect();
+        assert!(unrendered.is_empty(), "FAMILIES rows never rendered: {unrendered:?}");
         assert!(text.contains("flowgate_flows_total{listener=\"demo\",verdict=\"allow\"} 3\n"));
         assert!(text.contains("flowgate_policy_generation 7\n"));
         assert!(text.contains("flowgate_emergency_entries 2\n"));
+        assert!(!text.contains("flowgate_packet_"), "packet families without [packet]");
+    }
+
+    #[derive(Debug)]
+    struct OnePacketFrontEnd;
+
+    impl crate::telemetry::metrics::PacketSource for OnePacketFrontEnd {
+        fn totals(&self) -> PacketTotals {
+            PacketTotals {
+                frontend: "tun",
+                passed_packets: 5,
+                passed_bytes: 500,
+                dropped_packets: 3,
+                dropped_bytes: 120,
+                dropped: vec![("policy", 2), ("malformed", 1)],
+                malformed: vec![("truncated", 1), ("bad_ihl", 0)],
+                rejects_sent: 1,
+                rejects_limited: 0,
+                device_errors: 4,
+            }
+        }
+    }
+
+    #[test]
+    fn packet_families_appear_with_a_packet_front_end() {
+        let registry = Registry::default();
+        registry.packet_source(std::sync::Arc::new(OnePacketFrontEnd));
+        registry.packet_source(std::sync::Arc::new(OnePacketFrontEnd));
+        let mut o = Out { text: String::new() };
+        render_packet(&mut o, &registry.packet_totals());
+        let text = o.text;
+        for family in [
+            names::PACKET_PACKETS,
+            names::PACKET_BYTES,
+            names::PACKET_DROPPED,
+            names::PACKET_MALFORMED,
+            names::PACKET_REJECTS,
+            names::PACKET_DEVICE_ERRORS,
+        ] {
+            assert_eq!(text.matches(&format!("# TYPE {family} counter")).count(), 1, "{text}");
+        }
+        for line in [
+            "flowgate_packet_packets_total{frontend=\"tun\",verdict=\"pass\"} 5\n",
+            "flowgate_packet_bytes_total{frontend=\"tun\",verdict=\"drop\"} 120\n",
+            "flowgate_packet_dropped_total{frontend=\"tun\",reason=\"policy\"} 2\n",
+            // Summed over the front ends.
+            "flowgate_packet_malformed_total{reason=\"truncated\"} 2\n",
+            "flowgate_packet_malformed_total{reason=\"bad_ihl\"} 0\n",
+            "flowgate_packet_rejects_total{result=\"sent\"} 2\n",
+            "flowgate_packet_rejects_total{result=\"limited\"} 0\n",
+            "flowgate_packet_device_errors_total{frontend=\"tun\"} 4\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
     }
 }

@@ -77,6 +77,8 @@ pub struct Registry {
     pub flowlog_folded: AtomicU64,
     /// Reloads, revalidation, emergency entries, admin API.
     pub control: ControlCounters,
+    /// The packet filter's front ends (`[packet]`), read at scrape.
+    packet: Mutex<Vec<Arc<dyn PacketSource>>>,
 }
 
 impl Registry {
@@ -95,6 +97,44 @@ impl Registry {
     pub fn listeners(&self) -> Vec<Arc<ListenerCounters>> {
         self.listeners.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// Registers a packet front end's counters (at start-up).
+    pub fn packet_source(&self, source: Arc<dyn PacketSource>) {
+        self.packet.lock().unwrap_or_else(|e| e.into_inner()).push(source);
+    }
+
+    /// Every packet front end's totals, summed over its workers now.
+    pub fn packet_totals(&self) -> Vec<PacketTotals> {
+        let sources = self.packet.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        sources.iter().map(|s| s.totals()).collect()
+    }
+}
+
+/// A packet front end's counters as the scrape sees them. The packet dataplane keeps its
+/// counters per worker, in its own types (which telemetry, below it, cannot name), and sums
+/// them here when `/metrics` is scraped — never on the packet path.
+pub trait PacketSource: Send + Sync + std::fmt::Debug {
+    fn totals(&self) -> PacketTotals;
+}
+
+/// One packet front end's counters, summed over its workers: plain values for rendering.
+/// The label sets (`dropped`, `malformed`) come with their labels, in a fixed order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PacketTotals {
+    /// The `frontend` label (`tun`, `afpacket`).
+    pub frontend: &'static str,
+    pub passed_packets: u64,
+    pub passed_bytes: u64,
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+    /// Dropped packets by reason (`policy`, `malformed`, …, and the device's own).
+    pub dropped: Vec<(&'static str, u64)>,
+    /// Malformed packets by the classifier's reason.
+    pub malformed: Vec<(&'static str, u64)>,
+    pub rejects_sent: u64,
+    pub rejects_limited: u64,
+    /// Device (TUN queue, ring) reads, writes and polls that failed.
+    pub device_errors: u64,
 }
 
 /// Control-plane counters. Cold path: bumped at most once per reload or admin request.

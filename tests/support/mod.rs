@@ -12,6 +12,7 @@
 //!   config text, peers) and bounded waits.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod bump;
 pub mod control;
 pub mod egress;
 pub mod gateway;

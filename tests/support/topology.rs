@@ -319,11 +319,22 @@ fn inet_checksum(data: &[u8]) -> u16 {
 /// namespace (port chosen by the kernel), which answers with the count it received.
 /// Returns that count; every step is bounded by `limit`.
 pub fn tcp_transfer(topo: &Topology, bytes: u64, limit: Duration) -> u64 {
+    tcp_transfer_between(&topo.client, &topo.server, SERVER, bytes, limit)
+}
+
+/// [`tcp_transfer`] between any two namespaces, the server listening on `server_addr`.
+pub fn tcp_transfer_between(
+    client: &Netns,
+    server_ns: &Netns,
+    server_addr: Ipv4Addr,
+    bytes: u64,
+    limit: Duration,
+) -> u64 {
     let (port_tx, port_rx) = std::sync::mpsc::channel();
     std::thread::scope(|s| {
         let server = s.spawn(|| {
-            in_ns(&topo.server, || {
-                let l = TcpListener::bind((SERVER, 0)).expect("bind in server ns");
+            in_ns(server_ns, || {
+                let l = TcpListener::bind((server_addr, 0)).expect("bind in server ns");
                 port_tx.send(l.local_addr().unwrap().port()).unwrap();
                 l.set_nonblocking(true).unwrap();
                 let end = Instant::now() + limit;
@@ -353,8 +364,8 @@ pub fn tcp_transfer(topo: &Topology, bytes: u64, limit: Duration) -> u64 {
             })
         });
         let port = port_rx.recv_timeout(limit).expect("server bound");
-        let counted = in_ns(&topo.client, || {
-            let to = SocketAddr::V4(SocketAddrV4::new(SERVER, port));
+        let counted = in_ns(client, || {
+            let to = SocketAddr::V4(SocketAddrV4::new(server_addr, port));
             let mut c = TcpStream::connect_timeout(&to, limit).expect("connect through gateway");
             c.set_write_timeout(Some(limit)).unwrap();
             c.set_read_timeout(Some(limit)).unwrap();
@@ -380,9 +391,14 @@ pub fn tcp_transfer(topo: &Topology, bytes: u64, limit: Duration) -> u64 {
 /// the server measured it. `iperf3 -s -1` serves one test and exits; the server port is
 /// iperf3's default, which is free: the server namespace is the test's own.
 pub fn iperf3(topo: &Topology, secs: u32) -> f64 {
+    iperf3_between(&topo.client, &topo.server, SERVER, secs)
+}
+
+/// [`iperf3`] between any two namespaces, the server listening on `server_addr`.
+pub fn iperf3_between(client: &Netns, server_ns: &Netns, server_addr: Ipv4Addr, secs: u32) -> f64 {
     let mut server = std::process::Command::new("ip")
-        .args(["netns", "exec", &topo.server.name, "iperf3", "-s", "-1", "-B"])
-        .arg(SERVER.to_string())
+        .args(["netns", "exec", &server_ns.name, "iperf3", "-s", "-1", "-B"])
+        .arg(server_addr.to_string())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -395,8 +411,8 @@ pub fn iperf3(topo: &Topology, secs: u32) -> f64 {
     while rate.is_none() && start.elapsed() < Duration::from_secs(10) {
         let t0 = Instant::now();
         let o = output_in(
-            &topo.client,
-            &format!("timeout {} iperf3 -J -c {SERVER} -t {secs}", secs + 10),
+            client,
+            &format!("timeout {} iperf3 -J -c {server_addr} -t {secs}", secs + 10),
         );
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
         rate = v["end"]["sum_received"]["bits_per_second"].as_f64().filter(|_| o.status.success());

@@ -1,0 +1,787 @@
+//! Packet mode end to end: the real `flowgate` binary runs in the gateway namespace of a
+//! client — gateway — server topology with a `[packet]` TUN front end, the gateway's
+//! policy routing sends everything it forwards into the TUN, and what flowgate writes back
+//! is routed on. Nothing else carries traffic across.
+//!
+//! - Allowed: curl to a real HTTP server (`python3 -m http.server`), a UDP exchange with
+//!   replies, ICMP echo from a workload whose policy allows every protocol.
+//! - Denied: a TCP flow and a UDP flow from a workload no policy lets out, and ICMP echo
+//!   from a workload allowed only some ports: nothing reaches the server (nftables counts
+//!   on the server side), and the flow log has a `deny` event naming the packet listener.
+//! - Revoked: an established TCP flow stops carrying data once a reload denies it.
+//! - `on_deny = "reject"`: curl fails at once with "connection refused" (an RST), a UDP
+//!   datagram is answered with ICMP "administratively prohibited".
+//! - Malformed packets written into the TUN (an AF_PACKET socket bound to it, from the
+//!   gateway namespace) are dropped and counted by reason; flowgate keeps running and an
+//!   allowed flow still works.
+//! - A device that cannot be opened stops start-up with an error naming it.
+//! - The AF_PACKET front end, as a bump in the wire between two address-less interfaces
+//!   (`support::bump`): an allowed curl crosses (ARP too), a denied one never reaches the
+//!   server and is logged.
+//!
+//! Needs root, /dev/net/tun, curl, python3 and nft; skipped, saying so, otherwise (in CI:
+//! fails).
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use support::bump::{self, Bump};
+use support::netns::Netns;
+use support::process::Flowgate;
+use support::require::{Need, skip_unless};
+use support::topology::{self, CLIENT, SERVER, Topology, in_ns, output_in};
+
+/// The TUN device flowgate creates in the gateway namespace.
+const TUN: &str = "fgpkt0";
+/// A client address no policy lets out.
+const INTRUDER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 3);
+/// A client address allowed every protocol to the server (ICMP included).
+const PINGER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 4);
+const HTTP_PORT: u16 = 8000;
+const ECHO_PORT: u16 = 9000;
+const UDP_PORT: u16 = 5353;
+const WAIT: Duration = Duration::from_secs(10);
+
+const INVENTORY: &str = r#"
+namespaces:
+  - name: lab
+workloads:
+  - {name: client, namespace: lab, labels: {app: client}, ips: [198.18.1.2]}
+  - {name: intruder, namespace: lab, labels: {app: intruder}, ips: [198.18.1.3]}
+  - {name: pinger, namespace: lab, labels: {app: pinger}, ips: [198.18.1.4]}
+  - {name: server, namespace: lab, labels: {app: server}, ips: [198.18.2.2]}
+"#;
+
+/// Every client may send to the server; the server takes the client on TCP 8000, TCP 9000
+/// and UDP 5353 (so not ICMP), the pinger on everything, the intruder not at all.
+const POLICY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: clients-egress, namespace: lab}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+    - to: [{podSelector: {matchLabels: {app: server}}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server-ingress, namespace: lab}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  policyTypes: [Ingress]
+  ingress:
+    - from: [{podSelector: {matchLabels: {app: client}}}]
+      ports: [{port: 8000}, {port: 9000}, {port: 5353, protocol: UDP}]
+    - from: [{podSelector: {matchLabels: {app: pinger}}}]
+"#;
+
+/// The same, without the client's TCP 9000: a reload to it revokes an open 9000 flow.
+fn policy_without_9000() -> String {
+    POLICY.replace("{port: 8000}, {port: 9000}", "{port: 8000}")
+}
+
+fn needs() -> bool {
+    skip_unless(&[
+        Need::Root,
+        topology::need_tun(),
+        Need::Bin("curl"),
+        Need::Bin("python3"),
+        Need::Bin("nft"),
+    ])
+}
+
+/// The topology, flowgate in its gateway namespace routing through its TUN, and the
+/// servers. Dropped in field order: flowgate and the servers before the namespaces.
+struct World {
+    fg: Flowgate,
+    _http: KillOnDrop,
+    _servers: Servers,
+    topo: Topology,
+    dir: tempfile::TempDir,
+    admin: SocketAddr,
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl World {
+    /// `packet_extra` goes into the `[packet]` section.
+    fn start(packet_extra: &str) -> World {
+        let topo = Topology::kernel();
+        topo.client.exec(&format!(
+            "ip addr add {INTRUDER}/24 dev eth0 && ip addr add {PINGER}/24 dev eth0"
+        ));
+        count_intruder_on_server(&topo.server);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        std::fs::write(dir.path().join("policies/lab.yaml"), POLICY).unwrap();
+        std::fs::create_dir(dir.path().join("www")).unwrap();
+        std::fs::write(dir.path().join("www/index.html"), "hello through the packet filter\n")
+            .unwrap();
+        let config = dir.path().join("flowgate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\ndefault = \"deny\"\n\
+                 [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
+                 [admin]\nbind = \"127.0.0.1:0\"\n\
+                 [control]\nwatch = false\n\
+                 [packet]\nworkers = 2\n{packet_extra}\n[packet.tun]\ndevice = \"{TUN}\"\n"
+            ),
+        )
+        .unwrap();
+        let mut fg = Flowgate::spawn(in_netns(&topo.gateway, &config));
+        fg.wait_stderr(&format!("flowgate: packet filter packet (tun) on {TUN}"), WAIT);
+        topo.route_through(TUN);
+        fg.wait_ready();
+        let admin = fg.admin();
+        let servers = Servers::start(&topo.server);
+        let http = KillOnDrop(
+            Command::new("ip")
+                .args(["netns", "exec", &topo.server.name, "python3", "-m", "http.server"])
+                .arg(HTTP_PORT.to_string())
+                .args(["--bind", &SERVER.to_string(), "--directory"])
+                .arg(dir.path().join("www"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("python3 -m http.server starts"),
+        );
+        wait_listening(&topo.server, SocketAddr::from((SERVER, HTTP_PORT)));
+        World { fg, _http: http, _servers: servers, topo, dir, admin }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("flow.log")
+    }
+
+    /// The first flow-log line `pick` accepts, waiting up to [`WAIT`].
+    fn wait_log(&self, what: &str, pick: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let end = Instant::now() + WAIT;
+        loop {
+            let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            let lines: Vec<serde_json::Value> =
+                text.lines().map(|l| serde_json::from_str(l).expect("flow-log JSON")).collect();
+            if let Some(l) = lines.iter().find(|l| pick(l)) {
+                return l.clone();
+            }
+            assert!(Instant::now() < end, "no flow-log line for {what}; the log:\n{text}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `/metrics`, fetched from inside the gateway namespace.
+    fn metrics(&self) -> String {
+        let out = output_in(
+            &self.topo.gateway,
+            &format!("curl -sS --max-time 5 http://{}/metrics", self.admin),
+        );
+        assert!(out.status.success(), "metrics: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// curl from the client namespace, from `src`; exit code and stdout.
+    fn curl(&self, src: Ipv4Addr, max_time: u32) -> (i32, String, Duration) {
+        let t = Instant::now();
+        let out = output_in(
+            &self.topo.client,
+            &format!(
+                "curl -sS --max-time {max_time} --interface {src} http://{SERVER}:{HTTP_PORT}/"
+            ),
+        );
+        let body = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code().unwrap_or(-1), body, t.elapsed())
+    }
+}
+
+/// `ip netns exec NS flowgate run --config CONFIG`.
+fn in_netns(ns: &Netns, config: &std::path::Path) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_flowgate"), "run", "--config"])
+        .arg(config);
+    cmd
+}
+
+/// The value of the sample `series` (name and labels as rendered), 0 when absent.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// An nftables counter in the server namespace of every packet from the intruder: what
+/// reaches the server, counted on the server.
+fn count_intruder_on_server(server: &Netns) {
+    count_source_on_server(server, INTRUDER);
+}
+
+fn count_source_on_server(server: &Netns, src: Ipv4Addr) {
+    let out = output_in(
+        server,
+        &format!(
+            "nft add table inet fgtest && \
+             nft add chain inet fgtest input '{{ type filter hook input priority 0; }}' && \
+             nft add rule inet fgtest input ip saddr {src} counter"
+        ),
+    );
+    assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn intruder_packets_at_server(server: &Netns) -> u64 {
+    let out = output_in(server, "nft list chain inet fgtest input");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("counter packets")).expect("the counter rule");
+    let n = line.split("counter packets ").nth(1).and_then(|r| r.split(' ').next());
+    n.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("counter in {line:?}"))
+}
+
+/// Waits until something accepts on `addr` in `ns`.
+fn wait_listening(ns: &Netns, addr: SocketAddr) {
+    in_ns(ns, || {
+        // python3 may start slowly on a loaded machine.
+        let end = Instant::now() + 3 * WAIT;
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            assert!(Instant::now() < end, "nothing listens on {addr}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+}
+
+/// A TCP echo server (port 9000) and a UDP echo server (port 5353) in the server
+/// namespace, on background threads; stopped on drop.
+struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Servers {
+    fn start(ns: &Netns) -> Servers {
+        let (tcp, udp) = in_ns(ns, || {
+            (
+                TcpListener::bind((SERVER, ECHO_PORT)).expect("bind TCP echo"),
+                UdpSocket::bind((SERVER, UDP_PORT)).expect("bind UDP echo"),
+            )
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        tcp.set_nonblocking(true).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let s1 = stop.clone();
+        let tcp_thread = std::thread::spawn(move || {
+            while !s1.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((mut c, _)) => {
+                        std::thread::spawn(move || {
+                            c.set_nonblocking(false).unwrap();
+                            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                            let mut buf = [0u8; 4096];
+                            while let Ok(n) = c.read(&mut buf) {
+                                if n == 0 || c.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        let s2 = stop.clone();
+        let udp_thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s2.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(&buf[..n], from);
+                }
+            }
+        });
+        Servers { stop, threads: vec![tcp_thread, udp_thread] }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A UDP socket in `ns` bound to `src`, connected to the server's echo port.
+fn udp_from(ns: &Netns, src: Ipv4Addr) -> UdpSocket {
+    let s = in_ns(ns, || UdpSocket::bind((src, 0)).expect("bind UDP client"));
+    s.connect((SERVER, UDP_PORT)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s
+}
+
+/// Sends one datagram and waits for its echo.
+fn udp_echoes(s: &UdpSocket, what: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.send(what)?;
+    let mut buf = [0u8; 2048];
+    let n = s.recv(&mut buf)?;
+    Ok(buf[..n].to_vec())
+}
+
+/// ICMP echo requests from `src` in `ns` to the server; how many were answered.
+fn ping_from(ns: &Netns, src: Ipv4Addr, count: u16) -> u16 {
+    in_ns(ns, || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).expect("raw socket");
+        s.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into()).expect("bind raw socket");
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let to = SocketAddr::V4(SocketAddrV4::new(SERVER, 0)).into();
+        let ident = (std::process::id() & 0xffff) as u16 ^ u16::from(src.octets()[3]);
+        let mut answered = 0;
+        for seq in 0..count {
+            let mut req = [0u8; 64];
+            req[0] = 8;
+            req[4..6].copy_from_slice(&ident.to_be_bytes());
+            req[6..8].copy_from_slice(&seq.to_be_bytes());
+            let sum = checksum(&req);
+            req[2..4].copy_from_slice(&sum.to_be_bytes());
+            s.send_to(&req, &to).expect("send echo request");
+            let end = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < end {
+                let mut buf = [0u8; 1500];
+                let Ok(n) = (&s).read(&mut buf) else { continue };
+                let got = &buf[..n];
+                let ihl = usize::from(got.first().map_or(0, |b| b & 0x0f)) * 4;
+                let Some(icmp) = got.get(ihl..) else { continue };
+                if n >= 20
+                    && got[12..16] == SERVER.octets()
+                    && got[16..20] == src.octets()
+                    && icmp.len() >= 8
+                    && icmp[0] == 0
+                    && icmp[4..6] == ident.to_be_bytes()
+                    && icmp[6..8] == seq.to_be_bytes()
+                {
+                    answered += 1;
+                    break;
+                }
+            }
+        }
+        answered
+    })
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[test]
+fn policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one() {
+    if needs() {
+        return;
+    }
+    let mut w = World::start("");
+
+    // Allowed TCP: curl to a real HTTP server.
+    let (code, body, _) = w.curl(CLIENT, 10);
+    assert_eq!(code, 0, "allowed curl: {body}");
+    assert!(body.contains("hello through the packet filter"), "{body}");
+    // Allowed UDP, with its reply.
+    let udp = udp_from(&w.topo.client, CLIENT);
+    assert_eq!(udp_echoes(&udp, b"ping-udp").expect("UDP echo through flowgate"), b"ping-udp");
+    // ICMP: allowed for the pinger (every protocol), denied for the client (ports only).
+    assert_eq!(ping_from(&w.topo.client, PINGER, 3), 3, "pinger's echo requests answered");
+    assert_eq!(ping_from(&w.topo.client, CLIENT, 2), 0, "client's ICMP is denied");
+
+    // Denied: TCP and UDP from the intruder never reach the server.
+    let before = intruder_packets_at_server(&w.topo.server);
+    let (code, body, _) = w.curl(INTRUDER, 3);
+    assert_ne!(code, 0, "denied curl succeeded: {body}");
+    let udp_bad = udp_from(&w.topo.client, INTRUDER);
+    assert!(udp_echoes(&udp_bad, b"nope").is_err(), "denied UDP answered");
+    assert_eq!(
+        intruder_packets_at_server(&w.topo.server),
+        before,
+        "a denied packet reached the server"
+    );
+    let deny = w.wait_log("the intruder's TCP deny", |l| {
+        l["event"] == "deny"
+            && l["src"].as_str().is_some_and(|s| s.starts_with(&format!("{INTRUDER}:")))
+            && l["dst"] == format!("{SERVER}:{HTTP_PORT}")
+    });
+    assert_eq!(deny["listener"], "packet", "{deny}");
+    w.wait_log("the client's ICMP deny", |l| {
+        l["event"] == "deny"
+            && l["src"].as_str().is_some_and(|s| s.starts_with(&format!("{CLIENT}:")))
+            && l["proto"].as_str().is_some_and(|p| p.eq_ignore_ascii_case("icmp"))
+    });
+
+    let m = w.metrics();
+    assert!(sample(&m, "flowgate_packet_packets_total{frontend=\"tun\",verdict=\"pass\"}") > 0.0);
+    assert!(
+        sample(&m, "flowgate_packet_dropped_total{frontend=\"tun\",reason=\"policy\"}") >= 2.0,
+        "{m}"
+    );
+    assert!(sample(&m, "flowgate_flows_total{listener=\"packet\",verdict=\"deny\"}") >= 2.0);
+
+    // An established flow, cut by a reload that denies it.
+    let mut conn = in_ns(&w.topo.client, || {
+        TcpStream::connect_timeout(&SocketAddr::from((SERVER, ECHO_PORT)), WAIT)
+            .expect("connect to the TCP echo server through flowgate")
+    });
+    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 64];
+    conn.write_all(b"before").unwrap();
+    conn.read_exact(&mut buf[..6]).expect("echo before the reload");
+    assert_eq!(&buf[..6], b"before");
+    std::fs::write(w.dir.path().join("policies/lab.yaml"), policy_without_9000()).unwrap();
+    w.fg.signal(libc::SIGHUP);
+    let end = Instant::now() + WAIT;
+    while sample(&w.metrics(), "flowgate_policy_generation") < 2.0 {
+        assert!(Instant::now() < end, "no reload after SIGHUP:\n{}", w.fg.seen.join("\n"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let revoked = w.wait_log("the revoked echo flow", |l| {
+        l["event"] == "revoked" && l["dst"] == format!("{SERVER}:{ECHO_PORT}")
+    });
+    assert_eq!(revoked["listener"], "packet", "{revoked}");
+    let _ = conn.write_all(b"after");
+    let got = conn.read(&mut buf);
+    assert!(
+        !matches!(got, Ok(n) if n > 0),
+        "the revoked flow still carries data: {got:?} {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    // Other flows go on.
+    assert_eq!(w.curl(CLIENT, 10).0, 0, "allowed curl after the reload");
+    w.fg.assert_running();
+}
+
+#[test]
+fn reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited() {
+    if needs() {
+        return;
+    }
+    let mut w = World::start("on_deny = \"reject\"");
+    let (code, body, took) = w.curl(INTRUDER, 10);
+    // curl's exit code 7: could not connect — at once, so refused by an RST (a dropped
+    // SYN would take curl's whole --max-time).
+    assert_eq!(code, 7, "curl from the intruder: {body}");
+    assert!(took < Duration::from_secs(3), "refusal took {took:?}: {body}");
+    let udp = udp_from(&w.topo.client, INTRUDER);
+    let err = udp_echoes(&udp, b"nope").expect_err("denied UDP answered");
+    // ICMP administratively prohibited (type 3 code 13) on a connected socket:
+    // EHOSTUNREACH; a timeout would mean no ICMP came back.
+    assert_eq!(err.raw_os_error(), Some(libc::EHOSTUNREACH), "{err}");
+    assert_eq!(intruder_packets_at_server(&w.topo.server), 0);
+    let m = w.metrics();
+    assert!(sample(&m, "flowgate_packet_rejects_total{result=\"sent\"}") >= 2.0, "{m}");
+    assert_eq!(w.curl(CLIENT, 10).0, 0, "allowed curl");
+    w.fg.assert_running();
+    // SIGTERM stops the workers and exits 0; the TUN device goes with its last queue.
+    w.fg.signal(libc::SIGTERM);
+    let status = w.fg.wait_exit(WAIT);
+    assert!(status.success(), "{status}: {}", w.fg.seen.join("\n"));
+    let link = output_in(&w.topo.gateway, &format!("ip link show {TUN}"));
+    assert!(!link.status.success(), "{TUN} still exists after exit");
+}
+
+/// What the injector writes into the TUN: each packet as hex, by name.
+fn malformed_packets(
+    established: Option<(SocketAddr, SocketAddr)>,
+) -> Vec<(&'static str, Vec<u8>)> {
+    let v4 = |proto: u8, total: u16, ihl: u8, frag: u16, rest: &[u8]| {
+        let mut p = vec![0x40 | ihl, 0, 0, 0, 0x12, 0x34, 0, 0, 64, proto, 0, 0];
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        p[6..8].copy_from_slice(&frag.to_be_bytes());
+        p.extend_from_slice(&INTRUDER.octets());
+        p.extend_from_slice(&SERVER.octets());
+        p.extend_from_slice(rest);
+        p
+    };
+    let v6 = |next: u8, payload: &[u8]| {
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+        p.extend_from_slice(&[next, 64]);
+        p.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        p.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        p.extend_from_slice(payload);
+        p
+    };
+    // 20 destination-options headers (8 bytes each, next = 60), then no next header.
+    let mut chain = Vec::new();
+    for i in 0..20 {
+        chain.extend_from_slice(&[if i == 19 { 59 } else { 60 }, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    let tcp_hdr = |sport: u16, dport: u16, seq: u32, flags: u8| {
+        let mut t = Vec::new();
+        t.extend_from_slice(&sport.to_be_bytes());
+        t.extend_from_slice(&dport.to_be_bytes());
+        t.extend_from_slice(&seq.to_be_bytes());
+        t.extend_from_slice(&0u32.to_be_bytes());
+        t.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        t
+    };
+    let mut out = vec![
+        ("truncated_ipv4", v4(6, 20, 5, 0, &[])[..12].to_vec()),
+        ("truncated_ipv6", v6(6, &[])[..24].to_vec()),
+        ("truncated_tcp", v4(6, 30, 5, 0, &[0x12, 0x34, 0x1f, 0x40, 0, 0, 0, 0, 0, 0])),
+        ("ihl_below_5", v4(6, 40, 4, 0, &tcp_hdr(4000, HTTP_PORT, 1, 0x02))),
+        ("total_length_beyond_buffer", v4(6, 1000, 5, 0, &tcp_hdr(4000, HTTP_PORT, 1, 0x02))),
+        ("zero_length", Vec::new()),
+        ("endless_ipv6_extension_chain", v6(60, &chain)),
+        // A TCP fragment at offset 8 bytes, overlapping the first fragment's TCP header
+        // (RFC 1858).
+        ("overlapping_fragment", v4(6, 36, 5, 1, &[0; 16])),
+        // A last fragment (offset 800 bytes) whose first fragment never came.
+        ("orphan_fragment", v4(17, 36, 5, 100, &[0; 16])),
+    ];
+    if let Some((client, server)) = established {
+        // A segment of an established flow, 2^31 bytes off its window.
+        let (SocketAddr::V4(c), SocketAddr::V4(s)) = (client, server) else { unreachable!() };
+        let mut p = v4(6, 40, 5, 0, &tcp_hdr(c.port(), s.port(), 0x8000_0000, 0x10));
+        p[12..16].copy_from_slice(&c.ip().octets());
+        p[16..20].copy_from_slice(&s.ip().octets());
+        out.push(("out_of_window_tcp", p));
+    }
+    out
+}
+
+/// Writes `packets` into the TUN from the gateway namespace: an AF_PACKET socket bound to
+/// the TUN transmits each buffer, as it is, to flowgate's queues. Returns the injector's
+/// report (one line per packet the kernel refused to send).
+fn inject(gateway: &Netns, dir: &std::path::Path, packets: &[(&str, Vec<u8>)]) -> String {
+    let script = dir.join("inject.py");
+    std::fs::write(
+        &script,
+        "import socket, sys\n\
+         dev = sys.argv[1]\n\
+         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n\
+         for arg in sys.argv[2:]:\n\
+         \x20   name, _, hexed = arg.partition('=')\n\
+         \x20   data = bytes.fromhex(hexed)\n\
+         \x20   proto = 0x86DD if data and data[0] >> 4 == 6 else 0x0800\n\
+         \x20   try:\n\
+         \x20       s.sendto(data, (dev, proto))\n\
+         \x20   except OSError as e:\n\
+         \x20       print('refused', name, e)\n",
+    )
+    .unwrap();
+    let args: Vec<String> = packets
+        .iter()
+        .map(|(name, p)| {
+            format!("{name}={}", p.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        })
+        .collect();
+    let out = output_in(gateway, &format!("python3 {} {TUN} {}", script.display(), args.join(" ")));
+    assert!(out.status.success(), "injector: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn malformed_packets_are_dropped_and_counted_and_forwarding_goes_on() {
+    if needs() {
+        return;
+    }
+    let mut w = World::start("");
+    let mut conn = in_ns(&w.topo.client, || {
+        TcpStream::connect_timeout(&SocketAddr::from((SERVER, ECHO_PORT)), WAIT)
+            .expect("connect to the TCP echo server through flowgate")
+    });
+    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let flow = (conn.local_addr().unwrap(), conn.peer_addr().unwrap());
+    let before = w.metrics();
+    let refused = inject(&w.topo.gateway, w.dir.path(), &malformed_packets(Some(flow)));
+    // The kernel may refuse to send an empty buffer; everything else reaches the TUN.
+    for line in refused.lines() {
+        assert!(line.starts_with("refused zero_length"), "injector: {refused}");
+    }
+    let at_least = |m: &str, series: &str, n: f64| {
+        let grew = sample(m, series) - sample(&before, series);
+        grew >= n
+    };
+    let end = Instant::now() + WAIT;
+    let wanted = [
+        ("flowgate_packet_malformed_total{reason=\"truncated\"}", 3.0),
+        ("flowgate_packet_malformed_total{reason=\"bad_ihl\"}", 1.0),
+        ("flowgate_packet_malformed_total{reason=\"bad_length\"}", 1.0),
+        ("flowgate_packet_malformed_total{reason=\"ext_chain_too_long\"}", 1.0),
+        ("flowgate_packet_malformed_total{reason=\"tiny_fragment\"}", 1.0),
+        ("flowgate_packet_dropped_total{frontend=\"tun\",reason=\"malformed\"}", 7.0),
+        ("flowgate_packet_dropped_total{frontend=\"tun\",reason=\"invalid\"}", 1.0),
+        ("flowgate_packet_dropped_total{frontend=\"tun\",reason=\"fragment\"}", 1.0),
+    ];
+    loop {
+        let m = w.metrics();
+        let missing: Vec<&str> =
+            wanted.iter().filter(|(s, n)| !at_least(&m, s, *n)).map(|(s, _)| *s).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "counters that did not rise: {missing:?}\nbefore:\n{before}\nafter:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The empty frame: refused by the kernel, or dropped by the device layer.
+    if refused.is_empty() {
+        assert!(at_least(
+            &w.metrics(),
+            "flowgate_packet_dropped_total{frontend=\"tun\",reason=\"device\"}",
+            1.0
+        ));
+    }
+    w.fg.assert_running();
+    // Forwarding goes on: the established flow and a new one.
+    let mut buf = [0u8; 5];
+    conn.write_all(b"still").unwrap();
+    conn.read_exact(&mut buf).expect("the established flow still echoes");
+    assert_eq!(&buf, b"still");
+    assert_eq!(w.curl(CLIENT, 10).0, 0, "allowed curl after the malformed packets");
+}
+
+#[test]
+fn a_device_that_cannot_be_opened_stops_start_up_naming_it() {
+    if skip_unless(&[Need::Root, topology::need_tun()]) {
+        return;
+    }
+    let ns = Netns::new("pktbad");
+    // An interface of that name that is not a TUN: TUNSETIFF refuses to attach to it.
+    ns.exec(&format!("ip link add {TUN} type veth peer name {TUN}p"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let config = dir.path().join("flowgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\n[control]\nwatch = false\n\
+             [packet]\nworkers = 1\n[packet.tun]\ndevice = \"{TUN}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut fg = Flowgate::spawn(in_netns(&ns, &config));
+    let status = fg.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(2), "{status}");
+    let line = fg.wait_stderr("flowgate: error", WAIT);
+    assert!(line.contains(TUN) && line.contains("TUNSETIFF"), "{line}");
+}
+
+/// The AF_PACKET front end as a bump in the wire: client and server on one subnet, the
+/// bump's two interfaces without addresses, flowgate the only way across (ARP included).
+#[test]
+fn afpacket_bump_in_the_wire_passes_allowed_flows_and_drops_denied_ones() {
+    if needs() {
+        return;
+    }
+    let b = Bump::new();
+    let intruder = Ipv4Addr::new(198, 18, 3, 3);
+    b.client.exec(&format!("ip addr add {intruder}/24 dev eth0"));
+    count_source_on_server(&b.server, intruder);
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = INVENTORY
+        .replace("198.18.1.2", &bump::CLIENT.to_string())
+        .replace("198.18.1.3", &intruder.to_string())
+        .replace("198.18.2.2", &bump::SERVER.to_string());
+    std::fs::write(dir.path().join("inventory.yaml"), inventory).unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/lab.yaml"), POLICY).unwrap();
+    std::fs::create_dir(dir.path().join("www")).unwrap();
+    std::fs::write(dir.path().join("www/index.html"), "hello across the bump\n").unwrap();
+    let config = dir.path().join("flowgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+             [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
+             [admin]\nbind = \"127.0.0.1:0\"\n[control]\nwatch = false\n\
+             [packet]\nfrontend = \"afpacket\"\nworkers = 2\n\
+             [packet.afpacket]\ninside = \"{}\"\noutside = \"{}\"\n",
+            bump::INSIDE,
+            bump::OUTSIDE
+        ),
+    )
+    .unwrap();
+    let mut fg = Flowgate::spawn(in_netns(&b.bump, &config));
+    fg.wait_stderr("flowgate: packet filter packet (afpacket) on in0+out0", WAIT);
+    fg.wait_ready();
+    let admin = fg.admin();
+    let _http = KillOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", &b.server.name, "python3", "-m", "http.server"])
+            .arg(HTTP_PORT.to_string())
+            .args(["--bind", &bump::SERVER.to_string(), "--directory"])
+            .arg(dir.path().join("www"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m http.server starts"),
+    );
+    wait_listening(&b.server, SocketAddr::from((bump::SERVER, HTTP_PORT)));
+    let curl = |src: Ipv4Addr, max_time: u32| {
+        let out = output_in(
+            &b.client,
+            &format!(
+                "curl -sS --max-time {max_time} --interface {src} http://{}:{HTTP_PORT}/",
+                bump::SERVER
+            ),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let (code, body) = curl(bump::CLIENT, 10);
+    assert_eq!(code, 0, "allowed curl across the bump (ARP and TCP): {body}");
+    assert!(body.contains("hello across the bump"), "{body}");
+    let (code, body) = curl(intruder, 3);
+    assert_ne!(code, 0, "denied curl succeeded: {body}");
+    let log = dir.path().join("flow.log");
+    let end = Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let hit = text.lines().any(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("flow-log JSON");
+            v["event"] == "deny"
+                && v["listener"] == "packet"
+                && v["src"].as_str().is_some_and(|s| s.starts_with(&format!("{intruder}:")))
+        });
+        if hit {
+            break;
+        }
+        assert!(Instant::now() < end, "no deny line for the intruder:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(intruder_packets_at_server(&b.server), 0, "a denied packet crossed the bump");
+    let out = output_in(&b.bump, &format!("curl -sS --max-time 5 http://{admin}/metrics"));
+    let m = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        sample(&m, "flowgate_packet_packets_total{frontend=\"afpacket\",verdict=\"pass\"}") > 0.0,
+        "{m}"
+    );
+    assert!(
+        sample(&m, "flowgate_packet_dropped_total{frontend=\"afpacket\",reason=\"policy\"}") >= 1.0,
+        "{m}"
+    );
+    fg.assert_running();
+}
