@@ -12,8 +12,10 @@
 //! - runs `flowgate` in packet mode with the equivalent NetworkPolicy set — one policy, or
 //!   10,000 over a generated inventory of 10,001 workloads — through
 //!   5. the TUN front end (the gateway routes everything it forwards into the TUN),
-//!   6. the AF_PACKET front end (a bump in the wire: client and server on one subnet,
-//!      the gateway's two interfaces without addresses; tests/support/bump.rs).
+//!   6. the AF_PACKET front end, a bump in the wire (tests/support/bump.rs).
+//!
+//! For the bump, client and server share one subnet and the gateway's two interfaces
+//! have no address.
 //!
 //! flowgate's cases run when the built binary accepts a `[packet]` config (`flowgate
 //! check` on it exits 0) and starts; otherwise they print `n/a` with the reason. Every
@@ -22,6 +24,7 @@
 //! ```text
 //! sudo cargo bench --bench packet_vs_nft                  # 4 s per measurement, 1 round
 //! PV_SECS=8 PV_ROUNDS=3 PV_RULES=10000 sudo cargo bench --bench packet_vs_nft
+//! PV_FLOWGATE=path/to/flowgate sudo cargo bench --bench packet_vs_nft   # another build
 //! ```
 //!
 //! Needs root, iperf3 and nft. Prints every measurement, each case's median, and the
@@ -83,25 +86,17 @@ fn nft_ruleset(set: NftSet, rules: usize) -> String {
         "ip saddr {CLIENT} ip daddr {SERVER} meta l4proto {{ tcp, udp }} th dport {PORT} accept"
     );
     let fillers = rules.saturating_sub(1);
-    match set {
-        NftSet::Set => {
-            s.push_str(
+    if set == NftSet::Set {
+        s.push_str(
                 "  set allowed {\n    type ipv4_addr . ipv4_addr . inet_proto . inet_service\n    elements = {\n",
             );
-            for i in 0..fillers {
-                let _ = writeln!(
-                    s,
-                    "      {} . {} . tcp . {},",
-                    filler(i),
-                    filler(i + 1),
-                    filler_port(i)
-                );
-            }
-            let _ = writeln!(s, "      {CLIENT} . {SERVER} . tcp . {PORT},");
-            let _ = writeln!(s, "      {CLIENT} . {SERVER} . udp . {PORT}");
-            s.push_str("    }\n  }\n");
+        for i in 0..fillers {
+            let _ =
+                writeln!(s, "      {} . {} . tcp . {},", filler(i), filler(i + 1), filler_port(i));
         }
-        _ => {}
+        let _ = writeln!(s, "      {CLIENT} . {SERVER} . tcp . {PORT},");
+        let _ = writeln!(s, "      {CLIENT} . {SERVER} . udp . {PORT}");
+        s.push_str("    }\n  }\n");
     }
     s.push_str("  chain forward {\n    type filter hook forward priority 0; policy drop;\n");
     if set != NftSet::LinearStateless {
@@ -216,8 +211,10 @@ fn write_config(dir: &Path, frontend: Frontend, inv: &str, pol: &str) -> std::pa
     config
 }
 
-fn flowgate_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_flowgate")
+/// The flowgate binary: `PV_FLOWGATE` if set (another build's), else the one cargo built
+/// with this bench.
+fn flowgate_bin() -> String {
+    std::env::var("PV_FLOWGATE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_flowgate").to_string())
 }
 
 /// Whether the built flowgate takes a `[packet]` config of `frontend`: `None` if so,
@@ -227,7 +224,7 @@ fn packet_mode_missing(frontend: Frontend) -> Option<String> {
     let (inv, pol) = flowgate_policy(CLIENT, SERVER, 1);
     let config = write_config(dir.path(), frontend, &inv, &pol);
     let out = Command::new("timeout")
-        .args(["30", flowgate_bin(), "check", "--config"])
+        .args(["30", &flowgate_bin(), "check", "--config"])
         .arg(&config)
         .stdin(Stdio::null())
         .output()
@@ -236,13 +233,15 @@ fn packet_mode_missing(frontend: Frontend) -> Option<String> {
         return None;
     }
     let err = String::from_utf8_lossy(&out.stderr);
-    Some(err.lines().find(|l| !l.trim().is_empty()).unwrap_or("check failed").to_string())
+    let line = err.lines().find(|l| l.contains("unknown field"));
+    let line = line.or_else(|| err.lines().find(|l| !l.trim().is_empty()));
+    Some(line.unwrap_or("check failed").trim().to_string())
 }
 
 /// `flowgate run` in `ns`.
 fn flowgate_in(ns: &Netns, config: &Path) -> Flowgate {
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name, flowgate_bin(), "run", "--config"]).arg(config);
+    cmd.args(["netns", "exec", &ns.name, &flowgate_bin(), "run", "--config"]).arg(config);
     Flowgate::spawn(cmd)
 }
 
