@@ -8,6 +8,9 @@
 //!   early; a copy of the bundled config with no fixed port.
 //! - [`gateway`]: flowgate built in-process with `flowgate::gateway::Gateway::start`, the
 //!   one library entry `flowgate run` uses, its runtime and control plane at hand.
+//! - [`topology`], [`bump`]: the packet dataplane's namespaces (client — gateway — server
+//!   routed, or client — bump — server at L2) and trivial forwarders over the TUN and
+//!   AF_PACKET device layers.
 //! - [`l4`], [`egress`], [`control`], [`netns`]: each area's world (inventory, policy,
 //!   config text, peers) and bounded waits.
 #![allow(dead_code)] // each test binary uses a different part

@@ -426,3 +426,56 @@ pub fn iperf3_between(client: &Netns, server_ns: &Netns, server_addr: Ipv4Addr, 
     let _ = server.wait();
     rate.unwrap_or_else(|| panic!("iperf3 -c never ran: {last}"))
 }
+
+/// UDP packets per second with a `payload`-byte payload from `client` to `server_addr` in
+/// `server_ns` (`iperf3 -u -b 0`, one stream, `secs` seconds): (sent, received) per
+/// second, received as the iperf3 server counted it (sent less lost). Bounded like
+/// [`iperf3_between`].
+pub fn udp_pps_between(
+    client: &Netns,
+    server_ns: &Netns,
+    server_addr: Ipv4Addr,
+    payload: u32,
+    secs: u32,
+) -> (f64, f64) {
+    let mut server = std::process::Command::new("ip")
+        .args(["netns", "exec", &server_ns.name, "iperf3", "-s", "-1", "-B"])
+        .arg(server_addr.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 -s starts");
+    let start = Instant::now();
+    let mut rate = None;
+    let mut last = String::new();
+    while rate.is_none() && start.elapsed() < Duration::from_secs(10) {
+        let t0 = Instant::now();
+        let o = output_in(
+            client,
+            &format!(
+                "timeout {} iperf3 -J -u -b 0 -l {payload} -c {server_addr} -t {secs}",
+                secs + 10
+            ),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let sum = &v["end"]["sum"];
+        rate = match (
+            sum["packets"].as_f64(),
+            sum["lost_packets"].as_f64(),
+            sum["seconds"].as_f64(),
+        ) {
+            (Some(p), Some(l), Some(s)) if o.status.success() && s > 0.0 => {
+                Some((p / s, (p - l).max(0.0) / s))
+            }
+            _ => None,
+        };
+        last = format!("{} {}", o.status, v["error"]);
+        if rate.is_none() {
+            assert!(t0.elapsed() < Duration::from_secs(2), "iperf3 -u -c failed: {last}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    rate.unwrap_or_else(|| panic!("iperf3 -u -c never ran: {last}"))
+}
