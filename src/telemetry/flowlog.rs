@@ -492,10 +492,20 @@ impl Writer {
         let _ = self.out.flush();
     }
 
+    /// Writes one line whole or not at all: it is rendered first, then handed to the
+    /// buffer in one `write_all`, which takes all of it or (the buffer full and the disk
+    /// refusing the flush: ENOSPC, EIO) none of it. A line refused is lost: its `count`
+    /// events are counted as dropped, so a full disk shows in `flowlog_dropped` instead of
+    /// vanishing, and no half line is left in the buffer to glue onto the next one when
+    /// the disk has room again (lines already buffered are written then).
     fn write(&mut self, ev: &Event, count: u64) {
-        let line = render(ev, count);
-        if serde_json::to_writer(&mut self.out, &line).is_ok() {
-            let _ = self.out.write_all(b"\n");
+        let mut buf = Vec::with_capacity(320);
+        let ok = serde_json::to_writer(&mut buf, &render(ev, count)).is_ok() && {
+            buf.push(b'\n');
+            self.out.write_all(&buf).is_ok()
+        };
+        if !ok {
+            self.registry.flowlog_dropped.fetch_add(count, Ordering::Relaxed);
         }
     }
 }
