@@ -102,12 +102,9 @@ fn port() -> impl Strategy<Value = PortMatch> {
     ]
 }
 
-fn rule(admin: bool) -> impl Strategy<Value = Rule> {
-    let action = if admin {
-        select(&[Action::Allow, Action::Deny, Action::Pass]).boxed()
-    } else {
-        Just(Action::Allow).boxed()
-    };
+/// A rule whose action is one of `actions` (`Pass` only in the Admin tier).
+fn rule(actions: &'static [Action]) -> impl Strategy<Value = Rule> {
+    let action = select(actions);
     (
         action,
         prop_oneof![1 => Just(Peers::Any), 4 => prop::collection::vec(peer(), 0..3).prop_map(Peers::List)],
@@ -134,7 +131,12 @@ fn policy(name: String) -> impl Strategy<Value = Policy> {
                     pods: subject.pods,
                 }
             };
-            let rules = || prop::option::of(prop::collection::vec(rule(admin), 0..3));
+            let actions: &'static [Action] = match tier {
+                Tier::Admin { .. } => &[Action::Allow, Action::Deny, Action::Pass],
+                Tier::Baseline { .. } => &[Action::Allow, Action::Deny],
+                Tier::Namespaced => &[Action::Allow],
+            };
+            let rules = move || prop::option::of(prop::collection::vec(rule(actions), 0..3));
             (rules(), rules()).prop_map(move |(ingress, egress)| Policy {
                 kind,
                 name: name.clone(),
