@@ -39,6 +39,9 @@ use flowgate::policy::{
 };
 use ipnet::IpNet;
 
+#[path = "support/realistic.rs"]
+mod realistic;
+
 // ---------------- counting allocator ----------------
 
 /// Counts allocations and live bytes, so the bench can report the compiled policy's
@@ -721,7 +724,96 @@ fn entries() -> &'static [Entry] {
     })
 }
 
+/// A realistic set (`support/realistic.rs`) written to disk and loaded as `check` and
+/// `run` load it, with its flow mix.
+struct RealEntry {
+    label: String,
+    compiled: CompiledPolicy,
+    flows: Vec<realistic::Flow>,
+}
+
+impl RealEntry {
+    fn query(&self, i: usize) -> FlowQuery<'static> {
+        let (src, dst, dst_port, udp) = self.flows[i % self.flows.len()];
+        FlowQuery {
+            src,
+            dst,
+            dst_port,
+            proto: if udp { Proto::Udp } else { Proto::Tcp },
+            fqdn: None,
+        }
+    }
+}
+
+/// `FLOWGATE_BENCH_REALISTIC` (default `1k,10k,10k+tiers`; `100k` on request).
+fn realistic_entries() -> &'static [RealEntry] {
+    static SETS: OnceLock<Vec<RealEntry>> = OnceLock::new();
+    SETS.get_or_init(|| {
+        let spec = std::env::var("FLOWGATE_BENCH_REALISTIC")
+            .unwrap_or_else(|_| "1k,10k,10k+tiers".into());
+        spec.split(',')
+            .filter_map(|l| {
+                let (base, tiers) = match l.trim().strip_suffix("+tiers") {
+                    Some(b) => (b, true),
+                    None => (l.trim(), false),
+                };
+                let shape = realistic::Shape::by_label(base)?;
+                Some(if tiers { shape.with_cluster_tiers() } else { shape })
+            })
+            .map(|shape| {
+                let dir = tempfile::tempdir().expect("tempdir");
+                realistic::write(dir.path(), &shape);
+                let set = flowgate::policy::load::load(
+                    &dir.path().join("policies"),
+                    &dir.path().join("inventory.yaml"),
+                )
+                .expect("the realistic set loads");
+                let e = RealEntry {
+                    label: shape.label(),
+                    compiled: CompiledPolicy::compile(&set, &opts()).expect("compiles"),
+                    flows: realistic::flows(&shape, 4096),
+                };
+                let allocs_before = ALLOCS.load(Ordering::Relaxed);
+                let allowed =
+                    (0..e.flows.len()).filter(|&i| e.compiled.decide(&e.query(i)).verdict.is_allow()).count();
+                let allocs = ALLOCS.load(Ordering::Relaxed) - allocs_before;
+                assert_eq!(allocs, 0, "{}: decide allocated", e.label);
+                let t = Instant::now();
+                let again = CompiledPolicy::compile(&set, &opts()).expect("compiles");
+                println!(
+                    "{}: {} policies, {} workloads; compile {:.1} ms; {allowed} of {} flows allowed",
+                    e.label,
+                    set.policies.len(),
+                    set.inventory.workloads.len(),
+                    t.elapsed().as_secs_f64() * 1e3,
+                    e.flows.len()
+                );
+                drop(again);
+                e
+            })
+            .collect()
+    })
+}
+
+fn realistic_benches<M: Measurement + 'static>(c: &mut Criterion<M>, clock: &str) {
+    let mut g = c.benchmark_group(format!("decide_realistic/{clock}"));
+    for e in realistic_entries() {
+        let mut i = 0usize;
+        g.bench_function(BenchmarkId::from_parameter(&e.label), |b| {
+            b.iter(|| {
+                i = i.wrapping_add(1);
+                black_box(e.compiled.decide(black_box(&e.query(i))))
+            })
+        });
+    }
+    g.finish();
+}
+
 fn benches<M: Measurement + 'static>(c: &mut Criterion<M>, clock: &str) {
+    realistic_benches(c, clock);
+    if std::env::var_os("FLOWGATE_BENCH_REALISTIC_ONLY").is_some() {
+        return;
+    }
     let sets = entries();
     let mut decide = c.benchmark_group(format!("decide/{clock}"));
     for e in sets {

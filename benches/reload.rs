@@ -8,6 +8,18 @@
 //! - `hot/load_decide`: the data path's per-flow cost, `handle.load()` + `decide`, against
 //!   `hot/decide_only` (the compiled policy already in hand) as the peer.
 //! - `hot/latency_record`: `Registry::decision.record`, against a relaxed atomic add.
+//! - realistic sets (`support/realistic.rs`; `FLOWGATE_BENCH_REALISTIC=1k,10k,100k`,
+//!   default `10k`): start-up (`ControlPlane::new`: load + compile of generation 1), one
+//!   app policy file rewritten → new generation in force, directly and through the watcher
+//!   (p50/p99 over `FLOWGATE_BENCH_RELOADS` rewrites, default 50), and the RSS after the
+//!   first reload and after all of them. Printed, not criterion-sampled: the acceptance is
+//!   on percentiles.
+//! - `FLOWGATE_REALISTIC_WRITE=DIR` (with `FLOWGATE_BENCH_REALISTIC=10k`): writes the set,
+//!   a 1,000-case `cases.yaml` and a `flowgate.toml` under DIR for the CLI measurements
+//!   (`flowgate check`, `flowgate test`, `flowgate run`), then exits.
+
+#[path = "support/realistic.rs"]
+mod realistic;
 
 use std::hint::black_box;
 use std::path::Path;
@@ -167,6 +179,9 @@ fn print_phases(what: &str, reports: &[flowgate::control::ReloadReport]) {
 }
 
 fn reload_benches(c: &mut Criterion) {
+    if std::env::var_os("FLOWGATE_BENCH_REALISTIC_ONLY").is_some() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     write_set(dir.path());
     breakdown(dir.path());
@@ -253,6 +268,9 @@ fn reload_benches(c: &mut Criterion) {
 }
 
 fn hot_path(c: &mut Criterion) {
+    if std::env::var_os("FLOWGATE_BENCH_REALISTIC_ONLY").is_some() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     write_set(dir.path());
     let control = control(dir.path(), false);
@@ -311,5 +329,131 @@ fn hot_path(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, reload_benches, hot_path);
+fn realistic_shapes() -> Vec<realistic::Shape> {
+    let spec = std::env::var("FLOWGATE_BENCH_REALISTIC").unwrap_or_else(|_| "10k".into());
+    spec.split(',')
+        .filter_map(|l| {
+            let (base, tiers) = match l.trim().strip_suffix("+tiers") {
+                Some(b) => (b, true),
+                None => (l.trim(), false),
+            };
+            let s = realistic::Shape::by_label(base)?;
+            Some(if tiers { s.with_cluster_tiers() } else { s })
+        })
+        .collect()
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn percentiles(mut v: Vec<Duration>) -> (f64, f64, f64) {
+    v.sort();
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1e3;
+    (at(0.5), at(0.99), at(1.0))
+}
+
+/// Writes a realistic set for the CLI measurements and exits, when asked to.
+fn write_only(_: &mut Criterion) {
+    let Some(dir) = std::env::var_os("FLOWGATE_REALISTIC_WRITE") else { return };
+    let dir = std::path::PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let shape = realistic_shapes()[0];
+    realistic::write(&dir, &shape);
+    std::fs::write(dir.join("cases.yaml"), realistic::cases(&shape, 1000)).unwrap();
+    let toml = "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+                [control]\nwatch = true\n\
+                [admin]\nbind = \"127.0.0.1:0\"\ntoken = \"bench\"\n";
+    std::fs::write(dir.join("flowgate.toml"), toml).unwrap();
+    eprintln!("wrote {} under {}", shape.label(), dir.display());
+    std::process::exit(0);
+}
+
+fn realistic_reload(_: &mut Criterion) {
+    let runs: usize =
+        std::env::var("FLOWGATE_BENCH_RELOADS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+    for shape in realistic_shapes() {
+        let label = shape.label();
+        let dir = tempfile::tempdir().unwrap();
+        realistic::write(dir.path(), &shape);
+        let rss0 = rss_kib();
+        let t = Instant::now();
+        let plane = control(dir.path(), false);
+        let start = t.elapsed();
+        eprintln!(
+            "{label}: start (load + compile generation 1) {:.0} ms, RSS +{} MiB",
+            start.as_secs_f64() * 1e3,
+            rss_kib().saturating_sub(rss0) / 1024
+        );
+        // Direct reloads: one app policy rewritten each time.
+        let mut times = Vec::new();
+        let mut reports = Vec::new();
+        let mut rss_first = 0;
+        for v in 1..=runs {
+            let (n, a) = (v * 7 % shape.namespaces, v * 13 % shape.apps);
+            realistic::rewrite(dir.path(), &shape, n, a, v);
+            let t = Instant::now();
+            let report = plane.reload_blocking(Trigger::Api);
+            times.push(t.elapsed());
+            assert_eq!(report.result, flowgate::control::ReloadResult::Ok, "{:?}", report.errors);
+            reports.push(report);
+            if v == 1 {
+                std::thread::sleep(Duration::from_millis(50));
+                rss_first = rss_kib();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let rss_last = rss_kib();
+        let (p50, p99, max) = percentiles(times);
+        eprintln!(
+            "{label}: direct reload, one file changed: p50 {p50:.1} ms, p99 {p99:.1} ms, \
+             max {max:.1} ms ({runs} runs); RSS after 1st reload {} MiB, after {runs} {} MiB",
+            rss_first / 1024,
+            rss_last / 1024
+        );
+        print_phases(&format!("{label} direct reload"), &reports);
+        drop(plane);
+
+        // Through the watcher: rename-and-replace → new generation seen through the handle.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let plane = control(dir.path(), true);
+        let tasks = {
+            let _in_runtime = rt.enter();
+            plane.start().unwrap()
+        };
+        let handle = plane.policy();
+        let mut times = Vec::new();
+        for v in 1..=runs {
+            let version = 100_000 + v;
+            let (n, a) = (v * 11 % shape.namespaces, v * 17 % shape.apps);
+            let before = handle.load().generation;
+            let t = Instant::now();
+            realistic::rewrite(dir.path(), &shape, n, a, version);
+            while handle.load().generation == before {
+                assert!(t.elapsed() < Duration::from_secs(300), "reload never came");
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            times.push(t.elapsed());
+            // Let the reload's bookkeeping finish before the next change.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (p50, p99, max) = percentiles(times);
+        eprintln!(
+            "{label}: file change → enforced (watcher): p50 {p50:.1} ms, p99 {p99:.1} ms, \
+             max {max:.1} ms ({runs} runs)"
+        );
+        drop(tasks);
+    }
+}
+
+criterion_group!(benches, write_only, realistic_reload, reload_benches, hot_path);
 criterion_main!(benches);

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use flowgate::policy::simulate::{self, Case, Expect, SimFlow};
+use flowgate::policy::{CompiledPolicy, PolicyId, Verdict};
 use serde::Serialize;
 
 use super::check::Source;
@@ -83,11 +84,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         eprintln!("{bad} error(s) in {}; no case run", args.file.display());
         return Ok(ExitCode::from(1));
     }
+    // `decide`, not `explain`: the result names the deciding policy and the cause, which
+    // the decision carries; the trace `explain` builds would be thrown away.
+    let compiled = &loaded.compiled;
     let results: Vec<CaseResult> = flows
         .iter()
         .map(|(case, flow)| {
-            let ex = loaded.compiled.explain(&flow.query());
-            let got = if ex.decision.verdict.is_allow() { Expect::Allow } else { Expect::Deny };
+            let d = compiled.decide(&flow.query());
+            let got = if d.verdict.is_allow() { Expect::Allow } else { Expect::Deny };
+            let (direction, reason) = match d.verdict {
+                Verdict::Allow => (None, None),
+                Verdict::Deny(r) => (r.direction.map(|d| d.as_str()), Some(r.cause.as_str())),
+            };
             CaseResult {
                 name: case.label(),
                 from: case.from.to_string(),
@@ -97,10 +105,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 expect: case.expect.as_str(),
                 got: got.as_str(),
                 passed: got == case.expect,
-                direction: ex.direction,
-                reason: ex.reason,
-                policy: ex.policy,
-                would_deny: ex.would_deny,
+                direction,
+                reason,
+                policy: d.policy.map(|p| policy_label(compiled, p)),
+                would_deny: d.would_deny.map(|p| policy_label(compiled, p)),
             }
         })
         .collect();
@@ -115,6 +123,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         println!("{} passed, {} failed", report.passed, report.failed);
     }
     Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// `Kind name`, as `explain` labels a policy.
+fn policy_label(compiled: &CompiledPolicy, id: PolicyId) -> String {
+    match (compiled.policy_kind(id), compiled.policy_name(id)) {
+        (Some(kind), Some(name)) => format!("{} {name}", kind.as_str()),
+        _ => format!("policy #{}", id.0),
+    }
 }
 
 /// ` (ingress: not-admitted, NetworkPolicy data/default-deny)` for a denial, the

@@ -35,7 +35,9 @@ use crate::policy::{Decision, PolicyHandle, PolicySnapshot};
 use crate::telemetry::metrics::Registry;
 
 pub use emergency::{EmergencyEntry, EmergencyError, EmergencyRequest, Overlay, OverlayLimits};
-pub use reload::{ReloadError, ReloadReport, ReloadResult, Reloader, Sources, Trigger};
+pub use reload::{
+    ChangedSources, ReloadError, ReloadReport, ReloadResult, Reloader, Sources, Trigger,
+};
 
 /// Start-up and task errors of the control plane.
 #[derive(Debug, Error)]
@@ -72,12 +74,16 @@ pub(crate) struct Shared {
     pub(crate) conntrack: Arc<Conntrack>,
     pub(crate) metrics: Arc<Registry>,
     on_revoke: RevokeFn,
-    /// Lock order: `reloader`, then `overlay`, then `status`.
+    /// Lock order: `reloader`, then `overlay`, then `changes`, then `status`.
     reloader: Mutex<Reloader>,
     overlay: Mutex<Overlay>,
     status: Mutex<ReloadStatus>,
     audit: audit::AuditLog,
     pub(crate) expiry_changed: tokio::sync::Notify,
+    /// What the watcher saw change since the last watch-triggered reload (see
+    /// [`ChangedSources`]); starts as "everything", since nothing is known of changes
+    /// made before the watch began.
+    changes: Arc<Mutex<ChangedSources>>,
 }
 
 /// The control plane. Cheap to clone (one `Arc`).
@@ -163,6 +169,7 @@ impl ControlPlane {
             status: Mutex::new(ReloadStatus { last: Some(report), failing: None }),
             audit,
             expiry_changed: tokio::sync::Notify::new(),
+            changes: Arc::new(Mutex::new(ChangedSources::default())),
         };
         Ok(ControlPlane { shared: Arc::new(shared) })
     }
@@ -224,6 +231,7 @@ impl ControlPlane {
                 debounce: self.shared.cfg.control.debounce,
                 settle: self.shared.cfg.control.settle,
                 last_complete: Arc::new(AtomicBool::new(false)),
+                changes: self.shared.changes.clone(),
             };
             running._watcher = Some(watch::watch_sources(
                 &self.shared.cfg.policy.dir,
@@ -286,7 +294,11 @@ impl ControlPlane {
         let mut report = {
             let mut overlay = lock(&self.shared.overlay);
             overlay.prune(now);
-            reloader.apply(trigger, &overlay, now)
+            // A watch reload reads only what the watcher saw change; the others scan all.
+            let changes = (trigger == Trigger::Watch).then(|| {
+                std::mem::replace(&mut *lock(&self.shared.changes), ChangedSources::none())
+            });
+            reloader.apply_changes(trigger, &overlay, now, changes.as_ref())
         };
         if report.result == ReloadResult::Ok
             && self.shared.cfg.policy.on_change == OnChange::Revalidate

@@ -35,7 +35,7 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use super::ControlPlane;
-use super::reload::Trigger;
+use super::reload::{ChangedSources, Trigger};
 use crate::policy::load::is_policy_file;
 
 /// Keeps the notify watcher alive; dropping it stops watching.
@@ -59,11 +59,15 @@ pub struct WatchTiming {
     /// Whether the last change left a source file whole; written by the watcher before
     /// each send, read by the debounce loop after each receive.
     pub last_complete: Arc<AtomicBool>,
+    /// The paths that changed since the last reload took them (the reload reads only
+    /// those); written by the watcher before each send.
+    pub changes: Arc<std::sync::Mutex<ChangedSources>>,
 }
 
 /// Starts watching `dir` and `inventory`; each relevant change sends `()` on `tx` (a
 /// full channel already holds a pending change, so extra sends are dropped), after
-/// recording in `timing.last_complete` whether the change left a source file whole.
+/// recording in `timing.last_complete` whether the change left a source file whole and in
+/// `timing.changes` which source paths it touched.
 ///
 /// # Errors
 /// The platform watcher cannot be created or a path cannot be watched.
@@ -73,8 +77,10 @@ pub fn watch_sources(
     tx: mpsc::Sender<()>,
     timing: &WatchTiming,
 ) -> Result<SourceWatcher, notify::Error> {
+    let configured_dir = dir.to_path_buf();
     let dir = absolute(dir);
     let inventory = absolute(inventory);
+    let changes = timing.changes.clone();
     let inventory_dir = inventory.parent().map(Path::to_path_buf).unwrap_or_else(|| ".".into());
     let inventory_name = inventory.file_name().map(|n| n.to_os_string());
     let policy_is_file = dir.is_file();
@@ -105,11 +111,26 @@ pub fn watch_sources(
                 let is_source = |p: &Path| {
                     is_inventory(p) || (policy_is_file && p == watched_dir) || is_policy_file(p)
                 };
+                {
+                    let mut c = changes.lock().unwrap_or_else(|e| e.into_inner());
+                    if ev.paths.is_empty() || ev.need_rescan() || policy_is_file {
+                        c.everything = true;
+                    }
+                    for p in &ev.paths {
+                        if is_inventory(p) {
+                            c.inventory = true;
+                        }
+                        if let Ok(rel) = p.strip_prefix(&watched_dir) {
+                            c.files.insert(configured_dir.join(rel));
+                        }
+                    }
+                }
                 last_complete.store(completes_a_source(&ev, &is_source), Ordering::Release);
                 let _ = tx.try_send(());
             }
             // An overflowed or failed watch: reload to be safe, after the full debounce.
             Err(_) => {
+                changes.lock().unwrap_or_else(|e| e.into_inner()).everything = true;
                 last_complete.store(false, Ordering::Release);
                 let _ = tx.try_send(());
             }

@@ -33,7 +33,7 @@ use super::{DefaultAction, PolicyId, WorkloadId};
 use crate::flow::{Direction, Proto};
 
 /// Inputs to compilation besides the policy set.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CompileOptions {
     pub default: DefaultAction,
     pub unknown: DefaultAction,
@@ -168,14 +168,14 @@ pub(super) enum CPort {
 }
 
 /// A CIDR peer with its exceptions (spans into `CompiledPolicy::excepts`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct CCidr {
     pub(super) net: Range,
     pub(super) except: Span,
 }
 
 /// One rule, compiled.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct CRule {
     pub(super) action: Action,
     /// `Peers::Any`.
@@ -192,7 +192,7 @@ pub(super) struct CRule {
 }
 
 /// What applies to one workload in one direction. Spans into `CompiledPolicy::lists`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct SideTable {
     /// Admin rule ids, in evaluation order.
     pub(super) admin: Span,
@@ -213,7 +213,7 @@ pub(super) struct SideTable {
 }
 
 /// Names and metadata of a policy (every policy of the set, live or not).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub(super) struct PolicyMeta {
     pub(super) name: String,
     pub(super) kind: PolicyKind,
@@ -222,7 +222,7 @@ pub(super) struct PolicyMeta {
     pub(super) egress_names: Vec<Option<String>>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub(super) struct WorkloadMeta {
     pub(super) namespace: String,
     pub(super) name: String,
@@ -232,16 +232,18 @@ pub(super) struct WorkloadMeta {
 }
 
 /// A named port of a workload: interned name, protocol, number.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct WPort {
     pub(super) name: u32,
     pub(super) proto: Proto,
     pub(super) port: u16,
 }
 
-/// The immutable, shareable result of compilation. `Send + Sync`: plain owned data,
-/// no interior mutability; share it behind an `Arc` (the `PolicySnapshot`).
-#[derive(Debug)]
+/// The immutable, shareable result of compilation. `Send + Sync`: plain owned data
+/// (the one cell, the name index, is written once on first use); share it behind an
+/// `Arc` (the `PolicySnapshot`). Equality is structural, table by table: two compilations
+/// of the same set are equal, however they were reached (`compile` or `compile_with`).
+#[derive(Debug, PartialEq)]
 pub struct CompiledPolicy {
     pub(super) opts: CompileOptions,
     pub(super) lpm: Lpm,
@@ -316,6 +318,20 @@ pub struct CompiledPolicy {
     pub(super) admin_port: [[Vec<u64>; 4]; 2],
     next_expiry: Option<SystemTime>,
     live_policies: usize,
+    /// Workload ids sorted by (namespace, name), for [`CompiledPolicy::find_workload`];
+    /// built on first use (the CLI and the admin API ask, a reload does not).
+    by_name: NameIndex,
+}
+
+/// The lazily built index behind [`CompiledPolicy::find_workload`]. Derived from the
+/// workloads, so it takes no part in equality.
+#[derive(Debug, Default)]
+struct NameIndex(std::sync::OnceLock<Vec<u32>>);
+
+impl PartialEq for NameIndex {
+    fn eq(&self, _: &NameIndex) -> bool {
+        true
+    }
 }
 
 /// Index of `dir` in the side tables.
@@ -379,9 +395,12 @@ impl Hash for SelContent<'_> {
     }
 }
 
-/// The state of one compilation.
-struct Builder<'a> {
-    set: &'a PolicySet,
+/// The inventory's indexes for resolving workload selectors, and every selector resolved
+/// so far. The compiler resolves subjects and peers through it, and `lint` asks it
+/// whether a selector selects anything: both look at posting lists, never at every
+/// workload per selector.
+pub(super) struct Selectors<'a> {
+    workloads: &'a [super::ir::Workload],
     /// Namespaces unique by name (first wins), plus those only workloads mention.
     ns_labels: Vec<Labels>,
     ns_index: FastMap<&'a str, usize>,
@@ -400,6 +419,48 @@ struct Builder<'a> {
     /// Selector → index in `selections`: callers borrow the ids instead of cloning them.
     selected: FastMap<SelKey<'a>, usize>,
     selections: Vec<Vec<u32>>,
+    /// Selections of earlier compilations over the same inventory (see [`CompileCache`]).
+    memo: Option<SelectionMemo>,
+    /// Selections resolved here rather than found in `memo` (selector, hash, index in
+    /// `selections`), to add to it afterwards.
+    resolved: Vec<(&'a WorkloadSelector, u64, usize)>,
+}
+
+/// Resolved selectors by content hash: a selector's workloads depend on the inventory
+/// and the selector alone, so they carry over between compilations of sets that share
+/// one inventory (`Arc::ptr_eq`).
+#[derive(Debug, Default)]
+struct SelectionMemo {
+    by_hash: FastMap<u64, Vec<(WorkloadSelector, Vec<u32>)>>,
+    len: usize,
+}
+
+impl SelectionMemo {
+    fn get(&self, hash: u64, sel: &WorkloadSelector) -> Option<&[u32]> {
+        self.by_hash.get(&hash)?.iter().find(|(s, _)| s == sel).map(|(_, ids)| ids.as_slice())
+    }
+
+    fn insert(&mut self, hash: u64, sel: &WorkloadSelector, ids: &[u32]) {
+        self.by_hash.entry(hash).or_default().push((sel.clone(), ids.to_vec()));
+        self.len += 1;
+    }
+}
+
+/// What one compilation leaves for the next: the selectors it resolved, valid while the
+/// inventory is the same (`Arc::ptr_eq`). The reloader keeps one, so a reload after one
+/// policy file changed resolves only that file's selectors; everything else in the set
+/// costs a hash lookup. The result is exactly that of [`CompiledPolicy::compile`]
+/// (tests/incremental_props.rs compares the two over random edit sequences).
+#[derive(Debug, Default)]
+pub struct CompileCache {
+    inventory: Option<std::sync::Arc<super::ir::Inventory>>,
+    memo: SelectionMemo,
+}
+
+/// The state of one compilation.
+struct Builder<'a> {
+    set: &'a PolicySet,
+    sel: Selectors<'a>,
     port_names: FastMap<String, u32>,
     interned_sets: FastMap<Vec<u32>, WorkloadSet>,
     interned_lists: FastMap<Vec<u32>, Span>,
@@ -452,6 +513,36 @@ impl CompiledPolicy {
     /// [`super::ir`]): the loader guarantees them, so this only fires for sets built in
     /// code. Failing here keeps the last good policy in force.
     pub fn compile(set: &PolicySet, opts: &CompileOptions) -> Result<CompiledPolicy, CompileError> {
+        Self::build(set, opts, None).map(|(c, _)| c)
+    }
+
+    /// [`CompiledPolicy::compile`] reusing what earlier compilations with `cache` resolved
+    /// (see [`CompileCache`]): the same result, faster when the set shares its inventory
+    /// with the last one and most of its policies.
+    ///
+    /// # Errors
+    /// As [`CompiledPolicy::compile`]; the cache is emptied (the next compilation
+    /// resolves everything again).
+    pub fn compile_with(
+        set: &PolicySet,
+        opts: &CompileOptions,
+        cache: &mut CompileCache,
+    ) -> Result<CompiledPolicy, CompileError> {
+        if !cache.inventory.as_ref().is_some_and(|i| std::sync::Arc::ptr_eq(i, &set.inventory)) {
+            cache.memo = SelectionMemo::default();
+            cache.inventory = Some(set.inventory.clone());
+        }
+        let memo = std::mem::take(&mut cache.memo);
+        let (compiled, memo) = Self::build(set, opts, Some(memo))?;
+        cache.memo = memo;
+        Ok(compiled)
+    }
+
+    fn build(
+        set: &PolicySet,
+        opts: &CompileOptions,
+        memo: Option<SelectionMemo>,
+    ) -> Result<(CompiledPolicy, SelectionMemo), CompileError> {
         validate(set)?;
         let n = set.inventory.workloads.len();
         if n >= NONE as usize {
@@ -493,6 +584,7 @@ impl CompiledPolicy {
             admin_port: Default::default(),
             next_expiry: None,
             live_policies: 0,
+            by_name: NameIndex::default(),
         };
         // Capacities from the input's size: growing these maps rehashed every entry a
         // dozen times over at 10,000 policies.
@@ -503,17 +595,7 @@ impl CompiledPolicy {
             .sum();
         let mut b = Builder {
             set,
-            ns_labels: Vec::new(),
-            ns_index: FastMap::default(),
-            ns_workloads: Vec::new(),
-            workload_ns: Vec::new(),
-            label_index: FastMap::default(),
-            key_index: FastMap::default(),
-            selected: FastMap::with_capacity_and_hasher(
-                set.policies.len() + rules_hint * 2,
-                Default::default(),
-            ),
-            selections: Vec::new(),
+            sel: Selectors::new(&set.inventory, set.policies.len() + rules_hint * 2),
             port_names: FastMap::default(),
             interned_sets: FastMap::with_capacity_and_hasher(rules_hint, Default::default()),
             interned_lists: FastMap::with_capacity_and_hasher(n * 2, Default::default()),
@@ -522,12 +604,14 @@ impl CompiledPolicy {
             interned_bits: FastMap::default(),
             out,
         };
+        b.sel.memo = memo;
         b.inventory();
         b.policies();
         b.port_filter();
         b.segment_lists();
         b.admin_index();
-        Ok(b.out)
+        let memo = b.sel.take_memo();
+        Ok((b.out, memo))
     }
 
     /// The workload that owns `ip` (longest prefix match), or `None` for an external
@@ -544,13 +628,23 @@ impl CompiledPolicy {
             .map(|w| WorkloadName { namespace: &w.namespace, name: &w.name })
     }
 
-    /// Finds a workload by namespace and name. A linear scan: for the CLI and the admin
-    /// API, not the data path.
+    /// Finds a workload by namespace and name: a binary search of an index sorted by
+    /// name, built on the first call (`flowgate test` resolves thousands of cases; a scan
+    /// of 10,000 workloads per case was most of its time). For the CLI and the admin API,
+    /// not the data path.
     pub fn find_workload(&self, namespace: &str, name: &str) -> Option<WorkloadId> {
-        self.workloads
-            .iter()
-            .position(|w| w.namespace == namespace && w.name == name)
-            .map(|i| WorkloadId(i as u32))
+        let key = |i: u32| {
+            let w = &self.workloads[i as usize];
+            (w.namespace.as_str(), w.name.as_str())
+        };
+        let index = self.by_name.0.get_or_init(|| {
+            let mut v: Vec<u32> = (0..self.workloads.len() as u32).collect();
+            v.sort_by(|&a, &b| key(a).cmp(&key(b)));
+            v
+        });
+        // The first of equal names (a stable sort of ascending ids): what a scan found.
+        let at = index.partition_point(|&i| key(i) < (namespace, name));
+        index.get(at).filter(|&&i| key(i) == (namespace, name)).map(|&i| WorkloadId(i))
     }
 
     /// An address that stands for the workload: its first address entry; for a CIDR the
@@ -672,67 +766,75 @@ fn validate(set: &PolicySet) -> Result<(), CompileError> {
     Ok(())
 }
 
-impl<'a> Builder<'a> {
-    fn inventory(&mut self) {
-        let inv = &self.set.inventory;
+impl<'a> Selectors<'a> {
+    /// Indexes `inv`'s namespaces and labels; `capacity`: distinct selectors expected.
+    pub(super) fn new(inv: &'a super::ir::Inventory, capacity: usize) -> Selectors<'a> {
+        let mut s = Selectors {
+            workloads: &inv.workloads,
+            ns_labels: Vec::new(),
+            ns_index: FastMap::default(),
+            ns_workloads: Vec::new(),
+            workload_ns: Vec::with_capacity(inv.workloads.len()),
+            label_index: FastMap::default(),
+            key_index: FastMap::default(),
+            selected: FastMap::with_capacity_and_hasher(capacity, Default::default()),
+            selections: Vec::new(),
+            memo: None,
+            resolved: Vec::new(),
+        };
         for ns in &inv.namespaces {
-            if !self.ns_index.contains_key(ns.name.as_str()) {
-                self.ns_index.insert(&ns.name, self.ns_labels.len());
-                self.ns_labels.push(ns.labels.clone());
-                self.ns_workloads.push(Vec::new());
+            if !s.ns_index.contains_key(ns.name.as_str()) {
+                s.ns_index.insert(&ns.name, s.ns_labels.len());
+                s.ns_labels.push(ns.labels.clone());
+                s.ns_workloads.push(Vec::new());
             }
         }
         for (i, w) in inv.workloads.iter().enumerate() {
-            let ns = match self.ns_index.get(w.namespace.as_str()) {
+            let ns = match s.ns_index.get(w.namespace.as_str()) {
                 Some(&ns) => ns,
                 None => {
                     // A namespace the inventory does not list carries only its name label.
-                    let ns = self.ns_labels.len();
-                    self.ns_index.insert(&w.namespace, ns);
-                    self.ns_labels.push(Labels::from([(
+                    let ns = s.ns_labels.len();
+                    s.ns_index.insert(&w.namespace, ns);
+                    s.ns_labels.push(Labels::from([(
                         NAMESPACE_NAME_LABEL.to_string(),
                         w.namespace.clone(),
                     )]));
-                    self.ns_workloads.push(Vec::new());
+                    s.ns_workloads.push(Vec::new());
                     ns
                 }
             };
-            self.ns_workloads[ns].push(i as u32);
-            self.workload_ns.push(ns as u32);
+            s.ns_workloads[ns].push(i as u32);
+            s.workload_ns.push(ns as u32);
             for (k, v) in &w.labels {
-                self.label_index.entry(k).or_default().entry(v).or_default().push(i as u32);
-                self.key_index.entry(k).or_default().push(i as u32);
+                s.label_index.entry(k).or_default().entry(v).or_default().push(i as u32);
+                s.key_index.entry(k).or_default().push(i as u32);
             }
-            let off = self.out.ports.len() as u32;
-            for p in &w.ports {
-                let name = self.port_name(&p.name);
-                self.out.ports.push(WPort { name, proto: p.protocol, port: p.port });
-            }
-            let ports = Span { off, len: w.ports.len() as u32 };
-            self.out.workload_ports.push(ports);
-            self.out.workloads.push(WorkloadMeta {
-                namespace: w.namespace.clone(),
-                name: w.name.clone(),
-                addrs: w.addrs.clone(),
-                ports,
-            });
         }
-        self.out.lpm = Lpm::build(
-            inv.workloads
-                .iter()
-                .enumerate()
-                .flat_map(|(i, w)| w.addrs.iter().map(move |a| (*a, i as u32))),
-        );
+        s
     }
 
-    fn port_name(&mut self, name: &str) -> u32 {
-        if let Some(&id) = self.port_names.get(name) {
-            return id;
+    /// The memo with this compilation's new selections added; rebuilt from this
+    /// compilation's selections alone when the old ones would outnumber them (selectors
+    /// of policies long gone must not pile up over reloads).
+    fn take_memo(&mut self) -> SelectionMemo {
+        let Some(mut memo) = self.memo.take() else { return SelectionMemo::default() };
+        if memo.len + self.resolved.len() > 2 * self.selections.len() + 1024 {
+            memo = SelectionMemo::default();
+            for (key, &k) in &self.selected {
+                memo.insert(key.1, key.0, &self.selections[k]);
+            }
+            return memo;
         }
-        let id = self.out.port_names.len() as u32;
-        self.out.port_names.push(name.to_string());
-        self.port_names.insert(name.to_string(), id);
-        id
+        for &(sel, hash, k) in &self.resolved {
+            memo.insert(hash, sel, &self.selections[k]);
+        }
+        memo
+    }
+
+    /// The ids of selection `k` (as [`Selectors::select`] returned it), ascending.
+    pub(super) fn ids(&self, k: usize) -> &[u32] {
+        &self.selections[k]
     }
 
     /// The workloads `sel` selects, ascending. Resolved once per distinct selector.
@@ -743,12 +845,19 @@ impl<'a> Builder<'a> {
     /// `In` — the union of its values' lists —, `Exists`). Each candidate is then checked
     /// against the whole selector, so negative constraints (`NotIn`, `DoesNotExist`) need
     /// no index of their own: they only ever narrow the candidates.
-    fn select(&mut self, sel: &'a WorkloadSelector) -> usize {
+    pub(super) fn select(&mut self, sel: &'a WorkloadSelector) -> usize {
         let key = SelKey::of(sel);
         if let Some(&k) = self.selected.get(&key) {
             return k;
         }
-        let workloads = &self.set.inventory.workloads;
+        if let Some(ids) = self.memo.as_ref().and_then(|m| m.get(key.1, sel)) {
+            let k = self.selections.len();
+            self.selections.push(ids.to_vec());
+            self.selected.insert(key, k);
+            return k;
+        }
+        self.resolved.push((sel, key.1, self.selections.len()));
+        let workloads = self.workloads;
         // `namespaceSelector: {}` (every workload's namespace is known here): no list of
         // namespaces to build, and no namespace test per candidate.
         let every_ns = matches!(&sel.namespaces, NamespaceMatch::Selector(s) if s.is_empty());
@@ -846,6 +955,43 @@ impl<'a> Builder<'a> {
         self.selections.push(ids);
         self.selected.insert(key, k);
         k
+    }
+}
+
+impl<'a> Builder<'a> {
+    fn inventory(&mut self) {
+        let inv = &self.set.inventory;
+        for w in &inv.workloads {
+            let off = self.out.ports.len() as u32;
+            for p in &w.ports {
+                let name = self.port_name(&p.name);
+                self.out.ports.push(WPort { name, proto: p.protocol, port: p.port });
+            }
+            let ports = Span { off, len: w.ports.len() as u32 };
+            self.out.workload_ports.push(ports);
+            self.out.workloads.push(WorkloadMeta {
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                addrs: w.addrs.clone(),
+                ports,
+            });
+        }
+        self.out.lpm = Lpm::build(
+            inv.workloads
+                .iter()
+                .enumerate()
+                .flat_map(|(i, w)| w.addrs.iter().map(move |a| (*a, i as u32))),
+        );
+    }
+
+    fn port_name(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.port_names.get(name) {
+            return id;
+        }
+        let id = self.out.port_names.len() as u32;
+        self.out.port_names.push(name.to_string());
+        self.port_names.insert(name.to_string(), id);
+        id
     }
 
     /// Interns a sorted, deduplicated id list as a workload set: a sorted list while it
@@ -1218,13 +1364,13 @@ impl<'a> Builder<'a> {
             for peer in peers {
                 match peer {
                     Peer::Workloads(sel) => {
-                        let k = self.select(sel);
+                        let k = self.sel.select(sel);
                         // Each selection is sorted and unique: merge instead of sorting
                         // the concatenation (that sort was a third of compile time).
                         ids = if peer_sets == 0 {
-                            self.selections[k].clone()
+                            self.sel.ids(k).to_vec()
                         } else {
-                            merge_sorted(&ids, &self.selections[k])
+                            merge_sorted(&ids, self.sel.ids(k))
                         };
                         peer_sets += 1;
                     }
@@ -1311,8 +1457,8 @@ impl<'a> Builder<'a> {
             if !is_live {
                 continue;
             }
-            let subject = self.select(&p.subject);
-            let subject = self.selections[subject].clone();
+            let subject = self.sel.select(&p.subject);
+            let subject = self.sel.ids(subject).to_vec();
             let mut rules: [Option<Vec<u32>>; 2] = [None, None];
             for (d, list) in [(0, &p.ingress), (1, &p.egress)] {
                 rules[d] = list.as_ref().map(|list| {

@@ -69,7 +69,7 @@ impl Range {
 }
 
 /// The longest-prefix-match table for both families.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub(crate) struct Lpm {
     v4_starts: Vec<u32>,
     v4_owners: Vec<u32>,

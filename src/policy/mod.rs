@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::flow::{Direction, FlowKey, Proto};
 
-pub use compile::{CompileError, CompileOptions, CompiledPolicy, WorkloadName};
+pub use compile::{CompileCache, CompileError, CompileOptions, CompiledPolicy, WorkloadName};
 pub use ir::PolicySet;
 pub use load::{LoadError, LoadErrors};
 
