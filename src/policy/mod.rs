@@ -17,6 +17,7 @@
 
 pub mod compile;
 pub mod decide;
+pub mod diff;
 pub mod explain;
 pub mod inventory;
 pub mod ir;
