@@ -191,3 +191,50 @@ fn git_revisions_are_read_without_touching_the_work_tree() {
     assert_eq!(git(dir, &["status", "--porcelain"]), before, "work tree changed");
     assert!(dir.join("policies/scratch.yaml").exists());
 }
+
+/// The README's "Policy review" commands, run as written (with `sh`, `flowgate` on PATH,
+/// from the crate root): each exits 0, and the outputs the README quotes appear.
+#[test]
+fn readme_policy_review_commands_run_as_written() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let section = readme
+        .split("## Policy review")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("README has a Policy review section");
+    let mut lines = Vec::new();
+    let mut in_sh = false;
+    for l in section.lines() {
+        let t = l.trim();
+        if in_sh {
+            if t.starts_with("```") {
+                in_sh = false;
+            } else if !t.is_empty() && !t.starts_with('#') {
+                lines.push(t.to_string());
+            }
+        } else if t == "```sh" {
+            in_sh = true;
+        }
+    }
+    assert!(lines.iter().any(|l| l.starts_with("flowgate generate")), "{lines:?}");
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_flowgate"));
+    let path = format!(
+        "{}:{}",
+        bin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut all = String::new();
+    for line in &lines {
+        let out = Command::new("sh")
+            .args(["-c", line])
+            .env("PATH", &path)
+            .current_dir(root())
+            .output()
+            .expect("sh runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{line}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        all.push_str(&text);
+    }
+    assert!(all.lines().any(|l| l == DEMO_CLOSED), "{all}");
+    assert!(all.lines().any(|l| l == "opened: 127.0.0.3/32 → edge/demo-web 8081/TCP"), "{all}");
+}
