@@ -319,6 +319,9 @@ fn pair() -> impl Strategy<Value = (Vec<Policy>, Vec<Policy>)> {
     prop_oneof![3 => derived, 1 => (base(), base())]
 }
 
+/// The diff's changes by (from, to, protocol): (kind, first port, last port).
+type Reported = HashMap<(String, String, Proto), Vec<(ChangeKind, u16, u16)>>;
+
 /// How the brute force asks about one endpoint.
 #[derive(Clone, Debug)]
 struct Probe {
@@ -346,8 +349,7 @@ fn check(
     let (d, _) = diff::diff(sb, sa);
 
     // The diff, by endpoint labels.
-    let mut reported: HashMap<(String, String, Proto), Vec<(ChangeKind, u16, u16)>> =
-        HashMap::new();
+    let mut reported: Reported = HashMap::new();
     for c in d.expand() {
         for &(f, l) in c.ports {
             reported

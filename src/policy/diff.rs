@@ -938,9 +938,9 @@ impl<'a> Builder<'a> {
                 e.1 |= p.ingress.is_some();
             }
             for wc in &mut wclasses {
-                for t in 0..tables {
-                    for sel in &wc.sels[t] {
-                        if let Some(&(e, i)) = touched[t].get(sel) {
+                for (sels, touched) in wc.sels.iter().zip(&touched).take(tables) {
+                    for sel in sels {
+                        if let Some(&(e, i)) = touched.get(sel) {
                             wc.touched_egress |= e;
                             wc.touched_ingress |= i;
                         }

@@ -153,6 +153,9 @@ enum PeerKey {
 /// Per protocol, the observed ports; per port, (flows, first seen).
 type Ports = BTreeMap<(u8, u16), (u64, String)>;
 
+/// A peer and its observed ports, as grouped into one rule.
+type PeerPorts<'a> = (&'a PeerKey, &'a Ports);
+
 /// One generated policy: its subject and per direction its peers' ports.
 #[derive(Default)]
 struct Draft {
@@ -328,7 +331,7 @@ fn render(out: &mut String, ns: &str, name: &str, labels: &Labels, draft: &Draft
         [("ingress", "from", &draft.ingress), ("egress", "to", &draft.egress)]
     {
         // Peers with the same observed ports share a rule.
-        let mut rules: BTreeMap<Vec<(u8, u16)>, Vec<(&PeerKey, &Ports)>> = BTreeMap::new();
+        let mut rules: BTreeMap<Vec<(u8, u16)>, Vec<PeerPorts<'_>>> = BTreeMap::new();
         for (peer, ports) in peers {
             rules.entry(ports.keys().copied().collect()).or_default().push((peer, ports));
         }
