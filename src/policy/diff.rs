@@ -718,11 +718,12 @@ struct Builder<'a> {
     before: Side<'a>,
     after: Side<'a>,
     stats: Stats,
+    cuts: Vec<u16>,
 }
 
 impl<'a> Builder<'a> {
     fn new(before: Side<'a>, after: Side<'a>) -> Builder<'a> {
-        Builder { before, after, stats: Stats::default() }
+        Builder { before, after, stats: Stats::default(), cuts: Vec::new() }
     }
 
     fn run(mut self) -> (Diff, Stats) {
@@ -1025,17 +1026,22 @@ impl<'a> Builder<'a> {
         // 8. Decide the pairs a changed side can touch.
         let mut changes = Vec::new();
         let nw = wclasses.len();
-        let all_dst = 0..classes.len();
+        // Rows whose egress side did not change only meet the destinations whose ingress
+        // side did: list those once instead of scanning every destination per row.
+        let ingress_touched: Vec<usize> =
+            (0..nw).filter(|&d| wclasses[d].touched_ingress).collect();
         for src in 0..dom0 {
             let src_w = (src < nw).then(|| &wclasses[src]);
             let whole_row = src_w.is_some_and(|w| w.touched_egress);
-            for dst in all_dst.clone() {
+            let row: Box<dyn Iterator<Item = usize>> = if whole_row {
+                Box::new(0..classes.len())
+            } else {
+                Box::new(ingress_touched.iter().copied())
+            };
+            for dst in row {
                 let dst_w = (dst < nw).then(|| &wclasses[dst]);
                 if src_w.is_none() && dst_w.is_none() {
                     continue; // external → external / domain: policy.unknown, not policy
-                }
-                if !(whole_row || dst_w.is_some_and(|w| w.touched_ingress)) {
-                    continue;
                 }
                 self.stats.pairs += 1;
                 self.pair(src, dst, src_w, dst_w, &probes, &mut changes);
@@ -1055,10 +1061,13 @@ impl<'a> Builder<'a> {
         probes: &[Probe],
         out: &mut Vec<ClassChange>,
     ) {
+        // One buffer for every pair's cut points.
+        let mut cuts = std::mem::take(&mut self.cuts);
         let (ps, pd) = (&probes[src], &probes[dst]);
         let fqdn = pd.fqdn.as_deref();
         for (pi, &proto) in PROTOCOLS.iter().enumerate() {
-            let mut cuts: Vec<u16> = vec![1];
+            cuts.clear();
+            cuts.push(1);
             if let Some(w) = src_w {
                 cuts.extend_from_slice(&w.egress.0[pi]);
             }
@@ -1068,7 +1077,7 @@ impl<'a> Builder<'a> {
             }
             cuts.sort_unstable();
             cuts.dedup();
-            let cuts: Vec<u16> = cuts.into_iter().filter(|&c| c >= 1).collect();
+            cuts.retain(|&c| c >= 1);
             // Open changes by decision pair: (key, ranges).
             let mut open: Vec<(ChangeKey, Vec<(u16, u16)>)> = Vec::new();
             for (k, &start) in cuts.iter().enumerate() {
@@ -1101,6 +1110,7 @@ impl<'a> Builder<'a> {
                 out.push(ClassChange { kind: key.kind, from: src, to: dst, proto, ports });
             }
         }
+        self.cuts = cuts;
     }
 }
 
