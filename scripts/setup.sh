@@ -13,11 +13,14 @@
 #   prometheus      tests/prometheus.rs (prometheus and promtool)
 #   python3         egress_* (HTTP server, probes)
 #   squid           loadtest/egress_vs_squid.rs
+#   kubernetes-validate (PyPI)  generate_cli (generated NetworkPolicy against the k8s schema)
 #
 # Without root, it lists what is missing: elsewhere the tests that need it are skipped
 # (and say so), but when every peer is required (CI=true or FLOWGATE_REQUIRE_ALL=1) that
 # is an error here already.
 set -euo pipefail
+
+command -v kubernetes-validate >/dev/null || python3 -m pip install -q kubernetes-validate >&2 || echo "setup: pip could not install kubernetes-validate" >&2
 
 PACKAGES=(curl haproxy iproute2 iperf3 netcat-openbsd nftables openssl prometheus python3 squid)
 

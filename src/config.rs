@@ -107,6 +107,21 @@ pub struct PolicyConfig {
     /// What happens to established flows when policy changes. Default `revalidate`.
     #[serde(default)]
     pub on_change: OnChange,
+    /// `enforce` (default) or `observe`: `default` becomes `allow` and every allowed flow
+    /// is logged as an `allow` event (`flowlog.allow_sample = 1`), the input of
+    /// `flowgate generate`. Applied by [`Config::parse`].
+    #[serde(default)]
+    pub mode: PolicyMode,
+}
+
+/// `policy.mode`
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    #[default]
+    Enforce,
+    /// Learn the flows: allow what no policy isolates and log every allowed flow.
+    Observe,
 }
 
 impl Default for PolicyConfig {
@@ -117,6 +132,7 @@ impl Default for PolicyConfig {
             default: DefaultAction::Deny,
             unknown: DefaultAction::Deny,
             on_change: OnChange::Revalidate,
+            mode: PolicyMode::Enforce,
         }
     }
 }
@@ -196,7 +212,12 @@ impl Config {
 
     /// Parses config text without touching the file system.
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        let mut cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        if cfg.policy.mode == PolicyMode::Observe {
+            cfg.policy.default = DefaultAction::Allow;
+            cfg.flowlog.allow_sample = 1;
+        }
+        Ok(cfg)
     }
 
     /// Cross-field checks that serde cannot express.
@@ -371,6 +392,16 @@ mod tests {
         let cfg = Config::parse(text)?;
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
+    }
+
+    #[test]
+    fn observe_mode_allows_by_default_and_logs_every_allowed_flow() {
+        let cfg = validated("[policy]\nmode = \"observe\"\ndefault = \"deny\"\n").unwrap();
+        assert_eq!(cfg.policy.default, DefaultAction::Allow);
+        assert_eq!(cfg.flowlog.allow_sample, 1);
+        let cfg = validated("[policy]\n").unwrap();
+        assert_eq!(cfg.policy.mode, PolicyMode::Enforce);
+        assert_eq!(cfg.flowlog.allow_sample, 0);
     }
 
     #[test]

@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 
 mod admin_target;
 pub mod check;
+pub mod diff;
 pub mod explain;
+pub mod generate;
 pub mod quarantine;
 pub mod reload;
 pub mod run;
@@ -32,6 +34,10 @@ pub enum Command {
     Explain(explain::Args),
     /// Run connectivity assertions from a YAML file.
     Test(test::Args),
+    /// Show which flows a policy change opens and closes.
+    Diff(diff::Args),
+    /// Write NetworkPolicies that allow exactly the flows an observe-mode gateway logged.
+    Generate(generate::Args),
     /// Show what a running gateway has in force (admin API).
     Status(status::Args),
     /// Make a running gateway reload its policy now (admin API).
@@ -47,6 +53,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(args) => check::run(args),
         Command::Explain(args) => explain::run(args),
         Command::Test(args) => test::run(args),
+        Command::Diff(args) => diff::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Status(args) => status::run(args),
         Command::Reload(args) => reload::run(args),
         Command::Quarantine(args) => quarantine::run(args),

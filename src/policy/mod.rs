@@ -17,7 +17,9 @@
 
 pub mod compile;
 pub mod decide;
+pub mod diff;
 pub mod explain;
+pub mod generate;
 pub mod inventory;
 pub mod ir;
 pub mod lint;
