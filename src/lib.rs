@@ -17,10 +17,13 @@
 //! ```
 //!
 //! - [`flow`]: the shared vocabulary (`FlowKey`, `Proto`, `Direction`, address newtypes).
-//! - [`policy`]: loading Kubernetes policy YAML, compiling it, deciding one flow.
+//! - [`policy`]: loading Kubernetes policy YAML, compiling it, deciding one flow; the
+//!   reachability diff between two policy sets and policy generated from flow logs.
 //! - [`wire`]: untrusted bytes (PROXY protocol, SOCKS5, CONNECT, SNI), parsed in place.
 //! - [`conntrack`]: the sharded, bounded connection-tracking table.
-//! - [`dataplane`]: `admit`, the one gate every new flow passes, and the proxy listeners.
+//! - [`dataplane`]: `admit`, the one gate every new flow passes; the proxy listeners
+//!   (`dataplane::proxy`, connections) and the packet filter (`dataplane::packet`: TUN and
+//!   AF_PACKET front ends, classify → conntrack batch lookup → the gate per new flow).
 //! - [`egress`]: names, resolution, the SSRF guard, proxy credentials and handshakes for the
 //!   forward-proxy listeners.
 //! - [`telemetry`]: the flow log and metrics.
