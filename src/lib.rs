@@ -66,3 +66,21 @@ pub mod policy;
 pub mod shutdown;
 pub mod telemetry;
 pub mod wire;
+
+/// What the fuzz targets (`fuzz/`) need that is not public API: each item is the very
+/// function the gateway runs on outside bytes, re-exported here so no module widens its
+/// own visibility for the fuzzer. Not a stable interface.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// `GET /explain?…`: the query string parsed and answered against a policy snapshot,
+    /// as the admin handler does (`Err` is the message of its `400`).
+    ///
+    /// # Errors
+    /// The message the handler answers `400 Bad Request` with.
+    pub fn admin_explain(
+        snap: &crate::policy::PolicySnapshot,
+        query: &str,
+    ) -> Result<serde_json::Value, String> {
+        crate::admin::server::explain_answer(snap, query)
+    }
+}

@@ -25,7 +25,7 @@ use crate::control::audit::format_time;
 use crate::control::emergency::{EmergencyError, EmergencyRequest};
 use crate::control::{ControlPlane, ReloadResult, Trigger};
 use crate::dataplane::ReadyState;
-use crate::policy::simulate;
+use crate::policy::{PolicySnapshot, simulate};
 use crate::telemetry::exposition::{self, Scrape};
 
 type Resp = Response<Full<Bytes>>;
@@ -310,35 +310,34 @@ fn flows(control: &ControlPlane, query: &str) -> Resp {
 /// [`CompiledPolicy::explain`](crate::policy::CompiledPolicy::explain) serialised, with the
 /// generation that gave it.
 fn explain(control: &ControlPlane, query: &str) -> Resp {
+    match explain_answer(&control.policy().load_full(), query) {
+        Ok(v) => json_resp(StatusCode::OK, &v),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+/// The `/explain` answer for `query` against `snap`, or the message of the `400` it gets:
+/// everything the handler does but reading the policy handle and writing the response
+/// (so the fuzz target `admin_explain` runs exactly this).
+pub(crate) fn explain_answer(snap: &PolicySnapshot, query: &str) -> Result<Value, String> {
     let ps = params(query);
     let field = |key: &'static str| {
         param(&ps, key).filter(|v| !v.is_empty()).ok_or_else(|| format!("{key}: missing"))
     };
-    let input = (|| {
-        let from =
-            simulate::parse_endpoint(field("from")?, false).map_err(|e| format!("from: {e}"))?;
-        let to = simulate::parse_endpoint(field("to")?, true).map_err(|e| format!("to: {e}"))?;
-        let port = simulate::parse_port(field("port")?).map_err(|e| format!("port: {e}"))?;
-        let proto = simulate::parse_protocol(param(&ps, "protocol").unwrap_or("TCP"))
-            .map_err(|e| format!("protocol: {e}"))?;
-        let fqdn = match param(&ps, "fqdn").filter(|f| !f.is_empty()) {
-            None => None,
-            Some(f) => Some(
-                simulate::normalise_domain(f)
-                    .ok_or_else(|| format!("fqdn: {f:?} is not a domain name"))?,
-            ),
-        };
-        Ok::<_, String>((from, to, port, proto, fqdn))
-    })();
-    let (from, to, port, proto, fqdn) = match input {
-        Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    let from = simulate::parse_endpoint(field("from")?, false).map_err(|e| format!("from: {e}"))?;
+    let to = simulate::parse_endpoint(field("to")?, true).map_err(|e| format!("to: {e}"))?;
+    let port = simulate::parse_port(field("port")?).map_err(|e| format!("port: {e}"))?;
+    let proto = simulate::parse_protocol(param(&ps, "protocol").unwrap_or("TCP"))
+        .map_err(|e| format!("protocol: {e}"))?;
+    let fqdn = match param(&ps, "fqdn").filter(|f| !f.is_empty()) {
+        None => None,
+        Some(f) => Some(
+            simulate::normalise_domain(f)
+                .ok_or_else(|| format!("fqdn: {f:?} is not a domain name"))?,
+        ),
     };
-    let snap = control.policy().load_full();
-    let mut flow = match simulate::resolve(&snap.compiled, &from, &to, &port, proto) {
-        Ok(f) => f,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
-    };
+    let mut flow =
+        simulate::resolve(&snap.compiled, &from, &to, &port, proto).map_err(|e| e.to_string())?;
     if fqdn.is_some() {
         flow.fqdn = fqdn;
     }
@@ -347,7 +346,7 @@ fn explain(control: &ControlPlane, query: &str) -> Resp {
     if let Value::Object(m) = &mut v {
         m.insert("generation".into(), json!(snap.generation.0));
     }
-    json_resp(StatusCode::OK, &v)
+    Ok(v)
 }
 
 async fn reload(control: &ControlPlane) -> Resp {
