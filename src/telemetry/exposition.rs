@@ -35,6 +35,7 @@ pub mod names {
     pub const HANDSHAKE_ERRORS: &str = "flowgate_handshake_errors_total";
     pub const LIMIT_REACHED: &str = "flowgate_limit_reached_total";
     pub const UPSTREAM_FAILURES: &str = "flowgate_upstream_failures_total";
+    pub const ACCEPT_ERRORS: &str = "flowgate_accept_errors_total";
     pub const UDP_ASSOCIATIONS_IDLE: &str = "flowgate_udp_associations_idle_closed_total";
     pub const DECISION_SAMPLES_DROPPED: &str = "flowgate_policy_decision_samples_dropped_total";
     pub const CONNTRACK_INSERTED: &str = "flowgate_conntrack_inserted_total";
@@ -76,6 +77,7 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     (names::LIMIT_REACHED, "counter", "Times a limit bit: max_connections (accept paused), conntrack full (flow refused), max_handshakes (egress client refused at once), udp_max_associations (SOCKS5 UDP ASSOCIATE refused)."),
     (names::UDP_ASSOCIATIONS_IDLE, "counter", "SOCKS5 UDP associations closed after udp_associate_idle_timeout without a datagram."),
     (names::UPSTREAM_FAILURES, "counter", "Upstream connects that failed."),
+    (names::ACCEPT_ERRORS, "counter", "accept() failures (EMFILE/ENFILE pause the listener briefly; it never stops)."),
     (names::DECISION_SECONDS, "summary", "Policy decision time per new flow (hdrhistogram per worker, merged at scrape)."),
     (names::DECISION_SAMPLES_DROPPED, "counter", "Decision-time samples not recorded because every tried recorder slot was busy."),
     (names::CONNTRACK_ENTRIES, "gauge", "Flows tracked now."),
@@ -268,6 +270,10 @@ pub fn render(scrape: &Scrape<'_>) -> String {
     for l in &listeners {
         o.sample(names::UPSTREAM_FAILURES, &[("listener", &l.name)], get(&l.upstream_failed));
     }
+    o.family(names::ACCEPT_ERRORS);
+    for l in &listeners {
+        o.sample(names::ACCEPT_ERRORS, &[("listener", &l.name)], get(&l.accept_errors));
+    }
 
     let lat = reg.decision.snapshot();
     o.summary(names::DECISION_SECONDS, &lat.histogram, 1e-9, lat.sum.as_secs_f64());
@@ -398,8 +404,9 @@ mod tests {
 
     /// Every family the exposition has ever had, spelled out: dashboards and alerts use
     /// these names, so renaming one must fail here.
-    const KNOWN: [&str; 36] = [
+    const KNOWN: [&str; 37] = [
         "flowgate_flows_total",
+        "flowgate_accept_errors_total",
         "flowgate_connections_accepted_total",
         "flowgate_connections_active",
         "flowgate_bytes_total",
