@@ -30,27 +30,30 @@ use super::tcp_state::{Side, TcpConn, TcpFlags, TcpInvalid, TcpState};
 use super::tcp_window::TcpWindow;
 
 /// Lifecycle of a tracked flow, as the proxy dataplane and `/flows` see it.
+///
+/// The discriminants (0..=3, in the order below) are the flow state's two bits in an
+/// entry's packed state byte (`FLOW_BITS`): not a wire format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum FlowState {
     /// A proxied connection (or an established TCP flow) carrying data.
-    Open = 0,
+    Open,
     /// A proxied connection with one side shut down, or TCP FIN seen.
-    Closing = 1,
+    Closing,
     /// UDP / ICMP / TCP handshake: only the originator has sent so far.
-    Unreplied = 2,
+    Unreplied,
     /// UDP / ICMP: both sides have sent; evicted last.
-    Assured = 3,
+    Assured,
 }
 
 impl FlowState {
+    /// Every state, in discriminant order: `ALL[n] as u8 == n`.
+    const ALL: [FlowState; 4] =
+        [FlowState::Open, FlowState::Closing, FlowState::Unreplied, FlowState::Assured];
+
+    /// The state in a packed state byte's `FLOW_BITS`.
     fn from_bits(v: u8) -> FlowState {
-        match v & 0b11 {
-            1 => FlowState::Closing,
-            2 => FlowState::Unreplied,
-            3 => FlowState::Assured,
-            _ => FlowState::Open,
-        }
+        FlowState::ALL[usize::from(v & FLOW_BITS)]
     }
 
     pub const fn as_str(self) -> &'static str {
@@ -1003,6 +1006,15 @@ mod tests {
             cut: None,
             fqdn: None,
         }
+    }
+
+    #[test]
+    fn flow_states_unpack_from_their_bits_and_ignore_the_rest() {
+        for s in FlowState::ALL {
+            assert_eq!(FlowState::from_bits(s as u8), s);
+            assert_eq!(FlowState::from_bits(s as u8 | !FLOW_BITS), s);
+        }
+        assert_eq!(FlowState::ALL.map(|s| s as u8), [0, 1, 2, 3]);
     }
 
     /// What a packet touches is one aligned cache line; the rest (24 bytes) is apart.

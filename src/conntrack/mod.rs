@@ -97,19 +97,6 @@ pub enum InsertError {
     Exists,
 }
 
-/// Totals for metrics; monotonic.
-#[derive(Debug, Default)]
-pub struct ConntrackStats {
-    pub inserted: AtomicU64,
-    /// Unassured entries dropped to make room (`flowgate_conntrack_evictions_total`).
-    pub evicted: AtomicU64,
-    /// New flows refused: table full and nothing evictable.
-    pub refused: AtomicU64,
-    pub expired: AtomicU64,
-    /// Entries removed by their owner ([`Conntrack::remove`]).
-    pub removed: AtomicU64,
-}
-
 /// How many neighbouring shards an insert tries to evict from when its own shard has
 /// nothing evictable but the table as a whole is full.
 const NEIGHBOURS: usize = 4;
@@ -742,6 +729,19 @@ impl std::fmt::Debug for EntryRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("EntryRef").field(&**self).finish()
     }
+}
+
+/// Totals for metrics; monotonic.
+#[derive(Debug, Default)]
+pub struct ConntrackStats {
+    pub inserted: AtomicU64,
+    /// Unassured entries dropped to make room (`flowgate_conntrack_evictions_total`).
+    pub evicted: AtomicU64,
+    /// New flows refused: table full and nothing evictable.
+    pub refused: AtomicU64,
+    pub expired: AtomicU64,
+    /// Entries removed by their owner ([`Conntrack::remove`]).
+    pub removed: AtomicU64,
 }
 
 /// The table.

@@ -68,40 +68,47 @@ impl std::ops::BitOr for TcpFlags {
 }
 
 /// Where a tracked TCP connection is in its life.
+///
+/// The discriminants (1..=8, in the order below) are the state's number in an entry's
+/// packed state byte (`entry.rs`), where 0 means "no machine": not a wire format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum TcpState {
     /// The originator's SYN seen.
     SynSent = 1,
     /// The responder's SYN+ACK seen.
-    SynRecv = 2,
+    SynRecv,
     /// The originator's ACK completed the handshake.
-    Established = 3,
+    Established,
     /// One side sent FIN.
-    FinWait = 4,
+    FinWait,
     /// The other side acknowledged that FIN (it may still send).
-    CloseWait = 5,
+    CloseWait,
     /// The other side sent its FIN too.
-    LastAck = 6,
+    LastAck,
     /// The last FIN acknowledged; waiting for stray segments.
-    TimeWait = 7,
+    TimeWait,
     /// Reset; the entry only lingers briefly.
-    Close = 8,
+    Close,
 }
 
 impl TcpState {
+    /// Every state, in discriminant order: `ALL[n - 1] as u8 == n`.
+    const ALL: [TcpState; 8] = [
+        TcpState::SynSent,
+        TcpState::SynRecv,
+        TcpState::Established,
+        TcpState::FinWait,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::TimeWait,
+        TcpState::Close,
+    ];
+
+    /// The state numbered `v`; `None` for 0 or a number past the last state.
     const fn from_u8(v: u8) -> Option<TcpState> {
-        Some(match v {
-            1 => TcpState::SynSent,
-            2 => TcpState::SynRecv,
-            3 => TcpState::Established,
-            4 => TcpState::FinWait,
-            5 => TcpState::CloseWait,
-            6 => TcpState::LastAck,
-            7 => TcpState::TimeWait,
-            8 => TcpState::Close,
-            _ => return None,
-        })
+        let i = v.wrapping_sub(1) as usize;
+        if i < TcpState::ALL.len() { Some(TcpState::ALL[i]) } else { None }
     }
 
     pub const fn as_str(self) -> &'static str {

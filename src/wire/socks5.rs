@@ -329,19 +329,23 @@ pub enum ReplyCode {
 }
 
 impl ReplyCode {
+    /// Every code, in wire order: `ALL[n] as u8 == n` (the RFC numbers them 0..=8).
+    const ALL: [ReplyCode; 9] = [
+        ReplyCode::Succeeded,
+        ReplyCode::GeneralFailure,
+        ReplyCode::NotAllowed,
+        ReplyCode::NetworkUnreachable,
+        ReplyCode::HostUnreachable,
+        ReplyCode::ConnectionRefused,
+        ReplyCode::TtlExpired,
+        ReplyCode::CommandNotSupported,
+        ReplyCode::AddrTypeNotSupported,
+    ];
+
+    /// The code a reply carries in `REP`; `None` for one the RFC does not assign.
     pub const fn from_u8(b: u8) -> Option<ReplyCode> {
-        Some(match b {
-            0x00 => ReplyCode::Succeeded,
-            0x01 => ReplyCode::GeneralFailure,
-            0x02 => ReplyCode::NotAllowed,
-            0x03 => ReplyCode::NetworkUnreachable,
-            0x04 => ReplyCode::HostUnreachable,
-            0x05 => ReplyCode::ConnectionRefused,
-            0x06 => ReplyCode::TtlExpired,
-            0x07 => ReplyCode::CommandNotSupported,
-            0x08 => ReplyCode::AddrTypeNotSupported,
-            _ => return None,
-        })
+        let i = b as usize;
+        if i < ReplyCode::ALL.len() { Some(ReplyCode::ALL[i]) } else { None }
     }
 }
 
@@ -525,6 +529,10 @@ mod tests {
             let n = encode_reply(code, "0.0.0.0:0".parse().unwrap(), &mut out).unwrap();
             assert_eq!(&out[..n], &[5, byte, 0, 1, 0, 0, 0, 0, 0, 0]);
             assert_eq!(ReplyCode::from_u8(byte), Some(code));
+        }
+        for byte in 0..=u8::MAX {
+            let back = ReplyCode::from_u8(byte).map(|c| c as u8);
+            assert_eq!(back, (byte <= 0x08).then_some(byte), "code {byte:#04x}");
         }
         let n =
             encode_reply(ReplyCode::Succeeded, "[::1]:1080".parse().unwrap(), &mut out).unwrap();
