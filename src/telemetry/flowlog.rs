@@ -612,15 +612,21 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn identical_events_fold_and_others_stay_apart() {
+    /// `cfg` writing to `log` in a fresh temporary directory; the directory lives as long
+    /// as the returned guard.
+    fn to_temp_file(cfg: FlowLogConfig) -> (tempfile::TempDir, std::path::PathBuf, FlowLogConfig) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
-        let cfg = FlowLogConfig {
-            output: path.to_string_lossy().into_owned(),
+        let cfg = FlowLogConfig { output: path.to_string_lossy().into_owned(), ..cfg };
+        (dir, path, cfg)
+    }
+
+    #[test]
+    fn identical_events_fold_and_others_stay_apart() {
+        let (_dir, path, cfg) = to_temp_file(FlowLogConfig {
             dedupe_window: Duration::from_secs(60),
             ..FlowLogConfig::default()
-        };
+        });
         let reg = Arc::new(Registry::default());
         let (log, writer) = FlowLog::start(&cfg, reg.clone()).unwrap();
         let snap = snapshot();
@@ -644,13 +650,10 @@ mod tests {
     /// listener within the window, with the count.
     #[test]
     fn malformed_events_fold_per_peer_and_reason() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log");
-        let cfg = FlowLogConfig {
-            output: path.to_string_lossy().into_owned(),
+        let (_dir, path, cfg) = to_temp_file(FlowLogConfig {
             dedupe_window: Duration::from_secs(60),
             ..FlowLogConfig::default()
-        };
+        });
         let (log, writer) = FlowLog::start(&cfg, Arc::new(Registry::default())).unwrap();
         let snap = snapshot();
         let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
@@ -691,14 +694,11 @@ mod tests {
 
     #[test]
     fn a_full_channel_drops_and_counts_never_blocks() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log");
-        let cfg = FlowLogConfig {
-            output: path.to_string_lossy().into_owned(),
+        let (_dir, path, cfg) = to_temp_file(FlowLogConfig {
             channel_capacity: 4,
             dedupe_window: Duration::ZERO,
             ..FlowLogConfig::default()
-        };
+        });
         let reg = Arc::new(Registry::default());
         let (log, writer) = FlowLog::start(&cfg, reg.clone()).unwrap();
         let snap = snapshot();
@@ -718,11 +718,7 @@ mod tests {
     #[test]
     fn allow_sampling_is_one_in_n_and_off_by_default() {
         let reg = Arc::new(Registry::default());
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = FlowLogConfig {
-            output: dir.path().join("log").to_string_lossy().into_owned(),
-            ..FlowLogConfig::default()
-        };
+        let (_dir, _, mut cfg) = to_temp_file(FlowLogConfig::default());
         let (off, w) = FlowLog::start(&cfg, reg.clone()).unwrap();
         assert!((0..100).all(|_| !off.sample_allow()));
         w.finish();
