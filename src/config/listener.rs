@@ -103,7 +103,8 @@ pub struct ListenerConfig {
     /// The whole PROXY header must arrive within this time. Default 5s.
     #[serde(default = "default_header_timeout", with = "crate::human_duration")]
     pub proxy_protocol_timeout: Duration,
-    /// Longest PROXY header accepted (v2 with TLVs), in bytes. Default 1024.
+    /// Longest PROXY header accepted (v2 with TLVs), in bytes. Default 1024, range
+    /// 232..=65551.
     #[serde(default = "default_max_header_len")]
     pub proxy_protocol_max_len: usize,
     /// Egress kinds: the whole handshake (first byte to parsed request) must complete in
@@ -273,21 +274,14 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest header the v2 length field can describe.
 pub(crate) const MAX_MAX_HEADER_LEN: usize = V2_FIXED_LEN + u16::MAX as usize;
 
-/// The PROXY protocol fields of a `[[listener]]` table. A listener config can hold this
-/// with `#[serde(flatten)]` or repeat the four fields with the same defaults.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+/// The PROXY protocol settings of one listener, in the form the header reader takes:
+/// [`ListenerConfig::proxy_header`] builds it from the four `[[listener]]` fields, which
+/// are read (with their defaults) and documented only there.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxyHeaderConfig {
-    /// `proxy_protocol = "v1" | "v2" | "any" | "off"`. Default `off`.
-    #[serde(default)]
     pub proxy_protocol: ProxyProtocolMode,
-    /// CIDRs of the load balancers whose headers are believed. Default empty: nobody.
-    #[serde(default, deserialize_with = "deserialize_nets")]
     pub trusted_proxies: Vec<IpNet>,
-    /// The whole header must arrive within this (`5s`, `500ms`). Default 5 s.
-    #[serde(default = "default_header_timeout", with = "crate::human_duration")]
     pub proxy_protocol_timeout: Duration,
-    /// The longest v2 header accepted, TLVs included. Default 1024, range 232..=65551.
-    #[serde(default = "default_max_header_len")]
     pub proxy_protocol_max_len: usize,
 }
 

@@ -346,35 +346,33 @@ fn ipv4_mapped_peers_match_ipv4_cidrs() {
 
 #[test]
 fn config_fields_parse_with_defaults_and_validate() {
-    #[derive(serde::Deserialize)]
-    struct Listener {
-        #[allow(dead_code)]
-        name: String,
-        #[serde(flatten)]
-        proxy: ProxyHeaderConfig,
-    }
-    let l: Listener = toml::from_str("name = \"a\"").expect("minimal");
-    assert_eq!(l.proxy, ProxyHeaderConfig::default());
-    assert!(l.proxy.validate(false).is_ok());
+    // The fields are read as part of a `[[listener]]` table.
+    let parse = |fields: &str| {
+        let table = format!("name = \"a\"\nkind = \"tcp\"\nbind = \"127.0.0.1:0\"\n{fields}");
+        toml::from_str::<crate::config::ListenerConfig>(&table).map(|l| l.proxy_header())
+    };
+    let proxy = parse("").expect("minimal");
+    assert_eq!(proxy, ProxyHeaderConfig::default());
+    assert!(proxy.validate(false).is_ok());
 
-    let l: Listener = toml::from_str(
-        "name = \"a\"\nproxy_protocol = \"v2\"\ntrusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\"]\n\
+    let proxy = parse(
+        "proxy_protocol = \"v2\"\ntrusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\"]\n\
          proxy_protocol_timeout = \"250ms\"\nproxy_protocol_max_len = 4096\n",
     )
     .expect("full");
-    assert_eq!(l.proxy.proxy_protocol, ProxyProtocolMode::V2);
-    assert_eq!(l.proxy.trusted_proxies, nets(&["10.0.0.0/8", "127.0.0.1/32"]));
-    assert_eq!(l.proxy.proxy_protocol_timeout, Duration::from_millis(250));
-    assert!(l.proxy.validate(true).is_ok());
+    assert_eq!(proxy.proxy_protocol, ProxyProtocolMode::V2);
+    assert_eq!(proxy.trusted_proxies, nets(&["10.0.0.0/8", "127.0.0.1/32"]));
+    assert_eq!(proxy.proxy_protocol_timeout, Duration::from_millis(250));
+    assert!(proxy.validate(true).is_ok());
 
     for (text, field) in [
         ("proxy_protocol = \"any\"", "trusted_proxies"),
         ("proxy_protocol = \"v1\"\ntrusted_proxies = [\"::1\"]", "proxy_protocol"),
         ("proxy_protocol_max_len = 100", "proxy_protocol_max_len"),
     ] {
-        let l: Listener = toml::from_str(&format!("name = \"a\"\n{text}")).expect("parses");
-        assert_eq!(l.proxy.validate(true).map_err(|e| e.0), Err(field), "{text}");
+        let proxy = parse(text).expect("parses");
+        assert_eq!(proxy.validate(true).map_err(|e| e.0), Err(field), "{text}");
     }
-    assert!(toml::from_str::<Listener>("name = \"a\"\nproxy_protocol = \"v3\"").is_err());
-    assert!(toml::from_str::<Listener>("name = \"a\"\ntrusted_proxies = [\"nope\"]").is_err());
+    assert!(parse("proxy_protocol = \"v3\"").is_err());
+    assert!(parse("trusted_proxies = [\"nope\"]").is_err());
 }
