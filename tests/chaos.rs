@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use support::egress::{caller_egress_policy, caller_inventory};
 use support::l4::{BAD, INVENTORY, OK, POLICY, WEB};
 use support::process::Flowgate;
 use support::require::{Need, skip_unless};
@@ -724,32 +725,9 @@ fn sigterm_mid_transfer_drains() {
     assert!(st.success(), "exit status {st}");
 }
 
-const EGRESS_INVENTORY: &str = "
-namespaces:
-  - name: fn
-workloads:
-  - name: caller
-    namespace: fn
-    labels: {app: caller}
-    ips: [127.0.0.10]
-";
+const EGRESS_INVENTORY: &str = caller_inventory!("127.0.0.10");
 
-const EGRESS_POLICY: &str = "
-apiVersion: policy.networking.k8s.io/v1alpha1
-kind: AdminNetworkPolicy
-metadata: {name: caller-egress}
-spec:
-  priority: 10
-  subject:
-    pods:
-      namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: fn}}
-      podSelector: {matchLabels: {app: caller}}
-  egress:
-    - name: apis
-      action: Allow
-      to:
-        - domainNames: [web.test, gone.test]
-";
+const EGRESS_POLICY: &str = caller_egress_policy!("apis" => "domainNames: [web.test, gone.test]");
 
 /// A CONNECT through `proxy`: the status code of the reply (0 when none came).
 fn connect_status(proxy: SocketAddr, target: &str) -> (u16, TcpStream) {

@@ -27,48 +27,16 @@ use support::egress::*;
 use support::process::Flowgate;
 use support::require::{Need, skip_unless};
 
-const CALLER: &str = "127.0.0.10";
 const SHARED: &str = "127.0.0.12";
-const SINK: &str = "127.0.0.23";
 const UDP_OK: &str = "127.0.0.24";
 const UDP_NO: &str = "127.0.0.25";
 /// Stands in for the admin API: lifted and allowed, so only "own listener" stops it.
 const ADMIN: &str = "127.0.0.30";
 
-const INVENTORY: &str = "
-namespaces:
-  - name: fn
-workloads:
-  - name: caller
-    namespace: fn
-    labels: {app: caller}
-    ips: [127.0.0.10]
-  - name: other
-    namespace: fn
-    labels: {app: other}
-    ips: [127.0.0.11]
-";
-
-const POLICY: &str = "
-apiVersion: policy.networking.k8s.io/v1alpha1
-kind: AdminNetworkPolicy
-metadata: {name: caller-egress}
-spec:
-  priority: 10
-  subject:
-    pods:
-      namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: fn}}
-      podSelector: {matchLabels: {app: caller}}
-  egress:
-    - name: apis
-      action: Allow
-      to:
-        - domainNames: [web.test, tls.test, udp.test]
-    - name: nets
-      action: Allow
-      to:
-        - networks: [127.0.0.23/32, 127.0.0.24/32, 127.0.0.30/32, 127.0.0.1/32, '::1/128']
-";
+const POLICY: &str = caller_egress_policy!(
+    "apis" => "domainNames: [web.test, tls.test, udp.test]",
+    "nets" => "networks: [127.0.0.23/32, 127.0.0.24/32, 127.0.0.30/32, 127.0.0.1/32, '::1/128']",
+);
 
 /// flowgate with every egress listener these tests use, its admin API on [`ADMIN`] (an
 /// address the policy allows and `[ssrf]` lifts, so only the own-listener guard keeps the
@@ -116,24 +84,6 @@ async fn wait_deny(
         e["event"] == "deny" && e["listener"] == listener && pred(e)
     })
     .await
-}
-
-/// A TCP server on `ip` that counts accepts and answers each connection with "ok".
-async fn sink(ip: &str) -> (u16, Arc<AtomicUsize>) {
-    let l = TcpListener::bind((ip, 0)).await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    let n = Arc::new(AtomicUsize::new(0));
-    let count = n.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let _ = s.write_all(b"ok").await;
-            });
-        }
-    });
-    (port, n)
 }
 
 /// A UDP server on `ip` that counts datagrams and echoes them.

@@ -14,7 +14,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,44 +25,10 @@ use support::egress::*;
 use support::process::Flowgate;
 use support::require::{Need, skip_unless};
 
-const CALLER: &str = "127.0.0.10";
-const OTHER: &str = "127.0.0.11";
-const SINK: &str = "127.0.0.23";
-
-const INVENTORY: &str = "
-namespaces:
-  - name: fn
-workloads:
-  - name: caller
-    namespace: fn
-    labels: {app: caller}
-    ips: [127.0.0.10]
-  - name: other
-    namespace: fn
-    labels: {app: other}
-    ips: [127.0.0.11]
-";
-
-const POLICY: &str = "
-apiVersion: policy.networking.k8s.io/v1alpha1
-kind: AdminNetworkPolicy
-metadata: {name: caller-egress}
-spec:
-  priority: 10
-  subject:
-    pods:
-      namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: fn}}
-      podSelector: {matchLabels: {app: caller}}
-  egress:
-    - name: apis
-      action: Allow
-      to:
-        - domainNames: [web.test, tls.test]
-    - name: sink
-      action: Allow
-      to:
-        - networks: [127.0.0.23/32]
-";
+const POLICY: &str = caller_egress_policy!(
+    "apis" => "domainNames: [web.test, tls.test]",
+    "sink" => "networks: [127.0.0.23/32]",
+);
 
 /// flowgate with an `http-connect` and a `socks5` listener, static names for the peers.
 async fn start_gate() -> Gate {
@@ -157,24 +123,6 @@ async fn curl_reaches_allowed_names_and_is_refused_otherwise() {
     assert_eq!(get(&gate.counters("socks").denied), 1);
 }
 
-/// A sink on 127.0.0.23 that counts accepts and answers each connection with "ok".
-async fn sink() -> (u16, Arc<AtomicUsize>) {
-    let l = TcpListener::bind((SINK, 0)).await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    let n = Arc::new(AtomicUsize::new(0));
-    let count = n.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let _ = s.write_all(b"ok").await;
-            });
-        }
-    });
-    (port, n)
-}
-
 async fn from_caller(to: SocketAddr) -> TcpStream {
     let s = TcpSocket::new_v4().unwrap();
     s.bind(format!("{CALLER}:0").parse().unwrap()).unwrap();
@@ -211,7 +159,7 @@ fn status(reply: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_handshakes_get_their_error_and_never_reach_the_upstream() {
     let gate = start_gate().await;
-    let (port, accepted) = sink().await;
+    let (port, accepted) = sink(SINK).await;
     let connect = gate.addr("connect");
     let socks = gate.addr("socks");
 
@@ -296,7 +244,7 @@ async fn flowgate_run_serves_socks5_from_its_config() {
     std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     std::fs::write(dir.path().join("policies/anp.yaml"), POLICY).unwrap();
-    let (port, accepted) = sink().await;
+    let (port, accepted) = sink(SINK).await;
     let text = format!(
         "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
          [admin]\nbind = \"127.0.0.1:0\"\n\

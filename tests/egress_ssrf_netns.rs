@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use support::egress::{Gate, get};
+use support::egress::{Gate, caller_egress_policy, caller_inventory, get};
 use support::netns::{Netns, counting_http, curl};
 use support::require::{Need, skip_unless};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,33 +37,10 @@ use tokio::net::{TcpStream, UdpSocket};
 
 const ALLOWED: &str = "198.18.0.10";
 
-const INVENTORY: &str = "
-namespaces:
-  - name: fn
-workloads:
-  - name: caller
-    namespace: fn
-    labels: {app: caller}
-    ips: [127.0.0.1]
-";
+const INVENTORY: &str = caller_inventory!("127.0.0.1");
 
 /// Everything is allowed by policy: the guard alone must refuse.
-const POLICY: &str = "
-apiVersion: policy.networking.k8s.io/v1alpha1
-kind: AdminNetworkPolicy
-metadata: {name: caller-anywhere}
-spec:
-  priority: 10
-  subject:
-    pods:
-      namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: fn}}
-      podSelector: {matchLabels: {app: caller}}
-  egress:
-    - name: anywhere
-      action: Allow
-      to:
-        - networks: ['0.0.0.0/0', '::/0']
-";
+const POLICY: &str = caller_egress_policy!("anywhere" => "networks: ['0.0.0.0/0', '::/0']");
 
 /// The forbidden servers, by the address they listen on.
 const FORBIDDEN: [&str; 12] = [

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
-use support::egress::{Gate, get, tls_server_on};
+use support::egress::{Gate, caller_egress_policy, caller_inventory, get, tls_server_on};
 use support::netns::{Netns, counting_front, counting_http, curl, sh};
 use support::process::Flowgate;
 use support::require::{Need, skip_unless};
@@ -48,32 +48,9 @@ const GW6: &str = "2001:2:1::1";
 const SERVER6: &str = "2001:2::10";
 const DECOY6: &str = "2001:2::11";
 
-const INVENTORY: &str = "
-namespaces:
-  - name: fn
-workloads:
-  - name: caller
-    namespace: fn
-    labels: {app: caller}
-    ips: [198.18.1.2, 2001:2:1::2]
-";
+const INVENTORY: &str = caller_inventory!("198.18.1.2, 2001:2:1::2");
 
-const POLICY: &str = "
-apiVersion: policy.networking.k8s.io/v1alpha1
-kind: AdminNetworkPolicy
-metadata: {name: caller-egress}
-spec:
-  priority: 10
-  subject:
-    pods:
-      namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: fn}}
-      podSelector: {matchLabels: {app: caller}}
-  egress:
-    - name: apis
-      action: Allow
-      to:
-        - domainNames: [tls.test, web.test]
-";
+const POLICY: &str = caller_egress_policy!("apis" => "domainNames: [tls.test, web.test]");
 
 /// The client and gateway namespaces, joined by a veth pair, addressed as the module doc
 /// says; `tag` keeps the names of two tests in one process apart. Returns the gateway

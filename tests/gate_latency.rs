@@ -18,42 +18,15 @@ use flowgate::telemetry::metrics::ListenerCounters;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use support::egress::{Gate, get};
+use support::egress::{Gate, caller_egress_policy, caller_inventory, get};
 
 const CALLER: &str = "127.0.0.10";
 const OTHER: &str = "127.0.0.11";
 const SINK: &str = "127.0.0.24";
 
-const INVENTORY: &str = "
-namespaces:
-  - name: fn
-workloads:
-  - name: caller
-    namespace: fn
-    labels: {app: caller}
-    ips: [127.0.0.10, 198.18.0.2]
-  - name: other
-    namespace: fn
-    labels: {app: other}
-    ips: [127.0.0.11]
-";
+const INVENTORY: &str = caller_inventory!("127.0.0.10, 198.18.0.2", "127.0.0.11");
 
-const POLICY: &str = "
-apiVersion: policy.networking.k8s.io/v1alpha1
-kind: AdminNetworkPolicy
-metadata: {name: caller-egress}
-spec:
-  priority: 10
-  subject:
-    pods:
-      namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: fn}}
-      podSelector: {matchLabels: {app: caller}}
-  egress:
-    - name: sink
-      action: Allow
-      to:
-        - networks: [127.0.0.24/32, 198.18.0.10/32]
-";
+const POLICY: &str = caller_egress_policy!("sink" => "networks: [127.0.0.24/32, 198.18.0.10/32]");
 
 /// Decisions timed so far.
 fn timed(gate: &Gate) -> u64 {

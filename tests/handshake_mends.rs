@@ -29,46 +29,13 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use support::egress::*;
 use support::require::{Need, skip_unless};
 
-const CALLER: &str = "127.0.0.10";
-const OTHER: &str = "127.0.0.11";
-const SINK: &str = "127.0.0.23";
 const LB: &str = "127.0.0.5";
 const STRANGER: &str = "127.0.0.6";
 
-const INVENTORY: &str = "
-namespaces:
-  - name: fn
-workloads:
-  - name: caller
-    namespace: fn
-    labels: {app: caller}
-    ips: [127.0.0.10]
-  - name: other
-    namespace: fn
-    labels: {app: other}
-    ips: [127.0.0.11]
-";
-
-const POLICY: &str = "
-apiVersion: policy.networking.k8s.io/v1alpha1
-kind: AdminNetworkPolicy
-metadata: {name: caller-egress}
-spec:
-  priority: 10
-  subject:
-    pods:
-      namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: fn}}
-      podSelector: {matchLabels: {app: caller}}
-  egress:
-    - name: tls
-      action: Allow
-      to:
-        - domainNames: [tls.test]
-    - name: sink
-      action: Allow
-      to:
-        - networks: [127.0.0.23/32]
-";
+const POLICY: &str = caller_egress_policy!(
+    "tls" => "domainNames: [tls.test]",
+    "sink" => "networks: [127.0.0.23/32]",
+);
 
 /// flowgate with static names for the peers and the given `[[listener]]` tables.
 async fn start_gate(listeners: &str) -> Gate {

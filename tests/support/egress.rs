@@ -1,22 +1,82 @@
 //! The egress listener tests' helpers (tests/egress_listeners.rs, egress_identity.rs, and
 //! through [`super::netns`] the namespace tests): flowgate started in-process from config
 //! text ([`Gate`]), real peers (python3's http.server, openssl s_server, curl) on loopback
-//! addresses, and bounded waits.
+//! addresses, and bounded waits; the fixture every egress test starts from (namespace
+//! `fn`, workload `caller` and its egress AdminNetworkPolicy: [`caller_inventory!`],
+//! [`caller_egress_policy!`]).
 
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use flowgate::config::Config;
 use flowgate::control::ControlPlane;
 use flowgate::dataplane::Runtime;
 use flowgate::telemetry::metrics::ListenerCounters;
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
 
 use super::gateway::{self, InProcess};
 pub use super::process::free_port;
+
+/// The egress tests' inventory, as a `&'static str`: namespace `fn` with workload `caller`
+/// (`app: caller`) on the first list of IPs and, given a second, `other` (`app: other`) on
+/// that: `caller_inventory!("127.0.0.10", "127.0.0.11")`.
+#[allow(unused_macros)] // each test binary uses a different part of support
+macro_rules! caller_inventory {
+    ($caller:literal $(, $other:literal)?) => {
+        concat!(
+            "
+namespaces:
+  - name: fn
+workloads:
+  - name: caller
+    namespace: fn
+    labels: {app: caller}
+    ips: [", $caller, "]
+",
+            $("  - name: other
+    namespace: fn
+    labels: {app: other}
+    ips: [", $other, "]
+",)?
+        )
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use caller_inventory;
+
+/// The egress tests' AdminNetworkPolicy `caller-egress` (priority 10), as a `&'static str`:
+/// `fn/caller` may go to each `rule => peer`, `peer` being one `to:` entry:
+/// `caller_egress_policy!("sink" => "networks: [127.0.0.23/32]")`.
+#[allow(unused_macros)] // each test binary uses a different part of support
+macro_rules! caller_egress_policy {
+    ($($rule:literal => $to:literal),+ $(,)?) => {
+        concat!(
+            "
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: caller-egress}
+spec:
+  priority: 10
+  subject:
+    pods:
+      namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: fn}}
+      podSelector: {matchLabels: {app: caller}}
+  egress:
+",
+            $("    - name: ", $rule, "
+      action: Allow
+      to:
+        - ", $to, "
+",)+
+        )
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use caller_egress_policy;
 
 /// flowgate, in-process, built from config text the way `flowgate run` builds it, so a
 /// test can read its counters and flow log directly.
@@ -104,6 +164,44 @@ impl Gate {
 pub const WEB: &str = "127.0.0.21";
 /// The HTTPS server's address (`tls.test`).
 pub const TLS: &str = "127.0.0.22";
+/// `fn/caller`, the client the egress policies allow, and `fn/other`, which none allows:
+/// the workloads of [`INVENTORY`].
+pub const CALLER: &str = "127.0.0.10";
+pub const OTHER: &str = "127.0.0.11";
+/// A server with no name (`sink.test` at most), reached by address.
+pub const SINK: &str = "127.0.0.23";
+/// The loopback tests' inventory: [`CALLER`] and [`OTHER`].
+pub const INVENTORY: &str = caller_inventory!("127.0.0.10", "127.0.0.11");
+
+/// Accepts on `l` for the rest of the test, counting every connection before `serve`
+/// handles it on a task of its own. Returns the count.
+pub fn count_accepts<F, Fut>(l: TcpListener, serve: F) -> Arc<AtomicUsize>
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let n = Arc::new(AtomicUsize::new(0));
+    let count = n.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { continue };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve(s));
+        }
+    });
+    n
+}
+
+/// A TCP server on `ip` (port 0) that counts accepts and answers each connection with
+/// "ok": returns its port and the count.
+pub async fn sink(ip: &str) -> (u16, Arc<AtomicUsize>) {
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let n = count_accepts(l, |mut s| async move {
+        let _ = s.write_all(b"ok").await;
+    });
+    (port, n)
+}
 
 pub fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)

@@ -14,11 +14,13 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use super::egress::count_accepts;
 
 /// Runs a command to completion (bounded by its own nature: `ip`, `nft`); panics with
 /// its stderr when it fails.
@@ -105,58 +107,40 @@ impl Drop for Netns {
 /// whatever arrives within a second).
 pub async fn counting_http(addr: SocketAddr, body: &'static str) -> Arc<AtomicUsize> {
     let l = TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-    let n = Arc::new(AtomicUsize::new(0));
-    let count = n.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16_384 {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => head.extend_from_slice(&buf[..k]),
-                        }
-                    }
-                })
-                .await;
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.write_all(resp.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    n
+    count_accepts(l, move |mut s| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16_384 {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => head.extend_from_slice(&buf[..k]),
+                }
+            }
+        })
+        .await;
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = s.write_all(resp.as_bytes()).await;
+        let _ = s.shutdown().await;
+    })
 }
 
 /// A TCP server on `addr` that counts accepts and splices each connection to `backend`
 /// (a real TLS server elsewhere), so accepts per address are counted even for TLS.
 pub async fn counting_front(addr: SocketAddr, backend: SocketAddr) -> Arc<AtomicUsize> {
     let l = TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-    let n = Arc::new(AtomicUsize::new(0));
-    let count = n.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                if let Ok(mut b) = TcpStream::connect(backend).await {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(15),
-                        tokio::io::copy_bidirectional(&mut s, &mut b),
-                    )
-                    .await;
-                }
-            });
+    count_accepts(l, move |mut s| async move {
+        if let Ok(mut b) = TcpStream::connect(backend).await {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(15),
+                tokio::io::copy_bidirectional(&mut s, &mut b),
+            )
+            .await;
         }
-    });
-    n
+    })
 }
 
 /// Runs curl (bounded by `--max-time`) with `prefix` in front (e.g. `ip netns exec X`);
