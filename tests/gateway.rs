@@ -4,12 +4,15 @@
 //! the flow the new policy denies (cut once, logged once), and a drain that waits for the
 //! open connection.
 
+mod support;
+
 use std::time::Duration;
 
 use flowgate::admin::client::AdminClient;
 use flowgate::config::Config;
 use flowgate::dataplane::ReadyState;
 use flowgate::gateway::Gateway;
+use support::l4::client_web_policy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -24,25 +27,7 @@ workloads:
 ";
 
 /// client → web allowed by both sides; default deny.
-const POLICY: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: client-egress, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: client}}
-  policyTypes: [Egress]
-  egress:
-    - to: [{podSelector: {matchLabels: {app: web}}}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web-ingress, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  policyTypes: [Ingress]
-  ingress:
-    - from: [{podSelector: {matchLabels: {app: client}}}]
-";
+const POLICY: &str = client_web_policy!("t", "client-egress", "client");
 
 fn config(dir: &std::path::Path, echo_port: u16) -> Config {
     std::fs::write(dir.join("inventory.yaml"), INVENTORY).unwrap();

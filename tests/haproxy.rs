@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use support::l4::client_web_policy;
 use support::process::Flowgate;
 use support::require::{Need, skip_unless};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,25 +35,7 @@ workloads:
   - {name: web, namespace: hp, labels: {app: web}, ips: [127.0.0.20]}
 "#;
 
-const POLICY: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: allowed-egress, namespace: hp}
-spec:
-  podSelector: {matchLabels: {app: allowed}}
-  policyTypes: [Egress]
-  egress:
-    - to: [{podSelector: {matchLabels: {app: web}}}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web-ingress, namespace: hp}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  policyTypes: [Ingress]
-  ingress:
-    - from: [{podSelector: {matchLabels: {app: allowed}}}]
-"#;
+const POLICY: &str = client_web_policy!("hp", "allowed-egress", "allowed");
 
 /// A child process killed by its own pid when the test ends, however it ends.
 struct Proc(Child);

@@ -43,25 +43,50 @@ workloads:
     ips: [127.0.0.20]
 "#;
 
-pub const POLICY: &str = r#"
+/// Two NetworkPolicies in namespace `ns` that let pods `app: client` reach pods
+/// `app: web` (both sides must allow it under default deny): `client`'s egress (policy
+/// `name`) and web's ingress (`web-ingress`). A `&'static str`:
+/// `client_web_policy!("t", "ok-egress", "client-ok")`.
+#[allow(unused_macros)] // each test binary uses a different part of support
+macro_rules! client_web_policy {
+    ($ns:literal, $name:literal, $client:literal) => {
+        concat!(
+            "
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
-metadata: {name: ok-egress, namespace: t}
+metadata: {name: ",
+            $name,
+            ", namespace: ",
+            $ns,
+            "}
 spec:
-  podSelector: {matchLabels: {app: client-ok}}
+  podSelector: {matchLabels: {app: ",
+            $client,
+            "}}
   policyTypes: [Egress]
   egress:
     - to: [{podSelector: {matchLabels: {app: web}}}]
 ---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
-metadata: {name: web-ingress, namespace: t}
+metadata: {name: web-ingress, namespace: ",
+            $ns,
+            "}
 spec:
   podSelector: {matchLabels: {app: web}}
   policyTypes: [Ingress]
   ingress:
-    - from: [{podSelector: {matchLabels: {app: client-ok}}}]
-"#;
+    - from: [{podSelector: {matchLabels: {app: ",
+            $client,
+            "}}}]
+"
+        )
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use client_web_policy;
+
+pub const POLICY: &str = client_web_policy!("t", "ok-egress", "client-ok");
 
 /// A temp dir holding the inventory, the policy and (later) the flow log.
 pub struct World {
