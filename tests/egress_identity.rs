@@ -278,27 +278,14 @@ async fn verify_sni_refuses_a_client_hello_for_another_host() {
     // `strict`: the same plain bytes are refused, and so is silence past sni_timeout; the
     // client never sees the upstream's "ok".
     for first in [&b"hello"[..], &b""[..]] {
-        let sock = TcpSocket::new_v4().unwrap();
-        sock.bind(format!("{CALLER}:0").parse().unwrap()).unwrap();
-        let mut s = sock.connect(gate.addr("connect-strict")).await.unwrap();
+        let mut s = from_caller(gate.addr("connect-strict")).await;
         let req = format!("CONNECT sink.test:{port} HTTP/1.1\r\n\r\n");
         s.write_all(req.as_bytes()).await.unwrap();
         let mut head = [0u8; 39];
         let read = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head)).await;
         assert!(read.is_ok_and(|r| r.is_ok()) && head.starts_with(b"HTTP/1.1 200"));
         s.write_all(first).await.unwrap();
-        let mut got = Vec::new();
-        let r = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut b = [0u8; 256];
-            loop {
-                match s.read(&mut b).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => got.extend_from_slice(&b[..n]),
-                }
-            }
-        })
-        .await;
-        assert!(r.is_ok(), "strict: not closed");
+        let got = read_to_close(&mut s).await.expect("strict: not closed");
         assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
     }
     assert_eq!(get(&gate.counters("connect-strict").sni_refused), 2);
@@ -475,23 +462,11 @@ fn hex(b: &[u8]) -> String {
 }
 
 async fn raw_exchange(to: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    let s = TcpSocket::new_v4().unwrap();
-    s.bind(format!("{CALLER}:0").parse().unwrap()).unwrap();
-    let mut s = s.connect(to).await.unwrap();
+    let mut s = from_caller(to).await;
     s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    let r = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(r.is_ok(), "proxy did not close within the bound after {bytes:?}");
-    out
+    read_to_close(&mut s)
+        .await
+        .unwrap_or_else(|| panic!("proxy did not close within the bound after {bytes:?}"))
 }
 
 /// Sends `first` to the proxy at `to` (from [`CALLER`]); if the proxy's reply is whole
@@ -503,9 +478,7 @@ async fn exchange_then(
     replied: impl Fn(&[u8]) -> bool,
     then: &[u8],
 ) -> Vec<u8> {
-    let s = TcpSocket::new_v4().unwrap();
-    s.bind(format!("{CALLER}:0").parse().unwrap()).unwrap();
-    let mut s = s.connect(to).await.unwrap();
+    let mut s = from_caller(to).await;
     s.write_all(first).await.unwrap();
     let mut out = Vec::new();
     let mut sent_then = false;
@@ -615,16 +588,9 @@ async fn flowgate_run_reads_passwords_from_the_environment() {
     if skip_unless(&[Need::Bin("curl")]) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/anp.yaml"), POLICY).unwrap();
     let (port, accepted) = sink(SINK).await;
-    let text = format!(
-        "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
-         [admin]\nbind = \"127.0.0.1:0\"\n\
-         [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
-         [dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
+    let config = format!(
+        "[dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
          [dns.static]\n\"sink.test\" = [\"{SINK}\"]\n\
          [ssrf]\ntreat_as_external = [\"{SINK}/32\"]\n\
          [[credential]]\nusername = \"alice\"\npassword_env = \"FG_TEST_ALICE_PW\"\n\
@@ -632,8 +598,7 @@ async fn flowgate_run_reads_passwords_from_the_environment() {
          [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n\
          credentials = \"required\"\n"
     );
-    let path = dir.path().join("flowgate.toml");
-    std::fs::write(&path, text).unwrap();
+    let (_dir, path) = write_world(INVENTORY, POLICY, &config, &[], "127.0.0.1:0");
     let exe = env!("CARGO_BIN_EXE_flowgate");
 
     // Unset: start-up fails, naming the credential and the variable.

@@ -13,12 +13,11 @@
 //! control connection, no malformed handshake may add to it. Every wait is bounded.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 mod support;
 use support::egress::*;
@@ -123,12 +122,6 @@ async fn curl_reaches_allowed_names_and_is_refused_otherwise() {
     assert_eq!(get(&gate.counters("socks").denied), 1);
 }
 
-async fn from_caller(to: SocketAddr) -> TcpStream {
-    let s = TcpSocket::new_v4().unwrap();
-    s.bind(format!("{CALLER}:0").parse().unwrap()).unwrap();
-    s.connect(to).await.unwrap()
-}
-
 /// Sends `bytes` (optionally half-closing), then reads until the proxy closes (bounded:
 /// the handshake timeout is 1s, so 5s means "never closed").
 async fn exchange(to: SocketAddr, bytes: &[u8], half_close: bool) -> Vec<u8> {
@@ -137,19 +130,9 @@ async fn exchange(to: SocketAddr, bytes: &[u8], half_close: bool) -> Vec<u8> {
     if half_close {
         s.shutdown().await.unwrap();
     }
-    let mut out = Vec::new();
-    let r = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(r.is_ok(), "proxy did not close within the bound after {bytes:?}");
-    out
+    read_to_close(&mut s)
+        .await
+        .unwrap_or_else(|| panic!("proxy did not close within the bound after {bytes:?}"))
 }
 
 fn status(reply: &[u8]) -> String {
@@ -240,22 +223,14 @@ async fn flowgate_run_serves_socks5_from_its_config() {
     if skip_unless(&[Need::Bin("curl")]) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/anp.yaml"), POLICY).unwrap();
     let (port, accepted) = sink(SINK).await;
-    let text = format!(
-        "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
-         [admin]\nbind = \"127.0.0.1:0\"\n\
-         [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
-         [dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
+    let config = format!(
+        "[dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
          [dns.static]\n\"sink.test\" = [\"{SINK}\"]\n\"blocked.test\" = [\"{WEB}\"]\n\
          [ssrf]\ntreat_as_external = [\"{WEB}/32\", \"{SINK}/32\"]\n\
          [[listener]]\nname = \"socks\"\nkind = \"socks5\"\nbind = \"127.0.0.1:0\"\n"
     );
-    let path = dir.path().join("flowgate.toml");
-    std::fs::write(&path, text).unwrap();
+    let (dir, path) = write_world(INVENTORY, POLICY, &config, &[], "127.0.0.1:0");
     let mut fg = Flowgate::run(&path);
     let socks = fg.listener("socks").to_string();
     fg.wait_ready();
@@ -315,10 +290,6 @@ async fn ping(tunnel: &mut TcpStream) -> bool {
 /// with a `revoked` event naming it, by one that removes the rule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_tunnel_for_an_allowed_name_survives_a_reload() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/anp.yaml"), POLICY).unwrap();
     // An echo server on WEB: reachable by the name web.test only (no rule allows WEB's
     // address by itself).
     let echo = TcpListener::bind((WEB, 0)).await.unwrap();
@@ -332,20 +303,14 @@ async fn connect_tunnel_for_an_allowed_name_survives_a_reload() {
             });
         }
     });
-    let text = format!(
-        "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
-         default = \"deny\"\nunknown = \"deny\"\n\
-         [control]\nwatch = false\n\
-         [admin]\nbind = \"127.0.0.1:0\"\n\
-         [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
-         [dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
+    let config = format!(
+        "[dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"300ms\"\n\
          [dns.static]\n\"web.test\" = [\"{WEB}\"]\n\
          [ssrf]\ntreat_as_external = [\"{WEB}/32\"]\n\
          [[listener]]\nname = \"connect\"\nkind = \"http-connect\"\n\
          bind = \"127.0.0.1:0\"\n"
     );
-    let path = dir.path().join("flowgate.toml");
-    std::fs::write(&path, text).unwrap();
+    let (dir, path) = write_world(INVENTORY, POLICY, &config, &[], "127.0.0.1:0");
     // The audit trail (one JSON line per reload) goes to flowgate's stderr.
     let mut fg = Flowgate::run(&path);
     let connect = fg.listener("connect");
@@ -383,7 +348,7 @@ async fn connect_tunnel_for_an_allowed_name_survives_a_reload() {
 
     // Reload 2: the name rule goes (from both policies); the tunnel is cut.
     let without = |p: &str| p.replace("[web.test, tls.test]", "[tls.test]");
-    std::fs::write(dir.path().join("policies/anp.yaml"), without(POLICY)).unwrap();
+    std::fs::write(dir.path().join("policies/policy.yaml"), without(POLICY)).unwrap();
     let other = without(POLICY)
         .replace("caller-egress", "caller-egress-2")
         .replace("priority: 10", "priority: 20");

@@ -24,13 +24,9 @@ fn v1(client: &str, gw: SocketAddr) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_header_from_trusted_proxy_names_the_client() {
     let up = Upstream::echo().await;
-    let gw = Gateway::start(
-        World::new(),
-        &tcp_listener(
-            "pp",
-            &[up.addr],
-            &format!("proxy_protocol = \"any\"\ntrusted_proxies = [\"{LB}/32\"]"),
-        ),
+    let gw = Gateway::in_front_of(
+        &up,
+        &format!("proxy_protocol = \"any\"\ntrusted_proxies = [\"{LB}/32\"]"),
     );
     let addr = gw.addr("pp");
 
@@ -92,14 +88,10 @@ async fn tcp_header_from_trusted_proxy_names_the_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_header_sent_too_slowly_times_out() {
     let up = Upstream::echo().await;
-    let gw = Gateway::start(
-        World::new(),
-        &tcp_listener(
-            "pp",
-            &[up.addr],
-            &format!(
-                "proxy_protocol = \"v1\"\ntrusted_proxies = [\"{LB}\"]\nproxy_protocol_timeout = \"300ms\""
-            ),
+    let gw = Gateway::in_front_of(
+        &up,
+        &format!(
+            "proxy_protocol = \"v1\"\ntrusted_proxies = [\"{LB}\"]\nproxy_protocol_timeout = \"300ms\""
         ),
     );
     let addr = gw.addr("pp");

@@ -104,15 +104,11 @@ async fn refused(src: &str, to: SocketAddr, bytes: &[u8], how: Send) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_header_is_closed_counted_and_never_reaches_the_upstream() {
     let up = Upstream::echo().await;
-    let gw = Gateway::start(
-        World::new(),
-        &tcp_listener(
-            "pp",
-            &[up.addr],
-            &format!(
-                "proxy_protocol = \"any\"\ntrusted_proxies = [\"{LB}/32\"]\n\
+    let gw = Gateway::in_front_of(
+        &up,
+        &format!(
+            "proxy_protocol = \"any\"\ntrusted_proxies = [\"{LB}/32\"]\n\
                  proxy_protocol_timeout = \"300ms\"\nproxy_protocol_max_len = 1024"
-            ),
         ),
     );
     let addr = gw.addr("pp");

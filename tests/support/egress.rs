@@ -6,6 +6,7 @@
 //! [`caller_egress_policy!`]).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,7 +16,7 @@ use flowgate::config::Config;
 use flowgate::control::ControlPlane;
 use flowgate::dataplane::Runtime;
 use flowgate::telemetry::metrics::ListenerCounters;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::gateway::{self, InProcess};
@@ -106,21 +107,7 @@ impl Gate {
         files: &[(&str, &str)],
         admin_bind: &str,
     ) -> Gate {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("inventory.yaml"), inventory).unwrap();
-        std::fs::create_dir(dir.path().join("policies")).unwrap();
-        std::fs::write(dir.path().join("policies/policy.yaml"), policy).unwrap();
-        for (name, contents) in files {
-            std::fs::write(dir.path().join(name), contents).unwrap();
-        }
-        let text = format!(
-            "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
-             default = \"deny\"\nunknown = \"deny\"\n\
-             [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
-             [admin]\nbind = \"{admin_bind}\"\n[control]\nwatch = false\n{config}"
-        );
-        let path = dir.path().join("flowgate.toml");
-        std::fs::write(&path, text).unwrap();
+        let (dir, path) = write_world(inventory, policy, config, files, admin_bind);
         let cfg = Config::load(&path).unwrap();
         let running = gateway::start(&cfg);
         Gate { dir, rt: running.rt.clone(), control: running.control.clone(), running }
@@ -160,6 +147,36 @@ impl Gate {
     }
 }
 
+/// A directory laid out for flowgate, in-process ([`Gate`]) or as `flowgate run`:
+/// `inventory.yaml`, `policy` as `policies/policy.yaml`, `files` (name, contents), and
+/// `flowgate.toml`: `[policy]` (default deny), `[flowlog]` (`flow.log`, no folding),
+/// `[admin]` on `admin_bind`, `[control]` with no source watcher (the tests reload by
+/// hand), then `config`. Returns the directory and the config's path.
+pub fn write_world(
+    inventory: &str,
+    policy: &str,
+    config: &str,
+    files: &[(&str, &str)],
+    admin_bind: &str,
+) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inventory.yaml"), inventory).unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/policy.yaml"), policy).unwrap();
+    for (name, contents) in files {
+        std::fs::write(dir.path().join(name), contents).unwrap();
+    }
+    let text = format!(
+        "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
+         default = \"deny\"\nunknown = \"deny\"\n\
+         [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
+         [admin]\nbind = \"{admin_bind}\"\n[control]\nwatch = false\n{config}"
+    );
+    let path = dir.path().join("flowgate.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
 /// The plain HTTP server's address (`web.test` in the tests' static DNS tables).
 pub const WEB: &str = "127.0.0.21";
 /// The HTTPS server's address (`tls.test`).
@@ -190,6 +207,30 @@ where
         }
     });
     n
+}
+
+/// Connects to `to` from [`CALLER`]'s address (the source the policies know).
+pub async fn from_caller(to: SocketAddr) -> TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(format!("{CALLER}:0").parse().unwrap()).unwrap();
+    s.connect(to).await.unwrap()
+}
+
+/// Reads `s` until the peer closes it (or a read fails): everything that arrived, or
+/// `None` if it was still open after 5 s.
+pub async fn read_to_close(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    r.ok().map(|()| out)
 }
 
 /// A TCP server on `ip` (port 0) that counts accepts and answers each connection with
@@ -292,16 +333,5 @@ pub async fn tls_server_on(dir: &std::path::Path, addr: SocketAddr) -> Server {
 
 /// Runs curl (bounded by `--max-time`); returns exit code, stdout, stderr.
 pub async fn curl(args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "-v", "--max-time", "10"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("curl runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    super::netns::curl(&[], args).await
 }

@@ -167,6 +167,12 @@ impl Gateway {
         Gateway { world, rt: running.rt.clone(), control: running.control.clone(), running }
     }
 
+    /// A gateway whose one listener, TCP `pp`, forwards to `up` and reads the PROXY
+    /// header as `pp_keys` (the listener's `proxy_protocol*`/`trusted_proxies` lines) say.
+    pub fn in_front_of(up: &Upstream, pp_keys: &str) -> Gateway {
+        Gateway::start(World::new(), &tcp_listener("pp", &[up.addr], pp_keys))
+    }
+
     pub fn addr(&self, name: &str) -> SocketAddr {
         self.running.addr(name)
     }
