@@ -21,6 +21,11 @@
 #[path = "support/realistic.rs"]
 mod realistic;
 
+/// The binary's allocator (src/main.rs), so reload times and RSS are what `flowgate run`
+/// sees.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
