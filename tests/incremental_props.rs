@@ -279,7 +279,7 @@ fn apply(set: &PolicySet, e: &Edit) -> PolicySet {
             let mut bad = next
                 .policies
                 .get(i % set.policies.len().max(1))
-                .map_or_else(|| invalid_policy(), |p| Policy::clone(p));
+                .map_or_else(invalid_policy, |p| Policy::clone(p));
             bad.ingress = Some(vec![Rule {
                 name: None,
                 action: Action::Allow,
