@@ -370,7 +370,9 @@ pub struct Reloader {
     first_seen: HashMap<String, SystemTime>,
     generation: u64,
     cache: ParseCache,
-    /// Selectors resolved by earlier compilations (see [`CompileCache`]).
+    /// What earlier compilations built (see [`CompileCache`]): the compiled inventory,
+    /// its label index and every policy's compiled part, so a one-file reload compiles
+    /// that file's policies and lays the rest out from the cache.
     compiled: CompileCache,
     reaper: Reaper,
 }
