@@ -541,7 +541,7 @@ pub(super) struct InventoryTables {
 }
 
 /// What one compilation leaves for the next, valid while the inventory is the same
-/// (`Arc::ptr_eq`): the compiled inventory, the selectors resolved, and every policy's
+/// (`Arc::ptr_eq`): the compiled inventory, its label index, and every policy's
 /// `PolicyPart` by the address of its `Arc` (the parse cache hands out the same `Arc`
 /// for every file that did not change). The reloader keeps one, so a reload after one
 /// policy file changed resolves and compiles only that file's policies. The result is
