@@ -21,6 +21,11 @@
 #[path = "support/realistic.rs"]
 mod realistic;
 
+/// The binary's allocator (src/main.rs), so reload times and RSS are what `flowgate run`
+/// sees.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
@@ -455,5 +460,59 @@ fn realistic_reload(_: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, write_only, realistic_reload, reload_benches, hot_path);
+/// `FLOWGATE_BENCH_COMPILE_LOOP=N`: only the compiler, N times, on the realistic set with
+/// one app policy replaced each time (the reloader's `compile_with` and its cache), then
+/// exits. What `perf record` is pointed at to see where a reload's compile goes.
+fn compile_loop(_: &mut Criterion) {
+    let Some(n) = std::env::var("FLOWGATE_BENCH_COMPILE_LOOP").ok().and_then(|v| v.parse().ok())
+    else {
+        return;
+    };
+    let shape = realistic_shapes()[0];
+    let dir = tempfile::tempdir().unwrap();
+    realistic::write(dir.path(), &shape);
+    let policies = dir.path().join("policies");
+    let inventory = dir.path().join("inventory.yaml");
+    let t = Instant::now();
+    let mut set = flowgate::policy::load::load(&policies, &inventory).unwrap();
+    let load = t.elapsed();
+    let opts = flowgate::policy::CompileOptions {
+        default: flowgate::policy::DefaultAction::Deny,
+        unknown: flowgate::policy::DefaultAction::Deny,
+        now: std::time::SystemTime::now(),
+    };
+    let mut cache = flowgate::policy::CompileCache::default();
+    let t = Instant::now();
+    let first = flowgate::policy::CompiledPolicy::compile_with(&set, &opts, &mut cache).unwrap();
+    eprintln!(
+        "{}: load {:.0} ms, first compile {:.1} ms",
+        shape.label(),
+        load.as_secs_f64() * 1e3,
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let mut keep = Some(first);
+    let mut times = Vec::new();
+    for v in 1..=n {
+        let (ns, app) = (v * 7 % shape.namespaces, v * 13 % shape.apps);
+        let file = realistic::app_file(&policies, ns, app);
+        let text = realistic::app_policy(&shape, ns, app, v);
+        let fresh = flowgate::policy::load::parse_policies(&text, &file).unwrap();
+        let at = set.policies.iter().position(|p| p.source == file).unwrap();
+        let mut next = set.clone();
+        next.policies[at] = Arc::new(fresh.into_iter().next().unwrap());
+        set = next;
+        let t = Instant::now();
+        let c = flowgate::policy::CompiledPolicy::compile_with(&set, &opts, &mut cache).unwrap();
+        times.push(t.elapsed());
+        drop(keep.replace(c));
+    }
+    let (p50, p99, max) = percentiles(times);
+    eprintln!(
+        "{}: compile, one policy replaced: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms ({n} runs)",
+        shape.label()
+    );
+    std::process::exit(0);
+}
+
+criterion_group!(benches, write_only, compile_loop, realistic_reload, reload_benches, hot_path);
 criterion_main!(benches);

@@ -8,7 +8,10 @@
 //! port peers) and a sequence of up to 12 edits applied the way the reloader applies a
 //! file change: a policy added, removed or replaced (the other policies and the
 //! inventory shared by `Arc`, as the parse cache shares them), or the inventory replaced
-//! (relabelled or readdressed workloads, a workload added or removed). After every edit
+//! (relabelled or readdressed workloads, a workload added or removed), a policy moved
+//! within the set or re-created equal in a new `Arc` (the compiler caches each policy's
+//! compiled part by its `Arc`), or replaced by an invalid one (the compile must fail and
+//! the cache must serve the next edit as if it had not happened). After every edit
 //! the incrementally compiled policy must equal, table by table, a fresh `compile` of
 //! the same set, and decide every sample flow the same way.
 //!
@@ -198,6 +201,14 @@ enum Edit {
     Remove(usize),
     Replace(usize, Policy),
     Inventory(Inventory),
+    /// A policy moved to another place in the set, its `Arc` kept (the compiler's parts
+    /// are cached by `Arc`, and rule ids follow set order).
+    Move(usize, usize),
+    /// A policy replaced by an equal copy in a new `Arc` (a file rewritten unchanged).
+    Recreate(usize),
+    /// A policy replaced by one the compiler rejects: the compile must fail, and the next
+    /// edit starts again from the set before (as the reloader keeps the last good one).
+    Invalid(usize),
 }
 
 fn edit(step: usize) -> impl Strategy<Value = Edit> {
@@ -206,6 +217,9 @@ fn edit(step: usize) -> impl Strategy<Value = Edit> {
         2 => any::<usize>().prop_map(Edit::Remove),
         4 => (any::<usize>(), policy(format!("edit{step}"))).prop_map(|(i, p)| Edit::Replace(i, p)),
         1 => (3usize..12).prop_flat_map(inventory).prop_map(Edit::Inventory),
+        1 => (any::<usize>(), any::<usize>()).prop_map(|(i, j)| Edit::Move(i, j)),
+        1 => any::<usize>().prop_map(Edit::Recreate),
+        1 => any::<usize>().prop_map(Edit::Invalid),
     ]
 }
 
@@ -252,9 +266,57 @@ fn apply(set: &PolicySet, e: &Edit) -> PolicySet {
             next.policies[at] = Arc::new(p.clone());
         }
         Edit::Inventory(inv) => next.inventory = Arc::new(inv.clone()),
+        Edit::Move(i, j) if !next.policies.is_empty() => {
+            let p = next.policies.remove(i % set.policies.len());
+            let to = j % (next.policies.len() + 1);
+            next.policies.insert(to, p);
+        }
+        Edit::Recreate(i) if !next.policies.is_empty() => {
+            let at = i % set.policies.len();
+            next.policies[at] = Arc::new(Policy::clone(&set.policies[at]));
+        }
+        Edit::Invalid(i) => {
+            let mut bad = next
+                .policies
+                .get(i % set.policies.len().max(1))
+                .map_or_else(invalid_policy, |p| Policy::clone(p));
+            bad.ingress = Some(vec![Rule {
+                name: None,
+                action: Action::Allow,
+                peers: Peers::Any,
+                ports: Some(vec![PortMatch::Range { protocol: Proto::Tcp, first: 90, last: 80 }]),
+            }]);
+            match next.policies.is_empty() {
+                true => next.policies.push(Arc::new(bad)),
+                false => {
+                    let at = i % set.policies.len();
+                    next.policies[at] = Arc::new(bad);
+                }
+            }
+        }
         _ => {}
     }
     next
+}
+
+/// A NetworkPolicy to make invalid when the set has none.
+fn invalid_policy() -> Policy {
+    Policy {
+        kind: PolicyKind::NetworkPolicy,
+        name: "bad".into(),
+        namespace: Some("a".into()),
+        source: "/bad.yaml".into(),
+        tier: Tier::Namespaced,
+        subject: WorkloadSelector {
+            namespaces: NamespaceMatch::Named("a".into()),
+            pods: LabelSelector::default(),
+        },
+        ingress: None,
+        egress: None,
+        mode: Default::default(),
+        expiry: None,
+        created_at: None,
+    }
 }
 
 proptest! {
@@ -273,6 +335,12 @@ proptest! {
         let first = CompiledPolicy::compile_with(&set, &opts, &mut cache).unwrap();
         prop_assert_eq!(&first, &CompiledPolicy::compile(&set, &opts).unwrap());
         for (step, e) in edits.iter().enumerate() {
+            if let Edit::Invalid(_) = e {
+                let bad = apply(&set, e);
+                prop_assert!(CompiledPolicy::compile_with(&bad, &opts, &mut cache).is_err());
+                prop_assert!(CompiledPolicy::compile(&bad, &opts).is_err());
+                continue;
+            }
             set = apply(&set, e);
             let incremental = CompiledPolicy::compile_with(&set, &opts, &mut cache).unwrap();
             let full = CompiledPolicy::compile(&set, &opts).unwrap();

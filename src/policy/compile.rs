@@ -15,19 +15,30 @@
 //! them (the verdict) and one with every live policy (the would-be verdict). Expired
 //! policies are left out of both; their ids stay valid for names.
 //!
+//! Incremental: each policy is first compiled on its own into a `PolicyPart` (selectors
+//! resolved, rules in compiled form, names), which depends on that policy and the
+//! inventory only; the [`CompileCache`] keeps the parts by the policy's `Arc`, and the
+//! compiled inventory (`InventoryTables`: LPM, workload names, named ports) and its label
+//! index per inventory. A reload after one file changed builds that file's parts and
+//! shares the inventory tables with the generation before by `Arc`; the whole-set pass
+//! that remains (rule ids, interning, side tables, prefilters) only copies and looks up.
+//! The result equals a compilation from scratch table by table
+//! (tests/incremental_props.rs).
+//!
 //! Not here: the evaluation itself (`decide.rs`) and its trace (`explain.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use thiserror::Error;
 
 use super::inventory::{Key, Lpm, Range};
 use super::ir::{
-    Action, DomainPattern, Labels, Mode, NAMESPACE_NAME_LABEL, NamespaceMatch, Peer, Peers,
-    PolicyKind, PolicySet, PortMatch, Rule, SelectorOp, Tier, WorkloadSelector,
+    Action, DomainPattern, Inventory, Labels, Mode, NAMESPACE_NAME_LABEL, NamespaceMatch, Peer,
+    Peers, Policy, PolicyKind, PolicySet, PortMatch, Rule, SelectorOp, Tier, WorkloadSelector,
 };
 use super::{DefaultAction, PolicyId, WorkloadId};
 use crate::flow::{Direction, Proto};
@@ -246,14 +257,10 @@ pub(super) struct WPort {
 #[derive(Debug, PartialEq)]
 pub struct CompiledPolicy {
     pub(super) opts: CompileOptions,
-    pub(super) lpm: Lpm,
-    pub(super) workloads: Vec<WorkloadMeta>,
-    /// `WorkloadMeta::ports` of each workload again, packed: the hot path reads 8 bytes
-    /// here instead of a cache line of names and addresses.
-    pub(super) workload_ports: Vec<Span>,
-    pub(super) ports: Vec<WPort>,
-    pub(super) port_names: Vec<String>,
-    pub(super) policies: Vec<PolicyMeta>,
+    /// The compiled inventory, shared with every compilation of the same inventory.
+    pub(super) inv: Arc<InventoryTables>,
+    /// Shared with the policy's [`PolicyPart`].
+    pub(super) policies: Vec<Arc<PolicyMeta>>,
     pub(super) rules: Vec<CRule>,
     pub(super) cidrs: Vec<CCidr>,
     pub(super) excepts: Vec<Range>,
@@ -395,15 +402,14 @@ impl Hash for SelContent<'_> {
     }
 }
 
-/// The inventory's indexes for resolving workload selectors, and every selector resolved
-/// so far. The compiler resolves subjects and peers through it, and `lint` asks it
-/// whether a selector selects anything: both look at posting lists, never at every
-/// workload per selector.
-pub(super) struct Selectors<'a> {
-    workloads: &'a [super::ir::Workload],
+/// The inventory's indexes for resolving workload selectors. Built once per inventory:
+/// the [`CompileCache`] keeps it, so a reload that changed policies only does not index
+/// 10,000 workloads' labels again.
+#[derive(Debug)]
+pub(super) struct LabelIndex {
     /// Namespaces unique by name (first wins), plus those only workloads mention.
     ns_labels: Vec<Labels>,
-    ns_index: FastMap<&'a str, usize>,
+    ns_index: FastMap<String, usize>,
     /// Workload ids per namespace, ascending.
     ns_workloads: Vec<Vec<u32>>,
     /// Per workload, its namespace index.
@@ -413,77 +419,162 @@ pub(super) struct Selectors<'a> {
     /// workloads of its shortest posting list instead of every workload: at 10,000
     /// workloads and ~30,000 distinct selectors this is what keeps compile well under a
     /// second (benches/decide.rs, `compile/*/diverse`).
-    label_index: FastMap<&'a str, FastMap<&'a str, Vec<u32>>>,
+    label_index: FastMap<String, FastMap<String, Vec<u32>>>,
     /// Key → workloads that carry it, ascending (`Exists`).
-    key_index: FastMap<&'a str, Vec<u32>>,
+    key_index: FastMap<String, Vec<u32>>,
+}
+
+/// The inventory's indexes and every selector resolved so far. The compiler resolves
+/// subjects and peers through it, and `lint` asks it whether a selector selects
+/// anything: both look at posting lists, never at every workload per selector.
+pub(super) struct Selectors<'a> {
+    workloads: &'a [super::ir::Workload],
+    index: Arc<LabelIndex>,
     /// Selector → index in `selections`: callers borrow the ids instead of cloning them.
     selected: FastMap<SelKey<'a>, usize>,
-    selections: Vec<Vec<u32>>,
-    /// Selections of earlier compilations over the same inventory (see [`CompileCache`]).
-    memo: Option<SelectionMemo>,
-    /// Selections resolved here rather than found in `memo` (selector, hash, index in
-    /// `selections`), to add to it afterwards.
-    resolved: Vec<(&'a WorkloadSelector, u64, usize)>,
+    selections: Vec<Ids>,
 }
 
-/// Resolved selectors by content hash: a selector's workloads depend on the inventory
-/// and the selector alone, so they carry over between compilations of sets that share
-/// one inventory (`Arc::ptr_eq`).
-#[derive(Debug, Default)]
-struct SelectionMemo {
-    by_hash: FastMap<u64, Vec<(WorkloadSelector, Vec<u32>)>>,
-    len: usize,
+/// A sorted, duplicate-free workload id list with its content hash worked out once, shared
+/// by `Arc`: a selection, a rule's peers, a policy's subject. Compilations after the first
+/// hand these around by pointer, and interning one costs a lookup by the stored hash.
+#[derive(Clone, Debug)]
+pub(super) struct Ids {
+    hash: u64,
+    ids: Arc<[u32]>,
 }
 
-impl SelectionMemo {
-    fn get(&self, hash: u64, sel: &WorkloadSelector) -> Option<&[u32]> {
-        self.by_hash.get(&hash)?.iter().find(|(s, _)| s == sel).map(|(_, ids)| ids.as_slice())
+impl Ids {
+    fn new(ids: Vec<u32>) -> Ids {
+        let mut h = FastHasher::default();
+        ids.hash(&mut h);
+        Ids { hash: h.finish(), ids: ids.into() }
     }
 
-    fn insert(&mut self, hash: u64, sel: &WorkloadSelector, ids: &[u32]) {
-        self.by_hash.entry(hash).or_default().push((sel.clone(), ids.to_vec()));
-        self.len += 1;
+    pub(super) fn as_slice(&self) -> &[u32] {
+        &self.ids
     }
 }
 
-/// What one compilation leaves for the next: the selectors it resolved, valid while the
-/// inventory is the same (`Arc::ptr_eq`). The reloader keeps one, so a reload after one
-/// policy file changed resolves only that file's selectors; everything else in the set
-/// costs a hash lookup. The result is exactly that of [`CompiledPolicy::compile`]
-/// (tests/incremental_props.rs compares the two over random edit sequences).
+impl PartialEq for Ids {
+    fn eq(&self, other: &Ids) -> bool {
+        self.hash == other.hash && (Arc::ptr_eq(&self.ids, &other.ids) || self.ids == other.ids)
+    }
+}
+impl Eq for Ids {}
+impl Hash for Ids {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64(self.hash);
+    }
+}
+
+/// One policy compiled on its own: everything about it that depends only on the policy
+/// and the inventory (its selectors resolved, its rules' peers and ports in compiled form,
+/// its names). A reload after one file changed builds parts for that file's policies only;
+/// every other policy's part is taken from the [`CompileCache`] by pointer, so the
+/// whole-set pass that follows only copies and interns (see `Builder::rule`).
+#[derive(Debug)]
+struct PolicyPart {
+    meta: Arc<PolicyMeta>,
+    subject: Ids,
+    rules: [Option<Vec<RulePart>>; 2],
+}
+
+/// A rule of a [`PolicyPart`]: what `Builder::rule` lays into the pools.
+#[derive(Debug)]
+struct RulePart {
+    action: Action,
+    any_peer: bool,
+    has_ports: bool,
+    peers: Ids,
+    cidrs: Vec<(Range, Vec<Range>)>,
+    domains: Vec<DomainPattern>,
+    ports: Vec<CPort>,
+    /// Hash of what the rule matches (all of the above but `action`): the key of
+    /// `Builder::match_classes`, worked out once per part.
+    match_hash: u64,
+}
+
+impl RulePart {
+    /// Same peers and ports: the rules are in one match class.
+    fn same_match(&self, other: &RulePart) -> bool {
+        self.match_hash == other.match_hash
+            && self.any_peer == other.any_peer
+            && self.has_ports == other.has_ports
+            && self.peers == other.peers
+            && self.cidrs == other.cidrs
+            && self.domains == other.domains
+            && self.ports == other.ports
+    }
+}
+
+/// A [`RulePart`] as a key of `Builder::match_classes`.
+#[derive(Clone, Copy)]
+struct MatchKey<'p>(&'p RulePart);
+
+impl PartialEq for MatchKey<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.same_match(other.0)
+    }
+}
+impl Eq for MatchKey<'_> {}
+impl Hash for MatchKey<'_> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64(self.0.match_hash);
+    }
+}
+
+/// The inventory in compiled form: shared by `Arc` between every compilation of one
+/// inventory, so a reload that changed policies only neither rebuilds nor copies the
+/// 10,000 workload entries.
+#[derive(Debug, PartialEq)]
+pub(super) struct InventoryTables {
+    pub(super) lpm: Lpm,
+    pub(super) workloads: Vec<WorkloadMeta>,
+    /// `WorkloadMeta::ports` of each workload again, packed: the hot path reads 8 bytes
+    /// here instead of a cache line of names and addresses.
+    pub(super) workload_ports: Vec<Span>,
+    pub(super) ports: Vec<WPort>,
+    pub(super) port_names: Vec<String>,
+    /// Port name → index in `port_names`.
+    port_index: FastMap<String, u32>,
+}
+
+/// What one compilation leaves for the next, valid while the inventory is the same
+/// (`Arc::ptr_eq`): the compiled inventory, its label index, and every policy's
+/// `PolicyPart` by the address of its `Arc` (the parse cache hands out the same `Arc`
+/// for every file that did not change). The reloader keeps one, so a reload after one
+/// policy file changed resolves and compiles only that file's policies. The result is
+/// exactly that of [`CompiledPolicy::compile`] (tests/incremental_props.rs compares the
+/// two over random edit sequences).
 #[derive(Debug, Default)]
 pub struct CompileCache {
-    inventory: Option<std::sync::Arc<super::ir::Inventory>>,
-    memo: SelectionMemo,
+    inventory: Option<Arc<super::ir::Inventory>>,
+    index: Option<Arc<LabelIndex>>,
+    tables: Option<Arc<InventoryTables>>,
+    /// Keyed by `Arc::as_ptr`; the `Arc<Policy>` is kept so the address cannot be reused
+    /// by another policy while the entry lives.
+    /// The third field is the last compilation (`epoch`) whose set held the policy.
+    parts: FastMap<usize, (Arc<Policy>, Arc<PolicyPart>, u64)>,
+    epoch: u64,
 }
 
 /// The state of one compilation.
 struct Builder<'a> {
     set: &'a PolicySet,
-    sel: Selectors<'a>,
-    port_names: FastMap<String, u32>,
-    interned_sets: FastMap<Vec<u32>, WorkloadSet>,
+    /// `set.policies[i]`'s part at `i`.
+    parts: &'a [Arc<PolicyPart>],
+    interned_sets: FastMap<Ids, WorkloadSet>,
     interned_lists: FastMap<Vec<u32>, Span>,
     /// What a rule matches (peers and ports, not its action or policy) → a class id, so
     /// that a rule identical in what it matches to an earlier one in the same list can
     /// be dropped: it can never be the first match.
-    match_classes: FastMap<MatchKey, u32>,
+    match_classes: FastMap<MatchKey<'a>, u32>,
     /// Per rule id, its match class.
     rule_class: Vec<u32>,
     /// Interned bitsets in `CompiledPolicy::admin_pool`.
     interned_bits: FastMap<Vec<u64>, u32>,
     out: CompiledPolicy,
-}
-
-/// The match-relevant content of a compiled rule.
-#[derive(PartialEq, Eq, Hash)]
-struct MatchKey {
-    any_peer: bool,
-    has_ports: bool,
-    workloads: WorkloadSet,
-    cidrs: Vec<(Range, Vec<Range>)>,
-    domains: Vec<DomainPattern>,
-    ports: Vec<CPort>,
 }
 
 /// The protocol class the port prefilter is kept per: TCP, UDP, SCTP, anything else
@@ -513,48 +604,67 @@ impl CompiledPolicy {
     /// [`super::ir`]): the loader guarantees them, so this only fires for sets built in
     /// code. Failing here keeps the last good policy in force.
     pub fn compile(set: &PolicySet, opts: &CompileOptions) -> Result<CompiledPolicy, CompileError> {
-        Self::build(set, opts, None).map(|(c, _)| c)
+        Self::build(set, opts, &mut CompileCache::default())
     }
 
-    /// [`CompiledPolicy::compile`] reusing what earlier compilations with `cache` resolved
+    /// [`CompiledPolicy::compile`] reusing what earlier compilations with `cache` built
     /// (see [`CompileCache`]): the same result, faster when the set shares its inventory
-    /// with the last one and most of its policies.
+    /// with the last one and most of its policies (by `Arc`).
     ///
     /// # Errors
-    /// As [`CompiledPolicy::compile`]; the cache is emptied (the next compilation
-    /// resolves everything again).
+    /// As [`CompiledPolicy::compile`]; the cache keeps what it held.
     pub fn compile_with(
         set: &PolicySet,
         opts: &CompileOptions,
         cache: &mut CompileCache,
     ) -> Result<CompiledPolicy, CompileError> {
-        if !cache.inventory.as_ref().is_some_and(|i| std::sync::Arc::ptr_eq(i, &set.inventory)) {
-            cache.memo = SelectionMemo::default();
-            cache.inventory = Some(set.inventory.clone());
-        }
-        let memo = std::mem::take(&mut cache.memo);
-        let (compiled, memo) = Self::build(set, opts, Some(memo))?;
-        cache.memo = memo;
-        Ok(compiled)
+        Self::build(set, opts, cache)
     }
 
     fn build(
         set: &PolicySet,
         opts: &CompileOptions,
-        memo: Option<SelectionMemo>,
-    ) -> Result<(CompiledPolicy, SelectionMemo), CompileError> {
-        validate(set)?;
+        cache: &mut CompileCache,
+    ) -> Result<CompiledPolicy, CompileError> {
         let n = set.inventory.workloads.len();
         if n >= NONE as usize {
             return Err(CompileError::Inventory { message: format!("{n} workloads is too many") });
         }
+        if !cache.inventory.as_ref().is_some_and(|i| Arc::ptr_eq(i, &set.inventory)) {
+            *cache =
+                CompileCache { inventory: Some(set.inventory.clone()), ..CompileCache::default() };
+        }
+        let tables = cache
+            .tables
+            .get_or_insert_with(|| Arc::new(InventoryTables::build(&set.inventory)))
+            .clone();
+        // Every policy's part: the cached one when the set still holds the same `Arc`,
+        // else built here (validated first; the label index only when one is needed).
+        let mut sel: Option<Selectors<'_>> = None;
+        let mut parts: Vec<Arc<PolicyPart>> = Vec::with_capacity(set.policies.len());
+        cache.epoch += 1;
+        let epoch = cache.epoch;
+        for p in &set.policies {
+            // The entry holds the `Arc`, so its address is this policy's and no other's.
+            if let Some(entry) = cache.parts.get_mut(&(Arc::as_ptr(p) as usize)) {
+                entry.2 = epoch;
+                parts.push(entry.1.clone());
+                continue;
+            }
+            validate(p)?;
+            let sel = sel.get_or_insert_with(|| {
+                let index = cache
+                    .index
+                    .get_or_insert_with(|| Arc::new(LabelIndex::build(&set.inventory)))
+                    .clone();
+                Selectors::with_index(&set.inventory, index, 64)
+            });
+            parts.push(Arc::new(PolicyPart::build(p, sel, &tables)));
+        }
+        drop(sel);
         let out = CompiledPolicy {
             opts: *opts,
-            lpm: Lpm::default(),
-            workloads: Vec::with_capacity(n),
-            workload_ports: Vec::with_capacity(n),
-            ports: Vec::new(),
-            port_names: Vec::new(),
+            inv: tables,
             policies: Vec::with_capacity(set.policies.len()),
             rules: Vec::new(),
             cidrs: Vec::new(),
@@ -595,8 +705,7 @@ impl CompiledPolicy {
             .sum();
         let mut b = Builder {
             set,
-            sel: Selectors::new(&set.inventory, set.policies.len() + rules_hint * 2),
-            port_names: FastMap::default(),
+            parts: &parts,
             interned_sets: FastMap::with_capacity_and_hasher(rules_hint, Default::default()),
             interned_lists: FastMap::with_capacity_and_hasher(n * 2, Default::default()),
             match_classes: FastMap::with_capacity_and_hasher(rules_hint, Default::default()),
@@ -604,26 +713,35 @@ impl CompiledPolicy {
             interned_bits: FastMap::default(),
             out,
         };
-        b.sel.memo = memo;
-        b.inventory();
         b.policies();
         b.port_filter();
         b.segment_lists();
         b.admin_index();
-        let memo = b.sel.take_memo();
-        Ok((b.out, memo))
+        let out = b.out;
+        // New parts in; then, when some entry is no longer in the set (a file changed or
+        // was removed), drop those: parts of policies gone must not pile up. Updated in
+        // place, because building and dropping a 10,000-entry map per reload was a tenth
+        // of a one-file reload's compile.
+        for (p, part) in set.policies.iter().zip(parts) {
+            cache.parts.entry(Arc::as_ptr(p) as usize).or_insert_with(|| (p.clone(), part, epoch));
+        }
+        if cache.parts.len() > set.policies.len() {
+            cache.parts.retain(|_, e| e.2 == epoch);
+        }
+        Ok(out)
     }
 
     /// The workload that owns `ip` (longest prefix match), or `None` for an external
     /// address. A binary search; no allocation.
     #[inline]
     pub fn workload_of(&self, ip: IpAddr) -> Option<WorkloadId> {
-        self.lpm.lookup(Key::of(ip)).map(WorkloadId)
+        self.inv.lpm.lookup(Key::of(ip)).map(WorkloadId)
     }
 
     /// `namespace/name` of a workload; `None` for an id from another compilation.
     pub fn workload_name(&self, id: WorkloadId) -> Option<WorkloadName<'_>> {
-        self.workloads
+        self.inv
+            .workloads
             .get(id.0 as usize)
             .map(|w| WorkloadName { namespace: &w.namespace, name: &w.name })
     }
@@ -634,11 +752,11 @@ impl CompiledPolicy {
     /// not the data path.
     pub fn find_workload(&self, namespace: &str, name: &str) -> Option<WorkloadId> {
         let key = |i: u32| {
-            let w = &self.workloads[i as usize];
+            let w = &self.inv.workloads[i as usize];
             (w.namespace.as_str(), w.name.as_str())
         };
         let index = self.by_name.0.get_or_init(|| {
-            let mut v: Vec<u32> = (0..self.workloads.len() as u32).collect();
+            let mut v: Vec<u32> = (0..self.inv.workloads.len() as u32).collect();
             v.sort_by(|&a, &b| key(a).cmp(&key(b)));
             v
         });
@@ -653,7 +771,7 @@ impl CompiledPolicy {
     /// `workload_of(workload_addr(w)) == Some(w)` always holds. `None` if the workload
     /// owns no address of its own.
     pub fn workload_addr(&self, id: WorkloadId) -> Option<IpAddr> {
-        let w = self.workloads.get(id.0 as usize)?;
+        let w = self.inv.workloads.get(id.0 as usize)?;
         for net in &w.addrs {
             let r = Range::of(net);
             let host_bits = if r.v6 { 128 } else { 32 } - u32::from(net.prefix_len());
@@ -664,7 +782,7 @@ impl CompiledPolicy {
             if self.workload_of(to_ip(preferred)) == Some(id) {
                 return Some(to_ip(preferred));
             }
-            if let Some(&start) = self.lpm.owned_starts(r, id.0).first() {
+            if let Some(&start) = self.inv.lpm.owned_starts(r, id.0).first() {
                 return Some(to_ip(start));
             }
         }
@@ -673,11 +791,11 @@ impl CompiledPolicy {
 
     /// The number of the workload's port named `name` for protocol `proto`.
     pub fn named_port(&self, id: WorkloadId, name: &str, proto: Proto) -> Option<u16> {
-        let w = self.workloads.get(id.0 as usize)?;
+        let w = self.inv.workloads.get(id.0 as usize)?;
         w.ports
-            .of(&self.ports)
+            .of(&self.inv.ports)
             .iter()
-            .find(|p| p.proto == proto && self.port_names[p.name as usize] == name)
+            .find(|p| p.proto == proto && self.inv.port_names[p.name as usize] == name)
             .map(|p| p.port)
     }
 
@@ -696,7 +814,7 @@ impl CompiledPolicy {
     }
 
     pub fn workload_count(&self) -> usize {
-        self.workloads.len()
+        self.inv.workloads.len()
     }
 
     /// Every policy of the set, expired ones included (their ids stay valid).
@@ -734,30 +852,27 @@ fn merge_sorted(a: &[u32], b: &[u32]) -> Vec<u32> {
     out
 }
 
-fn validate(set: &PolicySet) -> Result<(), CompileError> {
-    for p in &set.policies {
-        let invalid = |message: String| CompileError::Invalid { policy: p.display_name(), message };
-        for (dir, rules) in [("ingress", &p.ingress), ("egress", &p.egress)] {
-            for (i, r) in rules.iter().flatten().enumerate() {
-                if r.action == Action::Pass && !matches!(p.tier, Tier::Admin { .. }) {
-                    return Err(invalid(format!("{dir}[{i}]: Pass outside the Admin tier")));
+/// Checks the invariants of [`super::ir`] the engine relies on, for one policy.
+fn validate(p: &Policy) -> Result<(), CompileError> {
+    let invalid = |message: String| CompileError::Invalid { policy: p.display_name(), message };
+    for (dir, rules) in [("ingress", &p.ingress), ("egress", &p.egress)] {
+        for (i, r) in rules.iter().flatten().enumerate() {
+            if r.action == Action::Pass && !matches!(p.tier, Tier::Admin { .. }) {
+                return Err(invalid(format!("{dir}[{i}]: Pass outside the Admin tier")));
+            }
+            for port in r.ports.iter().flatten() {
+                if let PortMatch::Range { first, last, .. } = port
+                    && first > last
+                {
+                    return Err(invalid(format!("{dir}[{i}]: port range {first}-{last}")));
                 }
-                for port in r.ports.iter().flatten() {
-                    if let PortMatch::Range { first, last, .. } = port
-                        && first > last
+            }
+            if let Peers::List(peers) = &r.peers {
+                for peer in peers {
+                    if let Peer::Cidr { net, except } = peer
+                        && let Some(e) = except.iter().find(|e| !net.contains(*e))
                     {
-                        return Err(invalid(format!("{dir}[{i}]: port range {first}-{last}")));
-                    }
-                }
-                if let Peers::List(peers) = &r.peers {
-                    for peer in peers {
-                        if let Peer::Cidr { net, except } = peer
-                            && let Some(e) = except.iter().find(|e| !net.contains(*e))
-                        {
-                            return Err(invalid(format!(
-                                "{dir}[{i}]: except {e} not inside {net}"
-                            )));
-                        }
+                        return Err(invalid(format!("{dir}[{i}]: except {e} not inside {net}")));
                     }
                 }
             }
@@ -766,25 +881,19 @@ fn validate(set: &PolicySet) -> Result<(), CompileError> {
     Ok(())
 }
 
-impl<'a> Selectors<'a> {
-    /// Indexes `inv`'s namespaces and labels; `capacity`: distinct selectors expected.
-    pub(super) fn new(inv: &'a super::ir::Inventory, capacity: usize) -> Selectors<'a> {
-        let mut s = Selectors {
-            workloads: &inv.workloads,
+impl LabelIndex {
+    fn build(inv: &Inventory) -> LabelIndex {
+        let mut s = LabelIndex {
             ns_labels: Vec::new(),
             ns_index: FastMap::default(),
             ns_workloads: Vec::new(),
             workload_ns: Vec::with_capacity(inv.workloads.len()),
             label_index: FastMap::default(),
             key_index: FastMap::default(),
-            selected: FastMap::with_capacity_and_hasher(capacity, Default::default()),
-            selections: Vec::new(),
-            memo: None,
-            resolved: Vec::new(),
         };
         for ns in &inv.namespaces {
             if !s.ns_index.contains_key(ns.name.as_str()) {
-                s.ns_index.insert(&ns.name, s.ns_labels.len());
+                s.ns_index.insert(ns.name.clone(), s.ns_labels.len());
                 s.ns_labels.push(ns.labels.clone());
                 s.ns_workloads.push(Vec::new());
             }
@@ -795,7 +904,7 @@ impl<'a> Selectors<'a> {
                 None => {
                     // A namespace the inventory does not list carries only its name label.
                     let ns = s.ns_labels.len();
-                    s.ns_index.insert(&w.namespace, ns);
+                    s.ns_index.insert(w.namespace.clone(), ns);
                     s.ns_labels.push(Labels::from([(
                         NAMESPACE_NAME_LABEL.to_string(),
                         w.namespace.clone(),
@@ -807,34 +916,47 @@ impl<'a> Selectors<'a> {
             s.ns_workloads[ns].push(i as u32);
             s.workload_ns.push(ns as u32);
             for (k, v) in &w.labels {
-                s.label_index.entry(k).or_default().entry(v).or_default().push(i as u32);
-                s.key_index.entry(k).or_default().push(i as u32);
+                // Owned keys, cloned only on first sight.
+                if !s.label_index.contains_key(k.as_str()) {
+                    s.label_index.insert(k.clone(), FastMap::default());
+                    s.key_index.insert(k.clone(), Vec::new());
+                }
+                if let Some(values) = s.label_index.get_mut(k.as_str()) {
+                    match values.get_mut(v.as_str()) {
+                        Some(ids) => ids.push(i as u32),
+                        None => {
+                            values.insert(v.clone(), vec![i as u32]);
+                        }
+                    }
+                }
+                if let Some(ids) = s.key_index.get_mut(k.as_str()) {
+                    ids.push(i as u32);
+                }
             }
         }
         s
     }
+}
 
-    /// The memo with this compilation's new selections added; rebuilt from this
-    /// compilation's selections alone when the old ones would outnumber them (selectors
-    /// of policies long gone must not pile up over reloads).
-    fn take_memo(&mut self) -> SelectionMemo {
-        let Some(mut memo) = self.memo.take() else { return SelectionMemo::default() };
-        if memo.len + self.resolved.len() > 2 * self.selections.len() + 1024 {
-            memo = SelectionMemo::default();
-            for (key, &k) in &self.selected {
-                memo.insert(key.1, key.0, &self.selections[k]);
-            }
-            return memo;
+impl<'a> Selectors<'a> {
+    /// Indexes `inv`'s namespaces and labels; `capacity`: distinct selectors expected.
+    pub(super) fn new(inv: &'a Inventory, capacity: usize) -> Selectors<'a> {
+        Selectors::with_index(inv, Arc::new(LabelIndex::build(inv)), capacity)
+    }
+
+    /// As [`Selectors::new`] with `inv`'s index already built.
+    fn with_index(inv: &'a Inventory, index: Arc<LabelIndex>, capacity: usize) -> Selectors<'a> {
+        Selectors {
+            workloads: &inv.workloads,
+            index,
+            selected: FastMap::with_capacity_and_hasher(capacity, Default::default()),
+            selections: Vec::new(),
         }
-        for &(sel, hash, k) in &self.resolved {
-            memo.insert(hash, sel, &self.selections[k]);
-        }
-        memo
     }
 
     /// The ids of selection `k` (as [`Selectors::select`] returned it), ascending.
     pub(super) fn ids(&self, k: usize) -> &[u32] {
-        &self.selections[k]
+        self.selections[k].as_slice()
     }
 
     /// The workloads `sel` selects, ascending. Resolved once per distinct selector.
@@ -850,13 +972,15 @@ impl<'a> Selectors<'a> {
         if let Some(&k) = self.selected.get(&key) {
             return k;
         }
-        if let Some(ids) = self.memo.as_ref().and_then(|m| m.get(key.1, sel)) {
-            let k = self.selections.len();
-            self.selections.push(ids.to_vec());
-            self.selected.insert(key, k);
-            return k;
-        }
-        self.resolved.push((sel, key.1, self.selections.len()));
+        let ids = self.resolve(sel);
+        let k = self.selections.len();
+        self.selections.push(Ids::new(ids));
+        self.selected.insert(key, k);
+        k
+    }
+
+    fn resolve(&self, sel: &WorkloadSelector) -> Vec<u32> {
+        let ix = &*self.index;
         let workloads = self.workloads;
         // `namespaceSelector: {}` (every workload's namespace is known here): no list of
         // namespaces to build, and no namespace test per candidate.
@@ -864,23 +988,23 @@ impl<'a> Selectors<'a> {
         let nss: Vec<usize> = match &sel.namespaces {
             _ if every_ns => Vec::new(),
             NamespaceMatch::Named(name) => {
-                self.ns_index.get(name.as_str()).copied().into_iter().collect()
+                ix.ns_index.get(name.as_str()).copied().into_iter().collect()
             }
             NamespaceMatch::Selector(s) => {
-                (0..self.ns_labels.len()).filter(|&ns| s.matches(&self.ns_labels[ns])).collect()
+                (0..ix.ns_labels.len()).filter(|&ns| s.matches(&ix.ns_labels[ns])).collect()
             }
         };
         let in_ns: usize = if every_ns {
             workloads.len()
         } else {
-            nss.iter().map(|&ns| self.ns_workloads[ns].len()).sum()
+            nss.iter().map(|&ns| ix.ns_workloads[ns].len()).sum()
         };
         // The shortest posting list of a positive constraint, if shorter than `in_ns`.
         let empty: &[u32] = &[];
         let mut best: Option<std::borrow::Cow<'_, [u32]>> = None;
         let mut best_len = in_ns;
         let posting = |k: &str, v: &str| -> &[u32] {
-            self.label_index.get(k).and_then(|m| m.get(v)).map_or(empty, Vec::as_slice)
+            ix.label_index.get(k).and_then(|m| m.get(v)).map_or(empty, Vec::as_slice)
         };
         for (k, v) in &sel.pods.match_labels {
             let p = posting(k, v);
@@ -892,7 +1016,7 @@ impl<'a> Selectors<'a> {
         for r in &sel.pods.match_expressions {
             match r.op {
                 SelectorOp::Exists => {
-                    let p = self.key_index.get(r.key.as_str()).map_or(empty, Vec::as_slice);
+                    let p = ix.key_index.get(r.key.as_str()).map_or(empty, Vec::as_slice);
                     if p.len() < best_len {
                         best_len = p.len();
                         best = Some(p.into());
@@ -923,24 +1047,24 @@ impl<'a> Selectors<'a> {
                 );
             }
             Some(cands) => {
-                let mut ns_ok = vec![false; self.ns_labels.len()];
+                let mut ns_ok = vec![false; ix.ns_labels.len()];
                 for &ns in &nss {
                     ns_ok[ns] = true;
                 }
                 ids.extend(cands.iter().copied().filter(|&w| {
-                    ns_ok[self.workload_ns[w as usize] as usize]
+                    ns_ok[ix.workload_ns[w as usize] as usize]
                         && sel.pods.matches(&workloads[w as usize].labels)
                 }));
             }
             // Every namespace: all workloads in id order, no merge or sort needed.
-            None if every_ns || nss.len() == self.ns_labels.len() => {
+            None if every_ns || nss.len() == ix.ns_labels.len() => {
                 ids.extend((0..workloads.len() as u32).filter(|&w| {
                     sel.pods.is_empty() || sel.pods.matches(&workloads[w as usize].labels)
                 }));
             }
             None => {
                 for &ns in &nss {
-                    for &w in &self.ns_workloads[ns] {
+                    for &w in &ix.ns_workloads[ns] {
                         if sel.pods.is_empty() || sel.pods.matches(&workloads[w as usize].labels) {
                             ids.push(w);
                         }
@@ -951,73 +1075,159 @@ impl<'a> Selectors<'a> {
                 }
             }
         }
-        let k = self.selections.len();
-        self.selections.push(ids);
-        self.selected.insert(key, k);
-        k
+        ids
     }
 }
 
-impl<'a> Builder<'a> {
-    fn inventory(&mut self) {
-        let inv = &self.set.inventory;
+impl InventoryTables {
+    fn build(inv: &Inventory) -> InventoryTables {
+        let n = inv.workloads.len();
+        let mut t = InventoryTables {
+            lpm: Lpm::default(),
+            workloads: Vec::with_capacity(n),
+            workload_ports: Vec::with_capacity(n),
+            ports: Vec::new(),
+            port_names: Vec::new(),
+            port_index: FastMap::default(),
+        };
         for w in &inv.workloads {
-            let off = self.out.ports.len() as u32;
+            let off = t.ports.len() as u32;
             for p in &w.ports {
-                let name = self.port_name(&p.name);
-                self.out.ports.push(WPort { name, proto: p.protocol, port: p.port });
+                let name = t.port_name(&p.name);
+                t.ports.push(WPort { name, proto: p.protocol, port: p.port });
             }
             let ports = Span { off, len: w.ports.len() as u32 };
-            self.out.workload_ports.push(ports);
-            self.out.workloads.push(WorkloadMeta {
+            t.workload_ports.push(ports);
+            t.workloads.push(WorkloadMeta {
                 namespace: w.namespace.clone(),
                 name: w.name.clone(),
                 addrs: w.addrs.clone(),
                 ports,
             });
         }
-        self.out.lpm = Lpm::build(
+        t.lpm = Lpm::build(
             inv.workloads
                 .iter()
                 .enumerate()
                 .flat_map(|(i, w)| w.addrs.iter().map(move |a| (*a, i as u32))),
         );
+        t
     }
 
     fn port_name(&mut self, name: &str) -> u32 {
-        if let Some(&id) = self.port_names.get(name) {
+        if let Some(&id) = self.port_index.get(name) {
             return id;
         }
-        let id = self.out.port_names.len() as u32;
-        self.out.port_names.push(name.to_string());
-        self.port_names.insert(name.to_string(), id);
+        let id = self.port_names.len() as u32;
+        self.port_names.push(name.to_string());
+        self.port_index.insert(name.to_string(), id);
         id
     }
+}
 
+impl PolicyPart {
+    fn build<'a>(p: &'a Policy, sel: &mut Selectors<'a>, inv: &InventoryTables) -> PolicyPart {
+        let names = |rules: &Option<Vec<Rule>>| {
+            rules.iter().flatten().map(|r| r.name.clone()).collect::<Vec<_>>()
+        };
+        let meta = Arc::new(PolicyMeta {
+            name: p.display_name(),
+            kind: p.kind,
+            ingress_names: names(&p.ingress),
+            egress_names: names(&p.egress),
+        });
+        let k = sel.select(&p.subject);
+        let subject = sel.selections[k].clone();
+        let rules = [&p.ingress, &p.egress].map(|list| {
+            list.as_ref().map(|list| list.iter().map(|r| RulePart::build(r, sel, inv)).collect())
+        });
+        PolicyPart { meta, subject, rules }
+    }
+}
+
+impl RulePart {
+    fn build<'a>(rule: &'a Rule, sel: &mut Selectors<'a>, inv: &InventoryTables) -> RulePart {
+        let mut peers: Option<Ids> = None;
+        let mut cidrs = Vec::new();
+        let mut domains = Vec::new();
+        if let Peers::List(list) = &rule.peers {
+            for peer in list {
+                match peer {
+                    Peer::Workloads(s) => {
+                        let k = sel.select(s);
+                        let got = &sel.selections[k];
+                        // Each selection is sorted and unique: merge instead of sorting
+                        // the concatenation (that sort was a third of compile time).
+                        peers = Some(match peers {
+                            None => got.clone(),
+                            Some(prev) => Ids::new(merge_sorted(prev.as_slice(), got.as_slice())),
+                        });
+                    }
+                    Peer::Cidr { net, except } => {
+                        cidrs.push((Range::of(net), except.iter().map(Range::of).collect()));
+                    }
+                    Peer::Domain(d) => domains.push(d.clone()),
+                }
+            }
+        }
+        let peers = peers.unwrap_or_else(|| Ids::new(Vec::new()));
+        let ports: Vec<CPort> = rule
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| match p {
+                PortMatch::Range { protocol, first, last } => {
+                    CPort::Range { proto: *protocol, first: *first, last: *last }
+                }
+                PortMatch::Named { protocol, name } => CPort::Named {
+                    proto: *protocol,
+                    name: inv.port_index.get(name.as_str()).copied().unwrap_or(NONE),
+                },
+            })
+            .collect();
+        let any_peer = rule.peers == Peers::Any;
+        let has_ports = rule.ports.is_some();
+        let mut h = FastHasher::default();
+        (any_peer, has_ports, peers.hash, &cidrs, &domains, &ports).hash(&mut h);
+        RulePart {
+            action: rule.action,
+            any_peer,
+            has_ports,
+            peers,
+            cidrs,
+            domains,
+            ports,
+            match_hash: h.finish(),
+        }
+    }
+}
+
+impl<'a> Builder<'a> {
     /// Interns a sorted, deduplicated id list as a workload set: a sorted list while it
     /// is at most 1/32 of the workloads (same size as a bitset), a bitset above.
-    fn intern_set(&mut self, ids: Vec<u32>) -> WorkloadSet {
+    fn intern_set(&mut self, set: &Ids) -> WorkloadSet {
+        let ids = set.as_slice();
         if ids.is_empty() {
             return WorkloadSet::Empty;
         }
-        if let Some(&s) = self.interned_sets.get(&ids) {
+        if let Some(&s) = self.interned_sets.get(set) {
             return s;
         }
-        let n = self.out.workloads.len();
+        let n = self.out.inv.workloads.len();
         let s = if ids.len() * 32 <= n {
             let off = self.out.set_ids.len() as u32;
-            self.out.set_ids.extend_from_slice(&ids);
+            self.out.set_ids.extend_from_slice(ids);
             WorkloadSet::Sorted(Span { off, len: ids.len() as u32 })
         } else {
             let words = self.out.bits_words;
             let off = self.out.set_bits.len();
             self.out.set_bits.resize(off + words, 0);
-            for &w in &ids {
+            for &w in ids {
                 self.out.set_bits[off + (w as usize >> 6)] |= 1 << (w & 63);
             }
             WorkloadSet::Bits((off / words.max(1)) as u32)
         };
-        self.interned_sets.insert(ids, s);
+        self.interned_sets.insert(set.clone(), s);
         s
     }
 
@@ -1054,7 +1264,7 @@ impl<'a> Builder<'a> {
         out.rule_words = words;
         // Per (name, protocol): every number some workload gives that port name.
         let mut numbers: FastMap<(u32, Proto), Vec<u16>> = FastMap::default();
-        for p in &out.ports {
+        for p in &out.inv.ports {
             numbers.entry((p.name, p.proto)).or_default().push(p.port);
         }
         for v in numbers.values_mut() {
@@ -1198,9 +1408,14 @@ impl<'a> Builder<'a> {
         if self.out.sides.first().is_none_or(|t| t.admin_bits == NONE) {
             return;
         }
-        let n = self.out.workloads.len();
-        let addrs: Vec<Vec<Range>> =
-            self.out.workloads.iter().map(|w| w.addrs.iter().map(Range::of).collect()).collect();
+        let n = self.out.inv.workloads.len();
+        let addrs: Vec<Vec<Range>> = self
+            .out
+            .inv
+            .workloads
+            .iter()
+            .map(|w| w.addrs.iter().map(Range::of).collect())
+            .collect();
         let overlaps =
             |a: &Range, b: &Range| a.v6 == b.v6 && a.first <= b.last && b.first <= a.last;
         let mut classes: Vec<[u32; 2]> = vec![[NONE; 2]; n];
@@ -1355,74 +1570,32 @@ impl<'a> Builder<'a> {
         s
     }
 
-    fn rule(&mut self, policy: u32, index: u32, rule: &'a Rule) -> u32 {
-        let mut ids: Vec<u32> = Vec::new();
-        let mut peer_sets = 0usize;
+    /// Lays one rule's part into the pools; returns its rule id.
+    fn rule(&mut self, policy: u32, index: u32, rule: &'a RulePart) -> u32 {
+        let workloads = self.intern_set(&rule.peers);
         let cidr_off = self.out.cidrs.len() as u32;
+        for (net, except) in &rule.cidrs {
+            let off = self.out.excepts.len() as u32;
+            self.out.excepts.extend_from_slice(except);
+            let except = Span { off, len: except.len() as u32 };
+            self.out.cidrs.push(CCidr { net: *net, except });
+        }
         let dom_off = self.out.domains.len() as u32;
-        if let Peers::List(peers) = &rule.peers {
-            for peer in peers {
-                match peer {
-                    Peer::Workloads(sel) => {
-                        let k = self.sel.select(sel);
-                        // Each selection is sorted and unique: merge instead of sorting
-                        // the concatenation (that sort was a third of compile time).
-                        ids = if peer_sets == 0 {
-                            self.sel.ids(k).to_vec()
-                        } else {
-                            merge_sorted(&ids, self.sel.ids(k))
-                        };
-                        peer_sets += 1;
-                    }
-                    Peer::Cidr { net, except } => {
-                        let off = self.out.excepts.len() as u32;
-                        self.out.excepts.extend(except.iter().map(Range::of));
-                        let except = Span { off, len: except.len() as u32 };
-                        self.out.cidrs.push(CCidr { net: Range::of(net), except });
-                    }
-                    Peer::Domain(d) => self.out.domains.push(d.clone()),
-                }
-            }
-        }
-        let workloads = self.intern_set(ids);
+        self.out.domains.extend(rule.domains.iter().cloned());
         let port_off = self.out.cports.len() as u32;
-        for p in rule.ports.iter().flatten() {
-            let c = match p {
-                PortMatch::Range { protocol, first, last } => {
-                    CPort::Range { proto: *protocol, first: *first, last: *last }
-                }
-                PortMatch::Named { protocol, name } => CPort::Named {
-                    proto: *protocol,
-                    name: self.port_names.get(name.as_str()).copied().unwrap_or(NONE),
-                },
-            };
-            self.out.cports.push(c);
-        }
-        let id = self.out.rules.len() as u32;
-        let cidrs = Span { off: cidr_off, len: self.out.cidrs.len() as u32 - cidr_off };
-        let key = MatchKey {
-            any_peer: rule.peers == Peers::Any,
-            has_ports: rule.ports.is_some(),
-            workloads,
-            cidrs: cidrs
-                .of(&self.out.cidrs)
-                .iter()
-                .map(|c| (c.net, c.except.of(&self.out.excepts).to_vec()))
-                .collect(),
-            domains: self.out.domains[dom_off as usize..].to_vec(),
-            ports: self.out.cports[port_off as usize..].to_vec(),
-        };
+        self.out.cports.extend_from_slice(&rule.ports);
         let next = self.match_classes.len() as u32;
-        let class = *self.match_classes.entry(key).or_insert(next);
+        let class = *self.match_classes.entry(MatchKey(rule)).or_insert(next);
         self.rule_class.push(class);
+        let id = self.out.rules.len() as u32;
         self.out.rules.push(CRule {
             action: rule.action,
-            any_peer: rule.peers == Peers::Any,
-            has_ports: rule.ports.is_some(),
+            any_peer: rule.any_peer,
+            has_ports: rule.has_ports,
             workloads,
-            cidrs,
-            domains: Span { off: dom_off, len: self.out.domains.len() as u32 - dom_off },
-            ports: Span { off: port_off, len: self.out.cports.len() as u32 - port_off },
+            cidrs: Span { off: cidr_off, len: rule.cidrs.len() as u32 },
+            domains: Span { off: dom_off, len: rule.domains.len() as u32 },
+            ports: Span { off: port_off, len: rule.ports.len() as u32 },
             policy,
             index,
         });
@@ -1432,40 +1605,31 @@ impl<'a> Builder<'a> {
     fn policies(&mut self) {
         let set = self.set;
         let now = self.out.opts.now;
-        let n = self.out.workloads.len();
+        let n = self.out.inv.workloads.len();
         // Per live policy: its subject and its compiled rule ids per direction.
-        struct Live {
+        struct Live<'p> {
             index: u32,
-            subject: Vec<u32>,
+            subject: &'p [u32],
             rules: [Option<Vec<u32>>; 2],
         }
         let mut live: Vec<Live> = Vec::new();
-        for (i, p) in set.policies.iter().enumerate() {
-            let names = |rules: &Option<Vec<Rule>>| {
-                rules.iter().flatten().map(|r| r.name.clone()).collect::<Vec<_>>()
-            };
+        let parts = self.parts;
+        for (i, (p, part)) in set.policies.iter().zip(parts).enumerate() {
             let is_live = p.is_live(now);
-            self.out.policies.push(PolicyMeta {
-                name: p.display_name(),
-                kind: p.kind,
-                ingress_names: names(&p.ingress),
-                egress_names: names(&p.egress),
-            });
+            self.out.policies.push(part.meta.clone());
             if let Some(at) = p.expires_at(now).filter(|at| *at > now) {
                 self.out.next_expiry = Some(self.out.next_expiry.map_or(at, |e| e.min(at)));
             }
             if !is_live {
                 continue;
             }
-            let subject = self.sel.select(&p.subject);
-            let subject = self.sel.ids(subject).to_vec();
             let mut rules: [Option<Vec<u32>>; 2] = [None, None];
-            for (d, list) in [(0, &p.ingress), (1, &p.egress)] {
+            for (d, list) in part.rules.iter().enumerate() {
                 rules[d] = list.as_ref().map(|list| {
                     list.iter().enumerate().map(|(k, r)| self.rule(i as u32, k as u32, r)).collect()
                 });
             }
-            live.push(Live { index: i as u32, subject, rules });
+            live.push(Live { index: i as u32, subject: part.subject.as_slice(), rules });
         }
         self.out.live_policies = live.len();
 
@@ -1535,7 +1699,7 @@ impl<'a> Builder<'a> {
                 if !takes_part(l) {
                     continue;
                 }
-                for &w in &l.subject {
+                for &w in l.subject {
                     for d in 0..2 {
                         if let Some(r) = &l.rules[d] {
                             lists[w as usize * 2 + d][0].extend_from_slice(r);
@@ -1554,7 +1718,7 @@ impl<'a> Builder<'a> {
                 if !takes_part(l) {
                     continue;
                 }
-                for &w in &l.subject {
+                for &w in l.subject {
                     for d in 0..2 {
                         if let Some(r) = &l.rules[d] {
                             let slot = &mut lists[w as usize * 2 + d];
@@ -1569,7 +1733,7 @@ impl<'a> Builder<'a> {
                 if !takes_part(l) {
                     continue;
                 }
-                for &w in &l.subject {
+                for &w in l.subject {
                     for d in 0..2 {
                         if let Some(r) = &l.rules[d] {
                             lists[w as usize * 2 + d][3].extend_from_slice(r);

@@ -136,7 +136,7 @@ impl CompiledPolicy {
     #[inline]
     pub(super) fn end(&self, ip: std::net::IpAddr) -> End {
         let key = Key::of(ip);
-        End { key, workload: self.lpm.lookup(key) }
+        End { key, workload: self.inv.lpm.lookup(key) }
     }
 
     #[inline]
@@ -473,9 +473,9 @@ impl CompiledPolicy {
                     return false;
                 }
                 let Some(w) = dst.workload else { return false };
-                let Some(ports) = self.workload_ports.get(w as usize) else { return false };
+                let Some(ports) = self.inv.workload_ports.get(w as usize) else { return false };
                 ports
-                    .of(&self.ports)
+                    .of(&self.inv.ports)
                     .iter()
                     .any(|np| np.name == name && np.proto == q.proto && np.port == q.dst_port)
             }
