@@ -250,6 +250,9 @@ fn l4(opts: &Opts, info: &RunInfo) -> Result<Vec<Row>, String> {
     Ok(rows)
 }
 
+/// How a figure is written in the table.
+type Fmt<'a> = &'a dyn Fn(f64) -> String;
+
 fn egress(opts: &Opts, info: &RunInfo) -> Result<Vec<Row>, String> {
     let q = opts.quick;
     let env = [
@@ -260,7 +263,7 @@ fn egress(opts: &Opts, info: &RunInfo) -> Result<Vec<Row>, String> {
     ];
     let v = json_line(&cargo_bench(opts, "egress_vs_squid", &env, &[], false)?, "egress_vs_squid")?;
     let conc = v["concurrency"].as_u64().unwrap_or(64);
-    let cases: [(String, &str, Goal, &str, &dyn Fn(f64) -> String); 3] = [
+    let cases: [(String, &str, Goal, &str, Fmt); 3] = [
         (
             format!("Egress CONNECT tunnels/s, {conc} concurrent"),
             "≥ 1.0× Squid",
