@@ -190,9 +190,14 @@ fn pick(quick: bool, full: u64, short: u64) -> String {
 // ---- end-to-end drivers -------------------------------------------------------------------
 
 fn l4(opts: &Opts, info: &RunInfo) -> Result<Vec<Row>, String> {
+    // The flowgate binary the benches run (`CARGO_BIN_EXE_flowgate`), built the way they
+    // build it: a plain `cargo build --bin flowgate` resolves features without the
+    // dev-dependencies and would compile the whole crate a second time.
     let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    let profile = if opts.profile == "release" { "bench" } else { &opts.profile };
-    build.args(["build", "--locked", "--bin", "flowgate", "--profile", profile]);
+    build.args(["bench", "--locked", "--no-run", "--bench", "reload_storm"]);
+    if opts.profile != "release" {
+        build.args(["--profile", &opts.profile]);
+    }
     run_cmd(opts, &mut build, false)?;
     let bins = opts.bin_dir();
     let mut cmd = Command::new(bins.join("flowgate-loadtest"));
