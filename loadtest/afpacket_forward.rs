@@ -197,4 +197,14 @@ fn main() {
         med[3].0 / med[0].0,
         med[3].1 / med[0].1
     );
+    // One machine-readable line for `loadtest/run`.
+    let case = |m: &(f64, f64)| serde_json::json!({"udp_pps": m.0, "tcp_gbps": m.1 / 1e9});
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "afpacket_forward", "secs": secs, "rounds": rounds,
+            "bridge": case(&med[0]), "pnet_off": case(&med[1]), "ring_off": case(&med[2]),
+            "ring_on": case(&med[3]),
+        })
+    );
 }

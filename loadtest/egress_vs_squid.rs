@@ -174,6 +174,18 @@ fn main() {
             rows[0].3 / rows[1].3,
             if reverse { " [Squid measured first]" } else { "" }
         );
+        // One machine-readable line for `loadtest/run`.
+        let side = |r: &(&str, f64, f64, f64)| {
+            serde_json::json!({"tunnels_per_s": r.1, "bulk_mib_s": r.2, "idle_tunnel_bytes": r.3})
+        };
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "egress_vs_squid", "secs": secs, "concurrency": conc, "mib": mib,
+                "idle": idle, "squid_first": reverse,
+                "flowgate": side(&rows[0]), "squid": side(&rows[1]),
+            })
+        );
     });
 }
 

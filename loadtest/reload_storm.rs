@@ -289,6 +289,19 @@ fn main() {
         (storm.ok as f64 / storm.secs) / (quiet.ok as f64 / quiet.secs)
     );
     println!("flow-log denials or revocations of the client: {bad}");
+    // One machine-readable line for `loadtest/run`.
+    let phase = |p: &Phase| {
+        serde_json::json!({"cps": p.ok as f64 / p.secs, "p50_us": p.p50_us, "p99_us": p.p99_us,
+            "failed": p.failed})
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "reload_storm", "secs": secs, "concurrency": conc, "reloads": reloads,
+            "rejected": errors, "client_denials": bad,
+            "quiet": phase(&quiet), "reloads_phase": phase(&storm),
+        })
+    );
     if quiet.failed + storm.failed > 0 || bad > 0 || errors > 0 {
         eprintln!("FAILED: allowed connections failed or were denied");
         std::process::exit(1);

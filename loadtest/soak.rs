@@ -492,6 +492,25 @@ fn main() {
         stats.ok.load(Ordering::Relaxed),
         args.csv.display()
     );
+    // One machine-readable line for `loadtest/run`.
+    let max = |v: &[u64]| v.iter().max().copied().unwrap_or(0);
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "soak",
+            "secs": args.secs,
+            "ok": stats.ok.load(Ordering::Relaxed),
+            "errors": errors,
+            "reloads": reloads,
+            "samples": rss.len(),
+            "rss_kib": {"first": rss.first(), "max": max(&rss), "last": rss.last()},
+            "fds": {"first": fds.first(), "max": max(&fds), "last": fds.last()},
+            "conntrack_max": max(&ct),
+            "csv": args.csv.display().to_string(),
+            "pass": failures.is_empty(),
+            "failures": failures,
+        })
+    );
     if failures.is_empty() {
         println!("soak: PASS");
     } else {

@@ -98,4 +98,13 @@ fn main() {
     println!("TUN offloads on  / kernel: {:.2}×", median[1] / median[0]);
     println!("TUN offloads off / kernel: {:.3}×", median[2] / median[0]);
     println!("offloads on / off:         {:.1}×", median[1] / median[2]);
+    // One machine-readable line for `loadtest/run`.
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "tun_forward", "secs": secs, "rounds": rounds,
+            "kernel_gbps": median[0] / 1e9, "tun_on_gbps": median[1] / 1e9,
+            "tun_off_gbps": median[2] / 1e9,
+        })
+    );
 }

@@ -635,6 +635,27 @@ async fn run(args: Args) -> Result<(), String> {
             ratio(cps_cpu[2] / f.conns.max(1) as f64, cps_cpu[1] / h.conns.max(1) as f64)
         );
     }
+    // One machine-readable line for `loadtest/run` (NaN, a phase not run, becomes null).
+    let num = |x: f64| if x.is_finite() { serde_json::json!(x) } else { serde_json::Value::Null };
+    let mut line = serde_json::json!({
+        "bench": "l4",
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "concurrency": args.concurrency,
+        "haproxy": haproxy_version(&args.haproxy),
+        "tput_gbps": {"direct": num(tput[0]), "haproxy": num(tput[1]), "flowgate": num(tput[2])},
+    });
+    if let [_, h, f] = &res[..] {
+        line["cps"] = serde_json::json!({"haproxy": num(h.rate()), "flowgate": num(f.rate())});
+        line["p50_ms"] = serde_json::json!({"haproxy": num(h.p(0.5)), "flowgate": num(f.p(0.5))});
+        line["p99_ms"] = serde_json::json!({"haproxy": num(h.p(0.99)), "flowgate": num(f.p(0.99))});
+        line["cpu_per_conn_us"] = serde_json::json!({
+            "haproxy": num(cps_cpu[1] * 1e6 / h.conns.max(1) as f64),
+            "flowgate": num(cps_cpu[2] * 1e6 / f.conns.max(1) as f64),
+        });
+        line["errors"] = serde_json::json!({"haproxy": h.errors, "flowgate": f.errors});
+    }
+    println!("{line}");
     drop((fg, fg_extra, ha, iperf_srv));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
