@@ -160,7 +160,12 @@ impl Lpm {
 }
 
 /// [`Lpm::owned_starts`] over one family's segments.
-fn owned_in<T: Copy + Into<u128>>(starts: &[T], owners: &[u32], range: Range, owner: u32) -> Vec<u128> {
+fn owned_in<T: Copy + Into<u128>>(
+    starts: &[T],
+    owners: &[u32],
+    range: Range,
+    owner: u32,
+) -> Vec<u128> {
     let from = starts.partition_point(|&s| s.into() <= range.first).saturating_sub(1);
     starts[from..]
         .iter()
