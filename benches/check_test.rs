@@ -156,6 +156,8 @@ fn main() {
     }
 }
 
+/// As `flowgate test` resolves: the name map built once, then each case through it.
 fn resolve_all(compiled: &CompiledPolicy, cases: &[Case]) -> Vec<simulate::SimFlow> {
-    cases.iter().map(|c| c.flow(compiled).expect("every case resolves")).collect()
+    let resolver = simulate::Resolver::new(compiled);
+    cases.iter().map(|c| c.flow_in(&resolver).expect("every case resolves")).collect()
 }
