@@ -1,5 +1,9 @@
-//! `flowgate check` as a user runs it: the real binary on the bundled config and on
-//! fixture directories under tests/fixtures/.
+//! `flowgate check` as a user runs it: the real binary on the bundled config, on
+//! fixture directories under tests/fixtures/, and on a realistic set
+//! (benches/support/realistic.rs).
+
+#[path = "../benches/support/realistic.rs"]
+mod realistic;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -197,3 +201,67 @@ fn empty_policy_types_with_egress_rules_is_read_as_both_directions() {
     );
     assert!(warnings[0].ends_with("for ingress and egress"), "{stderr}");
 }
+
+/// A NetworkPolicy file with every spelling warning, added to the realistic set so the
+/// spelling pass is part of what is compared.
+const SPELLED: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: spelled, namespace: team0-ns0}
+spec:
+  podSelector: {matchLabels: {app: web0}}
+  policyTypes: [ ]
+  ingress:
+    - from: [ # nobody?
+      ]
+  egress: []
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: typo, namespace: team0-ns0}
+spec:
+  podSelector: {matchLabels: {app: web00}}
+  egress:
+    - to:
+        - ipBlock: {cidr: 0.0.0.0/0}
+";
+
+/// FNV-1a, to compare long outputs with the ones recorded.
+fn fnv(text: &str) -> u64 {
+    text.bytes()
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Issue 25: `check` was reworked for speed (the lint's spelling pass reads the files
+/// beside the load, only those that can hold a spelling are parsed again, the lint runs
+/// beside the compile). On the realistic 1k × 1k set with its cluster tiers, plus a file
+/// with every spelling, it prints exactly what the binary before the change printed:
+/// the summary, and the warnings whose count and digest are recorded here.
+#[test]
+fn realistic_set_output_is_what_it_was_before_the_speedup() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let shape = realistic::Shape::new(10, 100).with_cluster_tiers();
+    realistic::write(tmp.path(), &shape);
+    std::fs::create_dir(tmp.path().join("policies/extra")).expect("mkdir");
+    std::fs::write(tmp.path().join("policies/extra/spelled.yaml"), SPELLED).expect("write");
+    let out = check(&["--policies", "policies", "--inventory", "inventory.yaml"], tmp.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stdout.trim(), EXPECTED_SUMMARY, "{stderr}");
+    let lines = stderr.lines().count();
+    assert_eq!((lines, fnv(&stderr)), EXPECTED_WARNINGS, "{stderr}");
+    for want in EXPECTED_SOME {
+        assert!(stderr.contains(want), "missing {want:?} in:\n{stderr}");
+    }
+}
+
+/// Recorded with the binary before the speedup (commit 60d2d43).
+const EXPECTED_SUMMARY: &str = "ok: 1135 policies (1034 NetworkPolicy, 100 AdminNetworkPolicy, 1 BaselineAdminNetworkPolicy) over 1002 workloads in 12 namespaces, 81 warning(s); compiled with default deny, 1135 in force";
+const EXPECTED_WARNINGS: (usize, u64) = (81, 0x229019ccd2dba540);
+const EXPECTED_SOME: [&str; 5] = [
+    "warning: policies/extra/spelled.yaml: NetworkPolicy team0-ns0/spelled: spec.policyTypes: empty policyTypes is read as [Ingress], exactly as if it were absent (Kubernetes defaults an empty list): this policy isolates the selected pods for ingress",
+    "warning: policies/extra/spelled.yaml: NetworkPolicy team0-ns0/spelled: spec.egress: empty egress without Egress in policyTypes is read as no egress section: egress is not isolated (list Egress in policyTypes to deny all egress)",
+    "warning: policies/extra/spelled.yaml: NetworkPolicy team0-ns0/spelled: spec.ingress[0].from: empty from is read as no from: this rule admits every source (not none)",
+    "warning: policies/extra/spelled.yaml: NetworkPolicy team0-ns0/typo: spec.podSelector: selects no workload in the inventory",
+    "warning: policies/extra/spelled.yaml: NetworkPolicy team0-ns0/typo: spec.egress[0].to[0]: allows egress to 0.0.0.0/0: the whole internet",
+];

@@ -9,6 +9,7 @@
 //! This file also holds [`Source`], the policy-input arguments `check`, `explain` and
 //! `test` share, and [`Source::load`], so all three read policy the same way.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::SystemTime;
@@ -85,41 +86,81 @@ impl Source {
     /// Loads and compiles, printing every error to stderr. `Err` carries the exit code
     /// (1: bad input, nothing loaded).
     pub fn load(&self) -> Result<Loaded, ExitCode> {
-        let target = self.target().map_err(|e| {
+        let target = self.checked_target()?;
+        let set = target.load()?;
+        let compiled = target.compile(&set, SystemTime::now())?;
+        Ok(Loaded { set, compiled })
+    }
+
+    /// [`Source::target`], printing its error.
+    fn checked_target(&self) -> Result<Target, ExitCode> {
+        self.target().map_err(|e| {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
-        })?;
-        let set = load::load(&target.policies, &target.inventory).map_err(|errors| {
+        })
+    }
+}
+
+impl Target {
+    /// Loads the set, printing every error.
+    fn load(&self) -> Result<PolicySet, ExitCode> {
+        load::load(&self.policies, &self.inventory).map_err(|errors| {
             for e in &errors.0 {
                 eprintln!("error: {e}");
             }
             eprintln!("{} error(s); nothing loaded", errors.0.len());
             ExitCode::from(1)
-        })?;
-        let opts = CompileOptions {
-            default: target.default,
-            unknown: target.unknown,
-            now: SystemTime::now(),
-        };
-        let compiled = CompiledPolicy::compile(&set, &opts).map_err(|e| {
+        })
+    }
+
+    /// Compiles `set` with the target's defaults, printing the error.
+    fn compile(&self, set: &PolicySet, now: SystemTime) -> Result<CompiledPolicy, ExitCode> {
+        let opts = CompileOptions { default: self.default, unknown: self.unknown, now };
+        CompiledPolicy::compile(set, &opts).map_err(|e| {
             eprintln!("error: {e}");
             ExitCode::from(1)
-        })?;
-        Ok(Loaded { set, compiled })
+        })
     }
 }
 
+/// Load, then compile and lint. The work is split over threads where it is independent
+/// (for speed; `benches/check_test.rs` measures it): the lint's spelling pass reads the
+/// policy files again while the set loads, and the lint runs beside the compile. What is
+/// printed, and in which order, is what a sequential run prints: errors stop everything
+/// before a warning is printed.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let loaded = match args.source.load() {
-        Ok(l) => l,
+    let target = match args.source.checked_target() {
+        Ok(t) => t,
         Err(code) => return Ok(code),
     };
-    let warnings = lint::lint(&loaded.set, SystemTime::now());
+    let now = SystemTime::now();
+    let outcome = std::thread::scope(|s| -> Result<_, ExitCode> {
+        let spellings = s.spawn(|| lint::Spellings::of_dir(&target.policies));
+        let set = target.load()?;
+        let (compiled, warnings) = std::thread::scope(|inner| {
+            let compiled = inner.spawn(|| target.compile(&set, now));
+            let warnings = lint::lint_spelled(&set, now, joined(spellings));
+            (joined(compiled), warnings)
+        });
+        Ok((Loaded { set, compiled: compiled? }, warnings))
+    });
+    let (loaded, warnings) = match outcome {
+        Ok(done) => done,
+        Err(code) => return Ok(code),
+    };
+    let mut err = std::io::BufWriter::new(std::io::stderr().lock());
     for w in &warnings {
-        eprintln!("warning: {w}");
+        writeln!(err, "warning: {w}")?;
     }
+    err.flush()?;
+    drop(err);
     println!("{}", summary(&loaded, warnings.len()));
     Ok(ExitCode::SUCCESS)
+}
+
+/// A scoped thread's result; its panic goes on in this thread.
+fn joined<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// `ok: N policies (x NetworkPolicy, …) over M workloads in K namespaces, W warning(s);

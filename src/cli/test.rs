@@ -3,11 +3,12 @@
 //! decided and compared with its `expect`. Prints one line per failing case and a closing
 //! `N passed, N failed`; exit 1 if any case failed. `--json` prints per-case results.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use flowgate::policy::simulate::{self, Case, Expect, SimFlow};
-use flowgate::policy::{CompiledPolicy, PolicyId, Verdict};
+use flowgate::policy::simulate::{self, Case, Expect, Resolver, SimFlow};
+use flowgate::policy::{CompiledPolicy, Decision, PolicyId, Verdict};
 use serde::Serialize;
 
 use super::check::Source;
@@ -64,10 +65,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     // Resolve every case before running any: a typo in one case fails the file.
+    let compiled = &loaded.compiled;
+    let resolver = Resolver::new(compiled);
     let mut flows: Vec<(&Case, SimFlow)> = Vec::with_capacity(cases.len());
     let mut bad = 0;
     for (i, case) in cases.iter().enumerate() {
-        match case.flow(&loaded.compiled) {
+        match case.flow_in(&resolver) {
             Ok(f) => flows.push((case, f)),
             Err(e) => {
                 bad += 1;
@@ -85,46 +88,64 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     }
     // `decide`, not `explain`: the result names the deciding policy and the cause, which
-    // the decision carries; the trace `explain` builds would be thrown away.
-    let compiled = &loaded.compiled;
-    let results: Vec<CaseResult> = flows
+    // the decision carries; the trace `explain` builds would be thrown away. Per case only
+    // the decision: the printed result (strings) is made for the cases that are printed,
+    // every case with `--json`, only the failing ones otherwise.
+    let decided: Vec<(&Case, &SimFlow, Decision, bool)> = flows
         .iter()
         .map(|(case, flow)| {
             let d = compiled.decide(&flow.query());
-            let got = if d.verdict.is_allow() { Expect::Allow } else { Expect::Deny };
-            let (direction, reason) = match d.verdict {
-                Verdict::Allow => (None, None),
-                Verdict::Deny(r) => (r.direction.map(|d| d.as_str()), Some(r.cause.as_str())),
-            };
-            CaseResult {
-                name: case.label(),
-                from: case.from.to_string(),
-                to: case.to.to_string(),
-                port: flow.port,
-                protocol: flow.proto.to_string(),
-                expect: case.expect.as_str(),
-                got: got.as_str(),
-                passed: got == case.expect,
-                direction,
-                reason,
-                policy: d.policy.map(|p| policy_label(compiled, p)),
-                would_deny: d.would_deny.map(|p| policy_label(compiled, p)),
-            }
+            let passed = d.verdict.is_allow() == (case.expect == Expect::Allow);
+            (*case, flow, d, passed)
         })
         .collect();
-    let failed = results.iter().filter(|r| !r.passed).count();
-    let report = Report { passed: results.len() - failed, failed, cases: results };
+    let failed = decided.iter().filter(|(.., passed)| !passed).count();
+    let passed = decided.len() - failed;
+    let result = |(case, flow, d, passed): &(&Case, &SimFlow, Decision, bool)| {
+        case_result(compiled, case, flow, d, *passed)
+    };
     if args.json {
+        let cases = decided.iter().map(result).collect();
+        let report = Report { passed, failed, cases };
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        for r in report.cases.iter().filter(|r| !r.passed) {
-            println!("FAIL {}: expected {}, got {}{}", r.name, r.expect, r.got, why(r));
+        let mut out = std::io::stdout().lock();
+        for r in decided.iter().filter(|(.., passed)| !passed).map(result) {
+            writeln!(out, "FAIL {}: expected {}, got {}{}", r.name, r.expect, r.got, why(&r))?;
         }
-        println!("{} passed, {} failed", report.passed, report.failed);
+        writeln!(out, "{passed} passed, {failed} failed")?;
     }
     Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
+/// One case's printed result.
+fn case_result(
+    compiled: &CompiledPolicy,
+    case: &Case,
+    flow: &SimFlow,
+    d: &Decision,
+    passed: bool,
+) -> CaseResult {
+    let got = if d.verdict.is_allow() { Expect::Allow } else { Expect::Deny };
+    let (direction, reason) = match d.verdict {
+        Verdict::Allow => (None, None),
+        Verdict::Deny(r) => (r.direction.map(|d| d.as_str()), Some(r.cause.as_str())),
+    };
+    CaseResult {
+        name: case.label(),
+        from: case.from.to_string(),
+        to: case.to.to_string(),
+        port: flow.port,
+        protocol: flow.proto.to_string(),
+        expect: case.expect.as_str(),
+        got: got.as_str(),
+        passed,
+        direction,
+        reason,
+        policy: d.policy.map(|p| policy_label(compiled, p)),
+        would_deny: d.would_deny.map(|p| policy_label(compiled, p)),
+    }
+}
 /// `Kind name`, as `explain` labels a policy.
 fn policy_label(compiled: &CompiledPolicy, id: PolicyId) -> String {
     match (compiled.policy_kind(id), compiled.policy_name(id)) {

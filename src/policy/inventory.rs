@@ -146,19 +146,35 @@ impl Lpm {
 
     /// The start of every segment owned by `owner` inside `range`, in address order:
     /// the addresses of `range` that really resolve to `owner`.
+    ///
+    /// A binary search and a walk over the segments of `range` only (it copied the whole
+    /// table once per call: `flowgate test` asks this for a workload whose first address is
+    /// not its own).
     pub(crate) fn owned_starts(&self, range: Range, owner: u32) -> Vec<u128> {
-        let (starts, owners): (Vec<u128>, &[u32]) = if range.v6 {
-            (self.v6_starts.clone(), &self.v6_owners)
+        if range.v6 {
+            owned_in(&self.v6_starts, &self.v6_owners, range, owner)
         } else {
-            (self.v4_starts.iter().map(|&s| u128::from(s)).collect(), &self.v4_owners)
-        };
-        let from = starts.partition_point(|&s| s <= range.first).saturating_sub(1);
-        (from..starts.len())
-            .take_while(|&i| starts[i] <= range.last)
-            .filter(|&i| owners[i] == owner)
-            .map(|i| starts[i].max(range.first))
-            .collect()
+            owned_in(&self.v4_starts, &self.v4_owners, range, owner)
+        }
     }
+}
+
+/// [`Lpm::owned_starts`] over one family's segments.
+fn owned_in<T: Copy + Into<u128>>(
+    starts: &[T],
+    owners: &[u32],
+    range: Range,
+    owner: u32,
+) -> Vec<u128> {
+    let from = starts.partition_point(|&s| s.into() <= range.first).saturating_sub(1);
+    starts[from..]
+        .iter()
+        .zip(&owners[from..])
+        .map(|(&s, &o)| (s.into(), o))
+        .take_while(|&(s, _)| s <= range.last)
+        .filter(|&(_, o)| o == owner)
+        .map(|(s, _)| s.max(range.first))
+        .collect()
 }
 
 /// Flattens nested prefixes `(first, last, len, owner)` into disjoint segments

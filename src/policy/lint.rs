@@ -24,10 +24,18 @@
 //!   isolation), `from: []` / `to: []` (every peer, not none).
 //!
 //! The IR keeps what a policy means, not how it was written, so the spelling checks read
-//! the policy files again (each once; [`lint`] reads the disk, [`lint_with`] takes the
-//! text from its caller). A file that can no longer be read only loses those warnings.
+//! the policy files again ([`Spellings`]: each once; [`lint`] reads the disk, [`lint_with`]
+//! takes the text from its caller, [`lint_spelled`] takes spellings read beforehand, which
+//! lets `flowgate check` read them while the set loads). A file that can no longer be read
+//! only loses those warnings. Every spelling check is about an empty list, which YAML can
+//! only write as `[]` (flow style, perhaps with blanks or a comment inside) or behind a
+//! tag: a file with neither is not parsed again at all ([`may_spell`]).
+//!
+//! Cost: one pass over the policies; selectors are resolved through the compiler's label
+//! index ([`Selectors`]), each distinct selector once. `benches/check_test.rs` measures it
+//! on the realistic 10k × 10k set.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -70,13 +78,20 @@ pub fn lint(set: &PolicySet, now: SystemTime) -> Vec<Warning> {
 
 /// [`lint`], with the text of each policy file given by `read` (`None`: no spelling
 /// warnings for that file).
-pub fn lint_with<'s>(
-    set: &'s PolicySet,
+pub fn lint_with(
+    set: &PolicySet,
     now: SystemTime,
     read: impl Fn(&Path) -> Option<String>,
 ) -> Vec<Warning> {
+    lint_spelled(set, now, Spellings::of_set(set, read))
+}
+
+/// [`lint`], with the spelling warnings read beforehand ([`Spellings::of_dir`] on the
+/// directory the set was loaded from, or [`Spellings::read`] on its files). Spellings of
+/// files or objects the set does not hold are ignored.
+pub fn lint_spelled<'s>(set: &'s PolicySet, now: SystemTime, spellings: Spellings) -> Vec<Warning> {
     let mut out = Vec::new();
-    let mut spellings = spellings_by_object(set, read);
+    let mut spellings = spellings;
     // The compiler's selector index: posting lists, each distinct selector resolved once
     // (a scan of every workload per selector was most of `check` at 10,000 policies).
     let selectors = std::cell::RefCell::new(Selectors::new(&set.inventory, set.policies.len()));
@@ -103,8 +118,7 @@ pub fn lint_with<'s>(
         }
 
         if p.kind == PolicyKind::NetworkPolicy {
-            let key = (p.source.as_path(), object(p));
-            for s in spellings.remove(&key).unwrap_or_default() {
+            for s in spellings.take(&p.source, &object(p)) {
                 warn(Some(s.field), s.message);
             }
         }
@@ -242,25 +256,83 @@ pub fn lint_with<'s>(
     out
 }
 
-/// The spellings of every NetworkPolicy's file, by file and object label. Each file is
-/// read once, however many policies it holds.
-fn spellings_by_object(
-    set: &PolicySet,
-    read: impl Fn(&Path) -> Option<String>,
-) -> BTreeMap<(&Path, String), Vec<Spelling>> {
-    let files: BTreeSet<&Path> = set
-        .policies
-        .iter()
-        .filter(|p| p.kind == PolicyKind::NetworkPolicy)
-        .map(|p| p.source.as_path())
-        .collect();
-    let mut out: BTreeMap<(&Path, String), Vec<Spelling>> = BTreeMap::new();
-    for file in files {
-        for s in read(file).as_deref().map(load::spellings).unwrap_or_default() {
-            out.entry((file, s.object.clone())).or_default().push(s);
+/// The spelling warnings ([`load::spellings`]) of a set of policy files, by file, in
+/// document order: what [`lint_spelled`] reports for each NetworkPolicy.
+#[derive(Debug, Default)]
+pub struct Spellings {
+    by_file: HashMap<PathBuf, Vec<Spelling>>,
+}
+
+impl Spellings {
+    /// Reads each of `files` once with `read` (`None`: no spellings for that file). Only
+    /// a text that [`may_spell`] is parsed.
+    pub fn read<'f>(
+        files: impl IntoIterator<Item = &'f Path>,
+        read: impl Fn(&Path) -> Option<String>,
+    ) -> Spellings {
+        let mut by_file = HashMap::new();
+        for file in files {
+            if by_file.contains_key(file) {
+                continue;
+            }
+            let found = read(file).filter(|t| may_spell(t)).map(|t| load::spellings(&t));
+            by_file.insert(file.to_owned(), found.unwrap_or_default());
         }
+        Spellings { by_file }
     }
-    out
+
+    /// Every policy file of `dir` (as [`load::load`] walks it), read from the disk. Walk
+    /// and read problems only cost their spellings: the load reports them.
+    pub fn of_dir(dir: &Path) -> Spellings {
+        let files = load::policy_files(dir, &mut Vec::new());
+        Spellings::read(files.iter().map(PathBuf::as_path), |f| std::fs::read_to_string(f).ok())
+    }
+
+    /// The files of `set`'s NetworkPolicies, read with `read`.
+    fn of_set(set: &PolicySet, read: impl Fn(&Path) -> Option<String>) -> Spellings {
+        let files: BTreeSet<&Path> = set
+            .policies
+            .iter()
+            .filter(|p| p.kind == PolicyKind::NetworkPolicy)
+            .map(|p| p.source.as_path())
+            .collect();
+        Spellings::read(files, read)
+    }
+
+    /// Removes and returns the spellings of `object` in `file`: a second policy with the
+    /// same file and label (a duplicate) gets none, as the first already reported them.
+    fn take(&mut self, file: &Path, object: &str) -> Vec<Spelling> {
+        let Some(list) = self.by_file.get_mut(file) else { return Vec::new() };
+        if list.is_empty() {
+            return Vec::new();
+        }
+        let (mine, rest) = std::mem::take(list).into_iter().partition(|s| s.object == object);
+        *list = rest;
+        mine
+    }
+}
+
+/// Could `text` hold a spelling [`load::spellings`] reports? Each of them is an empty list
+/// (`policyTypes`, `egress`, `from`, `to`), and YAML writes an empty list only as a flow
+/// sequence with nothing but blanks, line breaks or a comment between `[` and `]`, or as a
+/// tagged node (`!!seq`). An alias needs its anchored `[]` in the same text. So `false`
+/// means no spelling for sure; `true` only means the text has to be parsed (it is rare:
+/// on the realistic set, the files with an empty list).
+pub fn may_spell(text: &str) -> bool {
+    let b = text.as_bytes();
+    if b.contains(&b'!') {
+        return true;
+    }
+    let mut at = 0;
+    while let Some(i) = b[at..].iter().position(|&c| c == b'[') {
+        let after = at + i + 1;
+        let next = b[after..].iter().find(|c| !matches!(c, b' ' | b'\t' | b'\r' | b'\n'));
+        if matches!(next, Some(b']' | b'#')) {
+            return true;
+        }
+        at = after;
+    }
+    false
 }
 
 fn object(p: &Policy) -> String {
@@ -512,6 +584,84 @@ workloads:
         assert_eq!(ws[0].file, file);
         assert_eq!(ws[0].field.as_deref(), Some("spec.policyTypes"));
         assert!(ws[0].message.contains("read as [Ingress, Egress]"), "{ws:?}");
+    }
+
+    /// `may_spell` is a filter in front of the parse: every text with a spelling passes
+    /// it, written any way YAML allows an empty list; texts without one mostly do not.
+    #[test]
+    fn may_spell_lets_every_spelling_through() {
+        let spelled = [
+            "policyTypes: []",
+            "policyTypes: [ ]",
+            "policyTypes: [\n  ]",
+            "policyTypes: [\t\r\n]",
+            "policyTypes: [ # nothing\n]",
+            "policyTypes: !!seq []",
+            "policyTypes: !!seq",
+            "x: &none []\npolicyTypes: *none",
+            "ingress: [{from: []}]",
+            "egress:\n  - to: []\n",
+        ];
+        for spec in spelled {
+            let yaml = format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: n, namespace: shop}}\nspec:\n  podSelector: {{}}\n{}\n",
+                spec.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+            );
+            assert!(may_spell(&yaml), "{spec:?}");
+        }
+        for plain in [
+            "policyTypes: [Ingress, Egress]",
+            "podSelector: {}",
+            "except: [10.0.0.0/8]",
+            "egress:\n  - to:\n      - podSelector: {}",
+        ] {
+            assert!(!may_spell(plain), "{plain:?}");
+        }
+    }
+
+    /// Over every policy file in the repository: a text `may_spell` turns away has no
+    /// spelling at all.
+    #[test]
+    fn may_spell_never_hides_a_spelling_in_the_repository() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = Vec::new();
+        for dir in ["tests/fixtures", "config"] {
+            files.extend(load::policy_files(&root.join(dir), &mut Vec::new()));
+        }
+        assert!(files.len() > 20, "{files:?}");
+        let mut parsed = 0;
+        for f in &files {
+            let Ok(text) = std::fs::read_to_string(f) else { continue };
+            if may_spell(&text) {
+                parsed += 1;
+            } else {
+                assert!(load::spellings(&text).is_empty(), "{}", f.display());
+            }
+        }
+        assert!(parsed < files.len(), "the filter lets everything through");
+    }
+
+    /// The spellings read ahead from the directory (what `flowgate check` does beside the
+    /// load) give `lint`'s warnings, duplicates included.
+    #[test]
+    fn spellings_read_ahead_give_the_same_warnings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = np(
+            "open",
+            "{podSelector: {matchLabels: {app: db}}, policyTypes: [], ingress: [{from: []}]}",
+        );
+        std::fs::write(dir.path().join("a.yaml"), format!("{open}{open}")).expect("write");
+        std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+        let wide = np("wide", "{podSelector: {}, egress: []}");
+        std::fs::write(dir.path().join("sub/b.yaml"), &wide).expect("write");
+        let inventory = parse_inventory(INV, Path::new("inv.yaml")).expect("inventory");
+        let set = PolicySet::new(inventory, load::load_policies(dir.path()).expect("policies"));
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        let read = lint(&set, now);
+        let ahead = lint_spelled(&set, now, Spellings::of_dir(dir.path()));
+        assert_eq!(read, ahead);
+        let spelled = read.iter().filter(|w| w.message.contains("is read as")).count();
+        assert_eq!(spelled, 5, "both copies of `open` reported by the first: {read:#?}");
     }
 
     #[test]

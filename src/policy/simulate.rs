@@ -15,6 +15,7 @@
 //!
 //! Not here: the evaluation (`decide`/`explain`) and printing (`cli`).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -191,10 +192,59 @@ pub fn resolve(
     port: &PortSpec,
     proto: Proto,
 ) -> Result<SimFlow, SimulateError> {
-    let (src, _) = address(policy, from)?;
+    resolve_by(policy, |ns, name| policy.find_workload(ns, name), from, to, port, proto)
+}
+
+/// Resolves many flows against one compiled policy: `namespace/name` → workload through a
+/// hash map built once (`flowgate test` resolves thousands of cases; the map makes a name
+/// one hash lookup, see `benches/check_test.rs`). Gives exactly what [`resolve`] gives.
+pub struct Resolver<'p> {
+    policy: &'p CompiledPolicy,
+    by_name: HashMap<(&'p str, &'p str), WorkloadId>,
+}
+
+impl<'p> Resolver<'p> {
+    pub fn new(policy: &'p CompiledPolicy) -> Resolver<'p> {
+        let count = policy.workload_count();
+        let mut by_name = HashMap::with_capacity(count);
+        for id in (0..count as u32).map(WorkloadId) {
+            if let Some(n) = policy.workload_name(id) {
+                // The lowest id of equal names, as `find_workload` finds.
+                by_name.entry((n.namespace, n.name)).or_insert(id);
+            }
+        }
+        Resolver { policy, by_name }
+    }
+
+    /// [`resolve`], through the name map.
+    ///
+    /// # Errors
+    /// As [`resolve`].
+    pub fn resolve(
+        &self,
+        from: &Endpoint,
+        to: &Endpoint,
+        port: &PortSpec,
+        proto: Proto,
+    ) -> Result<SimFlow, SimulateError> {
+        let find = |ns: &str, name: &str| self.by_name.get(&(ns, name)).copied();
+        resolve_by(self.policy, find, from, to, port, proto)
+    }
+}
+
+/// [`resolve`] with the workload lookup by name given.
+fn resolve_by(
+    policy: &CompiledPolicy,
+    find: impl Fn(&str, &str) -> Option<WorkloadId>,
+    from: &Endpoint,
+    to: &Endpoint,
+    port: &PortSpec,
+    proto: Proto,
+) -> Result<SimFlow, SimulateError> {
+    let (src, _) = address(policy, &find, from)?;
     let (dst, fqdn) = match to {
         Endpoint::Domain(d) => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), Some(d.clone())),
-        other => (address(policy, other)?.0, None),
+        other => (address(policy, &find, other)?.0, None),
     };
     let port = match port {
         PortSpec::Number(n) => *n,
@@ -218,13 +268,13 @@ pub fn resolve(
 /// The address an endpoint stands for, and the workload behind a `ns/name`.
 fn address(
     policy: &CompiledPolicy,
+    find: &impl Fn(&str, &str) -> Option<WorkloadId>,
     e: &Endpoint,
 ) -> Result<(IpAddr, Option<WorkloadId>), SimulateError> {
     match e {
         Endpoint::Ip(ip) => Ok((*ip, policy.workload_of(*ip))),
         Endpoint::Workload { namespace, name } => {
-            let id = policy
-                .find_workload(namespace, name)
+            let id = find(namespace, name)
                 .ok_or_else(|| SimulateError::UnknownWorkload(e.to_string()))?;
             let ip =
                 policy.workload_addr(id).ok_or_else(|| SimulateError::NoAddress(e.to_string()))?;
@@ -278,6 +328,14 @@ impl Case {
     /// As [`resolve`].
     pub fn flow(&self, policy: &CompiledPolicy) -> Result<SimFlow, SimulateError> {
         resolve(policy, &self.from, &self.to, &self.port, self.protocol)
+    }
+
+    /// [`Case::flow`], through a [`Resolver`] (for many cases).
+    ///
+    /// # Errors
+    /// As [`resolve`].
+    pub fn flow_in(&self, resolver: &Resolver<'_>) -> Result<SimFlow, SimulateError> {
+        resolver.resolve(&self.from, &self.to, &self.port, self.protocol)
     }
 }
 
@@ -345,8 +403,8 @@ pub fn parse_cases(text: &str, file: &Path) -> Result<Vec<Case>, Vec<CaseError>>
         }
     };
     let mut errors = Vec::new();
-    let mut cases = Vec::new();
-    for (i, v) in raw.cases.into_iter().enumerate() {
+    let mut cases = Vec::with_capacity(raw.cases.len());
+    for (i, v) in raw.cases.iter().enumerate() {
         match parse_case(v, i) {
             Ok(c) => cases.push(c),
             Err((case, field, message)) => {
@@ -362,8 +420,9 @@ pub fn parse_cases(text: &str, file: &Path) -> Result<Vec<Case>, Vec<CaseError>>
 
 type CaseFault = (String, Option<String>, String);
 
-/// One case; on error, `(label, field, message)`.
-fn parse_case(v: Value, i: usize) -> Result<Case, CaseFault> {
+/// One case; on error, `(label, field, message)`. Read in place from the file's value
+/// (no copy of it), and the label for messages is only made for a case in error.
+fn parse_case(v: &Value, i: usize) -> Result<Case, CaseFault> {
     // Label for messages before the case is understood: its name or its position.
     let early = || {
         let name = v.get("name").and_then(Value::as_str);
@@ -376,16 +435,15 @@ fn parse_case(v: Value, i: usize) -> Result<Case, CaseFault> {
             _ => format!("#{}", i + 1),
         }
     };
-    let label = early();
-    let raw: RawCase = match serde_path_to_error::deserialize(v.clone()) {
+    let raw: RawCase = match serde_path_to_error::deserialize(v) {
         Ok(r) => r,
         Err(e) => {
             let path = e.path().to_string();
             let field = (path != ".").then_some(path);
-            return Err((label, field, e.into_inner().to_string()));
+            return Err((early(), field, e.into_inner().to_string()));
         }
     };
-    let fault = |field: &str, message: String| (label.clone(), Some(field.to_string()), message);
+    let fault = |field: &str, message: String| (early(), Some(field.to_string()), message);
     let from =
         parse_endpoint(&scalar(&raw.from), false).map_err(|e| fault("from", e.to_string()))?;
     let to = parse_endpoint(&scalar(&raw.to), true).map_err(|e| fault("to", e.to_string()))?;
