@@ -102,6 +102,20 @@ pub struct Sources {
     pub unknown: DefaultAction,
 }
 
+/// Policy objects held in memory instead of files: the etcd source's view of its prefix.
+/// Keys stand where file paths stand in error messages and in the content hash.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    /// The key the policy keys are under (they are hashed relative to it).
+    pub root: String,
+    /// Policy object key → YAML bytes.
+    pub policies: std::collections::BTreeMap<String, Arc<[u8]>>,
+    /// The inventory's key.
+    pub inventory_key: String,
+    /// The inventory's YAML; `None` while the key is absent (which rejects the load).
+    pub inventory: Option<Arc<[u8]>>,
+}
+
 /// One problem with a reload, in the shape `/policy` and the audit log show it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Problem {
@@ -373,6 +387,9 @@ pub struct Reloader {
     /// Selectors resolved by earlier compilations (see [`CompileCache`]).
     compiled: CompileCache,
     reaper: Reaper,
+    /// Set for the etcd source: reloads that read the sources read these instead of the
+    /// disk.
+    objects: Option<Arc<Objects>>,
 }
 
 impl Reloader {
@@ -386,9 +403,27 @@ impl Reloader {
         overlay: &Overlay,
         now: SystemTime,
     ) -> Result<(Reloader, ReloadReport), ReloadError> {
+        Reloader::initial_with(sources, None, overlay, now)
+    }
+
+    /// [`Reloader::initial`] from objects held in memory (the etcd source) instead of the
+    /// files of `sources` when `objects` is given; later reloads read the objects last
+    /// handed over with [`Reloader::set_objects`].
+    ///
+    /// # Errors
+    /// As [`Reloader::initial`].
+    pub fn initial_with(
+        sources: Sources,
+        objects: Option<Arc<Objects>>,
+        overlay: &Overlay,
+        now: SystemTime,
+    ) -> Result<(Reloader, ReloadReport), ReloadError> {
         let started = Instant::now();
         let mut cache = ParseCache::default();
-        let scan = cache.scan(&sources.dir, &sources.inventory);
+        let scan = match &objects {
+            Some(o) => cache.scan_objects(o),
+            None => cache.scan(&sources.dir, &sources.inventory),
+        };
         let disk_hash = scan.hash.clone();
         let disk = Arc::new(cache.load(scan).map_err(ReloadError::Load)?);
         let mut first_seen = HashMap::new();
@@ -417,6 +452,7 @@ impl Reloader {
             cache,
             compiled: compile_cache,
             reaper: Reaper::start(),
+            objects,
         };
         let report = ReloadReport {
             time: now,
@@ -434,6 +470,12 @@ impl Reloader {
             phases: Phases::default(),
         };
         Ok((reloader, report))
+    }
+
+    /// Hands over the objects the next reload that reads the sources compiles (the etcd
+    /// source, after a list or a watch event).
+    pub fn set_objects(&mut self, objects: Arc<Objects>) {
+        self.objects = Some(objects);
     }
 
     /// The handle the data path reads.
@@ -495,6 +537,10 @@ impl Reloader {
         let mut disk_hash = self.disk_hash.clone();
         if trigger.reads_disk() {
             let scan = match changes.filter(|c| !c.everything) {
+                _ if self.objects.is_some() => {
+                    let objects = self.objects.clone().unwrap_or_default();
+                    self.cache.scan_objects(&objects)
+                }
                 Some(c) => self.cache.scan_changed(&self.sources.dir, &self.sources.inventory, c),
                 None => self.cache.scan(&self.sources.dir, &self.sources.inventory),
             };
@@ -834,6 +880,44 @@ impl ParseCache {
             .collect();
         self.listing = Some((listed_dir, listing));
         Scan::of(dir, inventory, inv, Vec::new(), files, files_read)
+    }
+}
+
+impl ParseCache {
+    /// [`ParseCache::scan`] over objects held in memory: each object counts as read unless
+    /// its bytes hash as the cached parse's did.
+    fn scan_objects(&mut self, objects: &Objects) -> Scan {
+        self.listing = None;
+        let stamp = Stamp { dev: 0, ino: 0, size: 0, mtime: (0, 0), ctime: (0, 0) };
+        let mut files_read = 0;
+        let mut found = |bytes: &[u8], cached: Option<Digest32>| {
+            let d = digest(bytes);
+            if cached == Some(d) {
+                Found::Cached(d)
+            } else {
+                files_read += 1;
+                Found::Read { stamp, trusted: false, digest: d, bytes: bytes.to_vec() }
+            }
+        };
+        let inventory = PathBuf::from(&objects.inventory_key);
+        let inv = match &objects.inventory {
+            Some(bytes) => found(
+                bytes,
+                self.inventory.as_ref().filter(|(p, _)| *p == inventory).map(|(_, s)| s.digest),
+            ),
+            None => Found::Unreadable("cannot read inventory: no such key".into()),
+        };
+        let files: Vec<(PathBuf, Found)> = objects
+            .policies
+            .iter()
+            .map(|(key, bytes)| {
+                let path = PathBuf::from(key);
+                let cached = self.files.get(&path).map(|s| s.digest);
+                let f = found(bytes, cached);
+                (path, f)
+            })
+            .collect();
+        Scan::of(Path::new(&objects.root), &inventory, inv, Vec::new(), files, files_read)
     }
 }
 
