@@ -64,7 +64,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 p.generation,
                 p.hash.get(..12).unwrap_or(""),
                 if p.connected { "" } else { " (etcd unreachable)" },
-                if r.reasons.is_empty() { String::new() } else { format!(": {}", r.reasons.join("; ")) },
+                if r.reasons.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", r.reasons.join("; "))
+                },
             );
         }
         if status.missing > 0 {

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod admin_target;
-mod etcd_target;
 pub mod check;
 pub mod diff;
+mod etcd_target;
 pub mod explain;
 pub mod fleet;
 pub mod generate;

@@ -340,8 +340,10 @@ impl EtcdClient {
         }
         let (endpoint, v) = self.call("/v3/kv/range", body).await?;
         let revision = int(&v["header"]["revision"]);
-        let raw: Vec<RawKv> = serde_json::from_value(v.get("kvs").cloned().unwrap_or(json!([])))
-            .map_err(|e| EtcdError::Decode { endpoint: endpoint.clone(), message: e.to_string() })?;
+        let raw: Vec<RawKv> =
+            serde_json::from_value(v.get("kvs").cloned().unwrap_or(json!([]))).map_err(|e| {
+                EtcdError::Decode { endpoint: endpoint.clone(), message: e.to_string() }
+            })?;
         let kvs = raw.into_iter().map(|k| k.decode(&endpoint)).collect::<Result<_, _>>()?;
         Ok(RangeResult { kvs, revision })
     }
@@ -576,8 +578,10 @@ impl Watch {
 
     fn decode(&mut self, line: &[u8]) -> Result<WatchBatch, EtcdError> {
         let endpoint = self.endpoint.clone();
-        let v: Value = serde_json::from_slice(line)
-            .map_err(|e| EtcdError::Decode { endpoint: endpoint.clone(), message: e.to_string() })?;
+        let v: Value = serde_json::from_slice(line).map_err(|e| EtcdError::Decode {
+            endpoint: endpoint.clone(),
+            message: e.to_string(),
+        })?;
         if let Some(err) = v.get("error") {
             let message = err["message"].as_str().unwrap_or("watch error").to_owned();
             return Err(EtcdError::Server { endpoint, message });
@@ -635,9 +639,9 @@ mod tests {
         assert!(EtcdClient::new(&["https://x:1".into()], t, None).is_err());
         assert!(EtcdClient::new(&[], t, None).is_err());
         let c = EtcdClient::new(&["http://127.0.0.1:2379".into(), "h:1".into()], t, None);
-        assert_eq!(c.map(|c| c.endpoints().to_vec()).ok(), Some(vec![
-            "127.0.0.1:2379".to_owned(),
-            "h:1".to_owned()
-        ]));
+        assert_eq!(
+            c.map(|c| c.endpoints().to_vec()).ok(),
+            Some(vec!["127.0.0.1:2379".to_owned(), "h:1".to_owned()])
+        );
     }
 }

@@ -22,7 +22,9 @@ pub enum PushError {
     Invalid(LoadErrors),
     #[error("{}: cannot read: {source}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("not pushed: the policy under the prefix changed while pushing (another push?); try again")]
+    #[error(
+        "not pushed: the policy under the prefix changed while pushing (another push?); try again"
+    )]
     Conflict,
 }
 
@@ -54,7 +56,9 @@ pub async fn push(
 ) -> Result<PushSummary, PushError> {
     load::load(dir, inventory).map_err(PushError::Invalid)?;
     let mut wanted: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let read = |p: &Path| std::fs::read(p).map_err(|source| PushError::Read { path: p.to_owned(), source });
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| PushError::Read { path: p.to_owned(), source })
+    };
     let mut walk_errors = Vec::new();
     let is_file = std::fs::metadata(dir).is_ok_and(|m| m.is_file());
     for f in load::policy_files(dir, &mut walk_errors) {
@@ -96,7 +100,11 @@ pub async fn push(
         "time": super::audit::format_time(SystemTime::now()),
         "objects": wanted.len(),
     });
-    ops.push(TxnOp::Put { key: keys.pushed.clone(), value: marker.to_string().into_bytes(), lease: 0 });
+    ops.push(TxnOp::Put {
+        key: keys.pushed.clone(),
+        value: marker.to_string().into_bytes(),
+        lease: 0,
+    });
     let guard = Compare::ModifiedBefore {
         key: keys.policy.clone(),
         range_end: prefix_end(&keys.policy),
@@ -161,7 +169,9 @@ pub async fn status(
     let pushed_time = pushed_at.as_deref().and_then(|t| humantime::parse_rfc3339_weak(t).ok());
     let is_latest_push = pushed.is_some_and(|kv| kv.mod_revision == latest);
     let overdue = match pushed_time {
-        Some(t) if is_latest_push => SystemTime::now().duration_since(t).unwrap_or_default() > grace,
+        Some(t) if is_latest_push => {
+            SystemTime::now().duration_since(t).unwrap_or_default() > grace
+        }
         _ => true,
     };
     let reports = client.range(&keys.replicas, &prefix_end(&keys.replicas), false).await?;

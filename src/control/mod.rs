@@ -192,7 +192,8 @@ impl ControlPlane {
             let c = &metrics.control;
             c.source_remote.store(1, Ordering::Relaxed);
             c.source_connected.store(1, Ordering::Relaxed);
-            c.source_revision.store(u64::try_from(source_status.revision).unwrap_or(0), Ordering::Relaxed);
+            c.source_revision
+                .store(u64::try_from(source_status.revision).unwrap_or(0), Ordering::Relaxed);
         }
         let handle = reloader.handle().clone();
         metrics.control.record_reload(&report.sample());
@@ -270,7 +271,11 @@ impl ControlPlane {
         let mut running = ControlTasks { tasks: Vec::new(), _watcher: None };
         if self.shared.source.is_some() {
             if let Some((objects, revision)) = lock(&self.shared.listed).take() {
-                running.tasks.push(tokio::spawn(source::watch_loop(self.clone(), objects, revision)));
+                running.tasks.push(tokio::spawn(source::watch_loop(
+                    self.clone(),
+                    objects,
+                    revision,
+                )));
             }
             running.tasks.push(tokio::spawn(source::report_loop(self.clone())));
         } else if self.shared.cfg.control.watch {

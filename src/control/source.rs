@@ -121,7 +121,8 @@ impl EtcdSource {
     /// # Errors
     /// [`EtcdError`] when etcd cannot be read.
     pub async fn list(&self) -> Result<(Objects, i64), EtcdError> {
-        let range = self.client.range(&self.keys.policy, &prefix_end(&self.keys.policy), false).await?;
+        let range =
+            self.client.range(&self.keys.policy, &prefix_end(&self.keys.policy), false).await?;
         let mut objects = self.empty_objects();
         for kv in range.kvs {
             self.apply(&mut objects, Event::Put(kv));
@@ -347,9 +348,9 @@ impl ControlPlane {
             revision: source.revision,
             hash: snap.content_hash.clone(),
             generation: snap.generation.0,
-            last_error: status.failing.map(|r| {
-                r.errors.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")
-            }),
+            last_error: status
+                .failing
+                .map(|r| r.errors.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")),
             connected: source.connected,
             listeners: self
                 .shared
