@@ -1207,6 +1207,66 @@ mod tests {
         format!("{:?}", p.ingress)
     }
 
+    /// Objects held in memory (the etcd source) reload like files: a changed object is
+    /// parsed, the others come from the cache, a broken one rejects the whole reload and
+    /// the last good generation stays; the hash is the same for the same objects.
+    #[test]
+    fn objects_in_memory_reload_like_files_and_a_broken_one_is_rejected_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let sources = setup(dir.path(), 3);
+        let inventory: Arc<[u8]> = std::fs::read(&sources.inventory).unwrap().into();
+        let objects = |ports: [u16; 3]| Objects {
+            root: "/f/policy/objects/".into(),
+            policies: (0..3)
+                .map(|i| {
+                    (
+                        format!("/f/policy/objects/f{i}.yaml"),
+                        policy(i, ports[i]).into_bytes().into(),
+                    )
+                })
+                .collect(),
+            inventory_key: "/f/policy/inventory".into(),
+            inventory: Some(inventory.clone()),
+        };
+        let overlay = Overlay::in_memory();
+        let now = SystemTime::now();
+        let (mut r, _) = Reloader::initial_with(
+            sources.clone(),
+            Some(Arc::new(objects([80; 3]))),
+            &overlay,
+            now,
+        )
+        .unwrap();
+        assert_eq!(r.applied().policies.len(), 3);
+        r.set_objects(Arc::new(objects([80, 81, 80])));
+        let report = r.apply(Trigger::Watch, &overlay, now);
+        assert_eq!(report.result, ReloadResult::Ok);
+        assert_eq!(report.phases.files_parsed, 1, "only the changed object is parsed");
+        assert!(port_of(r.applied(), "p1").contains("81"));
+        let good = report.hash.clone();
+
+        let mut broken = objects([80, 82, 80]);
+        broken.policies.insert("/f/policy/objects/f2.yaml".into(), b"kind: [".to_vec().into());
+        r.set_objects(Arc::new(broken));
+        let report = r.apply(Trigger::Watch, &overlay, now);
+        assert_eq!(report.result, ReloadResult::Error);
+        assert!(
+            report.errors.iter().any(|p| p.file.as_deref() == Some("/f/policy/objects/f2.yaml"))
+        );
+        assert_eq!(r.generation(), 2, "the last good generation stays");
+        assert!(port_of(r.applied(), "p1").contains("81"), "nothing of the broken push applied");
+
+        let mut no_inventory = objects([80, 81, 80]);
+        no_inventory.inventory = None;
+        r.set_objects(Arc::new(no_inventory));
+        assert_eq!(r.apply(Trigger::Watch, &overlay, now).result, ReloadResult::Error);
+
+        r.set_objects(Arc::new(objects([80, 81, 80])));
+        let report = r.apply(Trigger::Watch, &overlay, now);
+        assert_eq!(report.result, ReloadResult::Unchanged);
+        assert_eq!(report.hash, good);
+    }
+
     /// A watch reload reads only the files the watcher named, and ends where a full scan
     /// ends: same set, same content hash (edits, a new file, a removed file, a new
     /// subdirectory, the inventory).
