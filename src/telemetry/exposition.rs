@@ -490,13 +490,30 @@ mod tests {
         let unrendered: Vec<&str> = FAMILIES
             .iter()
             .map(|(n, _, _)| *n)
-            .filter(|n| !KNOWN.contains(n) && !n.starts_with("flowgate_packet_"))
+            .filter(|n| {
+                !KNOWN.contains(n)
+                    && !n.starts_with("flowgate_packet_")
+                    && !n.starts_with("flowgate_source_")
+            })
             .collect();
         assert!(unrendered.is_empty(), "FAMILIES rows never rendered: {unrendered:?}");
         assert!(text.contains("flowgate_flows_total{listener=\"demo\",verdict=\"allow\"} 3\n"));
         assert!(text.contains("flowgate_policy_generation 7\n"));
         assert!(text.contains("flowgate_emergency_entries 2\n"));
         assert!(!text.contains("flowgate_packet_"), "packet families without [packet]");
+        // The source families render only with `source.kind = "etcd"`.
+        assert!(!text.contains("flowgate_source_"), "source families with the files source");
+        registry.control.source_remote.store(1, Ordering::Relaxed);
+        registry.control.source_revision.store(42, Ordering::Relaxed);
+        let text = render(&Scrape {
+            registry: &registry,
+            conntrack: &conntrack,
+            policy: &policy,
+            next_expiry: Some(now),
+            emergency_entries: 2,
+        });
+        assert!(text.contains("flowgate_source_connected 0\n"), "{text}");
+        assert!(text.contains("flowgate_source_revision 42\n"), "{text}");
     }
 
     #[derive(Debug)]
