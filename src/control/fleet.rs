@@ -55,6 +55,20 @@ pub async fn push(
     inventory: &Path,
 ) -> Result<PushSummary, PushError> {
     load::load(dir, inventory).map_err(PushError::Invalid)?;
+    push_unchecked(client, keys, dir, inventory).await
+}
+
+/// [`push`] without checking the files first (the replicas still reject a broken set
+/// whole): for callers that checked them already, and the propagation bench.
+///
+/// # Errors
+/// As [`push`], except [`PushError::Invalid`] for a broken set.
+pub async fn push_unchecked(
+    client: &EtcdClient,
+    keys: &Keys,
+    dir: &Path,
+    inventory: &Path,
+) -> Result<PushSummary, PushError> {
     let mut wanted: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let read = |p: &Path| {
         std::fs::read(p).map_err(|source| PushError::Read { path: p.to_owned(), source })
