@@ -16,7 +16,6 @@
 #[allow(dead_code)]
 mod etcd;
 #[path = "support/realistic.rs"]
-#[allow(dead_code)]
 mod realistic;
 
 use std::io::{BufRead, BufReader};
