@@ -30,6 +30,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use thiserror::Error;
 
+/// The least time a transaction is given per endpoint.
+const TXN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The least time a range read with values is given per endpoint.
+const RANGE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Why an etcd call failed.
 #[derive(Debug, Error)]
 pub enum EtcdError {
@@ -241,23 +247,39 @@ impl EtcdClient {
 
     /// One unary call, with failover across the endpoints.
     async fn call(&self, path: &str, body: Value) -> Result<(String, Value), EtcdError> {
+        self.call_within(path, body, self.timeout).await
+    }
+
+    /// [`EtcdClient::call`] with its own limit per endpoint (connecting is still bounded by
+    /// the client's timeout): a large transaction takes etcd longer than a read.
+    async fn call_within(
+        &self,
+        path: &str,
+        body: Value,
+        timeout: Duration,
+    ) -> Result<(String, Value), EtcdError> {
         if self.credentials.is_some()
             && self.token.lock().unwrap_or_else(|e| e.into_inner()).is_none()
         {
             self.authenticate().await?;
         }
-        match self.call_once(path, &body).await {
+        match self.call_once(path, &body, timeout).await {
             Err(EtcdError::Server { message, .. })
                 if self.credentials.is_some() && message.contains("token") =>
             {
                 self.authenticate().await?;
-                self.call_once(path, &body).await
+                self.call_once(path, &body, timeout).await
             }
             other => other,
         }
     }
 
-    async fn call_once(&self, path: &str, body: &Value) -> Result<(String, Value), EtcdError> {
+    async fn call_once(
+        &self,
+        path: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<(String, Value), EtcdError> {
         let mut last = String::from("no endpoint tried");
         for (idx, endpoint) in self.order() {
             let attempt = async {
@@ -275,14 +297,14 @@ impl EtcdClient {
                     .to_bytes();
                 Ok::<_, String>((status, bytes))
             };
-            let (status, bytes) = match tokio::time::timeout(self.timeout, attempt).await {
+            let (status, bytes) = match tokio::time::timeout(timeout, attempt).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
                     last = e;
                     continue;
                 }
                 Err(_) => {
-                    last = format!("{endpoint}: no answer within {:?}", self.timeout);
+                    last = format!("{endpoint}: no answer within {timeout:?}");
                     continue;
                 }
             };
@@ -313,7 +335,11 @@ impl EtcdClient {
         let Some((user, password)) = self.credentials.clone() else { return Ok(()) };
         *self.token.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let (endpoint, v) = self
-            .call_once("/v3/auth/authenticate", &json!({"name": user, "password": password}))
+            .call_once(
+                "/v3/auth/authenticate",
+                &json!({"name": user, "password": password}),
+                self.timeout,
+            )
             .await?;
         let token = v.get("token").and_then(Value::as_str).ok_or_else(|| EtcdError::Decode {
             endpoint,
@@ -338,7 +364,9 @@ impl EtcdClient {
         if !range_end.is_empty() {
             body["range_end"] = json!(b64(range_end));
         }
-        let (endpoint, v) = self.call("/v3/kv/range", body).await?;
+        // Values of a 10,000-object prefix are megabytes: more time than a small read.
+        let limit = if keys_only { self.timeout } else { self.timeout.max(RANGE_TIMEOUT) };
+        let (endpoint, v) = self.call_within("/v3/kv/range", body, limit).await?;
         let revision = int(&v["header"]["revision"]);
         let raw: Vec<RawKv> =
             serde_json::from_value(v.get("kvs").cloned().unwrap_or(json!([]))).map_err(|e| {
@@ -380,9 +408,11 @@ impl EtcdClient {
                 TxnOp::Delete { key } => json!({"request_delete_range": {"key": b64(key)}}),
             })
             .collect();
-        let (_, v) = self
-            .call("/v3/kv/txn", json!({"compare": compare, "success": success, "failure": []}))
-            .await?;
+        // A push of 10,000 objects is tens of megabytes for etcd to apply: give it time. A
+        // transaction retried on another endpoint after a timeout cannot apply twice when it
+        // is guarded (a push is), it fails its guard instead.
+        let body = json!({"compare": compare, "success": success, "failure": []});
+        let (_, v) = self.call_within("/v3/kv/txn", body, TXN_TIMEOUT.max(self.timeout)).await?;
         let succeeded = v.get("succeeded").and_then(Value::as_bool).unwrap_or(false);
         Ok((succeeded, int(&v["header"]["revision"])))
     }
