@@ -164,6 +164,9 @@ fn metrics(control: &ControlPlane) -> Resp {
 
 /// `/policy`: what is in force, where it came from, and how the last reloads went.
 pub fn policy(control: &ControlPlane) -> Value {
+    // Before the snapshot: the revision set after a swap is then never newer than the
+    // policy shown with it.
+    let source = control.source_status();
     let snap = control.policy().load_full();
     let status = control.status();
     let cfg = control.config();
@@ -185,7 +188,7 @@ pub fn policy(control: &ControlPlane) -> Value {
         "next_expiry": control.next_expiry().map(format_time),
         "last_reload": status.last,
         "last_error": status.failing,
-        "source": control.source_status(),
+        "source": source,
         "emergency": control.emergency_entries().iter().map(|e| json!({
             "id": e.id,
             "what": e.describe(),

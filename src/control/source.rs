@@ -340,9 +340,11 @@ impl ControlPlane {
 
     /// What this replica reports under `P/replicas/<id>`.
     pub fn replica_report(&self) -> ReplicaReport {
+        // The revision first: it is set after the swap, so it is never newer than the
+        // snapshot read after it.
+        let source = super::lock(&self.shared.source_status).clone();
         let snap = self.shared.handle.load();
         let status = self.status();
-        let source = super::lock(&self.shared.source_status).clone();
         ReplicaReport {
             id: source.replica_id,
             revision: source.revision,
