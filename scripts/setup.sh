@@ -4,6 +4,7 @@
 #
 # What needs what (keep in step with `Need::Bin` in tests/ and the load programs):
 #   curl            egress_*, admin_api (independent HTTP client)
+#   etcd-server     tests/fleet_etcd.rs, benches/fleet_propagation.rs (etcd 3.4: a 3-member cluster on loopback)
 #   haproxy         tests/haproxy.rs; loadtest/ (L4 comparison)
 #   iproute2 (ip)   egress_ssrf_netns, egress_transparent (network namespaces)
 #   iperf3          loadtest/ (bulk throughput)
@@ -22,7 +23,7 @@ set -euo pipefail
 
 command -v kubernetes-validate >/dev/null || python3 -m pip install -q kubernetes-validate >&2 || echo "setup: pip could not install kubernetes-validate" >&2
 
-PACKAGES=(curl haproxy iproute2 iperf3 netcat-openbsd nftables openssl prometheus python3 squid)
+PACKAGES=(curl etcd-server haproxy iproute2 iperf3 netcat-openbsd nftables openssl prometheus python3 squid)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

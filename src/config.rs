@@ -26,12 +26,14 @@ pub mod control;
 pub mod flowlog;
 pub mod listener;
 pub mod packet;
+pub mod source;
 
 pub use admin::{AdminConfig, TokenEnvError};
 pub use control::ControlConfig;
 pub use flowlog::FlowLogConfig;
 pub use listener::{ListenerConfig, ListenerKind, ProxyHeaderConfig, ProxyProtocolMode, VerifySni};
 pub use packet::PacketConfig;
+pub use source::{SourceConfig, SourceKind};
 
 /// The default location of the config file, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "config/flowgate.toml";
@@ -83,6 +85,9 @@ pub struct Config {
     /// `[packet]`: the packet filter (TUN or AF_PACKET front end); absent: off.
     #[serde(default)]
     pub packet: Option<PacketConfig>,
+    /// `[source]`: the policy directory (default) or a prefix in etcd shared by a fleet.
+    #[serde(default)]
+    pub source: SourceConfig,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,

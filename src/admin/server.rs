@@ -127,7 +127,20 @@ fn unauthorized(refusal: auth::Refusal, token_env: Option<&str>) -> Resp {
 /// balancer stops sending new connections while open ones finish).
 fn readyz(state: &AdminState) -> Resp {
     let (status, body) = match state.readiness.state() {
-        ReadyState::Ready => (StatusCode::OK, "ready\n"),
+        // Still ready while etcd is away: the policy in force keeps being enforced, and a
+        // balancer pulling every replica at once would be the outage; the body says it.
+        ReadyState::Ready => match state.control.source_status().filter(|s| !s.connected) {
+            Some(s) => {
+                let body = format!(
+                    "ready\nsource: etcd unreachable since {}; enforcing revision {}: {}\n",
+                    s.unreachable_since.as_deref().unwrap_or("?"),
+                    s.revision,
+                    s.last_error.as_deref().unwrap_or("")
+                );
+                return respond(StatusCode::OK, "text/plain; charset=utf-8", body);
+            }
+            None => (StatusCode::OK, "ready\n"),
+        },
         ReadyState::Starting => {
             (StatusCode::SERVICE_UNAVAILABLE, "not ready: listeners not bound yet\n")
         }
@@ -151,6 +164,9 @@ fn metrics(control: &ControlPlane) -> Resp {
 
 /// `/policy`: what is in force, where it came from, and how the last reloads went.
 pub fn policy(control: &ControlPlane) -> Value {
+    // Before the snapshot: the revision set after a swap is then never newer than the
+    // policy shown with it.
+    let source = control.source_status();
     let snap = control.policy().load_full();
     let status = control.status();
     let cfg = control.config();
@@ -172,6 +188,7 @@ pub fn policy(control: &ControlPlane) -> Value {
         "next_expiry": control.next_expiry().map(format_time),
         "last_reload": status.last,
         "last_error": status.failing,
+        "source": source,
         "emergency": control.emergency_entries().iter().map(|e| json!({
             "id": e.id,
             "what": e.describe(),

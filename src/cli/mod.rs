@@ -8,8 +8,11 @@ use clap::{Parser, Subcommand};
 mod admin_target;
 pub mod check;
 pub mod diff;
+mod etcd_target;
 pub mod explain;
+pub mod fleet;
 pub mod generate;
+pub mod push;
 pub mod quarantine;
 pub mod reload;
 pub mod run;
@@ -44,6 +47,10 @@ pub enum Command {
     Reload(reload::Args),
     /// Cut an address or namespace/workload off for a while (admin API).
     Quarantine(quarantine::Args),
+    /// Write a policy directory and inventory into the fleet's etcd prefix (one transaction).
+    Push(push::Args),
+    /// What each replica of an etcd fleet enforces, and which drift.
+    Fleet(fleet::Args),
 }
 
 /// Runs the chosen subcommand and returns the process exit code.
@@ -58,5 +65,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::run(args),
         Command::Reload(args) => reload::run(args),
         Command::Quarantine(args) => quarantine::run(args),
+        Command::Push(args) => push::run(args),
+        Command::Fleet(args) => fleet::run(args),
     }
 }

@@ -18,8 +18,11 @@
 
 pub mod audit;
 pub mod emergency;
+pub mod etcd;
+pub mod fleet;
 pub mod reload;
 pub mod revalidate;
+pub mod source;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -29,7 +32,7 @@ use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
 
-use crate::config::{Config, OnChange};
+use crate::config::{Config, OnChange, SourceKind};
 use crate::conntrack::{Conntrack, Entry};
 use crate::policy::{Decision, PolicyHandle, PolicySnapshot};
 use crate::telemetry::metrics::Registry;
@@ -52,6 +55,10 @@ pub enum ControlError {
     Watch(#[from] notify::Error),
     #[error("installing the SIGHUP handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("policy source: {0}")]
+    Source(#[from] etcd::EtcdError),
+    #[error("starting the runtime of the start-up list: {0}")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// Called once for every flow a reload cut (after the cut: the callback only reports it),
@@ -84,6 +91,13 @@ pub(crate) struct Shared {
     /// [`ChangedSources`]); starts as "everything", since nothing is known of changes
     /// made before the watch began.
     changes: Arc<Mutex<ChangedSources>>,
+    /// The etcd source (`source.kind = "etcd"`); `None` for files.
+    pub(crate) source: Option<Arc<source::EtcdSource>>,
+    source_status: Mutex<source::SourceStatus>,
+    /// What the start-up list read, for the watch that [`ControlPlane::start`] begins.
+    listed: Mutex<Option<(reload::Objects, i64)>>,
+    /// Wakes the replica report after a reload or a change of connection.
+    pub(crate) report_changed: tokio::sync::Notify,
 }
 
 /// The control plane. Cheap to clone (one `Arc`).
@@ -153,8 +167,34 @@ impl ControlPlane {
             default: cfg.policy.default,
             unknown: cfg.policy.unknown,
         };
-        let (reloader, report) =
-            Reloader::initial(sources, &overlay, now).map_err(ControlError::InitialPolicy)?;
+        let source = match cfg.source.kind {
+            SourceKind::Files => None,
+            SourceKind::Etcd => Some(Arc::new(source::EtcdSource::new(&cfg.source)?)),
+        };
+        let listed = match &source {
+            Some(src) => Some(block_on(src.list())??),
+            None => None,
+        };
+        let objects = listed.as_ref().map(|(o, _)| Arc::new(o.clone()));
+        let (reloader, report) = Reloader::initial_with(sources, objects, &overlay, now)
+            .map_err(ControlError::InitialPolicy)?;
+        let source_status = source::SourceStatus {
+            kind: if source.is_some() { "etcd" } else { "files" },
+            endpoints: source.as_ref().map(|s| s.client.endpoints().to_vec()).unwrap_or_default(),
+            prefix: cfg.source.prefix().to_owned(),
+            replica_id: source.as_ref().map(|s| s.replica_id.clone()).unwrap_or_default(),
+            connected: source.is_some(),
+            revision: listed.as_ref().map_or(0, |(_, r)| *r),
+            unreachable_since: None,
+            last_error: None,
+        };
+        if source.is_some() {
+            let c = &metrics.control;
+            c.source_remote.store(1, Ordering::Relaxed);
+            c.source_connected.store(1, Ordering::Relaxed);
+            c.source_revision
+                .store(u64::try_from(source_status.revision).unwrap_or(0), Ordering::Relaxed);
+        }
         let handle = reloader.handle().clone();
         metrics.control.record_reload(&report.sample());
         let _ = audit.write(&report);
@@ -170,6 +210,10 @@ impl ControlPlane {
             audit,
             expiry_changed: tokio::sync::Notify::new(),
             changes: Arc::new(Mutex::new(ChangedSources::default())),
+            source,
+            source_status: Mutex::new(source_status),
+            listed: Mutex::new(listed),
+            report_changed: tokio::sync::Notify::new(),
         };
         Ok(ControlPlane { shared: Arc::new(shared) })
     }
@@ -225,7 +269,16 @@ impl ControlPlane {
     pub fn start(&self) -> Result<ControlTasks, ControlError> {
         // Built first, so an error below drops (aborts) whatever was already spawned.
         let mut running = ControlTasks { tasks: Vec::new(), _watcher: None };
-        if self.shared.cfg.control.watch {
+        if self.shared.source.is_some() {
+            if let Some((objects, revision)) = lock(&self.shared.listed).take() {
+                running.tasks.push(tokio::spawn(source::watch_loop(
+                    self.clone(),
+                    objects,
+                    revision,
+                )));
+            }
+            running.tasks.push(tokio::spawn(source::report_loop(self.clone())));
+        } else if self.shared.cfg.control.watch {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             let timing = watch::WatchTiming {
                 debounce: self.shared.cfg.control.debounce,
@@ -327,6 +380,7 @@ impl ControlPlane {
             status.last = Some(report.clone());
         }
         self.shared.expiry_changed.notify_waiters();
+        self.shared.report_changed.notify_one();
         report
     }
 
@@ -388,6 +442,25 @@ impl ControlPlane {
         }));
         Ok((entry, report))
     }
+}
+
+/// Runs `f` to completion on a runtime of its own, in a thread of its own, so a caller
+/// inside or outside a runtime can wait for it (the start-up list of the etcd source).
+fn block_on<F>(f: F) -> Result<F::Output, ControlError>
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                Ok(rt.block_on(f))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the start-up list panicked")))
+    })
+    .map_err(ControlError::Runtime)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -102,6 +102,20 @@ pub struct Sources {
     pub unknown: DefaultAction,
 }
 
+/// Policy objects held in memory instead of files: the etcd source's view of its prefix.
+/// Keys stand where file paths stand in error messages and in the content hash.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    /// The key the policy keys are under (they are hashed relative to it).
+    pub root: String,
+    /// Policy object key → YAML bytes.
+    pub policies: std::collections::BTreeMap<String, Arc<[u8]>>,
+    /// The inventory's key.
+    pub inventory_key: String,
+    /// The inventory's YAML; `None` while the key is absent (which rejects the load).
+    pub inventory: Option<Arc<[u8]>>,
+}
+
 /// One problem with a reload, in the shape `/policy` and the audit log show it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Problem {
@@ -375,6 +389,9 @@ pub struct Reloader {
     /// that file's policies and lays the rest out from the cache.
     compiled: CompileCache,
     reaper: Reaper,
+    /// Set for the etcd source: reloads that read the sources read these instead of the
+    /// disk.
+    objects: Option<Arc<Objects>>,
 }
 
 impl Reloader {
@@ -388,9 +405,27 @@ impl Reloader {
         overlay: &Overlay,
         now: SystemTime,
     ) -> Result<(Reloader, ReloadReport), ReloadError> {
+        Reloader::initial_with(sources, None, overlay, now)
+    }
+
+    /// [`Reloader::initial`] from objects held in memory (the etcd source) instead of the
+    /// files of `sources` when `objects` is given; later reloads read the objects last
+    /// handed over with [`Reloader::set_objects`].
+    ///
+    /// # Errors
+    /// As [`Reloader::initial`].
+    pub fn initial_with(
+        sources: Sources,
+        objects: Option<Arc<Objects>>,
+        overlay: &Overlay,
+        now: SystemTime,
+    ) -> Result<(Reloader, ReloadReport), ReloadError> {
         let started = Instant::now();
         let mut cache = ParseCache::default();
-        let scan = cache.scan(&sources.dir, &sources.inventory);
+        let scan = match &objects {
+            Some(o) => cache.scan_objects(o),
+            None => cache.scan(&sources.dir, &sources.inventory),
+        };
         let disk_hash = scan.hash.clone();
         let disk = Arc::new(cache.load(scan).map_err(ReloadError::Load)?);
         let mut first_seen = HashMap::new();
@@ -419,6 +454,7 @@ impl Reloader {
             cache,
             compiled: compile_cache,
             reaper: Reaper::start(),
+            objects,
         };
         let report = ReloadReport {
             time: now,
@@ -436,6 +472,12 @@ impl Reloader {
             phases: Phases::default(),
         };
         Ok((reloader, report))
+    }
+
+    /// Hands over the objects the next reload that reads the sources compiles (the etcd
+    /// source, after a list or a watch event).
+    pub fn set_objects(&mut self, objects: Arc<Objects>) {
+        self.objects = Some(objects);
     }
 
     /// The handle the data path reads.
@@ -497,6 +539,10 @@ impl Reloader {
         let mut disk_hash = self.disk_hash.clone();
         if trigger.reads_disk() {
             let scan = match changes.filter(|c| !c.everything) {
+                _ if self.objects.is_some() => {
+                    let objects = self.objects.clone().unwrap_or_default();
+                    self.cache.scan_objects(&objects)
+                }
                 Some(c) => self.cache.scan_changed(&self.sources.dir, &self.sources.inventory, c),
                 None => self.cache.scan(&self.sources.dir, &self.sources.inventory),
             };
@@ -839,6 +885,44 @@ impl ParseCache {
     }
 }
 
+impl ParseCache {
+    /// [`ParseCache::scan`] over objects held in memory: each object counts as read unless
+    /// its bytes hash as the cached parse's did.
+    fn scan_objects(&mut self, objects: &Objects) -> Scan {
+        self.listing = None;
+        let stamp = Stamp { dev: 0, ino: 0, size: 0, mtime: (0, 0), ctime: (0, 0) };
+        let mut files_read = 0;
+        let mut found = |bytes: &[u8], cached: Option<Digest32>| {
+            let d = digest(bytes);
+            if cached == Some(d) {
+                Found::Cached(d)
+            } else {
+                files_read += 1;
+                Found::Read { stamp, trusted: false, digest: d, bytes: bytes.to_vec() }
+            }
+        };
+        let inventory = PathBuf::from(&objects.inventory_key);
+        let inv = match &objects.inventory {
+            Some(bytes) => found(
+                bytes,
+                self.inventory.as_ref().filter(|(p, _)| *p == inventory).map(|(_, s)| s.digest),
+            ),
+            None => Found::Unreadable("cannot read inventory: no such key".into()),
+        };
+        let files: Vec<(PathBuf, Found)> = objects
+            .policies
+            .iter()
+            .map(|(key, bytes)| {
+                let path = PathBuf::from(key);
+                let cached = self.files.get(&path).map(|s| s.digest);
+                let f = found(bytes, cached);
+                (path, f)
+            })
+            .collect();
+        Scan::of(Path::new(&objects.root), &inventory, inv, Vec::new(), files, files_read)
+    }
+}
+
 impl Scan {
     /// The scan's content hash over what was found (see [`ParseCache::scan`]).
     fn of(
@@ -1133,6 +1217,66 @@ mod tests {
     fn port_of(set: &PolicySet, name: &str) -> String {
         let p = set.policies.iter().find(|p| p.name == name).expect("policy present");
         format!("{:?}", p.ingress)
+    }
+
+    /// Objects held in memory (the etcd source) reload like files: a changed object is
+    /// parsed, the others come from the cache, a broken one rejects the whole reload and
+    /// the last good generation stays; the hash is the same for the same objects.
+    #[test]
+    fn objects_in_memory_reload_like_files_and_a_broken_one_is_rejected_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let sources = setup(dir.path(), 3);
+        let inventory: Arc<[u8]> = std::fs::read(&sources.inventory).unwrap().into();
+        let objects = |ports: [u16; 3]| Objects {
+            root: "/f/policy/objects/".into(),
+            policies: (0..3)
+                .map(|i| {
+                    (
+                        format!("/f/policy/objects/f{i}.yaml"),
+                        policy(i, ports[i]).into_bytes().into(),
+                    )
+                })
+                .collect(),
+            inventory_key: "/f/policy/inventory".into(),
+            inventory: Some(inventory.clone()),
+        };
+        let overlay = Overlay::in_memory();
+        let now = SystemTime::now();
+        let (mut r, _) = Reloader::initial_with(
+            sources.clone(),
+            Some(Arc::new(objects([80; 3]))),
+            &overlay,
+            now,
+        )
+        .unwrap();
+        assert_eq!(r.applied().policies.len(), 3);
+        r.set_objects(Arc::new(objects([80, 81, 80])));
+        let report = r.apply(Trigger::Watch, &overlay, now);
+        assert_eq!(report.result, ReloadResult::Ok);
+        assert_eq!(report.phases.files_parsed, 1, "only the changed object is parsed");
+        assert!(port_of(r.applied(), "p1").contains("81"));
+        let good = report.hash.clone();
+
+        let mut broken = objects([80, 82, 80]);
+        broken.policies.insert("/f/policy/objects/f2.yaml".into(), b"kind: [".to_vec().into());
+        r.set_objects(Arc::new(broken));
+        let report = r.apply(Trigger::Watch, &overlay, now);
+        assert_eq!(report.result, ReloadResult::Error);
+        assert!(
+            report.errors.iter().any(|p| p.file.as_deref() == Some("/f/policy/objects/f2.yaml"))
+        );
+        assert_eq!(r.generation(), 2, "the last good generation stays");
+        assert!(port_of(r.applied(), "p1").contains("81"), "nothing of the broken push applied");
+
+        let mut no_inventory = objects([80, 81, 80]);
+        no_inventory.inventory = None;
+        r.set_objects(Arc::new(no_inventory));
+        assert_eq!(r.apply(Trigger::Watch, &overlay, now).result, ReloadResult::Error);
+
+        r.set_objects(Arc::new(objects([80, 81, 80])));
+        let report = r.apply(Trigger::Watch, &overlay, now);
+        assert_eq!(report.result, ReloadResult::Unchanged);
+        assert_eq!(report.hash, good);
     }
 
     /// A watch reload reads only the files the watcher named, and ends where a full scan

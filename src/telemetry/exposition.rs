@@ -55,6 +55,8 @@ pub mod names {
     pub const ADMIN_REQUESTS: &str = "flowgate_admin_requests_total";
     pub const ADMIN_REJECTED: &str = "flowgate_admin_rejected_total";
     pub const ADMIN_FLOWS_TRUNCATED: &str = "flowgate_admin_flows_truncated_total";
+    pub const SOURCE_CONNECTED: &str = "flowgate_source_connected";
+    pub const SOURCE_REVISION: &str = "flowgate_source_revision";
 
     // The packet filter (`[packet]`): rendered only when it runs.
     pub const PACKET_PACKETS: &str = "flowgate_packet_packets_total";
@@ -106,6 +108,8 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     (names::ADMIN_REQUESTS, "counter", "Admin API requests."),
     (names::ADMIN_REJECTED, "counter", "Admin API requests refused, by reason."),
     (names::ADMIN_FLOWS_TRUNCATED, "counter", "/flows answers cut short by admin.flows_limit."),
+    (names::SOURCE_CONNECTED, "gauge", "1 while the etcd policy source is reachable (source.kind = etcd only)."),
+    (names::SOURCE_REVISION, "gauge", "The etcd revision of the policy in force (source.kind = etcd only)."),
     (names::PACKET_PACKETS, "counter", "Packets filtered, by front end and verdict."),
     (names::PACKET_BYTES, "counter", "IP bytes filtered, by front end and verdict."),
     (names::PACKET_DROPPED, "counter", "Packets not forwarded, by front end and reason."),
@@ -324,6 +328,10 @@ pub fn render(scrape: &Scrape<'_>) -> String {
     o.sample(names::ADMIN_REJECTED, &[("reason", "unauthorized")], get(&c.admin_unauthorized));
     o.sample(names::ADMIN_REJECTED, &[("reason", "bad_request")], get(&c.admin_bad_request));
     o.single(names::ADMIN_FLOWS_TRUNCATED, get(&c.admin_flows_truncated));
+    if get(&c.source_remote) > 0.0 {
+        o.single(names::SOURCE_CONNECTED, get(&c.source_connected));
+        o.single(names::SOURCE_REVISION, get(&c.source_revision));
+    }
     render_packet(&mut o, &reg.packet_totals());
     o.text
 }
@@ -482,13 +490,30 @@ mod tests {
         let unrendered: Vec<&str> = FAMILIES
             .iter()
             .map(|(n, _, _)| *n)
-            .filter(|n| !KNOWN.contains(n) && !n.starts_with("flowgate_packet_"))
+            .filter(|n| {
+                !KNOWN.contains(n)
+                    && !n.starts_with("flowgate_packet_")
+                    && !n.starts_with("flowgate_source_")
+            })
             .collect();
         assert!(unrendered.is_empty(), "FAMILIES rows never rendered: {unrendered:?}");
         assert!(text.contains("flowgate_flows_total{listener=\"demo\",verdict=\"allow\"} 3\n"));
         assert!(text.contains("flowgate_policy_generation 7\n"));
         assert!(text.contains("flowgate_emergency_entries 2\n"));
         assert!(!text.contains("flowgate_packet_"), "packet families without [packet]");
+        // The source families render only with `source.kind = "etcd"`.
+        assert!(!text.contains("flowgate_source_"), "source families with the files source");
+        registry.control.source_remote.store(1, Ordering::Relaxed);
+        registry.control.source_revision.store(42, Ordering::Relaxed);
+        let text = render(&Scrape {
+            registry: &registry,
+            conntrack: &conntrack,
+            policy: &policy,
+            next_expiry: Some(now),
+            emergency_entries: 2,
+        });
+        assert!(text.contains("flowgate_source_connected 0\n"), "{text}");
+        assert!(text.contains("flowgate_source_revision 42\n"), "{text}");
     }
 
     #[derive(Debug)]

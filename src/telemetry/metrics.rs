@@ -164,6 +164,12 @@ pub struct ControlCounters {
     pub admin_requests: AtomicU64,
     /// `/flows` answers cut short by the cap.
     pub admin_flows_truncated: AtomicU64,
+    /// 1 when the policy comes from etcd (the two gauges below are exported only then).
+    pub source_remote: AtomicU64,
+    /// 1 while the etcd source is reachable (its watch runs), else 0.
+    pub source_connected: AtomicU64,
+    /// The etcd revision of the policy in force.
+    pub source_revision: AtomicU64,
 }
 
 impl Default for ControlCounters {
@@ -186,6 +192,9 @@ impl Default for ControlCounters {
             admin_bad_request: AtomicU64::new(0),
             admin_requests: AtomicU64::new(0),
             admin_flows_truncated: AtomicU64::new(0),
+            source_remote: AtomicU64::new(0),
+            source_connected: AtomicU64::new(0),
+            source_revision: AtomicU64::new(0),
         }
     }
 }

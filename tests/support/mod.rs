@@ -18,6 +18,7 @@
 pub mod bump;
 pub mod control;
 pub mod egress;
+pub mod etcd;
 pub mod gateway;
 pub mod l4;
 pub mod netns;

@@ -15,7 +15,7 @@ use std::io::Write;
 pub enum Need {
     /// Effective uid 0 (network namespaces, addresses on `lo`, nftables).
     Root,
-    /// An executable on `PATH` (a real peer: curl, haproxy, prometheus…).
+    /// An executable on `PATH` (a real peer: curl, haproxy, prometheus, etcd…).
     Bin(&'static str),
     /// A property of this machine; `missing` says why it is absent here, `None` if present.
     Machine { what: &'static str, missing: Option<String> },
