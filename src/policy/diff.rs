@@ -882,7 +882,7 @@ impl<'a> Builder<'a> {
         // 4. Workload classes.
         let mut class_of_sig: HashMap<WorkloadSig, usize> = HashMap::new();
         let mut wclasses: Vec<WorkloadClass> = Vec::new();
-        let mut named_ids: HashMap<[Option<Vec<(String, u16, u8)>>; 2], u32> = HashMap::new();
+        let mut named_ids: HashMap<[NamedPorts; 2], u32> = HashMap::new();
         for (m, member) in members.iter().enumerate() {
             if member.before.is_none() && member.after.is_none() {
                 continue;
@@ -929,8 +929,8 @@ impl<'a> Builder<'a> {
                         for sel in &sig.sels[inv_of(s == 1)] {
                             for &pi in subject_policies[s].get(sel).into_iter().flatten() {
                                 let p = &side.set.policies[pi];
-                                for d in 0..2 {
-                                    wc.peer_sels[d][s].extend_from_slice(&peer_sels[s][pi][d]);
+                                for (dir, ids) in wc.peer_sels.iter_mut().zip(&peer_sels[s][pi]) {
+                                    dir[s].extend_from_slice(ids);
                                 }
                                 if let Some(rules) = &p.egress {
                                     wc.egress.add_rules(rules);
@@ -1307,7 +1307,7 @@ impl Pairs<'_, '_> {
         let mut steps: [Option<Steps>; 2] = [None, None];
         let mut dead = true;
         let mut cuts: Vec<u16> = Vec::new();
-        for x in 0..2 {
+        for (x, steps_x) in steps.iter_mut().enumerate() {
             let (Some(s_end), Some(d_end)) = (self.ends[src][x], self.ends[dst][x]) else {
                 continue; // an endpoint is absent: nothing is allowed on this side
             };
@@ -1342,7 +1342,7 @@ impl Pairs<'_, '_> {
                     }
                 }
             }
-            steps[x] = Some(per);
+            *steps_x = Some(per);
         }
         SideFn { steps, dead }
     }
@@ -1468,11 +1468,14 @@ struct ChangeKey {
     after: Option<DecisionKey>,
 }
 
+/// A workload's named ports, sorted, on one side (`None`: absent there).
+type NamedPorts = Option<Vec<(String, u16, u8)>>;
+
 #[derive(PartialEq, Eq, Hash)]
 struct WorkloadSig {
     sels: [Vec<u32>; 2],
     addr: [Option<u32>; 2],
-    named: [Option<Vec<(String, u16, u8)>>; 2],
+    named: [NamedPorts; 2],
 }
 
 /// The compiled id of inventory workload `i` (the compiler numbers workloads in
