@@ -63,14 +63,20 @@ fn rewired(shape: &Shape, n: usize, a: usize) -> String {
     out
 }
 
-fn one_change() -> Case {
-    let shape = Shape::by_label("10k").expect("10k shape");
+/// The realistic set of `shape` written twice, under `a/` and `b/`.
+fn two_copies(shape: &Shape) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     for root in [&a, &b] {
         std::fs::create_dir_all(root).expect("mkdir");
-        realistic::write(root, &shape);
+        realistic::write(root, shape);
     }
+    (dir, a, b)
+}
+
+fn one_change() -> Case {
+    let shape = Shape::by_label("10k").expect("10k shape");
+    let (dir, a, b) = two_copies(&shape);
     // The change: one backend's policy removed (its namespace's default deny still
     // isolates it, so what that policy allowed closes).
     std::fs::remove_file(realistic::app_file(&b.join("policies"), 0, 1)).expect("remove");
@@ -84,12 +90,7 @@ fn one_change() -> Case {
 
 fn unrelated() -> Case {
     let shape = Shape::by_label("1k").expect("1k shape");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    for root in [&a, &b] {
-        std::fs::create_dir_all(root).expect("mkdir");
-        realistic::write(root, &shape);
-    }
+    let (dir, a, b) = two_copies(&shape);
     let policies = b.join("policies");
     for n in 0..shape.namespaces {
         for app in 0..shape.apps {
