@@ -259,11 +259,20 @@ fn workload() -> impl Strategy<Value = Workload> {
 }
 
 fn inventory() -> impl Strategy<Value = Inventory> {
+    inventory_of(1..8, false)
+}
+
+/// `count` workloads; with `own_addrs`, each also owns an address of its own in
+/// 10.0.2.0/24 (so that every one of them is an endpoint).
+fn inventory_of(
+    count: std::ops::Range<usize>,
+    own_addrs: bool,
+) -> impl Strategy<Value = Inventory> {
     (
         proptest::collection::vec(labels(&["team"], NS_VALUES), 2),
-        proptest::collection::vec(workload(), 1..8),
+        proptest::collection::vec(workload(), count),
     )
-        .prop_map(|(ns_labels, mut workloads)| {
+        .prop_map(move |(ns_labels, mut workloads)| {
             // Namespace "c" is left out of the inventory on purpose.
             let namespaces = ns_labels
                 .into_iter()
@@ -277,6 +286,9 @@ fn inventory() -> impl Strategy<Value = Inventory> {
             for (i, w) in workloads.iter_mut().enumerate() {
                 w.name = format!("w{i}");
                 w.addrs.retain(|a| owned.insert(*a));
+                if own_addrs {
+                    w.addrs.push(net(&format!("10.0.2.{}/32", i + 1)));
+                }
             }
             Inventory { namespaces, workloads }
         })
@@ -553,6 +565,98 @@ proptest! {
     ) {
         let default = if allow { DefaultAction::Allow } else { DefaultAction::Deny };
         check(inventory, before, after, default)?;
+    }
+}
+
+proptest! {
+    // Each case decides ~2,000,000 flows twice: a few cases.
+    #![proptest_config(ProptestConfig { cases: 4, ..ProptestConfig::default() })]
+
+    /// Enough classes (64 and more) that the pairs are shared out between threads, and
+    /// enough workloads alike to one side's rules and not to the other's that a side's
+    /// outcomes are shared by a group of peers.
+    #[test]
+    fn diff_equals_brute_force_on_many_workloads(
+        inventory in inventory_of(70..90, true),
+        (before, after) in pair(),
+        allow in any::<bool>(),
+    ) {
+        let default = if allow { DefaultAction::Allow } else { DefaultAction::Deny };
+        check(inventory, before, after, default)?;
+    }
+}
+
+/// Two destinations that the source's egress rules cannot tell apart (one group: its
+/// outcomes worked out once) but whose own ingress rules differ; and a pair whose egress
+/// side refuses everything on both sides while its ingress side changes (nothing to
+/// report).
+#[test]
+fn shared_egress_outcomes_and_refused_pairs_against_brute_force() {
+    let w = |name: &str, ip: &str, app: &str, tier: &str| Workload {
+        name: name.into(),
+        namespace: "a".into(),
+        labels: Labels::from([
+            ("app".to_string(), app.to_string()),
+            ("tier".to_string(), tier.to_string()),
+        ]),
+        addrs: vec![net(ip)],
+        ports: vec![NamedPort { name: "http".into(), port: 3, protocol: Proto::Tcp }],
+    };
+    let inventory = Inventory {
+        namespaces: vec![],
+        workloads: vec![
+            w("web", "10.0.0.1/32", "web", "w"),
+            w("db1", "10.0.0.2/32", "db", "x"),
+            w("db2", "10.0.0.3/32", "db", "y"),
+            w("api", "10.0.0.4/32", "api", "z"),
+        ],
+    };
+    let sel = |key: &str, value: &str| WorkloadSelector {
+        namespaces: NamespaceMatch::Named("a".into()),
+        pods: LabelSelector {
+            match_labels: Labels::from([(key.to_string(), value.to_string())]),
+            match_expressions: vec![],
+        },
+    };
+    let rule = |peer: WorkloadSelector, first: u16, last: u16| Rule {
+        name: None,
+        action: Action::Allow,
+        peers: Peers::List(vec![Peer::Workloads(peer)]),
+        ports: Some(vec![PortMatch::Range { protocol: Proto::Tcp, first, last }]),
+    };
+    let np = |name: &str, subject: WorkloadSelector, ingress, egress| Policy {
+        kind: PolicyKind::NetworkPolicy,
+        name: name.into(),
+        namespace: Some("a".into()),
+        source: Default::default(),
+        tier: Tier::Namespaced,
+        subject,
+        ingress,
+        egress,
+        mode: Mode::Enforce,
+        expiry: None,
+        created_at: None,
+    };
+    let common = vec![
+        // db1 and db2 differ in what they admit, not in what web's egress sees.
+        np("db1", sel("tier", "x"), Some(vec![rule(sel("app", "web"), 1, 6)]), None),
+        np("db2", sel("tier", "y"), Some(vec![rule(sel("app", "web"), 4, 9)]), None),
+        // api may send nothing anywhere, before and after.
+        np("api", sel("app", "api"), None, Some(vec![])),
+    ];
+    let mut before = common.clone();
+    before.push(np("web", sel("app", "web"), None, Some(vec![rule(sel("app", "db"), 2, 5)])));
+    let mut after = common;
+    after.push(np("web", sel("app", "web"), None, Some(vec![rule(sel("app", "db"), 5, 8)])));
+    // What api's destinations admit changes, but api's egress refuses everything.
+    after.push(np(
+        "web-from-api",
+        sel("app", "web"),
+        Some(vec![rule(sel("app", "api"), 1, 12)]),
+        None,
+    ));
+    for default in [DefaultAction::Deny, DefaultAction::Allow] {
+        check(inventory.clone(), before.clone(), after.clone(), default).unwrap();
     }
 }
 

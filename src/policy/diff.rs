@@ -17,14 +17,23 @@
 //!   select that workload in that direction; for one (source, destination) pair the ports
 //!   are cut where those rules' port ranges (and the destination's named ports) start and
 //!   end, and one port per segment is decided.
+//! - **Sides, once per peer group.** A pair's verdict is its egress side (the source's
+//!   rules towards the destination) and its ingress side (the destination's rules from
+//!   the source), combined as `decide` combines them. A side tells its peers apart only
+//!   by the selectors its rules name, their address class and (egress) their named ports:
+//!   its outcomes are worked out once per group of peers alike in those, through the
+//!   engine's own side evaluation, and shared by the group. A pair whose egress or
+//!   ingress side refuses everything on both sides cannot change and costs a lookup; the
+//!   others combine four short step lists. The rows are shared out between threads.
 //! - **Touched sides.** When the inventory and the defaults are the same on both sides,
 //!   only the policies that differ can change a verdict, and only on the sides of the
 //!   workloads they select: a changed egress side re-decides that source towards
 //!   everything, a changed ingress side everything towards that destination.
 //!
-//! Deciding is the engine's public API ([`CompiledPolicy::decide`], `explain` for the
-//! reason), so the diff agrees with `flowgate explain` flow by flow; `tests/diff_props.rs`
-//! holds it against deciding every flow by brute force.
+//! Deciding is the engine's own side evaluation (the one [`CompiledPolicy::decide`] and
+//! `explain` use; `explain` gives the reason), so the diff agrees with `flowgate explain`
+//! flow by flow; `tests/diff_props.rs` holds it against deciding every flow by brute
+//! force.
 //!
 //! A workload absent from one side's inventory (or owning no address there) reaches and
 //! is reached by nothing on that side.
@@ -35,13 +44,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
+use super::decide::End;
 use super::explain::{Explanation, SideTrace};
 use super::ir::{
     DomainPattern, Inventory, Labels, NAMESPACE_NAME_LABEL, NamedPort, Namespace, NamespaceMatch,
     Peer, Peers, Policy, PolicySet, PortMatch, SelectorOp, Workload, WorkloadSelector,
 };
-use super::{CompiledPolicy, Decision, FlowQuery, Verdict, WorkloadId};
-use crate::flow::Proto;
+use super::{Cause, CompiledPolicy, DenyReason, FlowQuery, PolicyId, Verdict, WorkloadId};
+use crate::flow::{Direction, Proto};
 
 /// The protocols a policy can name; each gets its own port segments.
 pub const PROTOCOLS: [Proto; 3] = [Proto::Tcp, Proto::Udp, Proto::Sctp];
@@ -705,8 +715,17 @@ fn proto_index(p: Proto) -> Option<usize> {
 
 struct WorkloadClass {
     members: Vec<usize>,
-    /// The selector ids matching the class, per inventory table.
+    /// The selector ids matching the class, per inventory table (sorted).
     sels: [Vec<u32>; 2],
+    /// Per direction (0 = egress, 1 = ingress) and side (before, after): the selector
+    /// ids (of that side's inventory table, sorted) of the workload peers of the rules
+    /// that apply to the class. Its side in that direction can only tell two peers apart
+    /// by these, by their address class and (egress) by their named ports.
+    peer_sels: [[Vec<u32>; 2]; 2],
+    /// The class's address class on each side (`None`: absent there).
+    addr: [Option<u32>; 2],
+    /// Interned named ports of both sides.
+    named_id: u32,
     egress: Cuts,
     ingress: Cuts,
     named: Cuts,
@@ -718,12 +737,11 @@ struct Builder<'a> {
     before: Side<'a>,
     after: Side<'a>,
     stats: Stats,
-    cuts: Vec<u16>,
 }
 
 impl<'a> Builder<'a> {
     fn new(before: Side<'a>, after: Side<'a>) -> Builder<'a> {
-        Builder { before, after, stats: Stats::default(), cuts: Vec::new() }
+        Builder { before, after, stats: Stats::default() }
     }
 
     fn run(mut self) -> (Diff, Stats) {
@@ -778,6 +796,28 @@ impl<'a> Builder<'a> {
                         subject_sel[s].push(id);
                     }
                 }
+            }
+        }
+        // Per side, per policy: the selector ids of its rules' workload peers, per
+        // direction (0 = egress, 1 = ingress).
+        let mut peer_sels: [Vec<[Vec<u32>; 2]>; 2] = [Vec::new(), Vec::new()];
+        for (s, side) in [before, after].into_iter().enumerate() {
+            let t = inv_of(s == 1);
+            for p in &side.set.policies {
+                let mut dirs: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+                for (d, rules) in [(0, &p.egress), (1, &p.ingress)] {
+                    for r in rules.iter().flatten() {
+                        let Peers::List(list) = &r.peers else { continue };
+                        for peer in list {
+                            if let Peer::Workloads(sel) = peer
+                                && let Some(&id) = sel_ids[t].get(&SelKey(sel))
+                            {
+                                dirs[d].push(id);
+                            }
+                        }
+                    }
+                }
+                peer_sels[s].push(dirs);
             }
         }
         // Per side, the policies whose subject is each selector.
@@ -842,6 +882,7 @@ impl<'a> Builder<'a> {
         // 4. Workload classes.
         let mut class_of_sig: HashMap<WorkloadSig, usize> = HashMap::new();
         let mut wclasses: Vec<WorkloadClass> = Vec::new();
+        let mut named_ids: HashMap<[NamedPorts; 2], u32> = HashMap::new();
         for (m, member) in members.iter().enumerate() {
             if member.before.is_none() && member.after.is_none() {
                 continue;
@@ -868,8 +909,13 @@ impl<'a> Builder<'a> {
             match class_of_sig.get(&sig) {
                 Some(&c) => wclasses[c].members.push(m),
                 None => {
+                    let next = named_ids.len() as u32;
+                    let named_id = *named_ids.entry(sig.named.clone()).or_insert(next);
                     let mut wc = WorkloadClass {
                         members: vec![m],
+                        peer_sels: Default::default(),
+                        addr: sig.addr,
+                        named_id,
                         egress: Cuts::default(),
                         ingress: Cuts::default(),
                         named: Cuts::default(),
@@ -883,6 +929,9 @@ impl<'a> Builder<'a> {
                         for sel in &sig.sels[inv_of(s == 1)] {
                             for &pi in subject_policies[s].get(sel).into_iter().flatten() {
                                 let p = &side.set.policies[pi];
+                                for (dir, ids) in wc.peer_sels.iter_mut().zip(&peer_sels[s][pi]) {
+                                    dir[s].extend_from_slice(ids);
+                                }
                                 if let Some(rules) = &p.egress {
                                     wc.egress.add_rules(rules);
                                 }
@@ -891,6 +940,10 @@ impl<'a> Builder<'a> {
                                 }
                             }
                         }
+                    }
+                    for v in wc.peer_sels.iter_mut().flatten() {
+                        v.sort_unstable();
+                        v.dedup();
                     }
                     wc.sels = sig.sels.clone();
                     wc.egress.finish();
@@ -1024,113 +1077,405 @@ impl<'a> Builder<'a> {
         self.stats.domain_classes = classes.len() - dom0;
 
         // 8. Decide the pairs a changed side can touch.
-        let mut changes = Vec::new();
         let nw = wclasses.len();
         // Rows whose egress side did not change only meet the destinations whose ingress
         // side did: list those once instead of scanning every destination per row.
         let ingress_touched: Vec<usize> =
             (0..nw).filter(|&d| wclasses[d].touched_ingress).collect();
-        for src in 0..dom0 {
-            let src_w = (src < nw).then(|| &wclasses[src]);
-            let whole_row = src_w.is_some_and(|w| w.touched_egress);
-            let row: Box<dyn Iterator<Item = usize>> = if whole_row {
-                Box::new(0..classes.len())
-            } else {
-                Box::new(ingress_touched.iter().copied())
-            };
-            for dst in row {
-                let dst_w = (dst < nw).then(|| &wclasses[dst]);
-                if src_w.is_none() && dst_w.is_none() {
-                    continue; // external → external / domain: policy.unknown, not policy
-                }
-                self.stats.pairs += 1;
-                self.pair(src, dst, src_w, dst_w, &probes, &mut changes);
-            }
-        }
+        let sides = [before, after];
+        let ends = probes
+            .iter()
+            .map(|p| {
+                let end = |side: Side<'_>, ip: Option<IpAddr>| ip.map(|ip| side.compiled.end(ip));
+                [end(before, p.before), end(after, p.after)]
+            })
+            .collect();
+        let pairs = Pairs {
+            sides,
+            wclasses: &wclasses,
+            probes: &probes,
+            ends,
+            table: [inv_of(false), inv_of(true)],
+            classes: classes.len(),
+            ingress_touched: &ingress_touched,
+        };
+        let (changes, counts) = pairs.run(dom0);
+        self.stats.pairs = counts.0;
+        self.stats.decisions = counts.1;
         (Diff { classes, changes, probes }, self.stats)
     }
+}
 
-    /// Every changed segment between two classes, merged into ranges per protocol and
-    /// decision pair.
-    fn pair(
-        &mut self,
+// ---------------------------------------------------------------------------------------
+// The pairs
+
+/// Step 8: every (source, destination) class pair a changed side can touch.
+///
+/// A pair's verdict on each side is its egress side (the source's rules towards the
+/// destination) and its ingress side (the destination's rules from the source), combined
+/// as `decide` combines them. A side only tells its peers apart by the selectors its rules
+/// name, their address class and (egress) their named ports, so its outcomes are worked
+/// out once per group of peers it cannot tell apart — through the engine's own side
+/// evaluation, port segment by port segment — and shared by the group. A pair whose
+/// egress or ingress side refuses everything on both sides cannot change: one lookup.
+/// The rows are shared out between threads (each keeps its own ingress groups).
+struct Pairs<'b, 'a> {
+    sides: [Side<'a>; 2],
+    wclasses: &'b [WorkloadClass],
+    probes: &'b [Probe],
+    /// Per class and side: the endpoint as the engine resolves it (`None`: absent).
+    ends: Vec<[Option<End>; 2]>,
+    /// The inventory table of each side.
+    table: [usize; 2],
+    classes: usize,
+    ingress_touched: &'b [usize],
+}
+
+/// One side's outcome, as far as a verdict goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Out {
+    allow: bool,
+    cause: Cause,
+    policy: Option<u32>,
+}
+
+/// Per protocol, an outcome from each listed port up to the next (the first is port 1).
+type Steps = [Vec<(u16, Out)>; 3];
+
+/// One endpoint's side (egress or ingress) towards a group of peers it cannot tell apart.
+struct SideFn {
+    /// Per side (before, after); `None` where it has no such side (not a workload).
+    steps: [Option<Steps>; 2],
+    /// Refuses everything, or an endpoint is absent, on both sides: no pair through it
+    /// can change.
+    dead: bool,
+}
+
+/// The groups of one endpoint's side: peer key → index into `fns`.
+#[derive(Default)]
+struct Groups {
+    ids: HashMap<Box<[u64]>, u32>,
+    fns: Vec<SideFn>,
+}
+
+/// What one thread gives back: its changes, pairs looked at, side evaluations.
+type Part = (Vec<ClassChange>, usize, usize);
+
+impl Pairs<'_, '_> {
+    /// The changes of every pair of the rows `0..rows`, and (pairs, side evaluations).
+    fn run(&self, rows: usize) -> (Vec<ClassChange>, (usize, usize)) {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        let threads = if rows < 64 { 1 } else { threads };
+        let parts: Vec<Part> = if threads == 1 {
+            vec![self.rows(0, 1, rows)]
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..threads)
+                    .map(|k| scope.spawn(move || self.rows(k, threads, rows)))
+                    .collect();
+                // A worker only panics on a broken internal invariant: pass it on.
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                    .collect()
+            })
+        };
+        let (mut pairs, mut decisions) = (0, 0);
+        let mut changes = Vec::new();
+        for (c, p, d) in parts {
+            changes.extend(c);
+            pairs += p;
+            decisions += d;
+        }
+        // Rows were interleaved between threads: back to row order (stable, so a pair's
+        // changes keep their protocol order).
+        changes.sort_by_key(|c| (c.from, c.to));
+        (changes, (pairs, decisions))
+    }
+
+    /// Rows `first, first + step, …` below `rows`.
+    fn rows(&self, first: usize, step: usize, rows: usize) -> Part {
+        let nw = self.wclasses.len();
+        let mut ingress: Vec<Groups> = (0..nw).map(|_| Groups::default()).collect();
+        let mut out = Vec::new();
+        let (mut pairs, mut decisions) = (0, 0);
+        let mut key = Vec::new();
+        for src in (first..rows).step_by(step) {
+            let src_w = self.wclasses.get(src);
+            let whole_row = src_w.is_some_and(|w| w.touched_egress);
+            let row: &mut dyn Iterator<Item = usize> = if whole_row {
+                &mut (0..self.classes)
+            } else {
+                &mut self.ingress_touched.iter().copied()
+            };
+            let mut egress = Groups::default();
+            for dst in row {
+                if src_w.is_none() && dst >= nw {
+                    continue; // external → external / domain: policy.unknown, not policy
+                }
+                pairs += 1;
+                // The ingress side first: its groups are kept across rows, so a refused
+                // destination costs a lookup before the row's egress side is worked out.
+                let i = match self.wclasses.get(dst) {
+                    Some(w) => {
+                        self.peer_key(&mut key, w, 1, src);
+                        let groups = &mut ingress[dst];
+                        let g = self.group(groups, &key, 1, src, dst, &mut decisions);
+                        let f = &groups.fns[g];
+                        if f.dead {
+                            continue;
+                        }
+                        Some(f)
+                    }
+                    None => None,
+                };
+                let e = match src_w {
+                    Some(w) => {
+                        self.peer_key(&mut key, w, 0, dst);
+                        let g = self.group(&mut egress, &key, 0, src, dst, &mut decisions);
+                        let f = &egress.fns[g];
+                        if f.dead {
+                            continue;
+                        }
+                        Some(f)
+                    }
+                    None => None,
+                };
+                self.combine(src, dst, e, i, &mut out);
+            }
+        }
+        (out, pairs, decisions)
+    }
+
+    /// How class `subject`'s side in direction `dir` (0 egress, 1 ingress) sees class
+    /// `peer`: two peers with one key get the same outcomes from it.
+    fn peer_key(&self, key: &mut Vec<u64>, subject: &WorkloadClass, dir: usize, peer: usize) {
+        key.clear();
+        let Some(w) = self.wclasses.get(peer) else {
+            // External and domain classes: one each.
+            key.extend([1, peer as u64]);
+            return;
+        };
+        let addr = |a: Option<u32>| a.map_or(u64::MAX, u64::from);
+        let named = if dir == 0 { u64::from(w.named_id) } else { 0 };
+        key.extend([0, named, addr(w.addr[0]), addr(w.addr[1])]);
+        for x in 0..2 {
+            let sels = &w.sels[self.table[x]];
+            let (mut word, mut bit) = (0u64, 0);
+            for r in &subject.peer_sels[dir][x] {
+                if sels.binary_search(r).is_ok() {
+                    word |= 1 << bit;
+                }
+                bit += 1;
+                if bit == 64 {
+                    key.push(word);
+                    (word, bit) = (0, 0);
+                }
+            }
+            key.push(word);
+        }
+    }
+
+    /// The group of `key` in `groups`, its outcomes worked out on first sight from the
+    /// pair (`src`, `dst`).
+    fn group(
+        &self,
+        groups: &mut Groups,
+        key: &[u64],
+        dir: usize,
         src: usize,
         dst: usize,
-        src_w: Option<&WorkloadClass>,
-        dst_w: Option<&WorkloadClass>,
-        probes: &[Probe],
+        decisions: &mut usize,
+    ) -> usize {
+        if let Some(&g) = groups.ids.get(key) {
+            return g as usize;
+        }
+        let f = self.side_fn(dir, src, dst, decisions);
+        let g = groups.fns.len();
+        groups.fns.push(f);
+        groups.ids.insert(key.into(), g as u32);
+        g
+    }
+
+    /// The outcomes of `src`'s egress side (dir 0) or `dst`'s ingress side (dir 1) for
+    /// the pair, at the start of every port segment that side's rules and the
+    /// destination's named ports cut.
+    fn side_fn(&self, dir: usize, src: usize, dst: usize, decisions: &mut usize) -> SideFn {
+        let subject = if dir == 0 { src } else { dst };
+        let wc = &self.wclasses[subject];
+        let dst_named = self.wclasses.get(dst).map(|w| &w.named);
+        let mut steps: [Option<Steps>; 2] = [None, None];
+        let mut dead = true;
+        let mut cuts: Vec<u16> = Vec::new();
+        for (x, steps_x) in steps.iter_mut().enumerate() {
+            let (Some(s_end), Some(d_end)) = (self.ends[src][x], self.ends[dst][x]) else {
+                continue; // an endpoint is absent: nothing is allowed on this side
+            };
+            let (me, peer) = if dir == 0 { (s_end, d_end) } else { (d_end, s_end) };
+            let Some(w) = me.workload else {
+                dead = false; // no side: it lets everything through
+                continue;
+            };
+            let (Some(src_ip), Some(dst_ip)) = (self.ip(src, x), self.ip(dst, x)) else {
+                continue;
+            };
+            let c = self.sides[x].compiled;
+            let fqdn = self.probes[dst].fqdn.as_deref();
+            let mut per: Steps = Default::default();
+            for (pi, &proto) in PROTOCOLS.iter().enumerate() {
+                cuts.clear();
+                cuts.push(1);
+                cuts.extend_from_slice(if dir == 0 { &wc.egress.0[pi] } else { &wc.ingress.0[pi] });
+                if let Some(n) = dst_named {
+                    cuts.extend_from_slice(&n.0[pi]);
+                }
+                cuts.sort_unstable();
+                cuts.dedup();
+                cuts.retain(|&c| c >= 1);
+                for &port in &cuts {
+                    let q = FlowQuery { src: src_ip, dst: dst_ip, dst_port: port, proto, fqdn };
+                    let o = side_outcome(c, w, dir == 0, &q, peer, d_end);
+                    *decisions += 1;
+                    dead &= !o.allow;
+                    if per[pi].last().is_none_or(|l| l.1 != o) {
+                        per[pi].push((port, o));
+                    }
+                }
+            }
+            *steps_x = Some(per);
+        }
+        SideFn { steps, dead }
+    }
+
+    fn ip(&self, class: usize, x: usize) -> Option<IpAddr> {
+        let p = &self.probes[class];
+        if x == 0 { p.before } else { p.after }
+    }
+
+    /// The pair's changes from its two sides' outcomes, merged into ranges per protocol
+    /// and decision pair.
+    fn combine(
+        &self,
+        src: usize,
+        dst: usize,
+        e: Option<&SideFn>,
+        i: Option<&SideFn>,
         out: &mut Vec<ClassChange>,
     ) {
-        // One buffer for every pair's cut points.
-        let mut cuts = std::mem::take(&mut self.cuts);
-        let (ps, pd) = (&probes[src], &probes[dst]);
-        let fqdn = pd.fqdn.as_deref();
+        let present = [0, 1].map(|x| self.ends[src][x].is_some() && self.ends[dst][x].is_some());
+        let unknown_allow =
+            self.sides.map(|s| s.compiled.options().unknown == super::DefaultAction::Allow);
         for (pi, &proto) in PROTOCOLS.iter().enumerate() {
-            cuts.clear();
-            cuts.push(1);
-            if let Some(w) = src_w {
-                cuts.extend_from_slice(&w.egress.0[pi]);
-            }
-            if let Some(w) = dst_w {
-                cuts.extend_from_slice(&w.ingress.0[pi]);
-                cuts.extend_from_slice(&w.named.0[pi]);
-            }
-            cuts.sort_unstable();
-            cuts.dedup();
-            cuts.retain(|&c| c >= 1);
+            // before egress, before ingress, after egress, after ingress
+            let lists =
+                [steps_of(e, 0, pi), steps_of(i, 0, pi), steps_of(e, 1, pi), steps_of(i, 1, pi)];
+            let mut at = [0usize; 4];
+            let mut start: u32 = 1;
             // Open changes by decision pair: (key, ranges).
             let mut open: Vec<(ChangeKey, Vec<(u16, u16)>)> = Vec::new();
-            for (k, &start) in cuts.iter().enumerate() {
-                let end = cuts.get(k + 1).map_or(u16::MAX, |n| n - 1);
-                let ask =
-                    |side: Side<'_>, s: Option<IpAddr>, d: Option<IpAddr>| -> Option<Decision> {
-                        let q = FlowQuery { src: s?, dst: d?, dst_port: start, proto, fqdn };
-                        Some(side.compiled.decide(&q))
-                    };
-                let b = ask(self.before, ps.before, pd.before);
-                let a = ask(self.after, ps.after, pd.after);
-                self.stats.decisions += 2;
-                let allowed = |d: Option<Decision>| d.is_some_and(|d| d.verdict.is_allow());
-                let kind = match (allowed(b), allowed(a)) {
-                    (false, true) => ChangeKind::Opened,
-                    (true, false) => ChangeKind::Closed,
-                    _ => continue,
-                };
-                let key =
-                    ChangeKey { kind, before: b.map(decision_key), after: a.map(decision_key) };
-                match open.iter_mut().find(|(k, _)| *k == key) {
-                    Some((_, ranges)) => match ranges.last_mut() {
-                        Some(last) if last.1.checked_add(1) == Some(start) => last.1 = end,
-                        _ => ranges.push((start, end)),
-                    },
-                    None => open.push((key, vec![(start, end)])),
+            loop {
+                let mut next: u32 = 1 << 16;
+                for (l, a) in lists.iter().zip(&mut at) {
+                    while let Some(&(s, _)) = l.get(*a + 1) {
+                        if u32::from(s) <= start {
+                            *a += 1;
+                        } else {
+                            next = next.min(u32::from(s));
+                            break;
+                        }
+                    }
                 }
+                let cur = |k: usize| lists[k].get(at[k]).map(|s| s.1);
+                let decide = |x: usize| {
+                    present[x].then(|| verdict_of(cur(2 * x), cur(2 * x + 1), unknown_allow[x]))
+                };
+                let (b, a) = (decide(0), decide(1));
+                let allowed = |d: Option<DecisionKey>| d.is_some_and(|d| d.0.is_allow());
+                let kind = match (allowed(b), allowed(a)) {
+                    (false, true) => Some(ChangeKind::Opened),
+                    (true, false) => Some(ChangeKind::Closed),
+                    _ => None,
+                };
+                if let Some(kind) = kind {
+                    let key = ChangeKey { kind, before: b, after: a };
+                    let (first, last) = (start as u16, (next - 1) as u16);
+                    match open.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, ranges)) => match ranges.last_mut() {
+                            Some(l) if l.1.checked_add(1) == Some(first) => l.1 = last,
+                            _ => ranges.push((first, last)),
+                        },
+                        None => open.push((key, vec![(first, last)])),
+                    }
+                }
+                if next > u32::from(u16::MAX) {
+                    break;
+                }
+                start = next;
             }
             for (key, ports) in open {
                 out.push(ClassChange { kind: key.kind, from: src, to: dst, proto, ports });
             }
         }
-        self.cuts = cuts;
     }
 }
+
+/// A side's outcomes on side `x` for protocol `pi`; empty where it has no such side.
+fn steps_of(f: Option<&SideFn>, x: usize, pi: usize) -> &[(u16, Out)] {
+    f.and_then(|f| f.steps[x].as_ref()).map_or(&[][..], |s| &s[pi][..])
+}
+
+/// One side's outcome through the engine's own side evaluation (`decide.rs`), the one
+/// `decide` and `explain` use: the diff agrees with them by construction.
+fn side_outcome(
+    c: &CompiledPolicy,
+    w: u32,
+    egress: bool,
+    q: &FlowQuery<'_>,
+    peer: End,
+    dst: End,
+) -> Out {
+    let dir = if egress { Direction::Egress } else { Direction::Ingress };
+    let o = c.side(&c.sides, w, dir, q, peer, dst);
+    Out { allow: o.allow, cause: o.cause(), policy: o.policy }
+}
+
+/// A flow's verdict and deciding policy from its two sides' outcomes (`None`: no such
+/// side), as `decide` combines them: the egress side first, the ingress side's policy
+/// before the egress side's when both allow.
+fn verdict_of(e: Option<Out>, i: Option<Out>, unknown_allow: bool) -> DecisionKey {
+    let deny = |direction, cause| Verdict::Deny(DenyReason { direction, cause });
+    match (e, i) {
+        (None, None) if unknown_allow => (Verdict::Allow, None),
+        (None, None) => (deny(None, Cause::Unknown), None),
+        (Some(e), _) if !e.allow => {
+            (deny(Some(Direction::Egress), e.cause), e.policy.map(PolicyId))
+        }
+        (_, Some(i)) if !i.allow => {
+            (deny(Some(Direction::Ingress), i.cause), i.policy.map(PolicyId))
+        }
+        _ => (Verdict::Allow, i.and_then(|i| i.policy).or(e.and_then(|e| e.policy)).map(PolicyId)),
+    }
+}
+
+/// A decision as far as a change goes: the verdict and the deciding policy.
+type DecisionKey = (Verdict, Option<PolicyId>);
 
 /// What makes two ports' changes the same change: the verdicts and deciding policies.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct ChangeKey {
     kind: ChangeKind,
-    before: Option<(Verdict, Option<super::PolicyId>)>,
-    after: Option<(Verdict, Option<super::PolicyId>)>,
+    before: Option<DecisionKey>,
+    after: Option<DecisionKey>,
 }
 
-fn decision_key(d: Decision) -> (Verdict, Option<super::PolicyId>) {
-    (d.verdict, d.policy)
-}
+/// A workload's named ports, sorted, on one side (`None`: absent there).
+type NamedPorts = Option<Vec<(String, u16, u8)>>;
 
 #[derive(PartialEq, Eq, Hash)]
 struct WorkloadSig {
     sels: [Vec<u32>; 2],
     addr: [Option<u32>; 2],
-    named: [Option<Vec<(String, u16, u8)>>; 2],
+    named: [NamedPorts; 2],
 }
 
 /// The compiled id of inventory workload `i` (the compiler numbers workloads in
