@@ -1,7 +1,9 @@
 //! Packet mode end to end: the real `flowgate` binary runs in the gateway namespace of a
-//! client — gateway — server topology with a `[packet]` TUN front end, the gateway's
-//! policy routing sends everything it forwards into the TUN, and what flowgate writes back
-//! is routed on. Nothing else carries traffic across.
+//! client — gateway — server topology, on either front end: `[packet]` TUN, the gateway's
+//! policy routing sending everything it forwards into the TUN and what flowgate writes
+//! back routed on; or AF_PACKET as a bump in the wire between two address-less interfaces
+//! (`support::bump`, ARP crossing too). Nothing else carries traffic across. The cases
+//! below run once per front end, from one body each:
 //!
 //! - Allowed: curl to a real HTTP server (`python3 -m http.server`), a UDP exchange with
 //!   replies, ICMP echo from a workload whose policy allows every protocol.
@@ -11,13 +13,12 @@
 //! - Revoked: an established TCP flow stops carrying data once a reload denies it.
 //! - `on_deny = "reject"`: curl fails at once with "connection refused" (an RST), a UDP
 //!   datagram is answered with ICMP "administratively prohibited".
+//!
+//! TUN only:
 //! - Malformed packets written into the TUN (an AF_PACKET socket bound to it, from the
 //!   gateway namespace) are dropped and counted by reason; flowgate keeps running and an
 //!   allowed flow still works.
 //! - A device that cannot be opened stops start-up with an error naming it.
-//! - The AF_PACKET front end, as a bump in the wire between two address-less interfaces
-//!   (`support::bump`): an allowed curl crosses (ARP too), a denied one never reaches the
-//!   server and is logged.
 //!
 //! Needs root, /dev/net/tun, curl, python3 and nft; skipped, saying so, otherwise (in CI:
 //! fails).
@@ -49,39 +50,12 @@ const ECHO_PORT: u16 = 9000;
 const UDP_PORT: u16 = 5353;
 const WAIT: Duration = Duration::from_secs(10);
 
-const INVENTORY: &str = r#"
-namespaces:
-  - name: lab
-workloads:
-  - {name: client, namespace: lab, labels: {app: client}, ips: [198.18.1.2]}
-  - {name: intruder, namespace: lab, labels: {app: intruder}, ips: [198.18.1.3]}
-  - {name: pinger, namespace: lab, labels: {app: pinger}, ips: [198.18.1.4]}
-  - {name: server, namespace: lab, labels: {app: server}, ips: [198.18.2.2]}
-"#;
-
-/// Every client may send to the server; the server takes the client on TCP 8000, TCP 9000
-/// and UDP 5353 (so not ICMP), the pinger on everything, the intruder not at all.
-const POLICY: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: clients-egress, namespace: lab}
-spec:
-  podSelector: {}
-  policyTypes: [Egress]
-  egress:
-    - to: [{podSelector: {matchLabels: {app: server}}}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: server-ingress, namespace: lab}
-spec:
-  podSelector: {matchLabels: {app: server}}
-  policyTypes: [Ingress]
-  ingress:
-    - from: [{podSelector: {matchLabels: {app: client}}}]
-      ports: [{port: 8000}, {port: 9000}, {port: 5353, protocol: UDP}]
-    - from: [{podSelector: {matchLabels: {app: pinger}}}]
-"#;
+/// The lab's workloads (`tests/fixtures/packet_lab/`, shared with the packet_filter fuzz
+/// target).
+const INVENTORY: &str = include_str!("fixtures/packet_lab/inventory.yaml");
+/// The client may reach the server on TCP 8000 and 9000 and UDP 5353, the pinger on
+/// anything.
+const POLICY: &str = include_str!("fixtures/packet_lab/policy.yaml");
 
 /// The same, without the client's TCP 9000: a reload to it revokes an open 9000 flow.
 fn policy_without_9000() -> String {
@@ -104,9 +78,82 @@ struct World {
     fg: Flowgate,
     _http: KillOnDrop,
     _servers: Servers,
-    topo: Topology,
+    net: Net,
+    at: Addrs,
     dir: tempfile::TempDir,
     admin: SocketAddr,
+}
+
+/// The packet front end a case runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Front {
+    /// Routed through a TUN device in the gateway namespace (`support::topology`).
+    Tun,
+    /// A bump in the wire between two address-less interfaces (`support::bump`).
+    AfPacket,
+}
+
+impl Front {
+    /// The `frontend` label of the packet metrics.
+    fn label(self) -> &'static str {
+        match self {
+            Front::Tun => "tun",
+            Front::AfPacket => "afpacket",
+        }
+    }
+}
+
+/// The namespaces of either topology.
+enum Net {
+    Tun(Topology),
+    Bump(Bump),
+}
+
+impl Net {
+    fn client(&self) -> &Netns {
+        match self {
+            Net::Tun(t) => &t.client,
+            Net::Bump(b) => &b.client,
+        }
+    }
+    fn gateway(&self) -> &Netns {
+        match self {
+            Net::Tun(t) => &t.gateway,
+            Net::Bump(b) => &b.bump,
+        }
+    }
+    fn server(&self) -> &Netns {
+        match self {
+            Net::Tun(t) => &t.server,
+            Net::Bump(b) => &b.server,
+        }
+    }
+}
+
+/// The lab's addresses on a topology: the client's three (allowed, intruder, pinger) and
+/// the server's.
+#[derive(Clone, Copy)]
+struct Addrs {
+    client: Ipv4Addr,
+    intruder: Ipv4Addr,
+    pinger: Ipv4Addr,
+    server: Ipv4Addr,
+}
+
+impl Addrs {
+    fn of(front: Front) -> Addrs {
+        match front {
+            Front::Tun => {
+                Addrs { client: CLIENT, intruder: INTRUDER, pinger: PINGER, server: SERVER }
+            }
+            Front::AfPacket => Addrs {
+                client: bump::CLIENT,
+                intruder: Ipv4Addr::new(198, 18, 3, 3),
+                pinger: Ipv4Addr::new(198, 18, 3, 4),
+                server: bump::SERVER,
+            },
+        }
+    }
 }
 
 struct KillOnDrop(Child);
@@ -120,14 +167,24 @@ impl Drop for KillOnDrop {
 
 impl World {
     /// `packet_extra` goes into the `[packet]` section.
-    fn start(packet_extra: &str) -> World {
-        let topo = Topology::kernel();
-        topo.client.exec(&format!(
-            "ip addr add {INTRUDER}/24 dev eth0 && ip addr add {PINGER}/24 dev eth0"
+    fn start(front: Front, packet_extra: &str) -> World {
+        let at = Addrs::of(front);
+        let net = match front {
+            Front::Tun => Net::Tun(Topology::kernel()),
+            Front::AfPacket => Net::Bump(Bump::new()),
+        };
+        net.client().exec(&format!(
+            "ip addr add {}/24 dev eth0 && ip addr add {}/24 dev eth0",
+            at.intruder, at.pinger
         ));
-        count_intruder_on_server(&topo.server);
+        count_source_on_server(net.server(), at.intruder);
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
+        let inventory = INVENTORY
+            .replace("198.18.1.2", &at.client.to_string())
+            .replace("198.18.1.3", &at.intruder.to_string())
+            .replace("198.18.1.4", &at.pinger.to_string())
+            .replace("198.18.2.2", &at.server.to_string());
+        std::fs::write(dir.path().join("inventory.yaml"), inventory).unwrap();
         std::fs::create_dir(dir.path().join("policies")).unwrap();
         std::fs::write(dir.path().join("policies/lab.yaml"), POLICY).unwrap();
         std::fs::create_dir(dir.path().join("www")).unwrap();
@@ -141,21 +198,37 @@ impl World {
                  [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
                  [admin]\nbind = \"127.0.0.1:0\"\n\
                  [control]\nwatch = false\n\
-                 [packet]\nworkers = 2\n{packet_extra}\n[packet.tun]\ndevice = \"{TUN}\"\n"
+                 [packet]\nworkers = 2\n{packet_extra}\n{}",
+                match front {
+                    Front::Tun => format!("[packet.tun]\ndevice = \"{TUN}\"\n"),
+                    Front::AfPacket => format!(
+                        "frontend = \"afpacket\"\n[packet.afpacket]\ninside = \"{}\"\noutside = \"{}\"\n",
+                        bump::INSIDE,
+                        bump::OUTSIDE
+                    ),
+                }
             ),
         )
         .unwrap();
-        let mut fg = Flowgate::spawn(in_netns(&topo.gateway, &config));
-        fg.wait_stderr(&format!("flowgate: packet filter packet (tun) on {TUN}"), WAIT);
-        topo.route_through(TUN);
+        let mut fg = Flowgate::spawn(in_netns(net.gateway(), &config));
+        match &net {
+            Net::Tun(topo) => {
+                fg.wait_stderr(&format!("flowgate: packet filter packet (tun) on {TUN}"), WAIT);
+                topo.route_through(TUN);
+            }
+            Net::Bump(_) => {
+                let on = format!("{}+{}", bump::INSIDE, bump::OUTSIDE);
+                fg.wait_stderr(&format!("flowgate: packet filter packet (afpacket) on {on}"), WAIT);
+            }
+        }
         fg.wait_ready();
         let admin = fg.admin();
-        let servers = Servers::start(&topo.server);
+        let servers = Servers::start(net.server(), at.server);
         let http = KillOnDrop(
             Command::new("ip")
-                .args(["netns", "exec", &topo.server.name, "python3", "-m", "http.server"])
+                .args(["netns", "exec", &net.server().name, "python3", "-m", "http.server"])
                 .arg(HTTP_PORT.to_string())
-                .args(["--bind", &SERVER.to_string(), "--directory"])
+                .args(["--bind", &at.server.to_string(), "--directory"])
                 .arg(dir.path().join("www"))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -163,8 +236,8 @@ impl World {
                 .spawn()
                 .expect("python3 -m http.server starts"),
         );
-        wait_listening(&topo.server, SocketAddr::from((SERVER, HTTP_PORT)));
-        World { fg, _http: http, _servers: servers, topo, dir, admin }
+        wait_listening(net.server(), SocketAddr::from((at.server, HTTP_PORT)));
+        World { fg, _http: http, _servers: servers, net, at, dir, admin }
     }
 
     fn log_path(&self) -> PathBuf {
@@ -189,7 +262,7 @@ impl World {
     /// `/metrics`, fetched from inside the gateway namespace.
     fn metrics(&self) -> String {
         let out = output_in(
-            &self.topo.gateway,
+            self.net.gateway(),
             &format!("curl -sS --max-time 5 http://{}/metrics", self.admin),
         );
         assert!(out.status.success(), "metrics: {}", String::from_utf8_lossy(&out.stderr));
@@ -200,9 +273,10 @@ impl World {
     fn curl(&self, src: Ipv4Addr, max_time: u32) -> (i32, String, Duration) {
         let t = Instant::now();
         let out = output_in(
-            &self.topo.client,
+            self.net.client(),
             &format!(
-                "curl -sS --max-time {max_time} --interface {src} http://{SERVER}:{HTTP_PORT}/"
+                "curl -sS --max-time {max_time} --interface {src} http://{}:{HTTP_PORT}/",
+                self.at.server
             ),
         );
         let body = String::from_utf8_lossy(&out.stdout).into_owned()
@@ -227,12 +301,8 @@ fn sample(metrics: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// An nftables counter in the server namespace of every packet from the intruder: what
-/// reaches the server, counted on the server.
-fn count_intruder_on_server(server: &Netns) {
-    count_source_on_server(server, INTRUDER);
-}
-
+/// An nftables counter in the server namespace of every packet from `src` (the
+/// intruder): what reaches the server, counted on the server.
 fn count_source_on_server(server: &Netns, src: Ipv4Addr) {
     let out = output_in(
         server,
@@ -273,11 +343,11 @@ struct Servers {
 }
 
 impl Servers {
-    fn start(ns: &Netns) -> Servers {
+    fn start(ns: &Netns, server: Ipv4Addr) -> Servers {
         let (tcp, udp) = in_ns(ns, || {
             (
-                TcpListener::bind((SERVER, ECHO_PORT)).expect("bind TCP echo"),
-                UdpSocket::bind((SERVER, UDP_PORT)).expect("bind UDP echo"),
+                TcpListener::bind((server, ECHO_PORT)).expect("bind TCP echo"),
+                UdpSocket::bind((server, UDP_PORT)).expect("bind UDP echo"),
             )
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -325,10 +395,10 @@ impl Drop for Servers {
     }
 }
 
-/// A UDP socket in `ns` bound to `src`, connected to the server's echo port.
-fn udp_from(ns: &Netns, src: Ipv4Addr) -> UdpSocket {
-    let s = in_ns(ns, || UdpSocket::bind((src, 0)).expect("bind UDP client"));
-    s.connect((SERVER, UDP_PORT)).unwrap();
+/// A UDP socket in the client namespace bound to `src`, connected to the server's echo port.
+fn udp_from(w: &World, src: Ipv4Addr) -> UdpSocket {
+    let s = in_ns(w.net.client(), || UdpSocket::bind((src, 0)).expect("bind UDP client"));
+    s.connect((w.at.server, UDP_PORT)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     s
 }
@@ -341,14 +411,16 @@ fn udp_echoes(s: &UdpSocket, what: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(buf[..n].to_vec())
 }
 
-/// ICMP echo requests from `src` in `ns` to the server; how many were answered.
-fn ping_from(ns: &Netns, src: Ipv4Addr, count: u16) -> u16 {
-    in_ns(ns, || {
+/// ICMP echo requests from `src` in the client namespace to the server; how many were
+/// answered.
+fn ping_from(w: &World, src: Ipv4Addr, count: u16) -> u16 {
+    let server = w.at.server;
+    in_ns(w.net.client(), || {
         use socket2::{Domain, Protocol, Socket, Type};
         let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).expect("raw socket");
         s.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into()).expect("bind raw socket");
         s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        let to = SocketAddr::V4(SocketAddrV4::new(SERVER, 0)).into();
+        let to = SocketAddr::V4(SocketAddrV4::new(server, 0)).into();
         let ident = (std::process::id() & 0xffff) as u16 ^ u16::from(src.octets()[3]);
         let mut answered = 0;
         for seq in 0..count {
@@ -367,7 +439,7 @@ fn ping_from(ns: &Netns, src: Ipv4Addr, count: u16) -> u16 {
                 let ihl = usize::from(got.first().map_or(0, |b| b & 0x0f)) * 4;
                 let Some(icmp) = got.get(ihl..) else { continue };
                 if n >= 20
-                    && got[12..16] == SERVER.octets()
+                    && got[12..16] == server.octets()
                     && got[16..20] == src.octets()
                     && icmp.len() >= 8
                     && icmp[0] == 0
@@ -395,57 +467,78 @@ fn checksum(data: &[u8]) -> u16 {
 }
 
 #[test]
-fn policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one() {
+fn tun_policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one() {
+    policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(Front::Tun);
+}
+
+#[test]
+fn afpacket_policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one() {
+    policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(Front::AfPacket);
+}
+
+/// Allowed TCP (curl), UDP with its reply and ICMP echo pass; denied TCP, UDP and ICMP
+/// never reach the server and are logged; a reload that denies an established flow cuts
+/// it. On either front end.
+fn policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(front: Front) {
     if needs() {
         return;
     }
-    let mut w = World::start("");
+    let mut w = World::start(front, "");
+    let at = w.at;
+    let fe = front.label();
 
     // Allowed TCP: curl to a real HTTP server.
-    let (code, body, _) = w.curl(CLIENT, 10);
+    let (code, body, _) = w.curl(at.client, 10);
     assert_eq!(code, 0, "allowed curl: {body}");
     assert!(body.contains("hello through the packet filter"), "{body}");
     // Allowed UDP, with its reply.
-    let udp = udp_from(&w.topo.client, CLIENT);
+    let udp = udp_from(&w, at.client);
     assert_eq!(udp_echoes(&udp, b"ping-udp").expect("UDP echo through flowgate"), b"ping-udp");
     // ICMP: allowed for the pinger (every protocol), denied for the client (ports only).
-    assert_eq!(ping_from(&w.topo.client, PINGER, 3), 3, "pinger's echo requests answered");
-    assert_eq!(ping_from(&w.topo.client, CLIENT, 2), 0, "client's ICMP is denied");
+    assert_eq!(ping_from(&w, at.pinger, 3), 3, "pinger's echo requests answered");
+    assert_eq!(ping_from(&w, at.client, 2), 0, "client's ICMP is denied");
 
     // Denied: TCP and UDP from the intruder never reach the server.
-    let before = intruder_packets_at_server(&w.topo.server);
-    let (code, body, _) = w.curl(INTRUDER, 3);
+    let before = intruder_packets_at_server(w.net.server());
+    let (code, body, _) = w.curl(at.intruder, 3);
     assert_ne!(code, 0, "denied curl succeeded: {body}");
-    let udp_bad = udp_from(&w.topo.client, INTRUDER);
+    let udp_bad = udp_from(&w, at.intruder);
     assert!(udp_echoes(&udp_bad, b"nope").is_err(), "denied UDP answered");
     assert_eq!(
-        intruder_packets_at_server(&w.topo.server),
+        intruder_packets_at_server(w.net.server()),
         before,
         "a denied packet reached the server"
     );
     let deny = w.wait_log("the intruder's TCP deny", |l| {
         l["event"] == "deny"
-            && l["src"].as_str().is_some_and(|s| s.starts_with(&format!("{INTRUDER}:")))
-            && l["dst"] == format!("{SERVER}:{HTTP_PORT}")
+            && l["src"].as_str().is_some_and(|s| s.starts_with(&format!("{}:", at.intruder)))
+            && l["dst"] == format!("{}:{HTTP_PORT}", at.server)
     });
     assert_eq!(deny["listener"], "packet", "{deny}");
     w.wait_log("the client's ICMP deny", |l| {
         l["event"] == "deny"
-            && l["src"].as_str().is_some_and(|s| s.starts_with(&format!("{CLIENT}:")))
+            && l["src"].as_str().is_some_and(|s| s.starts_with(&format!("{}:", at.client)))
             && l["proto"].as_str().is_some_and(|p| p.eq_ignore_ascii_case("icmp"))
     });
 
     let m = w.metrics();
-    assert!(sample(&m, "flowgate_packet_packets_total{frontend=\"tun\",verdict=\"pass\"}") > 0.0);
     assert!(
-        sample(&m, "flowgate_packet_dropped_total{frontend=\"tun\",reason=\"policy\"}") >= 2.0,
+        sample(&m, &format!("flowgate_packet_packets_total{{frontend=\"{fe}\",verdict=\"pass\"}}"))
+            > 0.0,
+        "{m}"
+    );
+    assert!(
+        sample(
+            &m,
+            &format!("flowgate_packet_dropped_total{{frontend=\"{fe}\",reason=\"policy\"}}")
+        ) >= 2.0,
         "{m}"
     );
     assert!(sample(&m, "flowgate_flows_total{listener=\"packet\",verdict=\"deny\"}") >= 2.0);
 
     // An established flow, cut by a reload that denies it.
-    let mut conn = in_ns(&w.topo.client, || {
-        TcpStream::connect_timeout(&SocketAddr::from((SERVER, ECHO_PORT)), WAIT)
+    let mut conn = in_ns(w.net.client(), || {
+        TcpStream::connect_timeout(&SocketAddr::from((at.server, ECHO_PORT)), WAIT)
             .expect("connect to the TCP echo server through flowgate")
     });
     conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -461,7 +554,7 @@ fn policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let revoked = w.wait_log("the revoked echo flow", |l| {
-        l["event"] == "revoked" && l["dst"] == format!("{SERVER}:{ECHO_PORT}")
+        l["event"] == "revoked" && l["dst"] == format!("{}:{ECHO_PORT}", at.server)
     });
     assert_eq!(revoked["listener"], "packet", "{revoked}");
     let _ = conn.write_all(b"after");
@@ -472,37 +565,51 @@ fn policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one() {
         String::from_utf8_lossy(&buf)
     );
     // Other flows go on.
-    assert_eq!(w.curl(CLIENT, 10).0, 0, "allowed curl after the reload");
+    assert_eq!(w.curl(at.client, 10).0, 0, "allowed curl after the reload");
     w.fg.assert_running();
 }
 
 #[test]
-fn reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited() {
+fn tun_reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited() {
+    reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited(Front::Tun);
+}
+
+#[test]
+fn afpacket_reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited() {
+    reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited(Front::AfPacket);
+}
+
+/// `on_deny = "reject"`: a denied TCP flow is refused at once (RST), a denied datagram
+/// answered with ICMP administratively prohibited; SIGTERM then stops flowgate cleanly.
+fn reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited(front: Front) {
     if needs() {
         return;
     }
-    let mut w = World::start("on_deny = \"reject\"");
-    let (code, body, took) = w.curl(INTRUDER, 10);
+    let mut w = World::start(front, "on_deny = \"reject\"");
+    let at = w.at;
+    let (code, body, took) = w.curl(at.intruder, 10);
     // curl's exit code 7: could not connect — at once, so refused by an RST (a dropped
     // SYN would take curl's whole --max-time).
     assert_eq!(code, 7, "curl from the intruder: {body}");
     assert!(took < Duration::from_secs(3), "refusal took {took:?}: {body}");
-    let udp = udp_from(&w.topo.client, INTRUDER);
+    let udp = udp_from(&w, at.intruder);
     let err = udp_echoes(&udp, b"nope").expect_err("denied UDP answered");
     // ICMP administratively prohibited (type 3 code 13) on a connected socket:
     // EHOSTUNREACH; a timeout would mean no ICMP came back.
     assert_eq!(err.raw_os_error(), Some(libc::EHOSTUNREACH), "{err}");
-    assert_eq!(intruder_packets_at_server(&w.topo.server), 0);
+    assert_eq!(intruder_packets_at_server(w.net.server()), 0);
     let m = w.metrics();
     assert!(sample(&m, "flowgate_packet_rejects_total{result=\"sent\"}") >= 2.0, "{m}");
-    assert_eq!(w.curl(CLIENT, 10).0, 0, "allowed curl");
+    assert_eq!(w.curl(at.client, 10).0, 0, "allowed curl");
     w.fg.assert_running();
-    // SIGTERM stops the workers and exits 0; the TUN device goes with its last queue.
+    // SIGTERM stops the workers and exits 0; a TUN device goes with its last queue.
     w.fg.signal(libc::SIGTERM);
     let status = w.fg.wait_exit(WAIT);
     assert!(status.success(), "{status}: {}", w.fg.seen.join("\n"));
-    let link = output_in(&w.topo.gateway, &format!("ip link show {TUN}"));
-    assert!(!link.status.success(), "{TUN} still exists after exit");
+    if front == Front::Tun {
+        let link = output_in(w.net.gateway(), &format!("ip link show {TUN}"));
+        assert!(!link.status.success(), "{TUN} still exists after exit");
+    }
 }
 
 /// What the injector writes into the TUN: each packet as hex, by name.
@@ -602,15 +709,15 @@ fn malformed_packets_are_dropped_and_counted_and_forwarding_goes_on() {
     if needs() {
         return;
     }
-    let mut w = World::start("");
-    let mut conn = in_ns(&w.topo.client, || {
+    let mut w = World::start(Front::Tun, "");
+    let mut conn = in_ns(w.net.client(), || {
         TcpStream::connect_timeout(&SocketAddr::from((SERVER, ECHO_PORT)), WAIT)
             .expect("connect to the TCP echo server through flowgate")
     });
     conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let flow = (conn.local_addr().unwrap(), conn.peer_addr().unwrap());
     let before = w.metrics();
-    let refused = inject(&w.topo.gateway, w.dir.path(), &malformed_packets(Some(flow)));
+    let refused = inject(w.net.gateway(), w.dir.path(), &malformed_packets(Some(flow)));
     // The kernel may refuse to send an empty buffer; everything else reaches the TUN.
     for line in refused.lines() {
         assert!(line.starts_with("refused zero_length"), "injector: {refused}");
@@ -685,103 +792,4 @@ fn a_device_that_cannot_be_opened_stops_start_up_naming_it() {
     assert_eq!(status.code(), Some(2), "{status}");
     let line = fg.wait_stderr("flowgate: error", WAIT);
     assert!(line.contains(TUN) && line.contains("TUNSETIFF"), "{line}");
-}
-
-/// The AF_PACKET front end as a bump in the wire: client and server on one subnet, the
-/// bump's two interfaces without addresses, flowgate the only way across (ARP included).
-#[test]
-fn afpacket_bump_in_the_wire_passes_allowed_flows_and_drops_denied_ones() {
-    if needs() {
-        return;
-    }
-    let b = Bump::new();
-    let intruder = Ipv4Addr::new(198, 18, 3, 3);
-    b.client.exec(&format!("ip addr add {intruder}/24 dev eth0"));
-    count_source_on_server(&b.server, intruder);
-    let dir = tempfile::tempdir().unwrap();
-    let inventory = INVENTORY
-        .replace("198.18.1.2", &bump::CLIENT.to_string())
-        .replace("198.18.1.3", &intruder.to_string())
-        .replace("198.18.2.2", &bump::SERVER.to_string());
-    std::fs::write(dir.path().join("inventory.yaml"), inventory).unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/lab.yaml"), POLICY).unwrap();
-    std::fs::create_dir(dir.path().join("www")).unwrap();
-    std::fs::write(dir.path().join("www/index.html"), "hello across the bump\n").unwrap();
-    let config = dir.path().join("flowgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
-             [flowlog]\noutput = \"flow.log\"\ndedupe_window = \"0s\"\n\
-             [admin]\nbind = \"127.0.0.1:0\"\n[control]\nwatch = false\n\
-             [packet]\nfrontend = \"afpacket\"\nworkers = 2\n\
-             [packet.afpacket]\ninside = \"{}\"\noutside = \"{}\"\n",
-            bump::INSIDE,
-            bump::OUTSIDE
-        ),
-    )
-    .unwrap();
-    let mut fg = Flowgate::spawn(in_netns(&b.bump, &config));
-    fg.wait_stderr("flowgate: packet filter packet (afpacket) on in0+out0", WAIT);
-    fg.wait_ready();
-    let admin = fg.admin();
-    let _http = KillOnDrop(
-        Command::new("ip")
-            .args(["netns", "exec", &b.server.name, "python3", "-m", "http.server"])
-            .arg(HTTP_PORT.to_string())
-            .args(["--bind", &bump::SERVER.to_string(), "--directory"])
-            .arg(dir.path().join("www"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 -m http.server starts"),
-    );
-    wait_listening(&b.server, SocketAddr::from((bump::SERVER, HTTP_PORT)));
-    let curl = |src: Ipv4Addr, max_time: u32| {
-        let out = output_in(
-            &b.client,
-            &format!(
-                "curl -sS --max-time {max_time} --interface {src} http://{}:{HTTP_PORT}/",
-                bump::SERVER
-            ),
-        );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.code().unwrap_or(-1), text)
-    };
-    let (code, body) = curl(bump::CLIENT, 10);
-    assert_eq!(code, 0, "allowed curl across the bump (ARP and TCP): {body}");
-    assert!(body.contains("hello across the bump"), "{body}");
-    let (code, body) = curl(intruder, 3);
-    assert_ne!(code, 0, "denied curl succeeded: {body}");
-    let log = dir.path().join("flow.log");
-    let end = Instant::now() + WAIT;
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let hit = text.lines().any(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("flow-log JSON");
-            v["event"] == "deny"
-                && v["listener"] == "packet"
-                && v["src"].as_str().is_some_and(|s| s.starts_with(&format!("{intruder}:")))
-        });
-        if hit {
-            break;
-        }
-        assert!(Instant::now() < end, "no deny line for the intruder:\n{text}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(intruder_packets_at_server(&b.server), 0, "a denied packet crossed the bump");
-    let out = output_in(&b.bump, &format!("curl -sS --max-time 5 http://{admin}/metrics"));
-    let m = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        sample(&m, "flowgate_packet_packets_total{frontend=\"afpacket\",verdict=\"pass\"}") > 0.0,
-        "{m}"
-    );
-    assert!(
-        sample(&m, "flowgate_packet_dropped_total{frontend=\"afpacket\",reason=\"policy\"}") >= 1.0,
-        "{m}"
-    );
-    fg.assert_running();
 }

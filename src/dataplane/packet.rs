@@ -14,6 +14,8 @@
 //! - [`filter`]: a worker's verdicts for a burst, front-end independent: conntrack batch
 //!   lookup, TCP state and window, the one gate for new flows, revoked flows.
 //! - [`fragments`]: a worker's bounded table of first-fragment verdicts.
+//! - [`lent`]: the bookkeeping both front ends' receive batches share (frames lent, kept,
+//!   refused).
 //! - [`reject`]: TCP RST / ICMP "administratively prohibited" replies and their rate limit.
 //! - [`tun`]: the TUN front end's device layer (multi-queue, virtio-net header offloads,
 //!   batched I/O).
@@ -23,6 +25,7 @@ pub mod afpacket;
 pub mod classify;
 pub mod filter;
 pub mod fragments;
+pub mod lent;
 pub mod reject;
 pub mod tun;
 pub mod worker;

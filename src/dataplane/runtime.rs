@@ -9,8 +9,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use crate::conntrack::{Conntrack, Entry};
-use crate::policy::{Decision, Generation, PolicyHandle, PolicySnapshot};
+use crate::conntrack::{Conntrack, ConntrackConfig, Entry};
+use crate::policy::{CompiledPolicy, Decision, Generation, PolicyHandle, PolicySnapshot};
 use crate::telemetry::flowlog::{Event, Flow, FlowLog};
 use crate::telemetry::metrics::Registry;
 
@@ -35,6 +35,35 @@ impl Runtime {
         flowlog: FlowLog,
     ) -> Arc<Runtime> {
         Arc::new(Runtime { conntrack, policy, registry, flowlog, readiness: Readiness::default() })
+    }
+
+    /// A runtime of its own over one compiled policy (generation 1, no control plane to
+    /// swap it): a conntrack table of `capacity` entries, a fresh registry and no flow log.
+    /// What unit tests, benches and the fuzz targets decide against without a gateway.
+    pub fn standalone(compiled: CompiledPolicy, capacity: usize) -> Arc<Runtime> {
+        let registry = Arc::new(Registry::default());
+        let snapshot = PolicySnapshot {
+            compiled,
+            generation: Generation(1),
+            content_hash: String::new(),
+            loaded_at: std::time::SystemTime::now(),
+        };
+        Runtime::new(
+            Arc::new(Conntrack::new(&ConntrackConfig { capacity, ..Default::default() })),
+            Arc::new(arc_swap::ArcSwap::from_pointee(snapshot)),
+            registry.clone(),
+            FlowLog::disabled(registry),
+        )
+    }
+
+    /// The tag of the first listener (conntrack index 0) of `kind` named `name`, its
+    /// counters registered in this runtime's registry; for a [`Runtime::standalone`].
+    pub fn first_listener(&self, name: &str, kind: &str) -> crate::dataplane::ListenerTag {
+        crate::dataplane::ListenerTag {
+            index: 0,
+            name: Arc::from(name),
+            counters: self.registry.listener(name, kind),
+        }
     }
 
     /// The generation of the policy in force.

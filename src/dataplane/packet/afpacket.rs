@@ -82,7 +82,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use super::tun::{VNET_HDR_LEN, VnetHdr};
+use super::lent::{self, Lent};
+use super::tun::{self, VNET_HDR_LEN, VnetHdr};
 
 /// The ethertypes the device layer tells apart.
 pub const ETH_P_IPV4: u16 = 0x0800;
@@ -325,17 +326,7 @@ fn sys(dev: &str, worker: usize, step: Step, source: io::Error) -> AfPacketError
 }
 
 fn check_name(name: &str) -> Result<CString, AfPacketError> {
-    let bad = |why| AfPacketError::Name { name: name.to_string(), why };
-    if name.is_empty() {
-        return Err(bad("empty"));
-    }
-    if name.len() >= libc::IFNAMSIZ {
-        return Err(bad("longer than 15 bytes (IFNAMSIZ)"));
-    }
-    if name.contains('/') || name.chars().any(char::is_whitespace) {
-        return Err(bad("holds '/' or whitespace"));
-    }
-    CString::new(name).map_err(|_| bad("holds a NUL byte"))
+    tun::interface_name(name).map_err(|why| AfPacketError::Name { name: name.to_string(), why })
 }
 
 fn check_ring(r: RingConfig) -> Result<(), AfPacketError> {
@@ -705,7 +696,7 @@ impl Queue {
         for side in [first, first.other()] {
             self.recv_side(side, batch);
         }
-        batch.len
+        batch.len()
     }
 
     fn recv_side(&mut self, side: Side, batch: &mut FrameBatch) {
@@ -714,7 +705,7 @@ impl Queue {
         // Bounded: each pass lends a frame, skips one, or moves to the next block, and
         // at most `block_nr` blocks are walked per call.
         let mut blocks_walked = 0;
-        while batch.len < batch.capacity() {
+        while !batch.lent.is_full() {
             if !cur.open {
                 if blocks_walked == ring.block_nr || !ring.is_fresh(cur.block) {
                     return;
@@ -744,12 +735,10 @@ impl Queue {
             match parse_frame(blk, at) {
                 Some(entry) => {
                     ring.hold(cur.block);
-                    let i = batch.len;
+                    let i = batch.lent.push();
                     batch.entries[i] = Entry { side, block: cur.block, ..entry };
-                    batch.keep[i] = true;
-                    batch.len += 1;
                 }
-                None => batch.dropped += 1,
+                None => batch.lent.refuse(),
             }
         }
     }
@@ -769,9 +758,9 @@ impl Queue {
             let mut iov: [libc::iovec; SEND_CHUNK] =
                 [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; SEND_CHUNK];
             let mut n = 0;
-            for i in 0..batch.len {
+            for i in 0..batch.len() {
                 let e = &batch.entries[i];
-                if !batch.keep[i] || e.side != from {
+                if !batch.is_kept(i) || e.side != from {
                     continue;
                 }
                 let bytes = batch.wire(i);
@@ -1046,20 +1035,11 @@ impl Entry {
 pub struct FrameBatch {
     rings: Option<[Arc<Ring>; 2]>,
     entries: Box<[Entry]>,
-    keep: Box<[bool]>,
-    len: usize,
-    dropped: u64,
+    /// Which entries hold a frame and which are still to be forwarded: derefs to it.
+    lent: Lent,
 }
 
-impl fmt::Debug for FrameBatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FrameBatch")
-            .field("capacity", &self.entries.len())
-            .field("len", &self.len)
-            .field("dropped", &self.dropped)
-            .finish_non_exhaustive()
-    }
-}
+lent::batch_derefs_to_lent!(FrameBatch);
 
 impl FrameBatch {
     /// Room for `capacity` frames (at least one; `filter::MAX_BURST` is the useful most).
@@ -1068,20 +1048,18 @@ impl FrameBatch {
         FrameBatch {
             rings: None,
             entries: vec![Entry::EMPTY; capacity].into_boxed_slice(),
-            keep: vec![false; capacity].into_boxed_slice(),
-            len: 0,
-            dropped: 0,
+            lent: Lent::new(capacity),
         }
     }
 
     /// Lets go of every frame (the kernel gets their blocks back once the cursor is past).
     fn clear(&mut self) {
         if let Some(rings) = &self.rings {
-            for e in &self.entries[..self.len] {
+            for e in &self.entries[..self.lent.len()] {
                 rings[e.side.idx()].release(e.block);
             }
         }
-        self.len = 0;
+        self.lent.reset();
     }
 
     fn bind(&mut self, rings: &[Arc<Ring>; 2]) {
@@ -1092,25 +1070,6 @@ impl FrameBatch {
         if !same {
             self.rings = Some(rings.clone());
         }
-    }
-
-    /// How many frames the last read lent.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Frames received but not lent since the batch was made: cut short by the ring, or
-    /// without a full Ethernet header.
-    pub fn dropped(&self) -> u64 {
-        self.dropped
     }
 
     /// Virtio-net header + frame of entry `i` (which is < len).
@@ -1127,7 +1086,7 @@ impl FrameBatch {
 
     /// Frame `i`, or `None` past [`FrameBatch::len`].
     pub fn frame(&self, i: usize) -> Option<Frame<'_>> {
-        if i >= self.len {
+        if i >= self.len() {
             return None;
         }
         let e = &self.entries[i];
@@ -1145,19 +1104,12 @@ impl FrameBatch {
 
     /// The frames of the batch, in order.
     pub fn iter(&self) -> impl Iterator<Item = Frame<'_>> {
-        (0..self.len).filter_map(|i| self.frame(i))
+        (0..self.len()).filter_map(|i| self.frame(i))
     }
 
     /// Marks frame `i` as not to be forwarded. No-op past the end.
     pub fn drop_frame(&mut self, i: usize) {
-        if i < self.len {
-            self.keep[i] = false;
-        }
-    }
-
-    /// Whether frame `i` is still marked to be forwarded.
-    pub fn is_kept(&self, i: usize) -> bool {
-        i < self.len && self.keep[i]
+        self.lent.unmark(i);
     }
 }
 

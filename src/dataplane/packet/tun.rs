@@ -59,6 +59,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use super::lent::{self, Lent};
+
 /// Length of `struct virtio_net_hdr` (without `num_buffers`), the header in front of
 /// every frame when offloads are on.
 pub const VNET_HDR_LEN: usize = 10;
@@ -368,17 +370,22 @@ impl Tun {
 
 /// Checks that `name` fits `ifr_name` and turns it into a C string.
 fn check_name(name: &str) -> Result<CString, TunError> {
-    let bad = |why| TunError::Name { name: name.to_string(), why };
+    interface_name(name).map_err(|why| TunError::Name { name: name.to_string(), why })
+}
+
+/// An interface name as the kernel takes it (`ifr_name`, `sll_ifindex` lookups), or why
+/// it is not one; both front ends check their device names with it.
+pub(super) fn interface_name(name: &str) -> Result<CString, &'static str> {
     if name.is_empty() {
-        return Err(bad("empty"));
+        return Err("empty");
     }
     if name.len() >= libc::IFNAMSIZ {
-        return Err(bad("longer than 15 bytes (IFNAMSIZ)"));
+        return Err("longer than 15 bytes (IFNAMSIZ)");
     }
     if name.contains('/') || name.chars().any(char::is_whitespace) {
-        return Err(bad("holds '/' or whitespace"));
+        return Err("holds '/' or whitespace");
     }
-    CString::new(name).map_err(|_| bad("holds a NUL byte"))
+    CString::new(name).map_err(|_| "holds a NUL byte")
 }
 
 /// Opens `/dev/net/tun` and attaches it as one queue of `name`.
@@ -492,10 +499,10 @@ impl Queue {
         // Bounded work per wake-up even when reads do not fill slots (dropped frames,
         // signals): at most two reads per slot.
         for _ in 0..cap * 2 {
-            if batch.len == cap {
+            if batch.lent.is_full() {
                 break;
             }
-            let slot = &mut batch.slots[batch.len];
+            let slot = &mut batch.slots[batch.lent.len()];
             // SAFETY: `slot` is a live, exclusively borrowed buffer of `slot.len()` bytes;
             // read writes at most that many bytes into it.
             let n = unsafe { libc::read(fd, slot.as_mut_ptr().cast(), slot.len()) };
@@ -507,21 +514,20 @@ impl Queue {
                         retries += 1;
                         continue;
                     }
-                    _ if batch.len > 0 => break,
+                    _ if !batch.lent.is_empty() => break,
                     _ => return Err(self.sys(Step::Read, err)),
                 }
             }
             // n >= 0 here, and at most slot.len().
             let n = n.unsigned_abs();
             if n >= slot.len() || n <= self.hdr_len {
-                batch.dropped += 1;
+                batch.lent.refuse();
                 continue;
             }
-            batch.lens[batch.len] = n;
-            batch.keep[batch.len] = true;
-            batch.len += 1;
+            let i = batch.lent.push();
+            batch.lens[i] = n;
         }
-        Ok(batch.len)
+        Ok(batch.lent.len())
     }
 
     /// Writes back every frame of `batch` still marked kept (see [`Batch::drop_packet`]),
@@ -533,8 +539,8 @@ impl Queue {
     /// the caller counts it as a drop.
     pub fn send_batch(&self, batch: &Batch) -> Result<usize, TunError> {
         let mut sent = 0;
-        for i in 0..batch.len {
-            if batch.keep[i] {
+        for i in 0..batch.len() {
+            if batch.is_kept(i) {
                 self.send_frame(&batch.slots[i][..batch.lens[i]])?;
                 sent += 1;
             }
@@ -623,21 +629,12 @@ impl AsRawFd for Queue {
 pub struct Batch {
     slots: Box<[Box<[u8]>]>,
     lens: Box<[usize]>,
-    keep: Box<[bool]>,
-    len: usize,
     hdr_len: usize,
-    dropped: u64,
+    /// Which slots hold a frame and which are still to be written back: derefs to it.
+    lent: Lent,
 }
 
-impl fmt::Debug for Batch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Batch")
-            .field("capacity", &self.slots.len())
-            .field("len", &self.len)
-            .field("dropped", &self.dropped)
-            .finish_non_exhaustive()
-    }
-}
+lent::batch_derefs_to_lent!(Batch);
 
 impl Batch {
     /// `capacity` slots (at least one), each big enough for a 64 KiB super-packet: about
@@ -647,40 +644,19 @@ impl Batch {
         Batch {
             slots: (0..capacity).map(|_| vec![0u8; SLOT_LEN].into_boxed_slice()).collect(),
             lens: vec![0; capacity].into_boxed_slice(),
-            keep: vec![false; capacity].into_boxed_slice(),
-            len: 0,
             hdr_len: 0,
-            dropped: 0,
+            lent: Lent::new(capacity),
         }
     }
 
     fn clear(&mut self, hdr_len: usize) {
-        self.len = 0;
+        self.lent.reset();
         self.hdr_len = hdr_len;
-    }
-
-    /// How many frames the last read left in the batch.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.slots.len()
-    }
-
-    /// Frames read but not lent, since the batch was made: larger than a slot, or with
-    /// no packet after the header.
-    pub fn dropped(&self) -> u64 {
-        self.dropped
     }
 
     /// Frame `i`: its parsed header and the IP packet after it. `None` past [`Batch::len`].
     pub fn packet(&self, i: usize) -> Option<Packet<'_>> {
-        if i >= self.len {
+        if i >= self.len() {
             return None;
         }
         let frame = &self.slots[i][..self.lens[i]];
@@ -699,19 +675,12 @@ impl Batch {
 
     /// The frames of the batch, in order.
     pub fn iter(&self) -> impl Iterator<Item = Packet<'_>> {
-        (0..self.len).filter_map(|i| self.packet(i))
+        (0..self.len()).filter_map(|i| self.packet(i))
     }
 
     /// Marks frame `i` as not to be written back (denied, invalid). No-op past the end.
     pub fn drop_packet(&mut self, i: usize) {
-        if i < self.len {
-            self.keep[i] = false;
-        }
-    }
-
-    /// Whether frame `i` is still marked to be written back.
-    pub fn is_kept(&self, i: usize) -> bool {
-        i < self.len && self.keep[i]
+        self.lent.unmark(i);
     }
 }
 

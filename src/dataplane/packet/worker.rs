@@ -613,12 +613,7 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::conntrack::{Conntrack, ConntrackConfig};
-    use crate::policy::{
-        CompileOptions, CompiledPolicy, DefaultAction, Generation, PolicySet, PolicySnapshot,
-    };
-    use crate::telemetry::flowlog::FlowLog;
-    use crate::telemetry::metrics::Registry;
+    use crate::policy::{CompileOptions, CompiledPolicy, DefaultAction, PolicySet};
 
     /// A front end over packets in memory that records what the loop did with them.
     #[derive(Default)]
@@ -675,27 +670,16 @@ mod tests {
     }
 
     fn filter(on_deny: filter::OnDeny) -> Filter {
-        let registry = Arc::new(Registry::default());
-        let now = SystemTime::now();
-        let opts =
-            CompileOptions { default: DefaultAction::Deny, unknown: DefaultAction::Deny, now };
-        let snapshot = PolicySnapshot {
-            compiled: CompiledPolicy::compile(&PolicySet::default(), &opts).unwrap(),
-            generation: Generation(1),
-            content_hash: String::new(),
-            loaded_at: now,
+        let opts = CompileOptions {
+            default: DefaultAction::Deny,
+            unknown: DefaultAction::Deny,
+            now: SystemTime::now(),
         };
-        let rt = Runtime::new(
-            Arc::new(Conntrack::new(&ConntrackConfig { capacity: 1024, ..Default::default() })),
-            Arc::new(arc_swap::ArcSwap::from_pointee(snapshot)),
-            registry.clone(),
-            FlowLog::disabled(registry.clone()),
+        let rt = Runtime::standalone(
+            CompiledPolicy::compile(&PolicySet::default(), &opts).unwrap(),
+            1024,
         );
-        let tag = ListenerTag {
-            index: 0,
-            name: Arc::from("packet"),
-            counters: registry.listener("packet", "packet"),
-        };
+        let tag = rt.first_listener("packet", "packet");
         let cfg = FilterConfig { on_deny, ..FilterConfig::default() };
         Filter::new(rt, tag, cfg, Arc::new(PacketCounters::default()))
     }

@@ -9,14 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::*;
-use crate::conntrack::{Conntrack, ConntrackConfig, FlowState};
+use crate::conntrack::FlowState;
 use crate::dataplane::{self, Admission, Destination, FlowRequest, ListenerTag, Runtime};
 use crate::egress::resolve::DnsConfig;
 use crate::egress::ssrf::SsrfConfig;
 use crate::flow::Proto;
-use crate::policy::{CompileOptions, CompiledPolicy, DefaultAction, Generation, PolicySnapshot};
-use crate::telemetry::flowlog::FlowLog;
-use crate::telemetry::metrics::Registry;
+use crate::policy::{CompileOptions, CompiledPolicy, DefaultAction};
 
 const INVENTORY: &str = "
 namespaces:
@@ -61,24 +59,8 @@ struct Gate {
 }
 
 fn compiled() -> Gate {
-    let registry = Arc::new(Registry::default());
-    let snapshot = PolicySnapshot {
-        compiled: compile(),
-        generation: Generation(1),
-        content_hash: String::new(),
-        loaded_at: SystemTime::now(),
-    };
-    let rt = Runtime::new(
-        Arc::new(Conntrack::new(&ConntrackConfig { capacity: 1024, ..Default::default() })),
-        Arc::new(arc_swap::ArcSwap::from_pointee(snapshot)),
-        registry.clone(),
-        FlowLog::disabled(registry.clone()),
-    );
-    let tag = ListenerTag {
-        index: 0,
-        name: Arc::from("egress"),
-        counters: registry.listener("egress", "http-connect"),
-    };
+    let rt = Runtime::standalone(compile(), 1024);
+    let tag = rt.first_listener("egress", "http-connect");
     Gate { rt, tag }
 }
 
