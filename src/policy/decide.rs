@@ -37,6 +37,12 @@ pub(super) struct SideOutcome {
 }
 
 impl SideOutcome {
+    /// What rule `r` of tier `by` (the rule that matched) decides.
+    #[inline]
+    fn matched(allow: bool, by: DecidedBy, rule: &CRule, r: u32, passed: Option<u32>) -> Self {
+        SideOutcome { allow, by, policy: Some(rule.policy), rule: Some(r), passed }
+    }
+
     pub(super) fn cause(&self) -> Cause {
         match self.by {
             DecidedBy::Admin => Cause::AdminDeny,
@@ -163,48 +169,25 @@ impl CompiledPolicy {
         }
         let egress =
             src.workload.map(|w| self.side_at(sides, w, Direction::Egress, q, dst, dst, at));
-        if let Some(e) = egress
-            && !e.allow
-        {
+        if refuses(&mut d, egress, Direction::Egress) {
             // Both sides denying reports the egress side; the ingress side is still
             // worked out for `explain` (cold) but skipped here.
-            d.verdict =
-                Verdict::Deny(DenyReason { direction: Some(Direction::Egress), cause: e.cause() });
-            d.policy = e.policy.map(PolicyId);
             return Evaluation { decision: d, egress, ingress: None };
         }
         let ingress =
             dst.workload.map(|w| self.side_at(sides, w, Direction::Ingress, q, src, dst, at));
-        if let Some(i) = ingress
-            && !i.allow
-        {
-            d.verdict =
-                Verdict::Deny(DenyReason { direction: Some(Direction::Ingress), cause: i.cause() });
-            d.policy = i.policy.map(PolicyId);
+        if refuses(&mut d, ingress, Direction::Ingress) {
             return Evaluation { decision: d, egress, ingress };
         }
         d.policy = ingress.and_then(|s| s.policy).or(egress.and_then(|s| s.policy)).map(PolicyId);
         Evaluation { decision: d, egress, ingress }
     }
 
-    /// One side of workload `w` in direction `dir`; `peer` is the other end.
-    #[inline]
-    pub(super) fn side(
-        &self,
-        sides: &[SideTable],
-        w: u32,
-        dir: Direction,
-        q: &FlowQuery<'_>,
-        peer: End,
-        dst: End,
-    ) -> SideOutcome {
-        self.side_at(sides, w, dir, q, peer, dst, self.port_segment(q))
-    }
-
-    /// [`Self::side`] with the flow's port segment ([`Self::port_segment`]) already known.
+    /// One side of workload `w` in direction `dir`; `peer` is the other end, `at` the
+    /// flow's port segment ([`Self::port_segment`], worked out once per flow).
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    fn side_at(
+    pub(super) fn side_at(
         &self,
         sides: &[SideTable],
         w: u32,
@@ -228,13 +211,8 @@ impl CompiledPolicy {
             match rule.action {
                 Action::Pass => passed = Some(r),
                 action => {
-                    return SideOutcome {
-                        allow: action == Action::Allow,
-                        by: DecidedBy::Admin,
-                        policy: Some(rule.policy),
-                        rule: Some(r),
-                        passed: None,
-                    };
+                    let allow = action == Action::Allow;
+                    return SideOutcome::matched(allow, DecidedBy::Admin, rule, r, None);
                 }
             }
         }
@@ -244,13 +222,7 @@ impl CompiledPolicy {
             for &r in t.np_rules.of(&self.lists) {
                 let rule = &self.rules[r as usize];
                 if candidate(ports, r) && self.rule_matches(rule, q, peer, dst) {
-                    return SideOutcome {
-                        allow: true,
-                        by: DecidedBy::NetworkPolicy,
-                        policy: Some(rule.policy),
-                        rule: Some(r),
-                        passed,
-                    };
+                    return SideOutcome::matched(true, DecidedBy::NetworkPolicy, rule, r, passed);
                 }
             }
             return SideOutcome {
@@ -269,13 +241,8 @@ impl CompiledPolicy {
                 match rule.action {
                     Action::Pass => break,
                     action => {
-                        return SideOutcome {
-                            allow: action == Action::Allow,
-                            by: DecidedBy::Baseline,
-                            policy: Some(rule.policy),
-                            rule: Some(r),
-                            passed,
-                        };
+                        let allow = action == Action::Allow;
+                        return SideOutcome::matched(allow, DecidedBy::Baseline, rule, r, passed);
                     }
                 }
             }
@@ -406,7 +373,7 @@ impl CompiledPolicy {
     /// The flow's protocol class and port segment: one binary search over the segment
     /// starts.
     #[inline]
-    fn port_segment(&self, q: &FlowQuery<'_>) -> (usize, usize) {
+    pub(super) fn port_segment(&self, q: &FlowQuery<'_>) -> (usize, usize) {
         let c = port_class(q.proto);
         let port = if c == 3 { 0 } else { q.dst_port };
         (c, self.port_starts[c].partition_point(|&s| s <= port).saturating_sub(1))
@@ -492,6 +459,20 @@ impl CompiledPolicy {
                 self.set_bits[word] & (1 << (w & 63)) != 0
             }
         }
+    }
+}
+
+/// Whether `side` (when the end is a workload) refuses the flow; if so, `d` says so,
+/// with the side's direction, cause and deciding policy.
+#[inline]
+fn refuses(d: &mut Decision, side: Option<SideOutcome>, direction: Direction) -> bool {
+    match side {
+        Some(s) if !s.allow => {
+            d.verdict = Verdict::Deny(DenyReason { direction: Some(direction), cause: s.cause() });
+            d.policy = s.policy.map(PolicyId);
+            true
+        }
+        _ => false,
     }
 }
 

@@ -1435,7 +1435,7 @@ fn side_outcome(
     dst: End,
 ) -> Out {
     let dir = if egress { Direction::Egress } else { Direction::Ingress };
-    let o = c.side(&c.sides, w, dir, q, peer, dst);
+    let o = c.side_at(&c.sides, w, dir, q, peer, dst, c.port_segment(q));
     Out { allow: o.allow, cause: o.cause(), policy: o.policy }
 }
 

@@ -168,7 +168,7 @@ impl CompiledPolicy {
                 let src = self.end(q.src);
                 let dst = self.end(q.dst);
                 let peer = if dir == Direction::Egress { dst } else { src };
-                self.side(sides, w.0, dir, q, peer, dst)
+                self.side_at(sides, w.0, dir, q, peer, dst, self.port_segment(q))
             }
         };
         let table = &sides[w.0 as usize * 2 + dir_index(dir)];

@@ -14,7 +14,7 @@ use hdrhistogram::Histogram;
 
 use crate::conntrack::Conntrack;
 use crate::policy::PolicySnapshot;
-use crate::telemetry::metrics::{PacketTotals, Registry};
+use crate::telemetry::metrics::{ListenerCounters, PacketTotals, Registry};
 
 /// Metric names (families), so code, tests and dashboards refer to one spelling.
 pub mod names {
@@ -211,14 +211,33 @@ pub fn render(scrape: &Scrape<'_>) -> String {
     let mut o = Out { text: String::with_capacity(8192) };
     let listeners = reg.listeners();
 
-    o.family(names::FLOWS_TOTAL);
-    for l in &listeners {
-        o.sample(
-            names::FLOWS_TOTAL,
-            &[("listener", &l.name), ("verdict", "allow")],
-            get(&l.allowed),
-        );
-        o.sample(names::FLOWS_TOTAL, &[("listener", &l.name), ("verdict", "deny")], get(&l.denied));
+    type Field = fn(&ListenerCounters) -> &AtomicU64;
+    /// Families with one sample per listener and label value: the family, its label, and
+    /// each value's counter.
+    #[rustfmt::skip]
+    const LABELLED: [(&str, &str, &[(&str, Field)]); 4] = [
+        (names::FLOWS_TOTAL, "verdict", &[("allow", |l| &l.allowed), ("deny", |l| &l.denied)]),
+        (names::BYTES_TOTAL, "direction", &[
+            ("to_upstream", |l| &l.bytes_up), ("to_client", |l| &l.bytes_down),
+        ]),
+        (names::HANDSHAKE_ERRORS, "reason", &[
+            ("malformed", |l| &l.handshake_malformed), ("timeout", |l| &l.handshake_timeout),
+            ("untrusted_proxy", |l| &l.untrusted_proxy), ("auth_failed", |l| &l.auth_failed),
+            ("sni_mismatch", |l| &l.sni_refused),
+        ]),
+        (names::LIMIT_REACHED, "limit", &[
+            ("max_connections", |l| &l.limit_reached), ("conntrack", |l| &l.conntrack_full),
+            ("max_handshakes", |l| &l.handshakes_full),
+            ("udp_max_associations", |l| &l.udp_associations_full),
+        ]),
+    ];
+    for (family, label, values) in LABELLED {
+        o.family(family);
+        for l in &listeners {
+            for (value, field) in values {
+                o.sample(family, &[("listener", &l.name), (label, value)], get(field(l)));
+            }
+        }
     }
     o.family(names::CONNECTIONS_ACCEPTED);
     for l in &listeners {
@@ -228,42 +247,6 @@ pub fn render(scrape: &Scrape<'_>) -> String {
     o.family(names::CONNECTIONS_ACTIVE);
     for l in &listeners {
         o.sample(names::CONNECTIONS_ACTIVE, &[("listener", &l.name)], get(&l.active));
-    }
-    o.family(names::BYTES_TOTAL);
-    for l in &listeners {
-        o.sample(
-            names::BYTES_TOTAL,
-            &[("listener", &l.name), ("direction", "to_upstream")],
-            get(&l.bytes_up),
-        );
-        o.sample(
-            names::BYTES_TOTAL,
-            &[("listener", &l.name), ("direction", "to_client")],
-            get(&l.bytes_down),
-        );
-    }
-    o.family(names::HANDSHAKE_ERRORS);
-    for l in &listeners {
-        for (reason, c) in [
-            ("malformed", &l.handshake_malformed),
-            ("timeout", &l.handshake_timeout),
-            ("untrusted_proxy", &l.untrusted_proxy),
-            ("auth_failed", &l.auth_failed),
-            ("sni_mismatch", &l.sni_refused),
-        ] {
-            o.sample(names::HANDSHAKE_ERRORS, &[("listener", &l.name), ("reason", reason)], get(c));
-        }
-    }
-    o.family(names::LIMIT_REACHED);
-    for l in &listeners {
-        for (limit, c) in [
-            ("max_connections", &l.limit_reached),
-            ("conntrack", &l.conntrack_full),
-            ("max_handshakes", &l.handshakes_full),
-            ("udp_max_associations", &l.udp_associations_full),
-        ] {
-            o.sample(names::LIMIT_REACHED, &[("listener", &l.name), ("limit", limit)], get(c));
-        }
     }
     o.family(names::UDP_ASSOCIATIONS_IDLE);
     for l in &listeners {
@@ -341,33 +324,19 @@ fn render_packet(o: &mut Out, fronts: &[PacketTotals]) {
     if fronts.is_empty() {
         return;
     }
-    o.family(names::PACKET_PACKETS);
-    for t in fronts {
-        let f = t.frontend;
-        o.sample(
-            names::PACKET_PACKETS,
-            &[("frontend", f), ("verdict", "pass")],
-            t.passed_packets as f64,
-        );
-        o.sample(
-            names::PACKET_PACKETS,
-            &[("frontend", f), ("verdict", "drop")],
-            t.dropped_packets as f64,
-        );
-    }
-    o.family(names::PACKET_BYTES);
-    for t in fronts {
-        let f = t.frontend;
-        o.sample(
-            names::PACKET_BYTES,
-            &[("frontend", f), ("verdict", "pass")],
-            t.passed_bytes as f64,
-        );
-        o.sample(
-            names::PACKET_BYTES,
-            &[("frontend", f), ("verdict", "drop")],
-            t.dropped_bytes as f64,
-        );
+    type Read = fn(&PacketTotals) -> u64;
+    /// The families counted per verdict: the family, then how to read `pass` and `drop`.
+    const BY_VERDICT: [(&str, Read, Read); 2] = [
+        (names::PACKET_PACKETS, |t| t.passed_packets, |t| t.dropped_packets),
+        (names::PACKET_BYTES, |t| t.passed_bytes, |t| t.dropped_bytes),
+    ];
+    for (family, pass, drop) in BY_VERDICT {
+        o.family(family);
+        for t in fronts {
+            for (verdict, n) in [("pass", pass(t)), ("drop", drop(t))] {
+                o.sample(family, &[("frontend", t.frontend), ("verdict", verdict)], n as f64);
+            }
+        }
     }
     o.family(names::PACKET_DROPPED);
     for t in fronts {
@@ -467,13 +436,16 @@ mod tests {
             content_hash: String::new(),
             loaded_at: now,
         };
-        let text = render(&Scrape {
-            registry: &registry,
-            conntrack: &conntrack,
-            policy: &policy,
-            next_expiry: Some(now),
-            emergency_entries: 2,
-        });
+        let scrape = || {
+            render(&Scrape {
+                registry: &registry,
+                conntrack: &conntrack,
+                policy: &policy,
+                next_expiry: Some(now),
+                emergency_entries: 2,
+            })
+        };
+        let text = scrape();
         let typed: Vec<&str> = text
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -505,13 +477,7 @@ mod tests {
         assert!(!text.contains("flowgate_source_"), "source families with the files source");
         registry.control.source_remote.store(1, Ordering::Relaxed);
         registry.control.source_revision.store(42, Ordering::Relaxed);
-        let text = render(&Scrape {
-            registry: &registry,
-            conntrack: &conntrack,
-            policy: &policy,
-            next_expiry: Some(now),
-            emergency_entries: 2,
-        });
+        let text = scrape();
         assert!(text.contains("flowgate_source_connected 0\n"), "{text}");
         assert!(text.contains("flowgate_source_revision 42\n"), "{text}");
     }
