@@ -212,10 +212,11 @@ pub fn render(scrape: &Scrape<'_>) -> String {
     let listeners = reg.listeners();
 
     type Field = fn(&ListenerCounters) -> &AtomicU64;
+    type Values = &'static [(&'static str, Field)];
     /// Families with one sample per listener and label value: the family, its label, and
     /// each value's counter.
     #[rustfmt::skip]
-    const LABELLED: [(&str, &str, &[(&str, Field)]); 4] = [
+    const LABELLED: [(&str, &str, Values); 4] = [
         (names::FLOWS_TOTAL, "verdict", &[("allow", |l| &l.allowed), ("deny", |l| &l.denied)]),
         (names::BYTES_TOTAL, "direction", &[
             ("to_upstream", |l| &l.bytes_up), ("to_client", |l| &l.bytes_down),
