@@ -27,7 +27,8 @@
 //! - [`egress`]: names, resolution, the SSRF guard, proxy credentials and handshakes for the
 //!   forward-proxy listeners.
 //! - [`telemetry`]: the flow log and metrics.
-//! - [`control`]: loading, swapping and re-checking policy; emergency policies; audit.
+//! - [`control`]: loading, swapping and re-checking policy; emergency policies; audit; the
+//!   etcd policy source, its watch and the fleet's replica reports.
 //! - [`admin`]: the admin HTTP API (health, metrics, policy, flows, reload).
 //! - [`config`]: the main configuration file, every section's types.
 //! - [`gateway`]: all of the above started, wired and stopped as one (`flowgate run`).

@@ -9,6 +9,9 @@
 //! `policy.on_change = "revalidate"`: the re-check cuts each flow the new generation denies
 //! (once) and tells the caller's [`RevokeFn`], which logs it. Emergency policies and
 //! quarantines live in an overlay ([`emergency`]) that every reload lays over the files.
+//! With `source.kind = "etcd"` the objects come from etcd instead of the files ([`source`]
+//! lists and watches a key prefix through the small JSON-gateway client in [`etcd`]; each
+//! replica reports what it enforces, and [`fleet`] reads those reports back).
 //!
 //! Not here: deciding (`policy`), admitting flows (`dataplane`), HTTP (`admin`, which
 //! calls into this module; this module knows nothing of it), writing the `revoked`
