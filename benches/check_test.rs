@@ -28,20 +28,6 @@ use flowgate::policy::{CompileOptions, CompiledPolicy, DefaultAction, lint, load
 
 const CASES: usize = 10_000;
 
-fn shapes() -> Vec<realistic::Shape> {
-    let spec = std::env::var("FLOWGATE_BENCH_REALISTIC").unwrap_or_else(|_| "10k".into());
-    spec.split(',')
-        .filter_map(|l| {
-            let (base, tiers) = match l.trim().strip_suffix("+tiers") {
-                Some(b) => (b, true),
-                None => (l.trim(), false),
-            };
-            let s = realistic::Shape::by_label(base)?;
-            Some(if tiers { s.with_cluster_tiers() } else { s })
-        })
-        .collect()
-}
-
 fn runs() -> usize {
     std::env::var("FLOWGATE_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(1)
 }
@@ -86,7 +72,7 @@ fn flowgate(dir: &Path, args: &[&str]) -> std::process::Output {
 
 fn main() {
     let runs = runs();
-    for shape in shapes() {
+    for shape in realistic::Shape::from_env("10k") {
         let label = shape.label();
         let tmp = tempfile::tempdir().expect("tempdir");
         let keep = std::env::var_os("FLOWGATE_BENCH_KEEP").map(std::path::PathBuf::from);

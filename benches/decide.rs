@@ -749,17 +749,8 @@ impl RealEntry {
 fn realistic_entries() -> &'static [RealEntry] {
     static SETS: OnceLock<Vec<RealEntry>> = OnceLock::new();
     SETS.get_or_init(|| {
-        let spec = std::env::var("FLOWGATE_BENCH_REALISTIC")
-            .unwrap_or_else(|_| "1k,10k,10k+tiers".into());
-        spec.split(',')
-            .filter_map(|l| {
-                let (base, tiers) = match l.trim().strip_suffix("+tiers") {
-                    Some(b) => (b, true),
-                    None => (l.trim(), false),
-                };
-                let shape = realistic::Shape::by_label(base)?;
-                Some(if tiers { shape.with_cluster_tiers() } else { shape })
-            })
+        realistic::Shape::from_env("1k,10k,10k+tiers")
+            .into_iter()
             .map(|shape| {
                 let dir = tempfile::tempdir().expect("tempdir");
                 realistic::write(dir.path(), &shape);

@@ -334,20 +334,6 @@ fn hot_path(c: &mut Criterion) {
     group.finish();
 }
 
-fn realistic_shapes() -> Vec<realistic::Shape> {
-    let spec = std::env::var("FLOWGATE_BENCH_REALISTIC").unwrap_or_else(|_| "10k".into());
-    spec.split(',')
-        .filter_map(|l| {
-            let (base, tiers) = match l.trim().strip_suffix("+tiers") {
-                Some(b) => (b, true),
-                None => (l.trim(), false),
-            };
-            let s = realistic::Shape::by_label(base)?;
-            Some(if tiers { s.with_cluster_tiers() } else { s })
-        })
-        .collect()
-}
-
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -368,7 +354,7 @@ fn write_only(_: &mut Criterion) {
     let Some(dir) = std::env::var_os("FLOWGATE_REALISTIC_WRITE") else { return };
     let dir = std::path::PathBuf::from(dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let shape = realistic_shapes()[0];
+    let shape = realistic::Shape::from_env("10k")[0];
     realistic::write(&dir, &shape);
     std::fs::write(dir.join("cases.yaml"), realistic::cases(&shape, 1000)).unwrap();
     let toml = "[policy]\ndir = \"policies\"\ninventory = \"inventory.yaml\"\n\
@@ -382,7 +368,7 @@ fn write_only(_: &mut Criterion) {
 fn realistic_reload(_: &mut Criterion) {
     let runs: usize =
         std::env::var("FLOWGATE_BENCH_RELOADS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
-    for shape in realistic_shapes() {
+    for shape in realistic::Shape::from_env("10k") {
         let label = shape.label();
         let dir = tempfile::tempdir().unwrap();
         realistic::write(dir.path(), &shape);
@@ -468,7 +454,7 @@ fn compile_loop(_: &mut Criterion) {
     else {
         return;
     };
-    let shape = realistic_shapes()[0];
+    let shape = realistic::Shape::from_env("10k")[0];
     let dir = tempfile::tempdir().unwrap();
     realistic::write(dir.path(), &shape);
     let policies = dir.path().join("policies");

@@ -51,6 +51,21 @@ impl Shape {
             _ => None,
         }
     }
+    /// The shapes `FLOWGATE_BENCH_REALISTIC` names (`1k,10k,100k`, each optionally
+    /// `+tiers`), or those of `default` when it is not set.
+    pub fn from_env(default: &str) -> Vec<Shape> {
+        let spec = std::env::var("FLOWGATE_BENCH_REALISTIC").unwrap_or_else(|_| default.into());
+        spec.split(',')
+            .filter_map(|l| {
+                let (base, tiers) = match l.trim().strip_suffix("+tiers") {
+                    Some(b) => (b, true),
+                    None => (l.trim(), false),
+                };
+                let s = Shape::by_label(base)?;
+                Some(if tiers { s.with_cluster_tiers() } else { s })
+            })
+            .collect()
+    }
     pub fn with_cluster_tiers(self) -> Shape {
         Shape { cluster_tiers: true, ..self }
     }
