@@ -72,3 +72,32 @@ fn quick_run_writes_the_table_rows_and_a_chart() {
     let store = std::fs::read_to_string(charts.join("results.json")).unwrap();
     assert!(store.contains("\"scenario\": \"wire\"") && store.contains("\"scenario\": \"admit\""));
 }
+
+/// The loadtest crate's lock is the root's, pruned: every package it pins is pinned by the
+/// root lock at the same version, so a build sharing target/ reuses the root's compiled
+/// dependencies instead of compiling a second set (loadtest/Cargo.toml says how to
+/// regenerate it).
+#[test]
+fn the_loadtest_lock_pins_the_root_versions() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let packages = |file: &str| -> Vec<(String, String)> {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        text.split("[[package]]")
+            .skip(1)
+            .filter_map(|p| {
+                let field = |k: &str| {
+                    p.lines().find_map(|l| {
+                        l.strip_prefix(k)?.trim().strip_prefix('=')?.trim().trim_matches('"').into()
+                    })
+                };
+                Some((field("name")?, field("version")?))
+            })
+            .collect()
+    };
+    let main = packages("Cargo.lock");
+    let lt = packages("loadtest/Cargo.lock");
+    assert!(lt.len() > 10, "{lt:?}");
+    let strays: Vec<_> =
+        lt.iter().filter(|p| p.0 != "flowgate-loadtest" && !main.contains(p)).collect();
+    assert!(strays.is_empty(), "loadtest/Cargo.lock pins versions the root lock does not: {strays:?}");
+}

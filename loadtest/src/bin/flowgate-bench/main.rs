@@ -226,6 +226,9 @@ fn run() -> Result<bool, String> {
                 }]
             }
         };
+        if new.iter().any(|r| r.result.starts_with("failed")) {
+            all_ok = false;
+        }
         for r in &new {
             eprintln!(
                 "loadtest/run:   {}: {} | peer {} | ratio {}",
