@@ -1,6 +1,6 @@
 //! Packet mode against the kernel: TCP throughput (iperf3, one stream) and UDP packets per
-//! second with a 64-byte payload (`iperf3 -u -l 64 -b 0`, received at the server) from a
-//! client to a server through a gateway namespace that
+//! second with a 64-byte payload, received at the server, from a client to a server through
+//! a gateway namespace that
 //!
 //! - forwards in the kernel with nftables holding the equivalent rule set, behind
 //!   `ct state established,related accept` as a real rule set has it:
@@ -17,6 +17,13 @@
 //! For the bump, client and server share one subnet and the gateway's two interfaces
 //! have no address.
 //!
+//! UDP is driven by `flowgate-udpblast` (the loadtest crate's: `sendmmsg` batches from
+//! `PV_UDP_THREADS` sockets, default 2, a `recvmmsg` receiver on as many SO_REUSEPORT
+//! sockets answering each flow once, so conntrack sees it established as it does iperf3's):
+//! one `iperf3 -u` sender is one thread and caps at its own rate, not the path's.
+//! `loadtest/run` passes its path in `PV_BLAST`; without it the UDP figure is
+//! `iperf3 -u -l 64 -b 0`'s, and the table says so.
+//!
 //! flowgate's cases run when the built binary accepts a `[packet]` config (`flowgate
 //! check` on it exits 0) and starts; otherwise they print `n/a` with the reason. Every
 //! load loop is bounded (iperf3 `-t`, `timeout`, bounded start-up waits).
@@ -25,10 +32,12 @@
 //! sudo cargo bench --bench packet_vs_nft                  # 4 s per measurement, 1 round
 //! PV_SECS=8 PV_ROUNDS=3 PV_RULES=10000 sudo cargo bench --bench packet_vs_nft
 //! PV_FLOWGATE=path/to/flowgate sudo cargo bench --bench packet_vs_nft   # another build
+//! PV_BLAST=target/release/flowgate-udpblast sudo cargo bench --bench packet_vs_nft
 //! ```
 //!
-//! Needs root, iperf3 and nft. Prints every measurement, each case's median, and the
-//! ratios flowgate / kernel-1-rule, flowgate / nft-linear-10k, flowgate / nft-set-10k.
+//! Needs root, iperf3 and nft. Prints every measurement, each case's median, the ratios
+//! flowgate / kernel-1-rule, flowgate / nft-linear-10k, flowgate / nft-set-10k, and one
+//! JSON line (`{"bench":"packet_vs_nft",…}`) with every case's medians for loadtest/run.
 //! Not a test: the figures depend on the machine and on what else runs on it.
 
 #[path = "../tests/support/mod.rs"]
@@ -249,9 +258,75 @@ fn flowgate_in(ns: &Netns, config: &Path) -> Flowgate {
 type Figures = (f64, f64);
 
 fn measure(client: &Netns, server: &Netns, server_addr: Ipv4Addr, secs: u32) -> Figures {
-    let (_, pps) = topology::udp_pps_between(client, server, server_addr, 64, secs);
+    let pps = match blaster() {
+        Some(bin) => udp_blast(&bin, client, server, server_addr, secs),
+        None => topology::udp_pps_between(client, server, server_addr, 64, secs).1,
+    };
     let bps = topology::iperf3_between(client, server, server_addr, secs);
     (pps, bps)
+}
+
+/// The UDP driver, `PV_BLAST`, when it names a file.
+fn blaster() -> Option<String> {
+    std::env::var("PV_BLAST").ok().filter(|p| Path::new(p).is_file())
+}
+
+fn udp_threads() -> usize {
+    std::env::var("PV_UDP_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2).clamp(1, 16)
+}
+
+/// 64-byte datagrams from `client` to `server_addr` for `secs` through `flowgate-udpblast`:
+/// the packets per second the server's sockets received (first datagram to last).
+fn udp_blast(bin: &str, client: &Netns, server: &Netns, server_addr: Ipv4Addr, secs: u32) -> f64 {
+    let threads = udp_threads().to_string();
+    let mut recv = Command::new("ip")
+        .args(["netns", "exec", &server.name, bin, "recv", "--threads", &threads, "--bind"])
+        .arg(format!("{server_addr}:{PORT}"))
+        .args(["--secs", &(secs + 10).to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("flowgate-udpblast recv starts");
+    let stdout = recv.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let ready = rx.recv_timeout(Duration::from_secs(10));
+    if ready.as_deref() != Ok("ready") {
+        let _ = recv.kill();
+        let _ = recv.wait();
+        panic!("flowgate-udpblast recv did not start: {ready:?}");
+    }
+    let send = topology::output_in(
+        client,
+        &format!(
+            "timeout {} {bin} send --to {server_addr}:{PORT} --threads {threads} --secs {secs} --size 64",
+            secs + 10
+        ),
+    );
+    // The receiver ends 1 s after the last datagram (or at its own --secs).
+    let result = rx.recv_timeout(Duration::from_secs(u64::from(secs) + 15));
+    let _ = recv.kill();
+    let _ = recv.wait();
+    let _ = reader.join();
+    let sent = String::from_utf8_lossy(&send.stdout);
+    assert!(
+        send.status.success(),
+        "flowgate-udpblast send: {} {}",
+        send.status,
+        String::from_utf8_lossy(&send.stderr)
+    );
+    let v: serde_json::Value = result
+        .ok()
+        .and_then(|l| serde_json::from_str(&l).ok())
+        .unwrap_or_else(|| panic!("flowgate-udpblast recv printed no result (sent: {sent})"));
+    let pps = v["pps"].as_f64().unwrap_or(0.0);
+    assert!(pps > 0.0, "no datagram reached the server ({v}; sent: {})", sent.trim());
+    pps
 }
 
 fn run_nft(set: NftSet, rules: usize, secs: u32) -> Figures {
@@ -402,9 +477,11 @@ fn main() {
     let at = |c: Case| cases.iter().position(|x| *x == c).and_then(|i| med[i]);
     let (one, linear, set) =
         (at(Case::Nft(NftSet::One)), at(Case::Nft(NftSet::Linear)), at(Case::Nft(NftSet::Set)));
-    println!(
-        "\nmedian of {rounds} (iperf3 -t {secs}, one stream; UDP -l 64 -b 0, received at the server):"
-    );
+    let udp = match blaster() {
+        Some(_) => format!("UDP flowgate-udpblast, {} senders, 64 B", udp_threads()),
+        None => "UDP iperf3 -l 64 -b 0".to_string(),
+    };
+    println!("\nmedian of {rounds} (iperf3 -t {secs}, one stream; {udp}, received at the server):");
     println!(
         "  {:<28} {:>11} {:>9}   {:>15} {:>15} {:>15}",
         "case", "UDP pps", "TCP Gb/s", "/ nft-1 u,t", "/ linear u,t", "/ set u,t"
@@ -429,4 +506,30 @@ fn main() {
     for (fe, why) in &missing {
         println!("  flowgate {fe:?}: n/a — {why}");
     }
+    // For loadtest/run: every case's medians (null where it did not run) and why not.
+    let mut json = serde_json::Map::new();
+    for ((case, m), why) in cases.iter().zip(&med).zip(&failed) {
+        let v = match m {
+            Some((pps, bps)) => serde_json::json!({ "udp_pps": pps, "tcp_gbps": bps / 1e9 }),
+            None => serde_json::json!({ "error": why.clone().unwrap_or_default() }),
+        };
+        json.insert(name(*case, rules), v);
+    }
+    for (frontend, why) in &missing {
+        for policies in [1, rules] {
+            let case = Case::Flowgate { frontend: *frontend, policies };
+            json.insert(name(case, rules), serde_json::json!({ "error": why }));
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "packet_vs_nft",
+            "rules": rules,
+            "secs": secs,
+            "rounds": rounds,
+            "udp_driver": udp,
+            "cases": json,
+        })
+    );
 }
