@@ -14,6 +14,7 @@
 //! ```text
 //! loadtest/run                                   # everything, release build (~1 h with the soak)
 //! loadtest/run --only l4,egress                  # some scenarios
+//! loadtest/run --skip soak                       # all but some
 //! loadtest/run --quick --only wire,admit         # smoke run: short durations, dev build
 //! loadtest/run --soak-secs 1800 --only soak
 //! loadtest/run --only soak --soak-from FILE      # record a soak run separately (its stdout)
@@ -54,6 +55,7 @@ pub struct Opts {
     pub profile: String,
     pub quick: bool,
     pub only: Option<Vec<String>>,
+    pub skip: Vec<String>,
     pub soak_secs: u64,
     pub soak_from: Option<PathBuf>,
     pub out: PathBuf,
@@ -79,13 +81,14 @@ pub struct RunInfo {
 }
 
 fn usage() -> &'static str {
-    "usage: loadtest/run [--quick] [--only NAME[,NAME]] [--soak-secs N] [--soak-from FILE]\n\
+    "usage: loadtest/run [--quick] [--only NAME[,NAME]] [--skip NAME[,NAME]] [--soak-secs N] [--soak-from FILE]\n\
      \x20                   [--out BENCHMARKS.md] [--charts DIR] [--profile dev|release] [--no-setup] [--list]"
 }
 
 fn parse_args() -> Result<Option<Opts>, String> {
     let mut root = PathBuf::from(".");
     let (mut profile, mut quick, mut only, mut soak_secs) = (None, false, None, None);
+    let mut skip = Vec::new();
     let (mut soak_from, mut out, mut charts) = (None, None, None);
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -97,6 +100,7 @@ fn parse_args() -> Result<Option<Opts>, String> {
             "--only" => {
                 only = Some(v()?.split(',').map(str::trim).map(String::from).collect::<Vec<_>>())
             }
+            "--skip" => skip.extend(v()?.split(',').map(str::trim).map(String::from)),
             "--soak-secs" => {
                 soak_secs = Some(v()?.parse::<u64>().map_err(|e| format!("--soak-secs: {e}"))?)
             }
@@ -118,18 +122,16 @@ fn parse_args() -> Result<Option<Opts>, String> {
             _ => return Err(format!("unknown argument {k}\n{}", usage())),
         }
     }
-    if let Some(only) = &only {
-        for name in only {
-            if !scenarios::ALL.iter().any(|s| s.name == name) {
-                return Err(format!("--only: no scenario {name:?} (see --list)"));
-            }
+    for name in only.iter().flatten().chain(&skip) {
+        if !scenarios::ALL.iter().any(|s| s.name == name) {
+            return Err(format!("no scenario {name:?} (see --list)"));
         }
     }
     let profile = profile.unwrap_or_else(|| if quick { "dev" } else { "release" }.into());
     let out = out.unwrap_or_else(|| root.join("BENCHMARKS.md"));
     let charts = charts.unwrap_or_else(|| root.join("docs/bench"));
     let soak_secs = soak_secs.unwrap_or(if quick { 60 } else { 1800 });
-    Ok(Some(Opts { root, profile, quick, only, soak_secs, soak_from, out, charts }))
+    Ok(Some(Opts { root, profile, quick, only, skip, soak_secs, soak_from, out, charts }))
 }
 
 /// "AMD EPYC 7B13, 2 CPUs, 23.5 GiB" from /proc/cpuinfo, nproc and /proc/meminfo.
@@ -207,6 +209,9 @@ fn run() -> Result<bool, String> {
         if let Some(only) = &opts.only
             && !only.iter().any(|n| n == s.name)
         {
+            continue;
+        }
+        if opts.skip.iter().any(|n| n == s.name) {
             continue;
         }
         eprintln!("loadtest/run: === {} ({})", s.name, s.about);
