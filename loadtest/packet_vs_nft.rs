@@ -444,7 +444,7 @@ fn main() {
             match r {
                 Ok((pps, bps)) => {
                     println!(
-                        "round {round}: {:<28} UDP {:>9.0} pps   TCP {:>6.2} Gbit/s",
+                        "round {round}: {:<30} UDP {:>9.0} pps   TCP {:>6.2} Gbit/s",
                         name(*case, rules),
                         pps,
                         bps / 1e9
@@ -452,7 +452,7 @@ fn main() {
                     res[i].push((pps, bps));
                 }
                 Err(why) => {
-                    println!("round {round}: {:<28} n/a ({why})", name(*case, rules));
+                    println!("round {round}: {:<30} n/a ({why})", name(*case, rules));
                     failed[i] = Some(why);
                 }
             }
@@ -478,12 +478,14 @@ fn main() {
     let (one, linear, set) =
         (at(Case::Nft(NftSet::One)), at(Case::Nft(NftSet::Linear)), at(Case::Nft(NftSet::Set)));
     let udp = match blaster() {
-        Some(_) => format!("UDP flowgate-udpblast, {} senders, 64 B", udp_threads()),
-        None => "UDP iperf3 -l 64 -b 0".to_string(),
+        Some(_) => format!("flowgate-udpblast, {} senders", udp_threads()),
+        None => "iperf3 -u -l 64 -b 0, one sender".to_string(),
     };
-    println!("\nmedian of {rounds} (iperf3 -t {secs}, one stream; {udp}, received at the server):");
     println!(
-        "  {:<28} {:>11} {:>9}   {:>15} {:>15} {:>15}",
+        "\nmedian of {rounds} (iperf3 -t {secs}, one stream; UDP 64 B by {udp}, received at the server):"
+    );
+    println!(
+        "  {:<30} {:>11} {:>9}   {:>15} {:>15} {:>15}",
         "case", "UDP pps", "TCP Gb/s", "/ nft-1 u,t", "/ linear u,t", "/ set u,t"
     );
     let ratio = |a: Option<Figures>, b: Option<Figures>| match (a, b) {
@@ -501,7 +503,7 @@ fn main() {
             }
             _ => String::new(),
         };
-        println!("  {:<28} {figs}{ratios}", name(*case, rules));
+        println!("  {:<30} {figs}{ratios}", name(*case, rules));
     }
     for (fe, why) in &missing {
         println!("  flowgate {fe:?}: n/a — {why}");

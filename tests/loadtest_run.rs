@@ -87,7 +87,8 @@ fn the_loadtest_lock_pins_the_root_versions() {
             .filter_map(|p| {
                 let field = |k: &str| {
                     p.lines().find_map(|l| {
-                        l.strip_prefix(k)?.trim().strip_prefix('=')?.trim().trim_matches('"').into()
+                        let v = l.strip_prefix(k)?.trim().strip_prefix('=')?;
+                        Some(v.trim().trim_matches('"').to_string())
                     })
                 };
                 Some((field("name")?, field("version")?))
@@ -99,5 +100,8 @@ fn the_loadtest_lock_pins_the_root_versions() {
     assert!(lt.len() > 10, "{lt:?}");
     let strays: Vec<_> =
         lt.iter().filter(|p| p.0 != "flowgate-loadtest" && !main.contains(p)).collect();
-    assert!(strays.is_empty(), "loadtest/Cargo.lock pins versions the root lock does not: {strays:?}");
+    assert!(
+        strays.is_empty(),
+        "loadtest/Cargo.lock pins versions the root lock does not: {strays:?}"
+    );
 }

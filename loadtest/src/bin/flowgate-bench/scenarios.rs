@@ -462,7 +462,7 @@ fn packet_vs_nft(opts: &Opts, info: &RunInfo) -> Result<Vec<Row>, String> {
 
 fn pv_rows(opts: &Opts, info: &RunInfo, v: &serde_json::Value) -> Vec<Row> {
     let rules = v["rules"].as_u64().unwrap_or(10_000);
-    let udp_driver = v["udp_driver"].as_str().unwrap_or("UDP");
+    let udp_driver = v["udp_driver"].as_str().unwrap_or("?");
     let fig = |name: &str| -> Result<(f64, f64), String> {
         let c = &v["cases"][name];
         match c["error"].as_str() {
