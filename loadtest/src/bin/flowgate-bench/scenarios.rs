@@ -274,7 +274,7 @@ fn egress(opts: &Opts, info: &RunInfo) -> Result<Vec<Row>, String> {
         ("EG_SECS", pick(q, 5, 1)),
         ("EG_CONC", "64".into()),
         ("EG_MIB", pick(q, 1024, 32)),
-        ("EG_IDLE", pick(q, 1000, 100)),
+        ("EG_IDLE", "1000".into()),
     ];
     let v = json_line(&cargo_bench(opts, "egress_vs_squid", &env, &[], false)?, "egress_vs_squid")?;
     let conc = v["concurrency"].as_u64().unwrap_or(64);
