@@ -17,8 +17,10 @@
 //! before `lookup_many` prefetched the cold part of TCP entries, hit/tcp was 154 ns.
 //! With IPv6 (same host, load average ~8, 2026-12-08): hit/tcp 137 ns, hit/udp 84 ns,
 //! hit/tcp6 152 ns, hit/udp6 117 ns, new/syn 0.86 µs: an IPv6 hit costs 10–40 % more
-//! (16-byte addresses to hash and compare, a 40-byte header). Both miss the 100 ns target
-//! for TCP on that load; a quiet host is needed to say whether they meet it.
+//! (16-byte addresses to hash and compare, a 40-byte header). A second run (load average
+//! ~12): hit/tcp 112 ns, hit/udp 102 ns, hit/tcp6 151 ns, hit/udp6 120 ns. On that load
+//! the 100 ns target is missed for TCP, and for IPv6 both; a quiet host is needed to say
+//! whether it is met.
 //!
 //! `cargo bench --bench packet_filter -- --warm-up-time 1 --measurement-time 3`
 
