@@ -9,7 +9,8 @@
 //! crossing it as ARP does:
 //!
 //! - Allowed: curl to a real HTTP server (`python3 -m http.server`), a UDP exchange with
-//!   replies, ICMP echo from a workload whose policy allows every protocol.
+//!   replies (over IPv6 also behind a destination-options header), ICMP echo from a
+//!   workload whose policy allows every protocol.
 //! - Denied: a TCP flow and a UDP flow from a workload no policy lets out, and ICMP echo
 //!   from a workload allowed only some ports: nothing reaches the server (nftables counts
 //!   on the server side), and the flow log has a `deny` event naming the packet listener.
@@ -527,6 +528,25 @@ fn udp_from(w: &World, src: IpAddr) -> UdpSocket {
     s
 }
 
+/// Makes every datagram `s` sends carry an IPv6 destination-options header (8 bytes: a
+/// PadN option) before its UDP header (`IPV6_DSTOPTS`; needs `CAP_NET_RAW`).
+fn with_destination_options(s: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    // Next header (the kernel fills it in), length 0 (8 bytes), PadN with 4 bytes of data.
+    let opts: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+    // SAFETY: a live socket; `opts` outlives the call and its length is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_DSTOPTS,
+            opts.as_ptr().cast(),
+            opts.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "IPV6_DSTOPTS: {}", std::io::Error::last_os_error());
+}
+
 /// Sends one datagram and waits for its echo.
 fn udp_echoes(s: &UdpSocket, what: &[u8]) -> std::io::Result<Vec<u8>> {
     s.send(what)?;
@@ -698,6 +718,14 @@ fn policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(
     // Allowed UDP, with its reply.
     let udp = udp_from(&w, at.client);
     assert_eq!(udp_echoes(&udp, b"ping-udp").expect("UDP echo through flowgate"), b"ping-udp");
+    if family == Family::V6 {
+        // A datagram behind a destination-options header: the extension-header walk
+        // finds its ports, and the flow is decided and passed like any other.
+        let udp = udp_from(&w, at.client);
+        with_destination_options(&udp);
+        let echo = udp_echoes(&udp, b"ext-hdr").expect("UDP behind destination options");
+        assert_eq!(echo, b"ext-hdr");
+    }
     // ICMP: allowed for the pinger (every protocol), denied for the client (ports only).
     assert_eq!(ping_from(&w, at.pinger, 3), 3, "pinger's echo requests answered");
     assert_eq!(ping_from(&w, at.client, 2), 0, "client's ICMP is denied");
