@@ -3,21 +3,25 @@
 //! policy routing sending everything it forwards into the TUN and what flowgate writes
 //! back routed on; or AF_PACKET as a bump in the wire between two address-less interfaces
 //! (`support::bump`, ARP crossing too). Nothing else carries traffic across. The cases
-//! below run once per front end, from one body each:
+//! below run once per front end and IP version, from one body each: IPv4 on
+//! 198.18.0.0/15, IPv6 on the lab fixture's 2001:db8:: addresses (`nodad`), routed with
+//! `ip -6 route`/`ip -6 rule` into the TUN, or across the bump with neighbour discovery
+//! crossing it as ARP does:
 //!
 //! - Allowed: curl to a real HTTP server (`python3 -m http.server`), a UDP exchange with
-//!   replies, ICMP echo from a workload whose policy allows every protocol.
+//!   replies (over IPv6 also behind a destination-options header), ICMP echo from a
+//!   workload whose policy allows every protocol.
 //! - Denied: a TCP flow and a UDP flow from a workload no policy lets out, and ICMP echo
 //!   from a workload allowed only some ports: nothing reaches the server (nftables counts
 //!   on the server side), and the flow log has a `deny` event naming the packet listener.
 //! - Revoked: an established TCP flow stops carrying data once a reload denies it.
 //! - `on_deny = "reject"`: curl fails at once with "connection refused" (an RST), a UDP
-//!   datagram is answered with ICMP "administratively prohibited".
+//!   datagram is answered with ICMP "administratively prohibited" (ICMPv6 type 1 code 1).
 //!
 //! TUN only:
-//! - Malformed packets written into the TUN (an AF_PACKET socket bound to it, from the
-//!   gateway namespace) are dropped and counted by reason; flowgate keeps running and an
-//!   allowed flow still works.
+//! - Malformed IPv4 and IPv6 packets written into the TUN (an AF_PACKET socket bound to
+//!   it, from the gateway namespace) are dropped and counted by reason; flowgate keeps
+//!   running and allowed flows (IPv4 and IPv6) still work.
 //! - A device that cannot be opened stops start-up with an error naming it.
 //!
 //! Needs root, /dev/net/tun, curl, python3 and nft; skipped, saying so, otherwise (in CI:
@@ -26,7 +30,10 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
+    UdpSocket,
+};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -45,6 +52,16 @@ const TUN: &str = "fgpkt0";
 const INTRUDER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 3);
 /// A client address allowed every protocol to the server (ICMP included).
 const PINGER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 4);
+/// The lab's IPv6 addresses (tests/fixtures/packet_lab/inventory.yaml), the same on both
+/// front ends: routed between two /64s through the TUN gateway; on the bump's one link,
+/// each host reaches the other /64 on-link (neighbour discovery crosses the bump).
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+const INTRUDER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 3);
+const PINGER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 4);
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2);
+/// The TUN gateway's addresses on either side.
+const GW6_CLIENT_SIDE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+const GW6_SERVER_SIDE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
 const HTTP_PORT: u16 = 8000;
 const ECHO_PORT: u16 = 9000;
 const UDP_PORT: u16 = 5353;
@@ -103,6 +120,16 @@ impl Front {
     }
 }
 
+/// The IP version a case's flows use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    /// The topology is dual-stack (IPv4 as for `V4`, plus the lab's 2001:db8:: addresses,
+    /// added `nodad` so duplicate address detection does not hold them back), and the
+    /// flows use IPv6.
+    V6,
+}
+
 /// The namespaces of either topology.
 enum Net {
     Tun(Topology),
@@ -134,26 +161,100 @@ impl Net {
 /// the server's.
 #[derive(Clone, Copy)]
 struct Addrs {
-    client: Ipv4Addr,
-    intruder: Ipv4Addr,
-    pinger: Ipv4Addr,
-    server: Ipv4Addr,
+    client: IpAddr,
+    intruder: IpAddr,
+    pinger: IpAddr,
+    server: IpAddr,
+    /// The server's IPv4 address, also in an IPv6 world (which is dual-stack).
+    server4: Ipv4Addr,
 }
 
 impl Addrs {
-    fn of(front: Front) -> Addrs {
+    /// The IPv4 addresses of `front`'s topology.
+    fn v4(front: Front) -> [Ipv4Addr; 4] {
         match front {
-            Front::Tun => {
-                Addrs { client: CLIENT, intruder: INTRUDER, pinger: PINGER, server: SERVER }
-            }
-            Front::AfPacket => Addrs {
-                client: bump::CLIENT,
-                intruder: Ipv4Addr::new(198, 18, 3, 3),
-                pinger: Ipv4Addr::new(198, 18, 3, 4),
-                server: bump::SERVER,
-            },
+            Front::Tun => [CLIENT, INTRUDER, PINGER, SERVER],
+            Front::AfPacket => [
+                bump::CLIENT,
+                Ipv4Addr::new(198, 18, 3, 3),
+                Ipv4Addr::new(198, 18, 3, 4),
+                bump::SERVER,
+            ],
         }
     }
+
+    fn of(front: Front, family: Family) -> Addrs {
+        let [client, intruder, pinger, server]: [IpAddr; 4] = match family {
+            Family::V4 => Addrs::v4(front).map(IpAddr::V4),
+            Family::V6 => [CLIENT6, INTRUDER6, PINGER6, SERVER6].map(IpAddr::V6),
+        };
+        Addrs { client, intruder, pinger, server, server4: Addrs::v4(front)[3] }
+    }
+}
+
+/// `ip:port` as the flow log writes it (`[v6]:port`).
+fn sock(ip: IpAddr, port: u16) -> String {
+    SocketAddr::new(ip, port).to_string()
+}
+
+/// Whether a flow-log address field is `ip` (any port).
+fn from_host(field: &serde_json::Value, ip: IpAddr) -> bool {
+    let host = match ip {
+        IpAddr::V4(a) => format!("{a}:"),
+        IpAddr::V6(a) => format!("[{a}]:"),
+    };
+    field.as_str().is_some_and(|s| s.starts_with(&host))
+}
+
+/// Makes the topology dual-stack: the lab's IPv6 addresses (`nodad`), forwarding and
+/// routes. TUN: the gateway routes between 2001:db8:1::/64 and 2001:db8:2::/64 (its own
+/// ::1 on each), the hosts' default routes point at it. Bump: client and server turn IPv6
+/// back on (`support::bump` turns it off) and reach each other's /64 on-link; the bump's
+/// own interfaces stay without IPv6.
+fn dual_stack(net: &Net) {
+    let (client, server) = (net.client(), net.server());
+    let nodad = "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 \
+                 net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.default.disable_ipv6=0 \
+                 net.ipv6.conf.eth0.accept_dad=0 net.ipv6.conf.eth0.disable_ipv6=0";
+    client.exec(&format!(
+        "{nodad} && ip -6 addr add {CLIENT6}/64 dev eth0 nodad && \
+         ip -6 addr add {INTRUDER6}/64 dev eth0 nodad && \
+         ip -6 addr add {PINGER6}/64 dev eth0 nodad"
+    ));
+    server.exec(&format!("{nodad} && ip -6 addr add {SERVER6}/64 dev eth0 nodad"));
+    match net {
+        Net::Tun(_) => {
+            net.gateway().exec(&format!(
+                "sysctl -qw net.ipv6.conf.all.forwarding=1 && \
+                 ip -6 addr add {GW6_CLIENT_SIDE}/64 dev {} nodad && \
+                 ip -6 addr add {GW6_SERVER_SIDE}/64 dev {} nodad",
+                topology::GW_CLIENT_IF,
+                topology::GW_SERVER_IF
+            ));
+            client.exec(&format!("ip -6 route add default via {GW6_CLIENT_SIDE}"));
+            server.exec(&format!("ip -6 route add default via {GW6_SERVER_SIDE}"));
+        }
+        Net::Bump(_) => {
+            client.exec("ip -6 route add 2001:db8:2::/64 dev eth0");
+            server.exec("ip -6 route add 2001:db8:1::/64 dev eth0");
+        }
+    }
+}
+
+/// TUN mode for IPv6, as `Topology::route_through` does it for IPv4: everything arriving
+/// on either veth goes to table 100, whose default route is the TUN (`ip -6 rule`,
+/// `ip -6 route`); what flowgate writes back arrives with `iif` the TUN and is routed on
+/// by the main table. The `local` table (preference 0) keeps neighbour discovery with the
+/// gateway itself off the TUN.
+fn route_v6_through(gateway: &Netns) {
+    gateway.exec(&format!(
+        "ip -6 route add default dev {TUN} table {t} && \
+         ip -6 rule add iif {c} lookup {t} pref 100 && \
+         ip -6 rule add iif {s} lookup {t} pref 101",
+        t = topology::TUN_TABLE,
+        c = topology::GW_CLIENT_IF,
+        s = topology::GW_SERVER_IF,
+    ));
 }
 
 struct KillOnDrop(Child);
@@ -167,23 +268,27 @@ impl Drop for KillOnDrop {
 
 impl World {
     /// `packet_extra` goes into the `[packet]` section.
-    fn start(front: Front, packet_extra: &str) -> World {
-        let at = Addrs::of(front);
+    fn start(front: Front, family: Family, packet_extra: &str) -> World {
+        let at = Addrs::of(front, family);
+        let [client4, intruder4, pinger4, server4] = Addrs::v4(front);
         let net = match front {
             Front::Tun => Net::Tun(Topology::kernel()),
             Front::AfPacket => Net::Bump(Bump::new()),
         };
         net.client().exec(&format!(
-            "ip addr add {}/24 dev eth0 && ip addr add {}/24 dev eth0",
-            at.intruder, at.pinger
+            "ip addr add {intruder4}/24 dev eth0 && ip addr add {pinger4}/24 dev eth0"
         ));
+        if family == Family::V6 {
+            dual_stack(&net);
+        }
         count_source_on_server(net.server(), at.intruder);
         let dir = tempfile::tempdir().unwrap();
+        // The fixture's IPv6 addresses are the ones both topologies use.
         let inventory = INVENTORY
-            .replace("198.18.1.2", &at.client.to_string())
-            .replace("198.18.1.3", &at.intruder.to_string())
-            .replace("198.18.1.4", &at.pinger.to_string())
-            .replace("198.18.2.2", &at.server.to_string());
+            .replace("198.18.1.2", &client4.to_string())
+            .replace("198.18.1.3", &intruder4.to_string())
+            .replace("198.18.1.4", &pinger4.to_string())
+            .replace("198.18.2.2", &server4.to_string());
         std::fs::write(dir.path().join("inventory.yaml"), inventory).unwrap();
         std::fs::create_dir(dir.path().join("policies")).unwrap();
         std::fs::write(dir.path().join("policies/lab.yaml"), POLICY).unwrap();
@@ -215,6 +320,9 @@ impl World {
             Net::Tun(topo) => {
                 fg.wait_stderr(&format!("flowgate: packet filter packet (tun) on {TUN}"), WAIT);
                 topo.route_through(TUN);
+                if family == Family::V6 {
+                    route_v6_through(&topo.gateway);
+                }
             }
             Net::Bump(_) => {
                 let on = format!("{}+{}", bump::INSIDE, bump::OUTSIDE);
@@ -223,12 +331,18 @@ impl World {
         }
         fg.wait_ready();
         let admin = fg.admin();
-        let servers = Servers::start(net.server(), at.server);
+        // Dual-stack servers (`::`, not v6-only) in an IPv6 world: the IPv4 flows of the
+        // malformed-packet case still have their peers.
+        let bind = match family {
+            Family::V4 => at.server,
+            Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        let servers = Servers::start(net.server(), bind);
         let http = KillOnDrop(
             Command::new("ip")
                 .args(["netns", "exec", &net.server().name, "python3", "-m", "http.server"])
                 .arg(HTTP_PORT.to_string())
-                .args(["--bind", &at.server.to_string(), "--directory"])
+                .args(["--bind", &bind.to_string(), "--directory"])
                 .arg(dir.path().join("www"))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -269,14 +383,17 @@ impl World {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    /// curl from the client namespace, from `src`; exit code and stdout.
-    fn curl(&self, src: Ipv4Addr, max_time: u32) -> (i32, String, Duration) {
+    /// curl from the client namespace, from `src` to the server's address of the same
+    /// family; exit code and stdout.
+    fn curl(&self, src: IpAddr, max_time: u32) -> (i32, String, Duration) {
         let t = Instant::now();
+        let server = if src.is_ipv4() { IpAddr::V4(self.at.server4) } else { self.at.server };
+        // -g: the brackets of an IPv6 URL are not a glob.
         let out = output_in(
             self.net.client(),
             &format!(
-                "curl -sS --max-time {max_time} --interface {src} http://{}:{HTTP_PORT}/",
-                self.at.server
+                "curl -g -sS --max-time {max_time} --interface {src} http://{}/",
+                sock(server, HTTP_PORT)
             ),
         );
         let body = String::from_utf8_lossy(&out.stdout).into_owned()
@@ -302,14 +419,22 @@ fn sample(metrics: &str, series: &str) -> f64 {
 }
 
 /// An nftables counter in the server namespace of every packet from `src` (the
-/// intruder): what reaches the server, counted on the server.
-fn count_source_on_server(server: &Netns, src: Ipv4Addr) {
+/// intruder): what reaches the server, counted on the server. IPv6 neighbour and
+/// multicast listener discovery is not counted: it is the link's, not a flow (the bump
+/// passes it as it passes ARP, and the intruder's first packet makes its kernel solicit
+/// the server from the intruder's address).
+fn count_source_on_server(server: &Netns, src: IpAddr) {
+    let ip = if src.is_ipv4() { "ip" } else { "ip6" };
     let out = output_in(
         server,
         &format!(
             "nft add table inet fgtest && \
              nft add chain inet fgtest input '{{ type filter hook input priority 0; }}' && \
-             nft add rule inet fgtest input ip saddr {src} counter"
+             nft add rule inet fgtest input icmpv6 type '{{ nd-router-solicit, \
+               nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect, \
+               mld-listener-query, mld-listener-report, mld-listener-done, \
+               mld2-listener-report }}' accept && \
+             nft add rule inet fgtest input {ip} saddr {src} counter"
         ),
     );
     assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
@@ -343,7 +468,7 @@ struct Servers {
 }
 
 impl Servers {
-    fn start(ns: &Netns, server: Ipv4Addr) -> Servers {
+    fn start(ns: &Netns, server: IpAddr) -> Servers {
         let (tcp, udp) = in_ns(ns, || {
             (
                 TcpListener::bind((server, ECHO_PORT)).expect("bind TCP echo"),
@@ -396,11 +521,30 @@ impl Drop for Servers {
 }
 
 /// A UDP socket in the client namespace bound to `src`, connected to the server's echo port.
-fn udp_from(w: &World, src: Ipv4Addr) -> UdpSocket {
+fn udp_from(w: &World, src: IpAddr) -> UdpSocket {
     let s = in_ns(w.net.client(), || UdpSocket::bind((src, 0)).expect("bind UDP client"));
     s.connect((w.at.server, UDP_PORT)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     s
+}
+
+/// Makes every datagram `s` sends carry an IPv6 destination-options header (8 bytes: a
+/// PadN option) before its UDP header (`IPV6_DSTOPTS`; needs `CAP_NET_RAW`).
+fn with_destination_options(s: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    // Next header (the kernel fills it in), length 0 (8 bytes), PadN with 4 bytes of data.
+    let opts: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+    // SAFETY: a live socket; `opts` outlives the call and its length is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_DSTOPTS,
+            opts.as_ptr().cast(),
+            opts.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "IPV6_DSTOPTS: {}", std::io::Error::last_os_error());
 }
 
 /// Sends one datagram and waits for its echo.
@@ -411,10 +555,65 @@ fn udp_echoes(s: &UdpSocket, what: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(buf[..n].to_vec())
 }
 
-/// ICMP echo requests from `src` in the client namespace to the server; how many were
-/// answered.
-fn ping_from(w: &World, src: Ipv4Addr, count: u16) -> u16 {
-    let server = w.at.server;
+/// A TCP connection from `src` in the client namespace to `dst` (through flowgate).
+fn connect_from(w: &World, src: IpAddr, dst: SocketAddr) -> TcpStream {
+    in_ns(w.net.client(), || {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::for_address(dst), Type::STREAM, None).expect("TCP socket");
+        s.bind(&SocketAddr::new(src, 0).into()).expect("bind TCP client");
+        s.connect_timeout(&dst.into(), WAIT).expect("connect through flowgate");
+        TcpStream::from(s)
+    })
+}
+
+/// ICMP/ICMPv6 echo requests from `src` in the client namespace to the server; how many
+/// were answered.
+fn ping_from(w: &World, src: IpAddr, count: u16) -> u16 {
+    match (src, w.at.server) {
+        (IpAddr::V4(src), IpAddr::V4(server)) => ping4(w, src, server, count),
+        (IpAddr::V6(src), IpAddr::V6(server)) => ping6(w, src, server, count),
+        _ => panic!("ping from {src} to {}: mixed families", w.at.server),
+    }
+}
+
+/// ICMPv6 echo over a raw socket: the kernel fills in the checksum (pseudo-header and
+/// all) and hands back the ICMPv6 message without the IPv6 header.
+fn ping6(w: &World, src: Ipv6Addr, server: Ipv6Addr, count: u16) -> u16 {
+    in_ns(w.net.client(), || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)).expect("raw socket");
+        s.bind(&SocketAddr::V6(SocketAddrV6::new(src, 0, 0, 0)).into()).expect("bind raw");
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let to = SocketAddr::V6(SocketAddrV6::new(server, 0, 0, 0)).into();
+        let ident = (std::process::id() & 0xffff) as u16 ^ src.segments()[7];
+        let mut answered = 0;
+        for seq in 0..count {
+            let mut req = [0u8; 64];
+            req[0] = 128;
+            req[4..6].copy_from_slice(&ident.to_be_bytes());
+            req[6..8].copy_from_slice(&seq.to_be_bytes());
+            s.send_to(&req, &to).expect("send echo request");
+            let end = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < end {
+                let mut buf = [0u8; 1500];
+                let Ok(n) = (&s).read(&mut buf) else { continue };
+                let got = &buf[..n];
+                if n >= 8
+                    && got[0] == 129
+                    && got[4..6] == ident.to_be_bytes()
+                    && got[6..8] == seq.to_be_bytes()
+                {
+                    answered += 1;
+                    break;
+                }
+            }
+        }
+        answered
+    })
+}
+
+/// ICMP echo over a raw IPv4 socket (which hands back the IP header too).
+fn ping4(w: &World, src: Ipv4Addr, server: Ipv4Addr, count: u16) -> u16 {
     in_ns(w.net.client(), || {
         use socket2::{Domain, Protocol, Socket, Type};
         let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).expect("raw socket");
@@ -468,24 +667,49 @@ fn checksum(data: &[u8]) -> u16 {
 
 #[test]
 fn tun_policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one() {
-    policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(Front::Tun);
+    policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(Front::Tun, Family::V4);
 }
 
 #[test]
 fn afpacket_policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one() {
-    policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(Front::AfPacket);
+    policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(
+        Front::AfPacket,
+        Family::V4,
+    );
+}
+
+#[test]
+fn tun_ipv6_policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one() {
+    policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(Front::Tun, Family::V6);
+}
+
+/// Also: neighbour discovery crosses the bump (client and server resolve each other
+/// through it, or nothing below would pass).
+#[test]
+fn afpacket_ipv6_policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one() {
+    policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(
+        Front::AfPacket,
+        Family::V6,
+    );
 }
 
 /// Allowed TCP (curl), UDP with its reply and ICMP echo pass; denied TCP, UDP and ICMP
 /// never reach the server and are logged; a reload that denies an established flow cuts
-/// it. On either front end.
-fn policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(front: Front) {
+/// it. On either front end, over either IP version.
+fn policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(
+    front: Front,
+    family: Family,
+) {
     if needs() {
         return;
     }
-    let mut w = World::start(front, "");
+    let mut w = World::start(front, family, "");
     let at = w.at;
     let fe = front.label();
+    let icmp = match family {
+        Family::V4 => "icmp",
+        Family::V6 => "icmpv6",
+    };
 
     // Allowed TCP: curl to a real HTTP server.
     let (code, body, _) = w.curl(at.client, 10);
@@ -494,6 +718,14 @@ fn policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(front: 
     // Allowed UDP, with its reply.
     let udp = udp_from(&w, at.client);
     assert_eq!(udp_echoes(&udp, b"ping-udp").expect("UDP echo through flowgate"), b"ping-udp");
+    if family == Family::V6 {
+        // A datagram behind a destination-options header: the extension-header walk
+        // finds its ports, and the flow is decided and passed like any other.
+        let udp = udp_from(&w, at.client);
+        with_destination_options(&udp);
+        let echo = udp_echoes(&udp, b"ext-hdr").expect("UDP behind destination options");
+        assert_eq!(echo, b"ext-hdr");
+    }
     // ICMP: allowed for the pinger (every protocol), denied for the client (ports only).
     assert_eq!(ping_from(&w, at.pinger, 3), 3, "pinger's echo requests answered");
     assert_eq!(ping_from(&w, at.client, 2), 0, "client's ICMP is denied");
@@ -511,14 +743,19 @@ fn policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(front: 
     );
     let deny = w.wait_log("the intruder's TCP deny", |l| {
         l["event"] == "deny"
-            && l["src"].as_str().is_some_and(|s| s.starts_with(&format!("{}:", at.intruder)))
-            && l["dst"] == format!("{}:{HTTP_PORT}", at.server)
+            && from_host(&l["src"], at.intruder)
+            && l["dst"] == sock(at.server, HTTP_PORT)
     });
     assert_eq!(deny["listener"], "packet", "{deny}");
+    w.wait_log("the intruder's UDP deny", |l| {
+        l["event"] == "deny"
+            && from_host(&l["src"], at.intruder)
+            && l["dst"] == sock(at.server, UDP_PORT)
+    });
     w.wait_log("the client's ICMP deny", |l| {
         l["event"] == "deny"
-            && l["src"].as_str().is_some_and(|s| s.starts_with(&format!("{}:", at.client)))
-            && l["proto"].as_str().is_some_and(|p| p.eq_ignore_ascii_case("icmp"))
+            && from_host(&l["src"], at.client)
+            && l["proto"].as_str().is_some_and(|p| p.eq_ignore_ascii_case(icmp))
     });
 
     let m = w.metrics();
@@ -537,10 +774,7 @@ fn policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(front: 
     assert!(sample(&m, "flowgate_flows_total{listener=\"packet\",verdict=\"deny\"}") >= 2.0);
 
     // An established flow, cut by a reload that denies it.
-    let mut conn = in_ns(w.net.client(), || {
-        TcpStream::connect_timeout(&SocketAddr::from((at.server, ECHO_PORT)), WAIT)
-            .expect("connect to the TCP echo server through flowgate")
-    });
+    let mut conn = connect_from(&w, at.client, SocketAddr::new(at.server, ECHO_PORT));
     conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut buf = [0u8; 64];
     conn.write_all(b"before").unwrap();
@@ -554,7 +788,7 @@ fn policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(front: 
         std::thread::sleep(Duration::from_millis(50));
     }
     let revoked = w.wait_log("the revoked echo flow", |l| {
-        l["event"] == "revoked" && l["dst"] == format!("{}:{ECHO_PORT}", at.server)
+        l["event"] == "revoked" && l["dst"] == sock(at.server, ECHO_PORT)
     });
     assert_eq!(revoked["listener"], "packet", "{revoked}");
     let _ = conn.write_all(b"after");
@@ -571,21 +805,41 @@ fn policy_decides_every_packet_flow_and_a_reload_cuts_an_established_one(front: 
 
 #[test]
 fn tun_reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited() {
-    reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited(Front::Tun);
+    reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited(Front::Tun, Family::V4);
 }
 
 #[test]
 fn afpacket_reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited() {
-    reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited(Front::AfPacket);
+    reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited(
+        Front::AfPacket,
+        Family::V4,
+    );
+}
+
+#[test]
+fn tun_ipv6_reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmpv6_prohibited() {
+    reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited(Front::Tun, Family::V6);
+}
+
+#[test]
+fn afpacket_ipv6_reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmpv6_prohibited() {
+    reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited(
+        Front::AfPacket,
+        Family::V6,
+    );
 }
 
 /// `on_deny = "reject"`: a denied TCP flow is refused at once (RST), a denied datagram
-/// answered with ICMP administratively prohibited; SIGTERM then stops flowgate cleanly.
-fn reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited(front: Front) {
+/// answered with ICMP administratively prohibited (ICMPv6 type 1 code 1); SIGTERM then
+/// stops flowgate cleanly.
+fn reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited(
+    front: Front,
+    family: Family,
+) {
     if needs() {
         return;
     }
-    let mut w = World::start(front, "on_deny = \"reject\"");
+    let mut w = World::start(front, family, "on_deny = \"reject\"");
     let at = w.at;
     let (code, body, took) = w.curl(at.intruder, 10);
     // curl's exit code 7: could not connect — at once, so refused by an RST (a dropped
@@ -594,9 +848,14 @@ fn reject_answers_a_denied_tcp_flow_with_rst_and_udp_with_icmp_prohibited(front:
     assert!(took < Duration::from_secs(3), "refusal took {took:?}: {body}");
     let udp = udp_from(&w, at.intruder);
     let err = udp_echoes(&udp, b"nope").expect_err("denied UDP answered");
-    // ICMP administratively prohibited (type 3 code 13) on a connected socket:
-    // EHOSTUNREACH; a timeout would mean no ICMP came back.
-    assert_eq!(err.raw_os_error(), Some(libc::EHOSTUNREACH), "{err}");
+    // On a connected socket, ICMP administratively prohibited (type 3 code 13) is
+    // EHOSTUNREACH, ICMPv6 communication administratively prohibited (type 1 code 1)
+    // EACCES; a timeout would mean no ICMP came back.
+    let expected = match family {
+        Family::V4 => libc::EHOSTUNREACH,
+        Family::V6 => libc::EACCES,
+    };
+    assert_eq!(err.raw_os_error(), Some(expected), "{err}");
     assert_eq!(intruder_packets_at_server(w.net.server()), 0);
     let m = w.metrics();
     assert!(sample(&m, "flowgate_packet_rejects_total{result=\"sent\"}") >= 2.0, "{m}");
@@ -625,15 +884,31 @@ fn malformed_packets(
         p.extend_from_slice(rest);
         p
     };
-    let v6 = |next: u8, payload: &[u8]| {
+    let v6_from = |src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8]| {
         let mut p = vec![0x60, 0, 0, 0];
         p.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
         p.extend_from_slice(&[next, 64]);
-        p.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
-        p.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
         p.extend_from_slice(payload);
         p
     };
+    let v6 = |next: u8, payload: &[u8]| v6_from(INTRUDER6, SERVER6, next, payload);
+    // An IPv6 fragment of a UDP datagram from the client to the server's allowed port
+    // (the first fragment passes): fragment header (next UDP, offset | M, id), then data.
+    let frag6 = |offset: u16, more: bool, id: u32, data: &[u8]| {
+        let mut f = vec![17, 0];
+        f.extend_from_slice(&(offset | u16::from(more)).to_be_bytes());
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(data);
+        v6_from(CLIENT6, SERVER6, 44, &f)
+    };
+    let mut udp6 = vec![0u8; 24];
+    udp6[0..2].copy_from_slice(&40_000u16.to_be_bytes());
+    udp6[2..4].copy_from_slice(&UDP_PORT.to_be_bytes());
+    udp6[4..6].copy_from_slice(&64u16.to_be_bytes());
+    let mut long6 = v6(17, &udp6[..8]);
+    long6[4..6].copy_from_slice(&1000u16.to_be_bytes());
     // 20 destination-options headers (8 bytes each, next = 60), then no next header.
     let mut chain = Vec::new();
     for i in 0..20 {
@@ -661,6 +936,15 @@ fn malformed_packets(
         ("overlapping_fragment", v4(6, 36, 5, 1, &[0; 16])),
         // A last fragment (offset 800 bytes) whose first fragment never came.
         ("orphan_fragment", v4(17, 36, 5, 100, &[0; 16])),
+        ("ipv6_payload_length_beyond_buffer", long6),
+        ("truncated_tcp_over_ipv6", v6(6, &[0x12, 0x34, 0x1f, 0x40, 0, 0, 0, 0, 0, 0])),
+        // A first fragment of an allowed flow (passes: 8 bytes of UDP header and 16 of
+        // data), then a fragment at offset 8 that would rewrite the data after the header
+        // the verdict was made on: dropped.
+        ("ipv6_first_fragment", frag6(0, true, 0x6f67, &udp6)),
+        ("ipv6_overlapping_fragment", frag6(8, false, 0x6f67, &[0; 24])),
+        // An IPv6 last fragment whose first fragment never came.
+        ("ipv6_orphan_fragment", frag6(800, false, 0x6f68, &[0; 16])),
     ];
     if let Some((client, server)) = established {
         // A segment of an established flow, 2^31 bytes off its window.
@@ -704,12 +988,13 @@ fn inject(gateway: &Netns, dir: &std::path::Path, packets: &[(&str, Vec<u8>)]) -
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// IPv4 and IPv6 alike (a dual-stack world); the IPv6 flows use the fixture's addresses.
 #[test]
 fn malformed_packets_are_dropped_and_counted_and_forwarding_goes_on() {
     if needs() {
         return;
     }
-    let mut w = World::start(Front::Tun, "");
+    let mut w = World::start(Front::Tun, Family::V6, "");
     let mut conn = in_ns(w.net.client(), || {
         TcpStream::connect_timeout(&SocketAddr::from((SERVER, ECHO_PORT)), WAIT)
             .expect("connect to the TCP echo server through flowgate")
@@ -728,14 +1013,17 @@ fn malformed_packets_are_dropped_and_counted_and_forwarding_goes_on() {
     };
     let end = Instant::now() + WAIT;
     let wanted = [
-        ("flowgate_packet_malformed_total{reason=\"truncated\"}", 3.0),
+        ("flowgate_packet_malformed_total{reason=\"truncated\"}", 4.0),
         ("flowgate_packet_malformed_total{reason=\"bad_ihl\"}", 1.0),
-        ("flowgate_packet_malformed_total{reason=\"bad_length\"}", 1.0),
+        ("flowgate_packet_malformed_total{reason=\"bad_length\"}", 2.0),
         ("flowgate_packet_malformed_total{reason=\"ext_chain_too_long\"}", 1.0),
         ("flowgate_packet_malformed_total{reason=\"tiny_fragment\"}", 1.0),
-        ("flowgate_packet_dropped_total{frontend=\"tun\",reason=\"malformed\"}", 7.0),
+        ("flowgate_packet_dropped_total{frontend=\"tun\",reason=\"malformed\"}", 9.0),
         ("flowgate_packet_dropped_total{frontend=\"tun\",reason=\"invalid\"}", 1.0),
-        ("flowgate_packet_dropped_total{frontend=\"tun\",reason=\"fragment\"}", 1.0),
+        // The IPv4 orphan, the IPv6 overlap and the IPv6 orphan.
+        ("flowgate_packet_dropped_total{frontend=\"tun\",reason=\"fragment\"}", 3.0),
+        // The IPv6 first fragment, of an allowed flow.
+        ("flowgate_packet_packets_total{frontend=\"tun\",verdict=\"pass\"}", 1.0),
     ];
     loop {
         let m = w.metrics();
@@ -764,7 +1052,8 @@ fn malformed_packets_are_dropped_and_counted_and_forwarding_goes_on() {
     conn.write_all(b"still").unwrap();
     conn.read_exact(&mut buf).expect("the established flow still echoes");
     assert_eq!(&buf, b"still");
-    assert_eq!(w.curl(CLIENT, 10).0, 0, "allowed curl after the malformed packets");
+    assert_eq!(w.curl(IpAddr::V4(CLIENT), 10).0, 0, "allowed curl after the malformed packets");
+    assert_eq!(w.curl(IpAddr::V6(CLIENT6), 10).0, 0, "allowed IPv6 curl after them");
 }
 
 #[test]

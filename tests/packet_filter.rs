@@ -356,6 +356,42 @@ fn later_fragments_follow_their_first_fragment() {
 }
 
 #[test]
+fn later_fragments_in_the_same_burst_as_their_first_follow_it() {
+    let b = Bench::new();
+    let mut f = b.filter(FilterConfig::default());
+    // As the kernel writes a fragmented datagram: its fragments back to back, in one read.
+    let udp = udp_bytes(6001, 53, 100);
+    let first = ip4(OK, WEB, 17, &udp[..32], (11, 0, true));
+    let middle = ip4(OK, WEB, 17, &udp[32..64], (11, 32, true));
+    let last = ip4(OK, WEB, 17, &udp[64..], (11, 64, false));
+    let overlap = ip4(OK, WEB, 17, &udp[8..], (11, 8, false));
+    let bad_first = ip4(BAD, WEB, 17, &udp[..32], (12, 0, true));
+    let bad_later = ip4(BAD, WEB, 17, &udp[32..], (12, 32, false));
+    let burst: Vec<&[u8]> = vec![&first, &middle, &last, &overlap, &bad_first, &bad_later];
+    let mut v = [Verdict::Pass; 6];
+    f.run(&burst, &mut v, Instant::now());
+    assert_eq!(
+        v,
+        [
+            Verdict::Pass,
+            Verdict::Pass,
+            Verdict::Pass,
+            Verdict::Drop(DropCause::Fragment),
+            Verdict::Drop(DropCause::Policy),
+            Verdict::Drop(DropCause::Fragment),
+        ]
+    );
+    assert_eq!(f.counters().fragments_overlapping.load(Ordering::Relaxed), 1);
+    assert_eq!(dropped(&f, DropCause::Fragment), 2);
+    // A later fragment ahead of its first fragment in the burst is still dropped.
+    let first = ip4(OK, WEB, 17, &udp[..32], (13, 0, true));
+    let early = ip4(OK, WEB, 17, &udp[32..], (13, 32, false));
+    let mut v = [Verdict::Pass; 2];
+    f.run(&[&early, &first], &mut v, Instant::now());
+    assert_eq!(v, [Verdict::Drop(DropCause::Fragment), Verdict::Pass]);
+}
+
+#[test]
 fn a_reload_that_denies_an_established_flow_revokes_it_once() {
     let b = Bench::new();
     let mut f = b.filter(FilterConfig::default());

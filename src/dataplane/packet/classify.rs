@@ -659,3 +659,44 @@ fn quoted_key(outer: &IpHeader, quote: &[u8], limits: &Limits) -> Result<FlowKey
     );
     Ok(quoted.reversed())
 }
+
+/// Whether `buf` is IPv6's own link control — neighbour discovery (RFC 4861: router and
+/// neighbour solicitation and advertisement, redirect; ICMPv6 types 133–137) or multicast
+/// listener discovery (RFC 2710, RFC 3810: query, report, done; 130–132 and 143) — which
+/// a bump in the wire passes unfiltered as it passes ARP, IPv6's ARP being these.
+///
+/// Only what cannot be a routed flow qualifies: ND with hop limit 255 (receivers discard
+/// ND with any other, RFC 4861 §6.1/§7.1, so no router forwarded it), MLD with hop limit 1
+/// to a multicast group from a link-local or the unspecified address (RFC 3810 §5, §7.4).
+/// The ICMPv6 header follows the IPv6 header or one hop-by-hop header (MLD's router
+/// alert); anything else — another extension header, a fragment, a short or malformed
+/// packet — is not link control and goes to the filter. Pure, bounded, never panics.
+pub fn is_link_control(buf: &[u8]) -> bool {
+    let Some(p) = Ipv6Packet::new(buf) else { return false };
+    if p.get_version() != 6 {
+        return false;
+    }
+    let end = IPV6_HEADER + usize::from(p.get_payload_length());
+    let Some(packet) = buf.get(..end) else { return false };
+    let (mut next, mut at) = (p.get_next_header().0, IPV6_HEADER);
+    if next == EXT_HOP_BY_HOP {
+        let Some(&[n, len]) = packet.get(at..at + 2) else { return false };
+        (next, at) = (n, at + (usize::from(len) + 1) * 8);
+    }
+    if next != PROTO_ICMPV6 {
+        return false;
+    }
+    // Every ICMPv6 message is at least 8 bytes; ND and MLD are longer, their receivers
+    // check the rest.
+    let Some(&[ty, ..]) = packet.get(at..at + L4_MIN) else { return false };
+    let src = p.get_source();
+    match ty {
+        133..=137 => p.get_hop_limit() == 255,
+        130..=132 | 143 => {
+            p.get_hop_limit() == 1
+                && p.get_destination().is_multicast()
+                && (src.is_unspecified() || src.is_unicast_link_local())
+        }
+        _ => false,
+    }
+}

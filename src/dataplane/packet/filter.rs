@@ -3,8 +3,9 @@
 //!
 //! A burst goes through three steps:
 //! 1. each packet is classified ([`classify`](super::classify)); a malformed one is
-//!    dropped by the classifier's reason, a later fragment follows its first fragment's
-//!    verdict ([`fragments`](super::fragments)) or is dropped;
+//!    dropped by the classifier's reason; a later fragment follows its first fragment's
+//!    verdict ([`fragments`](super::fragments)) or is dropped, decided after the rest of
+//!    the burst so that a first fragment earlier in the same burst counts;
 //! 2. the flows of the rest are looked up in conntrack in one batch
 //!    ([`Conntrack::lookup_many`]). A hit passes through the flow's state: a TCP segment
 //!    through window tracking (`conntrack::tcp_window`, unless `tcp_liberal`) and the
@@ -304,14 +305,19 @@ impl Filter {
         let (packets, verdicts) = (&packets[..n], &mut verdicts[..n]);
         let b = &mut *self.burst;
         let mut m = 0;
+        // Later fragments, decided last: their first fragment may be in this very burst
+        // (the kernel writes a datagram's fragments back to back).
+        let mut later: u64 = 0;
         // 1. Classify.
         for (i, packet) in packets.iter().enumerate() {
             b.classified[i] = None;
             verdicts[i] = match classify::classify_with(packet, &self.cfg.limits) {
                 Err(reason) => Verdict::Drop(DropCause::Malformed(reason)),
                 Ok(c) => match c.kind {
-                    Kind::Fragment { offset, .. } => {
-                        follow(&self.fragments, &self.counters, &c, offset, now)
+                    Kind::Fragment { .. } => {
+                        b.classified[i] = Some(c);
+                        later |= 1 << i;
+                        Verdict::Drop(DropCause::Fragment)
                     }
                     _ => {
                         b.classified[i] = Some(c);
@@ -346,10 +352,17 @@ impl Filter {
                 verdicts[i] = self.on_miss(&c, packets[i], now);
             }
         }
-        // First fragments' verdicts for their later fragments; the counters.
+        // First fragments' verdicts for their later fragments, and later fragments by
+        // them, in burst order; the counters.
         let mut tally = Tally::default();
         for (i, packet) in packets.iter().enumerate() {
-            if let Some(c) = &self.burst.classified[i]
+            if later & (1 << i) != 0 {
+                if let Some(c) = &self.burst.classified[i]
+                    && let Kind::Fragment { offset, .. } = c.kind
+                {
+                    verdicts[i] = follow(&self.fragments, &self.counters, c, offset, now);
+                }
+            } else if let Some(c) = &self.burst.classified[i]
                 && let Some(key) = c.fragment_key()
             {
                 let first_len = u32::try_from(c.ip_len - c.l4_offset).unwrap_or(u32::MAX);

@@ -10,8 +10,8 @@
 //!   (RFC 1812 §5.2.7.1) quoting as much of the packet as keeps the reply within 576
 //!   bytes, or ICMPv6 type 1 code 1 (RFC 4443 §3.1) within 1280 bytes. It comes from the
 //!   packet's destination address (flowgate has no address of its own on the path). No
-//!   error answers an ICMP error, a later fragment, or a packet from an address that is
-//!   not one host's (unspecified, multicast, IPv4 broadcast) (RFC 1122 §3.2.2, RFC 4443
+//!   reply answers an ICMP error, a later fragment, or a packet from or to an address that
+//!   is not one host's (unspecified, multicast, IPv4 broadcast) (RFC 1122 §3.2.2, RFC 4443
 //!   §2.4 (e)).
 //!
 //! Checksums are computed in full. Pure: the rate limit ([`RateLimit`]) is given `now`.
@@ -36,7 +36,10 @@ const TTL: u8 = 64;
 /// `None` when the packet gets no reply or `out` cannot hold the reply's headers.
 pub fn write(packet: &[u8], c: &Classified, out: &mut [u8]) -> Option<usize> {
     let (src, dst) = (c.key.src.ip(), c.key.dst.ip());
-    if !is_host(src) {
+    // The reply goes to the sender and comes from the address the packet was sent to:
+    // both must name one host. A packet to a multicast or broadcast address gets no error
+    // (RFC 1122 §3.2.2, RFC 4443 §2.4 (e)) and no RST, which would come from a group.
+    if !is_host(src) || !is_host(dst) {
         return None;
     }
     match c.kind {
@@ -212,6 +215,88 @@ mod tests {
         let s = finish(sum16(&h));
         h[10..12].copy_from_slice(&s.to_be_bytes());
         assert_eq!(finish(sum16(&h)), 0);
+    }
+
+    const CLIENT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
+    const SERVER6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+    fn v6(next: u8, src: [u8; 16], dst: [u8; 16], l4: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&u16::try_from(l4.len()).unwrap().to_be_bytes());
+        p.extend_from_slice(&[next, 64]);
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(l4);
+        p
+    }
+
+    /// The reply to `packet` as an IPv6 packet: (its next header, its payload) after
+    /// checking the header says what was written, and the L4 checksum with the IPv6
+    /// pseudo-header verifies.
+    fn reply6(packet: &[u8]) -> (u8, Vec<u8>) {
+        let c = super::super::classify::classify(packet).unwrap();
+        let mut out = [0u8; 1500];
+        let n = write(packet, &c, &mut out).expect("a reply");
+        let r = &out[..n];
+        assert_eq!(r[0] >> 4, 6);
+        assert_eq!(usize::from(u16::from_be_bytes([r[4], r[5]])), n - IPV6_HEADER);
+        assert_eq!((&r[8..24], &r[24..40]), (&SERVER6[..], &CLIENT6[..]), "from the server");
+        let (src, dst) = (IpAddr::from(SERVER6), IpAddr::from(CLIENT6));
+        let payload = &r[IPV6_HEADER..];
+        assert_eq!(finish(pseudo(src, dst, r[6], payload.len()) + sum16(payload)), 0);
+        (r[6], payload.to_vec())
+    }
+
+    #[test]
+    fn ipv6_udp_gets_administratively_prohibited_quoting_within_1280_bytes() {
+        for data in [8usize, 1400] {
+            let mut udp = vec![0u8; 8 + data];
+            udp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+            udp[2..4].copy_from_slice(&5353u16.to_be_bytes());
+            udp[4..6].copy_from_slice(&u16::try_from(8 + data).unwrap().to_be_bytes());
+            let packet = v6(17, CLIENT6, SERVER6, &udp);
+            let (next, icmp) = reply6(&packet);
+            assert_eq!((next, icmp[0], icmp[1]), (58, 1, 1), "ICMPv6 type 1 code 1");
+            assert!(IPV6_HEADER + icmp.len() <= ICMPV6_MAX, "{} bytes", icmp.len());
+            let quote = &icmp[ICMP_HEADER..];
+            assert_eq!(quote, &packet[..quote.len()], "quotes the packet from its start");
+            if packet.len() + IPV6_HEADER + ICMP_HEADER <= ICMPV6_MAX {
+                assert_eq!(quote.len(), packet.len(), "a small packet is quoted whole");
+            } else {
+                assert_eq!(IPV6_HEADER + icmp.len(), ICMPV6_MAX, "cut at the minimum MTU");
+            }
+        }
+    }
+
+    #[test]
+    fn ipv6_syn_gets_rst_ack_with_the_pseudo_header_checksum() {
+        let mut syn = vec![0u8; 20];
+        syn[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        syn[2..4].copy_from_slice(&8000u16.to_be_bytes());
+        syn[4..8].copy_from_slice(&77u32.to_be_bytes());
+        (syn[12], syn[13]) = (5 << 4, TcpFlags::SYN.0);
+        let (next, rst) = reply6(&v6(6, CLIENT6, SERVER6, &syn));
+        assert_eq!(next, 6);
+        assert_eq!(u16::from_be_bytes([rst[0], rst[1]]), 8000);
+        assert_eq!(u16::from_be_bytes([rst[2], rst[3]]), 40000);
+        assert_eq!(u32::from_be_bytes([rst[8], rst[9], rst[10], rst[11]]), 78, "ACK = SEQ + 1");
+        assert_eq!(rst[13], TcpFlags::RST.0 | TcpFlags::ACK.0);
+    }
+
+    #[test]
+    fn nothing_answers_a_packet_to_or_from_a_group() {
+        let all_nodes = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let udp = [0x9c, 0x40, 0x14, 0xe9, 0, 8, 0, 0];
+        let mut out = [0u8; 1500];
+        for p in [v6(17, CLIENT6, all_nodes, &udp), v6(17, [0; 16], SERVER6, &udp)] {
+            let c = super::super::classify::classify(&p).unwrap();
+            assert_eq!(write(&p, &c, &mut out), None, "{:?}", c.key);
+        }
+        let mut syn = [0u8; 20];
+        (syn[12], syn[13]) = (5 << 4, TcpFlags::SYN.0);
+        let p = v6(6, CLIENT6, all_nodes, &syn);
+        let c = super::super::classify::classify(&p).unwrap();
+        assert_eq!(write(&p, &c, &mut out), None, "no RST from a group");
     }
 
     #[test]

@@ -19,7 +19,8 @@
 //! forgets the ones the filter refused, writes the rest on, and sends reply frames built
 //! in the headroom it asked for. `PacketWorkers::start` opens its devices and spawns one
 //! [`run_worker`] per worker. Two do so: [`TunFront`] (a TUN queue) and [`AfPacketFront`]
-//! (a worker's share of two interfaces' rings, which also passes ARP itself).
+//! (a worker's share of two interfaces' rings, which also passes ARP and IPv6 neighbour
+//! discovery itself).
 
 use std::io;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use super::afpacket::{self, AfPacket, AfPacketError, FrameBatch, FrameKind};
-use super::classify::{DropReason, Limits};
+use super::classify::{DropReason, Limits, is_link_control};
 use super::filter::{self, DropCause, Filter, FilterConfig, MAX_BURST, PacketCounters, Verdict};
 use super::tun::{Batch, Offloads, Queue, Tun, TunError, VnetHdr};
 use crate::config::packet::{self as packet_config, Frontend, PacketConfig};
@@ -275,8 +276,8 @@ impl FrontEnd for TunFront {
 
 /// The AF_PACKET front end for one worker: its share of both interfaces and a
 /// [`FrameBatch`] lent from their rings. IP frames go to the filter (the `ip` index maps a
-/// burst position to its frame); ARP and other untagged non-IP frames are passed as they
-/// are; VLAN-tagged frames are dropped (fail closed: the filter does not look inside a tag)
+/// burst position to its frame); ARP, other untagged non-IP frames and IPv6 neighbour and
+/// multicast listener discovery (IPv6's ARP) are passed as they are; VLAN-tagged frames are dropped (fail closed: the filter does not look inside a tag)
 /// and counted as device drops.
 #[derive(Debug)]
 pub struct AfPacketFront {
@@ -322,7 +323,11 @@ impl FrontEnd for AfPacketFront {
         let frames = self.queue.recv_batch(&mut self.batch).min(MAX_BURST);
         let mut n = 0;
         for f in 0..frames {
-            match self.batch.frame(f).map(|fr| fr.kind) {
+            let frame = self.batch.frame(f);
+            match frame.as_ref().map(|fr| fr.kind) {
+                // IPv6's ARP (neighbour and multicast listener discovery): passed as it is,
+                // like ARP, never a flow (`classify::is_link_control` says what qualifies).
+                Some(FrameKind::Ip) if frame.as_ref().is_some_and(|fr| is_link_control(fr.ip)) => {}
                 Some(FrameKind::Ip) => {
                     // f < MAX_BURST (64): fits.
                     self.ip[n] = f as u16;

@@ -598,3 +598,47 @@ proptest! {
         prop_assert_eq!(classify(&reply).unwrap().key, key.reversed());
     }
 }
+
+#[test]
+fn link_control_is_nd_with_hop_limit_255_and_mld_from_the_link() {
+    let ll: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+    let solicited: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 2];
+    let mld2: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x16];
+    let hop = |mut p: Vec<u8>, h: u8| {
+        p[7] = h;
+        p
+    };
+    // ND: every type 133–137 at hop limit 255, to a group or to a unicast address.
+    for ty in 133..=137 {
+        let nd = icmp(ty, 0, [0; 4], &B6);
+        assert!(is_link_control(&hop(v6(58, A6, solicited, &nd), 255)), "type {ty}");
+        assert!(is_link_control(&hop(v6(58, ll, B6, &nd), 255)), "type {ty}");
+        // Routed (hop limit below 255): not ND any receiver accepts; the filter decides.
+        assert!(!is_link_control(&hop(v6(58, A6, B6, &nd), 64)), "type {ty}");
+    }
+    // MLDv2 report behind a hop-by-hop router alert, hop limit 1, from link-local.
+    let mut report = ext(58).to_vec();
+    report.extend_from_slice(&icmp(143, 0, [0; 4], &[0; 4]));
+    assert!(is_link_control(&hop(v6(0, ll, mld2, &report), 1)));
+    assert!(is_link_control(&hop(v6(0, [0; 16], mld2, &report), 1)));
+    assert!(!is_link_control(&hop(v6(0, A6, mld2, &report), 1)), "global source");
+    assert!(!is_link_control(&hop(v6(0, ll, B6, &report), 1)), "unicast destination");
+    assert!(!is_link_control(&hop(v6(0, ll, mld2, &report), 2)), "hop limit 2");
+    // Not link control: echo, data, ND behind another extension header or a fragment,
+    // truncated, IPv4.
+    assert!(!is_link_control(&hop(v6(58, A6, B6, &echo(128, 1, 1)), 255)));
+    assert!(!is_link_control(&hop(v6(17, A6, B6, &udp(1, 2, b"x")), 255)));
+    let mut behind = ext(58).to_vec();
+    behind.extend_from_slice(&icmp(135, 0, [0; 4], &B6));
+    assert!(!is_link_control(&hop(v6(60, A6, B6, &behind), 255)));
+    let mut frag = frag6(58, 0, true, 7).to_vec();
+    frag.extend_from_slice(&icmp(135, 0, [0; 4], &B6));
+    assert!(!is_link_control(&hop(v6(44, A6, B6, &frag), 255)));
+    let ns = hop(v6(58, A6, solicited, &icmp(135, 0, [0; 4], &B6)), 255);
+    assert!(!is_link_control(&ns[..44]), "cut inside the ICMPv6 header");
+    let mut long = ns.clone();
+    long[4..6].copy_from_slice(&2000u16.to_be_bytes());
+    assert!(!is_link_control(&long), "payload length beyond the buffer");
+    assert!(!is_link_control(&v4(58, A4, B4, &icmp(135, 0, [0; 4], &B6))));
+    assert!(!is_link_control(&[]));
+}
