@@ -381,11 +381,19 @@ fn realistic_reload(_: &mut Criterion) {
             start.as_secs_f64() * 1e3,
             rss_kib().saturating_sub(rss0) / 1024
         );
-        // Direct reloads: one app policy rewritten each time.
+        if let Some(first) = plane.status().last {
+            print_phases(&format!("{label} start-up"), &[first]);
+        }
+        // Direct reloads: one app policy rewritten each time (each scans every file, as
+        // SIGHUP and `POST /reload` do, so at most 50 unless asked for more).
+        let direct: usize = std::env::var("FLOWGATE_BENCH_DIRECT_RELOADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(runs.min(50));
         let mut times = Vec::new();
         let mut reports = Vec::new();
         let mut rss_first = 0;
-        for v in 1..=runs {
+        for v in 1..=direct {
             let (n, a) = (v * 7 % shape.namespaces, v * 13 % shape.apps);
             realistic::rewrite(dir.path(), &shape, n, a, v);
             let t = Instant::now();
@@ -403,7 +411,7 @@ fn realistic_reload(_: &mut Criterion) {
         let (p50, p99, max) = percentiles(times);
         eprintln!(
             "{label}: direct reload, one file changed: p50 {p50:.1} ms, p99 {p99:.1} ms, \
-             max {max:.1} ms ({runs} runs); RSS after 1st reload {} MiB, after {runs} {} MiB",
+             max {max:.1} ms ({direct} runs); RSS after 1st reload {} MiB, after {direct} {} MiB",
             rss_first / 1024,
             rss_last / 1024
         );
@@ -423,6 +431,8 @@ fn realistic_reload(_: &mut Criterion) {
         };
         let handle = plane.policy();
         let mut times = Vec::new();
+        let mut reports = Vec::new();
+        let mut rss_first = 0;
         for v in 1..=runs {
             let version = 100_000 + v;
             let (n, a) = (v * 11 % shape.namespaces, v * 17 % shape.apps);
@@ -436,12 +446,44 @@ fn realistic_reload(_: &mut Criterion) {
             times.push(t.elapsed());
             // Let the reload's bookkeeping finish before the next change.
             std::thread::sleep(Duration::from_millis(20));
+            if let Some(r) = plane.status().last
+                && r.generation > before.0
+            {
+                reports.push(r);
+            }
+            if v == 1 {
+                std::thread::sleep(Duration::from_millis(50));
+                rss_first = rss_kib();
+            }
         }
+        std::thread::sleep(Duration::from_millis(200));
+        let rss_last = rss_kib();
         let (p50, p99, max) = percentiles(times);
         eprintln!(
             "{label}: file change → enforced (watcher): p50 {p50:.1} ms, p99 {p99:.1} ms, \
-             max {max:.1} ms ({runs} runs)"
+             max {max:.1} ms ({runs} runs); RSS after 1st reload {} MiB, after {runs} {} MiB",
+            rss_first / 1024,
+            rss_last / 1024
         );
+        print_phases(&format!("{label} watched reload"), &reports);
+        let slow: Vec<String> = reports
+            .iter()
+            .filter(|r| r.duration > Duration::from_millis(100))
+            .map(|r| {
+                let p = r.phases;
+                format!(
+                    "{:.0} ms (scan {:.0}, load {:.0}, compile {:.0}, read {})",
+                    r.duration.as_secs_f64() * 1e3,
+                    p.scan.as_secs_f64() * 1e3,
+                    p.load.as_secs_f64() * 1e3,
+                    p.compile.as_secs_f64() * 1e3,
+                    p.files_read
+                )
+            })
+            .collect();
+        if !slow.is_empty() {
+            eprintln!("{label}: watched reloads over 100 ms: {}", slow.join("; "));
+        }
         drop(tasks);
     }
 }
