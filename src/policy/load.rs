@@ -22,7 +22,7 @@ mod annotations;
 mod inventory;
 mod k8s;
 mod netpol;
-mod strict;
+pub(crate) mod strict;
 mod validate;
 
 use std::fmt;
@@ -378,8 +378,27 @@ fn documents(
     out: &mut Vec<Policy>,
     spellings: &mut Vec<Spelling>,
 ) {
-    if let Some(docs) = strict::documents::<k8s::Object<k8s::NetworkPolicySpec>>(text)
-        && docs.iter().flatten().all(|d| d.kind == "NetworkPolicy" && d.api_version == NETWORKING_V1)
+    if !documents_fast(text, file, errors, out, spellings) {
+        documents_slow(text, file, errors, out, spellings);
+    }
+}
+
+/// [`documents`] on the fast path; `false` (and nothing written) when the text is not
+/// for it.
+fn documents_fast(
+    text: &str,
+    file: &Path,
+    errors: &mut Vec<LoadError>,
+    out: &mut Vec<Policy>,
+    spellings: &mut Vec<Spelling>,
+) -> bool {
+    let Some(docs) = strict::documents::<k8s::Object<k8s::NetworkPolicySpec>>(text) else {
+        return false;
+    };
+    if !docs.iter().flatten().all(|d| d.kind == "NetworkPolicy" && d.api_version == NETWORKING_V1)
+    {
+        return false;
+    }
     {
         let (mut policies, mut spelt, mut problems) = (Vec::new(), Vec::new(), Vec::new());
         for (i, doc) in docs.into_iter().enumerate() {
@@ -406,8 +425,18 @@ fn documents(
         out.extend(policies);
         spellings.extend(spelt);
         errors.extend(problems);
-        return;
     }
+    true
+}
+
+/// [`documents`] through a `Value` per document: every kind, every message.
+fn documents_slow(
+    text: &str,
+    file: &Path,
+    errors: &mut Vec<LoadError>,
+    out: &mut Vec<Policy>,
+    spellings: &mut Vec<Spelling>,
+) {
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         match Value::deserialize(doc) {
             Ok(Value::Null) => {}
