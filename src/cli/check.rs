@@ -33,9 +33,28 @@ pub struct Source {
     /// An inventory file, instead of the config's.
     #[arg(long, requires = "policies")]
     pub inventory: Option<PathBuf>,
+    #[command(flatten)]
+    pub default: DefaultArg,
+}
+
+/// `--default`, the one policy option every command that compiles policy shares
+/// (`check`, `explain`, `test` through [`Source`], and `diff`).
+#[derive(Debug, clap::Args)]
+pub struct DefaultArg {
     /// Override `policy.default` (workloads no policy isolates): allow | deny.
     #[arg(long, value_parser = ["allow", "deny"])]
     pub default: Option<String>,
+}
+
+impl DefaultArg {
+    /// The default given, if any.
+    pub fn action(&self) -> Option<DefaultAction> {
+        match self.default.as_deref() {
+            Some("allow") => Some(DefaultAction::Allow),
+            Some(_) => Some(DefaultAction::Deny),
+            None => None,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -60,11 +79,7 @@ pub struct Loaded {
 
 impl Source {
     fn target(&self) -> anyhow::Result<Target> {
-        let flag = match self.default.as_deref() {
-            Some("allow") => Some(DefaultAction::Allow),
-            Some(_) => Some(DefaultAction::Deny),
-            None => None,
-        };
+        let flag = self.default.action();
         if let (Some(policies), Some(inventory)) = (&self.policies, &self.inventory) {
             return Ok(Target {
                 policies: policies.clone(),

@@ -23,6 +23,8 @@ use flowgate::policy::ir::{Inventory, Policy, PolicySet};
 use flowgate::policy::{CompileOptions, CompiledPolicy, DefaultAction, load};
 use serde::Serialize;
 
+use super::check::DefaultArg;
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The policy before the change: a directory or file, or `git:REV[:PATH]`.
@@ -44,9 +46,9 @@ pub struct Args {
     /// not given (default: config/flowgate.toml, if it exists).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Override `policy.default` on both sides: allow | deny.
-    #[arg(long, value_parser = ["allow", "deny"])]
-    pub default: Option<String>,
+    // `--default`, applied to both sides.
+    #[command(flatten)]
+    pub default: DefaultArg,
     /// Print one JSON object: `opened`, `closed`.
     #[arg(long)]
     pub json: bool,
@@ -122,11 +124,10 @@ fn compute(args: &Args) -> anyhow::Result<Report> {
         Some(inv) if inv != *before_inv => Arc::new(inv),
         _ => before_inv.clone(),
     };
-    let default = match args.default.as_deref() {
-        Some("allow") => DefaultAction::Allow,
-        Some(_) => DefaultAction::Deny,
-        None => config.as_ref().map_or(DefaultAction::Deny, |c| c.policy.default),
-    };
+    let default = args
+        .default
+        .action()
+        .unwrap_or_else(|| config.as_ref().map_or(DefaultAction::Deny, |c| c.policy.default));
     let unknown = config.as_ref().map_or(DefaultAction::Deny, |c| c.policy.unknown);
     let opts = CompileOptions { default, unknown, now: SystemTime::now() };
     // Each side read and compiled on a thread of its own: half the wall time on two cores.
@@ -378,9 +379,10 @@ fn git_blobs(names: &[String]) -> anyhow::Result<Vec<Vec<u8>>> {
         let blobs = std::thread::scope(|s| {
             // Written from a thread of its own: git answers while it reads, and a full
             // pipe each way would otherwise stop both.
+            let names = &batch;
             let writer = s.spawn(move || -> std::io::Result<()> {
                 let mut w = std::io::BufWriter::new(&mut stdin);
-                for n in &batch {
+                for n in names {
                     writeln!(w, "{n}")?;
                 }
                 w.flush()

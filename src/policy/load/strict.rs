@@ -50,7 +50,7 @@ struct Narrow<'k, V> {
     inner: V,
     want: Want,
     /// For a map key: the keys seen so far in its mapping (a key must be new).
-    keys: Option<&'k mut Vec<String>>,
+    keys: Option<&'k mut Seen>,
 }
 
 impl<'k, V> Narrow<'k, V> {
@@ -91,11 +91,10 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for Narrow<'_, V> {
         if !self.allows(Want::Str) {
             return Err(refuse());
         }
-        if let Some(keys) = self.keys {
-            if keys.iter().any(|k| k == v) {
-                return Err(refuse());
-            }
-            keys.push(v.to_owned());
+        if let Some(keys) = self.keys
+            && !keys.insert(v)
+        {
+            return Err(refuse());
         }
         self.inner.visit_str(v)
     }
@@ -103,11 +102,10 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for Narrow<'_, V> {
         if !self.allows(Want::Str) {
             return Err(refuse());
         }
-        if let Some(keys) = self.keys {
-            if keys.iter().any(|k| k == v) {
-                return Err(refuse());
-            }
-            keys.push(v.to_owned());
+        if let Some(keys) = self.keys
+            && !keys.insert(v)
+        {
+            return Err(refuse());
         }
         self.inner.visit_borrowed_str(v)
     }
@@ -115,11 +113,10 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for Narrow<'_, V> {
         if !self.allows(Want::Str) {
             return Err(refuse());
         }
-        if let Some(keys) = self.keys {
-            if keys.contains(&v) {
-                return Err(refuse());
-            }
-            keys.push(v.clone());
+        if let Some(keys) = self.keys
+            && !keys.insert(&v)
+        {
+            return Err(refuse());
         }
         self.inner.visit_string(v)
     }
@@ -127,7 +124,7 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for Narrow<'_, V> {
         if !self.allows(Want::Map) || self.keys.is_some() {
             return Err(refuse());
         }
-        self.inner.visit_map(StrictMap { inner: map, keys: Vec::new() })
+        self.inner.visit_map(StrictMap { inner: map, keys: Seen::default() })
     }
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<V::Value, A::Error> {
         if !self.allows(Want::Seq) || self.keys.is_some() {
@@ -168,9 +165,29 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for OptionVisitor<V> {
     }
 }
 
+/// The keys of one mapping so far, as 64-bit FNV-1a hashes (no allocation per key). Two
+/// different keys with one hash only send the file to the slow path, which is always
+/// right.
+#[derive(Default)]
+struct Seen(Vec<u64>);
+
+impl Seen {
+    /// `false` when `key` (or its hash) was seen before.
+    fn insert(&mut self, key: &str) -> bool {
+        let h = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        if self.0.contains(&h) {
+            return false;
+        }
+        self.0.push(h);
+        true
+    }
+}
+
 struct StrictMap<A> {
     inner: A,
-    keys: Vec<String>,
+    keys: Seen,
 }
 
 impl<'de, A: MapAccess<'de>> MapAccess<'de> for StrictMap<A> {
@@ -211,7 +228,7 @@ impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for StrictSeed<S> {
 /// in its mapping.
 struct KeySeed<'k, S> {
     seed: S,
-    keys: &'k mut Vec<String>,
+    keys: &'k mut Seen,
 }
 
 impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for KeySeed<'_, S> {
@@ -223,7 +240,7 @@ impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for KeySeed<'_, S> {
 
 struct Key<'k, D> {
     inner: D,
-    keys: &'k mut Vec<String>,
+    keys: &'k mut Seen,
 }
 
 impl<'de, D: Deserializer<'de>> Deserializer<'de> for Key<'_, D> {
