@@ -98,16 +98,15 @@ pub fn load_spelled(
     policy_dir: &Path,
     inventory: &Path,
 ) -> Result<(PolicySet, FileSpellings), LoadErrors> {
-    let ((inventory, mut errors), (policies, spellings, policy_errors)) =
-        std::thread::scope(|s| {
-            let inv = s.spawn(|| {
-                let mut errors = Vec::new();
-                (inventory::load_file(inventory, &mut errors), errors)
-            });
-            let policies = policies_from_dir(policy_dir);
-            // A panic is a bug, not input: pass it on.
-            (inv.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), policies)
+    let ((inventory, mut errors), (policies, spellings, policy_errors)) = std::thread::scope(|s| {
+        let inv = s.spawn(|| {
+            let mut errors = Vec::new();
+            (inventory::load_file(inventory, &mut errors), errors)
         });
+        let policies = policies_from_dir(policy_dir);
+        // A panic is a bug, not input: pass it on.
+        (inv.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), policies)
+    });
     errors.extend(policy_errors);
     if errors.is_empty() {
         Ok((PolicySet::new(inventory, policies), spellings))
@@ -395,36 +394,30 @@ fn documents_fast(
     let Some(docs) = strict::documents::<k8s::Object<k8s::NetworkPolicySpec>>(text) else {
         return false;
     };
-    if !docs.iter().flatten().all(|d| d.kind == "NetworkPolicy" && d.api_version == NETWORKING_V1)
-    {
+    if !docs.iter().flatten().all(|d| d.kind == "NetworkPolicy" && d.api_version == NETWORKING_V1) {
         return false;
     }
-    {
-        let (mut policies, mut spelt, mut problems) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, doc) in docs.into_iter().enumerate() {
-            let Some(obj) = doc else { continue };
-            let meta = &obj.metadata;
-            let label = match &meta.name {
-                Some(n) => {
-                    format!("NetworkPolicy {}/{n}", meta.namespace.as_deref().unwrap_or("default"))
-                }
-                None => format!("NetworkPolicy (document {})", i + 1),
-            };
-            let mut r = Report::new(file, Some(label.clone()), &mut problems);
-            spelt.extend(
-                netpol::spellings_of(&obj)
-                    .into_iter()
-                    .map(|(field, message)| Spelling { object: label.clone(), field, message }),
-            );
-            if let Some(p) = netpol::convert_object(obj, &mut r)
-                && !r.failed()
-            {
-                policies.push(p);
+    for (i, doc) in docs.into_iter().enumerate() {
+        let Some(obj) = doc else { continue };
+        let meta = &obj.metadata;
+        let label = match &meta.name {
+            Some(n) => {
+                format!("NetworkPolicy {}/{n}", meta.namespace.as_deref().unwrap_or("default"))
             }
+            None => format!("NetworkPolicy (document {})", i + 1),
+        };
+        let spelt = netpol::spellings_of(&obj).into_iter();
+        spellings.extend(spelt.map(|(field, message)| Spelling {
+            object: label.clone(),
+            field,
+            message,
+        }));
+        let mut r = Report::new(file, Some(label), errors);
+        if let Some(p) = netpol::convert_object(obj, &mut r)
+            && !r.failed()
+        {
+            out.push(p);
         }
-        out.extend(policies);
-        spellings.extend(spelt);
-        errors.extend(problems);
     }
     true
 }
@@ -518,13 +511,11 @@ fn object(
         "NetworkPolicy" => {
             let mut spelt = Vec::new();
             let policy = netpol::convert(value, &mut r, &mut spelt);
-            spellings.extend(
-                spelt.into_iter().map(|(field, message)| Spelling {
-                    object: label.clone(),
-                    field,
-                    message,
-                }),
-            );
+            spellings.extend(spelt.into_iter().map(|(field, message)| Spelling {
+                object: label.clone(),
+                field,
+                message,
+            }));
             policy
         }
         "AdminNetworkPolicy" => admin::convert_anp(value, &mut r),

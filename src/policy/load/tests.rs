@@ -1296,8 +1296,11 @@ fn every_listed_bad_input_names_file_object_and_field_and_loads_nothing() {
 /// Both paths of [`documents`] on one text: `(fast taken, fast result, slow result)`.
 fn both_paths(
     yaml: &str,
-) -> (bool, (Vec<Policy>, Vec<Spelling>, Vec<LoadError>), (Vec<Policy>, Vec<Spelling>, Vec<LoadError>))
-{
+) -> (
+    bool,
+    (Vec<Policy>, Vec<Spelling>, Vec<LoadError>),
+    (Vec<Policy>, Vec<Spelling>, Vec<LoadError>),
+) {
     let file = Path::new("t.yaml");
     let mut fast = (Vec::new(), Vec::new(), Vec::new());
     let taken = documents_fast(yaml, file, &mut fast.2, &mut fast.0, &mut fast.1);
@@ -1331,18 +1334,21 @@ fn fast_path_equals_the_value_path() {
         // A number or a bool where the API wants a string.
         np("podSelector: {matchLabels: {version: 1}}"),
         np("podSelector: {matchLabels: {on: true}}"),
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: 12}\nspec: {}\n".to_owned(),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: 12}\nspec: {}\n"
+            .to_owned(),
         // Duplicate keys: a Value mapping refuses them, a streaming map would keep one.
         np("podSelector: {matchLabels: {a: x, a: y}}"),
         np("podSelector: {}\npodSelector: {}"),
         // Null as an empty map; a skipped subtree; tags, anchors, merge keys.
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\nspec: ~\n".to_owned(),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\nspec: ~\n"
+            .to_owned(),
         format!("{}status: {{a: 1, a: 2}}\n", np("podSelector: {}")),
         np("podSelector: !!map {}"),
         np("podSelector: &s {}\ningress: [{from: [{podSelector: *s}]}]"),
         // Another kind, or a wrong apiVersion: the slow path says which.
         anp("priority: 1\nsubject: {namespaces: {}}"),
-        "apiVersion: networking.k8s.io/v2\nkind: NetworkPolicy\nmetadata: {name: a}\nspec: {}\n".to_owned(),
+        "apiVersion: networking.k8s.io/v2\nkind: NetworkPolicy\nmetadata: {name: a}\nspec: {}\n"
+            .to_owned(),
         // Unknown field, malformed YAML.
         np("podSelector: {}\nfoo: 1"),
         format!("{}---\nkind: [unclosed\n", np("podSelector: {}")),
