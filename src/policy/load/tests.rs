@@ -1293,14 +1293,11 @@ fn every_listed_bad_input_names_file_object_and_field_and_loads_nothing() {
     );
 }
 
+/// What [`documents`] writes for one text: policies, spellings, errors.
+type Parsed = (Vec<Policy>, Vec<Spelling>, Vec<LoadError>);
+
 /// Both paths of [`documents`] on one text: `(fast taken, fast result, slow result)`.
-fn both_paths(
-    yaml: &str,
-) -> (
-    bool,
-    (Vec<Policy>, Vec<Spelling>, Vec<LoadError>),
-    (Vec<Policy>, Vec<Spelling>, Vec<LoadError>),
-) {
+fn both_paths(yaml: &str) -> (bool, Parsed, Parsed) {
     let file = Path::new("t.yaml");
     let mut fast = (Vec::new(), Vec::new(), Vec::new());
     let taken = documents_fast(yaml, file, &mut fast.2, &mut fast.0, &mut fast.1);
