@@ -33,9 +33,28 @@ pub struct Source {
     /// An inventory file, instead of the config's.
     #[arg(long, requires = "policies")]
     pub inventory: Option<PathBuf>,
+    #[command(flatten)]
+    pub default: DefaultArg,
+}
+
+/// `--default`, the one policy option every command that compiles policy shares
+/// (`check`, `explain`, `test` through [`Source`], and `diff`).
+#[derive(Debug, clap::Args)]
+pub struct DefaultArg {
     /// Override `policy.default` (workloads no policy isolates): allow | deny.
     #[arg(long, value_parser = ["allow", "deny"])]
     pub default: Option<String>,
+}
+
+impl DefaultArg {
+    /// The default given, if any.
+    pub fn action(&self) -> Option<DefaultAction> {
+        match self.default.as_deref() {
+            Some("allow") => Some(DefaultAction::Allow),
+            Some(_) => Some(DefaultAction::Deny),
+            None => None,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -60,11 +79,7 @@ pub struct Loaded {
 
 impl Source {
     fn target(&self) -> anyhow::Result<Target> {
-        let flag = match self.default.as_deref() {
-            Some("allow") => Some(DefaultAction::Allow),
-            Some(_) => Some(DefaultAction::Deny),
-            None => None,
-        };
+        let flag = self.default.action();
         if let (Some(policies), Some(inventory)) = (&self.policies, &self.inventory) {
             return Ok(Target {
                 policies: policies.clone(),
@@ -104,7 +119,12 @@ impl Source {
 impl Target {
     /// Loads the set, printing every error.
     fn load(&self) -> Result<PolicySet, ExitCode> {
-        load::load(&self.policies, &self.inventory).map_err(|errors| {
+        self.load_spelled().map(|(set, _)| set)
+    }
+
+    /// Loads the set and the spellings the lint reports, printing every error.
+    fn load_spelled(&self) -> Result<(PolicySet, load::FileSpellings), ExitCode> {
+        load::load_spelled(&self.policies, &self.inventory).map_err(|errors| {
             for e in &errors.0 {
                 eprintln!("error: {e}");
             }
@@ -124,26 +144,25 @@ impl Target {
 }
 
 /// Load, then compile and lint. The work is split over threads where it is independent
-/// (for speed; `benches/check_test.rs` measures it): the lint's spelling pass reads the
-/// policy files again while the set loads, and the lint runs beside the compile. What is
-/// printed, and in which order, is what a sequential run prints: errors stop everything
-/// before a warning is printed.
+/// (for speed; `benches/check_test.rs` measures it): the load reads the files over the
+/// cores and finds the lint's spellings as it parses (no file is read twice), and the
+/// lint runs beside the compile. What is printed, and in which order, is what a
+/// sequential run prints: errors stop everything before a warning is printed.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let target = match args.source.checked_target() {
         Ok(t) => t,
         Err(code) => return Ok(code),
     };
     let now = SystemTime::now();
-    let outcome = std::thread::scope(|s| -> Result<_, ExitCode> {
-        let spellings = s.spawn(|| lint::Spellings::of_dir(&target.policies));
-        let set = target.load()?;
+    let outcome = (|| -> Result<_, ExitCode> {
+        let (set, spellings) = target.load_spelled()?;
         let (compiled, warnings) = std::thread::scope(|inner| {
             let compiled = inner.spawn(|| target.compile(&set, now));
-            let warnings = lint::lint_spelled(&set, now, joined(spellings));
+            let warnings = lint::lint_spelled(&set, now, lint::Spellings::from_load(spellings));
             (joined(compiled), warnings)
         });
         Ok((Loaded { set, compiled: compiled? }, warnings))
-    });
+    })();
     let (loaded, warnings) = match outcome {
         Ok(done) => done,
         Err(code) => return Ok(code),

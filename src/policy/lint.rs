@@ -86,8 +86,9 @@ pub fn lint_with(
     lint_spelled(set, now, Spellings::of_set(set, read))
 }
 
-/// [`lint`], with the spelling warnings read beforehand ([`Spellings::of_dir`] on the
-/// directory the set was loaded from, or [`Spellings::read`] on its files). Spellings of
+/// [`lint`], with the spelling warnings read beforehand ([`Spellings::from_load`] from
+/// the load itself, [`Spellings::of_dir`] on the directory the set was loaded from, or
+/// [`Spellings::read`] on its files). Spellings of
 /// files or objects the set does not hold are ignored.
 pub fn lint_spelled<'s>(set: &'s PolicySet, now: SystemTime, spellings: Spellings) -> Vec<Warning> {
     let mut out = Vec::new();
@@ -279,6 +280,11 @@ impl Spellings {
             by_file.insert(file.to_owned(), found.unwrap_or_default());
         }
         Spellings { by_file }
+    }
+
+    /// The spellings [`load::load_spelled`] found while loading (no file read again).
+    pub fn from_load(found: load::FileSpellings) -> Spellings {
+        Spellings { by_file: found.into_iter().collect() }
     }
 
     /// Every policy file of `dir` (as [`load::load`] walks it), read from the disk. Walk

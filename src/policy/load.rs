@@ -22,6 +22,7 @@ mod annotations;
 mod inventory;
 mod k8s;
 mod netpol;
+pub(crate) mod strict;
 mod validate;
 
 use std::fmt;
@@ -78,11 +79,37 @@ impl fmt::Display for LoadErrors {
 /// # Errors
 /// Every problem in every file, as [`LoadErrors`]; nothing partial is returned.
 pub fn load(policy_dir: &Path, inventory: &Path) -> Result<PolicySet, LoadErrors> {
-    let mut errors = Vec::new();
-    let inventory = inventory::load_file(inventory, &mut errors);
-    let policies = policies_from_dir(policy_dir, &mut errors);
+    load_spelled(policy_dir, inventory).map(|(set, _)| set)
+}
+
+/// The [`Spelling`]s of the files of a load, by file (files without any left out), in
+/// file and document order.
+pub type FileSpellings = Vec<(PathBuf, Vec<Spelling>)>;
+
+/// [`load`], also giving the [`Spelling`]s of the files it read, found while parsing
+/// them (so `flowgate check` does not read and parse every file a second time for its
+/// lint). The inventory and the policy files are read and parsed in parallel (the files
+/// over the machine's cores, each file's results kept in file order): the messages and
+/// their order are those of a sequential load.
+///
+/// # Errors
+/// Every problem in every file, as [`LoadErrors`]; nothing partial is returned.
+pub fn load_spelled(
+    policy_dir: &Path,
+    inventory: &Path,
+) -> Result<(PolicySet, FileSpellings), LoadErrors> {
+    let ((inventory, mut errors), (policies, spellings, policy_errors)) = std::thread::scope(|s| {
+        let inv = s.spawn(|| {
+            let mut errors = Vec::new();
+            (inventory::load_file(inventory, &mut errors), errors)
+        });
+        let policies = policies_from_dir(policy_dir);
+        // A panic is a bug, not input: pass it on.
+        (inv.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), policies)
+    });
+    errors.extend(policy_errors);
     if errors.is_empty() {
-        Ok(PolicySet::new(inventory, policies))
+        Ok((PolicySet::new(inventory, policies), spellings))
     } else {
         Err(LoadErrors(errors))
     }
@@ -113,8 +140,7 @@ pub fn parse_inventory(text: &str, file: &Path) -> Result<Inventory, LoadErrors>
 /// # Errors
 /// Every problem in every file.
 pub fn load_policies(dir: &Path) -> Result<Vec<Policy>, LoadErrors> {
-    let mut errors = Vec::new();
-    let p = policies_from_dir(dir, &mut errors);
+    let (p, _, errors) = policies_from_dir(dir);
     if errors.is_empty() { Ok(p) } else { Err(LoadErrors(errors)) }
 }
 
@@ -126,7 +152,7 @@ pub fn load_policies(dir: &Path) -> Result<Vec<Policy>, LoadErrors> {
 pub fn parse_policies(text: &str, file: &Path) -> Result<Vec<Policy>, LoadErrors> {
     let mut errors = Vec::new();
     let mut out = Vec::new();
-    documents(text, file, &mut errors, &mut out);
+    documents(text, file, &mut errors, &mut out, &mut Vec::new());
     if errors.is_empty() { Ok(out) } else { Err(LoadErrors(errors)) }
 }
 
@@ -236,16 +262,67 @@ pub fn parse_inventory_file(bytes: &[u8], file: &Path) -> Result<Inventory, Load
     }
 }
 
-fn policies_from_dir(dir: &Path, errors: &mut Vec<LoadError>) -> Vec<Policy> {
-    let files = policy_files(dir, errors);
-    let mut out = Vec::new();
-    for file in files {
-        match std::fs::read_to_string(&file) {
-            Ok(text) => documents(&text, &file, errors, &mut out),
-            Err(e) => errors.push(file_error(&file, format!("cannot read: {e}"))),
+/// What one policy file gave: its policies, its spellings and its problems.
+#[derive(Default)]
+struct FileLoad {
+    policies: Vec<Policy>,
+    spellings: Vec<Spelling>,
+    errors: Vec<LoadError>,
+}
+
+fn load_one(file: &Path) -> FileLoad {
+    let mut out = FileLoad::default();
+    match std::fs::read_to_string(file) {
+        Ok(text) => {
+            documents(&text, file, &mut out.errors, &mut out.policies, &mut out.spellings);
         }
+        Err(e) => out.errors.push(file_error(file, format!("cannot read: {e}"))),
     }
     out
+}
+
+/// Files per thread below which a directory is read on one thread (a thread costs more
+/// than reading a few files).
+const FILES_PER_THREAD: usize = 64;
+
+/// Every policy file of `dir`, read and parsed over the machine's cores (threads take the
+/// next file from a shared counter; the results are put back in file order).
+fn policies_from_dir(dir: &Path) -> (Vec<Policy>, FileSpellings, Vec<LoadError>) {
+    let mut errors = Vec::new();
+    let files = policy_files(dir, &mut errors);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(files.len() / FILES_PER_THREAD)
+        .max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(file) = files.get(i) else { break done };
+            done.push((i, load_one(file)));
+        }
+    };
+    let mut loads: Vec<(usize, FileLoad)> = std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        let mut all = work();
+        for h in helpers {
+            // A panic is a bug, not input: pass it on.
+            all.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        }
+        all
+    });
+    loads.sort_unstable_by_key(|(i, _)| *i);
+    let mut policies = Vec::new();
+    let mut spellings = Vec::new();
+    for (i, load) in loads {
+        policies.extend(load.policies);
+        errors.extend(load.errors);
+        if !load.spellings.is_empty() {
+            spellings.push((files[i].clone(), load.spellings));
+        }
+    }
+    (policies, spellings, errors)
 }
 
 fn walk(dir: &Path, depth: usize, files: &mut Vec<PathBuf>, errors: &mut Vec<LoadError>) {
@@ -286,12 +363,79 @@ fn file_error(file: &Path, message: String) -> LoadError {
 }
 
 /// Every YAML document of one file; empty documents are skipped, a syntax error ends the
-/// file (the parser cannot resynchronise reliably after one).
-fn documents(text: &str, file: &Path, errors: &mut Vec<LoadError>, out: &mut Vec<Policy>) {
+/// file (the parser cannot resynchronise reliably after one). The [`Spelling`]s of its
+/// NetworkPolicies go to `spellings`.
+///
+/// A file of NetworkPolicies only is read straight into the typed objects
+/// ([`strict`], for speed: `benches/check_test.rs`); anything else, and any file with a
+/// problem, goes through a `Value` per document, which gives every message its field
+/// path. Both give the same policies (the fast path accepts only what the slow one does).
+fn documents(
+    text: &str,
+    file: &Path,
+    errors: &mut Vec<LoadError>,
+    out: &mut Vec<Policy>,
+    spellings: &mut Vec<Spelling>,
+) {
+    if !documents_fast(text, file, errors, out, spellings) {
+        documents_slow(text, file, errors, out, spellings);
+    }
+}
+
+/// [`documents`] on the fast path; `false` (and nothing written) when the text is not
+/// for it.
+fn documents_fast(
+    text: &str,
+    file: &Path,
+    errors: &mut Vec<LoadError>,
+    out: &mut Vec<Policy>,
+    spellings: &mut Vec<Spelling>,
+) -> bool {
+    let Some(docs) = strict::documents::<k8s::Object<k8s::NetworkPolicySpec>>(text) else {
+        return false;
+    };
+    if !docs.iter().flatten().all(|d| d.kind == "NetworkPolicy" && d.api_version == NETWORKING_V1) {
+        return false;
+    }
+    for (i, doc) in docs.into_iter().enumerate() {
+        let Some(obj) = doc else { continue };
+        let meta = &obj.metadata;
+        let label = match &meta.name {
+            Some(n) => {
+                format!("NetworkPolicy {}/{n}", meta.namespace.as_deref().unwrap_or("default"))
+            }
+            None => format!("NetworkPolicy (document {})", i + 1),
+        };
+        let spelt = netpol::spellings_of(&obj).into_iter();
+        spellings.extend(spelt.map(|(field, message)| Spelling {
+            object: label.clone(),
+            field,
+            message,
+        }));
+        let mut r = Report::new(file, Some(label), errors);
+        if let Some(p) = netpol::convert_object(obj, &mut r)
+            && !r.failed()
+        {
+            out.push(p);
+        }
+    }
+    true
+}
+
+/// [`documents`] through a `Value` per document: every kind, every message.
+fn documents_slow(
+    text: &str,
+    file: &Path,
+    errors: &mut Vec<LoadError>,
+    out: &mut Vec<Policy>,
+    spellings: &mut Vec<Spelling>,
+) {
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         match Value::deserialize(doc) {
             Ok(Value::Null) => {}
-            Ok(value) => object(value, file, &format!("document {}", i + 1), errors, out),
+            Ok(value) => {
+                object(value, file, &format!("document {}", i + 1), errors, out, spellings);
+            }
             Err(e) => {
                 errors.push(file_error(file, format!("malformed YAML: {e}")));
                 break;
@@ -312,6 +456,7 @@ fn object(
     place: &str,
     errors: &mut Vec<LoadError>,
     out: &mut Vec<Policy>,
+    spellings: &mut Vec<Spelling>,
 ) {
     if !value.is_mapping() {
         errors.push(LoadError {
@@ -325,7 +470,7 @@ fn object(
     let kind = value.get("kind").and_then(Value::as_str).map(str::to_owned);
     let api_version = value.get("apiVersion").and_then(Value::as_str).map(str::to_owned);
     let label = object_label(&value, kind.as_deref(), place);
-    let mut r = Report::new(file, Some(label), errors);
+    let mut r = Report::new(file, Some(label.clone()), errors);
     let Some(kind) = kind else {
         r.error("kind", "missing or not a string");
         return;
@@ -335,7 +480,7 @@ fn object(
         return;
     };
     if kind == "List" || kind.ends_with("List") {
-        list(value, &kind, &api_version, r, place, out);
+        list(value, &kind, &api_version, r, place, out, spellings);
         return;
     }
     let expected = match kind.as_str() {
@@ -363,7 +508,16 @@ fn object(
         value = with_default_namespace(value);
     }
     let policy = match kind.as_str() {
-        "NetworkPolicy" => netpol::convert(value, &mut r),
+        "NetworkPolicy" => {
+            let mut spelt = Vec::new();
+            let policy = netpol::convert(value, &mut r, &mut spelt);
+            spellings.extend(spelt.into_iter().map(|(field, message)| Spelling {
+                object: label.clone(),
+                field,
+                message,
+            }));
+            policy
+        }
         "AdminNetworkPolicy" => admin::convert_anp(value, &mut r),
         "BaselineAdminNetworkPolicy" => admin::convert_banp(value, &mut r),
         _ => admin::convert_cnp(value, &mut r),
@@ -384,6 +538,7 @@ fn list(
     mut r: Report<'_>,
     place: &str,
     out: &mut Vec<Policy>,
+    spellings: &mut Vec<Spelling>,
 ) {
     let implied = kind.strip_suffix("List").filter(|k| !k.is_empty());
     let items = match value.get("items") {
@@ -398,7 +553,7 @@ fn list(
     let errors = &mut *r.errors;
     for (i, item) in items.into_iter().enumerate() {
         let item = list_item(item, implied, api_version);
-        object(item, &file, &format!("{place} items[{i}]"), errors, out);
+        object(item, &file, &format!("{place} items[{i}]"), errors, out, spellings);
     }
 }
 

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_norway::Value;
 use thiserror::Error;
 
-use super::{CompiledPolicy, FlowQuery, WorkloadId};
+use super::{CompiledPolicy, FlowQuery, WorkloadId, load};
 use crate::flow::Proto;
 
 /// One end of a simulated flow, as written.
@@ -389,6 +389,17 @@ pub fn load_cases(path: &Path) -> Result<Vec<Case>, Vec<CaseError>> {
 /// # Errors
 /// Every problem found, each naming the file, the case and the field.
 pub fn parse_cases(text: &str, file: &Path) -> Result<Vec<Case>, Vec<CaseError>> {
+    // The fast path: the file straight into typed cases (no `Value` per case; it was most
+    // of a case's cost, see `benches/check_test.rs`). Any doubt or any bad case goes the
+    // slow way below, which names every problem.
+    if let Some(Some(file)) = load::strict::document::<FastFile>(text) {
+        let cases: Result<Vec<Case>, _> = file.cases.into_iter().map(FastCase::case).collect();
+        if let Ok(cases) = cases
+            && !cases.is_empty()
+        {
+            return Ok(cases);
+        }
+    }
     let whole = |message: String| {
         vec![CaseError { file: file.to_owned(), case: None, field: None, message }]
     };
@@ -443,21 +454,100 @@ fn parse_case(v: &Value, i: usize) -> Result<Case, CaseFault> {
             return Err((early(), field, e.into_inner().to_string()));
         }
     };
-    let fault = |field: &str, message: String| (early(), Some(field.to_string()), message);
-    let from =
-        parse_endpoint(&scalar(&raw.from), false).map_err(|e| fault("from", e.to_string()))?;
-    let to = parse_endpoint(&scalar(&raw.to), true).map_err(|e| fault("to", e.to_string()))?;
-    let port = parse_port(&scalar(&raw.port)).map_err(|e| fault("port", e.to_string()))?;
-    let protocol = match &raw.protocol {
-        None => Proto::Tcp,
-        Some(p) => parse_protocol(p).map_err(|e| fault("protocol", e.to_string()))?,
+    let fields = CaseFields {
+        from: &scalar(&raw.from),
+        to: &scalar(&raw.to),
+        port: &scalar(&raw.port),
+        protocol: raw.protocol.as_deref(),
+        expect: &scalar(&raw.expect),
     };
-    let expect = match scalar(&raw.expect).as_str() {
-        "allow" => Expect::Allow,
-        "deny" => Expect::Deny,
-        other => return Err(fault("expect", format!("{other:?} is neither allow nor deny"))),
-    };
-    Ok(Case { name: raw.name, from, to, port, protocol, expect })
+    fields.case(raw.name).map_err(|(field, message)| (early(), Some(field.to_string()), message))
+}
+
+/// A case's fields as text, before they are understood.
+struct CaseFields<'a> {
+    from: &'a str,
+    to: &'a str,
+    port: &'a str,
+    protocol: Option<&'a str>,
+    expect: &'a str,
+}
+
+impl CaseFields<'_> {
+    /// The case; on error, `(field, message)`.
+    fn case(&self, name: Option<String>) -> Result<Case, (&'static str, String)> {
+        let from = parse_endpoint(self.from, false).map_err(|e| ("from", e.to_string()))?;
+        let to = parse_endpoint(self.to, true).map_err(|e| ("to", e.to_string()))?;
+        let port = parse_port(self.port).map_err(|e| ("port", e.to_string()))?;
+        let protocol = match self.protocol {
+            None => Proto::Tcp,
+            Some(p) => parse_protocol(p).map_err(|e| ("protocol", e.to_string()))?,
+        };
+        let expect = match self.expect {
+            "allow" => Expect::Allow,
+            "deny" => Expect::Deny,
+            other => return Err(("expect", format!("{other:?} is neither allow nor deny"))),
+        };
+        Ok(Case { name, from, to, port, protocol, expect })
+    }
+}
+
+/// The case file on the fast path ([`load::strict`]): it accepts only what [`RawFile`]
+/// and [`RawCase`] accept, with each scalar as [`scalar`] writes it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FastFile {
+    cases: Vec<FastCase>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FastCase {
+    name: Option<String>,
+    from: Scalar,
+    to: Scalar,
+    port: Scalar,
+    protocol: Option<String>,
+    expect: Scalar,
+}
+
+impl FastCase {
+    fn case(self) -> Result<Case, (&'static str, String)> {
+        let fields = CaseFields {
+            from: &self.from.0,
+            to: &self.to.0,
+            port: &self.port.0,
+            protocol: self.protocol.as_deref(),
+            expect: &self.expect.0,
+        };
+        fields.case(self.name)
+    }
+}
+
+/// A string or an integer, as text (what [`scalar`] makes of them; other scalars are
+/// left to the slow path).
+struct Scalar(String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or an integer")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_owned()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// A YAML scalar as text (numbers included), for fields that take either.

@@ -18,9 +18,8 @@ use serde::{Deserialize, Deserializer};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Object<S> {
-    #[allow(dead_code)] // checked on the untyped document before this is built
+    /// Checked on the untyped document on the slow path, on this on the fast one.
     pub api_version: String,
-    #[allow(dead_code)]
     pub kind: String,
     #[serde(default)]
     pub metadata: ObjectMeta,

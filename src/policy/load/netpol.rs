@@ -22,9 +22,23 @@ use crate::policy::ir::{
     WorkloadSelector,
 };
 
-/// Converts one NetworkPolicy document (its namespace already defaulted).
-pub fn convert(value: Value, r: &mut Report<'_>) -> Option<Policy> {
+/// Converts one NetworkPolicy document (its namespace already defaulted); its
+/// spellings ([`spellings_of`]) go to `spellings`.
+pub fn convert(
+    value: Value,
+    r: &mut Report<'_>,
+    spellings: &mut Vec<(String, String)>,
+) -> Option<Policy> {
     let obj: k8s::Object<k8s::NetworkPolicySpec> = r.typed(value)?;
+    spellings.extend(spellings_of(&obj));
+    convert_object(obj, r)
+}
+
+/// Converts one typed NetworkPolicy (a missing namespace is `default`).
+pub fn convert_object(
+    obj: k8s::Object<k8s::NetworkPolicySpec>,
+    r: &mut Report<'_>,
+) -> Option<Policy> {
     let meta = policy_meta(r, &obj.metadata, true)?;
     let ns = meta.namespace.clone().unwrap_or_else(|| "default".to_owned());
     let spec = &obj.spec;
@@ -84,9 +98,14 @@ pub fn convert(value: Value, r: &mut Report<'_>) -> Option<Policy> {
 /// server makes of it, as `(field, message)`; see [`super::Spelling`]. A document that
 /// does not deserialise has none (the load reports it).
 pub(super) fn spellings(value: Value) -> Vec<(String, String)> {
-    let Ok(obj) = serde_norway::from_value::<k8s::Object<k8s::NetworkPolicySpec>>(value) else {
-        return Vec::new();
-    };
+    match serde_norway::from_value::<k8s::Object<k8s::NetworkPolicySpec>>(value) {
+        Ok(obj) => spellings_of(&obj),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// [`spellings`] of a typed NetworkPolicy.
+pub(super) fn spellings_of(obj: &k8s::Object<k8s::NetworkPolicySpec>) -> Vec<(String, String)> {
     let spec = &obj.spec;
     let mut out = Vec::new();
     let types = policy_types(spec);

@@ -1292,3 +1292,86 @@ fn every_listed_bad_input_names_file_object_and_field_and_loads_nothing() {
         "inv.yaml: Workload a/v: workloads[1].ips[0]: 10.0.0.0/24 is already owned by a/w"
     );
 }
+
+/// What [`documents`] writes for one text: policies, spellings, errors.
+type Parsed = (Vec<Policy>, Vec<Spelling>, Vec<LoadError>);
+
+/// Both paths of [`documents`] on one text: `(fast taken, fast result, slow result)`.
+fn both_paths(yaml: &str) -> (bool, Parsed, Parsed) {
+    let file = Path::new("t.yaml");
+    let mut fast = (Vec::new(), Vec::new(), Vec::new());
+    let taken = documents_fast(yaml, file, &mut fast.2, &mut fast.0, &mut fast.1);
+    let mut slow = (Vec::new(), Vec::new(), Vec::new());
+    documents_slow(yaml, file, &mut slow.2, &mut slow.0, &mut slow.1);
+    (taken, fast, slow)
+}
+
+/// The fast path (YAML straight into the typed structs) gives exactly what the `Value`
+/// path gives, spellings and validation errors included; what it cannot prove the same
+/// (a number or a bool where a string goes, a duplicate key, null as an empty map, tags,
+/// anchors, skipped subtrees) it leaves to the slow path, whose messages stay.
+#[test]
+fn fast_path_equals_the_value_path() {
+    let same = [
+        np("podSelector: {matchLabels: {app: a}}\npolicyTypes: []\ningress:\n- from: []\n  ports: [{port: 80}, {port: http, protocol: UDP}, {port: 1000, endPort: 2000}]\negress: []"),
+        np("podSelector: {}\ningress:\n- from:\n  - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}\n  - namespaceSelector: {matchExpressions: [{key: team, operator: In, values: [a, b]}]}\n    podSelector: {matchLabels: {role: x}}"),
+        // Validation errors are found on the typed object: same on both paths.
+        np("podSelector: {}\ningress:\n- ports: [{port: 70000}, {protocol: ICMP}]"),
+        // `null` for an optional field is its absence on both paths.
+        np("podSelector: ~\ningress: [{from: ~, ports: ~}]"),
+        // No namespace (defaulted), two documents and an empty one, a comment.
+        "# c\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\nspec: {podSelector: {}}\n---\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b, namespace: x, labels: {k: v}, annotations: {flowgate.dev/mode: audit}}\nspec: {podSelector: {}}\n".to_owned(),
+    ];
+    for yaml in &same {
+        let (taken, fast, slow) = both_paths(yaml);
+        assert!(taken, "{yaml}");
+        assert_eq!(fast, slow, "{yaml}");
+    }
+    let refused = [
+        // A number or a bool where the API wants a string.
+        np("podSelector: {matchLabels: {version: 1}}"),
+        np("podSelector: {matchLabels: {on: true}}"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: 12}\nspec: {}\n"
+            .to_owned(),
+        // Duplicate keys: a Value mapping refuses them, a streaming map would keep one.
+        np("podSelector: {matchLabels: {a: x, a: y}}"),
+        np("podSelector: {}\npodSelector: {}"),
+        // Null as an empty map; a skipped subtree; tags, anchors, merge keys.
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\nspec: ~\n"
+            .to_owned(),
+        format!("{}status: {{a: 1, a: 2}}\n", np("podSelector: {}")),
+        np("podSelector: !!map {}"),
+        np("podSelector: &s {}\ningress: [{from: [{podSelector: *s}]}]"),
+        // Another kind, or a wrong apiVersion: the slow path says which.
+        anp("priority: 1\nsubject: {namespaces: {}}"),
+        "apiVersion: networking.k8s.io/v2\nkind: NetworkPolicy\nmetadata: {name: a}\nspec: {}\n"
+            .to_owned(),
+        // Unknown field, malformed YAML.
+        np("podSelector: {}\nfoo: 1"),
+        format!("{}---\nkind: [unclosed\n", np("podSelector: {}")),
+    ];
+    for yaml in &refused {
+        let (taken, fast, _) = both_paths(yaml);
+        assert!(!taken, "{yaml}");
+        assert_eq!(fast, Default::default(), "{yaml}");
+    }
+}
+
+/// The inventory's fast path refuses what its `Value` path refuses.
+#[test]
+fn inventory_fast_path_keeps_the_value_path_errors() {
+    let good = "namespaces: [{name: a, labels: {t: x}}]\nworkloads:\n- {name: w, namespace: a, ips: [10.0.0.1], ports: [{name: http, port: 80}]}\n";
+    let mut errors = Vec::new();
+    let fast = strict::document::<k8s::InventoryFile>(good).expect("fast").expect("some");
+    let slow = inventory::parse(good, Path::new("i.yaml"), &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(fast.workloads.map(|w| w.len()), Some(slow.workloads.len()));
+    for bad in [
+        "namespaces: [{name: a, labels: {t: 1}}]\n",
+        "namespaces: [{name: a}]\nnamespaces: []\n",
+        "namespaces: [{name: 7}]\n",
+    ] {
+        assert!(strict::document::<k8s::InventoryFile>(bad).is_none(), "{bad}");
+        assert!(parse_inventory(bad, Path::new("i.yaml")).is_err(), "{bad}");
+    }
+}
