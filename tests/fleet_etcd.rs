@@ -533,15 +533,15 @@ async fn killing_the_etcd_leader_during_pushes_loses_nothing_and_applies_nothing
         first.get_or_insert(last);
         // Every replica, at every point it is asked, holds a whole push: version 1 (2
         // policies) before it applied the first of these pushes, 4 after — never 3 or 5.
-        // The revision is published just after the swap, so it may trail the policy for
-        // an instant (old revision, new policy) but never lead it.
+        // The revision comes from the same snapshot as the policy, so they pair exactly:
+        // 4 policies at the first push's revision or later, 2 before it.
         for admin in &fleet.admins {
             let p = policy_of(*admin).await;
             let n = p["counts"]["policies"].as_i64().unwrap_or(0);
             let at = p["source"]["revision"].as_i64().unwrap_or(0);
             let applied = first.is_some_and(|f| at >= f);
             assert!(
-                n == 4 || (n == 2 && !applied),
+                (n == 4 && applied) || (n == 2 && !applied),
                 "{admin} at revision {at} holds {n} policies after push {k}"
             );
         }

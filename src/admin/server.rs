@@ -170,10 +170,9 @@ fn metrics(control: &ControlPlane) -> Resp {
 
 /// `/policy`: what is in force, where it came from, and how the last reloads went.
 pub fn policy(control: &ControlPlane) -> Value {
-    // Before the snapshot: the revision set after a swap is then never newer than the
-    // policy shown with it.
-    let source = control.source_status();
+    // The revision from the snapshot shown: it is the one that policy was read at.
     let snap = control.policy().load_full();
+    let source = control.source_status_of(&snap);
     let status = control.status();
     let cfg = control.config();
     json!({

@@ -40,6 +40,7 @@ use super::emergency::{EmergencyEntry, EmergencyError, EmergencyRequest};
 use super::etcd::{EtcdClient, EtcdError, Event, TxnOp, prefix_end};
 use super::reload::{Objects, ReloadReport, ReloadResult, Trigger};
 use crate::config::SourceConfig;
+use crate::policy::PolicySnapshot;
 
 /// The keys of one fleet's prefix.
 #[derive(Clone, Debug)]
@@ -213,6 +214,7 @@ impl EtcdSource {
         let range =
             self.client.range(&self.keys.policy, &prefix_end(&self.keys.policy), false).await?;
         let mut objects = self.empty_objects();
+        objects.revision = range.revision;
         for kv in range.kvs {
             self.apply(&mut objects, Event::Put(kv));
         }
@@ -267,10 +269,11 @@ pub async fn watch_loop(control: ControlPlane, mut objects: Objects, mut revisio
         if relist {
             match src.list().await {
                 Ok((fresh, rev)) => {
+                    // `fresh.revision` is `rev`.
                     objects = fresh;
                     revision = rev;
                     relist = false;
-                    control.apply_objects(Arc::new(objects.clone()), revision).await;
+                    control.apply_objects(Arc::new(objects.clone())).await;
                 }
                 Err(e) => {
                     control.source_down(&e);
@@ -322,7 +325,8 @@ pub async fn watch_loop(control: ControlPlane, mut objects: Objects, mut revisio
                 revision = revision.max(rev);
                 src.apply(&mut objects, ev);
             }
-            control.apply_objects(Arc::new(objects.clone()), revision).await;
+            objects.revision = revision;
+            control.apply_objects(Arc::new(objects.clone())).await;
         }
         tokio::time::sleep(RETRY_MIN).await;
     }
@@ -625,18 +629,17 @@ impl ControlPlane {
         super::lock(&self.shared.source_status).last_error = Some(e.to_string());
     }
 
-    /// Hands the objects read from etcd at `revision` to the reloader and reloads (in a
-    /// blocking thread, serialised with every other reload). The revision counts as in
-    /// force unless the reload was rejected.
-    pub async fn apply_objects(&self, objects: Arc<Objects>, revision: i64) {
+    /// Hands the objects read from etcd (at `objects.revision`) to the reloader and
+    /// reloads (in a blocking thread, serialised with every other reload). The snapshot
+    /// compiled from them carries their revision; a rejected reload leaves the snapshot,
+    /// and so the revision, in force as it was.
+    pub async fn apply_objects(&self, objects: Arc<Objects>) {
         let this = self.clone();
         let applied = tokio::task::spawn_blocking(move || {
             let mut reloader = super::lock(&this.shared.reloader);
             reloader.set_objects(objects);
-            let report = this.reload_locked(&mut reloader, Trigger::Watch);
-            if report.result != ReloadResult::Error {
-                this.set_revision(revision);
-            }
+            this.reload_locked(&mut reloader, Trigger::Watch);
+            this.publish_revision();
         })
         .await;
         if let Err(e) = applied
@@ -647,8 +650,9 @@ impl ControlPlane {
         self.shared.report_changed.notify_one();
     }
 
-    pub(crate) fn set_revision(&self, revision: i64) {
-        super::lock(&self.shared.source_status).revision = revision;
+    /// Sets `flowgate_source_revision` to the revision of the snapshot in force.
+    fn publish_revision(&self) {
+        let revision = self.shared.handle.load().source_revision.load(Ordering::Relaxed);
         let gauge = &self.shared.metrics.control.source_revision;
         gauge.store(u64::try_from(revision).unwrap_or(0), Ordering::Relaxed);
     }
@@ -675,20 +679,27 @@ impl ControlPlane {
 
     /// The etcd source's state, for `/policy` and `/readyz` (`None` for the files source).
     pub fn source_status(&self) -> Option<SourceStatus> {
+        self.source_status_of(&self.shared.handle.load())
+    }
+
+    /// [`ControlPlane::source_status`] with the revision of `snap`, so a caller that
+    /// shows `snap` shows the revision it was compiled from, never another.
+    pub fn source_status_of(&self, snap: &PolicySnapshot) -> Option<SourceStatus> {
         self.shared.source.as_ref()?;
-        Some(super::lock(&self.shared.source_status).clone())
+        let mut status = super::lock(&self.shared.source_status).clone();
+        status.revision = snap.source_revision.load(Ordering::Relaxed);
+        Some(status)
     }
 
     /// What this replica reports under `P/replicas/<id>`.
     pub fn replica_report(&self) -> ReplicaReport {
-        // The revision first: it is set after the swap, so it is never newer than the
-        // snapshot read after it.
-        let source = super::lock(&self.shared.source_status).clone();
+        // Revision, hash and generation all from one snapshot: they belong together.
         let snap = self.shared.handle.load();
+        let source = super::lock(&self.shared.source_status).clone();
         let status = self.status();
         ReplicaReport {
             id: source.replica_id,
-            revision: source.revision,
+            revision: snap.source_revision.load(Ordering::Relaxed),
             hash: snap.content_hash.clone(),
             generation: snap.generation.0,
             last_error: status

@@ -436,6 +436,7 @@ mod tests {
             generation: Generation(7),
             content_hash: String::new(),
             loaded_at: now,
+            source_revision: Default::default(),
         };
         let scrape = || {
             render(&Scrape {
