@@ -648,3 +648,44 @@ async fn a_quarantine_posted_to_one_replica_cuts_and_refuses_the_address_on_all_
         "local only while etcd is away"
     );
 }
+
+/// An answer or watch message over the client's limit is refused with an error naming the
+/// knob (not buffered, not retried on another member); under the limit it passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_answer_over_the_size_limit_is_refused_with_a_clear_error() {
+    if needs() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = Cluster::start(dir.path(), 1);
+    let small = || cluster.client().with_max_answer(16 * 1024);
+    let big = vec![b'x'; 32 * 1024];
+    let key = format!("{PREFIX}/big");
+    cluster.client().put(&key, b"small", 0).await.expect("put");
+    assert_eq!(small().range(&key, "", false).await.expect("a small answer").kvs.len(), 1);
+
+    let mut watch = small().watch(&key, "", 0).await.expect("watch");
+    cluster.client().put(&key, &big, 0).await.expect("put a 32 KiB value");
+    let err = small().range(&key, "", false).await.expect_err("over the limit");
+    assert!(
+        matches!(err, flowgate::control::etcd::EtcdError::TooLarge { limit: 16384, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("source.max_answer_bytes"), "{err}");
+    let seen = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match watch.next().await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        }
+    })
+    .await
+    .expect("the watch answers within 10 s");
+    assert!(
+        matches!(seen, flowgate::control::etcd::EtcdError::TooLarge { .. }),
+        "the watch message is over the limit too: {seen}"
+    );
+    let ok = cluster.client().range(&key, "", false).await.expect("the default limit");
+    assert_eq!(ok.kvs[0].value.len(), big.len());
+}

@@ -128,7 +128,8 @@ impl EtcdSource {
     /// # Errors
     /// [`EtcdError::BadEndpoint`] for an endpoint that is not plain HTTP.
     pub fn new(cfg: &SourceConfig) -> Result<EtcdSource, EtcdError> {
-        let client = EtcdClient::new(&cfg.endpoints, cfg.dial_timeout, cfg.credentials())?;
+        let client = EtcdClient::new(&cfg.endpoints, cfg.dial_timeout, cfg.credentials())?
+            .with_max_answer(cfg.max_answer_bytes);
         let replica_id = cfg.replica_id.clone().unwrap_or_else(default_replica_id);
         Ok(EtcdSource {
             client,
@@ -402,7 +403,8 @@ pub async fn emergency_loop(control: ControlPlane) {
                     let changes = entries.into_iter().map(|e| FleetChange::Put(Box::new(e)));
                     control.apply_fleet_emergencies(changes.collect(), true).await;
                 }
-                Err(_) => {
+                Err(e) => {
+                    control.source_error(&e);
                     tokio::time::sleep(retry).await;
                     retry = (retry * 2).min(RETRY_MAX);
                     continue;
@@ -424,7 +426,10 @@ pub async fn emergency_loop(control: ControlPlane) {
                     relist = true;
                     break;
                 }
-                Err(_) => break,
+                Err(e) => {
+                    control.source_error(&e);
+                    break;
+                }
             };
             retry = RETRY_MIN;
             let mut changes = Vec::new();
@@ -623,9 +628,17 @@ impl ControlPlane {
         }
     }
 
+    /// Counts the errors `flowgate_source_errors_total` has a reason for.
+    fn count_source_error(&self, e: &EtcdError) {
+        if let EtcdError::TooLarge { .. } = e {
+            self.shared.metrics.control.source_too_large.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Records an etcd error met outside the watch (the watch says whether etcd is
     /// reachable; this only keeps the message for `/policy`).
     fn source_error(&self, e: &EtcdError) {
+        self.count_source_error(e);
         super::lock(&self.shared.source_status).last_error = Some(e.to_string());
     }
 
@@ -658,6 +671,7 @@ impl ControlPlane {
     }
 
     fn source_down(&self, e: &EtcdError) {
+        self.count_source_error(e);
         let mut s = super::lock(&self.shared.source_status);
         if s.connected || s.unreachable_since.is_none() {
             s.unreachable_since = Some(super::audit::format_time(SystemTime::now()));
