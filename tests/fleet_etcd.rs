@@ -689,3 +689,42 @@ async fn an_etcd_answer_over_the_size_limit_is_refused_with_a_clear_error() {
     let ok = cluster.client().range(&key, "", false).await.expect("the default limit");
     assert_eq!(ok.kvs[0].value.len(), big.len());
 }
+
+/// A push diffs against the manifest the previous push wrote (unchanged objects are not
+/// rewritten), and a key changed by hand behind the manifest's back is noticed: the values
+/// are read then, and the push restores what the directory says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_diffs_against_the_manifest_and_notices_keys_changed_by_hand() {
+    if needs() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fleet = Fleet {
+        dir: dir.path().to_owned(),
+        cluster: Cluster::start(dir.path(), 1),
+        replicas: Vec::new(),
+        admins: Vec::new(),
+        listeners: Vec::new(),
+    };
+    let client = fleet.cluster.client();
+    let object = format!("{PREFIX}/policy/objects/allowed.yaml");
+    let first = fleet.push(false).expect("first push");
+    let manifest = client.range(&format!("{PREFIX}/manifest"), "", false).await.expect("range");
+    assert_eq!(manifest.kvs.len(), 1, "the push wrote its manifest");
+    let written = client.range(&object, "", false).await.expect("range").kvs[0].mod_revision;
+    assert_eq!(written, first);
+
+    let second = fleet.push(false).expect("the same again");
+    assert!(second > first);
+    let now = client.range(&object, "", false).await.expect("range").kvs[0].mod_revision;
+    assert_eq!(now, first, "an unchanged object is not rewritten");
+
+    // Deleted by hand: the manifest still lists it, the listing does not.
+    client
+        .txn(&[], &[flowgate::control::etcd::TxnOp::Delete { key: object.clone() }])
+        .await
+        .expect("delete by hand");
+    fleet.push(false).expect("push after the hand edit");
+    let back = client.range(&object, "", false).await.expect("range");
+    assert_eq!(back.kvs.len(), 1, "the push restored the object deleted by hand");
+}

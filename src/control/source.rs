@@ -6,6 +6,8 @@
 //! - `P/policy/inventory`: the inventory's YAML;
 //! - `P/policy/pushed`: written by every `flowgate push` in its transaction, so the newest
 //!   `mod_revision` under `P/policy/` is the revision of the latest push;
+//! - `P/manifest`: the push's own record (key → SHA-256 of the value), written in the same
+//!   transaction, so a push reads one small key instead of every value;
 //! - `P/replicas/<id>`: each replica's report ([`ReplicaReport`]), bound to a lease;
 //! - `P/emergency/<id>`: each fleet-wide emergency entry (quarantine or policy body) as
 //!   JSON, bound to a lease of the entry's TTL so etcd drops it when it expires.
@@ -57,6 +59,10 @@ pub struct Keys {
     pub replicas: String,
     /// `P/emergency/`
     pub emergency: String,
+    /// `P/manifest`: what the last push wrote (key → SHA-256 of the value), so the next
+    /// push diffs against it without reading every value. Outside `P/policy/`: replicas
+    /// do not watch it.
+    pub manifest: String,
 }
 
 impl Keys {
@@ -69,6 +75,7 @@ impl Keys {
             pushed: format!("{p}/policy/pushed"),
             replicas: format!("{p}/replicas/"),
             emergency: format!("{p}/emergency/"),
+            manifest: format!("{p}/manifest"),
         }
     }
 }
