@@ -825,6 +825,7 @@ fn benches<M: Measurement + 'static>(c: &mut Criterion<M>, clock: &str) {
         generation: Generation(1),
         content_hash: String::new(),
         loaded_at: SystemTime::now(),
+        source_revision: Default::default(),
     }));
     let mut g = c.benchmark_group(format!("handle/{clock}"));
     let mut i = 0usize;

@@ -25,6 +25,7 @@ const ALLOWED: &str = "127.0.0.2";
 const LATER: &str = "127.0.0.3";
 const WEB: &str = "127.0.0.20";
 const PREFIX: &str = "/fleet-test";
+const TOKEN: &str = "fleet-admin-token";
 
 const INVENTORY: &str = r#"
 namespaces:
@@ -107,7 +108,7 @@ impl Fleet {
                 "[policy]\ndefault = \"deny\"\n\n[source]\nkind = \"etcd\"\nendpoints = [{eps}]\n\
                  prefix = \"{PREFIX}\"\nreplica_id = \"r{i}\"\nreport_ttl = \"10s\"\ndial_timeout = \"1s\"\n\n\
                  [flowlog]\noutput = \"flow-{i}.log\"\n\n[run]\ndrain_timeout = \"1s\"\n\n\
-                 [admin]\nbind = \"127.0.0.1:0\"\n\n\
+                 [admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n\
                  [[listener]]\nname = \"behind-lb\"\nkind = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
                  upstreams = [\"{upstream}\"]\nproxy_protocol = \"any\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
                 eps = fleet
@@ -275,6 +276,65 @@ async fn all_pass(src: &str, via: SocketAddr, rounds: usize) -> Vec<bool> {
         out.push(passes(src, via).await);
     }
     out
+}
+
+/// A connection straight to one replica's listener from 127.0.0.1 (a trusted proxy),
+/// claiming client `src` in a PROXY v1 header (a source port of its own, so no two flows
+/// share a key); open once its first bytes came back.
+async fn connect_direct(src: &str, replica: SocketAddr) -> Option<TcpStream> {
+    static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(20000);
+    let port = PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut c = TcpStream::connect(replica).await.ok()?;
+    let header = format!("PROXY TCP4 {src} {} {port} {}\r\n", replica.ip(), replica.port());
+    c.write_all(header.as_bytes()).await.ok()?;
+    c.write_all(b"ping").await.ok()?;
+    let mut back = [0u8; 4];
+    match tokio::time::timeout(Duration::from_secs(3), c.read_exact(&mut back)).await {
+        Ok(Ok(_)) if &back == b"ping" => Some(c),
+        _ => None,
+    }
+}
+
+/// Whether each replica, asked directly, lets `src` through.
+async fn direct_passes(src: &str, replicas: &[SocketAddr]) -> Vec<bool> {
+    let mut out = Vec::new();
+    for r in replicas {
+        out.push(connect_direct(src, *r).await.is_some());
+    }
+    out
+}
+
+/// Waits (bounded) until every replica, asked directly, answers `want` for `src`.
+async fn wait_direct(src: &str, replicas: &[SocketAddr], want: bool, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = direct_passes(src, replicas).await;
+        if got.iter().all(|&p| p == want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{src} through each replica: {got:?}, want {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether an open connection was cut: it stops echoing and ends (bounded wait).
+async fn is_cut(c: &mut TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if c.write_all(b"ping").await.is_err() {
+            return true;
+        }
+        let mut back = [0u8; 4];
+        match tokio::time::timeout(Duration::from_millis(300), c.read(&mut back)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+fn admin(addr: SocketAddr) -> AdminClient {
+    AdminClient::new(addr, Some(TOKEN.to_owned()))
 }
 
 fn needs() -> bool {
@@ -473,15 +533,15 @@ async fn killing_the_etcd_leader_during_pushes_loses_nothing_and_applies_nothing
         first.get_or_insert(last);
         // Every replica, at every point it is asked, holds a whole push: version 1 (2
         // policies) before it applied the first of these pushes, 4 after — never 3 or 5.
-        // The revision is published just after the swap, so it may trail the policy for
-        // an instant (old revision, new policy) but never lead it.
+        // The revision comes from the same snapshot as the policy, so they pair exactly:
+        // 4 policies at the first push's revision or later, 2 before it.
         for admin in &fleet.admins {
             let p = policy_of(*admin).await;
             let n = p["counts"]["policies"].as_i64().unwrap_or(0);
             let at = p["source"]["revision"].as_i64().unwrap_or(0);
             let applied = first.is_some_and(|f| at >= f);
             assert!(
-                n == 4 || (n == 2 && !applied),
+                (n == 4 && applied) || (n == 2 && !applied),
                 "{admin} at revision {at} holds {n} policies after push {k}"
             );
         }
@@ -499,4 +559,172 @@ async fn killing_the_etcd_leader_during_pushes_loses_nothing_and_applies_nothing
     }
     let (code, status) = fleet.status();
     assert_eq!(code, 0, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_posted_to_one_replica_cuts_and_refuses_the_address_on_all_three() {
+    if needs() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let up = echo_upstream().await;
+    let mut fleet = Fleet::start(dir.path(), 3, up);
+    let (_ha, via) = start_haproxy(dir.path(), &fleet.listeners).await;
+    assert_eq!(direct_passes(ALLOWED, &fleet.listeners).await, vec![true; 3], "before");
+    let mut established =
+        connect_direct(ALLOWED, fleet.listeners[2]).await.expect("open a flow on replica 3");
+
+    // Posted to replica 1: stored in etcd, enforced by all three.
+    let body = serde_json::json!({"quarantine": ALLOWED, "ttl": "5m"}).to_string();
+    let a = admin(fleet.admins[0]).post("/emergency", Some(body)).await.expect("POST");
+    assert_eq!(a.status, 201, "{}", a.body);
+    let v: serde_json::Value = serde_json::from_str(&a.body).expect("JSON");
+    assert_eq!(v["scope"], "fleet", "{v}");
+    assert!(v.get("warning").is_none(), "{v}");
+    let id = v["id"].as_str().expect("an id").to_owned();
+    assert!(is_cut(&mut established, Duration::from_secs(5)).await, "flow on replica 3 not cut");
+    wait_direct(ALLOWED, &fleet.listeners, false, Duration::from_secs(5)).await;
+    assert_eq!(all_pass(ALLOWED, via, 6).await, vec![false; 6], "through HAProxy, quarantined");
+    for a in &fleet.admins {
+        let p = policy_of(*a).await;
+        let ids: Vec<&str> = p["emergency"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["id"].as_str())
+            .collect();
+        assert_eq!(ids, vec![id.as_str()], "{a}: {p}");
+    }
+
+    // Lifted through another replica: restored everywhere.
+    let a = admin(fleet.admins[1])
+        .request(hyper::Method::DELETE, &format!("/emergency/{id}"), None)
+        .await
+        .expect("DELETE");
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(a.body.contains("\"fleet\""), "{}", a.body);
+    wait_direct(ALLOWED, &fleet.listeners, true, Duration::from_secs(5)).await;
+    assert_eq!(all_pass(ALLOWED, via, 6).await, vec![true; 6], "through HAProxy, lifted");
+    let a = admin(fleet.admins[2])
+        .request(hyper::Method::DELETE, &format!("/emergency/{id}"), None)
+        .await
+        .expect("DELETE again");
+    assert_eq!(a.status, 404, "lifted already: {}", a.body);
+
+    // A short one expires on every replica (etcd drops its key with the lease).
+    let body = serde_json::json!({"quarantine": ALLOWED, "ttl": "2s"}).to_string();
+    let a = admin(fleet.admins[2]).post("/emergency", Some(body)).await.expect("POST");
+    assert_eq!(a.status, 201, "{}", a.body);
+    wait_direct(ALLOWED, &fleet.listeners, false, Duration::from_secs(2)).await;
+    wait_direct(ALLOWED, &fleet.listeners, true, Duration::from_secs(8)).await;
+    let keys = fleet.cluster.client();
+    let prefix = format!("{PREFIX}/emergency/");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = keys
+            .range(&prefix, &flowgate::control::etcd::prefix_end(&prefix), true)
+            .await
+            .expect("range");
+        if left.kvs.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the expired entry's key stays in etcd");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // etcd away: the replica asked still protects itself, and says it is alone.
+    for i in 0..3 {
+        fleet.cluster.kill_member(i);
+    }
+    let body = serde_json::json!({"quarantine": ALLOWED, "ttl": "5m"}).to_string();
+    let a = admin(fleet.admins[0]).post("/emergency", Some(body)).await.expect("POST");
+    assert_eq!(a.status, 201, "{}", a.body);
+    let v: serde_json::Value = serde_json::from_str(&a.body).expect("JSON");
+    assert_eq!(v["scope"], "local", "{v}");
+    assert!(v["warning"].as_str().is_some_and(|w| w.contains("this replica only")), "{v}");
+    assert_eq!(
+        direct_passes(ALLOWED, &fleet.listeners).await,
+        vec![false, true, true],
+        "local only while etcd is away"
+    );
+}
+
+/// An answer or watch message over the client's limit is refused with an error naming the
+/// knob (not buffered, not retried on another member); under the limit it passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_answer_over_the_size_limit_is_refused_with_a_clear_error() {
+    if needs() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = Cluster::start(dir.path(), 1);
+    let small = || cluster.client().with_max_answer(16 * 1024);
+    let big = vec![b'x'; 32 * 1024];
+    let key = format!("{PREFIX}/big");
+    cluster.client().put(&key, b"small", 0).await.expect("put");
+    assert_eq!(small().range(&key, "", false).await.expect("a small answer").kvs.len(), 1);
+
+    let mut watch = small().watch(&key, "", 0).await.expect("watch");
+    cluster.client().put(&key, &big, 0).await.expect("put a 32 KiB value");
+    let err = small().range(&key, "", false).await.expect_err("over the limit");
+    assert!(
+        matches!(err, flowgate::control::etcd::EtcdError::TooLarge { limit: 16384, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("source.max_answer_bytes"), "{err}");
+    let seen = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match watch.next().await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        }
+    })
+    .await
+    .expect("the watch answers within 10 s");
+    assert!(
+        matches!(seen, flowgate::control::etcd::EtcdError::TooLarge { .. }),
+        "the watch message is over the limit too: {seen}"
+    );
+    let ok = cluster.client().range(&key, "", false).await.expect("the default limit");
+    assert_eq!(ok.kvs[0].value.len(), big.len());
+}
+
+/// A push diffs against the manifest the previous push wrote (unchanged objects are not
+/// rewritten), and a key changed by hand behind the manifest's back is noticed: the values
+/// are read then, and the push restores what the directory says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_diffs_against_the_manifest_and_notices_keys_changed_by_hand() {
+    if needs() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fleet = Fleet {
+        dir: dir.path().to_owned(),
+        cluster: Cluster::start(dir.path(), 1),
+        replicas: Vec::new(),
+        admins: Vec::new(),
+        listeners: Vec::new(),
+    };
+    let client = fleet.cluster.client();
+    let object = format!("{PREFIX}/policy/objects/allowed.yaml");
+    let first = fleet.push(false).expect("first push");
+    let manifest = client.range(&format!("{PREFIX}/manifest"), "", false).await.expect("range");
+    assert_eq!(manifest.kvs.len(), 1, "the push wrote its manifest");
+    let written = client.range(&object, "", false).await.expect("range").kvs[0].mod_revision;
+    assert_eq!(written, first);
+
+    let second = fleet.push(false).expect("the same again");
+    assert!(second > first);
+    let now = client.range(&object, "", false).await.expect("range").kvs[0].mod_revision;
+    assert_eq!(now, first, "an unchanged object is not rewritten");
+
+    // Deleted by hand: the manifest still lists it, the listing does not.
+    client
+        .txn(&[], &[flowgate::control::etcd::TxnOp::Delete { key: object.clone() }])
+        .await
+        .expect("delete by hand");
+    fleet.push(false).expect("push after the hand edit");
+    let back = client.range(&object, "", false).await.expect("range");
+    assert_eq!(back.kvs.len(), 1, "the push restored the object deleted by hand");
 }

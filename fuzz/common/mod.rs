@@ -44,5 +44,6 @@ pub fn example_snapshot() -> &'static PolicySnapshot {
         generation: Generation(1),
         content_hash: String::new(),
         loaded_at: now(),
+        source_revision: Default::default(),
     })
 }

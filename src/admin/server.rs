@@ -86,9 +86,14 @@ pub async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let method = req.method().clone();
-    let mutating = matches!(path.as_str(), "/reload" | "/emergency");
+    // `DELETE /emergency/<id>` lifts an entry; every other mutating call is a POST.
+    let lifting = path.starts_with("/emergency/");
+    let mutating = lifting || matches!(path.as_str(), "/reload" | "/emergency");
     if mutating {
-        if method != Method::POST {
+        if lifting && method != Method::DELETE {
+            return error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes DELETE"));
+        }
+        if !lifting && method != Method::POST {
             return error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes POST"));
         }
         if let Err(refusal) = auth::check(req.headers(), state.token.as_deref()) {
@@ -107,6 +112,7 @@ pub async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
         "/explain" => explain(control, &query),
         "/reload" => reload(control).await,
         "/emergency" => emergency(control, req).await,
+        p if lifting => lift(control, p.trim_start_matches("/emergency/")).await,
         _ => error(StatusCode::NOT_FOUND, format!("no endpoint {path}")),
     };
     if resp.status() == StatusCode::BAD_REQUEST {
@@ -164,10 +170,9 @@ fn metrics(control: &ControlPlane) -> Resp {
 
 /// `/policy`: what is in force, where it came from, and how the last reloads went.
 pub fn policy(control: &ControlPlane) -> Value {
-    // Before the snapshot: the revision set after a swap is then never newer than the
-    // policy shown with it.
-    let source = control.source_status();
+    // The revision from the snapshot shown: it is the one that policy was read at.
     let snap = control.policy().load_full();
+    let source = control.source_status_of(&snap);
     let status = control.status();
     let cfg = control.config();
     json!({
@@ -390,22 +395,45 @@ async fn emergency(control: &ControlPlane, req: Request<Incoming>) -> Resp {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")),
     };
-    match control.emergency(request).await {
-        Ok((entry, report)) => json_resp(
-            StatusCode::CREATED,
-            &json!({
+    match control.emergency_everywhere(request).await {
+        Ok((entry, report, reach)) => {
+            let mut answer = json!({
                 "id": entry.id,
                 "what": entry.describe(),
                 "expires_at": format_time(entry.expires_at()),
                 "generation": report.generation,
                 "revoked": report.revoked,
-            }),
-        ),
+                "scope": reach.scope(),
+            });
+            if let Some(w) = reach.warning() {
+                answer["warning"] = json!(w);
+            }
+            json_resp(StatusCode::CREATED, &answer)
+        }
         Err(e @ EmergencyError::UnknownWorkload(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e @ EmergencyError::Full { .. }) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e @ EmergencyError::State { .. }) => {
             error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+/// `DELETE /emergency/<id>`: lifts the entry here and, with the etcd source, on the fleet.
+async fn lift(control: &ControlPlane, id: &str) -> Resp {
+    match control.lift(id).await {
+        Ok((report, reach)) => {
+            let mut answer = json!({
+                "lifted": id,
+                "generation": report.map_or_else(|| control.generation(), |r| r.generation),
+                "scope": reach.scope(),
+            });
+            if let Some(w) = reach.warning() {
+                answer["warning"] = json!(w);
+            }
+            json_resp(StatusCode::OK, &answer)
+        }
+        Err(e @ EmergencyError::UnknownEntry(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }

@@ -41,7 +41,8 @@ impl EtcdArgs {
             source.prefix = p.clone();
         }
         let timeout = source.dial_timeout.max(Duration::from_millis(100));
-        let client = EtcdClient::new(&source.endpoints, timeout, source.credentials())?;
+        let client = EtcdClient::new(&source.endpoints, timeout, source.credentials())?
+            .with_max_answer(source.max_answer_bytes);
         Ok((client, Keys::new(source.prefix())))
     }
 }

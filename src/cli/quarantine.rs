@@ -1,6 +1,9 @@
 //! `flowgate quarantine TARGET --ttl 15m`: cut an address or `namespace/workload` off in
 //! both directions for a while (`POST /emergency`). Open flows are cut at once; the
-//! quarantine lifts itself when the TTL runs out, without any file change. A refusal (a
+//! quarantine lifts itself when the TTL runs out, without any file change. With the etcd
+//! source the replica asked stores it for the whole fleet; when etcd cannot be written it
+//! protects that replica only, and this prints a warning saying so (still exit 0: the
+//! quarantine is in force there). A refusal (a
 //! 401, an unknown workload …) is reported as by every admin command: `error: …` lines,
 //! exit 1 ([`super::admin_target`]).
 
@@ -35,5 +38,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         v["generation"],
         v["revoked"]
     );
+    if let Some(w) = v["warning"].as_str() {
+        eprintln!("warning: {w}");
+    } else if v["scope"] == "fleet" {
+        println!("stored in etcd: every replica of the fleet enforces it");
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -41,6 +41,11 @@ pub struct SourceConfig {
     /// TTL of the lease that keeps the replica's report alive. Default `10s`.
     #[serde(with = "crate::human_duration")]
     pub report_ttl: Duration,
+    /// The largest etcd answer (a range read, one watch message) the client buffers, in
+    /// bytes; a larger one is refused with an error naming this knob and counted in
+    /// `flowgate_source_errors_total{reason="too_large"}`. Default 64 MiB (above etcd's
+    /// own `--max-request-bytes` and the gRPC gateway's message cap).
+    pub max_answer_bytes: usize,
 }
 
 impl Default for SourceConfig {
@@ -54,6 +59,7 @@ impl Default for SourceConfig {
             password_env: "FLOWGATE_ETCD_PASSWORD".into(),
             replica_id: None,
             report_ttl: Duration::from_secs(10),
+            max_answer_bytes: crate::control::etcd::DEFAULT_MAX_ANSWER,
         }
     }
 }

@@ -16,6 +16,12 @@
 //! drops entries that have expired ([`Overlay::prune`]). The overlay is kept in memory and,
 //! when `control.emergency_state` is set, in a JSON file written atomically after every
 //! change, so a restart keeps quarantines (and their expiry) in force.
+//!
+//! In a fleet (`source.kind = "etcd"`) the same entries are also kept in etcd, one key per
+//! entry bound to a lease of its TTL ([`super::source`]); each replica inserts the entries
+//! the others made ([`Overlay::insert`]) with their id and absolute expiry, so the whole
+//! fleet enforces and lifts them together. Ids then carry a per-replica prefix
+//! ([`Overlay::set_id_prefix`]) so two replicas never hand out the same one.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -54,6 +60,8 @@ pub enum EmergencyError {
     Full { active: usize },
     #[error("{}: {message}", path.display())]
     State { path: PathBuf, message: String },
+    #[error("no emergency entry {0}")]
+    UnknownEntry(String),
 }
 
 /// `POST /emergency` body. Exactly one of `quarantine` and `policy`.
@@ -130,6 +138,9 @@ pub struct OverlayLimits {
 pub struct Overlay {
     entries: Vec<EmergencyEntry>,
     next_id: u64,
+    /// Put before the number of every id this overlay hands out: a fleet's replicas each
+    /// have their own, so ids stay unique across the fleet.
+    id_prefix: String,
     state_file: Option<PathBuf>,
     limits: OverlayLimits,
 }
@@ -151,7 +162,13 @@ impl Overlay {
         limits: OverlayLimits,
         now: SystemTime,
     ) -> Result<Overlay, EmergencyError> {
-        let mut overlay = Overlay { entries: Vec::new(), next_id: 1, state_file, limits };
+        let mut overlay = Overlay {
+            entries: Vec::new(),
+            next_id: 1,
+            id_prefix: String::new(),
+            state_file,
+            limits,
+        };
         if let Some(path) = overlay.state_file.clone() {
             match std::fs::read_to_string(&path) {
                 Ok(text) => {
@@ -176,6 +193,7 @@ impl Overlay {
         Overlay {
             entries: Vec::new(),
             next_id: 1,
+            id_prefix: String::new(),
             state_file: None,
             limits: OverlayLimits { max_entries: 64, max_ttl: Duration::from_secs(24 * 3600) },
         }
@@ -183,6 +201,31 @@ impl Overlay {
 
     pub fn entries(&self) -> &[EmergencyEntry] {
         &self.entries
+    }
+
+    /// Makes every id handed out from now on start with `prefix` (`[a-z0-9-]` kept, the
+    /// rest dropped, since the id goes into a label name).
+    pub fn set_id_prefix(&mut self, prefix: &str) {
+        self.id_prefix = prefix
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+    }
+
+    /// Adds an entry made elsewhere (another replica of the fleet), as it is: same id,
+    /// same expiry. Returns whether it was added (not when it is already here or has
+    /// expired). Not bounded by `control.emergency_max`: refusing a quarantine the fleet
+    /// enforces would fail open. The caller recompiles afterwards.
+    pub fn insert(&mut self, entry: EmergencyEntry, now: SystemTime) -> bool {
+        if !entry.live(now) || self.entries.iter().any(|e| e.id == entry.id) {
+            return false;
+        }
+        self.entries.push(entry);
+        // As in `prune`: a failed save only matters after a restart, which lists the
+        // fleet's entries again.
+        let _ = self.save();
+        true
     }
 
     /// The earliest expiry among the entries.
@@ -256,8 +299,12 @@ impl Overlay {
             }
         };
         let created_ms = unix_ms(now);
+        // Skips ids already taken (entries inserted from the fleet share the space).
+        while self.entries.iter().any(|e| e.id == format!("{}q{}", self.id_prefix, self.next_id)) {
+            self.next_id += 1;
+        }
         let entry = EmergencyEntry {
-            id: format!("q{}", self.next_id),
+            id: format!("{}q{}", self.id_prefix, self.next_id),
             target,
             created_ms,
             expires_ms: created_ms.saturating_add(ttl.as_millis() as u64),

@@ -22,7 +22,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
@@ -35,6 +35,9 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The least time a range read with values is given per endpoint.
 const RANGE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The largest answer (or watch message) buffered unless told otherwise: 64 MiB.
+pub const DEFAULT_MAX_ANSWER: usize = 64 << 20;
 
 /// Why an etcd call failed.
 #[derive(Debug, Error)]
@@ -51,6 +54,13 @@ pub enum EtcdError {
     /// A watch asked for a revision that was compacted away: list again.
     #[error("etcd: revision compacted (oldest kept: {compact_revision})")]
     Compacted { compact_revision: i64 },
+    /// An answer or watch message larger than the client buffers (every member would
+    /// send the same one: not retried elsewhere).
+    #[error(
+        "etcd at {endpoint}: answer larger than {limit} bytes (source.max_answer_bytes); \
+         raise it or keep fewer/smaller objects under the prefix"
+    )]
+    TooLarge { endpoint: String, limit: usize },
     /// An endpoint that is not `http://host:port` or `host:port`.
     #[error("etcd endpoint {0:?}: expected http://host:port (TLS is not supported)")]
     BadEndpoint(String),
@@ -115,6 +125,8 @@ pub struct EtcdClient {
     preferred: AtomicUsize,
     credentials: Option<(String, String)>,
     token: Mutex<Option<String>>,
+    /// The largest answer buffered ([`EtcdError::TooLarge`] beyond).
+    max_answer: usize,
 }
 
 /// The end of the range of keys starting with `prefix` (etcd's `range_end`).
@@ -196,7 +208,14 @@ impl EtcdClient {
             preferred: AtomicUsize::new(0),
             credentials,
             token: Mutex::new(None),
+            max_answer: DEFAULT_MAX_ANSWER,
         })
+    }
+
+    /// The same client buffering answers (and watch messages) of at most `bytes`.
+    pub fn with_max_answer(mut self, bytes: usize) -> EtcdClient {
+        self.max_answer = bytes.max(1);
+        self
     }
 
     pub fn endpoints(&self) -> &[String] {
@@ -289,16 +308,21 @@ impl EtcdClient {
                     .await
                     .map_err(|e| format!("{endpoint}: {e}"))?;
                 let status = resp.status();
-                let bytes = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| format!("{endpoint}: {e}"))?
-                    .to_bytes();
-                Ok::<_, String>((status, bytes))
+                let bytes = match Limited::new(resp.into_body(), self.max_answer).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) if e.is::<LengthLimitError>() => return Ok(None),
+                    Err(e) => return Err(format!("{endpoint}: {e}")),
+                };
+                Ok::<_, String>(Some((status, bytes)))
             };
             let (status, bytes) = match tokio::time::timeout(timeout, attempt).await {
-                Ok(Ok(r)) => r,
+                Ok(Ok(Some(r))) => r,
+                Ok(Ok(None)) => {
+                    return Err(EtcdError::TooLarge {
+                        endpoint: endpoint.clone(),
+                        limit: self.max_answer,
+                    });
+                }
                 Ok(Err(e)) => {
                     last = e;
                     continue;
@@ -472,6 +496,7 @@ impl EtcdClient {
                 preferred: AtomicUsize::new(0),
                 credentials: self.credentials.clone(),
                 token: Mutex::new(self.token.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+                max_answer: self.max_answer,
             };
             if let Ok((_, v)) = one.call("/v3/maintenance/status", json!({})).await {
                 out.push(Status {
@@ -526,6 +551,8 @@ impl EtcdClient {
                         endpoint: endpoint.clone(),
                         body,
                         buf: Vec::new(),
+                        scanned: 0,
+                        max: self.max_answer,
                         created: false,
                     });
                 }
@@ -543,6 +570,10 @@ pub struct Watch {
     endpoint: String,
     body: hyper::body::Incoming,
     buf: Vec<u8>,
+    /// How much of `buf` is known to hold no newline (each byte is searched once).
+    scanned: usize,
+    /// The longest message buffered ([`EtcdError::TooLarge`] beyond).
+    max: usize,
     created: bool,
 }
 
@@ -567,12 +598,21 @@ impl Watch {
     /// when the stream ends or breaks; [`EtcdError::Server`] when etcd cancels the watch.
     pub async fn next(&mut self) -> Result<WatchBatch, EtcdError> {
         loop {
-            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+            if let Some(pos) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                let pos = self.scanned + pos;
+                self.scanned = 0;
+                if pos > self.max {
+                    return Err(self.too_large());
+                }
                 let line: Vec<u8> = self.buf.drain(..=pos).collect();
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
                 return self.decode(&line);
+            }
+            self.scanned = self.buf.len();
+            if self.buf.len() > self.max {
+                return Err(self.too_large());
             }
             match self.body.frame().await {
                 Some(Ok(frame)) => {
@@ -603,7 +643,14 @@ impl Watch {
 
     /// Whether a batch is already buffered (so a caller can gather it before acting).
     pub fn has_buffered(&self) -> bool {
-        self.buf.contains(&b'\n')
+        self.buf[self.scanned..].contains(&b'\n')
+    }
+
+    fn too_large(&mut self) -> EtcdError {
+        // The stream cannot be resynchronised mid-message: the caller watches anew.
+        self.buf = Vec::new();
+        self.scanned = 0;
+        EtcdError::TooLarge { endpoint: self.endpoint.clone(), limit: self.max }
     }
 
     fn decode(&mut self, line: &[u8]) -> Result<WatchBatch, EtcdError> {

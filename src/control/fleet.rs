@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::etcd::{Compare, EtcdClient, EtcdError, TxnOp, prefix_end};
@@ -41,6 +42,8 @@ pub struct PushSummary {
 /// Writes every policy file under `dir` and `inventory` under the prefix of `keys`, and
 /// deletes the objects no longer present, in one transaction guarded by the revision read
 /// first (a concurrent push makes it fail with [`PushError::Conflict`], never mixes).
+/// What is there is known from the manifest (`P/manifest`, key → SHA-256, rewritten by
+/// the same transaction) and a keys-only listing, not by reading every value.
 /// The files are checked first as a replica would load them: a set with errors is not
 /// pushed.
 ///
@@ -88,28 +91,31 @@ pub async fn push_unchecked(
         return Err(PushError::Invalid(LoadErrors(walk_errors)));
     }
     wanted.insert(keys.inventory.clone(), read(inventory)?);
-    let current = client.range(&keys.policy, &prefix_end(&keys.policy), false).await?;
+    let (have, revision, manifest_revision) = current_manifest(client, keys).await?;
     let mut ops = Vec::new();
     let (mut put, mut deleted, mut unchanged) = (0, 0, 0);
-    let mut have: BTreeMap<&str, &[u8]> = BTreeMap::new();
-    for kv in &current.kvs {
-        if kv.key == keys.pushed {
-            continue;
-        }
-        have.insert(&kv.key, &kv.value);
-        if !wanted.contains_key(&kv.key) {
-            ops.push(TxnOp::Delete { key: kv.key.clone() });
+    for key in have.keys() {
+        if !wanted.contains_key(key) {
+            ops.push(TxnOp::Delete { key: key.clone() });
             deleted += 1;
         }
     }
+    let mut manifest = BTreeMap::new();
     for (key, value) in &wanted {
-        if have.get(key.as_str()) == Some(&value.as_slice()) {
+        let digest = digest(value);
+        if have.get(key) == Some(&digest) {
             unchanged += 1;
         } else {
             ops.push(TxnOp::Put { key: key.clone(), value: value.clone(), lease: 0 });
             put += 1;
         }
+        manifest.insert(key.clone(), digest);
     }
+    ops.push(TxnOp::Put {
+        key: keys.manifest.clone(),
+        value: serde_json::to_vec(&manifest).unwrap_or_default(),
+        lease: 0,
+    });
     let marker = json!({
         "time": super::audit::format_time(SystemTime::now()),
         "objects": wanted.len(),
@@ -119,16 +125,62 @@ pub async fn push_unchecked(
         value: marker.to_string().into_bytes(),
         lease: 0,
     });
-    let guard = Compare::ModifiedBefore {
-        key: keys.policy.clone(),
-        range_end: prefix_end(&keys.policy),
-        revision: current.revision + 1,
-    };
-    let (ok, revision) = client.txn(&[guard], &ops).await?;
+    // Nothing under `P/policy/` changed since the read, and the manifest is the one read:
+    // a concurrent push (or a hand edit) makes this one fail rather than mix with it.
+    let guards = [
+        Compare::ModifiedBefore {
+            key: keys.policy.clone(),
+            range_end: prefix_end(&keys.policy),
+            revision: revision + 1,
+        },
+        Compare::ModRevision { key: keys.manifest.clone(), revision: manifest_revision },
+    ];
+    let (ok, revision) = client.txn(&guards, &ops).await?;
     if !ok {
         return Err(PushError::Conflict);
     }
     Ok(PushSummary { revision, put, deleted, unchanged })
+}
+
+/// SHA-256 of a value, hex: what the manifest records.
+fn digest(value: &[u8]) -> String {
+    hex::encode(Sha256::digest(value))
+}
+
+/// What is under `P/policy/` as the manifest says (key → digest), the revision the prefix
+/// was read at, and the manifest's own `mod_revision` (0: absent). The keys are listed
+/// without their values to check the manifest against them: with no manifest (a prefix
+/// never pushed), one that does not parse, or keys it does not account for (added,
+/// removed or rewritten after it, by hand), the values are read once and digested instead.
+async fn current_manifest(
+    client: &EtcdClient,
+    keys: &Keys,
+) -> Result<(BTreeMap<String, String>, i64, i64), EtcdError> {
+    let listed = client.range(&keys.policy, &prefix_end(&keys.policy), true).await?;
+    let got = client.range(&keys.manifest, "", false).await?;
+    let manifest_revision = got.kvs.first().map_or(0, |kv| kv.mod_revision);
+    let parsed = got
+        .kvs
+        .first()
+        .and_then(|kv| serde_json::from_slice::<BTreeMap<String, String>>(&kv.value).ok());
+    if let Some(manifest) = parsed {
+        let objects: Vec<_> = listed.kvs.iter().filter(|kv| kv.key != keys.pushed).collect();
+        let accounted = objects.len() == manifest.len()
+            && objects
+                .iter()
+                .all(|kv| kv.mod_revision <= manifest_revision && manifest.contains_key(&kv.key));
+        if accounted {
+            return Ok((manifest, listed.revision, manifest_revision));
+        }
+    }
+    let current = client.range(&keys.policy, &prefix_end(&keys.policy), false).await?;
+    let have = current
+        .kvs
+        .iter()
+        .filter(|kv| kv.key != keys.pushed)
+        .map(|kv| (kv.key.clone(), digest(&kv.value)))
+        .collect();
+    Ok((have, listed.revision.min(current.revision), manifest_revision))
 }
 
 /// One replica as `fleet status` shows it.

@@ -156,7 +156,7 @@ impl ControlPlane {
                 source,
             }
         })?;
-        let overlay = Overlay::open(
+        let mut overlay = Overlay::open(
             cfg.control.emergency_state.clone(),
             OverlayLimits {
                 max_entries: cfg.control.emergency_max,
@@ -178,6 +178,13 @@ impl ControlPlane {
             Some(src) => Some(block_on(src.list())??),
             None => None,
         };
+        if let Some(src) = &source {
+            // The fleet's emergencies are in force from generation 1 on.
+            overlay.set_id_prefix(&src.emergency_id_prefix());
+            for entry in block_on(src.list_emergencies())?? {
+                overlay.insert(entry, now);
+            }
+        }
         let objects = listed.as_ref().map(|(o, _)| Arc::new(o.clone()));
         let (reloader, report) = Reloader::initial_with(sources, objects, &overlay, now)
             .map_err(ControlError::InitialPolicy)?;
@@ -281,6 +288,7 @@ impl ControlPlane {
                 )));
             }
             running.tasks.push(tokio::spawn(source::report_loop(self.clone())));
+            running.tasks.push(tokio::spawn(source::emergency_loop(self.clone())));
         } else if self.shared.cfg.control.watch {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             let timing = watch::WatchTiming {

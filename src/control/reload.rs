@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -114,6 +115,9 @@ pub struct Objects {
     pub inventory_key: String,
     /// The inventory's YAML; `None` while the key is absent (which rejects the load).
     pub inventory: Option<Arc<[u8]>>,
+    /// The etcd revision these objects were read at (the snapshot compiled from them
+    /// carries it).
+    pub revision: i64,
 }
 
 /// One problem with a reload, in the shape `/policy` and the audit log show it.
@@ -392,6 +396,8 @@ pub struct Reloader {
     /// Set for the etcd source: reloads that read the sources read these instead of the
     /// disk.
     objects: Option<Arc<Objects>>,
+    /// The revision of the objects the set in force was read from (0 for files).
+    revision: i64,
 }
 
 impl Reloader {
@@ -440,11 +446,13 @@ impl Reloader {
         let compile_duration = started.elapsed();
         phases.compile = compile_duration - phases.scan - phases.load;
         let hash = combined_hash(&disk_hash, &overlay_hash);
+        let revision = objects.as_ref().map_or(0, |o| o.revision);
         let snapshot = PolicySnapshot {
             compiled,
             generation: Generation(1),
             content_hash: hash.clone(),
             loaded_at: now,
+            source_revision: AtomicI64::new(revision),
         };
         let stored = Instant::now();
         let handle: PolicyHandle = Arc::new(arc_swap::ArcSwap::from_pointee(snapshot));
@@ -462,6 +470,7 @@ impl Reloader {
             compiled: compile_cache,
             reaper: Reaper::start(),
             objects,
+            revision,
         };
         let report = ReloadReport {
             time: now,
@@ -544,7 +553,9 @@ impl Reloader {
         };
         let mut disk = self.disk.clone();
         let mut disk_hash = self.disk_hash.clone();
+        let mut revision = self.revision;
         if trigger.reads_disk() {
+            let scanned_revision = self.objects.as_ref().map(|o| o.revision);
             let scan = match changes.filter(|c| !c.everything) {
                 _ if self.objects.is_some() => {
                     let objects = self.objects.clone().unwrap_or_default();
@@ -556,6 +567,11 @@ impl Reloader {
             report.phases.files_read = scan.files_read;
             report.phases.scan = started.elapsed();
             if scan.hash == self.disk_hash && overlay.content_hash() == self.overlay_hash {
+                // The same objects at a later revision: that revision is in force too.
+                if let Some(r) = scanned_revision.filter(|r| *r > self.revision) {
+                    self.revision = r;
+                    self.handle.load().source_revision.fetch_max(r, Ordering::Relaxed);
+                }
                 report.duration = started.elapsed();
                 return report;
             }
@@ -577,6 +593,7 @@ impl Reloader {
                 }
                 disk_hash = fresh_hash;
             }
+            revision = scanned_revision.unwrap_or(revision);
         }
         let mut first_seen = self.first_seen.clone();
         let (applied, overlay_hash) = compose(&disk, overlay, &mut first_seen, now);
@@ -596,11 +613,13 @@ impl Reloader {
             generation: Generation(generation),
             content_hash: hash.clone(),
             loaded_at: now,
+            source_revision: AtomicI64::new(revision),
         }));
         report.phases.swap = started.elapsed() - report.compile_duration;
         // Bookkeeping after the swap: the new generation is already in force.
         report.changes = Some(ChangeSummary::between(&self.applied, &applied));
         self.generation = generation;
+        self.revision = revision;
         let old_disk = std::mem::replace(&mut self.disk, disk);
         self.disk_hash = disk_hash;
         let old_applied = std::mem::replace(&mut self.applied, applied);
@@ -1283,7 +1302,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sources = setup(dir.path(), 3);
         let inventory: Arc<[u8]> = std::fs::read(&sources.inventory).unwrap().into();
-        let objects = |ports: [u16; 3]| Objects {
+        let objects = |ports: [u16; 3], revision: i64| Objects {
             root: "/f/policy/objects/".into(),
             policies: (0..3)
                 .map(|i| {
@@ -1295,25 +1314,29 @@ mod tests {
                 .collect(),
             inventory_key: "/f/policy/inventory".into(),
             inventory: Some(inventory.clone()),
+            revision,
         };
+        let revision = |r: &Reloader| r.handle().load().source_revision.load(Ordering::Relaxed);
         let overlay = Overlay::in_memory();
         let now = SystemTime::now();
         let (mut r, _) = Reloader::initial_with(
             sources.clone(),
-            Some(Arc::new(objects([80; 3]))),
+            Some(Arc::new(objects([80; 3], 10))),
             &overlay,
             now,
         )
         .unwrap();
         assert_eq!(r.applied().policies.len(), 3);
-        r.set_objects(Arc::new(objects([80, 81, 80])));
+        assert_eq!(revision(&r), 10);
+        r.set_objects(Arc::new(objects([80, 81, 80], 11)));
         let report = r.apply(Trigger::Watch, &overlay, now);
         assert_eq!(report.result, ReloadResult::Ok);
         assert_eq!(report.phases.files_parsed, 1, "only the changed object is parsed");
         assert!(port_of(r.applied(), "p1").contains("81"));
         let good = report.hash.clone();
+        assert_eq!(revision(&r), 11);
 
-        let mut broken = objects([80, 82, 80]);
+        let mut broken = objects([80, 82, 80], 12);
         broken.policies.insert("/f/policy/objects/f2.yaml".into(), b"kind: [".to_vec().into());
         r.set_objects(Arc::new(broken));
         let report = r.apply(Trigger::Watch, &overlay, now);
@@ -1323,16 +1346,23 @@ mod tests {
         );
         assert_eq!(r.generation(), 2, "the last good generation stays");
         assert!(port_of(r.applied(), "p1").contains("81"), "nothing of the broken push applied");
+        assert_eq!(revision(&r), 11, "the revision of the policy in force, not the broken one");
+        let report = r.apply(Trigger::Emergency, &overlay, now);
+        assert_ne!(report.result, ReloadResult::Error);
+        assert_eq!(revision(&r), 11, "a reload that reads no objects keeps their revision");
 
-        let mut no_inventory = objects([80, 81, 80]);
+        let mut no_inventory = objects([80, 81, 80], 13);
         no_inventory.inventory = None;
         r.set_objects(Arc::new(no_inventory));
         assert_eq!(r.apply(Trigger::Watch, &overlay, now).result, ReloadResult::Error);
 
-        r.set_objects(Arc::new(objects([80, 81, 80])));
+        assert_eq!(revision(&r), 11);
+
+        r.set_objects(Arc::new(objects([80, 81, 80], 14)));
         let report = r.apply(Trigger::Watch, &overlay, now);
         assert_eq!(report.result, ReloadResult::Unchanged);
         assert_eq!(report.hash, good);
+        assert_eq!(revision(&r), 14, "the same objects at a later revision: that one is in force");
     }
 
     /// A watch reload reads only the files the watcher named, and ends where a full scan

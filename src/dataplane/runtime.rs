@@ -47,6 +47,7 @@ impl Runtime {
             generation: Generation(1),
             content_hash: String::new(),
             loaded_at: std::time::SystemTime::now(),
+            source_revision: Default::default(),
         };
         Runtime::new(
             Arc::new(Conntrack::new(&ConntrackConfig { capacity, ..Default::default() })),

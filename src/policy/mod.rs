@@ -158,6 +158,10 @@ pub struct PolicySnapshot {
     /// Hex SHA-256 over the policy sources, for `/policy` and the audit trail.
     pub content_hash: String,
     pub loaded_at: SystemTime,
+    /// The etcd revision the policy sources were read at (0 for the files source). Kept
+    /// here so a revision is never shown with a policy it does not belong to; raised in
+    /// place when a later revision holds the very same objects (nothing to recompile).
+    pub source_revision: std::sync::atomic::AtomicI64,
 }
 
 /// The shared, lock-free handle through which the data path reads the current policy.

@@ -57,6 +57,7 @@ pub mod names {
     pub const ADMIN_FLOWS_TRUNCATED: &str = "flowgate_admin_flows_truncated_total";
     pub const SOURCE_CONNECTED: &str = "flowgate_source_connected";
     pub const SOURCE_REVISION: &str = "flowgate_source_revision";
+    pub const SOURCE_ERRORS: &str = "flowgate_source_errors_total";
 
     // The packet filter (`[packet]`): rendered only when it runs.
     pub const PACKET_PACKETS: &str = "flowgate_packet_packets_total";
@@ -110,6 +111,7 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     (names::ADMIN_FLOWS_TRUNCATED, "counter", "/flows answers cut short by admin.flows_limit."),
     (names::SOURCE_CONNECTED, "gauge", "1 while the etcd policy source is reachable (source.kind = etcd only)."),
     (names::SOURCE_REVISION, "gauge", "The etcd revision of the policy in force (source.kind = etcd only)."),
+    (names::SOURCE_ERRORS, "counter", "etcd answers refused, by reason (too_large: over source.max_answer_bytes)."),
     (names::PACKET_PACKETS, "counter", "Packets filtered, by front end and verdict."),
     (names::PACKET_BYTES, "counter", "IP bytes filtered, by front end and verdict."),
     (names::PACKET_DROPPED, "counter", "Packets not forwarded, by front end and reason."),
@@ -315,6 +317,8 @@ pub fn render(scrape: &Scrape<'_>) -> String {
     if get(&c.source_remote) > 0.0 {
         o.single(names::SOURCE_CONNECTED, get(&c.source_connected));
         o.single(names::SOURCE_REVISION, get(&c.source_revision));
+        o.family(names::SOURCE_ERRORS);
+        o.sample(names::SOURCE_ERRORS, &[("reason", "too_large")], get(&c.source_too_large));
     }
     render_packet(&mut o, &reg.packet_totals());
     o.text
@@ -436,6 +440,7 @@ mod tests {
             generation: Generation(7),
             content_hash: String::new(),
             loaded_at: now,
+            source_revision: Default::default(),
         };
         let scrape = || {
             render(&Scrape {
@@ -481,6 +486,9 @@ mod tests {
         let text = scrape();
         assert!(text.contains("flowgate_source_connected 0\n"), "{text}");
         assert!(text.contains("flowgate_source_revision 42\n"), "{text}");
+        registry.control.source_too_large.store(3, Ordering::Relaxed);
+        let text = scrape();
+        assert!(text.contains("flowgate_source_errors_total{reason=\"too_large\"} 3\n"), "{text}");
     }
 
     #[derive(Debug)]

@@ -583,6 +583,7 @@ mod tests {
             generation: Generation(7),
             content_hash: String::new(),
             loaded_at: SystemTime::now(),
+            source_revision: Default::default(),
         })
     }
 

@@ -170,6 +170,8 @@ pub struct ControlCounters {
     pub source_connected: AtomicU64,
     /// The etcd revision of the policy in force.
     pub source_revision: AtomicU64,
+    /// etcd answers refused for exceeding `source.max_answer_bytes`.
+    pub source_too_large: AtomicU64,
 }
 
 impl Default for ControlCounters {
@@ -195,6 +197,7 @@ impl Default for ControlCounters {
             source_remote: AtomicU64::new(0),
             source_connected: AtomicU64::new(0),
             source_revision: AtomicU64::new(0),
+            source_too_large: AtomicU64::new(0),
         }
     }
 }
