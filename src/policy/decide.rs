@@ -5,7 +5,7 @@
 //! `compile.rs`), first match wins. Every step returns `Copy` values, and the same
 //! functions feed `explain`, so the two cannot disagree.
 
-use super::compile::{CPort, CRule, NONE, SideTable, Span, WorkloadSet, dir_index, port_class};
+use super::compile::{CPort, CRule, NONE, SideTable, TierList, WorkloadSet, dir_index, port_class};
 use super::inventory::Key;
 use super::ir::Action;
 use super::{
@@ -58,6 +58,17 @@ impl SideOutcome {
 pub(super) struct End {
     pub(super) key: Key,
     pub(super) workload: Option<u32>,
+}
+
+/// What one side's rules are matched against: the flow, the other end, the destination
+/// and the flow's protocol class and port segment.
+#[derive(Clone, Copy)]
+struct Probe<'q> {
+    q: &'q FlowQuery<'q>,
+    peer: End,
+    dst: End,
+    class: usize,
+    seg: usize,
 }
 
 /// A full evaluation in one view: the decision and both sides.
@@ -199,12 +210,13 @@ impl CompiledPolicy {
     ) -> SideOutcome {
         let t = &sides[w as usize * 2 + dir_index(dir)];
         let ports = self.port_candidates(class, seg);
+        let p = Probe { q, peer, dst, class, seg };
         let mut passed = None;
         // 1. Admin tier: first matching rule; Pass leaves the tier.
         let hit = if t.admin_bits == NONE {
-            self.first_admin_walk(t, ports, class, seg, q, peer, dst)
+            self.first_admin_walk(t, ports, &p)
         } else {
-            self.first_admin_bits(t, dir_index(dir), class, seg, q, peer, dst)
+            self.first_admin_bits(t, dir_index(dir), &p)
         };
         if let Some(r) = hit {
             let rule = &self.rules[r as usize];
@@ -221,7 +233,7 @@ impl CompiledPolicy {
         if let Some(&first) = np.first() {
             for &r in t.np_rules.of(&self.lists) {
                 let rule = &self.rules[r as usize];
-                if candidate(ports, r) && self.rule_matches(rule, q, peer, dst) {
+                if candidate(ports, r) && self.rule_matches(rule, &p) {
                     return SideOutcome::matched(true, DecidedBy::NetworkPolicy, rule, r, passed);
                 }
             }
@@ -234,10 +246,10 @@ impl CompiledPolicy {
             };
         }
         // 3. Baseline tier: first matching Allow/Deny (a Pass leaves the tier).
-        let (baseline, split) = self.tier_rules(t.baseline, t.baseline_seg, class, seg);
+        let (baseline, split) = self.tier_rules(t.baseline, class, seg);
         for &r in baseline {
             let rule = &self.rules[r as usize];
-            if (split || candidate(ports, r)) && self.rule_matches(rule, q, peer, dst) {
+            if (split || candidate(ports, r)) && self.rule_matches(rule, &p) {
                 match rule.action {
                     Action::Pass => break,
                     action => {
@@ -258,39 +270,19 @@ impl CompiledPolicy {
     }
 
     /// The first matching Admin rule by walking the side's list.
-    #[allow(clippy::too_many_arguments)]
     #[inline]
-    fn first_admin_walk(
-        &self,
-        t: &SideTable,
-        ports: &[u64],
-        class: usize,
-        seg: usize,
-        q: &FlowQuery<'_>,
-        peer: End,
-        dst: End,
-    ) -> Option<u32> {
-        let (admin, split) = self.tier_rules(t.admin, t.admin_seg, class, seg);
+    fn first_admin_walk(&self, t: &SideTable, ports: &[u64], p: &Probe<'_>) -> Option<u32> {
+        let (admin, split) = self.tier_rules(t.admin, p.class, p.seg);
         admin.iter().copied().find(|&r| {
-            (split || candidate(ports, r))
-                && self.rule_matches(&self.rules[r as usize], q, peer, dst)
+            (split || candidate(ports, r)) && self.rule_matches(&self.rules[r as usize], p)
         })
     }
 
     /// The first matching Admin rule from the bitsets (see `CompiledPolicy::admin_words`):
     /// candidates in rank order, each verified by [`Self::rule_matches`].
-    #[allow(clippy::too_many_arguments)]
     #[inline]
-    fn first_admin_bits(
-        &self,
-        t: &SideTable,
-        d: usize,
-        class: usize,
-        seg: usize,
-        q: &FlowQuery<'_>,
-        peer: End,
-        dst: End,
-    ) -> Option<u32> {
+    fn first_admin_bits(&self, t: &SideTable, d: usize, probe: &Probe<'_>) -> Option<u32> {
+        let Probe { q, peer, class, seg, .. } = *probe;
         let words = self.admin_words[d];
         let pool = &self.admin_pool;
         let at = t.admin_bits as usize;
@@ -332,7 +324,7 @@ impl CompiledPolicy {
                 let rank = i * 64 + m.trailing_zeros() as usize;
                 m &= m - 1;
                 let r = *ranks.get(rank)?;
-                if self.rule_matches(&self.rules[r as usize], q, peer, dst) {
+                if self.rule_matches(&self.rules[r as usize], probe) {
                     return Some(r);
                 }
             }
@@ -391,21 +383,22 @@ impl CompiledPolicy {
     /// says the list is pre-split: its rules already passed the prefilter, so the caller
     /// skips the bit test.
     #[inline]
-    fn tier_rules(&self, list: Span, split: u32, class: usize, seg: usize) -> (&[u32], bool) {
-        if split != NONE
-            && let Some(table) = self.seg_tables.get(split as usize)
+    fn tier_rules(&self, list: TierList, class: usize, seg: usize) -> (&[u32], bool) {
+        if list.seg != NONE
+            && let Some(table) = self.seg_tables.get(list.seg as usize)
             && let Some(span) = self.seg_spans.get(table[class] as usize + seg)
         {
             return (span.of(&self.lists), true);
         }
-        (list.of(&self.lists), false)
+        (list.rules.of(&self.lists), false)
     }
 
     /// Ports first: they are one or two compares and rule out most rules of a list.
     #[inline]
-    fn rule_matches(&self, rule: &CRule, q: &FlowQuery<'_>, peer: End, dst: End) -> bool {
+    fn rule_matches(&self, rule: &CRule, p: &Probe<'_>) -> bool {
+        let Probe { q, peer, dst, .. } = *p;
         if rule.has_ports
-            && !rule.ports.of(&self.cports).iter().any(|p| self.port_matches(p, q, dst))
+            && !rule.ports.of(&self.cports).iter().any(|c| self.port_matches(c, q, dst))
         {
             return false;
         }
