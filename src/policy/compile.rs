@@ -1715,49 +1715,34 @@ impl<'a> Builder<'a> {
             } else {
                 Vec::new()
             };
-            for &k in &admin {
-                let l = &live[k];
-                if !takes_part(l) {
-                    continue;
-                }
-                for &w in l.subject {
-                    for d in 0..2 {
-                        if let Some(r) = &l.rules[d] {
-                            lists[w as usize * 2 + d][0].extend_from_slice(r);
-                            if let Some(bits) = subject_bits.get_mut(w as usize * 2 + d) {
-                                let at = first_rank.get(&k).map_or(0, |a| a[d]) as usize;
-                                for rank in at..at + r.len() {
-                                    bits[rank >> 6] |= 1 << (rank & 63);
+            // Each tier fills its own slots of a side's lists, in its policies' order.
+            for (tier, ks) in [&admin, &namespaced, &baseline].into_iter().enumerate() {
+                for &k in ks {
+                    let l = &live[k];
+                    if !takes_part(l) {
+                        continue;
+                    }
+                    for &w in l.subject {
+                        for (d, r) in l.rules.iter().enumerate() {
+                            let Some(r) = r else { continue };
+                            let side = w as usize * 2 + d;
+                            let slot = &mut lists[side];
+                            match tier {
+                                0 => {
+                                    slot[0].extend_from_slice(r);
+                                    if let Some(bits) = subject_bits.get_mut(side) {
+                                        let at = first_rank.get(&k).map_or(0, |a| a[d]) as usize;
+                                        for rank in at..at + r.len() {
+                                            bits[rank >> 6] |= 1 << (rank & 63);
+                                        }
+                                    }
                                 }
+                                1 => {
+                                    slot[1].push(l.index);
+                                    slot[2].extend_from_slice(r);
+                                }
+                                _ => slot[3].extend_from_slice(r),
                             }
-                        }
-                    }
-                }
-            }
-            for &k in &namespaced {
-                let l = &live[k];
-                if !takes_part(l) {
-                    continue;
-                }
-                for &w in l.subject {
-                    for d in 0..2 {
-                        if let Some(r) = &l.rules[d] {
-                            let slot = &mut lists[w as usize * 2 + d];
-                            slot[1].push(l.index);
-                            slot[2].extend_from_slice(r);
-                        }
-                    }
-                }
-            }
-            for &k in &baseline {
-                let l = &live[k];
-                if !takes_part(l) {
-                    continue;
-                }
-                for &w in l.subject {
-                    for d in 0..2 {
-                        if let Some(r) = &l.rules[d] {
-                            lists[w as usize * 2 + d][3].extend_from_slice(r);
                         }
                     }
                 }
