@@ -185,14 +185,28 @@ pub(super) struct CCidr {
     pub(super) except: Span,
 }
 
+/// What the port prefilter (`CompiledPolicy::port_bits`) leaves to check of a rule's
+/// ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum PortCheck {
+    /// No `ports` list: every port.
+    None,
+    /// Numbers and ranges only: the prefilter is exact, so `decide` does not read the
+    /// rule's ports again (a cache miss per rule on the realistic sets:
+    /// benches/decide.rs `decide_realistic`).
+    Exact,
+    /// Some clause is named: the prefilter admits every number a workload gives that
+    /// name, so `decide` checks the destination's own.
+    Named,
+}
+
 /// One rule, compiled.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct CRule {
     pub(super) action: Action,
     /// `Peers::Any`.
     pub(super) any_peer: bool,
-    /// Rule has a `ports` list (otherwise: all ports).
-    pub(super) has_ports: bool,
+    pub(super) port_check: PortCheck,
     pub(super) workloads: WorkloadSet,
     pub(super) cidrs: Span,
     pub(super) domains: Span,
@@ -202,22 +216,32 @@ pub(super) struct CRule {
     pub(super) index: u32,
 }
 
+/// An Admin or Baseline rule list with its port-segmented form.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct TierList {
+    /// Rule ids, in evaluation order.
+    pub(super) rules: Span,
+    /// Index into `CompiledPolicy::seg_tables` of the port-segmented form of `rules`, or
+    /// `NONE` (then `decide` walks `rules` with the bitset prefilter).
+    pub(super) seg: u32,
+}
+
+impl TierList {
+    /// A list not (yet) split by port segment.
+    fn whole(rules: Span) -> TierList {
+        TierList { rules, seg: NONE }
+    }
+}
+
 /// What applies to one workload in one direction. Spans into `CompiledPolicy::lists`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct SideTable {
-    /// Admin rule ids, in evaluation order.
-    pub(super) admin: Span,
+    pub(super) admin: TierList,
+    pub(super) baseline: TierList,
     /// Isolating NetworkPolicy ids, by policy index; empty = not isolated.
     pub(super) np_policies: Span,
     /// The rules of those NetworkPolicies, in the same order.
     pub(super) np_rules: Span,
-    /// Baseline rule ids, in evaluation order.
-    pub(super) baseline: Span,
-    /// Index into `CompiledPolicy::seg_tables` of the port-segmented form of `admin`, or
-    /// `NONE` (then `decide` walks `admin` with the bitset prefilter).
-    pub(super) admin_seg: u32,
-    /// The same for `baseline`.
-    pub(super) baseline_seg: u32,
     /// Offset in `CompiledPolicy::admin_pool` of this side's subject bitset over Admin
     /// rule ranks (`admin_words[dir]` words), or `NONE` (then `decide` walks `admin`).
     pub(super) admin_bits: u32,
@@ -484,28 +508,21 @@ struct PolicyPart {
 #[derive(Debug)]
 struct RulePart {
     action: Action,
+    matches: RuleMatch,
+    /// Hash of `matches`: the key of `Builder::match_classes`, worked out once per part.
+    match_hash: u64,
+}
+
+/// What a rule matches (peers and ports, not its action): rules with equal ones are in
+/// one match class.
+#[derive(Debug, PartialEq, Hash)]
+struct RuleMatch {
     any_peer: bool,
     has_ports: bool,
     peers: Ids,
     cidrs: Vec<(Range, Vec<Range>)>,
     domains: Vec<DomainPattern>,
     ports: Vec<CPort>,
-    /// Hash of what the rule matches (all of the above but `action`): the key of
-    /// `Builder::match_classes`, worked out once per part.
-    match_hash: u64,
-}
-
-impl RulePart {
-    /// Same peers and ports: the rules are in one match class.
-    fn same_match(&self, other: &RulePart) -> bool {
-        self.match_hash == other.match_hash
-            && self.any_peer == other.any_peer
-            && self.has_ports == other.has_ports
-            && self.peers == other.peers
-            && self.cidrs == other.cidrs
-            && self.domains == other.domains
-            && self.ports == other.ports
-    }
 }
 
 /// A [`RulePart`] as a key of `Builder::match_classes`.
@@ -514,7 +531,7 @@ struct MatchKey<'p>(&'p RulePart);
 
 impl PartialEq for MatchKey<'_> {
     fn eq(&self, other: &Self) -> bool {
-        self.0.same_match(other.0)
+        self.0.match_hash == other.0.match_hash && self.0.matches == other.0.matches
     }
 }
 impl Eq for MatchKey<'_> {}
@@ -1185,20 +1202,17 @@ impl RulePart {
                 },
             })
             .collect();
-        let any_peer = rule.peers == Peers::Any;
-        let has_ports = rule.ports.is_some();
-        let mut h = FastHasher::default();
-        (any_peer, has_ports, peers.hash, &cidrs, &domains, &ports).hash(&mut h);
-        RulePart {
-            action: rule.action,
-            any_peer,
-            has_ports,
+        let matches = RuleMatch {
+            any_peer: rule.peers == Peers::Any,
+            has_ports: rule.ports.is_some(),
             peers,
             cidrs,
             domains,
             ports,
-            match_hash: h.finish(),
-        }
+        };
+        let mut h = FastHasher::default();
+        matches.hash(&mut h);
+        RulePart { action: rule.action, matches, match_hash: h.finish() }
     }
 }
 
@@ -1307,7 +1321,7 @@ impl<'a> Builder<'a> {
             let mut bits = vec![0u64; starts.len() * words];
             for (r, rule) in out.rules.iter().enumerate() {
                 let mut set = |seg: usize| bits[seg * words + (r >> 6)] |= 1 << (r & 63);
-                if !rule.has_ports {
+                if rule.port_check == PortCheck::None {
                     (0..starts.len()).for_each(&mut set);
                     continue;
                 }
@@ -1346,7 +1360,7 @@ impl<'a> Builder<'a> {
             for i in 0..n {
                 let t = if view { self.out.audit_sides[i] } else { self.out.sides[i] };
                 let mut seg = [NONE, NONE];
-                for (k, span) in [t.admin, t.baseline].into_iter().enumerate() {
+                for (k, span) in [t.admin.rules, t.baseline.rules].into_iter().enumerate() {
                     if span.len < MIN_LEN {
                         continue;
                     }
@@ -1380,8 +1394,8 @@ impl<'a> Builder<'a> {
                     seg[k] = idx;
                 }
                 let t = if view { &mut self.out.audit_sides[i] } else { &mut self.out.sides[i] };
-                t.admin_seg = seg[0];
-                t.baseline_seg = seg[1];
+                t.admin.seg = seg[0];
+                t.baseline.seg = seg[1];
             }
         }
     }
@@ -1571,7 +1585,8 @@ impl<'a> Builder<'a> {
     }
 
     /// Lays one rule's part into the pools; returns its rule id.
-    fn rule(&mut self, policy: u32, index: u32, rule: &'a RulePart) -> u32 {
+    fn rule(&mut self, policy: u32, index: u32, part: &'a RulePart) -> u32 {
+        let rule = &part.matches;
         let workloads = self.intern_set(&rule.peers);
         let cidr_off = self.out.cidrs.len() as u32;
         for (net, except) in &rule.cidrs {
@@ -1585,13 +1600,19 @@ impl<'a> Builder<'a> {
         let port_off = self.out.cports.len() as u32;
         self.out.cports.extend_from_slice(&rule.ports);
         let next = self.match_classes.len() as u32;
-        let class = *self.match_classes.entry(MatchKey(rule)).or_insert(next);
+        let class = *self.match_classes.entry(MatchKey(part)).or_insert(next);
         self.rule_class.push(class);
         let id = self.out.rules.len() as u32;
         self.out.rules.push(CRule {
-            action: rule.action,
+            action: part.action,
             any_peer: rule.any_peer,
-            has_ports: rule.has_ports,
+            port_check: if !rule.has_ports {
+                PortCheck::None
+            } else if rule.ports.iter().any(|p| matches!(p, CPort::Named { .. })) {
+                PortCheck::Named
+            } else {
+                PortCheck::Exact
+            },
             workloads,
             cidrs: Span { off: cidr_off, len: rule.cidrs.len() as u32 },
             domains: Span { off: dom_off, len: rule.domains.len() as u32 },
@@ -1694,49 +1715,34 @@ impl<'a> Builder<'a> {
             } else {
                 Vec::new()
             };
-            for &k in &admin {
-                let l = &live[k];
-                if !takes_part(l) {
-                    continue;
-                }
-                for &w in l.subject {
-                    for d in 0..2 {
-                        if let Some(r) = &l.rules[d] {
-                            lists[w as usize * 2 + d][0].extend_from_slice(r);
-                            if let Some(bits) = subject_bits.get_mut(w as usize * 2 + d) {
-                                let at = first_rank.get(&k).map_or(0, |a| a[d]) as usize;
-                                for rank in at..at + r.len() {
-                                    bits[rank >> 6] |= 1 << (rank & 63);
+            // Each tier fills its own slots of a side's lists, in its policies' order.
+            for (tier, ks) in [&admin, &namespaced, &baseline].into_iter().enumerate() {
+                for &k in ks {
+                    let l = &live[k];
+                    if !takes_part(l) {
+                        continue;
+                    }
+                    for &w in l.subject {
+                        for (d, r) in l.rules.iter().enumerate() {
+                            let Some(r) = r else { continue };
+                            let side = w as usize * 2 + d;
+                            let slot = &mut lists[side];
+                            match tier {
+                                0 => {
+                                    slot[0].extend_from_slice(r);
+                                    if let Some(bits) = subject_bits.get_mut(side) {
+                                        let at = first_rank.get(&k).map_or(0, |a| a[d]) as usize;
+                                        for rank in at..at + r.len() {
+                                            bits[rank >> 6] |= 1 << (rank & 63);
+                                        }
+                                    }
                                 }
+                                1 => {
+                                    slot[1].push(l.index);
+                                    slot[2].extend_from_slice(r);
+                                }
+                                _ => slot[3].extend_from_slice(r),
                             }
-                        }
-                    }
-                }
-            }
-            for &k in &namespaced {
-                let l = &live[k];
-                if !takes_part(l) {
-                    continue;
-                }
-                for &w in l.subject {
-                    for d in 0..2 {
-                        if let Some(r) = &l.rules[d] {
-                            let slot = &mut lists[w as usize * 2 + d];
-                            slot[1].push(l.index);
-                            slot[2].extend_from_slice(r);
-                        }
-                    }
-                }
-            }
-            for &k in &baseline {
-                let l = &live[k];
-                if !takes_part(l) {
-                    continue;
-                }
-                for &w in l.subject {
-                    for d in 0..2 {
-                        if let Some(r) = &l.rules[d] {
-                            lists[w as usize * 2 + d][3].extend_from_slice(r);
                         }
                     }
                 }
@@ -1748,15 +1754,10 @@ impl<'a> Builder<'a> {
                     let admin_bits = subject_bits.next().map_or(NONE, |b| self.intern_bits(b));
                     let (a, r, b) =
                         (self.first_of_class(a), self.first_of_class(r), self.first_of_class(b));
-                    SideTable {
-                        admin: self.intern_list(a),
-                        np_policies: self.intern_list(p),
-                        np_rules: self.intern_list(r),
-                        baseline: self.intern_list(b),
-                        admin_seg: NONE,
-                        baseline_seg: NONE,
-                        admin_bits,
-                    }
+                    let admin = TierList::whole(self.intern_list(a));
+                    let (np_policies, np_rules) = (self.intern_list(p), self.intern_list(r));
+                    let baseline = TierList::whole(self.intern_list(b));
+                    SideTable { admin, baseline, np_policies, np_rules, admin_bits }
                 })
                 .collect();
             if view {

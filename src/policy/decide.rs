@@ -5,7 +5,9 @@
 //! `compile.rs`), first match wins. Every step returns `Copy` values, and the same
 //! functions feed `explain`, so the two cannot disagree.
 
-use super::compile::{CPort, CRule, NONE, SideTable, Span, WorkloadSet, dir_index, port_class};
+use super::compile::{
+    CPort, CRule, NONE, PortCheck, SideTable, TierList, WPort, WorkloadSet, dir_index, port_class,
+};
 use super::inventory::Key;
 use super::ir::Action;
 use super::{
@@ -58,6 +60,19 @@ impl SideOutcome {
 pub(super) struct End {
     pub(super) key: Key,
     pub(super) workload: Option<u32>,
+}
+
+/// What one side's rules are matched against: the flow, the other end, the destination's
+/// named ports and the flow's protocol class and port segment.
+#[derive(Clone, Copy)]
+struct Probe<'q> {
+    q: &'q FlowQuery<'q>,
+    peer: End,
+    /// The destination workload's named ports (empty for no workload), looked up once
+    /// per side instead of once per rule with a named port.
+    dst_ports: &'q [WPort],
+    class: usize,
+    seg: usize,
 }
 
 /// A full evaluation in one view: the decision and both sides.
@@ -167,15 +182,21 @@ impl CompiledPolicy {
             }
             return Evaluation { decision: d, egress: None, ingress: None };
         }
-        let egress =
-            src.workload.map(|w| self.side_at(sides, w, Direction::Egress, q, dst, dst, at));
+        let (class, seg) = at;
+        let dst_ports = self.named_ports_of(dst);
+        let (e, i) = (dir_index(Direction::Egress), dir_index(Direction::Ingress));
+        // Both side tables are read before either side is walked, so that their two cache
+        // misses overlap instead of the second waiting for the whole egress walk
+        // (benches/decide.rs, `decide_realistic`). `black_box` keeps the ingress read here.
+        let te = src.workload.map(|w| &sides[w as usize * 2 + e]);
+        let ti = std::hint::black_box(dst.workload.map(|w| sides[w as usize * 2 + i]));
+        let egress = te.map(|t| self.side(t, e, &Probe { q, peer: dst, dst_ports, class, seg }));
         if refuses(&mut d, egress, Direction::Egress) {
             // Both sides denying reports the egress side; the ingress side is still
             // worked out for `explain` (cold) but skipped here.
             return Evaluation { decision: d, egress, ingress: None };
         }
-        let ingress =
-            dst.workload.map(|w| self.side_at(sides, w, Direction::Ingress, q, src, dst, at));
+        let ingress = ti.map(|t| self.side(&t, i, &Probe { q, peer: src, dst_ports, class, seg }));
         if refuses(&mut d, ingress, Direction::Ingress) {
             return Evaluation { decision: d, egress, ingress };
         }
@@ -197,14 +218,23 @@ impl CompiledPolicy {
         dst: End,
         (class, seg): (usize, usize),
     ) -> SideOutcome {
-        let t = &sides[w as usize * 2 + dir_index(dir)];
-        let ports = self.port_candidates(class, seg);
+        let d = dir_index(dir);
+        let dst_ports = self.named_ports_of(dst);
+        self.side(&sides[w as usize * 2 + d], d, &Probe { q, peer, dst_ports, class, seg })
+    }
+
+    /// One side from its table `t`, in direction `d` (`dir_index`).
+    #[inline]
+    fn side(&self, t: &SideTable, d: usize, p: &Probe<'_>) -> SideOutcome {
+        let ports = self.port_candidates(p.class, p.seg);
+        let (class, seg) = (p.class, p.seg);
+        let p = *p;
         let mut passed = None;
         // 1. Admin tier: first matching rule; Pass leaves the tier.
         let hit = if t.admin_bits == NONE {
-            self.first_admin_walk(t, ports, class, seg, q, peer, dst)
+            self.first_admin_walk(t, ports, &p)
         } else {
-            self.first_admin_bits(t, dir_index(dir), class, seg, q, peer, dst)
+            self.first_admin_bits(t, d, &p)
         };
         if let Some(r) = hit {
             let rule = &self.rules[r as usize];
@@ -217,27 +247,28 @@ impl CompiledPolicy {
             }
         }
         // 2. NetworkPolicy tier: isolated → admitted or not, final.
-        let np = t.np_policies.of(&self.lists);
-        if let Some(&first) = np.first() {
+        // The policy list itself is read only for a denial: an admitted flow saves that
+        // cache miss (benches/decide.rs, `decide_realistic`).
+        if t.np_policies.len > 0 {
             for &r in t.np_rules.of(&self.lists) {
                 let rule = &self.rules[r as usize];
-                if candidate(ports, r) && self.rule_matches(rule, q, peer, dst) {
+                if candidate(ports, r) && self.rule_matches(rule, &p) {
                     return SideOutcome::matched(true, DecidedBy::NetworkPolicy, rule, r, passed);
                 }
             }
             return SideOutcome {
                 allow: false,
                 by: DecidedBy::NetworkPolicy,
-                policy: Some(first),
+                policy: t.np_policies.of(&self.lists).first().copied(),
                 rule: None,
                 passed,
             };
         }
         // 3. Baseline tier: first matching Allow/Deny (a Pass leaves the tier).
-        let (baseline, split) = self.tier_rules(t.baseline, t.baseline_seg, class, seg);
+        let (baseline, split) = self.tier_rules(t.baseline, class, seg);
         for &r in baseline {
             let rule = &self.rules[r as usize];
-            if (split || candidate(ports, r)) && self.rule_matches(rule, q, peer, dst) {
+            if (split || candidate(ports, r)) && self.rule_matches(rule, &p) {
                 match rule.action {
                     Action::Pass => break,
                     action => {
@@ -258,39 +289,19 @@ impl CompiledPolicy {
     }
 
     /// The first matching Admin rule by walking the side's list.
-    #[allow(clippy::too_many_arguments)]
     #[inline]
-    fn first_admin_walk(
-        &self,
-        t: &SideTable,
-        ports: &[u64],
-        class: usize,
-        seg: usize,
-        q: &FlowQuery<'_>,
-        peer: End,
-        dst: End,
-    ) -> Option<u32> {
-        let (admin, split) = self.tier_rules(t.admin, t.admin_seg, class, seg);
+    fn first_admin_walk(&self, t: &SideTable, ports: &[u64], p: &Probe<'_>) -> Option<u32> {
+        let (admin, split) = self.tier_rules(t.admin, p.class, p.seg);
         admin.iter().copied().find(|&r| {
-            (split || candidate(ports, r))
-                && self.rule_matches(&self.rules[r as usize], q, peer, dst)
+            (split || candidate(ports, r)) && self.rule_matches(&self.rules[r as usize], p)
         })
     }
 
     /// The first matching Admin rule from the bitsets (see `CompiledPolicy::admin_words`):
     /// candidates in rank order, each verified by [`Self::rule_matches`].
-    #[allow(clippy::too_many_arguments)]
     #[inline]
-    fn first_admin_bits(
-        &self,
-        t: &SideTable,
-        d: usize,
-        class: usize,
-        seg: usize,
-        q: &FlowQuery<'_>,
-        peer: End,
-        dst: End,
-    ) -> Option<u32> {
+    fn first_admin_bits(&self, t: &SideTable, d: usize, probe: &Probe<'_>) -> Option<u32> {
+        let Probe { q, peer, class, seg, .. } = *probe;
         let words = self.admin_words[d];
         let pool = &self.admin_pool;
         let at = t.admin_bits as usize;
@@ -332,7 +343,7 @@ impl CompiledPolicy {
                 let rank = i * 64 + m.trailing_zeros() as usize;
                 m &= m - 1;
                 let r = *ranks.get(rank)?;
-                if self.rule_matches(&self.rules[r as usize], q, peer, dst) {
+                if self.rule_matches(&self.rules[r as usize], probe) {
                     return Some(r);
                 }
             }
@@ -391,21 +402,33 @@ impl CompiledPolicy {
     /// says the list is pre-split: its rules already passed the prefilter, so the caller
     /// skips the bit test.
     #[inline]
-    fn tier_rules(&self, list: Span, split: u32, class: usize, seg: usize) -> (&[u32], bool) {
-        if split != NONE
-            && let Some(table) = self.seg_tables.get(split as usize)
+    fn tier_rules(&self, list: TierList, class: usize, seg: usize) -> (&[u32], bool) {
+        if list.seg != NONE
+            && let Some(table) = self.seg_tables.get(list.seg as usize)
             && let Some(span) = self.seg_spans.get(table[class] as usize + seg)
         {
             return (span.of(&self.lists), true);
         }
-        (list.of(&self.lists), false)
+        (list.rules.of(&self.lists), false)
     }
 
-    /// Ports first: they are one or two compares and rule out most rules of a list.
+    /// The named ports of `end`'s workload.
     #[inline]
-    fn rule_matches(&self, rule: &CRule, q: &FlowQuery<'_>, peer: End, dst: End) -> bool {
-        if rule.has_ports
-            && !rule.ports.of(&self.cports).iter().any(|p| self.port_matches(p, q, dst))
+    fn named_ports_of(&self, end: End) -> &[WPort] {
+        end.workload
+            .and_then(|w| self.inv.workload_ports.get(w as usize))
+            .map_or(&[], |span| span.of(&self.inv.ports))
+    }
+
+    /// Whether `rule` matches, for a rule that passed the port prefilter (every caller
+    /// tests the prefilter first): that is exact for numeric ports, so only a rule with a
+    /// named port has its ports checked again. Ports first: they are one or two compares
+    /// and rule out most rules of a list.
+    #[inline]
+    fn rule_matches(&self, rule: &CRule, p: &Probe<'_>) -> bool {
+        let Probe { q, peer, .. } = *p;
+        if rule.port_check == PortCheck::Named
+            && !rule.ports.of(&self.cports).iter().any(|c| port_matches(c, q, p.dst_ports))
         {
             return false;
         }
@@ -430,26 +453,6 @@ impl CompiledPolicy {
     }
 
     #[inline]
-    fn port_matches(&self, p: &CPort, q: &FlowQuery<'_>, dst: End) -> bool {
-        match *p {
-            CPort::Range { proto, first, last } => {
-                proto == q.proto && first <= q.dst_port && q.dst_port <= last
-            }
-            CPort::Named { proto, name } => {
-                if name == NONE || proto.is_some_and(|p| p != q.proto) {
-                    return false;
-                }
-                let Some(w) = dst.workload else { return false };
-                let Some(ports) = self.inv.workload_ports.get(w as usize) else { return false };
-                ports
-                    .of(&self.inv.ports)
-                    .iter()
-                    .any(|np| np.name == name && np.proto == q.proto && np.port == q.dst_port)
-            }
-        }
-    }
-
-    #[inline]
     pub(super) fn set_contains(&self, set: WorkloadSet, w: u32) -> bool {
         match set {
             WorkloadSet::Empty => false,
@@ -458,6 +461,25 @@ impl CompiledPolicy {
                 let word = k as usize * self.bits_words + (w as usize >> 6);
                 self.set_bits[word] & (1 << (w & 63)) != 0
             }
+        }
+    }
+}
+
+/// Whether port clause `p` admits the flow; `dst_ports` are the destination workload's
+/// named ports.
+#[inline]
+fn port_matches(p: &CPort, q: &FlowQuery<'_>, dst_ports: &[WPort]) -> bool {
+    match *p {
+        CPort::Range { proto, first, last } => {
+            proto == q.proto && first <= q.dst_port && q.dst_port <= last
+        }
+        CPort::Named { proto, name } => {
+            if name == NONE || proto.is_some_and(|p| p != q.proto) {
+                return false;
+            }
+            dst_ports
+                .iter()
+                .any(|np| np.name == name && np.proto == q.proto && np.port == q.dst_port)
         }
     }
 }
