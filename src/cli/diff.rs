@@ -28,10 +28,10 @@ use super::check::DefaultArg;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The policy before the change: a directory or file, or `git:REV[:PATH]`.
-    #[arg(long)]
+    #[arg(long, value_name = "DIR|git:REV[:PATH]")]
     pub from: String,
     /// The policy after the change: a directory or file, or `git:REV[:PATH]`.
-    #[arg(long)]
+    #[arg(long, value_name = "DIR|git:REV[:PATH]")]
     pub to: String,
     /// The inventory of both sides (a file or `git:REV:PATH`; default: the config's).
     #[arg(long, conflicts_with_all = ["from_inventory", "to_inventory"])]

@@ -16,13 +16,13 @@ use super::check::Source;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The source: namespace/workload or an IP address.
-    #[arg(long)]
+    #[arg(long, value_name = "NS/WORKLOAD|IP")]
     pub from: String,
     /// The destination: namespace/workload, an IP address, or a domain name.
-    #[arg(long)]
+    #[arg(long, value_name = "NS/WORKLOAD|IP|NAME")]
     pub to: String,
     /// Destination port: a number, or a named port of the destination workload.
-    #[arg(long)]
+    #[arg(long, value_name = "PORT|NAME")]
     pub port: String,
     /// TCP (default), UDP or SCTP.
     #[arg(long, default_value = "TCP")]

@@ -267,34 +267,50 @@ fn default_replica_id() -> String {
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// Watches `P/policy/` from `revision + 1` and reloads on every change, until aborted.
-pub async fn watch_loop(control: ControlPlane, mut objects: Objects, mut revision: i64) {
-    let Some(src) = control.shared.source.clone() else { return };
-    let (key, end) = (src.keys.policy.clone(), prefix_end(&src.keys.policy));
+/// What one watcher of the store does with what it reads. Both watchers (the policy objects
+/// and the fleet's emergencies) run the same cycle in [`follow`]: list, watch from the
+/// listed revision, re-list when etcd compacted past it, back off while etcd is away.
+trait Follower {
+    /// Reads the whole prefix anew and takes it in; the revision it was read at.
+    async fn relist(&mut self, control: &ControlPlane) -> Result<i64, EtcdError>;
+    /// Takes in the events of one or more watch answers, up to `revision`.
+    async fn take(&mut self, control: &ControlPlane, events: Vec<Event>, revision: i64);
+    /// The store could not be reached or read.
+    fn failed(&self, control: &ControlPlane, e: &EtcdError);
+    /// A watch answer arrived.
+    fn reached(&self, _control: &ControlPlane) {}
+}
+
+/// Follows `prefix` from `revision + 1` (after a listing first when `relist`) until aborted.
+async fn follow(
+    control: &ControlPlane,
+    src: &EtcdSource,
+    prefix: &str,
+    mut revision: i64,
+    mut relist: bool,
+    f: &mut impl Follower,
+) {
+    let end = prefix_end(prefix);
     let mut retry = RETRY_MIN;
-    let mut relist = false;
     loop {
         if relist {
-            match src.list().await {
-                Ok((fresh, rev)) => {
-                    // `fresh.revision` is `rev`.
-                    objects = fresh;
+            match f.relist(control).await {
+                Ok(rev) => {
                     revision = rev;
                     relist = false;
-                    control.apply_objects(Arc::new(objects.clone())).await;
                 }
                 Err(e) => {
-                    control.source_down(&e);
+                    f.failed(control, &e);
                     tokio::time::sleep(retry).await;
                     retry = (retry * 2).min(RETRY_MAX);
                     continue;
                 }
             }
         }
-        let mut watch = match src.client.watch(&key, &end, revision + 1).await {
+        let mut watch = match src.client.watch(prefix, &end, revision + 1).await {
             Ok(w) => w,
             Err(e) => {
-                control.source_down(&e);
+                f.failed(control, &e);
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(RETRY_MAX);
                 continue;
@@ -308,11 +324,11 @@ pub async fn watch_loop(control: ControlPlane, mut objects: Objects, mut revisio
                     break;
                 }
                 Err(e) => {
-                    control.source_down(&e);
+                    f.failed(control, &e);
                     break;
                 }
             };
-            control.source_up();
+            f.reached(control);
             retry = RETRY_MIN;
             let mut events = batch.events;
             // Gather answers already received, so a burst of pushes is one reload.
@@ -325,19 +341,56 @@ pub async fn watch_loop(control: ControlPlane, mut objects: Objects, mut revisio
             if events.is_empty() {
                 continue;
             }
-            for ev in events {
-                let rev = match &ev {
+            for ev in &events {
+                revision = revision.max(match ev {
                     Event::Put(kv) => kv.mod_revision,
                     Event::Delete { revision, .. } => *revision,
-                };
-                revision = revision.max(rev);
-                src.apply(&mut objects, ev);
+                });
             }
-            objects.revision = revision;
-            control.apply_objects(Arc::new(objects.clone())).await;
+            f.take(control, events, revision).await;
         }
         tokio::time::sleep(RETRY_MIN).await;
     }
+}
+
+/// The policy objects under `P/policy/`: every change is compiled and swapped in.
+struct PolicyFollower {
+    src: Arc<EtcdSource>,
+    objects: Objects,
+}
+
+impl Follower for PolicyFollower {
+    async fn relist(&mut self, control: &ControlPlane) -> Result<i64, EtcdError> {
+        // `fresh.revision` is `rev`.
+        let (fresh, rev) = self.src.list().await?;
+        self.objects = fresh;
+        control.apply_objects(Arc::new(self.objects.clone())).await;
+        Ok(rev)
+    }
+
+    async fn take(&mut self, control: &ControlPlane, events: Vec<Event>, revision: i64) {
+        for ev in events {
+            self.src.apply(&mut self.objects, ev);
+        }
+        self.objects.revision = revision;
+        control.apply_objects(Arc::new(self.objects.clone())).await;
+    }
+
+    fn failed(&self, control: &ControlPlane, e: &EtcdError) {
+        control.source_down(e);
+    }
+
+    fn reached(&self, control: &ControlPlane) {
+        control.source_up();
+    }
+}
+
+/// Watches `P/policy/` from `revision + 1` and reloads on every change, until aborted.
+pub async fn watch_loop(control: ControlPlane, objects: Objects, revision: i64) {
+    let Some(src) = control.shared.source.clone() else { return };
+    let prefix = src.keys.policy.clone();
+    let mut f = PolicyFollower { src: src.clone(), objects };
+    follow(&control, &src, &prefix, revision, false, &mut f).await;
 }
 
 /// Keeps `P/replicas/<id>` written (after every reload) and its lease alive, until
@@ -391,77 +444,54 @@ enum FleetChange {
     Delete(String),
 }
 
+/// The fleet's emergency entries under `P/emergency/`.
+struct EmergencyFollower {
+    src: Arc<EtcdSource>,
+}
+
+impl Follower for EmergencyFollower {
+    async fn relist(&mut self, control: &ControlPlane) -> Result<i64, EtcdError> {
+        let (entries, rev) = self.src.read_emergencies().await?;
+        let changes = entries.into_iter().map(|e| FleetChange::Put(Box::new(e)));
+        control.apply_fleet_emergencies(changes.collect(), true).await;
+        Ok(rev)
+    }
+
+    async fn take(&mut self, control: &ControlPlane, events: Vec<Event>, _revision: i64) {
+        let mut changes = Vec::new();
+        for ev in events {
+            match ev {
+                Event::Put(kv) => {
+                    if let Ok(entry) = serde_json::from_slice::<EmergencyEntry>(&kv.value) {
+                        changes.push(FleetChange::Put(Box::new(entry)));
+                    }
+                }
+                Event::Delete { key, .. } => {
+                    if let Some(id) = key.strip_prefix(&self.src.keys.emergency) {
+                        changes.push(FleetChange::Delete(id.to_owned()));
+                    }
+                }
+            }
+        }
+        if !changes.is_empty() {
+            control.apply_fleet_emergencies(changes, false).await;
+        }
+    }
+
+    fn failed(&self, control: &ControlPlane, e: &EtcdError) {
+        control.source_error(e);
+    }
+}
+
 /// Watches `P/emergency/` from the start-up list on and lays each entry another replica
 /// stored over this replica's policy (lifting each one deleted or expired), until aborted.
 /// A compacted watch lists again and lifts the entries that are gone.
 pub async fn emergency_loop(control: ControlPlane) {
     let Some(src) = control.shared.source.clone() else { return };
-    let (key, end) = (src.keys.emergency.clone(), prefix_end(&src.keys.emergency));
+    let prefix = src.keys.emergency.clone();
     let listed = super::lock(&src.emergency_listed).take();
-    let mut relist = listed.is_none();
-    let mut revision = listed.unwrap_or(0);
-    let mut retry = RETRY_MIN;
-    loop {
-        if relist {
-            match src.read_emergencies().await {
-                Ok((entries, rev)) => {
-                    revision = rev;
-                    relist = false;
-                    let changes = entries.into_iter().map(|e| FleetChange::Put(Box::new(e)));
-                    control.apply_fleet_emergencies(changes.collect(), true).await;
-                }
-                Err(e) => {
-                    control.source_error(&e);
-                    tokio::time::sleep(retry).await;
-                    retry = (retry * 2).min(RETRY_MAX);
-                    continue;
-                }
-            }
-        }
-        let mut watch = match src.client.watch(&key, &end, revision + 1).await {
-            Ok(w) => w,
-            Err(_) => {
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(RETRY_MAX);
-                continue;
-            }
-        };
-        loop {
-            let batch = match watch.next().await {
-                Ok(b) => b,
-                Err(EtcdError::Compacted { .. }) => {
-                    relist = true;
-                    break;
-                }
-                Err(e) => {
-                    control.source_error(&e);
-                    break;
-                }
-            };
-            retry = RETRY_MIN;
-            let mut changes = Vec::new();
-            for ev in batch.events {
-                match ev {
-                    Event::Put(kv) => {
-                        revision = revision.max(kv.mod_revision);
-                        if let Ok(entry) = serde_json::from_slice::<EmergencyEntry>(&kv.value) {
-                            changes.push(FleetChange::Put(Box::new(entry)));
-                        }
-                    }
-                    Event::Delete { key, revision: rev } => {
-                        revision = revision.max(rev);
-                        if let Some(id) = key.strip_prefix(&src.keys.emergency) {
-                            changes.push(FleetChange::Delete(id.to_owned()));
-                        }
-                    }
-                }
-            }
-            if !changes.is_empty() {
-                control.apply_fleet_emergencies(changes, false).await;
-            }
-        }
-        tokio::time::sleep(RETRY_MIN).await;
-    }
+    let mut f = EmergencyFollower { src: src.clone() };
+    follow(&control, &src, &prefix, listed.unwrap_or(0), listed.is_none(), &mut f).await;
 }
 
 /// How far an emergency request reached.
