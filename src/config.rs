@@ -33,7 +33,7 @@ pub use control::ControlConfig;
 pub use flowlog::FlowLogConfig;
 pub use listener::{ListenerConfig, ListenerKind, ProxyHeaderConfig, ProxyProtocolMode, VerifySni};
 pub use packet::PacketConfig;
-pub use source::{SourceConfig, SourceKind};
+pub use source::{DEFAULT_MAX_ANSWER, SourceConfig, SourceKind};
 
 /// The default location of the config file, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "config/flowgate.toml";

@@ -48,6 +48,10 @@ pub struct SourceConfig {
     pub max_answer_bytes: usize,
 }
 
+/// The largest etcd answer (or watch message) a replica buffers unless told otherwise:
+/// 64 MiB, well above etcd's own 1.5 MiB request cap.
+pub const DEFAULT_MAX_ANSWER: usize = 64 << 20;
+
 impl Default for SourceConfig {
     fn default() -> Self {
         SourceConfig {
@@ -59,7 +63,7 @@ impl Default for SourceConfig {
             password_env: "FLOWGATE_ETCD_PASSWORD".into(),
             replica_id: None,
             report_ttl: Duration::from_secs(10),
-            max_answer_bytes: crate::control::etcd::DEFAULT_MAX_ANSWER,
+            max_answer_bytes: DEFAULT_MAX_ANSWER,
         }
     }
 }

@@ -36,8 +36,9 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(60);
 /// The least time a range read with values is given per endpoint.
 const RANGE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The largest answer (or watch message) buffered unless told otherwise: 64 MiB.
-pub const DEFAULT_MAX_ANSWER: usize = 64 << 20;
+/// The largest answer (or watch message) buffered unless told otherwise (the config
+/// layer's default, so `[source] max_answer_bytes` and the client agree).
+pub use crate::config::DEFAULT_MAX_ANSWER;
 
 /// Why an etcd call failed.
 #[derive(Debug, Error)]
