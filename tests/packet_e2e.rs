@@ -31,8 +31,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{
-    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
-    UdpSocket,
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream, UdpSocket,
 };
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -612,57 +611,9 @@ fn ping6(w: &World, src: Ipv6Addr, server: Ipv6Addr, count: u16) -> u16 {
     })
 }
 
-/// ICMP echo over a raw IPv4 socket (which hands back the IP header too).
+/// ICMP echo over a raw IPv4 socket from the client's address `src`.
 fn ping4(w: &World, src: Ipv4Addr, server: Ipv4Addr, count: u16) -> u16 {
-    in_ns(w.net.client(), || {
-        use socket2::{Domain, Protocol, Socket, Type};
-        let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).expect("raw socket");
-        s.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into()).expect("bind raw socket");
-        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        let to = SocketAddr::V4(SocketAddrV4::new(server, 0)).into();
-        let ident = (std::process::id() & 0xffff) as u16 ^ u16::from(src.octets()[3]);
-        let mut answered = 0;
-        for seq in 0..count {
-            let mut req = [0u8; 64];
-            req[0] = 8;
-            req[4..6].copy_from_slice(&ident.to_be_bytes());
-            req[6..8].copy_from_slice(&seq.to_be_bytes());
-            let sum = checksum(&req);
-            req[2..4].copy_from_slice(&sum.to_be_bytes());
-            s.send_to(&req, &to).expect("send echo request");
-            let end = Instant::now() + Duration::from_secs(1);
-            while Instant::now() < end {
-                let mut buf = [0u8; 1500];
-                let Ok(n) = (&s).read(&mut buf) else { continue };
-                let got = &buf[..n];
-                let ihl = usize::from(got.first().map_or(0, |b| b & 0x0f)) * 4;
-                let Some(icmp) = got.get(ihl..) else { continue };
-                if n >= 20
-                    && got[12..16] == server.octets()
-                    && got[16..20] == src.octets()
-                    && icmp.len() >= 8
-                    && icmp[0] == 0
-                    && icmp[4..6] == ident.to_be_bytes()
-                    && icmp[6..8] == seq.to_be_bytes()
-                {
-                    answered += 1;
-                    break;
-                }
-            }
-        }
-        answered
-    })
-}
-
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    topology::ping_from(w.net.client(), Some(src), server, count)
 }
 
 #[test]

@@ -263,12 +263,22 @@ fn forward(q: &Queue, seen: &Seen, stop: &AtomicBool, limit: Duration) -> Result
 /// Sends `count` ICMP echo requests (raw socket) from inside `ns` to `dst`, one at a
 /// time, each waiting up to a second for its reply; returns how many were answered.
 pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u16) -> u16 {
+    ping_from(ns, None, dst, count)
+}
+
+/// [`ping`] from the source address `src` when given (a namespace with several addresses:
+/// each source gets its own echo identifier, and only replies to that address count).
+pub fn ping_from(ns: &Netns, src: Option<Ipv4Addr>, dst: Ipv4Addr, count: u16) -> u16 {
     in_ns(ns, || {
         use socket2::{Domain, Protocol, Socket, Type};
         let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).expect("raw socket");
+        if let Some(src) = src {
+            s.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into()).expect("bind raw socket");
+        }
         s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
         let to = SocketAddr::V4(SocketAddrV4::new(dst, 0)).into();
-        let ident = (std::process::id() & 0xffff) as u16;
+        let ident =
+            (std::process::id() & 0xffff) as u16 ^ src.map_or(0, |a| u16::from(a.octets()[3]));
         let mut answered = 0;
         for seq in 0..count {
             let mut req = [0u8; 64];
@@ -290,6 +300,7 @@ pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u16) -> u16 {
                 let ihl = usize::from(got[0] & 0x0f) * 4;
                 let Some(icmp) = got.get(ihl..) else { continue };
                 if got[12..16] == dst.octets()
+                    && src.is_none_or(|a| got[16..20] == a.octets())
                     && icmp.len() >= 8
                     && icmp[0] == 0
                     && icmp[4..6] == ident.to_be_bytes()
