@@ -185,18 +185,15 @@ impl CompiledPolicy {
         let (class, seg) = at;
         let dst_ports = self.named_ports_of(dst);
         let (e, i) = (dir_index(Direction::Egress), dir_index(Direction::Ingress));
-        // Both side tables are read before either side is walked, so that their two cache
-        // misses overlap instead of the second waiting for the whole egress walk
-        // (benches/decide.rs, `decide_realistic`). `black_box` keeps the ingress read here.
         let te = src.workload.map(|w| &sides[w as usize * 2 + e]);
-        let ti = std::hint::black_box(dst.workload.map(|w| sides[w as usize * 2 + i]));
         let egress = te.map(|t| self.side(t, e, &Probe { q, peer: dst, dst_ports, class, seg }));
         if refuses(&mut d, egress, Direction::Egress) {
             // Both sides denying reports the egress side; the ingress side is still
             // worked out for `explain` (cold) but skipped here.
             return Evaluation { decision: d, egress, ingress: None };
         }
-        let ingress = ti.map(|t| self.side(&t, i, &Probe { q, peer: src, dst_ports, class, seg }));
+        let ti = dst.workload.map(|w| &sides[w as usize * 2 + i]);
+        let ingress = ti.map(|t| self.side(t, i, &Probe { q, peer: src, dst_ports, class, seg }));
         if refuses(&mut d, ingress, Direction::Ingress) {
             return Evaluation { decision: d, egress, ingress };
         }
